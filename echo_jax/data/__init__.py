@@ -1,0 +1,1 @@
+"""Training data: tar shards of codec latents, the streaming pipeline, and the demo corpus."""
