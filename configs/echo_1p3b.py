@@ -1,0 +1,21 @@
+"""Echo 1.3B on DACVAE latents: 1,304.2M parameters (decoder 1536×24, 12 heads; text and speaker encoders
+1024×10, 8 heads). The reference pod config: global batch 256 (8 per chip) on a TPU v4-64, FSDP over 32 chips.
+
+    ./launch.sh --tpu NAME --zone ZONE -- --config=configs/echo_1p3b.py \
+        --config.data.train_shards='hf://datasets/ORG/NAME/train-*.tar' --workdir=gs://BUCKET/runs/echo_1p3b
+
+Check that it fits before paying for the pod: `python -m echo_jax.aot --config configs/echo_1p3b.py --topology v4-64`.
+"""
+
+from echo_jax.config import base_config
+
+
+def get_config():
+  config = base_config()
+  config.model.update(dim=1536, layers=24, heads=12, mlp_dim=4224,
+                      text_dim=1024, text_layers=10, text_heads=8, text_mlp_dim=2816,
+                      speaker_dim=1024, speaker_layers=10, speaker_heads=8, speaker_mlp_dim=2816,
+                      dtype="bfloat16", remat="dots_no_batch")
+  config.train.batch_size = 256
+  config.train.steps = 1_000_000
+  return config

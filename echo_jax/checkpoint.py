@@ -1,0 +1,130 @@
+"""Checkpoints (DESIGN §7): an Orbax CheckpointManager holding the train state, every process's data position
+and run metadata; plus export/import of the plain pickle format used by earlier Echo JAX code.
+
+A step directory becomes visible to `latest_step` only once Orbax has committed it, so a save interrupted by a
+crash or SIGKILL is never restored; the previous complete checkpoint is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import time
+from typing import Any
+
+import flax.serialization
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+
+from echo_jax.train.state import TrainState
+
+
+def gather_per_process(obj: Any) -> list[Any]:
+  """Every process's JSON-serialisable `obj`, in process order, on every process."""
+  if jax.process_count() == 1:
+    return [obj]
+  encoded = np.frombuffer(json.dumps(obj).encode("utf-8"), np.uint8)
+  lengths = multihost_utils.process_allgather(np.array([encoded.size], np.int32))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:encoded.size] = encoded
+  gathered = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(row[:n]).decode("utf-8")) for row, n in zip(gathered, lengths.reshape(-1), strict=True)]
+
+
+class Checkpointer:
+  """Async Orbax saves, keeping the newest `keep` steps and every `keep_period`-th step."""
+
+  def __init__(self, directory: str, *, keep: int, keep_period: int = 0, async_save: bool = True):
+    self.directory = epath.Path(directory)
+    self.incomplete = self._incomplete_saves()
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        keep_period=keep_period or None,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+        create=True,
+    )
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def _incomplete_saves(self) -> list[str]:
+    """Step directories left by an interrupted save (Orbax's temporary names), found before Orbax cleans them."""
+    if not self.directory.exists():
+      return []
+    return sorted(p.name for p in self.directory.iterdir() if ".orbax-checkpoint-tmp" in p.name)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state: TrainState, data_positions: list[Any], meta: dict[str, Any]) -> None:
+    """Starts a save of `step` (returns once device buffers are copied; the write continues in the background).
+
+    The caller decides the cadence; all processes must call this at the same step.
+    """
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave({f"process_{i}": position for i, position in enumerate(data_positions)}),
+        meta=ocp.args.JsonSave({**meta, "step": step, "time": time.time()}),
+    )
+    self.manager.save(step, args=args, force=True)
+
+  def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict[str, Any], dict[str, Any]]:
+    """(state, data positions by process, meta) of `step`; the state takes the shardings of `abstract_state`,
+    so a checkpoint written on one mesh restores onto another."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore(),
+    ))
+    return restored["state"], restored["data"], restored["meta"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def export_pickle(state: TrainState, samples_seen: int, path: str) -> None:
+  """Writes {"params", "opt_state", "step", "samples_seen"} of numpy arrays (written whole, then renamed)."""
+  params, opt_state = multihost_utils.process_allgather((state.params, state.opt_state), tiled=True)
+  payload = {
+      "params": flax.serialization.to_state_dict(jax.tree.map(np.asarray, params)),
+      "opt_state": flax.serialization.to_state_dict(jax.tree.map(np.asarray, opt_state)),
+      "step": int(np.asarray(state.step)),
+      "samples_seen": int(samples_seen),
+  }
+  if jax.process_index() != 0:
+    return
+  partial = f"{path}.partial"
+  with open(partial, "wb") as f:
+    pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
+  os.replace(partial, path)
+
+
+def import_pickle(path: str, template: TrainState) -> tuple[TrainState, int]:
+  """Reads a plain pickle checkpoint onto the structure of `template` (numpy leaves); returns (state, samples_seen).
+
+  Raises ValueError naming the first parameter whose shape differs from the template.
+  """
+  with open(path, "rb") as f:
+    payload = pickle.load(f)
+  missing = {"params", "opt_state", "step"} - set(payload)
+  if missing:
+    raise ValueError(f"{path} is not an Echo pickle checkpoint: missing {sorted(missing)}")
+  params = flax.serialization.from_state_dict(template.params, payload["params"])
+  opt_state = flax.serialization.from_state_dict(template.opt_state, payload["opt_state"])
+  for (key, value), expected in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(template.params),
+                                    strict=True):
+    if np.shape(value) != tuple(expected.shape):
+      raise ValueError(f"{path}: parameter {jax.tree_util.keystr(key)} has shape {np.shape(value)}, "
+                       f"the config expects {tuple(expected.shape)}")
+  state = TrainState(step=np.asarray(payload["step"], np.int32), params=params, opt_state=opt_state)
+  return state, int(payload.get("samples_seen", 0))

@@ -1,0 +1,66 @@
+"""Defaults shared by every config file; a config in `configs/` starts from `base_config()` and changes a few fields.
+
+Fields (override any from the command line, e.g. `--config.train.batch_size=8`):
+  seed                  one seed for parameters, data order, timesteps, noise and CFG dropout
+  model.*               `echo_jax.model.EchoConfig`
+  data.train_shards     shard paths or globs, comma separated (local, gs://, hf://datasets/...)
+  data.eval_shards      held-out shards for the eval loss ('' = no eval)
+  data.pad_latent       .npy file holding the codec's encoding of silence [D] ('' = zeros)
+  train.*               batch size (global), steps, optimizer, CFG dropout, logging / eval / checkpoint cadence
+  mesh.*                device mesh sizes: data × fsdp × tensor (-1 = all remaining devices)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from echo_jax.model import EchoConfig
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.model = ml_collections.ConfigDict(dataclasses.asdict(EchoConfig()))
+
+  config.data = ml_collections.ConfigDict()
+  config.data.train_shards = ""
+  config.data.eval_shards = ""
+  config.data.pad_latent = ""
+  config.data.max_text_len = 768
+  config.data.max_frames = 640  # 25.6 s at 25 frames/s
+  config.data.max_ref_frames = 256
+  config.data.prefetch = 2
+
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 256  # global, over all hosts
+  config.train.steps = 100_000
+  config.train.lr = 1e-4
+  config.train.warmup_frac = 0.05
+  config.train.b1 = 0.9
+  config.train.b2 = 0.99
+  config.train.weight_decay = 0.01
+  config.train.grad_clip = 1.0  # global-norm clipping; 0 disables
+  config.train.text_dropout = 0.1
+  config.train.speaker_dropout = 0.1
+  config.train.log_every = 10
+  config.train.eval_every = 1000
+  config.train.eval_batches = 4
+  config.train.ckpt_every = 5000
+  config.train.keep_checkpoints = 3  # the newest K
+  config.train.keep_period = 0  # also keep every M-th step forever (0 = none)
+  config.train.max_nonfinite = 5  # consecutive non-finite steps before the run stops
+  config.train.cpu_peak_flops = 0.0  # per-device peak for MFU on CPU; 0 = measure a matmul at start
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = 1
+  config.mesh.fsdp = -1
+  config.mesh.tensor = 1
+
+  config.codec = "dacvae"
+  return config
+
+
+def model_config(config: ml_collections.ConfigDict) -> EchoConfig:
+  return EchoConfig(**config.model.to_dict())

@@ -1,0 +1,132 @@
+"""Run-directory writers (metrics.jsonl, events.jsonl), analytic FLOPs, device peaks and MFU (DESIGN §7).
+
+JSONL is always written (one object per line, flushed, so the dashboard and `tail -f` see it at once).
+Only process 0 writes; other processes get writers that drop everything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from echo_jax.model import EchoConfig
+
+# Dense bf16 peak per JAX device. A v4 chip in megacore mode is one device.
+PEAK_FLOPS_PER_DEVICE = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+}
+
+
+def _to_json(value: Any) -> Any:
+  if isinstance(value, (np.generic, np.ndarray)) or hasattr(value, "item"):
+    value = np.asarray(value).item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)  # JSON has no NaN/inf; keep it visible instead of failing the write
+  return value
+
+
+class JsonlWriter:
+  """Appends one JSON object per call to a file, thread-safe, flushed every line."""
+
+  def __init__(self, path: str | None):
+    self._lock = threading.Lock()
+    self._file = None
+    if path is not None:
+      os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+      self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 — held open for the run, closed in close()
+
+  def write(self, record: dict[str, Any]) -> None:
+    if self._file is None:
+      return
+    line = json.dumps({k: _to_json(v) for k, v in record.items()}, ensure_ascii=False)
+    with self._lock:
+      self._file.write(line + "\n")
+      self._file.flush()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+
+
+class RunLog:
+  """metrics.jsonl and events.jsonl of a run directory."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.metrics = JsonlWriter(os.path.join(workdir, "metrics.jsonl") if enabled else None)
+    self.events = JsonlWriter(os.path.join(workdir, "events.jsonl") if enabled else None)
+
+  def event(self, name: str, **fields: Any) -> None:
+    self.events.write({"time": time.time(), "event": name, **fields})
+
+  def close(self) -> None:
+    self.metrics.close()
+    self.events.close()
+
+
+def _encoder_flops(tokens: int, dim: int, mlp: int, layers: int) -> float:
+  """Forward FLOPs of a pre-norm encoder stack over `tokens` tokens (per sample)."""
+  projections = 5 * dim * dim + 3 * dim * mlp  # q, k, v, gate, o and the SwiGLU
+  attention = 2 * tokens * dim  # q·k and weights·v, per query token
+  return 2.0 * layers * tokens * (projections + attention)
+
+
+def forward_flops(cfg: EchoConfig, frames: int, text_len: int, ref_frames: int) -> float:
+  """Model FLOPs of one forward pass for one sample (matmuls only; 1 multiply-add = 2 FLOPs)."""
+  patches = ref_frames // cfg.speaker_patch
+  text = _encoder_flops(text_len, cfg.text_dim, cfg.text_mlp_dim, cfg.text_layers)
+  speaker = (_encoder_flops(patches, cfg.speaker_dim, cfg.speaker_mlp_dim, cfg.speaker_layers)
+             + 2.0 * patches * cfg.speaker_patch * cfg.latent_dim * cfg.speaker_dim)
+  context = 2.0 * cfg.layers * 2 * cfg.dim * (text_len * cfg.text_dim + patches * cfg.speaker_dim)
+  keys = frames + text_len + patches
+  per_frame_layer = (5 * cfg.dim * cfg.dim + 3 * cfg.dim * cfg.mlp_dim  # projections and SwiGLU
+                     + 2 * 3 * 2 * cfg.dim * cfg.adaln_rank  # two low-rank AdaLNs, shift/scale/gate each
+                     + 2 * keys * cfg.dim)  # attention over self, text and speaker keys
+  decoder = 2.0 * frames * (cfg.layers * per_frame_layer + 2 * cfg.latent_dim * cfg.dim)
+  return text + speaker + context + decoder
+
+
+def train_flops_per_step(cfg: EchoConfig, batch: int, frames: int, text_len: int, ref_frames: int) -> float:
+  """Forward + backward (≈ 3 × forward) model FLOPs of one train step of a global batch; remat not counted."""
+  return 3.0 * batch * forward_flops(cfg, frames, text_len, ref_frames)
+
+
+def measure_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of a float32 square matmul on the first device: the CPU's practical peak for MFU."""
+  device = jax.devices()[0]
+  a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  best = math.inf
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * size**3 / best
+
+
+def peak_flops_per_device(cpu_peak: float = 0.0) -> float:
+  """The device's peak from the table, or for CPU the given peak (measured when 0)."""
+  kind = jax.devices()[0].device_kind
+  for name, peak in PEAK_FLOPS_PER_DEVICE.items():
+    if kind.startswith(name):
+      return peak
+  if jax.devices()[0].platform == "cpu":
+    # All host-platform devices share the same cores, so one matmul's rate is the whole machine's peak.
+    return (cpu_peak or measure_matmul_peak()) / jax.local_device_count()
+  raise ValueError(f"no peak FLOP/s known for device kind {kind!r}; add it to PEAK_FLOPS_PER_DEVICE")

@@ -1,0 +1,102 @@
+"""Device mesh, the logical-axis rules table, and the shardings of the train state and of batches (DESIGN §5).
+
+Model parameters name their axes logically (`embed`, `mlp`, `heads`, ...); `LOGICAL_AXIS_RULES` is the one place
+that says which mesh axis each name is sharded over. FSDP shards every large weight over `fsdp` along `embed`;
+batches are sharded over (`data`, `fsdp`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    # Activations.
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    # Parameters.
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("layers", None),
+    ("kv", None),
+    ("heads_norm", None),
+    ("norm", None),
+    ("vocab", None),
+    ("latent", None),
+    ("patch", None),
+    ("rank", None),
+    ("cond", None),
+    ("timestep", None),
+)
+
+
+def mesh_shape(sizes: dict[str, int], device_count: int) -> tuple[int, ...]:
+  """Resolves one `-1` in the mesh sizes to the remaining devices; checks the product."""
+  shape = [sizes[axis] for axis in MESH_AXES]
+  if shape.count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, shape, strict=True))}")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if device_count % known:
+      raise ValueError(f"{device_count} devices cannot be split into a mesh with fixed axes of product {known}")
+    shape[shape.index(-1)] = device_count // known
+  if math.prod(shape) != device_count:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, shape, strict=True))} needs {math.prod(shape)} devices, "
+                     f"but {device_count} are available; fix config.mesh")
+  return tuple(shape)
+
+
+def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all devices of all processes)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(sizes, len(devices))
+  if devices[0].platform == "tpu":
+    device_array = mesh_utils.create_device_mesh(shape, devices)
+  else:
+    device_array = np.asarray(devices).reshape(shape)
+  return Mesh(device_array, MESH_AXES)
+
+
+def _fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+  """Replicates a dimension that the mesh axis does not divide (small configs on many devices)."""
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+    names = (axes,) if isinstance(axes, str) else (axes or ())
+    size = math.prod(mesh.shape[name] for name in names)
+    fitted.append(axes if size and dim % size == 0 else None)
+  return PartitionSpec(*fitted)
+
+
+def logical_to_shardings(logical_specs: Any, abstract: Any, mesh: Mesh) -> Any:
+  """NamedShardings for a pytree, from its logical PartitionSpecs and its shapes."""
+  mesh_specs = nn.logical_to_mesh(logical_specs, LOGICAL_AXIS_RULES)
+  return jax.tree.map(lambda spec, leaf: NamedSharding(mesh, _fit_spec(spec, leaf.shape, mesh)),
+                      mesh_specs, abstract, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Leading (batch) axis over ('data', 'fsdp'); the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Builds global arrays from this process's slice of the batch (every process passes its own rows)."""
+  return {
+      name: jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
+      for name, value in local_batch.items()
+  }

@@ -1,0 +1,1 @@
+"""Training: state and optimizer, the jitted steps, the loop and its hooks."""

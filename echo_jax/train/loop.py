@@ -1,0 +1,297 @@
+"""The training loop (DESIGN §4–§7): one `Trainer.run()` from a config to checkpoints and a run directory.
+
+    restore or init ──► for each step: next batch ─► dispatch compiled step ─► log the PREVIOUS step's metrics
+                                       └─► hooks (eval, checkpoint, samples) on their cadence
+                    ──► final checkpoint, wait for async saves
+
+Metrics of step N are fetched only after step N+1 has been dispatched, so the host never makes the device wait.
+Everything that varies between runs (params, data order, timesteps, noise, dropout) derives from `config.seed`, and
+the data position is part of every checkpoint: a resumed run computes exactly what an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from echo_jax import checkpoint, metrics, sharding
+from echo_jax.config import model_config
+from echo_jax.data.pipeline import Pipeline
+from echo_jax.data.shards import list_shards
+from echo_jax.model import Echo
+from echo_jax.train.state import TrainState, count_params, create_train_state, example_inputs
+from echo_jax.train.step import StepFunctions
+
+
+class NonFiniteError(RuntimeError):
+  """Raised when too many consecutive steps had a non-finite loss or gradient norm."""
+
+
+@dataclasses.dataclass
+class StepInfo:
+  """What hooks see after a step: `step` steps are done and `state` is the state after them."""
+
+  step: int
+  state: TrainState
+  trainer: Trainer
+
+
+Hook = Callable[[StepInfo], None]
+
+
+def load_pad_latent(path: str, latent_dim: int) -> np.ndarray:
+  """The codec's encoding of silence [D] from a .npy file; zeros when no file is configured."""
+  if not path:
+    return np.zeros((latent_dim,), np.float32)
+  pad = np.load(path).astype(np.float32).reshape(-1)
+  if pad.shape != (latent_dim,):
+    raise ValueError(f"pad latent {path} has {pad.size} values, the model's latent_dim is {latent_dim}")
+  return pad
+
+
+class Trainer:
+  """Trains `config` into `workdir`, resuming from the newest complete checkpoint there if any.
+
+  hooks: (every, fn) pairs; fn(StepInfo) runs on every process after each step that is a multiple of `every`.
+  init_params: parameters to start from instead of a random init (fresh optimizer state), e.g. imported weights.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
+               hooks: tuple[tuple[int, Hook], ...] = (), init_params: Any = None):
+    self.config = config
+    self.workdir = workdir
+    self.hooks = list(hooks)
+    self.init_params = init_params
+    self.is_main = jax.process_index() == 0
+    self.log = metrics.RunLog(workdir, enabled=self.is_main)
+    self.model = Echo(model_config(config))
+    self.mesh = sharding.make_mesh(config.mesh.to_dict())
+    self.stop_requested = threading.Event()
+    self._skips: list[dict[str, Any]] = []
+    self._skip_lock = threading.Lock()
+    self._unconfirmed_saves: list[int] = []
+
+  # Run directory ---------------------------------------------------------------------------------------------
+
+  def _write_config(self) -> None:
+    if not self.is_main:
+      return
+    os.makedirs(self.workdir, exist_ok=True)
+    path = os.path.join(self.workdir, "config.json")
+    with open(f"{path}.partial", "w", encoding="utf-8") as f:
+      f.write(self.config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(f"{path}.partial", path)
+
+  def _on_skip(self, reason: str, key: str, shard: str) -> None:
+    with self._skip_lock:
+      self._skips.append({"reason": reason, "key": key, "shard": os.path.basename(shard)})
+
+  def _flush_skips(self, step: int) -> None:
+    """Writes every process's skipped samples since the last flush (a small collective, same step everywhere)."""
+    with self._skip_lock:
+      local, self._skips = self._skips, []
+    summary = {"records": local[:100], "dropped": max(0, len(local) - 100)}
+    for process, records in enumerate(checkpoint.gather_per_process(summary)):
+      for record in records["records"]:
+        self.log.event("skipped_sample", step=step, process=process, **record)
+      if records["dropped"]:
+        self.log.event("skipped_sample", step=step, process=process, count=records["dropped"],
+                       reason="more skips than logged individually")
+
+  # Setup ------------------------------------------------------------------------------------------------------
+
+  def _pipeline(self, shards: str, seed: int, position: Any = None) -> Pipeline:
+    config = self.config
+    per_host, rest = divmod(config.train.batch_size, jax.process_count())
+    if rest:
+      raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by the "
+                       f"{jax.process_count()} processes")
+    return Pipeline(
+        shards=list_shards(shards), batch_size=per_host, latent_dim=config.model.latent_dim,
+        max_text_len=config.data.max_text_len, max_frames=config.data.max_frames,
+        max_ref_frames=config.data.max_ref_frames,
+        pad_latent=load_pad_latent(config.data.pad_latent, config.model.latent_dim), seed=seed,
+        process_index=jax.process_index(), process_count=jax.process_count(), prefetch=config.data.prefetch,
+        on_skip=self._on_skip, state=position)
+
+  def _eval_batches(self) -> list[dict[str, jax.Array]]:
+    """The held-out batches, read once and reused, so every evaluation sees the same data."""
+    if not self.config.data.eval_shards or self.config.train.eval_every <= 0:
+      return []
+    with self._pipeline(self.config.data.eval_shards, seed=0) as pipeline:
+      return [sharding.global_batch(next(pipeline), self.mesh) for _ in range(self.config.train.eval_batches)]
+
+  def _initial_state(self, steps: StepFunctions, abstract_state: TrainState,
+                     ckpt: checkpoint.Checkpointer) -> tuple[TrainState, Any, int]:
+    """(state, this process's data position, samples seen): restored, imported or freshly initialised."""
+    for name in ckpt.incomplete:
+      self.log.event("incomplete_checkpoint_ignored", directory=name,
+                     message="an interrupted save was found and ignored; resuming from the last complete one")
+    latest = ckpt.latest_step()
+    if latest is not None:
+      abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+                              steps.state_shardings)
+      state, positions, meta = ckpt.restore(latest, abstract)
+      position = positions.get(f"process_{jax.process_index()}")
+      if position is None or meta.get("process_count") != jax.process_count():
+        self.log.event("data_position_reset", step=latest,
+                       message=f"checkpoint written by {meta.get('process_count')} processes; the data stream "
+                               "restarts from a fresh epoch order for this process layout")
+        position = None
+      self.log.event("checkpoint_restored", step=latest)
+      return state, position, int(meta.get("samples_seen", latest * self.config.train.batch_size))
+    init = jax.jit(lambda key: create_train_state(self.model, key, self.config), out_shardings=steps.state_shardings)
+    state = init(jax.random.key(self.config.seed))
+    if self.init_params is not None:
+      params = jax.device_put(self.init_params, steps.state_shardings.params)
+      state = state.replace(params=params)
+    return state, None, 0
+
+  # The loop ---------------------------------------------------------------------------------------------------
+
+  def request_stop(self) -> None:
+    """Asks the loop to save a checkpoint and stop after the current step (e.g. on SIGTERM)."""
+    self.stop_requested.set()
+
+  def run(self) -> TrainState:
+    config, train = self.config, self.config.train
+    self._write_config()
+    global_shapes = example_inputs(config, train.batch_size)
+    abstract_state = jax.eval_shape(lambda: create_train_state(self.model, jax.random.key(0), config))
+    compile_start = time.time()
+    steps = StepFunctions.compile(self.model, config, self.mesh, abstract_state, global_shapes)
+    compile_seconds = time.time() - compile_start
+    ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                   keep=train.keep_checkpoints, keep_period=train.keep_period)
+    state, position, samples_seen = self._initial_state(steps, abstract_state, ckpt)
+    start_step = int(jax.device_get(state.step))
+    cfg = self.model.cfg
+    flops_per_step = metrics.train_flops_per_step(cfg, train.batch_size, config.data.max_frames,
+                                                  config.data.max_text_len, config.data.max_ref_frames)
+    peak = metrics.peak_flops_per_device(train.cpu_peak_flops) * jax.device_count()
+    self.log.event("start", step=start_step, params=count_params(abstract_state.params),
+                   devices=jax.device_count(), processes=jax.process_count(), mesh=dict(self.mesh.shape),
+                   compile_seconds=round(compile_seconds, 2), flops_per_step=flops_per_step)
+    eval_batches = self._eval_batches()
+    pipeline = self._pipeline(config.data.train_shards, config.seed, position)
+    consecutive_nonfinite = 0
+    pending = None  # (step, device metrics, host timings) of the step whose metrics are not yet logged
+    progress = tqdm(total=train.steps, initial=start_step, desc="train", disable=not self.is_main,
+                    dynamic_ncols=True)
+    last_time = time.time()
+    step = start_step
+    try:
+      while step < train.steps:
+        wait_start = time.time()
+        batch = sharding.global_batch(next(pipeline), self.mesh)
+        data_wait = time.time() - wait_start
+        state, step_metrics = steps.train(state, batch)
+        step += 1
+        samples_seen += train.batch_size
+        if pending is not None:  # step N+1 is queued: now fetching step N's metrics costs the device nothing
+          consecutive_nonfinite = self._log_step(*pending, consecutive_nonfinite, progress)
+        now = time.time()
+        pending = (step, step_metrics, {"step_time": now - last_time, "data_wait": data_wait,
+                                        "samples_seen": samples_seen, "flops": flops_per_step, "peak": peak})
+        last_time = now
+        if eval_batches and step % train.eval_every == 0:
+          self._evaluate(steps, state, eval_batches, step)
+        stop = self._should_stop(step)
+        final = stop or step == train.steps
+        if step % train.log_every == 0 or final:
+          self._flush_skips(step)
+          self._confirm_saves(ckpt)
+        if final or step % train.ckpt_every == 0:
+          positions = checkpoint.gather_per_process(pipeline.state())
+          ckpt.save(step, state, positions, {"samples_seen": samples_seen, "process_count": jax.process_count()})
+          self._unconfirmed_saves.append(step)
+        for every, hook in self.hooks:
+          if step % every == 0:
+            hook(StepInfo(step=step, state=state, trainer=self))
+        if stop:
+          self.log.event("stopped", step=step, message="stop requested (SIGTERM); checkpoint saved, exiting")
+          break
+      if pending is not None:
+        self._log_step(*pending, consecutive_nonfinite, progress)
+    finally:
+      progress.close()
+      pipeline.close()
+      ckpt.wait()
+      self._confirm_saves(ckpt)
+      ckpt.close()
+      self.log.close()
+    return state
+
+  def _should_stop(self, step: int) -> bool:
+    """True on every process when any process was asked to stop, so that all save at the same step.
+
+    With several processes the flags are exchanged only every `log_every` steps: a collective every step would
+    make the host wait for the device and lose the asynchronous dispatch.
+    """
+    local = self.stop_requested.is_set()
+    if jax.process_count() == 1:
+      return local
+    if step % self.config.train.log_every:
+      return False
+    return any(checkpoint.gather_per_process(local))
+
+  def _confirm_saves(self, ckpt: checkpoint.Checkpointer) -> None:
+    """Writes `checkpoint_saved` for the saves that Orbax has finished in the background."""
+    if self._unconfirmed_saves and not ckpt.manager.is_saving_in_progress():
+      for step in self._unconfirmed_saves:
+        if step in ckpt.all_steps():
+          self.log.event("checkpoint_saved", step=step)
+      self._unconfirmed_saves = []
+
+  def _log_step(self, step: int, device_metrics: dict[str, jax.Array], timing: dict[str, float],
+                consecutive_nonfinite: int, progress: tqdm) -> int:
+    values = {name: float(np.asarray(value)) for name, value in jax.device_get(device_metrics).items()}
+    finite = bool(values.pop("finite"))
+    consecutive_nonfinite = 0 if finite else consecutive_nonfinite + 1
+    if not finite:
+      self.log.event("nonfinite", step=step, loss=values["loss"], grad_norm=values["grad_norm"],
+                     consecutive=consecutive_nonfinite, message="update skipped: non-finite loss or gradient norm")
+    progress.update(step - progress.n)
+    progress.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+    train = self.config.train
+    if step % train.log_every == 0 or step == train.steps or not finite:
+      step_time = max(timing["step_time"], 1e-9)
+      self.log.metrics.write({
+          "step": step, "time": time.time(), **values, "samples_seen": timing["samples_seen"],
+          "samples_per_sec": train.batch_size / step_time, "steps_per_sec": 1.0 / step_time,
+          "step_time": step_time, "data_wait": timing["data_wait"] / step_time,
+          "mfu": timing["flops"] / step_time / timing["peak"], "total_steps": train.steps,
+      })
+    if consecutive_nonfinite >= train.max_nonfinite:
+      message = (f"stopping: {consecutive_nonfinite} consecutive steps had a non-finite loss or gradient norm "
+                 f"(last at step {step}); parameters were not updated by them, and the checkpoints in "
+                 f"{os.path.join(self.workdir, 'checkpoints')} hold finite weights. Check the data (events.jsonl) "
+                 "or lower train.lr, then restart to resume from the last checkpoint.")
+      self.log.event("error", step=step, message=message)
+      raise NonFiniteError(message)
+    return consecutive_nonfinite
+
+  def _evaluate(self, steps: StepFunctions, state: TrainState, batches: list[dict[str, jax.Array]],
+                step: int) -> None:
+    totals: dict[str, float] = {}
+    for index, batch in enumerate(batches):
+      losses = jax.device_get(steps.eval(state.params, batch, jax.random.key(index)))
+      for name, value in losses.items():
+        totals[name] = totals.get(name, 0.0) + float(value) / len(batches)
+    self.log.metrics.write({"step": step, "time": time.time(), **totals})
+
+
+def install_sigterm_handler(trainer: Trainer) -> None:
+  """SIGTERM (TPU maintenance, preemption) -> checkpoint at the next step on all processes, then exit 0."""
+  signal.signal(signal.SIGTERM, lambda signum, frame: trainer.request_stop())
+

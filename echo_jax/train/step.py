@@ -1,0 +1,104 @@
+"""The jitted train and eval steps, compiled ahead of time with explicit shardings (DESIGN §4–§5).
+
+`StepFunctions.compile` lowers both steps once for the exact batch shapes; the loop then calls the compiled
+executables, so a shape or dtype change raises instead of silently recompiling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from echo_jax import flow, sharding
+from echo_jax.model import Echo
+from echo_jax.train.state import TrainState, learning_rate_schedule, make_optimizer, state_logical_specs
+
+Batch = dict[str, jax.Array]
+
+
+def apply_model(model: Echo, params: Any, x_t: jax.Array, t: jax.Array, batch: Batch) -> jax.Array:
+  return model.apply({"params": params}, x_t, t, batch["text"], batch["text_mask"], batch["speaker"],
+                     batch["speaker_mask"])
+
+
+def train_step(state: TrainState, batch: Batch, *, model: Echo, config: ml_collections.ConfigDict,
+               base_key: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One AdamW step on a global batch. A non-finite loss or gradient norm leaves params and optimizer unchanged."""
+  train = config.train
+  key = jax.random.fold_in(base_key, state.step)
+  t_key, noise_key, dropout_key = jax.random.split(key, 3)
+  batch = flow.cfg_dropout(dropout_key, batch, train.text_dropout, train.speaker_dropout)
+  x0 = batch["latent"]  # [B, T, D]
+  t = flow.stratified_logit_normal(t_key, x0.shape[0])  # stratified over the global batch
+  x_t, v_target = flow.noise(x0, t, jax.random.normal(noise_key, x0.shape, x0.dtype))
+
+  def loss_fn(params: Any) -> jax.Array:
+    return flow.velocity_loss(apply_model(model, params, x_t, t, batch), v_target, batch["latent_mask"])
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = make_optimizer(train).update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = TrainState(step=state.step + 1, params=keep_if_finite(params, state.params),
+                         opt_state=keep_if_finite(opt_state, state.opt_state))
+  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": learning_rate_schedule(train)(state.step),
+             "finite": finite}
+  return new_state, metrics
+
+
+def eval_step(params: Any, batch: Batch, key: jax.Array, *, model: Echo) -> dict[str, jax.Array]:
+  """Loss at each fixed timestep of `flow.EVAL_TIMESTEPS`, with fixed noise and no condition dropout."""
+  x0 = batch["latent"]
+  eps = jax.random.normal(key, x0.shape, x0.dtype)
+  losses = {}
+  for value in flow.EVAL_TIMESTEPS:
+    t = jnp.full((x0.shape[0],), value, jnp.float32)
+    x_t, v_target = flow.noise(x0, t, eps)
+    losses[f"eval_loss_t{value}"] = flow.velocity_loss(apply_model(model, params, x_t, t, batch), v_target,
+                                                       batch["latent_mask"])
+  losses["eval_loss"] = jnp.mean(jnp.stack(list(losses.values())))
+  return losses
+
+
+@dataclasses.dataclass
+class StepFunctions:
+  """The compiled train / eval steps and the shardings they were compiled for."""
+
+  train: Any
+  eval: Any
+  state_shardings: TrainState
+  mesh: Mesh
+  train_flops: float  # XLA's count for one train step (all devices)
+
+  @classmethod
+  def compile(cls, model: Echo, config: ml_collections.ConfigDict, mesh: Mesh, abstract_state: TrainState,
+              batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> StepFunctions:
+    specs = state_logical_specs(model, config, abstract_state)
+    state_shardings = sharding.logical_to_shardings(specs, abstract_state, mesh)
+    batch_shardings = {name: sharding.batch_sharding(mesh, len(s.shape)) for name, s in batch_shapes.items()}
+    base_key = jax.random.key(config.seed)
+    replicated = sharding.replicated(mesh)
+    with mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+      train = jax.jit(
+          lambda state, batch: train_step(state, batch, model=model, config=config, base_key=base_key),
+          in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, replicated),
+          donate_argnums=0,
+      ).lower(abstract_state, batch_shapes).compile()
+      evaluate = jax.jit(
+          lambda params, batch, key: eval_step(params, batch, key, model=model),
+          in_shardings=(state_shardings.params, batch_shardings, replicated), out_shardings=replicated,
+      ).lower(abstract_state.params, batch_shapes, jax.eval_shape(lambda: jax.random.key(0))).compile()
+    cost = train.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return cls(train=train, eval=evaluate, state_shardings=state_shardings, mesh=mesh,
+               train_flops=float((cost or {}).get("flops", 0.0)))
