@@ -15,12 +15,15 @@ from typing import Any
 
 import flax.serialization
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from echo_jax.train.state import TrainState
+from echo_jax.config import model_config
+from echo_jax.model import Echo
+from echo_jax.train.state import TrainState, create_train_state
 
 
 def gather_per_process(obj: Any) -> list[Any]:
@@ -128,3 +131,65 @@ def import_pickle(path: str, template: TrainState) -> tuple[TrainState, int]:
                        f"the config expects {tuple(expected.shape)}")
   state = TrainState(step=np.asarray(payload["step"], np.int32), params=params, opt_state=opt_state)
   return state, int(payload.get("samples_seen", 0))
+
+
+# Parameters for inference and fine-tuning ------------------------------------------------------------------------
+
+
+def _read_config(path: str) -> ml_collections.ConfigDict:
+  with open(path, encoding="utf-8") as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def save_params(params: Any, config: ml_collections.ConfigDict, directory: str) -> None:
+  """Writes a parameters-only checkpoint: DIRECTORY/config.json and DIRECTORY/params (Orbax)."""
+  os.makedirs(directory, exist_ok=True)
+  ocp.PyTreeCheckpointer().save(os.path.join(os.path.abspath(directory), "params"), params, force=True)
+  with open(os.path.join(directory, "config.json.partial"), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(os.path.join(directory, "config.json.partial"), os.path.join(directory, "config.json"))
+
+
+def _restore_params(directory: str, abstract_params: Any, nested: bool) -> Any:
+  """Only the parameters (not the optimizer state) of an Orbax pytree, onto the first local device."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  item = {"params": abstract_params} if nested else abstract_params
+  restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), item)
+  restored = ocp.PyTreeCheckpointer().restore(
+      os.path.abspath(directory), args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                              partial_restore=nested))
+  return restored["params"] if nested else restored
+
+
+def load_params(path: str, config: ml_collections.ConfigDict | None = None) -> tuple[ml_collections.ConfigDict, Any]:
+  """(config, params) from a run directory (its newest complete checkpoint), an Orbax step directory, a
+  parameters-only directory (`save_params`), or a plain pickle file (config from `config` or a config.json beside
+  it). Raises a ValueError that says what was expected when `path` is none of these."""
+  def abstract_params(cfg: ml_collections.ConfigDict) -> Any:
+    model = Echo(model_config(cfg))
+    return jax.eval_shape(lambda: create_train_state(model, jax.random.key(0), cfg)).params
+
+  path = path.rstrip("/")
+  if os.path.isfile(path):
+    config_path = os.path.join(os.path.dirname(path) or ".", "config.json")
+    if config is None and not os.path.exists(config_path):
+      raise ValueError(f"{path} is a pickle checkpoint without a config.json beside it; pass the config")
+    config = config or _read_config(config_path)
+    template = jax.eval_shape(lambda: create_train_state(Echo(model_config(config)), jax.random.key(0), config))
+    state, _ = import_pickle(path, template)
+    return config, state.params
+  if os.path.isdir(os.path.join(path, "params")) and os.path.exists(os.path.join(path, "config.json")):
+    config = config or _read_config(os.path.join(path, "config.json"))
+    return config, _restore_params(os.path.join(path, "params"), abstract_params(config), nested=False)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    steps = ocp.CheckpointManager(os.path.abspath(os.path.join(path, "checkpoints"))).all_steps()
+    if not steps:
+      raise ValueError(f"run directory {path} has no complete checkpoint yet")
+    config = config or _read_config(os.path.join(path, "config.json"))
+    step_dir = os.path.join(path, "checkpoints", str(max(steps)), "state")
+    return config, _restore_params(step_dir, abstract_params(config), nested=True)
+  if os.path.isdir(os.path.join(path, "state")):
+    config = config or _read_config(os.path.join(path, "..", "..", "config.json"))
+    return config, _restore_params(os.path.join(path, "state"), abstract_params(config), nested=True)
+  raise ValueError(f"{path} is not a checkpoint: expected a run directory, an Orbax step directory "
+                   "(checkpoints/<step>), a converted parameters directory, or a .pkl file")
