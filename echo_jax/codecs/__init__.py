@@ -29,3 +29,20 @@ class Codec(Protocol):
 
   @property
   def pad_latent(self) -> np.ndarray: ...
+
+
+def get_codec(name: str, weights: str | None = None) -> Codec:
+  """The codec a config names (`config.codec`): "mel" (no weights) or "dacvae" (converted weights file)."""
+  if name == "mel":
+    from echo_jax.codecs.mel import MelCodec  # noqa: PLC0415 — librosa loads only when the mel codec is used
+
+    return MelCodec()
+  if name == "dacvae":
+    if not weights:
+      raise ValueError("the dacvae codec needs its weights: convert the published weights.pth with "
+                       "`python -m echo_jax.codecs.dacvae_convert weights.pth --out dacvae.safetensors` and pass "
+                       "that file (--codec_weights)")
+    from echo_jax.codecs.dacvae import DacvaeCodec  # noqa: PLC0415
+
+    return DacvaeCodec(weights)
+  raise ValueError(f"unknown codec {name!r}; known: 'mel', 'dacvae'")

@@ -1,0 +1,55 @@
+"""Test set-up: CPU only, 8 host-platform devices (sharding tests), and small synthetic data."""
+
+import os
+
+# Before JAX is imported anywhere: 8 CPU devices let sharding tests build real meshes on one machine.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import importlib.util  # noqa: E402
+import pathlib  # noqa: E402
+
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from echo_jax.data.shards import Sample, write_shard  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load_config(name: str) -> ml_collections.ConfigDict:
+  """`get_config()` of configs/NAME.py."""
+  spec = importlib.util.spec_from_file_location(f"configs.{name}", REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def write_synthetic_shards(directory: pathlib.Path, *, num_shards: int = 2, per_shard: int = 4,
+                           latent_dim: int = 8, max_frames: int = 32, ref_frames: int = 20, seed: int = 0,
+                           prefix: str = "train") -> str:
+  """Shards of random latents (unit variance, like normalised codec latents) with distinct texts; returns a glob."""
+  rng = np.random.default_rng(seed)
+  directory.mkdir(parents=True, exist_ok=True)
+  for shard in range(num_shards):
+    samples = []
+    for i in range(per_shard):
+      frames = int(rng.integers(max_frames // 2, max_frames + 1))
+      samples.append(Sample(
+          key=f"{prefix}{shard}_{i}",
+          latent=rng.standard_normal((frames, latent_dim)).astype(np.float16),
+          ref=rng.standard_normal((ref_frames, latent_dim)).astype(np.float16),
+          meta={"text": f"[S1] sample {shard} {i} {'ab' * i}"}))
+    write_shard(str(directory / f"{prefix}-{shard:05d}.tar"), samples)
+  return str(directory / f"{prefix}-*.tar")
+
+
+@pytest.fixture
+def tiny_config(tmp_path: pathlib.Path) -> ml_collections.ConfigDict:
+  """configs/tiny.py on 16 synthetic training samples and 4 held-out ones."""
+  config = load_config("tiny")
+  config.data.train_shards = write_synthetic_shards(tmp_path / "shards")
+  config.data.eval_shards = write_synthetic_shards(tmp_path / "shards", num_shards=1, seed=1, prefix="eval")
+  return config

@@ -1,0 +1,416 @@
+"""Tests of shard reading/validation (echo_jax.data.shards) and the resumable pipeline (echo_jax.data.pipeline)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import time
+import zlib
+from collections import Counter
+
+import fsspec
+import numpy as np
+import pytest
+
+from echo_jax.data import pipeline as pipeline_lib
+from echo_jax.data.pipeline import Pipeline
+from echo_jax.data.shards import Sample, iter_shard, list_shards, write_shard
+
+DIM = 8
+MAX_FRAMES = 12
+MAX_REF = 8
+MAX_TEXT = 16
+
+
+def _sample(name: str, frames: int = 6, ref_frames: int = 10, text: str | None = None) -> Sample:
+  rng = np.random.default_rng(zlib.crc32(name.encode()))
+  return Sample(
+      key=name,
+      latent=rng.standard_normal((frames, DIM)).astype(np.float16),
+      ref=rng.standard_normal((ref_frames, DIM)).astype(np.float16),
+      meta={"text": text if text is not None else f"text of {name}"},
+  )
+
+
+def _npy(array: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  np.save(buffer, array)
+  return buffer.getvalue()
+
+
+def _members(sample: Sample) -> list[tuple[str, bytes]]:
+  return [
+      (f"{sample.key}.npy", _npy(sample.latent)),
+      (f"{sample.key}.ref.npy", _npy(sample.ref)),
+      (f"{sample.key}.json", json.dumps(sample.meta).encode()),
+  ]
+
+
+def _write_tar(path: str, members: list[tuple[str, bytes]]) -> None:
+  with tarfile.open(path, "w") as tar:
+    for name, data in members:
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+
+
+def _read(path: str) -> tuple[list[Sample], list[tuple[str, str, str]]]:
+  skips = []
+  samples = list(iter_shard(path, lambda *event: skips.append(event), latent_dim=DIM))
+  return samples, skips
+
+
+def _write_dataset(directory, num_shards: int, per_shard: int, **sample_args) -> list[str]:
+  paths = []
+  for s in range(num_shards):
+    path = os.path.join(directory, f"shard-{s:03d}.tar")
+    write_shard(path, [_sample(f"s{s}x{i}", **sample_args) for i in range(per_shard)])
+    paths.append(path)
+  return paths
+
+
+def _pipeline(shards, **overrides) -> Pipeline:
+  args = dict(
+      shards=shards, batch_size=3, latent_dim=DIM, max_text_len=MAX_TEXT, max_frames=MAX_FRAMES,
+      max_ref_frames=MAX_REF, pad_latent=np.zeros(DIM, np.float32), seed=0, prefetch=2)
+  args.update(overrides)
+  return Pipeline(**args)
+
+
+def _take(pipeline: Pipeline, n: int) -> list[dict[str, np.ndarray]]:
+  return [next(pipeline) for _ in range(n)]
+
+
+def _texts(batch: dict[str, np.ndarray]) -> list[str]:
+  rows = zip(batch["text"], batch["text_mask"], strict=True)
+  return [bytes(row[1:][mask[1:]].astype(np.uint8)).decode() for row, mask in rows]
+
+
+def _assert_same_batches(a, b) -> None:
+  assert len(a) == len(b)
+  for batch_a, batch_b in zip(a, b, strict=True):
+    assert batch_a.keys() == batch_b.keys()
+    for name in batch_a:
+      assert batch_a[name].dtype == batch_b[name].dtype
+      np.testing.assert_array_equal(batch_a[name], batch_b[name], err_msg=name)
+
+
+def test_round_trip(tmp_path):
+  samples = [_sample(f"k{i}", frames=3 + i, ref_frames=4 + i, text=f"héllo {i}") for i in range(5)]
+  path = str(tmp_path / "a.tar")
+  assert write_shard(path, samples) == 5
+  read, skips = _read(path)
+  assert skips == []
+  assert [s.key for s in read] == [s.key for s in samples]
+  for got, want in zip(read, samples, strict=True):
+    assert got.latent.dtype == np.float16 and got.ref.dtype == np.float16
+    np.testing.assert_array_equal(got.latent, want.latent)
+    np.testing.assert_array_equal(got.ref, want.ref)
+    assert got.meta == want.meta
+
+
+def test_list_shards(tmp_path):
+  for name in ("b.tar", "a.tar", "c.txt"):
+    (tmp_path / name).write_bytes(b"")
+  pattern = str(tmp_path / "*.tar")
+  assert list_shards(pattern) == [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
+  assert list_shards(f"{tmp_path / 'c.txt'},{pattern}") == sorted(
+      str(tmp_path / name) for name in ("a.tar", "b.tar", "c.txt"))
+  with pytest.raises(FileNotFoundError, match="nothing"):
+    list_shards(str(tmp_path / "nothing*.tar"))
+  with pytest.raises(FileNotFoundError, match="missing.tar"):
+    list_shards([pattern, str(tmp_path / "missing.tar")])
+
+
+def test_fsspec_url_round_trip(tmp_path):
+  local = str(tmp_path / "a.tar")
+  write_shard(local, [_sample("k0"), _sample("k1")])
+  with open(local, "rb") as source, fsspec.open("memory://echo-test/data/a.tar", "wb") as target:
+    target.write(source.read())
+  shards = list_shards("memory://echo-test/data/*.tar")
+  assert shards == ["memory:///echo-test/data/a.tar"]
+  samples, skips = _read(shards[0])
+  assert [s.key for s in samples] == ["k0", "k1"] and skips == []
+
+
+def _bad_members(kind: str) -> tuple[list[tuple[str, bytes]], str]:
+  """Members of one malformed sample with key "bad", and the reason it must be reported with."""
+  good = _members(_sample("bad"))
+  latent, ref, meta = good[0], good[1], good[2]
+  kinds = {
+      "missing_npy": ([ref, meta], "missing_npy"),
+      "missing_ref": ([latent, meta], "missing_ref"),
+      "missing_json": ([latent, ref], "missing_json"),
+      "key_with_dot": ([(name.replace("bad", "ba.d"), data) for name, data in good], "bad_key"),
+      "extra_member": (good + [("bad.wav", b"RIFF")], "unexpected_member"),
+      "duplicate_member": (good + [latent], "duplicate_member"),
+      "bad_npy": ([("bad.npy", b"not an npy file"), ref, meta], "bad_npy"),
+      "bad_ndim": ([("bad.npy", _npy(np.zeros(DIM, np.float16))), ref, meta], "bad_ndim"),
+      "bad_latent_dim": ([("bad.npy", _npy(np.zeros((4, DIM + 1), np.float16))), ref, meta], "bad_latent_dim"),
+      "bad_dtype": ([("bad.npy", _npy(np.zeros((4, DIM), np.float32))), ref, meta], "bad_dtype"),
+      "nan": ([("bad.npy", _npy(np.full((4, DIM), np.nan, np.float16))), ref, meta], "non_finite"),
+      "ref_inf": ([latent, ("bad.ref.npy", _npy(np.full((8, DIM), np.inf, np.float16))), meta], "ref_non_finite"),
+      "ref_bad_dim": ([latent, ("bad.ref.npy", _npy(np.zeros((8, DIM - 1), np.float16))), meta],
+                      "ref_bad_latent_dim"),
+      "ref_too_short": ([latent, ("bad.ref.npy", _npy(np.zeros((3, DIM), np.float16))), meta], "ref_too_short"),
+      "empty_latent": ([("bad.npy", _npy(np.zeros((0, DIM), np.float16))), ref, meta], "empty_latent"),
+      "empty_text": ([latent, ref, ("bad.json", b'{"text": "  "}')], "empty_text"),
+      "missing_text": ([latent, ref, ("bad.json", b'{"speaker": "x"}')], "empty_text"),
+      "non_utf8_json": ([latent, ref, ("bad.json", b'{"text": "\xff\xfe"}')], "bad_utf8"),
+      "lone_surrogate": ([latent, ref, ("bad.json", b'{"text": "a\\ud800"}')], "bad_utf8"),
+      "bad_json": ([latent, ref, ("bad.json", b'{"text": ')], "bad_json"),
+      "json_not_object": ([latent, ref, ("bad.json", b'["text"]')], "bad_json"),
+  }
+  return kinds[kind]
+
+
+@pytest.mark.parametrize("kind", [
+    "missing_npy", "missing_ref", "missing_json", "key_with_dot", "extra_member", "duplicate_member", "bad_npy",
+    "bad_ndim", "bad_latent_dim", "bad_dtype", "nan", "ref_inf", "ref_bad_dim", "ref_too_short", "empty_latent",
+    "empty_text", "missing_text", "non_utf8_json", "lone_surrogate", "bad_json", "json_not_object"])
+def test_malformed_sample_is_skipped_and_reported(tmp_path, kind):
+  members, reason = _bad_members(kind)
+  path = str(tmp_path / "bad.tar")
+  _write_tar(path, _members(_sample("first")) + members + _members(_sample("last")))
+  samples, skips = _read(path)
+  assert [s.key for s in samples] == ["first", "last"]
+  key = "ba.d" if kind == "key_with_dot" else "bad"
+  assert skips == [(reason, key, path)]
+
+
+@pytest.mark.parametrize("cut", ["in_data", "at_member_boundary"])
+def test_truncated_tar_keeps_earlier_samples(tmp_path, cut):
+  full = tmp_path / "full.tar"
+  write_shard(str(full), [_sample(f"k{i}", frames=400) for i in range(4)])
+  data = full.read_bytes()
+  # The ustar header naming k2's latent; its data (128-byte npy header + 6400 bytes, padded to 512) follows it.
+  header = data.index(b"k2.npy")
+  end = header + 512 + 6656 if cut == "at_member_boundary" else header + 3000
+  truncated = tmp_path / "cut.tar"
+  truncated.write_bytes(data[:end])
+  samples, skips = _read(str(truncated))
+  assert [s.key for s in samples] == ["k0", "k1"]
+  # Cut data breaks the tar stream; a cut between members reads as the end of the archive, leaving k2 incomplete.
+  expected = "bad_tar" if cut == "in_data" else "missing_ref"
+  assert skips == [(expected, "k2", str(truncated))]
+
+
+def test_unreadable_and_garbage_shards_are_skipped(tmp_path):
+  missing = str(tmp_path / "missing.tar")
+  assert _read(missing) == ([], [("unreadable_shard", "", missing)])
+  garbage = str(tmp_path / "garbage.tar")
+  with open(garbage, "wb") as stream:
+    stream.write(np.random.default_rng(0).bytes(5000))
+  samples, skips = _read(garbage)
+  assert samples == [] and [reason for reason, _, _ in skips] == ["bad_tar"]
+
+
+def test_pipeline_counts_and_reports_skips(tmp_path):
+  bad_members, _ = _bad_members("nan")
+  path = str(tmp_path / "mixed.tar")
+  _write_tar(path, _members(_sample("a")) + bad_members + _members(_sample("b", frames=MAX_FRAMES + 1))
+             + _members(_sample("c")))
+  missing = str(tmp_path / "missing.tar")
+  events = []
+  with _pipeline([path, missing], batch_size=2, prefetch=0, on_skip=lambda *e: events.append(e)) as pipeline:
+    # Two good samples per epoch: three batches finish epochs 0 and 1, so every skip was met at least twice.
+    texts = [t for batch in _take(pipeline, 3) for t in _texts(batch)]
+    skipped = pipeline.state()["skipped"]
+  assert sorted(set(texts)) == ["text of a", "text of c"]
+  assert set(events) == {("non_finite", "bad", path), ("too_long", "b", path), ("unreadable_shard", "", missing)}
+  assert Counter(reason for reason, _, _ in events) == skipped
+  assert set(skipped) == {"non_finite", "too_long", "unreadable_shard"} and min(skipped.values()) >= 2
+
+
+def test_long_targets_are_skipped_not_cropped(tmp_path):
+  path = str(tmp_path / "a.tar")
+  write_shard(path, [_sample("short", frames=MAX_FRAMES), _sample("long", frames=MAX_FRAMES + 1)])
+  with _pipeline([path], batch_size=4) as pipeline:
+    batch = next(pipeline)
+    assert _texts(batch) == ["text of short"] * 4
+    assert batch["latent_mask"].all()
+    # One good sample per epoch: the long one was met in at least the three epochs finished in between.
+    skipped = pipeline.state()["skipped"]
+  assert set(skipped) == {"too_long"} and skipped["too_long"] >= 3
+
+
+def test_padding_and_masks(tmp_path):
+  sample = _sample("only", frames=5, ref_frames=6, text="hi")
+  path = str(tmp_path / "a.tar")
+  write_shard(path, [sample])
+  pad = np.arange(DIM, dtype=np.float32) + 0.5
+  with _pipeline([path], batch_size=2, pad_latent=pad) as pipeline:
+    batch = next(pipeline)
+  assert batch["latent"].shape == (2, MAX_FRAMES, DIM) and batch["latent"].dtype == np.float32
+  assert batch["speaker"].shape == (2, MAX_REF, DIM) and batch["speaker"].dtype == np.float32
+  assert batch["text"].shape == (2, MAX_TEXT) and batch["text"].dtype == np.int32
+  for name in ("latent_mask", "text_mask", "speaker_mask"):
+    assert batch[name].dtype == bool
+  for row in range(2):
+    np.testing.assert_array_equal(batch["latent"][row, :5], sample.latent.astype(np.float32))
+    np.testing.assert_array_equal(batch["latent"][row, 5:], np.broadcast_to(pad, (MAX_FRAMES - 5, DIM)))
+    np.testing.assert_array_equal(batch["latent_mask"][row], np.arange(MAX_FRAMES) < 5)
+    # A 6-frame reference crops to 4 frames (a multiple of 4), zero-padded to MAX_REF.
+    np.testing.assert_array_equal(batch["speaker_mask"][row], np.arange(MAX_REF) < 4)
+    np.testing.assert_array_equal(batch["speaker"][row, 4:], 0)
+    crop = batch["speaker"][row, :4]
+    starts = [s for s in range(3) if np.array_equal(sample.ref[s : s + 4].astype(np.float32), crop)]
+    assert starts, "the speaker crop is not a contiguous slice of the reference"
+
+
+def test_reference_crop_is_random_and_bounded(tmp_path):
+  path = str(tmp_path / "a.tar")
+  sample = _sample("only", ref_frames=40)
+  write_shard(path, [sample])
+  with _pipeline([path], batch_size=16) as pipeline:
+    batch = next(pipeline)
+  assert batch["speaker_mask"].all()
+  starts = set()
+  for crop in batch["speaker"]:
+    matches = [s for s in range(33) if np.array_equal(sample.ref[s : s + MAX_REF].astype(np.float32), crop)]
+    assert len(matches) == 1
+    starts.add(matches[0])
+  assert len(starts) > 3
+
+
+def test_text_bos_truncation_and_padding(tmp_path):
+  long_text = "abcdefghijklmnopqrstuvwxyz"
+  path = str(tmp_path / "a.tar")
+  write_shard(path, [_sample("long", text=long_text), _sample("short", text="é")])
+  with _pipeline([path], batch_size=2, seed=3) as pipeline:
+    batch = next(pipeline)
+  rows = {bytes(row[1:3].astype(np.uint8)): i for i, row in enumerate(batch["text"])}
+  long_row, short_row = rows[b"ab"], rows["é".encode()]
+  assert batch["text"][long_row, 0] == 0 and batch["text_mask"][long_row].all()
+  assert bytes(batch["text"][long_row, 1:].astype(np.uint8)) == long_text.encode()[: MAX_TEXT - 1]
+  np.testing.assert_array_equal(batch["text"][short_row, :3], [0, 0xC3, 0xA9])
+  np.testing.assert_array_equal(batch["text"][short_row, 3:], 0)
+  np.testing.assert_array_equal(batch["text_mask"][short_row], np.arange(MAX_TEXT) < 3)
+
+
+def test_two_processes_read_disjoint_samples_covering_an_epoch(tmp_path):
+  shards = _write_dataset(tmp_path, num_shards=5, per_shard=4)
+  seen = []
+  for index in range(2):
+    with _pipeline(shards, batch_size=1, process_index=index, process_count=2) as pipeline:
+      state = pipeline.state()
+      texts = []
+      for _ in range(20):  # More batches than any host's epoch holds, so a broken epoch count cannot loop forever.
+        texts += _texts(next(pipeline))
+        if pipeline.state()["epoch"] > 0:
+          break
+      # The last batch read is the first of epoch 1.
+      seen.append(texts[:-1])
+      assert state["process_index"] == index
+  assert set(seen[0]).isdisjoint(seen[1])
+  every = seen[0] + seen[1]
+  assert sorted(every) == sorted(f"text of s{s}x{i}" for s in range(5) for i in range(4))
+  assert {len(seen[0]), len(seen[1])} == {8, 12}
+
+
+def test_a_host_without_shards_is_an_error(tmp_path):
+  shards = _write_dataset(tmp_path, num_shards=1, per_shard=2)
+  with pytest.raises(ValueError, match="process 1 would have none"):
+    _pipeline(shards, process_index=1, process_count=2)
+
+
+def test_same_seed_same_batches_other_seed_other_order(tmp_path):
+  shards = _write_dataset(tmp_path, num_shards=3, per_shard=4)
+  with _pipeline(shards, seed=1) as a, _pipeline(shards, seed=1) as b, _pipeline(shards, seed=2) as c:
+    batches_a, batches_b, batches_c = _take(a, 4), _take(b, 4), _take(c, 4)
+  _assert_same_batches(batches_a, batches_b)
+  texts_a = [t for batch in batches_a for t in _texts(batch)]
+  texts_c = [t for batch in batches_c for t in _texts(batch)]
+  assert texts_a != texts_c
+  # Same data, in another order: the first epoch (12 samples) is a permutation of the same samples.
+  assert sorted(texts_a) == sorted(texts_c)
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_exact_resume_across_an_epoch_boundary(tmp_path, prefetch):
+  shards = _write_dataset(tmp_path, num_shards=3, per_shard=4)
+  # Skipped samples inside a shard make the restored counters and positions non-trivial.
+  bad_members, _ = _bad_members("bad_dtype")
+  mixed = str(tmp_path / "shard-mixed.tar")
+  _write_tar(mixed, _members(_sample("m0")) + bad_members + _members(_sample("m1", frames=MAX_FRAMES + 3))
+             + _members(_sample("m2")))
+  shards.append(mixed)
+  # 14 good samples per epoch, batch 3: batch 7 ends in epoch 1 and the next 5 run into epoch 2.
+  with _pipeline(shards, prefetch=prefetch) as original:
+    _take(original, 7)
+    state = json.loads(json.dumps(original.state()))
+    expected = _take(original, 5)
+    final_state = original.state()
+  assert state["epoch"] == 1 and final_state["epoch"] == 2
+  with _pipeline(shards, prefetch=prefetch, state=state) as restored:
+    _assert_same_batches(_take(restored, 5), expected)
+    assert restored.state() == final_state
+  with _pipeline(shards, prefetch=prefetch, seed=0) as other:
+    _take(other, 2)
+    other.restore(state)
+    _assert_same_batches(_take(other, 5), expected)
+
+
+def test_state_is_the_consumer_position_not_the_prefetch_position(tmp_path):
+  shards = _write_dataset(tmp_path, num_shards=2, per_shard=6)
+  with _pipeline(shards, prefetch=4) as pipeline:
+    next(pipeline)
+    time.sleep(0.2)  # Let the reader thread run ahead.
+    assert pipeline.state()["samples"] == 3
+
+
+def test_restoring_a_foreign_state_is_an_error(tmp_path):
+  shards = _write_dataset(tmp_path, num_shards=4, per_shard=2)
+  with _pipeline(shards) as pipeline:
+    next(pipeline)
+    state = pipeline.state()
+  with pytest.raises(ValueError, match="shards_fingerprint"):
+    _pipeline(shards[:3], state=state)
+  with pytest.raises(ValueError, match="process_count"):
+    _pipeline(shards, process_count=2, state=state)
+
+
+def test_prefetch_does_not_change_the_sequence(tmp_path):
+  shards = _write_dataset(tmp_path, num_shards=3, per_shard=5)
+  with _pipeline(shards, prefetch=0) as direct, _pipeline(shards, prefetch=3) as prefetched:
+    _assert_same_batches(_take(direct, 8), _take(prefetched, 8))
+
+
+def test_all_bad_shards_raise_naming_them(tmp_path):
+  paths = []
+  for i in range(2):
+    path = str(tmp_path / f"junk-{i}.tar")
+    with open(path, "wb") as stream:
+      stream.write(b"\x00garbage" * 100)
+    paths.append(path)
+  with _pipeline(paths) as pipeline, pytest.raises(RuntimeError) as error:
+    next(pipeline)
+  message = str(error.value) + str(error.value.__cause__)
+  assert "without one usable sample" in message and all(path in message for path in paths)
+
+
+def test_reader_thread_error_surfaces(tmp_path, monkeypatch):
+  shards = _write_dataset(tmp_path, num_shards=2, per_shard=2)
+
+  def broken_iter_shard(*args, **kwargs):
+    raise OSError("disk on fire")
+
+  monkeypatch.setattr(pipeline_lib, "iter_shard", broken_iter_shard)
+  with _pipeline(shards, prefetch=2) as pipeline:
+    with pytest.raises(RuntimeError, match="disk on fire"):
+      next(pipeline)
+    with pytest.raises(RuntimeError):
+      next(pipeline)
+
+
+def test_close_stops_the_thread(tmp_path):
+  shards = _write_dataset(tmp_path, num_shards=2, per_shard=2)
+  pipeline = _pipeline(shards, prefetch=2)
+  next(pipeline)
+  thread = pipeline._thread
+  pipeline.close()
+  assert not thread.is_alive()
+  with pytest.raises(RuntimeError, match="closed"):
+    next(pipeline)
