@@ -1,0 +1,43 @@
+# The two commands: `make demo` (set-up + data + training + dashboard + speech) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export JAX_PLATFORMS ?= cpu
+
+.PHONY: venv test lint demo demo-data browser bench clean-demo
+
+$(STAMP): requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+venv: $(STAMP)
+
+# The dashboard's browser test drives Debian's Chromium (never a downloaded browser build).
+browser:
+	@command -v chromium >/dev/null || { \
+	  echo "installing Debian's chromium for the dashboard browser test"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+test: venv browser
+	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+demo-data: venv
+	$(PY) -m echo_jax.data.demo --out data/demo
+
+demo: demo-data
+	$(PY) -m echo_jax.demo
+
+bench: venv
+	$(PY) bench/train_step.py && $(PY) bench/data_pipeline.py && $(PY) bench/checkpoint.py
+
+clean-demo:
+	rm -rf data/demo runs/demo demo.wav

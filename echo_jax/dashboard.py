@@ -1,0 +1,648 @@
+"""Live training dashboard (DESIGN §10): reads run directories and serves a self-contained page plus a JSON API.
+
+A run directory (DESIGN §7) holds `metrics.jsonl`, `events.jsonl`, `checkpoints/` and `samples/step_<N>/`. Files
+are read through fsspec, so a run on gs:// works like a local one, and incrementally: each refresh reads only the
+bytes appended since the last one, so a long, growing `metrics.jsonl` stays cheap. Long histories are downsampled
+on the server (min and max per bucket, so spikes survive) before they are sent.
+
+The server is read-only and serves nothing but the page assets and the sample files (wav, png, txt) inside the
+given run directories; every other path, including any traversal attempt, is answered with 404.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import http.server
+import itertools
+import math
+import os
+import posixpath
+import re
+import threading
+import time
+import urllib.parse
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import fsspec
+import numpy as np
+import orjson
+
+PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard_page")
+MAX_POINTS = 2000
+# A refresh stats the run files; polling clients and several runs would otherwise stat them on every request.
+REFRESH_INTERVAL_S = 0.5
+# Listing checkpoints/ and samples/ is slower (and costs requests on gs://), so it happens less often.
+LISTING_INTERVAL_S = 5.0
+# Events are few except skipped samples, which can be many; the table only needs the recent ones.
+MAX_EVENTS_KEPT = 1000
+MAX_SAMPLE_TEXT_BYTES = 4096
+# A chunk of this many bytes is parsed at once: large enough to amortise the per-chunk work, small enough that the
+# parsed dicts of one chunk never dominate memory.
+READ_CHUNK_BYTES = 16 << 20
+# A run counts as stale once no metric arrived for this many typical logging intervals (and at least the minimum).
+STALE_INTERVALS = 5
+MIN_STALE_S = 60.0
+
+_SAMPLE_KINDS = {".wav": "audio/wav", ".png": "image/png", ".txt": "text/plain; charset=utf-8"}
+_SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_PROM_NAME_BAD = re.compile(r"[^a-zA-Z0-9_]")
+_PAGE_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+               ".css": "text/css; charset=utf-8"}
+# The page loads only its own scripts: an injected inline <script> would not run even if escaping failed. uPlot
+# sizes its elements through inline styles, hence 'unsafe-inline' for styles only.
+_PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+             "media-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+
+
+class JsonlTail:
+  """Reads the complete lines appended to a JSONL file since the previous call.
+
+  A partially written last line is kept back until its newline arrives. A file that shrank was rewritten, so it
+  is read again from the start and `reset` is set for the caller to drop what it built from the old content.
+  """
+
+  def __init__(self, url: str):
+    self.fs, self.path = fsspec.core.url_to_fs(url)
+    self.offset = 0
+    self.bad_lines = 0
+    self.reset = False
+
+  def read_new(self) -> Iterable[list[dict[str, Any]]]:
+    """Yields the newly completed records, parsed, in chunks of at most `READ_CHUNK_BYTES`."""
+    self.reset = False
+    self.fs.invalidate_cache(self.path)
+    try:
+      size = self.fs.size(self.path)
+    except FileNotFoundError:
+      return
+    if size < self.offset:
+      self.offset, self.reset = 0, True
+      yield []
+    if size == self.offset:
+      return
+    with self.fs.open(self.path, "rb") as f:
+      f.seek(self.offset)
+      carry = b""
+      while self.offset + len(carry) < size:
+        block = f.read(min(READ_CHUNK_BYTES, size - self.offset - len(carry)))
+        if not block:
+          break
+        data = carry + block
+        end = data.rfind(b"\n") + 1
+        if end == 0:
+          carry = data
+          continue
+        carry = data[end:]
+        self.offset += end
+        yield self._parse(data[:end])
+
+  def _parse(self, data: bytes) -> list[dict[str, Any]]:
+    lines = data.split(b"\n")
+    try:
+      records = [orjson.loads(line) for line in lines if line]
+      if all(type(r) is dict for r in records):
+        return records
+    except orjson.JSONDecodeError:
+      pass
+    # Some line is malformed: parse line by line and count the bad ones.
+    records = []
+    for line in lines:
+      if not line.strip():
+        continue
+      try:
+        record = orjson.loads(line)
+      except orjson.JSONDecodeError:
+        self.bad_lines += 1
+        continue
+      if isinstance(record, dict):
+        records.append(record)
+      else:
+        self.bad_lines += 1
+    return records
+
+
+class MetricColumns:
+  """Numeric metric columns, one row per metrics line; a key missing from a line is NaN in that row."""
+
+  def __init__(self):
+    self.rows = 0
+    self._chunks: dict[str, list[np.ndarray]] = {}
+    self._merged: dict[str, np.ndarray] = {}
+
+  def append(self, records: Sequence[dict[str, Any]]) -> None:
+    """Adds one row per record; non-numeric values are ignored."""
+    if not records:
+      return
+    n = len(records)
+    # Metrics lines mostly share a few key layouts; converting each layout's rows in one numpy call is several
+    # times faster than gathering every key record by record.
+    keys_per_record = list(map(tuple, records))
+    if keys_per_record.count(keys_per_record[0]) == n:
+      layouts = {keys_per_record[0]: np.arange(n)}
+    else:
+      codes: dict[tuple[str, ...], int] = {}
+      record_codes = np.array([codes.setdefault(k, len(codes)) for k in keys_per_record])
+      layouts = {layout: np.flatnonzero(record_codes == code) for layout, code in codes.items()}
+    fresh: dict[str, np.ndarray] = {}
+    for layout, rows in layouts.items():
+      table = _numeric_table(records if len(rows) == n else [records[i] for i in rows.tolist()], layout)
+      for j, key in enumerate(layout):
+        if np.isnan(table[:, j]).all():
+          continue
+        if key not in fresh:
+          fresh[key] = np.full(n, np.nan)
+        fresh[key][rows] = table[:, j]
+    for key, column in fresh.items():
+      if key not in self._chunks:
+        self._chunks[key] = [np.full(self.rows, np.nan)] if self.rows else []
+      self._chunks[key].append(column)
+    for key, chunks in self._chunks.items():
+      if key not in fresh:
+        chunks.append(np.full(n, np.nan))
+    self.rows += n
+
+  def names(self) -> list[str]:
+    return sorted(self._chunks)
+
+  def column(self, key: str) -> np.ndarray:
+    """The whole column (NaN where absent); all-NaN if the key never appeared."""
+    chunks = self._chunks.get(key)
+    if chunks is None:
+      return np.full(self.rows, np.nan)
+    if len(chunks) > 1:
+      chunks[:] = [np.concatenate(chunks)]
+    return chunks[0] if chunks else np.full(0, np.nan)
+
+
+def _numeric_table(records: Sequence[dict[str, Any]], layout: tuple[str, ...]) -> np.ndarray:
+  """[len(records), len(layout)] float64 values of records that all have the key order `layout`."""
+  try:
+    values = itertools.chain.from_iterable(map(dict.values, records))
+    return np.fromiter(values, dtype=np.float64, count=len(records) * len(layout)).reshape(len(records), len(layout))
+  except (TypeError, ValueError):
+    # Some value is not a number (a string, a list): convert value by value, non-numbers becoming NaN.
+    return np.array([[_as_float(v) for v in r.values()] for r in records], dtype=np.float64).reshape(
+        len(records), len(layout))
+
+
+def _as_float(value: Any) -> float:
+  if isinstance(value, bool) or not isinstance(value, int | float):
+    return math.nan
+  return float(value)
+
+
+def downsample_indices(n: int, values: np.ndarray, max_points: int) -> np.ndarray:
+  """Indices into `values` (length `n`) of at most `max_points` points that keep each bucket's min and max.
+
+  The first and last points are always kept so a live chart shows the latest value exactly.
+  """
+  if max_points < 4:
+    raise ValueError(f"max_points must be at least 4, got {max_points}")
+  if n <= max_points:
+    return np.arange(n)
+  inner = values[1:-1]
+  buckets = (max_points - 2) // 2
+  size = -(-inner.size // buckets)
+  buckets = -(-inner.size // size)
+  pad = buckets * size - inner.size
+  low = np.concatenate([inner, np.full(pad, np.inf)]).reshape(buckets, size)
+  high = np.concatenate([inner, np.full(pad, -np.inf)]).reshape(buckets, size)
+  base = np.arange(buckets) * size + 1
+  picks = np.concatenate([[0], base + low.argmin(axis=1), base + high.argmax(axis=1), [n - 1]])
+  return np.unique(picks)
+
+
+def _json_bytes(payload: Any) -> bytes:
+  # "<", ">" and "&" are escaped so no JSON response can ever be sniffed or embedded as markup.
+  text = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+  return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").encode()
+
+
+def _last_finite(column: np.ndarray, window: int = 4096) -> float | None:
+  """The last finite value of `column`; looks at the tail first because the latest line nearly always has it."""
+  for part in (column[-window:], column):
+    finite = np.flatnonzero(np.isfinite(part))
+    if finite.size:
+      return float(part[finite[-1]])
+  return None
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+  """Pauses the garbage collector: the millions of fresh dicts and tuples of a large read would otherwise trigger
+  repeated full collections that cost more than the parsing itself."""
+  was_enabled = gc.isenabled()
+  gc.disable()
+  try:
+    yield
+  finally:
+    if was_enabled:
+      gc.enable()
+
+
+class RunState:
+  """Everything the dashboard knows about one run directory, refreshed incrementally."""
+
+  def __init__(self, url: str, name: str):
+    self.url = url.rstrip("/")
+    self.name = name
+    self.fs, self.root = fsspec.core.url_to_fs(self.url)
+    self.lock = threading.Lock()
+    self.metrics_tail = JsonlTail(f"{self.url}/metrics.jsonl")
+    self.events_tail = JsonlTail(f"{self.url}/events.jsonl")
+    self.columns = MetricColumns()
+    self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS_KEPT)
+    self.skipped: list[tuple[float, float, float]] = []  # (step, time, cumulative count)
+    self.last_checkpoint: dict[str, Any] | None = None
+    self.listed_checkpoint_step: int | None = None
+    self.samples: list[dict[str, Any]] = []
+    self._refreshed_at = -math.inf
+    self._listed_at = -math.inf
+    self._series_cache: dict[tuple[str, int], tuple[int, dict[str, Any]]] = {}
+
+  def refresh(self, force: bool = False) -> None:
+    """Reads whatever was appended since the last refresh (at most every `REFRESH_INTERVAL_S` unless forced)."""
+    with self.lock:
+      now = time.monotonic()
+      if not force and now - self._refreshed_at < REFRESH_INTERVAL_S:
+        return
+      self._refreshed_at = now
+      with _gc_paused():
+        self._read_logs()
+      if force or now - self._listed_at >= LISTING_INTERVAL_S:
+        self._listed_at = now
+        self.listed_checkpoint_step = self._list_checkpoint_step()
+        self.samples = self._list_samples()
+
+  def _read_logs(self) -> None:
+    for records in self.metrics_tail.read_new():
+      if self.metrics_tail.reset:
+        self.columns = MetricColumns()
+        self._series_cache.clear()
+        self.metrics_tail.reset = False
+      self.columns.append(records)
+    for records in self.events_tail.read_new():
+      if self.events_tail.reset:
+        self.events.clear()
+        self.skipped.clear()
+        self.last_checkpoint = None
+        self.events_tail.reset = False
+      self._add_events(records)
+
+  def _add_events(self, records: Sequence[dict[str, Any]]) -> None:
+    total = self.skipped[-1][2] if self.skipped else 0.0
+    for record in records:
+      self.events.append(record)
+      event = record.get("event")
+      if event == "skipped_sample":
+        count = _as_float(record.get("count", 1))
+        total += count if math.isfinite(count) else 1.0
+        self.skipped.append((_as_float(record.get("step")), _as_float(record.get("time")), total))
+      elif event == "checkpoint_saved":
+        self.last_checkpoint = {"step": record.get("step"), "time": record.get("time")}
+
+  def _list_checkpoint_step(self) -> int | None:
+    try:
+      names = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(f"{self.root}/checkpoints", detail=False)]
+    except (FileNotFoundError, NotADirectoryError):
+      return None
+    steps = [int(n) for n in names if n.isdigit()]
+    return max(steps) if steps else None
+
+  def _list_samples(self, max_steps: int = 3) -> list[dict[str, Any]]:
+    try:
+      entries = self.fs.ls(f"{self.root}/samples", detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+      return []
+    step_dirs = []
+    for entry in entries:
+      match = _STEP_DIR.match(posixpath.basename(entry.rstrip("/")))
+      if match:
+        step_dirs.append((int(match.group(1)), posixpath.basename(entry.rstrip("/"))))
+    result = []
+    for step, dirname in sorted(step_dirs, reverse=True)[:max_steps]:
+      items: dict[str, dict[str, Any]] = {}
+      for path in sorted(self.fs.ls(f"{self.root}/samples/{dirname}", detail=False)):
+        filename = posixpath.basename(path)
+        stem, ext = posixpath.splitext(filename)
+        if ext not in _SAMPLE_KINDS or not _SAFE_COMPONENT.match(filename):
+          continue
+        item = items.setdefault(stem, {"name": stem})
+        if ext == ".txt":
+          with self.fs.open(path, "rb") as f:
+            item["text"] = f.read(MAX_SAMPLE_TEXT_BYTES).decode("utf-8", errors="replace")
+        else:
+          item["audio" if ext == ".wav" else "image"] = f"samples/{dirname}/{filename}"
+      result.append({"step": step, "items": list(items.values())})
+    return result
+
+  def series(self, keys: Sequence[str], max_points: int) -> dict[str, Any]:
+    """Downsampled {key: {"step", "time", "value"}} for each key (empty lists for unknown keys)."""
+    with self.lock:
+      return {key: self._one_series(key, max_points) for key in keys}
+
+  def _one_series(self, key: str, max_points: int) -> dict[str, Any]:
+    cache_key = (key, max_points)
+    rows = self.columns.rows
+    cached = self._series_cache.get(cache_key)
+    if cached and cached[0] == (rows, len(self.skipped)):
+      return cached[1]
+    if key == "skipped_samples":
+      rows_so_far = list(self.skipped)
+      steps, times = self.columns.column("step"), self.columns.column("time")
+      if rows_so_far and steps.size and np.isfinite(steps[-1]) and steps[-1] > rows_so_far[-1][0]:
+        # The count holds until now: one more point at the latest step draws it up to the present.
+        rows_so_far.append((float(steps[-1]), float(times[-1]), rows_so_far[-1][2]))
+      table = np.array(rows_so_far, dtype=np.float64).reshape(-1, 3)
+      step, wall, value = table[:, 0], table[:, 1], table[:, 2]
+    else:
+      step, wall, value = self.columns.column("step"), self.columns.column("time"), self.columns.column(key)
+    keep = np.flatnonzero(np.isfinite(value) & np.isfinite(step))
+    picks = keep[downsample_indices(keep.size, value[keep], max_points)]
+    result = {"step": step[picks], "time": wall[picks], "value": value[picks]}
+    self._series_cache[cache_key] = ((rows, len(self.skipped)), result)
+    return result
+
+  def status(self, now: float) -> dict[str, Any]:
+    """Current step, ETA, samples seen, last checkpoint, time since the last metric and staleness."""
+    with self.lock:
+      columns = self.columns
+      # The recent lines decide the rate and staleness; looking only at the tail keeps this cheap for long runs.
+      step, wall = columns.column("step")[-4096:], columns.column("time")[-4096:]
+      timed = np.flatnonzero(np.isfinite(step) & np.isfinite(wall))
+      latest = {}
+      for key in columns.names():
+        value = _last_finite(columns.column(key))
+        if value is not None:
+          latest[key] = value
+      result: dict[str, Any] = {
+          "name": self.name, "url": self.url, "rows": columns.rows, "keys": columns.names(),
+          "latest": latest, "step": latest.get("step"), "total_steps": latest.get("total_steps"),
+          "samples_seen": latest.get("samples_seen"), "skipped_samples": self.skipped[-1][2] if self.skipped else 0,
+          "last_checkpoint": self.last_checkpoint, "listed_checkpoint_step": self.listed_checkpoint_step,
+          "bad_lines": self.metrics_tail.bad_lines, "steps_per_sec": None, "eta_seconds": None,
+          "last_metric_time": None, "seconds_since_metric": None, "stale": True,
+      }
+      if timed.size:
+        last_time = float(wall[timed[-1]])
+        result["last_metric_time"] = last_time
+        result["seconds_since_metric"] = max(0.0, now - last_time)
+        recent = timed[-50:]
+        intervals = np.diff(wall[recent])
+        typical = float(np.median(intervals)) if intervals.size else 0.0
+        result["stale"] = now - last_time > max(MIN_STALE_S, STALE_INTERVALS * typical)
+        span = wall[recent[-1]] - wall[recent[0]]
+        rate = (step[recent[-1]] - step[recent[0]]) / span if span > 0 else latest.get("steps_per_sec")
+        if rate and rate > 0:
+          result["steps_per_sec"] = float(rate)
+          if result["total_steps"] is not None and result["step"] is not None:
+            result["eta_seconds"] = max(0.0, (result["total_steps"] - result["step"]) / rate)
+      return result
+
+  def recent_events(self, limit: int) -> list[dict[str, Any]]:
+    with self.lock:
+      return list(self.events)[-limit:]
+
+  def sample_listing(self) -> list[dict[str, Any]]:
+    with self.lock:
+      return list(self.samples)
+
+  def open_sample(self, relpath: str) -> tuple[bytes, str] | None:
+    """Bytes and content type of `samples/...` file `relpath`, or None if it is not a servable file."""
+    parts = relpath.split("/")
+    if len(parts) < 2 or parts[0] != "samples" or not all(_SAFE_COMPONENT.match(p) for p in parts):
+      return None
+    content_type = _SAMPLE_KINDS.get(posixpath.splitext(parts[-1])[1])
+    if content_type is None:
+      return None
+    path = f"{self.root}/{relpath}"
+    if _is_local(self.fs):
+      # A symlink inside the run directory may point anywhere; only files that really live inside are served.
+      root = os.path.realpath(self.root)
+      real = os.path.realpath(path)
+      if not real.startswith(root + os.sep) or not os.path.isfile(real):
+        return None
+      path = real
+    try:
+      with self.fs.open(path, "rb") as f:
+        return f.read(), content_type
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+      return None
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+  return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def _run_names(urls: Sequence[str]) -> list[str]:
+  names = []
+  for url in urls:
+    base = posixpath.basename(url.rstrip("/")) or url
+    name, suffix = base, 2
+    while name in names:
+      name, suffix = f"{base}-{suffix}", suffix + 1
+    names.append(name)
+  return names
+
+
+def _prometheus_escape(value: str) -> str:
+  return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class Dashboard:
+  """The runs being watched and the answers of the JSON and Prometheus endpoints."""
+
+  def __init__(self, run_urls: Sequence[str]):
+    if not run_urls:
+      raise ValueError("at least one run directory is needed")
+    for url in run_urls:
+      fs, path = fsspec.core.url_to_fs(url)
+      if not fs.isdir(path):
+        raise FileNotFoundError(f"run directory not found: {url}")
+    self.runs = [RunState(url, name) for url, name in zip(run_urls, _run_names(run_urls), strict=True)]
+
+  def run(self, index: str | int) -> RunState | None:
+    try:
+      i = int(index)
+    except (TypeError, ValueError):
+      return None
+    if not 0 <= i < len(self.runs):
+      return None
+    self.runs[i].refresh()
+    return self.runs[i]
+
+  def runs_payload(self) -> dict[str, Any]:
+    now = time.time()
+    statuses = []
+    for i, run in enumerate(self.runs):
+      run.refresh()
+      statuses.append({"index": i, **run.status(now)})
+    return {"now": now, "runs": statuses}
+
+  def prometheus_text(self) -> str:
+    """Latest value of every numeric metric per run, in the Prometheus text exposition format.
+
+    Written by hand rather than with prometheus_client: a dozen gauges do not justify a runtime dependency.
+    """
+    now = time.time()
+    families: dict[str, list[tuple[str, float]]] = {}
+    for run in self.runs:
+      run.refresh()
+      status = run.status(now)
+      values = {f"echo_{_PROM_NAME_BAD.sub('_', key)}": value for key, value in status["latest"].items()}
+      values["echo_skipped_samples_total"] = status["skipped_samples"]
+      values["echo_stale"] = float(status["stale"])
+      for key in ("seconds_since_metric", "eta_seconds", "steps_per_sec"):
+        if status[key] is not None:
+          values[f"echo_run_{key}"] = status[key]
+      checkpoint = (status["last_checkpoint"] or {}).get("step", status["listed_checkpoint_step"])
+      if isinstance(checkpoint, int | float):
+        values["echo_last_checkpoint_step"] = checkpoint
+      for name, value in values.items():
+        families.setdefault(name, []).append((run.name, float(value)))
+    lines = []
+    for name in sorted(families):
+      lines.append(f"# TYPE {name} gauge")
+      lines.extend(f'{name}{{run="{_prometheus_escape(run)}"}} {value!r}' for run, value in families[name])
+    return "\n".join(lines) + "\n"
+
+
+def _load_page_assets() -> dict[str, tuple[bytes, str]]:
+  """The page files by URL path; only these exact paths are ever served from the page directory."""
+  assets = {}
+  for dirpath, _, filenames in os.walk(PAGE_DIR):
+    for filename in filenames:
+      ext = posixpath.splitext(filename)[1]
+      if ext not in _PAGE_TYPES:
+        continue
+      full = os.path.join(dirpath, filename)
+      rel = os.path.relpath(full, PAGE_DIR).replace(os.sep, "/")
+      with open(full, "rb") as f:
+        assets["/" if rel == "index.html" else f"/static/{rel}"] = (f.read(), _PAGE_TYPES[ext])
+  if "/" not in assets:
+    raise FileNotFoundError(f"dashboard page missing: {PAGE_DIR}/index.html")
+  return assets
+
+
+class DashboardHandler(http.server.BaseHTTPRequestHandler):
+  """Routes GET requests; anything not explicitly served is a 404."""
+
+  dashboard: Dashboard
+  assets: dict[str, tuple[bytes, str]]
+  server_version = "echo-monitor"
+  sys_version = ""
+
+  def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature fixed by the base class
+    # One line per poll every 1.5 s would drown the terminal; errors still go through log_error.
+    del format, args
+
+  def do_GET(self) -> None:  # noqa: N802 - name fixed by the base class
+    url = urllib.parse.urlsplit(self.path)
+    query = urllib.parse.parse_qs(url.query)
+    path = url.path
+    try:
+      if path in self.assets:
+        body, content_type = self.assets[path]
+        self._send(200, body, content_type)
+      elif path == "/api/runs":
+        self._send_json(self.dashboard.runs_payload())
+      elif path == "/api/metrics":
+        self._metrics(query)
+      elif path == "/api/events":
+        self._events(query)
+      elif path == "/api/samples":
+        run = self.dashboard.run(_first(query, "run"))
+        if run is None:
+          return self._not_found()
+        self._send_json({"run": run.name, "steps": run.sample_listing()})
+      elif path == "/metrics":
+        self._send(200, self.dashboard.prometheus_text().encode(), "text/plain; version=0.0.4; charset=utf-8")
+      elif path.startswith("/files/"):
+        self._file(path[len("/files/"):])
+      else:
+        self._not_found()
+    except (BrokenPipeError, ConnectionResetError):
+      pass
+
+  def _metrics(self, query: dict[str, list[str]]) -> None:
+    run = self.dashboard.run(_first(query, "run"))
+    if run is None:
+      return self._not_found()
+    keys = [k for k in _first(query, "keys", "loss").split(",") if k]
+    try:
+      max_points = min(MAX_POINTS, int(_first(query, "max_points", str(MAX_POINTS))))
+      if max_points < 4:
+        raise ValueError
+    except ValueError:
+      return self._send(400, b"max_points must be an integer >= 4\n", "text/plain; charset=utf-8")
+    self._send_json({"run": run.name, "rows": run.columns.rows, "series": run.series(keys, max_points)})
+
+  def _events(self, query: dict[str, list[str]]) -> None:
+    run = self.dashboard.run(_first(query, "run"))
+    if run is None:
+      return self._not_found()
+    try:
+      limit = max(1, min(MAX_EVENTS_KEPT, int(_first(query, "limit", "100"))))
+    except ValueError:
+      return self._send(400, b"limit must be an integer\n", "text/plain; charset=utf-8")
+    self._send_json({"run": run.name, "events": run.recent_events(limit)})
+
+  def _file(self, rest: str) -> None:
+    index, _, relpath = rest.partition("/")
+    run = self.dashboard.run(index)
+    # Decoded exactly once: a double-encoded "%252e" stays "%2e", which no safe path component contains.
+    found = run.open_sample(urllib.parse.unquote(relpath)) if run else None
+    if found is None:
+      return self._not_found()
+    self._send(200, *found)
+
+  def _not_found(self) -> None:
+    self._send(404, b"not found\n", "text/plain; charset=utf-8")
+
+  def _send_json(self, payload: Any) -> None:
+    self._send(200, _json_bytes(payload), "application/json")
+
+  def _send(self, code: int, body: bytes, content_type: str) -> None:
+    self.send_response(code)
+    self.send_header("Content-Type", content_type)
+    self.send_header("Content-Length", str(len(body)))
+    self.send_header("Cache-Control", "no-store")
+    self.send_header("X-Content-Type-Options", "nosniff")
+    self.send_header("Content-Security-Policy", _PAGE_CSP)
+    self.end_headers()
+    self.wfile.write(body)
+
+
+def _first(query: dict[str, list[str]], key: str, default: str = "") -> str:
+  values = query.get(key)
+  return values[0] if values else default
+
+
+def make_server(run_urls: Sequence[str], host: str = "127.0.0.1", port: int = 8080) -> http.server.ThreadingHTTPServer:
+  """A ready (not yet serving) dashboard server over `run_urls`; port 0 picks a free port."""
+  dashboard = Dashboard(run_urls)
+  handler = type("BoundDashboardHandler", (DashboardHandler,),
+                 {"dashboard": dashboard, "assets": _load_page_assets()})
+  server = http.server.ThreadingHTTPServer((host, port), handler)
+  server.daemon_threads = True
+  for run in dashboard.runs:
+    run.refresh(force=True)
+  return server
+
+
+def serve(run_urls: Sequence[str], host: str = "127.0.0.1", port: int = 8080) -> None:
+  """Serves the dashboard until interrupted, after printing the URL and the tunnel command."""
+  server = make_server(run_urls, host, port)
+  bound_port = server.server_address[1]
+  print(f"Dashboard: http://{host}:{bound_port}/", flush=True)
+  print(f"From your machine: cloudflared tunnel --url http://localhost:{bound_port}", flush=True)
+  try:
+    server.serve_forever()
+  except KeyboardInterrupt:
+    pass
+  finally:
+    server.server_close()

@@ -1,0 +1,267 @@
+"""Disk watchdog (DESIGN §10): keeps free space on each watched filesystem above a threshold.
+
+When space is short it deletes, class by class in this order and oldest first within a class, until enough is free:
+
+1. stale partial downloads: `*.partial`, `*.part`, `*.incomplete` files untouched for `PARTIAL_MAX_AGE_S`;
+2. consumed shards: `*.tar` files with a sibling marker `<name>.tar.consumed` (or `<stem>.consumed`);
+3. unused Hugging Face cache revisions: every revision of a cached repo but its newest;
+4. old checkpoints: Orbax step directories under any `checkpoints/` beyond the newest `keep_checkpoints` complete
+   ones.
+
+Checkpoint rules follow orbax-checkpoint 0.12.8: a save in progress lives in `<step>.orbax-checkpoint-tmp...` until
+it is renamed, and a finished step directory holds `commit_success.txt` (written on every filesystem; on gs:// it
+is the only completion mark). A step directory without it, or a temporary one, is a save in progress: never
+deleted, never counted as complete. The newest complete checkpoint is never deleted, whatever `keep_checkpoints`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import huggingface_hub
+
+logger = logging.getLogger(__name__)
+
+PARTIAL_SUFFIXES = (".partial", ".part", ".incomplete")
+PARTIAL_MAX_AGE_S = 600.0
+CONSUMED_SUFFIX = ".consumed"
+ORBAX_TMP_MARKER = ".orbax-checkpoint-tmp"
+ORBAX_COMMIT_FILE = "commit_success.txt"
+CHECKPOINTS_DIR = "checkpoints"
+_HF_REPO_DIR = re.compile(r"^(models|datasets|spaces)--")
+CLASS_ORDER = ("partial_download", "consumed_shard", "hf_revision", "checkpoint")
+
+FreeBytes = Callable[[str], int]
+
+
+def disk_free_bytes(path: str) -> int:
+  """Bytes available on the filesystem holding `path`."""
+  return shutil.disk_usage(path).free
+
+
+@dataclasses.dataclass
+class Candidate:
+  """Something the watchdog may delete."""
+
+  kind: str  # one of CLASS_ORDER
+  path: str
+  size: int  # bytes it frees (an estimate for HF revisions, whose blobs may be shared)
+  age_key: float  # smaller is older: mtime, or the step for checkpoints
+  delete: Callable[[], None]
+
+
+@dataclasses.dataclass
+class Deletion:
+  kind: str
+  path: str
+  size: int
+  dry_run: bool
+
+
+@dataclasses.dataclass
+class Report:
+  """What one pass deleted (or would have, in a dry run) and which filesystems are still short of space."""
+
+  deletions: list[Deletion] = dataclasses.field(default_factory=list)
+  still_short: list[str] = dataclasses.field(default_factory=list)
+
+
+def format_bytes(size: float) -> str:
+  for unit in ("B", "KB", "MB", "GB", "TB"):
+    if abs(size) < 1024 or unit == "TB":
+      return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+    size /= 1024
+  raise AssertionError("unreachable")
+
+
+def _tree_size(path: str) -> int:
+  if not os.path.isdir(path) or os.path.islink(path):
+    return os.lstat(path).st_size
+  total = 0
+  for dirpath, _, filenames in os.walk(path):
+    for filename in filenames:
+      with contextlib.suppress(FileNotFoundError):
+        total += os.lstat(os.path.join(dirpath, filename)).st_size
+  return total
+
+
+def _remove(path: str) -> None:
+  # Already gone is fine (the trainer's own cleanup may race with ours): the space is free either way.
+  with contextlib.suppress(FileNotFoundError):
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path)
+    else:
+      os.unlink(path)
+
+
+def _is_checkpoint_in_progress(name: str) -> bool:
+  return ORBAX_TMP_MARKER in name
+
+
+def _is_hf_cache(path: str, names: Sequence[str]) -> bool:
+  return any(_HF_REPO_DIR.match(n) and os.path.isdir(os.path.join(path, n)) for n in names)
+
+
+def _walk(root: str) -> Iterator[tuple[str, list[str], list[str]]]:
+  """os.walk without following symlinks and without entering saves in progress."""
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = [d for d in dirnames if not _is_checkpoint_in_progress(d)]
+    yield dirpath, dirnames, filenames
+
+
+def find_candidates(root: str, keep_checkpoints: int, now: float | None = None) -> list[Candidate]:
+  """Everything deletable under `root`, in deletion order: by class, then oldest first."""
+  now = time.time() if now is None else now
+  found: dict[str, list[Candidate]] = {kind: [] for kind in CLASS_ORDER}
+  for dirpath, dirnames, filenames in _walk(root):
+    names = set(filenames)
+    for filename in filenames:
+      path = os.path.join(dirpath, filename)
+      if filename.endswith(PARTIAL_SUFFIXES):
+        stat = os.lstat(path)
+        if now - stat.st_mtime > PARTIAL_MAX_AGE_S:
+          found["partial_download"].append(
+              Candidate("partial_download", path, stat.st_size, stat.st_mtime, lambda p=path: _remove(p)))
+      elif filename.endswith(".tar") and (filename + CONSUMED_SUFFIX in names
+                                          or filename[:-len(".tar")] + CONSUMED_SUFFIX in names):
+        stat = os.lstat(path)
+        found["consumed_shard"].append(
+            Candidate("consumed_shard", path, stat.st_size, stat.st_mtime, lambda p=path: _remove(p)))
+    if _is_hf_cache(dirpath, dirnames):
+      found["hf_revision"].extend(_hf_candidates(dirpath))
+    if os.path.basename(dirpath) == CHECKPOINTS_DIR:
+      found["checkpoint"].extend(_checkpoint_candidates(dirpath, dirnames, keep_checkpoints))
+      # Step directories hold only checkpoint files: walking their (many) array chunks would find nothing.
+      dirnames[:] = [d for d in dirnames if not d.isdigit()]
+  return [c for kind in CLASS_ORDER for c in sorted(found[kind], key=lambda c: c.age_key)]
+
+
+def _hf_candidates(cache_dir: str) -> list[Candidate]:
+  """Every revision of each cached repo except its newest."""
+  candidates = []
+  cache = huggingface_hub.scan_cache_dir(cache_dir)
+  for repo in cache.repos:
+    revisions = sorted(repo.revisions, key=lambda r: r.last_modified)
+    for revision in revisions[:-1]:
+      # What deleting it alone frees: blobs shared with a kept revision stay.
+      size = cache.delete_revisions(revision.commit_hash).expected_freed_size
+      candidates.append(Candidate(
+          "hf_revision", str(revision.snapshot_path), size, revision.last_modified,
+          lambda c=cache_dir, h=revision.commit_hash: _delete_hf_revision(c, h)))
+  return candidates
+
+
+def _delete_hf_revision(cache_dir: str, commit_hash: str) -> None:
+  # Scanned again at deletion time: earlier deletions change which blobs are still shared with other revisions.
+  huggingface_hub.scan_cache_dir(cache_dir).delete_revisions(commit_hash).execute()
+
+
+def _checkpoint_candidates(directory: str, names: Sequence[str], keep: int) -> list[Candidate]:
+  complete = []
+  for name in names:
+    path = os.path.join(directory, name)
+    if name.isdigit() and not os.path.islink(path) and os.path.isfile(os.path.join(path, ORBAX_COMMIT_FILE)):
+      complete.append((int(name), path))
+  complete.sort()
+  # The newest complete checkpoint is the only way back after a crash, so it is kept even when keep is 0.
+  deletable = complete[:-max(1, keep)]
+  return [Candidate("checkpoint", path, _tree_size(path), step, lambda p=path: _remove(p)) for step, path in deletable]
+
+
+def _filesystem_groups(paths: Sequence[str]) -> list[list[str]]:
+  """The watched paths grouped by the filesystem they live on: free space is a property of the filesystem."""
+  groups: dict[int, list[str]] = {}
+  for path in paths:
+    groups.setdefault(os.stat(path).st_dev, []).append(path)
+  return list(groups.values())
+
+
+def check_paths(paths: Sequence[str]) -> list[str]:
+  """The absolute forms of `paths`; raises if any is not an existing directory."""
+  missing = [p for p in paths if not os.path.isdir(p)]
+  if missing:
+    raise FileNotFoundError(f"not a directory: {', '.join(missing)}")
+  return [os.path.abspath(p) for p in paths]
+
+
+def free_space_once(
+    paths: Sequence[str],
+    min_free_bytes: int,
+    keep_checkpoints: int = 1,
+    dry_run: bool = False,
+    free_bytes: FreeBytes = disk_free_bytes,
+) -> Report:
+  """One pass: deletes, in order, until every watched filesystem has `min_free_bytes` free (or nothing is left).
+
+  In a dry run nothing is deleted; the free space each deletion would give is added to the measured free space to
+  decide when it would stop.
+  """
+  if keep_checkpoints < 0:
+    raise ValueError(f"keep_checkpoints must be >= 0, got {keep_checkpoints}")
+  report = Report()
+  for group in _filesystem_groups(check_paths(paths)):
+    probe = group[0]
+    free = free_bytes(probe)
+    if free >= min_free_bytes:
+      continue
+    logger.warning("%s: %s free, below the %s threshold; freeing space", probe, format_bytes(free),
+                   format_bytes(min_free_bytes))
+    would_free = 0
+    candidates = [c for root in group for c in find_candidates(root, keep_checkpoints)]
+    candidates.sort(key=lambda c: (CLASS_ORDER.index(c.kind), c.age_key))
+    seen: set[str] = set()
+    for candidate in candidates:
+      if free + would_free >= min_free_bytes:
+        break
+      if candidate.path in seen:  # nested watched paths find the same thing twice
+        continue
+      seen.add(candidate.path)
+      if dry_run:
+        would_free += candidate.size
+        logger.info("dry run: would delete %s %s (%s)", candidate.kind, candidate.path, format_bytes(candidate.size))
+      else:
+        candidate.delete()
+        free = free_bytes(probe)
+        logger.info("deleted %s %s (%s)", candidate.kind, candidate.path, format_bytes(candidate.size))
+      report.deletions.append(Deletion(candidate.kind, candidate.path, candidate.size, dry_run))
+    if free + would_free < min_free_bytes:
+      report.still_short.append(probe)
+      logger.error("!!! DISK SPACE STILL LOW on %s: %s free (threshold %s) and nothing deletable is left. "
+                   "Free space by hand or the run will fail. !!!", probe, format_bytes(free + would_free),
+                   format_bytes(min_free_bytes))
+  return report
+
+
+def watch(
+    paths: Sequence[str],
+    min_free_bytes: int,
+    interval_s: float,
+    keep_checkpoints: int = 1,
+    dry_run: bool = False,
+    once: bool = False,
+    free_bytes: FreeBytes = disk_free_bytes,
+) -> Report:
+  """Runs `free_space_once` every `interval_s` seconds (or once); returns the last pass's report.
+
+  An error in one pass (a file vanishing mid-scan, a corrupt cache) is logged and the next pass runs anyway: the
+  watchdog must outlive anything that goes wrong on the disk it guards.
+  """
+  paths = check_paths(paths)
+  while True:
+    try:
+      report = free_space_once(paths, min_free_bytes, keep_checkpoints, dry_run, free_bytes)
+    except Exception as error:  # any failure of one pass must not stop the next
+      if once:
+        raise
+      logger.exception("watchdog pass failed: %s", error)
+      report = Report()
+    if once:
+      return report
+    time.sleep(interval_s)

@@ -1,0 +1,307 @@
+"""Tests of the dashboard server (echo_jax/dashboard.py): API, incremental reads, downsampling, safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from echo_jax import dashboard
+
+SCRIPT = "<script>alert(1)</script>"
+
+
+def _metric_line(step: int, t0: float = 1.7e9) -> str:
+  return json.dumps({"step": step, "time": t0 + step, "loss": 1.0 / (1 + step), "lr": 1e-4, "grad_norm": 1.5,
+                     "samples_seen": step * 8, "total_steps": 1000, "data_wait": 0.1, "step_time": 0.5})
+
+
+def make_run(root, name: str = "run", steps: int = 10) -> str:
+  """A small run directory with metrics, events, one checkpoint and one sample whose text is markup."""
+  run = root / name
+  (run / "checkpoints" / "5").mkdir(parents=True)
+  sample_dir = run / "samples" / "step_5"
+  sample_dir.mkdir(parents=True)
+  (sample_dir / "s0.txt").write_text(SCRIPT)
+  (sample_dir / "s0.wav").write_bytes(b"RIFF0000WAVE")
+  (sample_dir / "s0.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+  (run / "config.json").write_text("{}")
+  (run / "metrics.jsonl").write_text("".join(_metric_line(i) + "\n" for i in range(steps)))
+  events = [
+      {"time": 1.7e9, "event": "start", "step": 0},
+      {"time": 1.7e9 + 2, "event": "skipped_sample", "step": 2, "reason": SCRIPT, "key": "k", "count": 2},
+      {"time": 1.7e9 + 3, "event": "skipped_sample", "step": 3, "reason": "bad", "key": "k2"},
+      {"time": 1.7e9 + 5, "event": "checkpoint_saved", "step": 5},
+  ]
+  (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+  return str(run)
+
+
+@pytest.fixture
+def server(tmp_path):
+  runs = [make_run(tmp_path, "alpha"), make_run(tmp_path, "beta", steps=4)]
+  (tmp_path / "secret.txt").write_text("top secret")
+  os.symlink(tmp_path / "secret.txt", tmp_path / "alpha" / "samples" / "step_5" / "leak.txt")
+  srv = dashboard.make_server(runs, port=0)
+  thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+  thread.start()
+  yield srv
+  srv.shutdown()
+  srv.server_close()
+
+
+def _get(srv, path: str) -> tuple[int, bytes, dict[str, str]]:
+  url = f"http://127.0.0.1:{srv.server_address[1]}{path}"
+  try:
+    with urllib.request.urlopen(url, timeout=10) as response:
+      return response.status, response.read(), dict(response.headers)
+  except urllib.error.HTTPError as error:
+    return error.code, error.read(), dict(error.headers)
+
+
+def _raw_get(srv, raw_path: str) -> int:
+  """Sends the request line byte for byte, so no client normalises the path first."""
+  with socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=10) as sock:
+    sock.sendall(f"GET {raw_path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    data = b""
+    while chunk := sock.recv(65536):
+      data += chunk
+  return int(data.split(b" ", 2)[1])
+
+
+def test_default_bind_is_loopback(tmp_path):
+  srv = dashboard.make_server([make_run(tmp_path)], port=0)
+  try:
+    assert srv.server_address[0] == "127.0.0.1"
+  finally:
+    srv.server_close()
+
+
+def test_missing_run_dir_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="run directory not found"):
+    dashboard.make_server([str(tmp_path / "nope")], port=0)
+
+
+def test_api_returns_points_and_status(server):
+  code, body, headers = _get(server, "/api/metrics?run=0&keys=loss,lr,data_wait,skipped_samples")
+  assert code == 200 and headers["Content-Type"] == "application/json"
+  series = json.loads(body)["series"]
+  assert series["loss"]["step"] == list(range(10))
+  np.testing.assert_allclose(series["loss"]["value"], [1.0 / (1 + i) for i in range(10)])
+  assert series["loss"]["time"][0] == 1.7e9
+  np.testing.assert_allclose(series["data_wait"]["value"], [0.1] * 10)
+  # Cumulative skipped count, carried on to the latest logged step.
+  assert series["skipped_samples"]["value"] == [2.0, 3.0, 3.0]
+  assert series["skipped_samples"]["step"] == [2.0, 3.0, 9.0]
+  runs = json.loads(_get(server, "/api/runs")[1])["runs"]
+  assert [r["name"] for r in runs] == ["alpha", "beta"]
+  alpha = runs[0]
+  assert alpha["step"] == 9 and alpha["total_steps"] == 1000 and alpha["samples_seen"] == 72
+  assert alpha["last_checkpoint"]["step"] == 5 and alpha["listed_checkpoint_step"] == 5
+  assert alpha["skipped_samples"] == 3
+  assert alpha["steps_per_sec"] == pytest.approx(1.0)
+  assert alpha["eta_seconds"] == pytest.approx(991.0)
+  assert alpha["stale"]  # the metrics were "logged" in 2023
+  events = json.loads(_get(server, "/api/events?run=0")[1])["events"]
+  assert [e["event"] for e in events] == ["start", "skipped_sample", "skipped_sample", "checkpoint_saved"]
+
+
+def test_unknown_run_and_bad_parameters(server):
+  assert _get(server, "/api/metrics?run=7&keys=loss")[0] == 404
+  assert _get(server, "/api/metrics?run=x&keys=loss")[0] == 404
+  assert _get(server, "/api/metrics?run=0&keys=loss&max_points=abc")[0] == 400
+  assert _get(server, "/api/metrics?run=0&keys=loss&max_points=2")[0] == 400
+
+
+def test_samples_served_and_markup_escaped(server):
+  code, body, _ = _get(server, "/api/samples?run=0")
+  assert code == 200
+  # JSON never carries raw markup characters, so even a sniffing browser could not render it as HTML.
+  assert b"<" not in body and b">" not in body
+  listing = json.loads(body)
+  item = next(i for i in listing["steps"][0]["items"] if i["name"] == "s0")
+  assert item["text"] == SCRIPT
+  assert item["audio"] == "samples/step_5/s0.wav"
+  code, wav, headers = _get(server, "/files/0/samples/step_5/s0.wav")
+  assert code == 200 and wav == b"RIFF0000WAVE" and headers["Content-Type"] == "audio/wav"
+  code, text, headers = _get(server, "/files/0/samples/step_5/s0.txt")
+  assert code == 200 and headers["Content-Type"].startswith("text/plain")
+  assert headers["X-Content-Type-Options"] == "nosniff"
+  events_body = _get(server, "/api/events?run=0")[1]
+  assert b"<script>" not in events_body and json.loads(events_body)["events"][1]["reason"] == SCRIPT
+
+
+def test_page_escapes_and_has_no_inline_script(server):
+  code, html, headers = _get(server, "/")
+  assert code == 200 and headers["Content-Type"].startswith("text/html")
+  assert "script-src 'self'" in headers["Content-Security-Policy"]
+  # Scripts are only loaded from files; no inline code the CSP would have to allow.
+  assert re.findall(rb"<script[^>]*>", html) == [b'<script src="/static/vendor/uPlot.iife.min.js">',
+                                                 b'<script src="/static/app.js">']
+  code, app_js, _ = _get(server, "/static/app.js")
+  assert code == 200
+  assert b"innerHTML" not in app_js and b"insertAdjacentHTML" not in app_js and b"document.write" not in app_js
+  assert b"textContent" in app_js
+  # A 404 for a path full of markup answers with plain text, not an HTML page echoing it.
+  code, body, headers = _get(server, "/%3Cscript%3Ealert(1)%3C/script%3E")
+  assert code == 404 and headers["Content-Type"].startswith("text/plain") and b"script" not in body
+
+
+@pytest.mark.parametrize("raw_path", [
+    "/files/0/../config.json",
+    "/files/0/samples/../config.json",
+    "/files/0/samples/step_5/../../config.json",
+    "/files/0/%2e%2e/config.json",
+    "/files/0/samples%2f..%2f..%2fconfig.json",
+    "/files/0/samples/%2e%2e%2f%2e%2e%2fconfig.json",
+    "/files/0/samples/%252e%252e%252f%252e%252e%252fconfig.json",
+    "/files/0/samples/step_5/..%5c..%5cconfig.json",
+    "/files/0//etc/passwd",
+    "/files/0/%2fetc%2fpasswd",
+    "/files/0/samples/step_5/leak.txt",
+    "/files/1/../alpha/samples/step_5/s0.txt",
+    "/files/-1/samples/step_5/s0.txt",
+    "/static/../dashboard.py",
+    "/static/%2e%2e/dashboard.py",
+    "/static/%2e%2e%2f%2e%2e%2fdashboard.py",
+    "/static/vendor/../../dashboard.py",
+    "/../../etc/passwd",
+    "/%2e%2e/%2e%2e/etc/passwd",
+    "/config.json",
+    "/metrics.jsonl",
+    "/etc/passwd",
+])
+def test_path_traversal_is_404(server, raw_path):
+  assert _raw_get(server, raw_path) == 404
+
+
+def test_sample_files_allowed_only_in_samples(server):
+  assert _raw_get(server, "/files/0/samples/step_5/s0.png") == 200
+  assert _raw_get(server, "/files/0/checkpoints/5") == 404
+  assert _raw_get(server, "/files/0/samples/step_5") == 404
+
+
+def test_sample_paths_checked_on_remote_filesystems():
+  """Off the local disk there is no realpath to check, so the path rules alone must hold."""
+  import fsspec
+
+  fs = fsspec.filesystem("memory")
+  fs.pipe({
+      "/remote_run/config.json": b"{}", "/remote_run/notes.txt": b"no", "/remote_run/checkpoints/1/x.txt": b"no",
+      "/remote_run/samples/step_1/a.txt": b"hi", "/remote_run/samples/secret.txt": b"no",
+      "/remote_run/samples/step_1/a.json": b"{}",
+  })
+  run = dashboard.RunState("memory://remote_run", "remote")
+  assert run.open_sample("samples/step_1/a.txt") == (b"hi", "text/plain; charset=utf-8")
+  for bad in ("config.json", "notes.txt", "checkpoints/1/x.txt", "samples/../config.json",
+              "samples/step_1/../../config.json", "samples/./step_1/a.txt", "samples//step_1/a.txt",
+              "/remote_run/samples/step_1/a.txt", "samples/step_1/a.json", "samples/step_1/%2e%2e",
+              "samples/step_1/a.txt/"):
+    assert run.open_sample(bad) is None, bad
+
+
+def test_prometheus_text_parses(server):
+  code, body, headers = _get(server, "/metrics")
+  assert code == 200 and headers["Content-Type"].startswith("text/plain")
+  families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+  loss = {s.labels["run"]: s.value for s in families["echo_loss"].samples}
+  assert loss == {"alpha": pytest.approx(0.1), "beta": pytest.approx(0.25)}
+  step = {s.labels["run"]: s.value for s in families["echo_step"].samples}
+  assert step == {"alpha": 9.0, "beta": 3.0}
+  assert {s.labels["run"]: s.value for s in families["echo_last_checkpoint_step"].samples}["alpha"] == 5.0
+  # prometheus_client strips the _total suffix from the family name of counters only; this is a gauge.
+  assert "echo_skipped_samples_total" in families
+
+
+def test_incremental_read_appends_and_ignores_partial_line(tmp_path):
+  path = tmp_path / "m.jsonl"
+  path.write_text(_metric_line(0) + "\n" + _metric_line(1) + "\n")
+  tail = dashboard.JsonlTail(str(path))
+  assert [r["step"] for chunk in tail.read_new() for r in chunk] == [0, 1]
+  first_offset = tail.offset
+  partial = _metric_line(2)
+  with open(path, "a") as f:
+    f.write(partial[:20])
+  assert [r for chunk in tail.read_new() for r in chunk] == []
+  assert tail.offset == first_offset
+  with open(path, "a") as f:
+    f.write(partial[20:] + "\n" + "{not json\n" + _metric_line(3) + "\n")
+  assert [r["step"] for chunk in tail.read_new() for r in chunk] == [2, 3]
+  assert tail.bad_lines == 1
+  path.write_text(_metric_line(9) + "\n")  # rewritten (shorter): read again from the start
+  chunks = list(tail.read_new())
+  assert tail.reset and [r["step"] for chunk in chunks for r in chunk] == [9]
+
+
+def test_run_state_picks_up_appended_lines(tmp_path):
+  run_dir = make_run(tmp_path, steps=3)
+  run = dashboard.RunState(run_dir, "r")
+  run.refresh(force=True)
+  assert run.series(["loss"], 2000)["loss"]["step"].tolist() == [0, 1, 2]
+  with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+    f.write(_metric_line(3) + "\n" + json.dumps({"step": 3, "time": 1.7e9 + 3, "eval_loss_t0.5": 0.4}) + "\n")
+    f.write(_metric_line(4)[:10])
+  run.refresh(force=True)
+  assert run.series(["loss"], 2000)["loss"]["step"].tolist() == [0, 1, 2, 3]
+  eval_series = run.series(["eval_loss_t0.5"], 2000)["eval_loss_t0.5"]
+  assert eval_series["step"].tolist() == [3] and eval_series["value"].tolist() == [0.4]
+
+
+def test_downsample_keeps_extremes_and_ends():
+  values = np.sin(np.linspace(0, 50, 100_000))
+  values[12_345] = 99.0
+  values[67_890] = -99.0
+  picks = dashboard.downsample_indices(values.size, values, 2000)
+  assert picks.size <= 2000 and picks[0] == 0 and picks[-1] == values.size - 1
+  assert np.all(np.diff(picks) > 0)
+  assert 12_345 in picks and 67_890 in picks
+  assert dashboard.downsample_indices(10, values[:10], 2000).tolist() == list(range(10))
+
+
+def test_million_lines_under_two_seconds(tmp_path):
+  n = 1_000_000
+  run = tmp_path / "big"
+  run.mkdir()
+  steps = np.arange(n)
+  loss = 2.0 / (1 + steps * 1e-4)
+  loss[777_777] = 50.0  # a spike that downsampling must keep
+  lines = [f'{{"step": {i}, "time": {1.7e9 + i * 0.5}, "loss": {v:.6f}, "lr": 0.0001}}\n'
+           for i, v in zip(steps.tolist(), loss.tolist(), strict=True)]
+  (run / "metrics.jsonl").write_text("".join(lines))
+  del lines
+  # CPU time of this process (server threads included) is what the code costs; wall time also counts whatever else
+  # shares the machine (on a loaded 2-core box it doubles), so it only gets a bound that catches a hang.
+  start, start_cpu = time.perf_counter(), time.process_time()
+  srv = dashboard.make_server([str(run)], port=0)
+  threading.Thread(target=srv.serve_forever, daemon=True).start()
+  try:
+    code, body, _ = _get(srv, "/api/metrics?run=0&keys=loss,lr&max_points=2000")
+    first, first_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    print(f"1e6 lines: first load + answer {first_cpu:.2f} s CPU, {first:.2f} s wall")
+    assert code == 200
+    assert json.loads(body)["rows"] == n  # no line lost where the file was read in chunks
+    series = json.loads(body)["series"]
+    assert len(series["loss"]["value"]) <= 2000 and len(series["lr"]["value"]) <= 2000
+    assert max(series["loss"]["value"]) == 50.0
+    assert series["loss"]["step"][-1] == n - 1
+    assert first_cpu < 2.0, f"first load + API answer took {first_cpu:.2f} s of CPU ({first:.2f} s wall)"
+    assert first < 15.0, f"first load + API answer took {first:.2f} s wall: blocked on something?"
+    with open(run / "metrics.jsonl", "a") as f:
+      f.write(f'{{"step": {n}, "time": {1.7e9 + n * 0.5}, "loss": 0.01, "lr": 0.0001}}\n')
+    time.sleep(dashboard.REFRESH_INTERVAL_S)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    code, body, _ = _get(srv, "/api/metrics?run=0&keys=loss,lr&max_points=2000")
+    again, again_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    assert json.loads(body)["series"]["loss"]["step"][-1] == n
+    assert again_cpu < 0.5, f"API answer after an append took {again_cpu:.2f} s CPU ({again:.2f} s wall)"
+  finally:
+    srv.shutdown()
+    srv.server_close()
