@@ -36,7 +36,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("latent", None),
     ("patch", None),
     ("rank", None),
-    ("cond", None),
+    ("cond", "fsdp"),
     ("timestep", None),
 )
 

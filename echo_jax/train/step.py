@@ -7,6 +7,7 @@ executables, so a shape or dtype change raises instead of silently recompiling.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -78,7 +79,7 @@ class StepFunctions:
   eval: Any
   state_shardings: TrainState
   mesh: Mesh
-  train_flops: float  # XLA's count for one train step (all devices)
+  train_flops: float  # XLA's count for one train step of this process's program
 
   @classmethod
   def compile(cls, model: Echo, config: ml_collections.ConfigDict, mesh: Mesh, abstract_state: TrainState,
@@ -90,12 +91,12 @@ class StepFunctions:
     replicated = sharding.replicated(mesh)
     with mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
       train = jax.jit(
-          lambda state, batch: train_step(state, batch, model=model, config=config, base_key=base_key),
+          functools.partial(train_step, model=model, config=config, base_key=base_key),
           in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, replicated),
           donate_argnums=0,
       ).lower(abstract_state, batch_shapes).compile()
       evaluate = jax.jit(
-          lambda params, batch, key: eval_step(params, batch, key, model=model),
+          functools.partial(eval_step, model=model),
           in_shardings=(state_shardings.params, batch_shardings, replicated), out_shardings=replicated,
       ).lower(abstract_state.params, batch_shapes, jax.eval_shape(lambda: jax.random.key(0))).compile()
     cost = train.cost_analysis()

@@ -1,0 +1,202 @@
+"""Text (+ a reference voice) to speech with a trained Echo checkpoint: the library behind `inference.py`.
+
+    text ─► split into chunks (≤ 300 chars, sentence > clause > word) ─► normalise each ─► bytes
+    reference audio ─► mono, codec rate, peak-limited, ≤ 5 min ─► codec.encode ─► speaker latents
+    all chunks as one batch ─► sampling.sample ─► per chunk: crop at the end of speech ─► codec.decode ─► concatenate
+
+Every bad input (empty text, unreadable or silent reference, a codec whose latent size differs from the checkpoint's)
+raises `SynthesisError` before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from echo_jax import checkpoint, sampling
+from echo_jax import text as text_lib
+from echo_jax.codecs import Codec
+from echo_jax.codecs import audio as audio_lib
+from echo_jax.config import model_config
+from echo_jax.sampling import SamplerConfig
+from echo_jax.train.loop import load_pad_latent
+
+MAX_CHUNK_CHARS = 300
+MAX_REFERENCE_SECONDS = 300.0
+# A reference whose peak is below -80 dBFS holds no voice to clone (digital silence or a broken recording).
+SILENT_PEAK = 1e-4
+# Room that normalisation may add to a chunk: the "[S1] " speaker tag.
+SPEAKER_TAG_CHARS = 5
+PRESETS_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "presets",
+                            "sampler_presets.json")
+
+log = logging.getLogger(__name__)
+
+
+class SynthesisError(ValueError):
+  """Bad input to synthesis; the message names the problem."""
+
+
+@dataclasses.dataclass
+class SynthesisResult:
+  """The generated speech and what it took."""
+
+  audio: np.ndarray  # float32 [samples]
+  sample_rate: int
+  chunks: list[str]  # the normalised text of each chunk
+  latents: list[np.ndarray]  # per chunk, cropped at its end of speech [T_i, D]
+  generation_seconds: float  # text to audio, compilation included
+
+  @property
+  def seconds(self) -> float:
+    return self.audio.size / self.sample_rate
+
+  @property
+  def real_time_factor(self) -> float:
+    """Wall time per second of audio (below 1 is faster than real time)."""
+    return self.generation_seconds / max(self.seconds, 1e-9)
+
+
+def load_preset(name: str, path: str = PRESETS_PATH) -> SamplerConfig:
+  """The sampler preset `name` of the presets file."""
+  presets = sampling.load_presets(path)
+  if name not in presets:
+    raise SynthesisError(f"unknown preset {name!r}; {path} has {sorted(presets)}")
+  return presets[name]
+
+
+def split_and_normalize(text: str, max_chars: int = MAX_CHUNK_CHARS) -> list[str]:
+  """Long text -> normalised chunks of at most `max_chars` characters before normalisation."""
+  if not isinstance(text, str) or not text.strip():
+    raise SynthesisError("text is empty: nothing to say")
+  return [text_lib.normalize_text(chunk) for chunk in text_lib.split_text(text, max_chars)]
+
+
+class Synthesizer:
+  """A model (config + params) and a codec, ready to turn text into audio."""
+
+  def __init__(self, config: ml_collections.ConfigDict, params: Any, codec: Codec):
+    if config.model.latent_dim != codec.latent_dim:
+      raise SynthesisError(f"the checkpoint's model has latent_dim={config.model.latent_dim} but the codec "
+                           f"{type(codec).__name__} has latent_dim={codec.latent_dim}: they were not trained together")
+    self.config = config
+    self.cfg = model_config(config)
+    self.params = params
+    self.codec = codec
+    self.pad_latent = self._pad_latent()
+    self._progress: tqdm | None = None
+
+  @classmethod
+  def from_checkpoint(cls, path: str, codec: Codec) -> Synthesizer:
+    """From a run directory, an Orbax step directory, a parameters directory or a pickle (`checkpoint.load_params`)."""
+    if not os.path.exists(path):
+      raise SynthesisError(f"checkpoint not found: {path}")
+    config, params = checkpoint.load_params(path)
+    return cls(config, params, codec)
+
+  def _pad_latent(self) -> np.ndarray:
+    """The silence latent the model was trained to emit: the config's pad file, zeros when it names none."""
+    path = self.config.data.pad_latent
+    if path and not os.path.exists(path):
+      log.warning("pad latent %s of the training config is not here; using the codec's silence latent", path)
+      return np.asarray(self.codec.pad_latent, np.float32)
+    return load_pad_latent(path, self.cfg.latent_dim)
+
+  @property
+  def max_chunk_chars(self) -> int:
+    """Chunk size that fits the model's text length (BOS and the speaker tag included)."""
+    return max(1, min(MAX_CHUNK_CHARS, self.config.data.max_text_len - 1 - SPEAKER_TAG_CHARS))
+
+  def reference_latents(self, path: str) -> np.ndarray:
+    """Speaker latents [Ts, D] (Ts a multiple of the patch size) of an audio file, capped at 5 minutes."""
+    try:
+      audio = audio_lib.load_audio(path, self.codec.sample_rate, MAX_REFERENCE_SECONDS)
+    except (OSError, ValueError) as error:
+      raise SynthesisError(f"cannot read the speaker reference {path}: {error}") from error
+    if float(np.max(np.abs(audio))) < SILENT_PEAK:
+      raise SynthesisError(f"the speaker reference {path} is silent (peak below {SILENT_PEAK}); give a recording "
+                           "of the voice to clone")
+    latents = np.asarray(self.codec.encode(audio), np.float32)
+    usable = latents.shape[0] // self.cfg.speaker_patch * self.cfg.speaker_patch
+    if usable == 0:
+      raise SynthesisError(f"the speaker reference {path} is too short: {latents.shape[0]} latent frames, the "
+                           f"speaker encoder needs at least {self.cfg.speaker_patch}")
+    return latents[:usable]
+
+  def frames_for(self, duration: float) -> int:
+    """Latent frames for `duration` seconds; warns beyond the length the model trained on."""
+    if duration <= 0:
+      raise SynthesisError(f"duration must be positive, got {duration}")
+    frames = max(1, int(round(duration * self.codec.frame_rate)))
+    if frames > self.config.data.max_frames:
+      log.warning("%d frames (%.1f s) is longer than the %d frames the model trained on; quality may suffer",
+                  frames, duration, self.config.data.max_frames)
+    return frames
+
+  def _on_step(self, step: Any) -> None:
+    if self._progress is not None:
+      self._progress.update(1)
+
+  def generate_latents(self, chunks: Sequence[str], speaker: np.ndarray | None, sampler: SamplerConfig,
+                       frames: int, seed: int, progress: bool = False) -> np.ndarray:
+    """Latents [len(chunks), frames, D] for normalised chunks, all in one batch, with one speaker (or none)."""
+    max_len = self.config.data.max_text_len
+    for chunk in chunks:
+      if not text_lib.text_bytes_fit(chunk, max_len):
+        log.warning("chunk of %d bytes is cut to the model's %d text tokens: %r", len(chunk.encode()), max_len, chunk)
+    encoded = [text_lib.encode_text(chunk, max_len) for chunk in chunks]
+    text = np.stack([ids for ids, _ in encoded])
+    text_mask = np.stack([mask for _, mask in encoded])
+    batch = len(chunks)
+    if speaker is None:  # no reference: what training's speaker dropout shows the model
+      speaker_latents = np.zeros((batch, self.cfg.speaker_patch, self.cfg.latent_dim), np.float32)
+      speaker_mask = np.zeros((batch, self.cfg.speaker_patch), bool)
+    else:
+      speaker_latents = np.broadcast_to(speaker, (batch, *speaker.shape))
+      speaker_mask = np.ones((batch, speaker.shape[0]), bool)
+    self._progress = tqdm(total=sampler.steps, desc="sampling", disable=not progress, dynamic_ncols=True)
+    try:
+      latents = sampling.sample(self.params, self.cfg, sampler, jax.random.key(seed), text, text_mask,
+                                speaker_latents, speaker_mask, frames, on_step=self._on_step if progress else None)
+      latents = np.asarray(jax.device_get(latents))
+      jax.effects_barrier()
+    finally:
+      self._progress.close()
+      self._progress = None
+    return latents
+
+  def synthesize(self, text: str, speaker: np.ndarray | None = None, sampler: SamplerConfig | None = None,
+                 duration: float = 15.0, seed: int = 42, progress: bool = False) -> SynthesisResult:
+    """Speech for `text` (split, normalised, generated as one batch, cropped at each end of speech, concatenated).
+
+    speaker: reference latents [Ts, D] (`reference_latents`), or None for no reference.
+    """
+    start = time.time()
+    sampler = sampler or SamplerConfig()
+    chunks = split_and_normalize(text, self.max_chunk_chars)
+    frames = self.frames_for(duration)
+    if speaker is not None:
+      speaker = np.asarray(speaker, np.float32)
+      if speaker.ndim != 2 or speaker.shape[1] != self.cfg.latent_dim or speaker.shape[0] % self.cfg.speaker_patch:
+        raise SynthesisError(f"speaker latents must be [Ts, {self.cfg.latent_dim}] with Ts a multiple of "
+                             f"{self.cfg.speaker_patch}, got {speaker.shape}")
+    latents = self.generate_latents(chunks, speaker, sampler, frames, seed, progress)
+    cropped, pieces = [], []
+    for index, chunk_latents in enumerate(latents):
+      end = sampling.end_of_speech(chunk_latents, self.pad_latent)
+      if end == 0:
+        raise SynthesisError(f"the model generated only silence for chunk {index} ({chunks[index]!r}); try another "
+                             "seed or a stronger text guidance")
+      cropped.append(chunk_latents[:end])
+      pieces.append(np.asarray(self.codec.decode(chunk_latents[:end]), np.float32))
+    return SynthesisResult(audio=np.concatenate(pieces), sample_rate=self.codec.sample_rate, chunks=chunks,
+                           latents=cropped, generation_seconds=time.time() - start)

@@ -1,0 +1,109 @@
+"""Training-time samples (DESIGN §7): every N steps, speech for a few held-out texts in the run directory.
+
+    samples/step_{N}/{i}.wav   the generated speech (cropped at its end)
+    samples/step_{N}/{i}.png   its spectrogram (PIL; no plotting library needed)
+    samples/step_{N}/{i}.txt   the normalised text
+
+Process 0 generates; the other processes only take part in gathering the parameters. A failure is logged as a
+`sample_error` event and never stops training. Each file appears under its final name only when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import jax
+import librosa
+import numpy as np
+from jax.experimental import multihost_utils
+from PIL import Image
+
+from echo_jax.codecs import Codec
+from echo_jax.codecs import audio as audio_lib
+from echo_jax.data.shards import iter_shard, list_shards
+from echo_jax.sampling import SamplerConfig
+from echo_jax.synthesis import Synthesizer
+from echo_jax.train.loop import Hook, StepInfo
+
+SPECTROGRAM_HEIGHT = 256
+DYNAMIC_RANGE_DB = 80.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleExample:
+  text: str
+  speaker: np.ndarray | None  # reference latents [Ts, D], or None for no reference
+
+
+def examples_from_shards(shards: str, count: int, latent_dim: int) -> list[SampleExample]:
+  """The first `count` valid samples of `shards` (texts and their references), e.g. the held-out shards."""
+  examples = []
+  for path in list_shards(shards):
+    for sample in iter_shard(path, lambda *_: None, latent_dim=latent_dim):
+      examples.append(SampleExample(sample.text, np.asarray(sample.ref, np.float32)))
+      if len(examples) == count:
+        return examples
+  return examples
+
+
+def spectrogram_image(audio: np.ndarray, sample_rate: int) -> Image.Image:
+  """A log-magnitude spectrogram (low frequencies at the bottom, 80 dB range) as a grayscale image."""
+  n_fft = max(64, int(2 ** np.ceil(np.log2(sample_rate * 0.04))))  # about 40 ms windows
+  padded = np.pad(np.asarray(audio, np.float32), (0, max(0, n_fft - audio.size)))
+  magnitude = np.abs(librosa.stft(padded, n_fft=n_fft, hop_length=n_fft // 4))
+  db = 20 * np.log10(np.maximum(magnitude, 1e-10))
+  db = np.clip(db - db.max() + DYNAMIC_RANGE_DB, 0.0, DYNAMIC_RANGE_DB) / DYNAMIC_RANGE_DB
+  image = Image.fromarray(np.flipud(db * 255).astype(np.uint8), mode="L")
+  return image.resize((max(64, image.width), SPECTROGRAM_HEIGHT), Image.Resampling.BILINEAR)
+
+
+def _write_atomic(path: str, write) -> None:
+  partial = f"{path}.partial"
+  write(partial)
+  os.replace(partial, path)
+
+
+def write_sample(directory: str, index: int, text: str, audio: np.ndarray, sample_rate: int) -> None:
+  """{index}.wav, {index}.png and {index}.txt in `directory`."""
+  os.makedirs(directory, exist_ok=True)
+  audio_lib.write_wav(os.path.join(directory, f"{index}.wav"), audio, sample_rate)
+  image = spectrogram_image(audio, sample_rate)
+  _write_atomic(os.path.join(directory, f"{index}.png"), lambda p: image.save(p, format="PNG"))
+
+  def write_text(path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(text + "\n")
+  _write_atomic(os.path.join(directory, f"{index}.txt"), write_text)
+
+
+def make_sample_hook(codec: Codec, examples: Sequence[SampleExample], sampler: SamplerConfig | None = None,
+                     duration: float | None = None, seed: int = 0) -> Hook:
+  """A Trainer hook writing samples of `examples` to `samples/step_{N}/`; use as `hooks=((every, hook),)`.
+
+  duration: seconds generated per text; by default the longest target the config trains on.
+  """
+  sampler = sampler or SamplerConfig(steps=16)
+
+  def hook(info: StepInfo) -> None:
+    trainer = info.trainer
+    try:
+      if jax.process_count() > 1:  # a collective: every process must join, only process 0 uses the result
+        params = multihost_utils.process_allgather(info.state.params, tiled=True)
+      else:
+        params = jax.device_get(info.state.params)
+      if not trainer.is_main:
+        return
+      synthesizer = Synthesizer(trainer.config, params, codec)
+      seconds = duration or trainer.config.data.max_frames / codec.frame_rate
+      directory = os.path.join(trainer.workdir, "samples", f"step_{info.step}")
+      for index, example in enumerate(examples):
+        result = synthesizer.synthesize(example.text, example.speaker, sampler, seconds, seed + index)
+        write_sample(directory, index, " ".join(result.chunks), result.audio, result.sample_rate)
+      trainer.log.event("samples_written", step=info.step, directory=os.path.relpath(directory, trainer.workdir),
+                        count=len(examples))
+    except Exception as error:  # noqa: BLE001 - samples are a by-product; training must go on
+      trainer.log.event("sample_error", step=info.step, message=f"{type(error).__name__}: {error}")
+
+  return hook

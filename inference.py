@@ -1,0 +1,109 @@
+"""Speech from an Echo checkpoint (DESIGN §8).
+
+    python inference.py --checkpoint runs/demo --text "Hello there." --speaker_ref ref.wav --output out.wav \
+        [--preset balanced] [--cfg_scale 3.0 | --cfg_text 3 --cfg_speaker 8] [--cfg_mode independent|joint|alternating]
+        [--steps 32] [--duration 15] [--seed 42] [--force_speaker 1.5] [--codec mel|dacvae --codec_weights F]
+
+Settings apply in this order: SamplerConfig defaults, then --preset, then every flag given on the command line.
+--cfg_scale alone selects joint guidance. On any error nothing is written to --output.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from echo_jax import codecs, sampling, synthesis
+from echo_jax.codecs import audio as audio_lib
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "run directory, checkpoints/<step> directory, params directory or .pkl")
+flags.DEFINE_string("text", None, "text to speak")
+flags.DEFINE_string("text_file", None, "UTF-8 file holding the text to speak (instead of --text)")
+flags.DEFINE_string("speaker_ref", None, "reference recording of the voice (wav, flac, ogg, mp3, ...)")
+flags.DEFINE_string("output", "out.wav", "wav file to write")
+flags.DEFINE_string("preset", None, "sampler preset name from presets/sampler_presets.json")
+flags.DEFINE_float("cfg_scale", None, "joint guidance scale (selects --cfg_mode=joint unless given)")
+flags.DEFINE_float("cfg_text", None, "text guidance scale (independent / alternating)")
+flags.DEFINE_float("cfg_speaker", None, "speaker guidance scale (independent / alternating)")
+flags.DEFINE_enum("cfg_mode", None, list(sampling.CFG_MODES), "guidance mode")
+flags.DEFINE_float("cfg_min_t", None, "guidance only for t >= this")
+flags.DEFINE_float("cfg_max_t", None, "guidance only for t <= this")
+flags.DEFINE_integer("steps", None, "Euler steps")
+flags.DEFINE_float("truncation", None, "initial noise scale")
+flags.DEFINE_float("force_speaker", None, "speaker K/V scale ('force speaker', e.g. 1.5)")
+flags.DEFINE_integer("force_speaker_layers", None, "force the speaker in the first N decoder layers (default all)")
+flags.DEFINE_float("force_speaker_min_t", None, "stop forcing the speaker once t < this")
+flags.DEFINE_float("duration", 15.0, "seconds of latent frames generated per chunk (speech is cropped at its end)")
+flags.DEFINE_integer("seed", 42, "noise seed")
+flags.DEFINE_string("codec", "dacvae", "codec the checkpoint was trained with: mel or dacvae")
+flags.DEFINE_string("codec_weights", None, "converted codec weights (dacvae)")
+
+# Flag name -> SamplerConfig field, for flags that override the preset only when given.
+SAMPLER_FLAGS = {
+    "steps": "steps", "cfg_mode": "cfg_mode", "cfg_scale": "cfg_scale", "cfg_text": "cfg_text",
+    "cfg_speaker": "cfg_speaker", "cfg_min_t": "cfg_min_t", "cfg_max_t": "cfg_max_t", "truncation": "truncation",
+    "force_speaker": "speaker_kv_scale", "force_speaker_layers": "speaker_kv_max_layers",
+    "force_speaker_min_t": "speaker_kv_min_t",
+}
+
+
+def sampler_from_flags() -> sampling.SamplerConfig:
+  settings = {}
+  if FLAGS.preset:
+    settings = {k: v for k, v in vars(synthesis.load_preset(FLAGS.preset)).items()}
+  for flag, field in SAMPLER_FLAGS.items():
+    if FLAGS[flag].present:
+      settings[field] = FLAGS[flag].value
+  if FLAGS["cfg_scale"].present and not FLAGS["cfg_mode"].present:
+    settings["cfg_mode"] = "joint"
+  return sampling.SamplerConfig(**settings)
+
+
+def read_text() -> str:
+  if (FLAGS.text is None) == (FLAGS.text_file is None):
+    raise synthesis.SynthesisError("give exactly one of --text and --text_file")
+  if FLAGS.text is not None:
+    return FLAGS.text
+  try:
+    with open(FLAGS.text_file, encoding="utf-8") as f:
+      return f.read()
+  except (OSError, UnicodeDecodeError) as error:
+    raise synthesis.SynthesisError(f"cannot read --text_file {FLAGS.text_file}: {error}") from error
+
+
+def run() -> synthesis.SynthesisResult:
+  """Everything `main` does; raises SynthesisError (or ValueError) on bad input before writing anything."""
+  if not FLAGS.checkpoint:
+    raise synthesis.SynthesisError("--checkpoint is required")
+  text = read_text()
+  synthesis.split_and_normalize(text)  # an empty text fails before the checkpoint and codec are loaded
+  sampler = sampler_from_flags()
+  codec = codecs.get_codec(FLAGS.codec, FLAGS.codec_weights)
+  synthesizer = synthesis.Synthesizer.from_checkpoint(FLAGS.checkpoint, codec)
+  speaker = synthesizer.reference_latents(FLAGS.speaker_ref) if FLAGS.speaker_ref else None
+  frames = synthesizer.frames_for(FLAGS.duration)
+  print(f"sampler: {sampler}")
+  print(f"latent frames per chunk: {frames} ({FLAGS.duration:.1f} s at {codec.frame_rate:g} frames/s)")
+  result = synthesizer.synthesize(text, speaker, sampler, FLAGS.duration, FLAGS.seed, progress=True)
+  for index, chunk in enumerate(result.chunks):
+    print(f"chunk {index}: {chunk!r} -> {result.latents[index].shape[0] / codec.frame_rate:.2f} s")
+  audio_lib.write_wav(FLAGS.output, result.audio, result.sample_rate)
+  print(f"wrote {FLAGS.output}: {result.seconds:.2f} s of audio in {result.generation_seconds:.2f} s "
+        f"(real-time factor {result.real_time_factor:.3f})")
+  return result
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    run()
+  except (synthesis.SynthesisError, ValueError, FileNotFoundError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

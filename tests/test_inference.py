@@ -1,0 +1,162 @@
+"""inference.py end to end: a checkpoint from a short tiny training run -> a wav; bad input -> error, no file."""
+
+import os
+import types
+
+import numpy as np
+import pytest
+import soundfile
+from absl import flags
+from conftest import load_config, write_synthetic_shards
+from PIL import Image
+
+import inference
+from echo_jax import codecs, synthesis
+from echo_jax.checkpoint import load_params
+from echo_jax.sampling import SamplerConfig
+from echo_jax.train.loop import StepInfo, Trainer
+from echo_jax.train.samples import SampleExample, make_sample_hook
+
+HOP = 64
+
+
+class FrameCodec:
+  """A trivial codec for tests: 1600 Hz, 25 frames/s; a latent is the 8 block means of a 64-sample frame (×4)."""
+
+  sample_rate = 1600
+  frame_rate = 25.0
+
+  def __init__(self, latent_dim=8):
+    self.latent_dim = latent_dim
+
+  def encode(self, audio):
+    audio = np.asarray(audio, np.float32)
+    audio = np.pad(audio, (0, -audio.size % HOP))
+    return 4 * audio.reshape(-1, self.latent_dim, HOP // self.latent_dim).mean(-1)
+
+  def decode(self, latents):
+    return np.repeat(np.asarray(latents, np.float32) / 4, HOP // self.latent_dim, axis=1).reshape(-1)
+
+  @property
+  def pad_latent(self):
+    return np.zeros(self.latent_dim, np.float32)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  """A run directory trained for a few steps on synthetic shards written with `write_shard`."""
+  tmp = tmp_path_factory.mktemp("inference")
+  config = load_config("tiny")
+  config.data.train_shards = write_synthetic_shards(tmp / "shards")
+  config.train.steps = 3
+  config.train.ckpt_every = 3
+  config.train.eval_every = 0
+  workdir = str(tmp / "run")
+  Trainer(config, workdir).run()
+  return workdir
+
+
+@pytest.fixture
+def reference_wav(tmp_path):
+  t = np.arange(2 * FrameCodec.sample_rate) / FrameCodec.sample_rate
+  path = str(tmp_path / "ref.wav")
+  soundfile.write(path, (0.5 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), FrameCodec.sample_rate)
+  return path
+
+
+@pytest.fixture
+def cli(monkeypatch):
+  """Runs inference.main with argv and the test codec; returns its exit code."""
+  def call(*argv, codec=None):
+    monkeypatch.setattr(codecs, "get_codec", lambda name, weights=None: codec or FrameCodec())
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["inference.py", *argv])
+    try:
+      inference.main(["inference.py"])
+    except SystemExit as exit_:
+      return exit_.code
+    return 0
+  yield call
+  flags.FLAGS.unparse_flags()
+
+
+def test_writes_wav_of_plausible_length(run_dir, reference_wav, tmp_path, cli, capsys):
+  output = str(tmp_path / "out.wav")
+  text = "Hello there. This sentence is long enough to need a second chunk."
+  code = cli(f"--checkpoint={run_dir}", f"--text={text}", f"--speaker_ref={reference_wav}", f"--output={output}",
+             "--steps=4", "--duration=1.0", "--preset=fast", "--force_speaker=1.5")
+  assert code == 0
+  audio, rate = soundfile.read(output)
+  chunks = synthesis.split_and_normalize(text, 32 - 1 - 5)
+  assert rate == FrameCodec.sample_rate and len(chunks) >= 2
+  # Each chunk gives between 1 frame and its 25 generated frames of audio.
+  assert HOP * len(chunks) <= audio.size <= 25 * HOP * len(chunks)
+  assert np.abs(audio).max() > 0
+  printed = capsys.readouterr().out
+  assert "[S1] Hello there." in printed and "real-time factor" in printed
+  assert not [name for name in os.listdir(tmp_path) if name.endswith(".partial")]
+
+
+def test_speech_is_cropped_at_its_end(run_dir, monkeypatch):
+  synthesizer = synthesis.Synthesizer.from_checkpoint(run_dir, FrameCodec())
+  latents = np.zeros((2, 20, 8), np.float32)
+  latents[0, :12] = 1.0
+  latents[1, :5] = -1.0
+  monkeypatch.setattr(synthesis.Synthesizer, "generate_latents", lambda self, chunks, *args, **kw: latents)
+  result = synthesizer.synthesize("One two three four five six, seven eight nine ten.", sampler=SamplerConfig(),
+                                  duration=0.8)
+  assert [piece.shape[0] for piece in result.latents] == [12, 5]
+  assert result.audio.size == 17 * HOP
+  latents[1] = 0.0
+  with pytest.raises(synthesis.SynthesisError, match="only silence for chunk 1"):
+    synthesizer.synthesize("One two three four five six, seven eight nine ten.", duration=0.8)
+
+
+@pytest.mark.parametrize("case", ["empty text", "unreadable reference", "silent reference", "latent_dim mismatch",
+                                  "missing checkpoint"])
+def test_bad_input_gives_clear_error_and_no_file(case, run_dir, reference_wav, tmp_path, cli, capsys):
+  output = str(tmp_path / "out.wav")
+  args = {"checkpoint": run_dir, "text": "Hello there.", "speaker_ref": reference_wav}
+  codec, expected = None, None
+  if case == "empty text":
+    args["text"], expected = "   ", "text is empty"
+  elif case == "unreadable reference":
+    args["speaker_ref"] = str(tmp_path / "noise.wav")
+    with open(args["speaker_ref"], "wb") as f:
+      f.write(b"not audio at all" * 10)
+    expected = "cannot read the speaker reference"
+  elif case == "silent reference":
+    args["speaker_ref"] = str(tmp_path / "silent.wav")
+    soundfile.write(args["speaker_ref"], np.zeros(3200, np.float32), FrameCodec.sample_rate)
+    expected = "is silent"
+  elif case == "latent_dim mismatch":
+    codec, expected = FrameCodec(latent_dim=16), "latent_dim=8 but the codec"
+  else:
+    args["checkpoint"], expected = str(tmp_path / "nowhere"), "checkpoint not found"
+  code = cli(*(f"--{k}={v}" for k, v in args.items()), f"--output={output}", "--steps=2", "--duration=0.4",
+             codec=codec)
+  assert code == 1
+  assert expected in capsys.readouterr().err
+  assert os.listdir(tmp_path) == [name for name in os.listdir(tmp_path) if not name.startswith("out.wav")]
+
+
+def test_training_sample_hook_writes_samples_and_survives_failure(run_dir, tmp_path):
+  config, params = load_params(run_dir)
+  events = []
+  trainer = types.SimpleNamespace(config=config, workdir=str(tmp_path), is_main=True,
+                                  log=types.SimpleNamespace(event=lambda name, **kw: events.append((name, kw))))
+  examples = [SampleExample("Hello there.", None),
+              SampleExample("A second one.", np.ones((8, 8), np.float32))]
+  hook = make_sample_hook(FrameCodec(), examples, SamplerConfig(steps=3), duration=0.8)
+  hook(StepInfo(step=7, state=types.SimpleNamespace(params=params), trainer=trainer))
+  directory = tmp_path / "samples" / "step_7"
+  assert sorted(os.listdir(directory)) == ["0.png", "0.txt", "0.wav", "1.png", "1.txt", "1.wav"]
+  assert (directory / "0.txt").read_text() == "[S1] Hello there.\n"
+  assert 0 < soundfile.info(str(directory / "1.wav")).frames <= 20 * HOP
+  assert Image.open(directory / "0.png").size[1] == 256
+  assert events[-1][0] == "samples_written"
+  # A failure (here a codec that does not fit the model) is logged, not raised.
+  make_sample_hook(FrameCodec(latent_dim=16), examples)(
+      StepInfo(step=8, state=types.SimpleNamespace(params=params), trainer=trainer))
+  assert events[-1][0] == "sample_error" and "latent_dim" in events[-1][1]["message"]
+  assert not (tmp_path / "samples" / "step_8").exists()
