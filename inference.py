@@ -37,7 +37,7 @@ flags.DEFINE_integer("force_speaker_layers", None, "force the speaker in the fir
 flags.DEFINE_float("force_speaker_min_t", None, "stop forcing the speaker once t < this")
 flags.DEFINE_float("duration", 15.0, "seconds of latent frames generated per chunk (speech is cropped at its end)")
 flags.DEFINE_integer("seed", 42, "noise seed")
-flags.DEFINE_string("codec", "dacvae", "codec the checkpoint was trained with: mel or dacvae")
+flags.DEFINE_string("codec", None, "mel or dacvae (default: the codec named in the checkpoint's config)")
 flags.DEFINE_string("codec_weights", None, "converted codec weights (dacvae)")
 
 # Flag name -> SamplerConfig field, for flags that override the preset only when given.
@@ -80,8 +80,9 @@ def run() -> synthesis.SynthesisResult:
   text = read_text()
   synthesis.split_and_normalize(text)  # an empty text fails before the checkpoint and codec are loaded
   sampler = sampler_from_flags()
-  codec = codecs.get_codec(FLAGS.codec, FLAGS.codec_weights)
-  synthesizer = synthesis.Synthesizer.from_checkpoint(FLAGS.checkpoint, codec)
+  codec = codecs.get_codec(FLAGS.codec, FLAGS.codec_weights) if FLAGS.codec else None
+  synthesizer = synthesis.Synthesizer.from_checkpoint(FLAGS.checkpoint, codec, FLAGS.codec_weights)
+  codec = synthesizer.codec
   speaker = synthesizer.reference_latents(FLAGS.speaker_ref) if FLAGS.speaker_ref else None
   frames = synthesizer.frames_for(FLAGS.duration)
   print(f"sampler: {sampler}")

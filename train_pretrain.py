@@ -11,12 +11,15 @@ from echo_jax.train.entry import train_main
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local path or gs://).")
+_INIT_FROM = flags.DEFINE_string(
+    "init_from", None, "Start from these weights with a fresh optimizer: a converted directory, an upstream "
+    ".safetensors file or any checkpoint (ignored when --workdir already has a checkpoint to resume).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
-  train_main(_CONFIG.value, _WORKDIR.value)
+  train_main(_CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value)
 
 
 if __name__ == "__main__":

@@ -30,4 +30,6 @@ def get_config():
   config.train.eval_every = 250
   config.train.eval_batches = 4
   config.train.ckpt_every = 500
+  config.samples.every = 500
+  config.samples.count = 2
   return config

@@ -8,6 +8,8 @@ Fields (override any from the command line, e.g. `--config.train.batch_size=8`):
   data.pad_latent       .npy file holding the codec's encoding of silence [D] ('' = zeros)
   train.*               batch size (global), steps, optimizer, CFG dropout, logging / eval / checkpoint cadence
   mesh.*                device mesh sizes: data × fsdp × tensor (-1 = all remaining devices)
+  codec                 "mel" | "dacvae" | "none": the codec the latents come from
+  samples.*             speech written to samples/step_N/ during training (needs a codec and eval shards)
 """
 
 from __future__ import annotations
@@ -58,7 +60,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.mesh.fsdp = -1
   config.mesh.tensor = 1
 
-  config.codec = "dacvae"
+  config.codec = "dacvae"  # "mel", "dacvae" or "none" (tests); decides how samples and inference make audio
+  config.codec_weights = ""  # converted DACVAE weights (.safetensors), for samples during training
+
+  config.samples = ml_collections.ConfigDict()
+  config.samples.every = 0  # write samples/step_N/ every N steps (0 = never)
+  config.samples.count = 2  # held-out texts (with their references) spoken each time
+  config.samples.steps = 16  # Euler steps
   return config
 
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from echo_jax import checkpoint, sampling
 from echo_jax import text as text_lib
-from echo_jax.codecs import Codec
+from echo_jax.codecs import Codec, get_codec
 from echo_jax.codecs import audio as audio_lib
 from echo_jax.config import model_config
 from echo_jax.sampling import SamplerConfig
@@ -96,11 +96,16 @@ class Synthesizer:
     self._progress: tqdm | None = None
 
   @classmethod
-  def from_checkpoint(cls, path: str, codec: Codec) -> Synthesizer:
-    """From a run directory, an Orbax step directory, a parameters directory or a pickle (`checkpoint.load_params`)."""
+  def from_checkpoint(cls, path: str, codec: Codec | None = None, codec_weights: str | None = None) -> Synthesizer:
+    """From a run directory, an Orbax step directory, a parameters directory or a pickle (`checkpoint.load_params`).
+
+    Without `codec`, the codec the checkpoint's config names (`config.codec`) is built.
+    """
     if not os.path.exists(path):
       raise SynthesisError(f"checkpoint not found: {path}")
     config, params = checkpoint.load_params(path)
+    if codec is None:
+      codec = get_codec(config.get("codec", "dacvae"), codec_weights)
     return cls(config, params, codec)
 
   def _pad_latent(self) -> np.ndarray:

@@ -1,16 +1,32 @@
-"""What `train_pretrain.py` does after parsing flags: runtime set-up, then `Trainer.run()`."""
+"""What `train_pretrain.py` does after parsing flags: runtime set-up, hooks, then `Trainer.run()`."""
 
 from __future__ import annotations
 
 import ml_collections
 from absl import logging
 
-from echo_jax.train.loop import Trainer, install_sigterm_handler
+from echo_jax import codecs, convert
+from echo_jax.sampling import SamplerConfig
+from echo_jax.train.loop import Hook, Trainer, install_sigterm_handler
+from echo_jax.train.samples import examples_from_shards, make_sample_hook
 
 
-def train_main(config: ml_collections.ConfigDict, workdir: str) -> None:
+def sample_hooks(config: ml_collections.ConfigDict) -> tuple[tuple[int, Hook], ...]:
+  """The speech-samples hook, when the config asks for samples and has a codec and held-out shards."""
+  if config.samples.every <= 0:
+    return ()
+  if config.codec == "none" or not config.data.eval_shards:
+    raise ValueError("samples.every > 0 needs a codec (config.codec) and held-out shards (config.data.eval_shards); "
+                     "set --config.samples.every=0 to train without samples")
+  codec = codecs.get_codec(config.codec, config.codec_weights or None)
+  examples = examples_from_shards(config.data.eval_shards, config.samples.count, config.model.latent_dim)
+  return ((config.samples.every, make_sample_hook(codec, examples, SamplerConfig(steps=config.samples.steps))),)
+
+
+def train_main(config: ml_collections.ConfigDict, workdir: str, *, init_from: str | None = None) -> None:
   # Orbax narrates every save at INFO; the run directory's events.jsonl is the record users read.
   logging.set_verbosity(logging.WARNING)
-  trainer = Trainer(config, workdir)
+  init_params = convert.load_init_params(init_from, config) if init_from else None
+  trainer = Trainer(config, workdir, hooks=sample_hooks(config), init_params=init_params)
   install_sigterm_handler(trainer)
   trainer.run()
