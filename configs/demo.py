@@ -24,12 +24,12 @@ def get_config():
   config.data.max_frames = 112  # 4.5 s; its longest utterance is 102 frames
   config.data.max_ref_frames = 64
   config.train.batch_size = 16
-  config.train.steps = 1500
+  config.train.steps = 600
   config.train.lr = 1e-3
   config.train.log_every = 10
-  config.train.eval_every = 250
+  config.train.eval_every = 100
   config.train.eval_batches = 4
-  config.train.ckpt_every = 500
-  config.samples.every = 500
+  config.train.ckpt_every = 200
+  config.samples.every = 300
   config.samples.count = 2
   return config

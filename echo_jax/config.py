@@ -15,6 +15,8 @@ Fields (override any from the command line, e.g. `--config.train.batch_size=8`):
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 
 import ml_collections
 
@@ -72,3 +74,13 @@ def base_config() -> ml_collections.ConfigDict:
 
 def model_config(config: ml_collections.ConfigDict) -> EchoConfig:
   return EchoConfig(**config.model.to_dict())
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file (configs/*.py)."""
+  spec = importlib.util.spec_from_file_location("echo_config", path)
+  if spec is None or spec.loader is None or not os.path.isfile(path):
+    raise ValueError(f"config file {path} does not exist or is not a Python file")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()

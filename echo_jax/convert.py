@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 import shutil
 import sys
@@ -39,7 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from echo_jax.checkpoint import load_params, save_params
-from echo_jax.config import model_config
+from echo_jax.config import load_config_file, model_config
 from echo_jax.model import Echo
 from echo_jax.train.state import init_params
 
@@ -270,16 +269,6 @@ def load_init_params(path: str, config: ml_collections.ConfigDict) -> Any:
   # Host arrays: the trainer places them with its own shardings (and donates those copies, not these).
   return jax.tree.unflatten(jax.tree.structure(expected),
                             [np.asarray(jax.device_get(found_leaves[name])) for name in expected_leaves])
-
-
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """`get_config()` of a config file (configs/*.py)."""
-  spec = importlib.util.spec_from_file_location("echo_config", path)
-  if spec is None or spec.loader is None or not os.path.isfile(path):
-    raise ValueError(f"config file {path} does not exist or is not a Python file")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -7,13 +7,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
-import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
 
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from echo_jax.config import load_config_file  # noqa: E402
 from echo_jax.data.shards import Sample, write_shard  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -21,10 +21,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 def load_config(name: str) -> ml_collections.ConfigDict:
   """`get_config()` of configs/NAME.py."""
-  spec = importlib.util.spec_from_file_location(f"configs.{name}", REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return load_config_file(str(REPO / "configs" / f"{name}.py"))
 
 
 def write_synthetic_shards(directory: pathlib.Path, *, num_shards: int = 2, per_shard: int = 4,

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 from echo_jax import convert
 from echo_jax.checkpoint import load_params, save_params
-from echo_jax.config import model_config
+from echo_jax.config import load_config_file, model_config
 from echo_jax.data.pipeline import Pipeline
 from echo_jax.data.shards import list_shards
 from echo_jax.model import Echo
@@ -322,7 +322,7 @@ def test_training_starts_from_imported_weights(tmp_path):
 
 def test_unreadable_inputs_are_refused(tmp_path):
   with pytest.raises(ValueError, match="does not exist"):
-    convert.load_config_file(str(pathlib.Path(tmp_path) / "missing.py"))
+    load_config_file(str(pathlib.Path(tmp_path) / "missing.py"))
   (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
   with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
     convert.main(["import", str(tmp_path / "model.safetensors"), "--config", TINY_CONFIG, "--out", str(tmp_path / "o")])
