@@ -11,14 +11,15 @@ given run directories; every other path, including any traversal attempt, is ans
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import http.server
 import itertools
 import math
+import operator
 import os
 import posixpath
 import re
+import sys
 import threading
 import time
 import urllib.parse
@@ -32,8 +33,12 @@ import orjson
 
 PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard_page")
 MAX_POINTS = 2000
-# A refresh stats the run files; polling clients and several runs would otherwise stat them on every request.
+# How often the background thread of each run looks for appended lines (a stat of two files).
 REFRESH_INTERVAL_S = 0.5
+# A request that arrives while a run's first read is still going waits at most this long (in all, over the runs it
+# asks about) before it is answered with what was read so far and `"loading": true`: small runs are read in far less,
+# so their first answer is complete, and a huge history never keeps the page waiting long.
+FIRST_LOAD_WAIT_S = 0.5
 # Listing checkpoints/ and samples/ is slower (and costs requests on gs://), so it happens less often.
 LISTING_INTERVAL_S = 5.0
 # Events are few except skipped samples, which can be many; the table only needs the recent ones.
@@ -138,18 +143,8 @@ class MetricColumns:
     if not records:
       return
     n = len(records)
-    # Metrics lines mostly share a few key layouts; converting each layout's rows in one numpy call is several
-    # times faster than gathering every key record by record.
-    keys_per_record = list(map(tuple, records))
-    if keys_per_record.count(keys_per_record[0]) == n:
-      layouts = {keys_per_record[0]: np.arange(n)}
-    else:
-      codes: dict[tuple[str, ...], int] = {}
-      record_codes = np.array([codes.setdefault(k, len(codes)) for k in keys_per_record])
-      layouts = {layout: np.flatnonzero(record_codes == code) for layout, code in codes.items()}
     fresh: dict[str, np.ndarray] = {}
-    for layout, rows in layouts.items():
-      table = _numeric_table(records if len(rows) == n else [records[i] for i in rows.tolist()], layout)
+    for layout, rows, table in _layout_tables(records):
       for j, key in enumerate(layout):
         if np.isnan(table[:, j]).all():
           continue
@@ -178,14 +173,44 @@ class MetricColumns:
     return chunks[0] if chunks else np.full(0, np.nan)
 
 
+def _layout_tables(records: Sequence[dict[str, Any]]) -> Iterator[tuple[tuple[str, ...], np.ndarray, np.ndarray]]:
+  """(key layout, row indices, [rows, keys] float64 table) for each group of records that share their keys.
+
+  Metrics lines mostly share a few key sets; converting each set's rows in one numpy call is several times faster
+  than gathering every key record by record. Records are first grouped by their number of keys, which is cheap;
+  only a group whose records turn out to differ in key names is split by the exact key tuple.
+  """
+  n = len(records)
+  lengths = np.fromiter(map(len, records), dtype=np.intp, count=n)
+  for length in np.unique(lengths).tolist():
+    rows = np.arange(n) if lengths[0] == length and (lengths == length).all() else np.flatnonzero(lengths == length)
+    group = records if rows.size == n else [records[i] for i in rows.tolist()]
+    layout = tuple(group[0])
+    try:
+      table = _numeric_table(group, layout)
+    except KeyError:
+      table = None
+    if table is not None:
+      yield layout, rows, table
+      continue
+    codes: dict[tuple[str, ...], int] = {}
+    group_codes = np.array([codes.setdefault(tuple(r), len(codes)) for r in group])
+    for exact, code in codes.items():
+      members = np.flatnonzero(group_codes == code)
+      yield exact, rows[members], _numeric_table([group[i] for i in members.tolist()], exact)
+
+
 def _numeric_table(records: Sequence[dict[str, Any]], layout: tuple[str, ...]) -> np.ndarray:
-  """[len(records), len(layout)] float64 values of records that all have the key order `layout`."""
+  """[len(records), len(layout)] float64 values of `layout`'s keys; KeyError if a record lacks one of them."""
+  getter = operator.itemgetter(*layout)
+  rows = map(getter, records)
+  # With one key the getter returns the value itself rather than a 1-tuple.
+  values = itertools.chain.from_iterable(rows) if len(layout) > 1 else rows
   try:
-    values = itertools.chain.from_iterable(map(dict.values, records))
     return np.fromiter(values, dtype=np.float64, count=len(records) * len(layout)).reshape(len(records), len(layout))
   except (TypeError, ValueError):
     # Some value is not a number (a string, a list): convert value by value, non-numbers becoming NaN.
-    return np.array([[_as_float(v) for v in r.values()] for r in records], dtype=np.float64).reshape(
+    return np.array([[_as_float(r[k]) for k in layout] for r in records], dtype=np.float64).reshape(
         len(records), len(layout))
 
 
@@ -231,27 +256,50 @@ def _last_finite(column: np.ndarray, window: int = 4096) -> float | None:
   return None
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
+class _GcPause:
   """Pauses the garbage collector: the millions of fresh dicts and tuples of a large read would otherwise trigger
-  repeated full collections that cost more than the parsing itself."""
-  was_enabled = gc.isenabled()
-  gc.disable()
-  try:
-    yield
-  finally:
-    if was_enabled:
-      gc.enable()
+  repeated full collections that cost more than the parsing itself. Counted, because every run is read by its own
+  thread and the collector must stay off until the last of the overlapping reads is done."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._depth = 0
+    self._was_enabled = False
+
+  def __enter__(self) -> None:
+    with self._lock:
+      if self._depth == 0:
+        self._was_enabled = gc.isenabled()
+        gc.disable()
+      self._depth += 1
+
+  def __exit__(self, *exc_info: object) -> None:
+    with self._lock:
+      self._depth -= 1
+      if self._depth == 0 and self._was_enabled:
+        gc.enable()
+
+
+_gc_paused = _GcPause()
 
 
 class RunState:
-  """Everything the dashboard knows about one run directory, refreshed incrementally."""
+  """Everything the dashboard knows about one run directory, refreshed incrementally.
+
+  `refresh` (called by the dashboard's background thread for this run) reads and parses the files without holding
+  `lock`, which guards only what requests read; each parsed chunk is added under the lock as soon as it is ready.
+  So a request never waits for a long first read: it sees the lines read so far, and `loaded` tells whether the
+  first read, up to the size the files had when it began, is complete.
+  """
 
   def __init__(self, url: str, name: str):
     self.url = url.rstrip("/")
     self.name = name
     self.fs, self.root = fsspec.core.url_to_fs(self.url)
     self.lock = threading.Lock()
+    self.loaded = threading.Event()
+    self.error: str | None = None
+    self._read_lock = threading.Lock()
     self.metrics_tail = JsonlTail(f"{self.url}/metrics.jsonl")
     self.events_tail = JsonlTail(f"{self.url}/events.jsonl")
     self.columns = MetricColumns()
@@ -260,38 +308,35 @@ class RunState:
     self.last_checkpoint: dict[str, Any] | None = None
     self.listed_checkpoint_step: int | None = None
     self.samples: list[dict[str, Any]] = []
-    self._refreshed_at = -math.inf
     self._listed_at = -math.inf
     self._series_cache: dict[tuple[str, int], tuple[int, dict[str, Any]]] = {}
 
-  def refresh(self, force: bool = False) -> None:
-    """Reads whatever was appended since the last refresh (at most every `REFRESH_INTERVAL_S` unless forced)."""
-    with self.lock:
+  def refresh(self) -> None:
+    """Reads whatever was appended since the last refresh; lists checkpoints and samples every
+    `LISTING_INTERVAL_S` (and on the first call)."""
+    with self._read_lock, _gc_paused:
+      for records in self.metrics_tail.read_new():
+        with self.lock:
+          if self.metrics_tail.reset:
+            self.columns = MetricColumns()
+            self._series_cache.clear()
+            self.metrics_tail.reset = False
+          self.columns.append(records)
+      for records in self.events_tail.read_new():
+        with self.lock:
+          if self.events_tail.reset:
+            self.events.clear()
+            self.skipped.clear()
+            self.last_checkpoint = None
+            self.events_tail.reset = False
+          self._add_events(records)
       now = time.monotonic()
-      if not force and now - self._refreshed_at < REFRESH_INTERVAL_S:
-        return
-      self._refreshed_at = now
-      with _gc_paused():
-        self._read_logs()
-      if force or now - self._listed_at >= LISTING_INTERVAL_S:
+      if now - self._listed_at >= LISTING_INTERVAL_S:
         self._listed_at = now
-        self.listed_checkpoint_step = self._list_checkpoint_step()
-        self.samples = self._list_samples()
-
-  def _read_logs(self) -> None:
-    for records in self.metrics_tail.read_new():
-      if self.metrics_tail.reset:
-        self.columns = MetricColumns()
-        self._series_cache.clear()
-        self.metrics_tail.reset = False
-      self.columns.append(records)
-    for records in self.events_tail.read_new():
-      if self.events_tail.reset:
-        self.events.clear()
-        self.skipped.clear()
-        self.last_checkpoint = None
-        self.events_tail.reset = False
-      self._add_events(records)
+        checkpoint_step, samples = self._list_checkpoint_step(), self._list_samples()
+        with self.lock:
+          self.listed_checkpoint_step, self.samples = checkpoint_step, samples
+    self.loaded.set()
 
   def _add_events(self, records: Sequence[dict[str, Any]]) -> None:
     total = self.skipped[-1][2] if self.skipped else 0.0
@@ -342,8 +387,15 @@ class RunState:
 
   def series(self, keys: Sequence[str], max_points: int) -> dict[str, Any]:
     """Downsampled {key: {"step", "time", "value"}} for each key (empty lists for unknown keys)."""
+    return self.metrics_payload(keys, max_points)["series"]
+
+  def metrics_payload(self, keys: Sequence[str], max_points: int) -> dict[str, Any]:
+    """The `/api/metrics` answer: the series of `keys`, the rows read and whether the first read is still going."""
     with self.lock:
-      return {key: self._one_series(key, max_points) for key in keys}
+      # Checked under the lock: `loaded` is set only after the last chunk of the first read was added.
+      loading = not self.loaded.is_set()
+      series = {key: self._one_series(key, max_points) for key in keys}
+      return {"run": self.name, "rows": self.columns.rows, "loading": loading, "series": series}
 
   def _one_series(self, key: str, max_points: int) -> dict[str, Any]:
     cache_key = (key, max_points)
@@ -380,7 +432,8 @@ class RunState:
         if value is not None:
           latest[key] = value
       result: dict[str, Any] = {
-          "name": self.name, "url": self.url, "rows": columns.rows, "keys": columns.names(),
+          "name": self.name, "url": self.url, "rows": columns.rows, "loading": not self.loaded.is_set(),
+          "error": self.error, "keys": columns.names(),
           "latest": latest, "step": latest.get("step"), "total_steps": latest.get("total_steps"),
           "samples_seen": latest.get("samples_seen"), "skipped_samples": self.skipped[-1][2] if self.skipped else 0,
           "last_checkpoint": self.last_checkpoint, "listed_checkpoint_step": self.listed_checkpoint_step,
@@ -464,6 +517,40 @@ class Dashboard:
       if not fs.isdir(path):
         raise FileNotFoundError(f"run directory not found: {url}")
     self.runs = [RunState(url, name) for url, name in zip(run_urls, _run_names(run_urls), strict=True)]
+    self._stop = threading.Event()
+    self._threads: list[threading.Thread] = []
+
+  def start(self) -> None:
+    """Starts one background thread per run that reads its files now and every `REFRESH_INTERVAL_S` after."""
+    for run in self.runs:
+      thread = threading.Thread(target=self._keep_fresh, args=(run,), name=f"dashboard-{run.name}", daemon=True)
+      thread.start()
+      self._threads.append(thread)
+
+  def stop(self) -> None:
+    """Stops the background threads (a read in progress finishes its current chunk first)."""
+    self._stop.set()
+    for thread in self._threads:
+      thread.join(timeout=10)
+
+  def _keep_fresh(self, run: RunState) -> None:
+    while not self._stop.is_set():
+      try:
+        run.refresh()
+        run.error = None
+      except Exception as error:  # noqa: BLE001 - a failed read (network, permissions) is retried, not fatal
+        message = f"{type(error).__name__}: {error}"
+        if message != run.error:
+          print(f"dashboard: reading {run.url} failed, retrying every {REFRESH_INTERVAL_S} s: {message}",
+                file=sys.stderr, flush=True)
+        run.error = message
+      self._stop.wait(REFRESH_INTERVAL_S)
+
+  def _wait_loaded(self, runs: Sequence[RunState]) -> None:
+    """Lets a request wait up to `FIRST_LOAD_WAIT_S` (in all) for the first read of `runs` to finish."""
+    deadline = time.monotonic() + FIRST_LOAD_WAIT_S
+    for run in runs:
+      run.loaded.wait(max(0.0, deadline - time.monotonic()))
 
   def run(self, index: str | int) -> RunState | None:
     try:
@@ -472,14 +559,14 @@ class Dashboard:
       return None
     if not 0 <= i < len(self.runs):
       return None
-    self.runs[i].refresh()
+    self._wait_loaded([self.runs[i]])
     return self.runs[i]
 
   def runs_payload(self) -> dict[str, Any]:
+    self._wait_loaded(self.runs)
     now = time.time()
     statuses = []
     for i, run in enumerate(self.runs):
-      run.refresh()
       statuses.append({"index": i, **run.status(now)})
     return {"now": now, "runs": statuses}
 
@@ -488,10 +575,10 @@ class Dashboard:
 
     Written by hand rather than with prometheus_client: a dozen gauges do not justify a runtime dependency.
     """
+    self._wait_loaded(self.runs)
     now = time.time()
     families: dict[str, list[tuple[str, float]]] = {}
     for run in self.runs:
-      run.refresh()
       status = run.status(now)
       values = {f"echo_{_PROM_NAME_BAD.sub('_', key)}": value for key, value in status["latest"].items()}
       values["echo_skipped_samples_total"] = status["skipped_samples"]
@@ -579,7 +666,7 @@ class DashboardHandler(http.server.BaseHTTPRequestHandler):
         raise ValueError
     except ValueError:
       return self._send(400, b"max_points must be an integer >= 4\n", "text/plain; charset=utf-8")
-    self._send_json({"run": run.name, "rows": run.columns.rows, "series": run.series(keys, max_points)})
+    self._send_json(run.metrics_payload(keys, max_points))
 
   def _events(self, query: dict[str, list[str]]) -> None:
     run = self.dashboard.run(_first(query, "run"))
@@ -622,15 +709,31 @@ def _first(query: dict[str, list[str]], key: str, default: str = "") -> str:
   return values[0] if values else default
 
 
-def make_server(run_urls: Sequence[str], host: str = "127.0.0.1", port: int = 8080) -> http.server.ThreadingHTTPServer:
-  """A ready (not yet serving) dashboard server over `run_urls`; port 0 picks a free port."""
+class DashboardServer(http.server.ThreadingHTTPServer):
+  """The HTTP server of a `Dashboard`; closing it also stops the dashboard's background reads."""
+
+  daemon_threads = True
+
+  def __init__(self, dashboard: Dashboard, address: tuple[str, int], handler: type[DashboardHandler]):
+    super().__init__(address, handler)
+    self.dashboard = dashboard
+
+  def server_close(self) -> None:
+    self.dashboard.stop()
+    super().server_close()
+
+
+def make_server(run_urls: Sequence[str], host: str = "127.0.0.1", port: int = 8080) -> DashboardServer:
+  """A dashboard server over `run_urls`, not yet serving but already reading the runs; port 0 picks a free port.
+
+  The runs are read in the background from now on, so a page opened right after start gets an answer at once: while
+  a large history is still being read, answers carry `"loading": true` and the lines read so far.
+  """
   dashboard = Dashboard(run_urls)
   handler = type("BoundDashboardHandler", (DashboardHandler,),
                  {"dashboard": dashboard, "assets": _load_page_assets()})
-  server = http.server.ThreadingHTTPServer((host, port), handler)
-  server.daemon_threads = True
-  for run in dashboard.runs:
-    run.refresh(force=True)
+  server = DashboardServer(dashboard, (host, port), handler)
+  dashboard.start()
   return server
 
 

@@ -244,12 +244,12 @@ def test_incremental_read_appends_and_ignores_partial_line(tmp_path):
 def test_run_state_picks_up_appended_lines(tmp_path):
   run_dir = make_run(tmp_path, steps=3)
   run = dashboard.RunState(run_dir, "r")
-  run.refresh(force=True)
+  run.refresh()
   assert run.series(["loss"], 2000)["loss"]["step"].tolist() == [0, 1, 2]
   with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
     f.write(_metric_line(3) + "\n" + json.dumps({"step": 3, "time": 1.7e9 + 3, "eval_loss_t0.5": 0.4}) + "\n")
     f.write(_metric_line(4)[:10])
-  run.refresh(force=True)
+  run.refresh()
   assert run.series(["loss"], 2000)["loss"]["step"].tolist() == [0, 1, 2, 3]
   eval_series = run.series(["eval_loss_t0.5"], 2000)["eval_loss_t0.5"]
   assert eval_series["step"].tolist() == [3] and eval_series["value"].tolist() == [0.4]
@@ -266,42 +266,157 @@ def test_downsample_keeps_extremes_and_ends():
   assert dashboard.downsample_indices(10, values[:10], 2000).tolist() == list(range(10))
 
 
-def test_million_lines_under_two_seconds(tmp_path):
+STANDARD_KEYS = "loss,lr,grad_norm,samples_per_sec,steps_per_sec,mfu,data_wait,skipped_samples"
+
+
+def _digits(values: np.ndarray, width: int) -> np.ndarray:
+  """[n, width] ASCII digits of non-negative integers, right-aligned after spaces (JSON forbids leading zeros)."""
+  powers = 10 ** np.arange(width - 1, -1, -1, dtype=np.int64)
+  shifted = values.astype(np.int64)[:, None] // powers
+  significant = shifted > 0
+  significant[:, -1] = True
+  return np.where(significant, shifted % 10 + ord("0"), ord(" ")).astype(np.uint8)
+
+
+def _decimal(values: np.ndarray, int_width: int, frac_width: int) -> np.ndarray:
+  """[n, int_width + 1 + frac_width] ASCII of non-negative floats with a fixed number of fraction digits."""
+  whole = np.floor(values)
+  frac = np.minimum(np.round((values - whole) * 10.0**frac_width), 10**frac_width - 1).astype(np.int64)
+  powers = 10 ** np.arange(frac_width - 1, -1, -1, dtype=np.int64)
+  frac_digits = (frac[:, None] // powers % 10 + ord("0")).astype(np.uint8)
+  point = np.full((values.size, 1), ord("."), np.uint8)
+  return np.concatenate([_digits(whole, int_width), point, frac_digits], axis=1)
+
+
+def write_trainer_metrics(path, n: int, spike_at: int) -> None:
+  """`n` lines shaped like the trainer's (`Trainer._log_step`: 12 keys, 17-digit floats; about 350 bytes, more
+  than a typical line, so the parsing measured is on the expensive side),
+  built as byte arrays in numpy because formatting a million lines in Python would take longer than the test."""
+  rng = np.random.default_rng(0)
+  with open(path, "wb") as f:
+    for begin in range(0, n, 250_000):
+      step = np.arange(begin, min(n, begin + 250_000))
+      size = step.size
+      loss = 2.0 / (1 + step * 1e-4) + rng.random(size) * 0.05
+      loss[step == spike_at] = 50.0
+      fields = [
+          ("step", _digits(step, 7)), ("time", _decimal(1.7e9 + step * 0.8123, 10, 7)),
+          ("loss", _decimal(loss, 2, 16)), ("grad_norm", _decimal(1.0 + rng.random(size), 1, 16)),
+          ("lr", _decimal(1e-4 * (1 - step / (2 * n)), 1, 17)), ("samples_seen", _digits(step * 256, 9)),
+          ("samples_per_sec", _decimal(210.0 + rng.random(size), 3, 13)),
+          ("steps_per_sec", _decimal(0.82 + rng.random(size) * 0.01, 1, 16)),
+          ("step_time", _decimal(1.2 + rng.random(size) * 0.01, 1, 16)),
+          ("data_wait", _decimal(rng.random(size) * 0.02, 1, 17)),
+          ("mfu", _decimal(0.31 + rng.random(size) * 0.01, 1, 16)),
+          ("total_steps", _digits(np.full(size, 2 * n), 7)),
+      ]
+      parts = []
+      for i, (key, field) in enumerate(fields):
+        prefix = ("{" if i == 0 else ", ") + f'"{key}": '
+        parts += [np.broadcast_to(np.frombuffer(prefix.encode(), np.uint8), (size, len(prefix))), field]
+      parts.append(np.broadcast_to(np.frombuffer(b"}\n", np.uint8), (size, 2)))
+      f.write(np.concatenate(parts, axis=1).tobytes())
+
+
+def test_trainer_lines_generated_as_valid_json(tmp_path):
+  path = tmp_path / "m.jsonl"
+  write_trainer_metrics(path, 300_001, spike_at=7)
+  lines = path.read_bytes().splitlines()
+  assert len(lines) == 300_001
+  first, last = json.loads(lines[0]), json.loads(lines[-1])
+  assert len(first) == 12 and first["step"] == 0 and first["samples_seen"] == 0
+  assert last["step"] == 300_000 and last["samples_seen"] == 300_000 * 256
+  assert json.loads(lines[7])["loss"] == 50.0
+  assert 300 < len(lines[0]) < 400
+
+
+def test_million_trainer_lines_answer_within_two_seconds(tmp_path):
+  """The acceptance criterion: <= 2,000 points per series of a 1,000,000-line metrics.jsonl, in under 2 s.
+
+  Measured exactly as a user meets it: the server starts (reading the file in the background from then on) and the
+  page's request for the standard chart keys is sent at once and repeated until the answer is complete (not
+  `loading`). Every request, the complete one included, must answer in under 2 s wall; the time from server start
+  to the complete answer (the whole first read) is printed in wall and CPU time. CPU time (this process, server
+  threads included) is what the code costs; wall time also counts whatever else shares the machine.
+  """
   n = 1_000_000
   run = tmp_path / "big"
   run.mkdir()
-  steps = np.arange(n)
-  loss = 2.0 / (1 + steps * 1e-4)
-  loss[777_777] = 50.0  # a spike that downsampling must keep
-  lines = [f'{{"step": {i}, "time": {1.7e9 + i * 0.5}, "loss": {v:.6f}, "lr": 0.0001}}\n'
-           for i, v in zip(steps.tolist(), loss.tolist(), strict=True)]
-  (run / "metrics.jsonl").write_text("".join(lines))
-  del lines
-  # CPU time of this process (server threads included) is what the code costs; wall time also counts whatever else
-  # shares the machine (on a loaded 2-core box it doubles), so it only gets a bound that catches a hang.
+  write_trainer_metrics(run / "metrics.jsonl", n, spike_at=777_777)
+  api = f"/api/metrics?run=0&keys={STANDARD_KEYS}&max_points=2000"
   start, start_cpu = time.perf_counter(), time.process_time()
   srv = dashboard.make_server([str(run)], port=0)
   threading.Thread(target=srv.serve_forever, daemon=True).start()
   try:
-    code, body, _ = _get(srv, "/api/metrics?run=0&keys=loss,lr&max_points=2000")
-    first, first_cpu = time.perf_counter() - start, time.process_time() - start_cpu
-    print(f"1e6 lines: first load + answer {first_cpu:.2f} s CPU, {first:.2f} s wall")
-    assert code == 200
-    assert json.loads(body)["rows"] == n  # no line lost where the file was read in chunks
-    series = json.loads(body)["series"]
-    assert len(series["loss"]["value"]) <= 2000 and len(series["lr"]["value"]) <= 2000
-    assert max(series["loss"]["value"]) == 50.0
-    assert series["loss"]["step"][-1] == n - 1
-    assert first_cpu < 2.0, f"first load + API answer took {first_cpu:.2f} s of CPU ({first:.2f} s wall)"
-    assert first < 15.0, f"first load + API answer took {first:.2f} s wall: blocked on something?"
+    request_walls = []
+    while True:
+      sent = time.perf_counter()
+      code, body, _ = _get(srv, api)
+      request_walls.append(time.perf_counter() - sent)
+      assert code == 200
+      answer = json.loads(body)
+      assert all(len(s["value"]) <= 2000 for s in answer["series"].values())
+      if not answer["loading"]:
+        break
+      assert time.perf_counter() - start < 60, "first read of the metrics never finished"
+    complete, complete_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    print(f"1e6 trainer lines: {len(request_walls)} request(s), slowest {max(request_walls):.2f} s wall; "
+          f"server start to complete answer {complete:.2f} s wall, {complete_cpu:.2f} s CPU")
+    assert max(request_walls) < 2.0, f"request walls {request_walls}"
+    assert answer["rows"] == n  # no line lost where the file was read in chunks
+    series = answer["series"]
+    assert set(series) == set(STANDARD_KEYS.split(","))
+    assert all(len(series[k]["value"]) > 1000 for k in STANDARD_KEYS.split(",") if k != "skipped_samples")
+    assert max(series["loss"]["value"]) == 50.0  # the spike survives downsampling
+    assert series["loss"]["step"][0] == 0 and series["loss"]["step"][-1] == n - 1
     with open(run / "metrics.jsonl", "a") as f:
-      f.write(f'{{"step": {n}, "time": {1.7e9 + n * 0.5}, "loss": 0.01, "lr": 0.0001}}\n')
-    time.sleep(dashboard.REFRESH_INTERVAL_S)
+      f.write(json.dumps({"step": n, "time": 1.7e9 + n, "loss": 0.01, "lr": 1e-4}) + "\n")
+    deadline = time.perf_counter() + 10 * dashboard.REFRESH_INTERVAL_S + 5
+    while json.loads(_get(srv, "/api/runs")[1])["runs"][0]["rows"] == n:
+      assert time.perf_counter() < deadline, "the appended line was never read"
+      time.sleep(0.05)
     start, start_cpu = time.perf_counter(), time.process_time()
-    code, body, _ = _get(srv, "/api/metrics?run=0&keys=loss,lr&max_points=2000")
+    code, body, _ = _get(srv, api)
     again, again_cpu = time.perf_counter() - start, time.process_time() - start_cpu
     assert json.loads(body)["series"]["loss"]["step"][-1] == n
     assert again_cpu < 0.5, f"API answer after an append took {again_cpu:.2f} s CPU ({again:.2f} s wall)"
   finally:
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_answer_while_loading_is_partial_and_says_so(tmp_path, monkeypatch):
+  """A request during the first read is answered with the lines read so far and `loading`, not blocked."""
+  run = tmp_path / "slow"
+  run.mkdir()
+  write_trainer_metrics(run / "metrics.jsonl", 2_000, spike_at=5)
+  release = threading.Event()
+  read_new = dashboard.JsonlTail.read_new
+
+  def stalled_read_new(self):
+    for i, chunk in enumerate(read_new(self)):
+      if i == 1:
+        release.wait(20)
+      yield chunk
+
+  monkeypatch.setattr(dashboard, "READ_CHUNK_BYTES", 64 << 10)
+  monkeypatch.setattr(dashboard, "FIRST_LOAD_WAIT_S", 0.2)
+  monkeypatch.setattr(dashboard.JsonlTail, "read_new", stalled_read_new)
+  srv = dashboard.make_server([str(run)], port=0)
+  threading.Thread(target=srv.serve_forever, daemon=True).start()
+  try:
+    sent = time.perf_counter()
+    answer = json.loads(_get(srv, "/api/metrics?run=0&keys=loss")[1])
+    assert time.perf_counter() - sent < 5
+    assert answer["loading"] and 0 < answer["rows"] < 2_000
+    assert json.loads(_get(srv, "/api/runs")[1])["runs"][0]["loading"]
+    release.set()
+    deadline = time.perf_counter() + 10
+    while answer["loading"]:
+      assert time.perf_counter() < deadline
+      answer = json.loads(_get(srv, "/api/metrics?run=0&keys=loss")[1])
+    assert answer["rows"] == 2_000 and answer["series"]["loss"]["step"][-1] == 1_999
+  finally:
+    release.set()
     srv.shutdown()
     srv.server_close()
