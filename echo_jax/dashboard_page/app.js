@@ -241,7 +241,7 @@
       card.style.setProperty('--run-color', RUN_COLORS[run.index % RUN_COLORS.length]);
       const title = el('div', 'title');
       title.appendChild(el('span', null, run.name));
-      title.appendChild(el('span', 'badge', run.stale ? 'STALE' : 'live'));
+      title.appendChild(el('span', 'badge', run.loading ? 'loading…' : (run.stale ? 'STALE' : 'live')));
       card.appendChild(title);
       const dl = el('dl');
       const total = run.total_steps ? ` / ${fmtNumber(run.total_steps)}` : '';
