@@ -15,7 +15,7 @@ def get_config():
   config.model.update(dim=1536, layers=24, heads=12, mlp_dim=4224,
                       text_dim=1024, text_layers=10, text_heads=8, text_mlp_dim=2816,
                       speaker_dim=1024, speaker_layers=10, speaker_heads=8, speaker_mlp_dim=2816,
-                      dtype="bfloat16", remat="dots_no_batch")
+                      dtype="bfloat16", remat="full")
   config.train.batch_size = 256
   config.train.steps = 1_000_000
   return config

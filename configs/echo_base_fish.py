@@ -16,7 +16,7 @@ def get_config():
   config.model.update(latent_dim=80, dim=2048, layers=24, heads=16, mlp_dim=5888,
                       text_dim=1280, text_layers=14, text_heads=10, text_mlp_dim=3328,
                       speaker_dim=1280, speaker_layers=14, speaker_heads=10, speaker_mlp_dim=3328,
-                      dtype="bfloat16", remat="dots_no_batch")
+                      dtype="bfloat16", remat="full")
   config.codec = "fish_pca"
   config.train.batch_size = 256
   return config

@@ -1,0 +1,112 @@
+"""Ahead-of-time compilation for TPU topologies (needs libtpu, no TPU) and the HBM pre-flight check."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import jax
+import pytest
+
+from echo_jax import aot
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def max_batch_record(tmp_path_factory: pytest.TempPathFactory) -> dict:
+  """The CLI end to end: --find_max_batch on the tiny config for a v4-8, capped at 8 (two compiles)."""
+  out = tmp_path_factory.mktemp("aot") / "aot.jsonl"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env["XLA_FLAGS"] = ""  # the CLI sees the real host, not the test's 8 fake CPU devices
+  result = subprocess.run(
+      [sys.executable, "-m", "echo_jax.aot", "--config", str(REPO / "configs" / "tiny.py"), "--topology", "v4-8",
+       "--find_max_batch", "--max_batch=8", f"--json_out={out}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "largest global batch under 90% of HBM: 8" in result.stdout
+  assert "per-chip peak" in result.stdout
+  return json.loads(out.read_text().splitlines()[-1])
+
+
+def test_find_max_batch_on_tiny_reports_memory_and_flops(max_batch_record: dict):
+  record = max_batch_record
+  # 4 data-parallel devices: batch 4 fits, 8 fits and is the cap.
+  assert [r["batch_size"] for r in record["tried"]] == [4, 8]
+  assert record["max_batch"] == 8
+  best = record["best"]
+  assert best["devices"] == 4 and best["hosts"] == 1 and best["device_kind"] == "TPU v4"
+  assert best["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert best["fits_compiler"]
+  # Parameters and two Adam moments in float32, sharded over 4 chips where the shapes allow.
+  state_bytes = 3 * 4 * best["params"]
+  assert state_bytes / 4 <= best["train"]["arguments"] <= state_bytes * 1.1
+  assert best["total_bytes"] >= best["train"]["arguments"] > 0
+  assert 0 < best["hbm_fraction"] < 0.9
+  assert best["compile_seconds"] > 0
+  # XLA's count (per-device program × 4) and the analytic matmul count agree to within a small factor.
+  assert 0.25 < best["xla_flops"] / best["analytic_flops"] < 4
+  assert best["step_seconds_at_mfu"] == pytest.approx(best["analytic_flops"] / (0.4 * 275e12 * 4))
+
+
+def test_search_max_batch_doubles_then_bisects():
+  best, tried = aot.search_max_batch(lambda batch: batch <= 44, unit=4, cap=4096)
+  assert best == 44
+  assert tried[:5] == [4, 8, 16, 32, 64]  # doubling until 64 fails, then bisection over multiples of 4
+  assert all(b % 4 == 0 for b in tried) and 48 in tried
+
+
+def test_search_max_batch_cap_and_nothing_fits():
+  assert aot.search_max_batch(lambda batch: True, unit=8, cap=48) == (48, [8, 16, 32, 48])
+  assert aot.search_max_batch(lambda batch: False, unit=8, cap=48) == (0, [8])
+
+
+def test_topologies_resolve_to_their_devices():
+  devices = aot.topology_devices("v4-64")
+  assert len(devices) == 32 and len({d.process_index for d in devices}) == 8
+  assert devices[0].device_kind == "TPU v4"
+  assert len(aot.topology_devices("v4-8")) == 4
+  assert len(aot.topology_devices("v5e-16")) == 16
+
+
+def test_bad_topology_and_missing_libtpu_say_what_to_do(monkeypatch: pytest.MonkeyPatch):
+  with pytest.raises(ValueError, match="unknown topology 'v9-8'; known: v4-8"):
+    aot.topology_devices("v9-8")
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else find_spec(name, *a))
+  with pytest.raises(RuntimeError, match=r'pip install "libtpu==0\.0\.42\.1"'):
+    aot.topology_devices("v4-8")
+
+
+class _FakeCompiled:
+  def __init__(self, temp_bytes: int):
+    self.temp_bytes = temp_bytes
+
+  def memory_analysis(self) -> SimpleNamespace:
+    return SimpleNamespace(argument_size_in_bytes=100, output_size_in_bytes=100, alias_size_in_bytes=100,
+                           temp_size_in_bytes=self.temp_bytes, generated_code_size_in_bytes=10)
+
+
+class _FakeDevice:
+  def memory_stats(self) -> dict:
+    return {"bytes_limit": 1000, "bytes_in_use": 0}
+
+
+def test_check_memory_raises_above_limit_and_warns_with_force():
+  device = [_FakeDevice()]
+  usage = aot.check_memory(_FakeCompiled(temp_bytes=700), device)  # 100 + 700 + 10 = 810 of 1000: at 81%
+  assert usage is not None and usage.total == 810
+  with pytest.raises(aot.MemoryLimitError, match=r"needs .* \(91% of the .*--force"):
+    aot.check_memory(_FakeCompiled(temp_bytes=800), device)  # 910 > 900
+  with pytest.warns(RuntimeWarning, match="continuing because of --force"):
+    assert aot.check_memory(_FakeCompiled(temp_bytes=800), device, force=True).total == 910
+  with pytest.raises(aot.MemoryLimitError):
+    aot.check_memory(_FakeCompiled(temp_bytes=500), device, limit_fraction=0.5)  # 610 > 500
+
+
+def test_check_memory_is_a_no_op_on_cpu():
+  compiled = jax.jit(lambda x: x * 2).lower(jax.ShapeDtypeStruct((4,), "float32")).compile()
+  assert aot.check_memory(compiled, jax.devices()) is None
