@@ -1,7 +1,9 @@
 """Train Echo: `python train_pretrain.py --config=configs/tiny.py --config.train.steps=100 --workdir=runs/x`.
 
 Resumes from the newest complete checkpoint in --workdir. On a pod, run the same command on every host
-(launch.sh does); SIGTERM saves a checkpoint on all hosts at the same step and exits 0.
+(launch.sh does); SIGTERM saves a checkpoint on all hosts at the same step and exits 0. A local multi-host
+simulation names the runtime with --coordinator_address/--num_processes/--process_id (or ECHO_COORDINATOR,
+ECHO_NUM_PROCESSES, ECHO_PROCESS_ID; `launch.sh --local N` sets them).
 """
 
 from absl import app, flags
@@ -14,12 +16,20 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local path or gs
 _INIT_FROM = flags.DEFINE_string(
     "init_from", None, "Start from these weights with a fresh optimizer: a converted directory, an upstream "
     ".safetensors file or any checkpoint (ignored when --workdir already has a checkpoint to resume).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for a simulated multi-host run (TPU pods detect it).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of a simulated multi-host run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a simulated multi-host run.")
+_FORCE = flags.DEFINE_bool(
+    "force", False, "Train even if the compiled step needs more than 90% of the accelerator memory (risks OOM or "
+    "silent HBM thrashing).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
-  train_main(_CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value)
+  train_main(_CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value, coordinator_address=_COORDINATOR.value,
+             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value, force=_FORCE.value)
 
 
 if __name__ == "__main__":

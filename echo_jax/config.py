@@ -6,6 +6,7 @@ Fields (override any from the command line, e.g. `--config.train.batch_size=8`):
   data.train_shards     shard paths or globs, comma separated (local, gs://, hf://datasets/...)
   data.eval_shards      held-out shards for the eval loss ('' = no eval)
   data.pad_latent       .npy file holding the codec's encoding of silence [D] ('' = zeros)
+  data.streams          independent data streams G: stream g fills rows [g·B/G, (g+1)·B/G) of every batch
   train.*               batch size (global), steps, optimizer, CFG dropout, logging / eval / checkpoint cadence
   mesh.*                device mesh sizes: data × fsdp × tensor (-1 = all remaining devices)
   codec                 "mel" | "dacvae" | "none": the codec the latents come from
@@ -26,6 +27,7 @@ from echo_jax.model import EchoConfig
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
+  config.compile_cache_dir = "~/.cache/echo_jax/xla"  # persistent XLA cache ("" = off); gs:// on a pod
   config.model = ml_collections.ConfigDict(dataclasses.asdict(EchoConfig()))
 
   config.data = ml_collections.ConfigDict()
@@ -35,7 +37,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.max_text_len = 768
   config.data.max_frames = 640  # 25.6 s at 25 frames/s
   config.data.max_ref_frames = 256
-  config.data.prefetch = 2
+  config.data.prefetch = 2  # batches built ahead per stream
+  config.data.streams = 1  # data streams; a pod sets a multiple of the host count (the batch never depends on hosts)
+  config.data.cache_dir = "~/.cache/echo_jax/shards"  # local cache for remote (gs://, hf://) shards; "" = none
+  config.data.shard_prefetch = 2  # remote shards fetched ahead per stream
+  config.data.stall_timeout = 120.0  # seconds without download progress before a retry
+  config.data.download_retries = 3
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 256  # global, over all hosts

@@ -95,10 +95,12 @@ def forward_flops(cfg: EchoConfig, frames: int, text_len: int, ref_frames: int) 
   context = 2.0 * cfg.layers * 2 * cfg.dim * (text_len * cfg.text_dim + patches * cfg.speaker_dim)
   keys = frames + text_len + patches
   per_frame_layer = (5 * cfg.dim * cfg.dim + 3 * cfg.dim * cfg.mlp_dim  # projections and SwiGLU
-                     + 2 * 3 * 2 * cfg.dim * cfg.adaln_rank  # two low-rank AdaLNs, shift/scale/gate each
                      + 2 * keys * cfg.dim)  # attention over self, text and speaker keys
   decoder = 2.0 * frames * (cfg.layers * per_frame_layer + 2 * cfg.latent_dim * cfg.dim)
-  return text + speaker + context + decoder
+  # The condition is per sample, not per frame: the timestep MLP and the two low-rank AdaLNs of every layer.
+  condition = 2.0 * (cfg.timestep_dim * cfg.dim + 4 * cfg.dim * cfg.dim
+                     + cfg.layers * 2 * 3 * 2 * cfg.dim * cfg.adaln_rank)
+  return text + speaker + context + decoder + condition
 
 
 def train_flops_per_step(cfg: EchoConfig, batch: int, frames: int, text_len: int, ref_frames: int) -> float:

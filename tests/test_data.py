@@ -414,3 +414,39 @@ def test_close_stops_the_thread(tmp_path):
   assert not thread.is_alive()
   with pytest.raises(RuntimeError, match="closed"):
     next(pipeline)
+
+
+def _stream_set(shards, streams, state=None, num_streams=2):
+  return pipeline_lib.StreamSet(
+      shards=shards, batch_size=4, num_streams=num_streams, streams=streams, state=state, latent_dim=DIM,
+      max_text_len=MAX_TEXT, max_frames=MAX_FRAMES, max_ref_frames=MAX_REF, pad_latent=np.zeros(DIM, np.float32),
+      seed=0, prefetch=1)
+
+
+def test_stream_sets_give_the_same_global_batch_in_any_process_layout(tmp_path):
+  shards = _write_dataset(tmp_path, num_shards=4, per_shard=3)
+  with _stream_set(shards, range(2)) as whole, _stream_set(shards, range(0, 1)) as first, \
+      _stream_set(shards, range(1, 2)) as second:
+    for _ in range(3):
+      halves = [next(first), next(second)]
+      _assert_same_batches([next(whole)], [{k: np.concatenate([h[k] for h in halves]) for k in halves[0]}])
+    merged = pipeline_lib.merge_stream_states([first.state(), second.state()])
+    assert merged == json.loads(json.dumps(whole.state()))
+    expected = _take(whole, 4)
+  # The positions of two processes restore onto one process holding both streams.
+  with _stream_set(shards, range(2), state=merged) as restored:
+    _assert_same_batches(_take(restored, 4), expected)
+
+
+def test_stream_layout_errors_say_what_to_set(tmp_path):
+  shards = _write_dataset(tmp_path, num_shards=4, per_shard=2)
+  with pytest.raises(ValueError, match="not divisible by data.streams=3"):
+    pipeline_lib.stream_range(4, 3, (0, 4))
+  with pytest.raises(ValueError, match="set data.streams to a multiple of the process count"):
+    pipeline_lib.stream_range(8, 2, (0, 2))  # 4 processes, 2 streams
+  with pytest.raises(ValueError, match="at most the number of shards"):
+    _stream_set(shards[:1], range(2))
+  with _stream_set(shards, range(1), num_streams=4) as one_of_four:
+    state = one_of_four.state()
+  with pytest.raises(ValueError, match="another data.streams"):
+    _stream_set(shards, range(2), state=state)

@@ -1,9 +1,15 @@
 """The streaming, exactly resumable training data pipeline (DESIGN §5, §6).
 
-Each host reads a disjoint slice of the shards, shuffled per epoch, and yields fixed-shape numpy batches forever.
-The position is three integers (epoch, shard in this host's epoch list, sample in that shard's shuffled order)
-plus counters; every random choice is derived from (seed, epoch, process, shard position), so restoring a position
-re-reads one shard and continues with exactly the batches an uninterrupted run would have produced.
+The data is split into G independent *streams*: stream g reads its slice of the shards, shuffled per epoch, and
+yields fixed-shape numpy batches forever. A stream's position is three integers (epoch, shard in its epoch list,
+sample in that shard's shuffled order) plus counters; every random choice is derived from (seed, epoch, stream,
+shard position), so restoring a position re-reads one shard and continues with exactly the batches an
+uninterrupted run would have produced.
+
+`Pipeline` is one stream. `StreamSet` is what a process loads: stream g fills rows [g·B/G, (g+1)·B/G) of every
+global batch of B rows, and a process reads the streams whose rows its devices hold. The global batch therefore
+depends on the seed, the shards and G only, never on how many processes or devices share the work, and a
+checkpointed position restores onto any layout whose process count divides G.
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from echo_jax.data.cache import ShardCache
 from echo_jax.data.shards import MIN_REF_FRAMES, Sample, iter_shard
 
 STATE_VERSION = 1
+STREAM_SET_VERSION = 1
 BOS = 0
 # Every float16 bit pattern's float32 value: np.take through this table converts about 2x faster than numpy's
 # float16 cast, which has no vectorised loop, and is exact.
@@ -34,6 +42,12 @@ SkipEvent = tuple[str, str, str]
 
 def _fingerprint(shards: Sequence[str]) -> str:
   return hashlib.sha256("\n".join(shards).encode("utf-8")).hexdigest()[:16]
+
+
+def stream_shards(shards: Sequence[str], seed: int, epoch: int, stream: int, streams: int) -> list[str]:
+  """The shards stream `stream` of `streams` reads in `epoch`, in reading order (a global shuffle, then a slice)."""
+  order = np.random.default_rng([seed, _SHARD_ORDER, epoch]).permutation(len(shards))
+  return [shards[i] for i in order[stream::streams]]
 
 
 def _name_shards(shards: Sequence[str]) -> str:
@@ -61,9 +75,15 @@ class _Reader:
 
   def _shards_of_epoch(self, epoch: int) -> list[str]:
     p = self._p
-    rng = np.random.default_rng([p.seed, _SHARD_ORDER, epoch])
-    order = rng.permutation(len(p.shards))
-    return [p.shards[i] for i in order[p.process_index :: p.process_count]]
+    return stream_shards(p.shards, p.seed, epoch, p.process_index, p.process_count)
+
+  def _upcoming(self) -> list[str]:
+    """The shards after the current one, for the cache to fetch ahead."""
+    p = self._p
+    upcoming = self._epoch_shards[self.shard_cursor + 1 :]
+    if p.cache is not None and len(upcoming) < p.cache.prefetch:
+      upcoming = upcoming + self._shards_of_epoch(self.epoch + 1)
+    return upcoming
 
   def _skip(self, reason: str, key: str, shard: str) -> None:
     self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -72,8 +92,20 @@ class _Reader:
   def _load_shard(self, report: bool) -> None:
     p = self._p
     shard = self._epoch_shards[self.shard_cursor]
-    on_skip = self._skip if report else lambda reason, key, shard: None
-    samples = list(iter_shard(shard, on_skip, latent_dim=p.latent_dim))
+    def on_skip(reason: str, key: str, path: str) -> None:
+      if report:  # Named by the shard's URL, not by where the cache put it.
+        self._skip(reason, key, shard)
+
+    if p.cache is None:
+      samples = list(iter_shard(shard, on_skip, latent_dim=p.latent_dim))
+    else:
+      path = p.cache.fetch(shard, self._upcoming())
+      if path is None:
+        on_skip("unreadable_shard", "", shard)
+        samples = []
+      else:
+        samples = list(iter_shard(path, on_skip, latent_dim=p.latent_dim))
+        p.cache.release(shard)
     rng = np.random.default_rng([p.seed, _SAMPLE_ORDER, self.epoch, p.process_index, self.shard_cursor])
     self._order = [samples[i] for i in rng.permutation(len(samples))]
     self._crop_draws = rng.random(len(samples))
@@ -176,6 +208,10 @@ class Pipeline:
   `speaker_mask`; masks are bool. Malformed samples and targets longer than `max_frames` are skipped, counted in
   the state, and reported as `on_skip(reason, key, shard)` from `__next__` (the caller's thread) when the batch
   that passed them is returned. Memory: one decoded shard plus `prefetch` batches.
+
+  process_index / process_count: this stream's index and the number of streams (the names predate streams).
+  cache: fetches remote shards ahead into a local directory and deletes them once read (None: read every shard
+  directly through fsspec).
   """
 
   def __init__(
@@ -194,6 +230,7 @@ class Pipeline:
       prefetch: int = 2,
       on_skip: Callable[[str, str, str], None] | None = None,
       state: dict[str, Any] | None = None,
+      cache: ShardCache | None = None,
   ):
     self.shards = list(shards)
     self.batch_size = batch_size
@@ -207,6 +244,7 @@ class Pipeline:
     self.process_count = process_count
     self.prefetch = prefetch
     self.on_skip = on_skip
+    self.cache = cache
     self._check_arguments()
     self._state = self._check_state(state) if state is not None else _Reader(self, None).state()
     self._thread: threading.Thread | None = None
@@ -290,8 +328,12 @@ class Pipeline:
   def _stop_thread(self) -> None:
     if self._thread is not None:
       self._stop.set()
+      if self.cache is not None:  # A reader waiting for a download must not hold up the join.
+        self.cache.interrupt()
       self._thread.join()
       self._thread = None
+      if self.cache is not None:
+        self.cache.resume()
 
   def __iter__(self) -> Pipeline:
     return self
@@ -334,8 +376,103 @@ class Pipeline:
     """Stops the reader thread; the pipeline yields nothing afterwards."""
     self._closed = True
     self._stop_thread()
+    if self.cache is not None:
+      self.cache.close()
 
   def __enter__(self) -> Pipeline:
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    self.close()
+
+
+def stream_range(batch_size: int, streams: int, rows: tuple[int, int]) -> range:
+  """The streams that fill global batch rows [start, stop); raises a ValueError saying what to set when the rows
+  are not a whole number of streams."""
+  if streams < 1:
+    raise ValueError(f"data.streams must be positive, got {streams}")
+  if batch_size % streams:
+    raise ValueError(f"train.batch_size={batch_size} is not divisible by data.streams={streams}; set data.streams "
+                     "to a divisor of the batch size (and a multiple of the process count)")
+  rows_per_stream = batch_size // streams
+  start, stop = rows
+  if start % rows_per_stream or stop % rows_per_stream:
+    raise ValueError(f"this process holds global batch rows [{start}, {stop}), which is not a whole number of "
+                     f"the {streams} data streams of {rows_per_stream} rows; set data.streams to a multiple of the "
+                     "process count")
+  return range(start // rows_per_stream, stop // rows_per_stream)
+
+
+def merge_stream_states(positions: Sequence[Any]) -> dict[str, Any] | None:
+  """One StreamSet state holding every stream of `positions` (each process's state); None when any is not a
+  StreamSet state (a checkpoint from before streams existed)."""
+  merged: dict[str, Any] = {}
+  for position in positions:
+    if not isinstance(position, dict) or position.get("version") != STREAM_SET_VERSION or "streams" not in position:
+      return None
+    merged.update(position["streams"])
+  return {"version": STREAM_SET_VERSION, "streams": merged}
+
+
+class StreamSet:
+  """This process's rows of every global batch: the batches of streams `streams` of `num_streams`, stacked.
+
+  Each stream is a `Pipeline` (its own reader thread) of batch_size // num_streams rows, reading its shards
+  through its own cache subdirectory `cache_dir/stream_{g}` (None: no cache). `state` is a `merge_stream_states`
+  result or a `state()` of an earlier StreamSet; it must hold every stream this one reads.
+  """
+
+  def __init__(self, *, shards: Sequence[str], batch_size: int, num_streams: int, streams: range,
+               state: dict[str, Any] | None = None, cache_dir: str | None = None, shard_prefetch: int = 2,
+               stall_timeout: float = 120.0, retries: int = 3, **pipeline_args: Any):
+    stream_range(batch_size, num_streams, (streams.start * batch_size // num_streams,
+                                           streams.stop * batch_size // num_streams))
+    if len(shards) < num_streams:
+      raise ValueError(f"{len(shards)} shards cannot give each of data.streams={num_streams} streams a shard; "
+                       "set data.streams to at most the number of shards")
+    positions = {}
+    if state is not None:
+      if state.get("version") != STREAM_SET_VERSION:
+        raise ValueError(f"data position has version {state.get('version')!r}, expected {STREAM_SET_VERSION}")
+      missing = [g for g in streams if str(g) not in state["streams"]]
+      if missing:
+        raise ValueError(f"data position holds streams {sorted(state['streams'], key=int)}, not {missing}: it was "
+                         f"written with another data.streams (this run has {num_streams})")
+      positions = state["streams"]
+    self.streams = streams
+    self._pipelines: list[Pipeline] = []
+    try:
+      for g in streams:
+        cache = None
+        if cache_dir:
+          cache = ShardCache(f"{cache_dir}/stream_{g}", prefetch=shard_prefetch, stall_timeout=stall_timeout,
+                             retries=retries)
+        self._pipelines.append(Pipeline(
+            shards=shards, batch_size=batch_size // num_streams, process_index=g, process_count=num_streams,
+            state=positions.get(str(g)), cache=cache, **pipeline_args))
+    except BaseException:
+      self.close()
+      raise
+
+  def __iter__(self) -> StreamSet:
+    return self
+
+  def __next__(self) -> Batch:
+    batches = [next(pipeline) for pipeline in self._pipelines]
+    if len(batches) == 1:
+      return batches[0]
+    return {name: np.concatenate([batch[name] for batch in batches]) for name in batches[0]}
+
+  def state(self) -> dict[str, Any]:
+    """This process's streams' positions right after the last batch returned (JSON-serialisable)."""
+    return {"version": STREAM_SET_VERSION,
+            "streams": {str(g): p.state() for g, p in zip(self.streams, self._pipelines, strict=True)}}
+
+  def close(self) -> None:
+    for pipeline in self._pipelines:
+      pipeline.close()
+
+  def __enter__(self) -> StreamSet:
     return self
 
   def __exit__(self, *exc_info: Any) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import jax
 import ml_collections
 from absl import logging
 
-from echo_jax import codecs, convert
+from echo_jax import codecs, convert, runtime
 from echo_jax.sampling import SamplerConfig
 from echo_jax.train.loop import Hook, Trainer, install_sigterm_handler
 from echo_jax.train.samples import examples_from_shards, make_sample_hook
@@ -23,10 +24,18 @@ def sample_hooks(config: ml_collections.ConfigDict) -> tuple[tuple[int, Hook], .
   return ((config.samples.every, make_sample_hook(codec, examples, SamplerConfig(steps=config.samples.steps))),)
 
 
-def train_main(config: ml_collections.ConfigDict, workdir: str, *, init_from: str | None = None) -> None:
+def train_main(config: ml_collections.ConfigDict, workdir: str, *, init_from: str | None = None,
+               coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, force: bool = False) -> None:
+  """Joins the multi-host runtime (see `echo_jax.runtime.initialize`), then trains `config` into `workdir`."""
+  runtime.initialize(coordinator_address, num_processes, process_id)
+  runtime.enable_compilation_cache(config.get("compile_cache_dir", runtime.DEFAULT_COMPILE_CACHE_DIR))
+  # launch.sh finds the worker that hosts process 0 (the dashboard's run log and the events) by this line.
+  print(f"process_index={jax.process_index()} process_count={jax.process_count()} "
+        f"local_devices={jax.local_device_count()} devices={jax.device_count()}", flush=True)
   # Orbax narrates every save at INFO; the run directory's events.jsonl is the record users read.
   logging.set_verbosity(logging.WARNING)
   init_params = convert.load_init_params(init_from, config) if init_from else None
-  trainer = Trainer(config, workdir, hooks=sample_hooks(config), init_params=init_params)
+  trainer = Trainer(config, workdir, hooks=sample_hooks(config), init_params=init_params, force=force)
   install_sigterm_handler(trainer)
   trainer.run()

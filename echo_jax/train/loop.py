@@ -24,9 +24,10 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from echo_jax import checkpoint, metrics, sharding
+from echo_jax import aot, checkpoint, metrics, runtime, sharding
 from echo_jax.config import model_config
-from echo_jax.data.pipeline import Pipeline
+from echo_jax.data.cache import DEFAULT_CACHE_DIR
+from echo_jax.data.pipeline import StreamSet, merge_stream_states, stream_range
 from echo_jax.data.shards import list_shards
 from echo_jax.model import Echo
 from echo_jax.train.state import TrainState, count_params, create_train_state, example_inputs
@@ -64,11 +65,13 @@ class Trainer:
 
   hooks: (every, fn) pairs; fn(StepInfo) runs on every process after each step that is a multiple of `every`.
   init_params: parameters to start from instead of a random init (fresh optimizer state), e.g. imported weights.
+  force: train even when the compiled step needs more than 90% of the accelerator's memory.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
-               hooks: tuple[tuple[int, Hook], ...] = (), init_params: Any = None):
+               hooks: tuple[tuple[int, Hook], ...] = (), init_params: Any = None, force: bool = False):
     self.config = config
+    self.force = force
     self.workdir = workdir
     self.hooks = list(hooks)
     self.init_params = init_params
@@ -110,19 +113,24 @@ class Trainer:
 
   # Setup ------------------------------------------------------------------------------------------------------
 
-  def _pipeline(self, shards: str, seed: int, position: Any = None) -> Pipeline:
-    config = self.config
-    per_host, rest = divmod(config.train.batch_size, jax.process_count())
-    if rest:
-      raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by the "
-                       f"{jax.process_count()} processes")
-    return Pipeline(
-        shards=list_shards(shards), batch_size=per_host, latent_dim=config.model.latent_dim,
-        max_text_len=config.data.max_text_len, max_frames=config.data.max_frames,
-        max_ref_frames=config.data.max_ref_frames,
-        pad_latent=load_pad_latent(config.data.pad_latent, config.model.latent_dim), seed=seed,
-        process_index=jax.process_index(), process_count=jax.process_count(), prefetch=config.data.prefetch,
-        on_skip=self._on_skip, state=position)
+  def _pipeline(self, shards: str, seed: int, position: Any = None) -> StreamSet:
+    """This process's rows of every global batch: the data streams its devices hold (DESIGN §5)."""
+    config, data = self.config, self.config.data
+    batch_size = config.train.batch_size
+    num_streams = data.get("streams", 1)
+    rows = runtime.process_batch_rows(sharding.batch_sharding(self.mesh, 1), batch_size)
+    # Process 0 lists the shards once; a listing per host would load gs:// or the Hub with one request per host,
+    # and hosts that listed at different moments could disagree.
+    shard_list = checkpoint.gather_per_process(list_shards(shards) if self.is_main else None)[0]
+    return StreamSet(
+        shards=shard_list, batch_size=batch_size, num_streams=num_streams,
+        streams=stream_range(batch_size, num_streams, rows), state=position,
+        cache_dir=os.path.expanduser(data.get("cache_dir", DEFAULT_CACHE_DIR)) or None,
+        shard_prefetch=data.get("shard_prefetch", 2), stall_timeout=data.get("stall_timeout", 120.0),
+        retries=data.get("download_retries", 3), latent_dim=config.model.latent_dim,
+        max_text_len=data.max_text_len, max_frames=data.max_frames, max_ref_frames=data.max_ref_frames,
+        pad_latent=load_pad_latent(data.pad_latent, config.model.latent_dim), seed=seed, prefetch=data.prefetch,
+        on_skip=self._on_skip)
 
   def _eval_batches(self) -> list[dict[str, jax.Array]]:
     """The held-out batches, read once and reused, so every evaluation sees the same data."""
@@ -142,11 +150,13 @@ class Trainer:
       abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
                               steps.state_shardings)
       state, positions, meta = ckpt.restore(latest, abstract)
-      position = positions.get(f"process_{jax.process_index()}")
-      if position is None or meta.get("process_count") != jax.process_count():
+      # Every process's streams, so that any layout whose process count divides data.streams picks up its own.
+      position = merge_stream_states([positions[name] for name in sorted(positions)])
+      streams = self.config.data.get("streams", 1)
+      if position is None or len(position["streams"]) != streams:
         self.log.event("data_position_reset", step=latest,
-                       message=f"checkpoint written by {meta.get('process_count')} processes; the data stream "
-                               "restarts from a fresh epoch order for this process layout")
+                       message=f"the checkpoint's data position is not one of data.streams={streams} streams; "
+                               "the data restarts from a fresh epoch order")
         position = None
       self.log.event("checkpoint_restored", step=latest)
       return state, position, int(meta.get("samples_seen", latest * self.config.train.batch_size))
@@ -170,6 +180,7 @@ class Trainer:
     abstract_state = jax.eval_shape(lambda: create_train_state(self.model, jax.random.key(0), config))
     compile_start = time.time()
     steps = StepFunctions.compile(self.model, config, self.mesh, abstract_state, global_shapes)
+    aot.check_memory(steps.train, jax.local_devices(), force=self.force)  # before any step: OOM here costs nothing
     compile_seconds = time.time() - compile_start
     ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                    keep=train.keep_checkpoints, keep_period=train.keep_period)
@@ -183,6 +194,8 @@ class Trainer:
                    devices=jax.device_count(), processes=jax.process_count(), mesh=dict(self.mesh.shape),
                    compile_seconds=round(compile_seconds, 2), flops_per_step=flops_per_step)
     eval_batches = self._eval_batches()
+    if eval_batches and start_step == 0:  # the baseline that later evaluations are compared with
+      self._evaluate(steps, state, eval_batches, 0)
     pipeline = self._pipeline(config.data.train_shards, config.seed, position)
     consecutive_nonfinite = 0
     pending = None  # (step, device metrics, host timings) of the step whose metrics are not yet logged

@@ -1,0 +1,120 @@
+"""Shared pieces of the benchmarks in bench/: machine description, config loading, best-of timing, the JSONL
+results file and the printed table (DESIGN §11: each benchmark prints a table and appends JSON to bench/results/).
+
+Nothing here imports JAX, so a benchmark that does not use it (bench/data_pipeline.py) can use this module too.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH_DIR)
+RESULTS_DIR = os.path.join(BENCH_DIR, "results")
+CONFIG_DIRS = (os.path.join(REPO, "configs"), os.path.join(BENCH_DIR, "configs"))
+
+
+def cpu_model() -> str:
+  """The CPU's marketing name from /proc/cpuinfo (Linux), else what `platform` knows."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as stream:
+      for line in stream:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
+def _version(package: str) -> str | None:
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def machine() -> dict[str, Any]:
+  """What a figure depends on besides the code: CPU, cores this process may use, load, library versions, XLA flags.
+
+  The 1-minute load average is taken at call time; on a shared machine it says how much other jobs competed.
+  """
+  return {
+      "cpu_model": cpu_model(),
+      "cores": os.cpu_count(),
+      "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+      "python": platform.python_version(),
+      "jax": _version("jax"),
+      "jaxlib": _version("jaxlib"),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "load_average_1m": round(os.getloadavg()[0], 2),
+  }
+
+
+def load_config(name: str) -> Any:
+  """`get_config()` of NAME.py from configs/ or bench/configs/ (in that order), or of a path to a .py file."""
+  candidates = [name] if name.endswith(".py") else [os.path.join(d, f"{name}.py") for d in CONFIG_DIRS]
+  for path in candidates:
+    if os.path.isfile(path):
+      spec = importlib.util.spec_from_file_location(f"bench_config_{os.path.basename(path)[:-3]}", path)
+      module = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(module)
+      return module.get_config()
+  raise ValueError(f"no config {name!r}: looked for {', '.join(candidates)}")
+
+
+def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[list[float], list[float]]:
+  """(wall seconds, process CPU seconds) of each of `repeats` calls of `fn` after `warmup` untimed ones.
+
+  `fn` must wait for its own result (e.g. `jax.block_until_ready`). On a shared machine report the minimum wall
+  time (the run least disturbed by other jobs); CPU seconds are what other jobs do not stretch.
+  """
+  if repeats < 1:
+    raise ValueError(f"repeats must be at least 1, got {repeats}")
+  for _ in range(warmup):
+    fn()
+  walls, cpus = [], []
+  for _ in range(repeats):
+    start, start_cpu = time.perf_counter(), time.process_time()
+    fn()
+    walls.append(time.perf_counter() - start)
+    cpus.append(time.process_time() - start_cpu)
+  return walls, cpus
+
+
+def spread(times: Sequence[float]) -> float:
+  """(max − min) / min of repeated timings: how noisy the measurement was."""
+  best = min(times)
+  return (max(times) - best) / best if best > 0 else math.inf
+
+
+def append_result(name: str, record: dict[str, Any]) -> str:
+  """Appends `record` (with a timestamp) as one line to bench/results/NAME.jsonl; returns the file's path."""
+  os.makedirs(RESULTS_DIR, exist_ok=True)
+  path = os.path.join(RESULTS_DIR, f"{name}.jsonl")
+  line = json.dumps({"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record})
+  with open(path, "a", encoding="utf-8") as stream:
+    stream.write(line + "\n")
+  return path
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+  """A text table, text columns left-aligned and numbers right-aligned.
+
+  `columns` are (key, header, format spec such as '.2f' or ''); a missing or None value prints as '-'.
+  """
+  cells = [[header for _, header, _ in columns]]
+  for row in rows:
+    cells.append(["-" if row.get(key) is None else format(row[key], spec) for key, _, spec in columns])
+  widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+  # Text columns read better left-aligned, numbers right-aligned.
+  left = [bool(rows) and isinstance(rows[0].get(key), str) for key, _, _ in columns]
+  return "\n".join("  ".join(cell.ljust(width) if is_left else cell.rjust(width)
+                             for cell, width, is_left in zip(line, widths, left, strict=True)) for line in cells)

@@ -1,0 +1,89 @@
+"""Process-level set-up of a run (DESIGN §5): the multi-host JAX runtime and the persistent compilation cache.
+
+Both must happen before JAX touches a device, so `train_pretrain.py` calls them first.
+
+On a TPU pod `jax.distributed.initialize()` finds the coordinator, process count and process id by itself. A local
+simulation (`launch.sh --local N`, the multi-host tests) names them through flags or the environment variables
+ECHO_COORDINATOR (host:port), ECHO_NUM_PROCESSES and ECHO_PROCESS_ID. CPU processes exchange collectives over gloo.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import jax
+
+ENV_COORDINATOR = "ECHO_COORDINATOR"
+ENV_NUM_PROCESSES = "ECHO_NUM_PROCESSES"
+ENV_PROCESS_ID = "ECHO_PROCESS_ID"
+DEFAULT_COMPILE_CACHE_DIR = os.path.join("~", ".cache", "echo_jax", "xla")
+
+
+def _on_tpu_vm() -> bool:
+  """True on a Cloud TPU VM whose TPU JAX may use (its chips are /dev/accel* or /dev/vfio/N devices)."""
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if platforms and "tpu" not in platforms.split(","):
+    return False
+  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+  """Joins this process to the multi-host runtime, or does nothing for a single-process run.
+
+  Arguments left None are taken from ECHO_COORDINATOR / ECHO_NUM_PROCESSES / ECHO_PROCESS_ID. With none given and
+  not on a TPU VM the run is single-process; on a TPU VM JAX detects the pod itself.
+  """
+  coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
+  if num_processes is None and os.environ.get(ENV_NUM_PROCESSES):
+    num_processes = int(os.environ[ENV_NUM_PROCESSES])
+  if process_id is None and os.environ.get(ENV_PROCESS_ID):
+    process_id = int(os.environ[ENV_PROCESS_ID])
+  given = {"coordinator_address": coordinator_address, "num_processes": num_processes, "process_id": process_id}
+  if all(value is None for value in given.values()):
+    if _on_tpu_vm():
+      jax.distributed.initialize()
+    return
+  missing = [name for name, value in given.items() if value is None]
+  if missing:
+    raise ValueError(f"a simulated multi-host run needs coordinator_address, num_processes and process_id "
+                     f"(flags or {ENV_COORDINATOR}/{ENV_NUM_PROCESSES}/{ENV_PROCESS_ID}); missing {missing}")
+  if not 0 <= process_id < num_processes:
+    raise ValueError(f"process_id {process_id} is outside [0, num_processes={num_processes})")
+  if num_processes == 1:
+    return
+  # Cross-process collectives on CPU need an implementation; gloo ships with jaxlib.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                             process_id=process_id)
+
+
+def enable_compilation_cache(directory: str) -> None:
+  """Keeps compiled programs in `directory` (local path or gs://) so a restart skips compilation.
+
+  On a pod, a gs:// directory shared by all hosts lets every host and every restart reuse one compilation.
+  An empty `directory` leaves the cache off.
+  """
+  if not directory:
+    return
+  if "://" not in directory:
+    directory = os.path.expanduser(directory)
+    os.makedirs(directory, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", directory)
+
+
+def process_batch_rows(sharding: jax.sharding.Sharding, batch_size: int) -> tuple[int, int]:
+  """The rows [start, stop) of a global batch of `batch_size` rows that this process's devices hold under
+  `sharding`, which `jax.make_array_from_process_local_data` expects this process to pass, in order.
+
+  Raises a ValueError when they are not one contiguous block (a device order the data streams cannot follow).
+  """
+  rows = set()
+  for device, index in sharding.devices_indices_map((batch_size,)).items():
+    if device.process_index == jax.process_index():
+      rows.update(range(batch_size)[index[0]])
+  start, stop = min(rows), max(rows) + 1
+  if len(rows) != stop - start:
+    raise ValueError(f"process {jax.process_index()} holds batch rows {sorted(rows)}, not one contiguous block")
+  return start, stop

@@ -1,0 +1,216 @@
+#!/usr/bin/env bash
+# Starts echo-jax training on every host of a TPU pod, or on N simulated hosts of this machine (DESIGN §10).
+#
+#   launch.sh --tpu NAME --zone ZONE [--project P] [--remote_dir DIR] [--logdir DIR] -- <train_pretrain.py args>
+#   launch.sh --local N [--logdir DIR] -- <train_pretrain.py args>
+#
+# --tpu: stops stale trainers and removes the old code on every worker, copies this checkout's code to
+#   ~/DIR (default echo_jax_code) on every worker, then starts all workers at once with identical arguments.
+#   Each worker is started by its own `gcloud ... ssh --worker=I` (one exit status and one log per worker, which
+#   `--worker=all` cannot give). The trainer runs detached on the worker, logging to ~/echo_jax_logs/worker_I.log
+#   there, so a dropped ssh connection does not stop it; its output is also streamed to LOGDIR/worker_I.log here.
+# --local N: N processes on this machine, joined through a coordinator on 127.0.0.1 (logs LOGDIR/process_I.log).
+#   Give each process its devices with XLA_FLAGS=--xla_force_host_platform_device_count=K.
+# Either way: prints which host runs process 0 (it writes the run log) and how to open the dashboard, and fails
+# fast: when any host fails, the others are stopped and the failing host's log tail is printed.
+# The workdir must be storage every host shares (gs:// on a pod).
+
+set -euo pipefail
+
+readonly STALE_PATTERN_SUFFIX="/train_pretrain.py"
+readonly TAIL_LINES=40
+
+usage() {
+  sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+}
+
+die() {
+  echo "launch.sh: $*" >&2
+  exit 2
+}
+
+# Runs on a TPU worker (launch.sh calls itself there): the trainer detached, its log followed until it exits.
+worker_run() {
+  local worker=$1
+  shift
+  local code_dir log_dir
+  code_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+  log_dir="$HOME/echo_jax_logs"
+  mkdir -p "$log_dir"
+  local log="$log_dir/worker_$worker.log" status="$log_dir/worker_$worker.status"
+  rm -f "$status"
+  cd "$code_dir"
+  # The full script path is in the command line, so that the stale-trainer pattern finds this trainer only.
+  nohup setsid bash -c '"$@"; echo $? > "'"$status"'"' _ "${PYTHON:-python3}" -u "$code_dir/train_pretrain.py" "$@" \
+    > "$log" 2>&1 < /dev/null &
+  local pid=$!
+  tail -n +1 -f --pid="$pid" "$log"
+  [[ -f $status ]] || { echo "launch.sh: the trainer on worker $worker ended without an exit status" >&2; exit 1; }
+  exit "$(cat "$status")"
+}
+
+# The logs of started hosts are watched until all succeed or one fails.
+declare -a PIDS=() LOGS=() NAMES=()
+PROCESS0_REPORTED=0
+
+report_process0() {
+  local i
+  for i in "${!LOGS[@]}"; do
+    if grep -q '^process_index=0 ' "${LOGS[$i]}" 2>/dev/null; then
+      echo "launch.sh: process 0 (run log, events, dashboard) runs on ${NAMES[$i]}"
+      if [[ -n ${TPU:-} ]]; then
+        local worker=${NAMES[$i]#worker }
+        echo "launch.sh: dashboard: on that worker run"
+        echo "  gcloud compute tpus tpu-vm ssh $TPU --zone $ZONE ${PROJECT:+--project $PROJECT }--worker=$worker" \
+          "--command='cd ~/$REMOTE_DIR && python3 monitor.py WORKDIR & cloudflared tunnel --url http://localhost:8080'"
+      else
+        echo "launch.sh: dashboard: python monitor.py WORKDIR, then open http://127.0.0.1:8080" \
+          "(or: cloudflared tunnel --url http://localhost:8080)"
+      fi
+      PROCESS0_REPORTED=1
+      return
+    fi
+  done
+}
+
+stop_all() {
+  local pid
+  for pid in "${PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  if [[ -n ${TPU:-} ]]; then
+    stop_remote_trainers || true
+  fi
+}
+
+watch_hosts() {
+  local running=${#PIDS[@]} i status
+  declare -A finished=()
+  trap 'echo "launch.sh: interrupted; stopping every host" >&2; stop_all; exit 130' INT TERM
+  while ((running > 0)); do
+    for i in "${!PIDS[@]}"; do
+      [[ -n ${finished[$i]:-} ]] && continue
+      kill -0 "${PIDS[$i]}" 2>/dev/null && continue
+      status=0
+      wait "${PIDS[$i]}" || status=$?
+      finished[$i]=1
+      running=$((running - 1))
+      if ((status != 0)); then
+        echo "launch.sh: ${NAMES[$i]} failed (exit $status); stopping the others. Last lines of ${LOGS[$i]}:" >&2
+        tail -n "$TAIL_LINES" "${LOGS[$i]}" >&2 || true
+        stop_all
+        exit 1
+      fi
+    done
+    ((PROCESS0_REPORTED)) || report_process0
+    sleep 0.5
+  done
+  ((PROCESS0_REPORTED)) || report_process0
+  echo "launch.sh: all ${#PIDS[@]} hosts finished; logs in $LOGDIR"
+}
+
+gcloud_tpu() {
+  local command=$1
+  shift
+  gcloud compute tpus tpu-vm "$command" "$@" --zone "$ZONE" ${PROJECT:+--project "$PROJECT"}
+}
+
+stop_remote_trainers() {
+  # The bracket keeps pkill from matching the shell that runs this very command.
+  gcloud_tpu ssh "$TPU" --worker=all \
+    --command="pkill -f '[${REMOTE_DIR:0:1}]${REMOTE_DIR:1}$STALE_PATTERN_SUFFIX' || true"
+}
+
+launch_tpu() {
+  local endpoints
+  endpoints=$(gcloud_tpu describe "$TPU" --format='value(networkEndpoints[].ipAddress)')
+  local -a addresses
+  IFS=';' read -r -a addresses <<< "$endpoints"
+  local workers=${#addresses[@]}
+  ((workers > 0)) || die "TPU $TPU in $ZONE lists no workers"
+  echo "launch.sh: $TPU has $workers workers"
+
+  stop_remote_trainers
+  gcloud_tpu ssh "$TPU" --worker=all --command="rm -rf ~/$REMOTE_DIR"
+  local stage
+  stage=$(mktemp -d)
+  mkdir "$stage/$REMOTE_DIR"
+  local root
+  root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+  local item
+  for item in echo_jax configs train_pretrain.py inference.py monitor.py disk_watchdog.py launch.sh \
+      requirements.txt; do
+    [[ -e $root/$item ]] && cp -r "$root/$item" "$stage/$REMOTE_DIR/"
+  done
+  find "$stage" -name __pycache__ -type d -prune -exec rm -rf {} +
+  gcloud_tpu scp --recurse "$stage/$REMOTE_DIR" "$TPU:$REMOTE_DIR" --worker=all
+  rm -rf "$stage"
+
+  local args worker
+  args=$(printf ' %q' "$@")
+  for ((worker = 0; worker < workers; worker++)); do
+    LOGS+=("$LOGDIR/worker_$worker.log")
+    NAMES+=("worker $worker")
+    gcloud_tpu ssh "$TPU" --worker="$worker" \
+      --command="bash ~/$REMOTE_DIR/launch.sh --worker-run $worker --$args" > "${LOGS[-1]}" 2>&1 &
+    PIDS+=($!)
+  done
+  echo "launch.sh: started $workers workers; logs here in $LOGDIR, on each worker in ~/echo_jax_logs"
+  watch_hosts
+}
+
+launch_local() {
+  local count=$1
+  shift
+  local root port python i
+  root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+  python=${PYTHON:-}
+  if [[ -z $python ]]; then
+    python=python3
+    [[ -x $root/.venv/bin/python ]] && python=$root/.venv/bin/python
+  fi
+  port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  for ((i = 0; i < count; i++)); do
+    LOGS+=("$LOGDIR/process_$i.log")
+    NAMES+=("process $i")
+    ECHO_COORDINATOR="127.0.0.1:$port" ECHO_NUM_PROCESSES=$count ECHO_PROCESS_ID=$i \
+      "$python" -u "$root/train_pretrain.py" "$@" > "${LOGS[-1]}" 2>&1 < /dev/null &
+    PIDS+=($!)
+  done
+  echo "launch.sh: started $count local processes (coordinator 127.0.0.1:$port); logs in $LOGDIR"
+  watch_hosts
+}
+
+main() {
+  local mode="" count=""
+  TPU="" ZONE="" PROJECT="" REMOTE_DIR="echo_jax_code" LOGDIR="echo_jax_logs"
+  while (($# > 0)); do
+    case $1 in
+      --tpu) TPU=${2:?--tpu needs a name}; mode=tpu; shift 2 ;;
+      --zone) ZONE=${2:?--zone needs a zone}; shift 2 ;;
+      --project) PROJECT=${2:?--project needs a project}; shift 2 ;;
+      --remote_dir) REMOTE_DIR=${2:?--remote_dir needs a directory}; shift 2 ;;
+      --logdir) LOGDIR=${2:?--logdir needs a directory}; shift 2 ;;
+      --local) count=${2:?--local needs a process count}; mode=local; shift 2 ;;
+      --worker-run) shift; local worker=${1:?}; shift; [[ ${1:-} == -- ]] && shift; worker_run "$worker" "$@" ;;
+      --) shift; break ;;
+      -h|--help) usage ;;
+      *) die "unknown argument $1 (arguments for train_pretrain.py go after --)" ;;
+    esac
+  done
+  [[ -n $mode ]] || usage
+  (($# > 0)) || die "no train_pretrain.py arguments after --"
+  mkdir -p "$LOGDIR"
+  LOGDIR=$(cd "$LOGDIR" && pwd)
+  if [[ $mode == tpu ]]; then
+    [[ -n $ZONE ]] || die "--tpu needs --zone"
+    [[ $REMOTE_DIR =~ ^[A-Za-z0-9_.-]+$ ]] || die "--remote_dir must be a plain directory name under ~"
+    launch_tpu "$@"
+  else
+    [[ $count =~ ^[1-9][0-9]*$ ]] || die "--local needs a positive process count, got '$count'"
+    launch_local "$count" "$@"
+  fi
+}
+
+main "$@"

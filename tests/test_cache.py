@@ -1,0 +1,155 @@
+"""The shard cache (echo_jax.data.cache): one fsspec code path for local and remote shards, prefetch, deletion
+after use, and retries of stalled downloads."""
+
+import io
+import os
+import pathlib
+import threading
+
+import fsspec
+import numpy as np
+import pytest
+from conftest import write_synthetic_shards
+from fsspec.spec import AbstractFileSystem
+
+from echo_jax.data.cache import ShardCache
+from echo_jax.data.pipeline import Pipeline
+from echo_jax.data.shards import list_shards
+
+RELEASE = threading.Event()  # Set at teardown, so that stalled reads of abandoned downloads end.
+
+
+class StallingFileSystem(AbstractFileSystem):
+  """`stalling://name`: serves bytes from `FILES`; the first `STALLS[name]` opens of a file hang on read."""
+
+  protocol = "stalling"
+  FILES: dict[str, bytes] = {}
+  STALLS: dict[str, int] = {}
+
+  def _open(self, path, mode="rb", **kwargs):
+    name = self._strip_protocol(path)
+    if self.STALLS.get(name, 0) > 0:
+      self.STALLS[name] -= 1
+      return _StalledFile()
+    return io.BytesIO(self.FILES[name])
+
+  def info(self, path, **kwargs):
+    name = self._strip_protocol(path)
+    return {"name": name, "size": len(self.FILES[name]), "type": "file"}
+
+
+class _StalledFile(io.RawIOBase):
+  def readable(self):
+    return True
+
+  def read(self, size=-1):
+    RELEASE.wait(30)
+    return b""
+
+
+@pytest.fixture(autouse=True)
+def stalling_filesystem():
+  fsspec.register_implementation("stalling", StallingFileSystem, clobber=True)
+  RELEASE.clear()
+  yield
+  RELEASE.set()
+  StallingFileSystem.FILES.clear()
+  StallingFileSystem.STALLS.clear()
+
+
+def make_pipeline(shards, cache=None, **overrides):
+  args = dict(shards=shards, batch_size=3, latent_dim=8, max_text_len=32, max_frames=32, max_ref_frames=16,
+              pad_latent=np.zeros(8, np.float32), seed=0, prefetch=0, cache=cache)
+  args.update(overrides)
+  return Pipeline(**args)
+
+
+def take(pipeline, n):
+  return [next(pipeline) for _ in range(n)]
+
+
+def assert_same(a, b):
+  for batch_a, batch_b in zip(a, b, strict=True):
+    for name in batch_a:
+      np.testing.assert_array_equal(batch_a[name], batch_b[name], err_msg=name)
+
+
+def copy_to(local_paths, prefix):
+  """Copies shards to an fsspec location; returns their URLs in the same order."""
+  urls = []
+  for path in local_paths:
+    url = f"{prefix}/{os.path.basename(path)}"
+    with open(path, "rb") as source, fsspec.open(url, "wb") as target:
+      target.write(source.read())
+    urls.append(url)
+  return urls
+
+
+def cache_files(directory):
+  return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+
+
+def test_local_shards_are_read_in_place(tmp_path):
+  shards = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=3, per_shard=4))
+  cache = ShardCache(str(tmp_path / "cache"))
+  assert cache.fetch(shards[0], upcoming=shards[1:]) == shards[0]
+  cache.release(shards[0])
+  assert os.path.exists(shards[0]) and not os.path.exists(tmp_path / "cache")
+  with make_pipeline(shards) as direct, make_pipeline(shards, cache=cache) as cached:
+    assert_same(take(direct, 6), take(cached, 6))
+  assert not os.path.exists(tmp_path / "cache")
+
+
+def test_memory_filesystem_streams_through_the_cache_and_consumed_shards_leave(tmp_path):
+  local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=4, per_shard=4))
+  copy_to(local, "memory://echo-test-shards")
+  urls = list_shards("memory://echo-test-shards/*.tar")
+  assert [os.path.basename(url) for url in urls] == [os.path.basename(path) for path in local]
+  directory = tmp_path / "cache"
+  cache = ShardCache(str(directory), prefetch=1)
+  with make_pipeline(local) as direct, make_pipeline(urls, cache=cache) as cached:
+    # 20 batches of 3 go through the 16 samples almost four times: every shard is fetched and deleted again.
+    for _ in range(20):
+      assert_same([next(direct)], [next(cached)])
+      files = cache_files(directory)
+      assert len([f for f in files if f.endswith(".tar")]) <= 1, files  # the one shard fetched ahead
+      assert not [f for f in files if f.endswith(".consumed")], files
+  assert not cache_files(directory)  # closing deleted the shard fetched ahead and any download in flight
+  # A consumed shard's cached copy is gone: fetch, release, and it is not there.
+  path = cache.fetch(urls[0])
+  assert pathlib.Path(path).read_bytes() == pathlib.Path(local[0]).read_bytes()
+  cache.release(urls[0])
+  assert not os.path.exists(path)
+
+
+def test_a_stalled_download_times_out_and_is_retried(tmp_path):
+  local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=1, per_shard=4))
+  StallingFileSystem.FILES["shard.tar"] = pathlib.Path(local[0]).read_bytes()
+  StallingFileSystem.STALLS["shard.tar"] = 2
+  cache = ShardCache(str(tmp_path / "cache"), stall_timeout=0.3, retries=3)
+  path = cache.fetch("stalling://shard.tar")
+  assert path is not None and pathlib.Path(path).read_bytes() == StallingFileSystem.FILES["shard.tar"]
+  assert StallingFileSystem.STALLS["shard.tar"] == 0  # two stalled attempts, then the third one worked
+  assert not [f for f in cache_files(tmp_path / "cache") if f.endswith(".partial")]
+
+
+def test_a_shard_that_always_stalls_is_skipped_and_the_stream_goes_on(tmp_path):
+  local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=2, per_shard=4))
+  urls = []
+  for index, path in enumerate(local):
+    name = f"shard{index}.tar"
+    StallingFileSystem.FILES[name] = pathlib.Path(path).read_bytes()
+    urls.append(f"stalling://{name}")
+  StallingFileSystem.STALLS["shard0.tar"] = 1000
+  skips = []
+  cache = ShardCache(str(tmp_path / "cache"), stall_timeout=0.2, retries=2)
+  with make_pipeline(urls, cache=cache, on_skip=lambda *event: skips.append(event)) as pipeline:
+    batches = take(pipeline, 4)  # 12 rows, all from the good shard (4 samples, repeated over epochs)
+  assert ("unreadable_shard", "", "stalling://shard0.tar") in skips
+  assert all(batch["text_mask"].any(axis=1).all() for batch in batches)
+  assert not [f for f in cache_files(tmp_path / "cache") if f.endswith(".partial")]
+
+
+def test_bad_cache_arguments_are_errors(tmp_path):
+  with pytest.raises(ValueError, match="retries"):
+    ShardCache(str(tmp_path), retries=0)

@@ -1,0 +1,223 @@
+"""launch.sh: the gcloud calls of a pod launch (against a fake gcloud that runs each worker's command here), fail
+fast when a host fails, and `--local 2` training the tiny config end to end."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import textwrap
+import time
+
+import pytest
+from conftest import REPO, write_synthetic_shards
+
+LAUNCH = str(REPO / "launch.sh")
+SEP = "\x1f"
+
+# Records its arguments, answers `describe` with two workers, and runs ssh commands and scp copies for each named
+# worker in a directory that stands for that worker's home.
+FAKE_GCLOUD = textwrap.dedent("""\
+    #!/usr/bin/env bash
+    set -euo pipefail
+    printf '%s\\x1f' "$@" >> "$FAKE_ROOT/calls"
+    printf '\\n' >> "$FAKE_ROOT/calls"
+    verb=$4 worker="" command="" source="" destination="" value_of=""
+    for arg in "$@"; do
+      if [[ -n $value_of ]]; then value_of=""; continue; fi
+      case $arg in
+        --zone|--project|--format) value_of=$arg ;;
+        --worker=*) worker=${arg#--worker=} ;;
+        --command=*) command=${arg#--command=} ;;
+        -*) ;;
+        *:*) destination=${arg#*:} ;;
+        *) source=$arg ;;
+      esac
+    done
+    case $verb in
+      describe) echo "10.0.0.1;10.0.0.2"; exit 0 ;;
+    esac
+    workers=$worker
+    [[ $worker == all ]] && workers="0 1"
+    status=0
+    for w in $workers; do
+      home="$FAKE_ROOT/worker_$w"
+      mkdir -p "$home"
+      if [[ $verb == scp ]]; then
+        cp -r "$source" "$home/$destination"
+      else
+        (cd "$home" && HOME="$home" FAKE_WORKER=$w bash -c "$command") || status=$?
+      fi
+    done
+    exit $status
+""")
+
+# Stands in for python3 on the workers: records its arguments and pid, says which process it is (worker 1 hosts
+# process 0, as the real pod may have it), fails on FAKE_FAIL_WORKER, and otherwise runs FAKE_SECONDS.
+FAKE_PYTHON = textwrap.dedent("""\
+    #!/usr/bin/env bash
+    printf '%s\\n' "$@" > "$HOME/trainer_args"
+    echo $$ > "$HOME/trainer_pid"
+    echo "process_index=$((1 - FAKE_WORKER)) process_count=2"
+    if [[ $FAKE_WORKER == "${FAKE_FAIL_WORKER:-}" ]]; then
+      echo "Traceback: boom on worker $FAKE_WORKER"
+      exit 3
+    fi
+    for ((i = 0; i < ${FAKE_SECONDS:-0} * 10; i++)); do sleep 0.1; done
+    echo "trained"
+""")
+
+TRAIN_ARGS = ["--config=configs/tiny.py", "--workdir=gs://bucket/run one", "--config.train.steps=5"]
+
+
+def write_executable(path, text):
+  path.write_text(text)
+  path.chmod(0o755)
+
+
+@pytest.fixture
+def fake_pod(tmp_path):
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  write_executable(bin_dir / "gcloud", FAKE_GCLOUD)
+  write_executable(bin_dir / "python3", FAKE_PYTHON)
+  env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+  env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_ROOT=str(tmp_path))
+  return tmp_path, env
+
+
+def launch_tpu(tmp_path, env, timeout=120):
+  return subprocess.run(
+      ["bash", LAUNCH, "--tpu", "pod", "--zone", "us-central2-b", "--project", "proj", "--logdir",
+       str(tmp_path / "logs"), "--", *TRAIN_ARGS], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def recorded_calls(tmp_path):
+  lines = (tmp_path / "calls").read_text().splitlines()
+  return [line.split(SEP)[:-1] for line in lines]
+
+
+def test_pod_launch_makes_the_right_gcloud_calls(fake_pod):
+  tmp_path, env = fake_pod
+  result = launch_tpu(tmp_path, env)
+  assert result.returncode == 0, result.stdout + result.stderr
+  calls = recorded_calls(tmp_path)
+  for call in calls:
+    assert call[:3] == ["compute", "tpus", "tpu-vm"] and ("pod" in call or "pod:echo_jax_code" in call), call
+    assert call[-4:] == ["--zone", "us-central2-b", "--project", "proj"], call
+  verbs = [(call[3], next((a for a in call if a.startswith("--worker=")), None)) for call in calls]
+  # Describe, stop stale trainers, remove old code, copy code to all, then one start per worker.
+  assert verbs[:4] == [("describe", None), ("ssh", "--worker=all"), ("ssh", "--worker=all"),
+                       ("scp", "--worker=all")]
+  assert sorted(verbs[4:]) == [("ssh", "--worker=0"), ("ssh", "--worker=1")]
+  assert "pkill -f" in calls[1][-5] and "train_pretrain.py" in calls[1][-5]
+  assert "--recurse" in calls[3]
+  for worker in (0, 1):
+    home = tmp_path / f"worker_{worker}"
+    # The code arrived (and nothing from the local environment), and every worker got the same arguments.
+    assert (home / "echo_jax_code" / "train_pretrain.py").exists()
+    assert (home / "echo_jax_code" / "echo_jax" / "runtime.py").exists()
+    assert not (home / "echo_jax_code" / ".venv").exists()
+    assert (home / "trainer_args").read_text().splitlines()[2:] == TRAIN_ARGS
+    assert "trained" in (home / "echo_jax_logs" / f"worker_{worker}.log").read_text()
+    assert "trained" in (tmp_path / "logs" / f"worker_{worker}.log").read_text()
+  assert "process 0 (run log, events, dashboard) runs on worker 1" in result.stdout
+  assert "--worker=1" in result.stdout and "cloudflared tunnel --url http://localhost:8080" in result.stdout
+
+
+def pid_alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  return True
+
+
+def test_a_failing_worker_fails_the_launch_fast_with_its_log_tail(fake_pod):
+  tmp_path, env = fake_pod
+  env.update(FAKE_FAIL_WORKER="1", FAKE_SECONDS="60")
+  start = time.time()
+  result = launch_tpu(tmp_path, env, timeout=60)
+  assert result.returncode == 1, result.stdout + result.stderr
+  assert time.time() - start < 30
+  assert "worker 1 failed (exit 3)" in result.stderr and "boom on worker 1" in result.stderr
+  # The healthy worker's trainer was stopped too (the stale-trainer pkill ran on all workers).
+  pid = int((tmp_path / "worker_0" / "trainer_pid").read_text())
+  deadline = time.time() + 10
+  while pid_alive(pid) and time.time() < deadline:
+    time.sleep(0.1)
+  assert not pid_alive(pid)
+  assert sum(1 for call in recorded_calls(tmp_path) if any("pkill" in a for a in call)) == 2
+
+
+def test_local_launch_fails_fast_and_stops_the_other_process(tmp_path):
+  fake = tmp_path / "fake_python"
+  write_executable(fake, textwrap.dedent("""\
+      #!/usr/bin/env bash
+      if [[ $1 == -c ]]; then exec python3 "$@"; fi
+      echo $$ > "$FAKE_ROOT/pid_$ECHO_PROCESS_ID"
+      [[ $ECHO_PROCESS_ID == 1 ]] && { echo "process 1 broke"; exit 5; }
+      for ((i = 0; i < 600; i++)); do sleep 0.1; done
+  """))
+  env = dict(os.environ, PYTHON=str(fake), FAKE_ROOT=str(tmp_path))
+  start = time.time()
+  result = subprocess.run(["bash", LAUNCH, "--local", "2", "--logdir", str(tmp_path / "logs"), "--", "--x=1"],
+                          env=env, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 1 and time.time() - start < 30, result.stdout + result.stderr
+  assert "process 1 failed (exit 5)" in result.stderr and "process 1 broke" in result.stderr
+  pid = int((tmp_path / "pid_0").read_text())
+  deadline = time.time() + 10
+  while pid_alive(pid) and time.time() < deadline:
+    time.sleep(0.1)
+  assert not pid_alive(pid)
+
+
+def test_bad_arguments_are_errors():
+  result = subprocess.run(["bash", LAUNCH, "--local", "zero", "--", "--x"], capture_output=True, text=True)
+  assert result.returncode == 2 and "positive process count" in result.stderr
+  result = subprocess.run(["bash", LAUNCH, "--tpu", "pod", "--", "--x"], capture_output=True, text=True)
+  assert result.returncode == 2 and "--zone" in result.stderr
+
+
+def test_shellcheck_is_clean():
+  if shutil.which("shellcheck") is None:
+    pytest.skip("shellcheck is not installed")
+  result = subprocess.run(["shellcheck", LAUNCH], capture_output=True, text=True)
+  assert result.returncode == 0, result.stdout
+
+
+def test_local_two_processes_train_the_tiny_config(tmp_path):
+  shards = write_synthetic_shards(tmp_path / "shards", num_shards=4)
+  config_file = tmp_path / "two_streams.py"
+  # data.streams must be a multiple of the process count; the config reads configs/tiny.py and sets it.
+  config_file.write_text(textwrap.dedent(f"""\
+      import importlib.util
+
+      def get_config():
+        spec = importlib.util.spec_from_file_location("tiny", {str(REPO / "configs" / "tiny.py")!r})
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config()
+        config.data.streams = 2
+        config.data.cache_dir = {str(tmp_path / "cache")!r}
+        config.compile_cache_dir = ""
+        config.mesh.update(data=-1, fsdp=1)
+        return config
+  """))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env.pop("PYTHON", None)
+  workdir = tmp_path / "run"
+  result = subprocess.run(
+      ["bash", LAUNCH, "--local", "2", "--logdir", str(tmp_path / "logs"), "--", f"--config={config_file}",
+       f"--config.data.train_shards={shards}", "--config.train.steps=4", "--config.train.eval_every=0",
+       "--config.train.log_every=2", "--config.train.ckpt_every=4", f"--workdir={workdir}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
+  logs = "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*.log")))
+  assert result.returncode == 0, result.stdout + result.stderr + logs[-4000:]
+  assert "process 0 (run log, events, dashboard) runs on process 0" in result.stdout
+  metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert max(m["step"] for m in metrics if "loss" in m) == 4
+  start = next(json.loads(line) for line in (workdir / "events.jsonl").read_text().splitlines()
+               if json.loads(line)["event"] == "start")
+  assert start["processes"] == 2 and start["devices"] == 8
+  assert pathlib.Path(workdir / "checkpoints" / "4").is_dir()

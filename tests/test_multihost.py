@@ -1,0 +1,250 @@
+"""Multi-host training on localhost: 2 real processes × 4 CPU devices (JAX distributed runtime, gloo).
+
+The global batch depends on the data streams only, so a 2-process run matches a 1-process run, its checkpoints
+restore onto other layouts, one host's bad data does not hang the other, and SIGTERM stops both at one step.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO, load_config, write_synthetic_shards
+from test_train import losses_by_step, read_jsonl, write_malformed_shard
+
+from echo_jax.data.pipeline import stream_shards
+from echo_jax.data.shards import list_shards
+from echo_jax.train.loop import Trainer
+
+STEPS = 24
+PER_SHARD = 5
+NUM_SHARDS = 6
+TIMEOUT_S = 240
+LOG_EVERY = 4
+LOGGED = range(LOG_EVERY, STEPS + 1, LOG_EVERY)  # the steps whose losses metrics.jsonl holds
+
+# One simulated host: joins the runtime from ECHO_* variables, records the texts of the rows it loads (one JSON
+# list per step) when asked, sleeps after each step when asked (so a signal lands mid-run), and prints its final
+# step.
+WORKER = textwrap.dedent("""
+    import json, sys, time
+    import jax
+    from echo_jax import runtime
+    runtime.initialize()
+    # One compilation for all the runs of this file: they share the program.
+    runtime.enable_compilation_cache(sys.argv[5])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    import ml_collections
+    import numpy as np
+    from echo_jax.train.loop import Trainer, install_sigterm_handler
+
+    config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
+    workdir, texts_path, delay = sys.argv[2], sys.argv[3], float(sys.argv[4])
+
+    class Recording:
+      def __init__(self, pipeline):
+        self.pipeline = pipeline
+        self.file = open(f"{texts_path}.{jax.process_index()}", "a")
+
+      def __next__(self):
+        batch = next(self.pipeline)
+        rows = zip(batch["text"], batch["text_mask"])
+        texts = [bytes(row[1:][mask[1:]].astype(np.uint8)).decode() for row, mask in rows]
+        self.file.write(json.dumps(texts) + "\\n")
+        self.file.flush()
+        return batch
+
+      def state(self):
+        return self.pipeline.state()
+
+      def close(self):
+        self.file.close()
+        self.pipeline.close()
+
+    class RecordingTrainer(Trainer):
+      def _pipeline(self, shards, seed, position=None):
+        pipeline = super()._pipeline(shards, seed, position)
+        return pipeline if texts_path == "-" else Recording(pipeline)
+
+    hooks = ((1, lambda info: time.sleep(delay)),) if delay else ()
+    trainer = RecordingTrainer(config, workdir, hooks=hooks)
+    install_sigterm_handler(trainer)
+    state = trainer.run()
+    print(f"final_step={int(state.step.addressable_data(0))}", flush=True)
+""")
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def start_hosts(config, workdir, *, processes=2, devices=4, texts="-", delay=0.0):
+  """Starts `processes` simulated hosts of `devices` CPU devices each; returns the Popen objects."""
+  port = free_port()
+  started = []
+  for index in range(processes):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    if processes > 1:
+      env.update(ECHO_COORDINATOR=f"127.0.0.1:{port}", ECHO_NUM_PROCESSES=str(processes),
+                 ECHO_PROCESS_ID=str(index))
+    started.append(subprocess.Popen(
+        [sys.executable, "-c", WORKER, config.to_json(), str(workdir), str(texts), str(delay),
+         str(workdir.parent / "xla_cache")], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  return started
+
+
+def finish(started, timeout=TIMEOUT_S):
+  """Waits for every host; kills all of them when one fails or time runs out. Returns their outputs."""
+  deadline = time.time() + timeout
+  try:
+    for process in started:
+      process.wait(timeout=max(1, deadline - time.time()))
+  finally:
+    for process in started:
+      if process.poll() is None:
+        process.kill()
+  outputs = [process.stdout.read() for process in started]
+  for process, output in zip(started, outputs, strict=True):
+    assert process.returncode == 0, output[-4000:]
+  return outputs
+
+
+def run_hosts(config, workdir, **kwargs):
+  return finish(start_hosts(config, workdir, **kwargs))
+
+
+def final_steps(outputs):
+  return [int(line.split("=")[1]) for output in outputs for line in output.splitlines()
+          if line.startswith("final_step=")]
+
+
+def make_config(shards, cache_dir):
+  config = load_config("tiny")
+  config.data.train_shards = shards
+  config.data.streams = 2
+  config.data.cache_dir = str(cache_dir)
+  # Data parallel: far fewer cross-process collectives than FSDP, which matters for gloo on a small CPU machine.
+  config.mesh.update(data=-1, fsdp=1)
+  config.train.update(steps=STEPS, log_every=LOG_EVERY, ckpt_every=8, keep_checkpoints=5, eval_every=0)
+  return config
+
+
+def assert_losses_match(run, reference, steps):
+  np.testing.assert_allclose([run[s] for s in steps], [reference[s] for s in steps], rtol=2e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  """The data, the config and a 1-process × 8-device reference run of it."""
+  root = tmp_path_factory.mktemp("multihost")
+  shards = write_synthetic_shards(root / "shards", num_shards=NUM_SHARDS, per_shard=PER_SHARD)
+  config = make_config(shards, root / "cache")
+  assert jax.device_count() == 8
+  Trainer(config, str(root / "reference")).run()
+  return root, config, losses_by_step(root / "reference")
+
+
+@pytest.fixture(scope="module")
+def two_host_run(setup):
+  """A 2 × 4 run that gets SIGTERM on process 1 after step 8, then is relaunched to the end.
+
+  Returns (workdir, the step both processes stopped at, the final steps the relaunch printed).
+  """
+  root, config, _ = setup
+  workdir = root / "two_hosts"
+  started = start_hosts(config, workdir, texts=root / "texts", delay=0.3)
+  deadline = time.time() + TIMEOUT_S
+  while not (os.path.exists(workdir / "metrics.jsonl") and max(losses_by_step(workdir), default=0) >= 8):
+    assert time.time() < deadline and all(p.poll() is None for p in started), "the run did not get going"
+    time.sleep(0.1)
+  started[1].send_signal(signal.SIGTERM)
+  stops = final_steps(finish(started))
+  assert len(stops) == 2 and stops[0] == stops[1], stops
+  relaunch = final_steps(run_hosts(config, workdir))
+  return workdir, stops[0], relaunch
+
+
+def test_two_hosts_match_one_host_and_read_disjoint_samples(setup, two_host_run):
+  root, _, reference = setup
+  workdir, stop, _ = two_host_run
+  losses = losses_by_step(workdir)
+  assert sorted(losses) == list(LOGGED)
+  assert_losses_match(losses, reference, LOGGED)
+
+  # Each process owns one stream of 3 shards (15 samples an epoch): its first 15 rows are one epoch.
+  epoch = PER_SHARD * NUM_SHARDS // 2
+  first_epoch = []
+  for process in range(2):
+    with open(f"{root / 'texts'}.{process}", encoding="utf-8") as f:
+      rows = [text for line in f for text in json.loads(line)]
+    assert len(rows) == stop * 4
+    first_epoch.append(rows[:epoch])
+    assert len(set(rows[:epoch])) == epoch, rows[:epoch]
+  assert set(first_epoch[0]).isdisjoint(first_epoch[1])
+  assert len(set(first_epoch[0]) | set(first_epoch[1])) == PER_SHARD * NUM_SHARDS
+
+
+def test_sigterm_to_one_host_stops_both_at_one_step_and_resume_is_exact(setup, two_host_run):
+  _, config, reference = setup
+  workdir, stop, relaunch = two_host_run
+  # Both saved at one step on the flag-exchange cadence, after the signal and before the end.
+  assert 8 < stop < STEPS and stop % config.train.log_every == 0, stop
+  log = read_jsonl(workdir / "events.jsonl")
+  assert any(e["event"] == "stopped" and e["step"] == stop for e in log)
+  assert any(e["event"] == "checkpoint_saved" and e["step"] == stop for e in log)
+  assert [e["step"] for e in log if e["event"] == "checkpoint_restored"] == [stop]
+  assert relaunch == [STEPS, STEPS]
+  assert_losses_match(losses_by_step(workdir), reference, [s for s in LOGGED if s > stop])
+
+
+def resume_copy(run, destination, step):
+  """A copy of `run` as it was right after the checkpoint of `step` (later checkpoints and metrics removed)."""
+  shutil.copytree(run, destination)
+  for name in os.listdir(destination / "checkpoints"):
+    if name.isdigit() and int(name) > step:
+      shutil.rmtree(destination / "checkpoints" / name)
+  os.remove(destination / "metrics.jsonl")
+  return destination
+
+
+def test_two_host_checkpoint_restores_onto_one_host_with_8_and_2_devices(setup, two_host_run):
+  root, config, reference = setup
+  workdir = two_host_run[0]
+  one_by_eight = resume_copy(workdir, root / "resume_1x8", step=8)
+  Trainer(config, str(one_by_eight)).run()
+  one_by_two = resume_copy(workdir, root / "resume_1x2", step=8)
+  run_hosts(config, one_by_two, processes=1, devices=2)
+  for run in (one_by_eight, one_by_two):
+    losses = losses_by_step(run)
+    assert min(losses) == 12, sorted(losses)
+    assert_losses_match(losses, reference, [s for s in LOGGED if s > 8])
+    restored = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "checkpoint_restored"]
+    assert restored[-1]["step"] == 8
+
+
+def test_malformed_shards_on_one_host_do_not_hang_the_other(setup):
+  root, config, _ = setup
+  directory = root / "mixed_shards"
+  write_synthetic_shards(directory, num_shards=NUM_SHARDS, per_shard=PER_SHARD)
+  shards = list_shards(str(directory / "train-*.tar"))
+  # Stream 1 (process 1) gets half malformed shards in the first epoch; stream 0 reads clean ones.
+  stream_one = stream_shards(shards, config.seed, epoch=0, stream=1, streams=2)
+  for path in stream_one[: len(stream_one) // 2 + 1]:
+    write_malformed_shard(path)
+  config = make_config(str(directory / "train-*.tar"), root / "cache_mixed")
+  config.train.steps = 50  # several epochs of each stream
+  finish(start_hosts(config, root / "mixed"), timeout=2 * TIMEOUT_S)
+  assert max(losses_by_step(root / "mixed")) == 50
+  skipped = [e for e in read_jsonl(root / "mixed" / "events.jsonl") if e["event"] == "skipped_sample"]
+  assert any(e["process"] == 1 for e in skipped)
