@@ -5,37 +5,27 @@ temporary directory, then measures, pinned to one core, (1) reading those files'
 Pipeline producing batches. Prints a table and appends one JSON line to bench/results/data_pipeline.jsonl.
 Targets: >= 1,000 samples/s per core and >= 30% of the raw read rate.
 
-  PYTHONPATH=. .venv/bin/python bench/data_pipeline.py [--shards 4 --per_shard 128 --batch_size 32 --batches 48 --cpu 0]
+  .venv/bin/python bench/data_pipeline.py [--shards 4 --per_shard 128 --batch_size 32 --batches 48 --cpu 0]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
+import sys
 import tempfile
 import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import common  # noqa: E402 - needs the repository root on the path first
 from echo_jax.data.pipeline import Pipeline
-from echo_jax.data.shards import Sample, write_shard
+from echo_jax.data.shards import Sample, write_shard  # noqa: E402
 
 FRAMES, REF_FRAMES, DIM = 750, 250, 128
 TEXT = "The quick brown fox jumps over the lazy dog while the band plays on in the square. " * 5
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "data_pipeline.jsonl")
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as stream:
-      for line in stream:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 def _write_shards(directory: str, num_shards: int, per_shard: int) -> list[str]:
@@ -91,7 +81,6 @@ def main() -> None:
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--batches", type=int, default=48)
   parser.add_argument("--cpu", type=int, default=0, help="the one core to pin the benchmark (and its threads) to")
-  parser.add_argument("--results", default=RESULTS)
   args = parser.parse_args()
   # Threads inherit the creating thread's affinity, so the pipeline's reader thread shares this one core.
   os.sched_setaffinity(0, {args.cpu})
@@ -108,10 +97,7 @@ def main() -> None:
   pipe_samples_s = args.batch_size * args.batches / pipe_s
   pipe_mb_s = pipe_samples_s * bytes_per_sample / 1e6
   record = {
-      "benchmark": "data_pipeline",
-      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-      "machine": {
-          "cpu_model": _cpu_model(), "cores": os.cpu_count(), "cores_used": 1, "python": platform.python_version()},
+      "machine": {**common.machine(), "cores_used": 1},
       "sample": {
           "frames": FRAMES, "ref_frames": REF_FRAMES, "dim": DIM, "shard_bytes_per_sample": round(bytes_per_sample)},
       "shards": args.shards, "per_shard": args.per_shard, "batch_size": args.batch_size, "batches": args.batches,
@@ -130,9 +116,7 @@ def main() -> None:
   print(f"Pipeline / raw: {record['pipeline_fraction_of_raw']:.1%} (target 30%); "
         f"samples/s per core: {pipe_samples_s:.0f} wall, {record['pipeline_samples_per_cpu_s']:.0f} per CPU second "
         "(target 1000)")
-  os.makedirs(os.path.dirname(args.results), exist_ok=True)
-  with open(args.results, "a") as stream:
-    stream.write(json.dumps(record) + "\n")
+  common.append_result("data_pipeline", record)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from echo_jax import checkpoint, sampling
+from echo_jax import checkpoint, codecs, sampling
 from echo_jax import text as text_lib
-from echo_jax.codecs import Codec, get_codec
+from echo_jax.codecs import Codec
 from echo_jax.codecs import audio as audio_lib
 from echo_jax.config import model_config
 from echo_jax.sampling import SamplerConfig
@@ -105,7 +105,7 @@ class Synthesizer:
       raise SynthesisError(f"checkpoint not found: {path}")
     config, params = checkpoint.load_params(path)
     if codec is None:
-      codec = get_codec(config.get("codec", "dacvae"), codec_weights)
+      codec = codecs.get_codec(config.get("codec", "dacvae"), codec_weights)
     return cls(config, params, codec)
 
   def _pad_latent(self) -> np.ndarray:

@@ -148,7 +148,7 @@ def test_blockwise_prefix_visibility():
   config = load_config("tiny")
   config.model.blockwise = True
   model = Echo(model_config(config))
-  _, _, inputs = tiny_model_and_inputs()
+  _, _, inputs, _ = tiny_model_and_inputs()
   params = randomize(init_params(model, jax.random.key(0), config))
   prefix = jax.random.normal(jax.random.key(3), (2, 16, model.cfg.latent_dim))
 
