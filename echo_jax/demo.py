@@ -43,6 +43,7 @@ def eval_losses(workdir: str) -> list[tuple[int, float]]:
 
 def main() -> None:
   config = load_config_file("configs/demo.py")
+  os.makedirs(WORKDIR, exist_ok=True)  # the dashboard serves the run directory from the first step on
   port = free_port()
   server = dashboard.make_server([WORKDIR], port=port)
   threading.Thread(target=server.serve_forever, daemon=True).start()
