@@ -24,12 +24,12 @@ def get_config():
   config.data.max_frames = 112  # 4.5 s; its longest utterance is 102 frames
   config.data.max_ref_frames = 64
   config.train.batch_size = 16
-  config.train.steps = 450
+  config.train.steps = 750
   config.train.lr = 1e-3
   config.train.log_every = 10
-  config.train.eval_every = 75
+  config.train.eval_every = 125
   config.train.eval_batches = 4
-  config.train.ckpt_every = 150
-  config.samples.every = 225
+  config.train.ckpt_every = 250
+  config.samples.every = 375
   config.samples.count = 2
   return config

@@ -42,7 +42,8 @@ class Checkpointer:
   """Async Orbax saves, keeping the newest `keep` steps and every `keep_period`-th step."""
 
   def __init__(self, directory: str, *, keep: int, keep_period: int = 0, async_save: bool = True):
-    self.directory = epath.Path(directory)
+    # Orbax needs absolute paths; a run directory given relative to the working directory is made absolute here.
+    self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
     self.incomplete = self._incomplete_saves()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,

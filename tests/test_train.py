@@ -281,3 +281,13 @@ def test_no_tensorflow_or_torch_at_import():
   """)
   result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_relative_workdir(tmp_path, monkeypatch):
+  config = load_config("tiny")
+  config.data.train_shards = write_synthetic_shards(tmp_path / "shards")
+  config.train.update(steps=4, ckpt_every=2, eval_every=0)
+  monkeypatch.chdir(tmp_path)
+  Trainer(config, "runs/relative").run()
+  assert checkpoint.Checkpointer("runs/relative/checkpoints", keep=3).all_steps() == [2, 4]
+  assert checkpoint.load_params("runs/relative")[0].train.steps == 4
