@@ -191,9 +191,11 @@ class Synthesizer:
     frames = self.frames_for(duration)
     if speaker is not None:
       speaker = np.asarray(speaker, np.float32)
-      if speaker.ndim != 2 or speaker.shape[1] != self.cfg.latent_dim or speaker.shape[0] % self.cfg.speaker_patch:
-        raise SynthesisError(f"speaker latents must be [Ts, {self.cfg.latent_dim}] with Ts a multiple of "
-                             f"{self.cfg.speaker_patch}, got {speaker.shape}")
+      patch = self.cfg.speaker_patch
+      if speaker.ndim != 2 or speaker.shape[1] != self.cfg.latent_dim or speaker.shape[0] < patch:
+        raise SynthesisError(f"speaker latents must be [Ts, {self.cfg.latent_dim}] with Ts >= {patch}, "
+                             f"got {speaker.shape}")
+      speaker = speaker[:speaker.shape[0] // patch * patch]  # the encoder reads whole patches
     latents = self.generate_latents(chunks, speaker, sampler, frames, seed, progress)
     cropped, pieces = [], []
     for index, chunk_latents in enumerate(latents):

@@ -146,7 +146,7 @@ def test_training_sample_hook_writes_samples_and_survives_failure(run_dir, tmp_p
   trainer = types.SimpleNamespace(config=config, workdir=str(tmp_path), is_main=True,
                                   log=types.SimpleNamespace(event=lambda name, **kw: events.append((name, kw))))
   examples = [SampleExample("Hello there.", None),
-              SampleExample("A second one.", np.ones((8, 8), np.float32))]
+              SampleExample("A second one.", np.ones((9, 8), np.float32))]  # any length, as in shards
   hook = make_sample_hook(FrameCodec(), examples, SamplerConfig(steps=3), duration=0.8)
   hook(StepInfo(step=7, state=types.SimpleNamespace(params=params), trainer=trainer))
   directory = tmp_path / "samples" / "step_7"
