@@ -35,7 +35,8 @@ flags.DEFINE_float("truncation", None, "initial noise scale")
 flags.DEFINE_float("force_speaker", None, "speaker K/V scale ('force speaker', e.g. 1.5)")
 flags.DEFINE_integer("force_speaker_layers", None, "force the speaker in the first N decoder layers (default all)")
 flags.DEFINE_float("force_speaker_min_t", None, "stop forcing the speaker once t < this")
-flags.DEFINE_float("duration", 15.0, "seconds of latent frames generated per chunk (speech is cropped at its end)")
+flags.DEFINE_float("duration", None, "seconds of latent frames generated per chunk (speech is cropped at its end); "
+                   "default 15 s, or less when the model trained on shorter windows")
 flags.DEFINE_integer("seed", 42, "noise seed")
 flags.DEFINE_string("codec", None, "mel or dacvae (default: the codec named in the checkpoint's config)")
 flags.DEFINE_string("codec_weights", None, "converted codec weights (dacvae)")
@@ -84,10 +85,11 @@ def run() -> synthesis.SynthesisResult:
   synthesizer = synthesis.Synthesizer.from_checkpoint(FLAGS.checkpoint, codec, FLAGS.codec_weights)
   codec = synthesizer.codec
   speaker = synthesizer.reference_latents(FLAGS.speaker_ref) if FLAGS.speaker_ref else None
-  frames = synthesizer.frames_for(FLAGS.duration)
+  duration = FLAGS.duration or synthesizer.default_duration()
+  frames = synthesizer.frames_for(duration)
   print(f"sampler: {sampler}")
-  print(f"latent frames per chunk: {frames} ({FLAGS.duration:.1f} s at {codec.frame_rate:g} frames/s)")
-  result = synthesizer.synthesize(text, speaker, sampler, FLAGS.duration, FLAGS.seed, progress=True)
+  print(f"latent frames per chunk: {frames} ({duration:.1f} s at {codec.frame_rate:g} frames/s)")
+  result = synthesizer.synthesize(text, speaker, sampler, duration, FLAGS.seed, progress=True)
   for index, chunk in enumerate(result.chunks):
     print(f"chunk {index}: {chunk!r} -> {result.latents[index].shape[0] / codec.frame_rate:.2f} s")
   audio_lib.write_wav(FLAGS.output, result.audio, result.sample_rate)

@@ -137,6 +137,10 @@ class Synthesizer:
                            f"speaker encoder needs at least {self.cfg.speaker_patch}")
     return latents[:usable]
 
+  def default_duration(self, longest: float = 15.0) -> float:
+    """`longest` seconds, or the training window when shorter: a model never trained to stop later won't."""
+    return min(longest, self.config.data.max_frames / self.codec.frame_rate)
+
   def frames_for(self, duration: float) -> int:
     """Latent frames for `duration` seconds; warns beyond the length the model trained on."""
     if duration <= 0:
