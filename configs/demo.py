@@ -4,7 +4,8 @@
 
     python train_pretrain.py --config=configs/demo.py --workdir=runs/demo
 
-which takes a few minutes on 2 CPU cores. See the README for the eval loss it reaches.
+which takes about 9 minutes on 2 CPU cores. Expected held-out eval loss: 4.83 before the first step, about 0.53
+after 750 steps (measured 4.8348 -> 0.5278, bitwise the same in two runs).
 """
 
 from echo_jax.config import base_config
