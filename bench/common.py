@@ -7,7 +7,6 @@ Nothing here imports JAX, so a benchmark that does not use it (bench/data_pipeli
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import json
 import math
 import os
@@ -58,16 +57,20 @@ def machine() -> dict[str, Any]:
   }
 
 
-def load_config(name: str) -> Any:
-  """`get_config()` of NAME.py from configs/ or bench/configs/ (in that order), or of a path to a .py file."""
+def config_path(name: str) -> str:
+  """The file of config NAME from configs/ or bench/configs/ (in that order), or NAME itself if it is a .py path."""
   candidates = [name] if name.endswith(".py") else [os.path.join(d, f"{name}.py") for d in CONFIG_DIRS]
   for path in candidates:
     if os.path.isfile(path):
-      spec = importlib.util.spec_from_file_location(f"bench_config_{os.path.basename(path)[:-3]}", path)
-      module = importlib.util.module_from_spec(spec)
-      spec.loader.exec_module(module)
-      return module.get_config()
+      return path
   raise ValueError(f"no config {name!r}: looked for {', '.join(candidates)}")
+
+
+def load_config(name: str) -> Any:
+  """`get_config()` of config NAME (see `config_path`)."""
+  from echo_jax.config import load_config_file  # noqa: PLC0415 — this module stays importable without JAX
+
+  return load_config_file(config_path(name))
 
 
 def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[list[float], list[float]]:
