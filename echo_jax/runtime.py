@@ -17,7 +17,6 @@ import jax
 ENV_COORDINATOR = "ECHO_COORDINATOR"
 ENV_NUM_PROCESSES = "ECHO_NUM_PROCESSES"
 ENV_PROCESS_ID = "ECHO_PROCESS_ID"
-DEFAULT_COMPILE_CACHE_DIR = os.path.join("~", ".cache", "echo_jax", "xla")
 
 
 def _on_tpu_vm() -> bool:

@@ -25,7 +25,6 @@ from collections.abc import Sequence
 import fsspec
 
 # Where remote shards wait to be read (config.data.cache_dir overrides it; '' reads them without a cache).
-DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "echo_jax", "shards")
 CHUNK_BYTES = 1 << 20
 PARTIAL_SUFFIX = ".partial"
 CONSUMED_SUFFIX = ".consumed"

@@ -29,7 +29,7 @@ def train_main(config: ml_collections.ConfigDict, workdir: str, *, init_from: st
                process_id: int | None = None, force: bool = False) -> None:
   """Joins the multi-host runtime (see `echo_jax.runtime.initialize`), then trains `config` into `workdir`."""
   runtime.initialize(coordinator_address, num_processes, process_id)
-  runtime.enable_compilation_cache(config.get("compile_cache_dir", runtime.DEFAULT_COMPILE_CACHE_DIR))
+  runtime.enable_compilation_cache(config.compile_cache_dir)
   # launch.sh finds the worker that hosts process 0 (the dashboard's run log and the events) by this line.
   print(f"process_index={jax.process_index()} process_count={jax.process_count()} "
         f"local_devices={jax.local_device_count()} devices={jax.device_count()}", flush=True)

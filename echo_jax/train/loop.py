@@ -26,7 +26,6 @@ from tqdm import tqdm
 
 from echo_jax import aot, checkpoint, metrics, runtime, sharding
 from echo_jax.config import model_config
-from echo_jax.data.cache import DEFAULT_CACHE_DIR
 from echo_jax.data.pipeline import StreamSet, merge_stream_states, stream_range
 from echo_jax.data.shards import list_shards
 from echo_jax.model import Echo
@@ -117,7 +116,7 @@ class Trainer:
     """This process's rows of every global batch: the data streams its devices hold (DESIGN §5)."""
     config, data = self.config, self.config.data
     batch_size = config.train.batch_size
-    num_streams = data.get("streams", 1)
+    num_streams = data.streams
     rows = runtime.process_batch_rows(sharding.batch_sharding(self.mesh, 1), batch_size)
     # Process 0 lists the shards once; a listing per host would load gs:// or the Hub with one request per host,
     # and hosts that listed at different moments could disagree.
@@ -125,9 +124,8 @@ class Trainer:
     return StreamSet(
         shards=shard_list, batch_size=batch_size, num_streams=num_streams,
         streams=stream_range(batch_size, num_streams, rows), state=position,
-        cache_dir=os.path.expanduser(data.get("cache_dir", DEFAULT_CACHE_DIR)) or None,
-        shard_prefetch=data.get("shard_prefetch", 2), stall_timeout=data.get("stall_timeout", 120.0),
-        retries=data.get("download_retries", 3), latent_dim=config.model.latent_dim,
+        cache_dir=os.path.expanduser(data.cache_dir) or None, shard_prefetch=data.shard_prefetch,
+        stall_timeout=data.stall_timeout, retries=data.download_retries, latent_dim=config.model.latent_dim,
         max_text_len=data.max_text_len, max_frames=data.max_frames, max_ref_frames=data.max_ref_frames,
         pad_latent=load_pad_latent(data.pad_latent, config.model.latent_dim), seed=seed, prefetch=data.prefetch,
         on_skip=self._on_skip)
@@ -152,7 +150,7 @@ class Trainer:
       state, positions, meta = ckpt.restore(latest, abstract)
       # Every process's streams, so that any layout whose process count divides data.streams picks up its own.
       position = merge_stream_states([positions[name] for name in sorted(positions)])
-      streams = self.config.data.get("streams", 1)
+      streams = self.config.data.streams
       if position is None or len(position["streams"]) != streams:
         self.log.event("data_position_reset", step=latest,
                        message=f"the checkpoint's data position is not one of data.streams={streams} streams; "

@@ -44,7 +44,7 @@ def train_step(state: TrainState, batch: Batch, *, model: Echo, config: ml_colle
     return flow.velocity_loss(apply_model(model, params, x_t, t, batch), v_target, batch["latent_mask"])
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = make_optimizer(train).update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
 
