@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from echo_jax.config import model_config
+from echo_jax.config import model_config, write_config_json
 from echo_jax.model import Echo
 from echo_jax.train.state import TrainState, create_train_state
 
@@ -146,9 +146,7 @@ def save_params(params: Any, config: ml_collections.ConfigDict, directory: str) 
   """Writes a parameters-only checkpoint: DIRECTORY/config.json and DIRECTORY/params (Orbax)."""
   os.makedirs(directory, exist_ok=True)
   ocp.PyTreeCheckpointer().save(os.path.join(os.path.abspath(directory), "params"), params, force=True)
-  with open(os.path.join(directory, "config.json.partial"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(os.path.join(directory, "config.json.partial"), os.path.join(directory, "config.json"))
+  write_config_json(config, directory)
 
 
 def _restore_params(directory: str, abstract_params: Any, nested: bool) -> Any:

@@ -91,3 +91,12 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def write_config_json(config: ml_collections.ConfigDict, directory: str) -> None:
+  """DIRECTORY/config.json, written whole under a temporary name and then renamed (never half-written)."""
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, "config.json")
+  with open(f"{path}.partial", "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(f"{path}.partial", path)

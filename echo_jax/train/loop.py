@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from echo_jax import aot, checkpoint, metrics, runtime, sharding
-from echo_jax.config import model_config
+from echo_jax.config import model_config, write_config_json
 from echo_jax.data.pipeline import StreamSet, merge_stream_states, stream_range
 from echo_jax.data.shards import list_shards
 from echo_jax.model import Echo
@@ -84,15 +84,6 @@ class Trainer:
     self._unconfirmed_saves: list[int] = []
 
   # Run directory ---------------------------------------------------------------------------------------------
-
-  def _write_config(self) -> None:
-    if not self.is_main:
-      return
-    os.makedirs(self.workdir, exist_ok=True)
-    path = os.path.join(self.workdir, "config.json")
-    with open(f"{path}.partial", "w", encoding="utf-8") as f:
-      f.write(self.config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(f"{path}.partial", path)
 
   def _on_skip(self, reason: str, key: str, shard: str) -> None:
     with self._skip_lock:
@@ -173,7 +164,8 @@ class Trainer:
 
   def run(self) -> TrainState:
     config, train = self.config, self.config.train
-    self._write_config()
+    if self.is_main:
+      write_config_json(config, self.workdir)
     global_shapes = example_inputs(config, train.batch_size)
     abstract_state = jax.eval_shape(lambda: create_train_state(self.model, jax.random.key(0), config))
     compile_start = time.time()
