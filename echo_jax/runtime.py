@@ -13,6 +13,7 @@ import glob
 import os
 
 import jax
+from absl import logging
 
 ENV_COORDINATOR = "ECHO_COORDINATOR"
 ENV_NUM_PROCESSES = "ECHO_NUM_PROCESSES"
@@ -58,18 +59,25 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                              process_id=process_id)
 
 
-def enable_compilation_cache(directory: str) -> None:
-  """Keeps compiled programs in `directory` (local path or gs://) so a restart skips compilation.
+def enable_compilation_cache(directory: str) -> bool:
+  """Keeps compiled programs in `directory` (local path or gs://) so a restart skips compilation; True when on.
 
   On a pod, a gs:// directory shared by all hosts lets every host and every restart reuse one compilation.
-  An empty `directory` leaves the cache off.
+  An empty `directory` leaves the cache off, and so does a CPU run over more than one device: with jax 0.10.2,
+  XLA:CPU programs with cross-device collectives that are loaded back from the cache can deadlock (devices stop at
+  different collectives; seen with the eval step on 8 host-platform devices), so such runs always compile.
   """
   if not directory:
-    return
+    return False
+  if jax.devices()[0].platform == "cpu" and jax.device_count() > 1:
+    logging.warning("persistent compilation cache left off: XLA:CPU programs with collectives over %d devices can "
+                    "deadlock when loaded back from it; each launch compiles", jax.device_count())
+    return False
   if "://" not in directory:
     directory = os.path.expanduser(directory)
     os.makedirs(directory, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", directory)
+  return True
 
 
 def process_batch_rows(sharding: jax.sharding.Sharding, batch_size: int) -> tuple[int, int]:

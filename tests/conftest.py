@@ -9,7 +9,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import pathlib  # noqa: E402
 
-import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -19,10 +18,8 @@ from echo_jax.data.shards import Sample, write_shard  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
-# Many tests compile the same tiny programs: one persistent compilation cache for the whole session (and later
-# local runs) saves minutes. Cache keys include the program and the JAX version, so a stale entry is never used.
-jax.config.update("jax_compilation_cache_dir", str(REPO / ".pytest_cache" / "xla"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+# No persistent compilation cache here: on 8 CPU devices, programs with collectives loaded back from it can deadlock
+# (see echo_jax.runtime.enable_compilation_cache), so every test compiles what it runs.
 
 
 def load_config(name: str) -> ml_collections.ConfigDict:

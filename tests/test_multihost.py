@@ -39,9 +39,6 @@ WORKER = textwrap.dedent("""
     import jax
     from echo_jax import runtime
     runtime.initialize()
-    # One compilation for all the runs of this file: they share the program.
-    runtime.enable_compilation_cache(sys.argv[5])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     import ml_collections
     import numpy as np
     from echo_jax.train.loop import Trainer, install_sigterm_handler
@@ -98,8 +95,7 @@ def start_hosts(config, workdir, *, processes=2, devices=4, texts="-", delay=0.0
       env.update(ECHO_COORDINATOR=f"127.0.0.1:{port}", ECHO_NUM_PROCESSES=str(processes),
                  ECHO_PROCESS_ID=str(index))
     started.append(subprocess.Popen(
-        [sys.executable, "-c", WORKER, config.to_json(), str(workdir), str(texts), str(delay),
-         str(workdir.parent / "xla_cache")], cwd=REPO, env=env,
+        [sys.executable, "-c", WORKER, config.to_json(), str(workdir), str(texts), str(delay)], cwd=REPO, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   return started
 
