@@ -100,9 +100,8 @@ def bench_config(name: str, config: ml_collections.ConfigDict, steps: int, warmu
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   batch_size = config.train.batch_size
   shapes = example_inputs(config, batch_size)
-  abstract_state = jax.eval_shape(lambda: create_train_state(model, jax.random.key(0), config))
   start = time.perf_counter()
-  steps_fn = StepFunctions.compile(model, config, mesh, abstract_state, shapes)
+  steps_fn = StepFunctions.compile(model, config, mesh, shapes)
   compile_s = time.perf_counter() - start
   state = jax.jit(lambda key: create_train_state(model, key, config),
                   out_shardings=steps_fn.state_shardings)(jax.random.key(0))
@@ -121,7 +120,7 @@ def bench_config(name: str, config: ml_collections.ConfigDict, steps: int, warmu
   model_flops = analytic - adaln_flops_per_frame_overcount(cfg, batch_size, data.max_frames)
   best = min(times)
   return {
-      "config": name, "params_m": round(count_params(abstract_state.params) / 1e6, 2),
+      "config": name, "params_m": round(count_params(steps_fn.abstract_state.params) / 1e6, 2),
       "batch_size": batch_size, "frames": data.max_frames, "text_len": data.max_text_len,
       "ref_frames": data.max_ref_frames, "dtype": cfg.dtype, "remat": cfg.remat, "compile_s": round(compile_s, 2),
       "steps_timed": steps, "step_s_best": best, "step_s_median": statistics.median(times),

@@ -22,7 +22,7 @@ from echo_jax.config import model_config
 from echo_jax.metrics import train_flops_per_step
 from echo_jax.model import Echo
 from echo_jax.train.loop import Trainer
-from echo_jax.train.state import create_train_state, example_inputs, state_logical_specs
+from echo_jax.train.state import abstract_train_state, create_train_state, example_inputs
 from echo_jax.train.step import StepFunctions
 
 
@@ -34,6 +34,11 @@ def read_jsonl(path):
 def losses_by_step(workdir):
   """step -> loss of the training lines; a later line for the same step (after a resume) wins."""
   return {r["step"]: r["loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r}
+
+
+def eval_losses_by_step(workdir):
+  """step -> held-out loss of the evaluation lines."""
+  return {r["step"]: r["eval_loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "eval_loss" in r}
 
 
 def events(workdir):
@@ -107,7 +112,8 @@ def final_params(workdir):
 def test_resume_after_sigkill_is_exact(tmp_path):
   config = load_config("tiny")
   config.data.train_shards = write_synthetic_shards(tmp_path / "shards", num_shards=3, per_shard=5)
-  config.train.update(steps=30, ckpt_every=15, eval_every=0, log_every=1)
+  config.data.eval_shards = write_synthetic_shards(tmp_path / "shards", num_shards=1, seed=1, prefix="eval")
+  config.train.update(steps=30, ckpt_every=15, eval_every=5, log_every=1)
   Trainer(config, str(tmp_path / "straight")).run()
 
   resumed = tmp_path / "resumed"
@@ -117,6 +123,10 @@ def test_resume_after_sigkill_is_exact(tmp_path):
 
   straight_losses, resumed_losses = losses_by_step(tmp_path / "straight"), losses_by_step(resumed)
   assert [resumed_losses[s] for s in range(16, 31)] == [straight_losses[s] for s in range(16, 31)]
+  # The restart compiled its eval step in the background, beside its first steps; the evaluations are the same.
+  straight_evals, resumed_evals = eval_losses_by_step(tmp_path / "straight"), eval_losses_by_step(resumed)
+  assert sorted(straight_evals) == [0, 5, 10, 15, 20, 25, 30]
+  assert {s: resumed_evals[s] for s in (20, 25, 30)} == {s: straight_evals[s] for s in (20, 25, 30)}
   assert any(e["event"] == "checkpoint_restored" and e["step"] == 15 for e in events(resumed))
   for a, b in zip(jax.tree.leaves(final_params(tmp_path / "straight")), jax.tree.leaves(final_params(resumed)),
                   strict=True):
@@ -143,16 +153,16 @@ def test_sigkill_during_async_save_resumes_from_previous_checkpoint(tmp_path):
 def compile_steps(config, devices):
   model = Echo(model_config(config))
   mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
-  abstract = jax.eval_shape(lambda: create_train_state(model, jax.random.key(0), config))
-  return model, StepFunctions.compile(model, config, mesh, abstract, example_inputs(config, config.train.batch_size))
+  return model, StepFunctions.compile(model, config, mesh, example_inputs(config, config.train.batch_size))
 
 
 def test_every_large_weight_is_fsdp_sharded_on_8_devices():
   config = load_config("echo_1p3b")
   model = Echo(model_config(config))
-  abstract = jax.eval_shape(lambda: create_train_state(model, jax.random.key(0), config))
+  abstract, specs = abstract_train_state(model, config)
+  assert abstract == jax.eval_shape(lambda: create_train_state(model, jax.random.key(0), config))
   mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
-  shardings = sharding.logical_to_shardings(state_logical_specs(model, config, abstract), abstract, mesh)
+  shardings = sharding.logical_to_shardings(specs, abstract, mesh)
   large = 0
   for (path, leaf), leaf_sharding in zip(jax.tree_util.tree_leaves_with_path(abstract),
                                          jax.tree.leaves(shardings), strict=True):

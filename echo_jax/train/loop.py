@@ -11,6 +11,7 @@ the data position is part of every checkpoint: a resumed run computes exactly wh
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 import signal
@@ -128,15 +129,14 @@ class Trainer:
     with self._pipeline(self.config.data.eval_shards, seed=0) as pipeline:
       return [sharding.global_batch(next(pipeline), self.mesh) for _ in range(self.config.train.eval_batches)]
 
-  def _initial_state(self, steps: StepFunctions, abstract_state: TrainState,
-                     ckpt: checkpoint.Checkpointer) -> tuple[TrainState, Any, int]:
+  def _initial_state(self, steps: StepFunctions, ckpt: checkpoint.Checkpointer) -> tuple[TrainState, Any, int]:
     """(state, this process's data position, samples seen): restored, imported or freshly initialised."""
     for name in ckpt.incomplete:
       self.log.event("incomplete_checkpoint_ignored", directory=name,
                      message="an interrupted save was found and ignored; resuming from the last complete one")
     latest = ckpt.latest_step()
     if latest is not None:
-      abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+      abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), steps.abstract_state,
                               steps.state_shardings)
       state, positions, meta = ckpt.restore(latest, abstract)
       # Every process's streams, so that any layout whose process count divides data.streams picks up its own.
@@ -167,25 +167,28 @@ class Trainer:
     if self.is_main:
       write_config_json(config, self.workdir)
     global_shapes = example_inputs(config, train.batch_size)
-    abstract_state = jax.eval_shape(lambda: create_train_state(self.model, jax.random.key(0), config))
     compile_start = time.time()
-    steps = StepFunctions.compile(self.model, config, self.mesh, abstract_state, global_shapes)
+    steps = StepFunctions.compile(self.model, config, self.mesh, global_shapes, evaluate=False)
     aot.check_memory(steps.train, jax.local_devices(), force=self.force)  # before any step: OOM here costs nothing
     compile_seconds = time.time() - compile_start
     ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                    keep=train.keep_checkpoints, keep_period=train.keep_period)
-    state, position, samples_seen = self._initial_state(steps, abstract_state, ckpt)
+    state, position, samples_seen = self._initial_state(steps, ckpt)
     start_step = int(jax.device_get(state.step))
     cfg = self.model.cfg
     flops_per_step = metrics.train_flops_per_step(cfg, train.batch_size, config.data.max_frames,
                                                   config.data.max_text_len, config.data.max_ref_frames)
     peak = metrics.peak_flops_per_device(train.cpu_peak_flops) * jax.device_count()
-    self.log.event("start", step=start_step, params=count_params(abstract_state.params),
+    self.log.event("start", step=start_step, params=count_params(steps.abstract_state.params),
                    devices=jax.device_count(), processes=jax.process_count(), mesh=dict(self.mesh.shape),
                    compile_seconds=round(compile_seconds, 2), flops_per_step=flops_per_step)
     eval_batches = self._eval_batches()
     if eval_batches and start_step == 0:  # the baseline that later evaluations are compared with
-      self._evaluate(steps, state, eval_batches, 0)
+      self._evaluate(steps.compile_eval(), state, eval_batches, 0)
+    # A restart's first evaluation is eval_every steps away: the eval step compiles in the background once the first
+    # step's metrics are out, so that the restart's first step does not wait for it (nor for the GIL it holds).
+    background = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile_eval")
+    eval_compiled = None
     pipeline = self._pipeline(config.data.train_shards, config.seed, position)
     consecutive_nonfinite = 0
     pending = None  # (step, device metrics, host timings) of the step whose metrics are not yet logged
@@ -203,12 +206,15 @@ class Trainer:
         samples_seen += train.batch_size
         if pending is not None:  # step N+1 is queued: now fetching step N's metrics costs the device nothing
           consecutive_nonfinite = self._log_step(*pending, consecutive_nonfinite, progress)
+          if eval_batches and steps.eval is None and eval_compiled is None:
+            eval_compiled = background.submit(steps.compile_eval)
         now = time.time()
         pending = (step, step_metrics, {"step_time": now - last_time, "data_wait": data_wait,
                                         "samples_seen": samples_seen, "flops": flops_per_step, "peak": peak})
         last_time = now
         if eval_batches and step % train.eval_every == 0:
-          self._evaluate(steps, state, eval_batches, step)
+          compiled = eval_compiled.result() if eval_compiled else steps.eval or steps.compile_eval()
+          self._evaluate(compiled, state, eval_batches, step)
         stop = self._should_stop(step)
         final = stop or step == train.steps
         if step % train.log_every == 0 or final:
@@ -227,6 +233,7 @@ class Trainer:
       if pending is not None:
         self._log_step(*pending, consecutive_nonfinite, progress)
     finally:
+      background.shutdown(wait=False, cancel_futures=True)
       progress.close()
       pipeline.close()
       ckpt.wait()
@@ -284,11 +291,10 @@ class Trainer:
       raise NonFiniteError(message)
     return consecutive_nonfinite
 
-  def _evaluate(self, steps: StepFunctions, state: TrainState, batches: list[dict[str, jax.Array]],
-                step: int) -> None:
+  def _evaluate(self, eval_step: Any, state: TrainState, batches: list[dict[str, jax.Array]], step: int) -> None:
     totals: dict[str, float] = {}
     for index, batch in enumerate(batches):
-      losses = jax.device_get(steps.eval(state.params, batch, jax.random.key(index)))
+      losses = jax.device_get(eval_step(state.params, batch, jax.random.key(index)))
       for name, value in losses.items():
         totals[name] = totals.get(name, 0.0) + float(value) / len(batches)
     self.log.metrics.write({"step": step, "time": time.time(), **totals})

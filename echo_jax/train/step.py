@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -19,7 +20,7 @@ from jax.sharding import Mesh
 
 from echo_jax import flow, sharding
 from echo_jax.model import Echo
-from echo_jax.train.state import TrainState, learning_rate_schedule, make_optimizer, state_logical_specs
+from echo_jax.train.state import TrainState, abstract_train_state, learning_rate_schedule, make_optimizer
 
 Batch = dict[str, jax.Array]
 
@@ -76,30 +77,45 @@ class StepFunctions:
   """The compiled train / eval steps and the shardings they were compiled for."""
 
   train: Any
-  eval: Any
+  abstract_state: TrainState  # shapes and dtypes of the state
   state_shardings: TrainState
   mesh: Mesh
   train_flops: float  # XLA's count for one train step of this process's program
+  lower_eval: Callable[[], jax.stages.Lowered] = dataclasses.field(repr=False)
+  eval: Any = None  # set by `compile_eval`
 
   @classmethod
-  def compile(cls, model: Echo, config: ml_collections.ConfigDict, mesh: Mesh, abstract_state: TrainState,
-              batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> StepFunctions:
-    specs = state_logical_specs(model, config, abstract_state)
+  def compile(cls, model: Echo, config: ml_collections.ConfigDict, mesh: Mesh,
+              batch_shapes: dict[str, jax.ShapeDtypeStruct], *, evaluate: bool = True) -> StepFunctions:
+    """Compiles the train step, and the eval step too unless `evaluate` is False (see `compile_eval`)."""
+    abstract_state, specs = abstract_train_state(model, config)
     state_shardings = sharding.logical_to_shardings(specs, abstract_state, mesh)
     batch_shardings = {name: sharding.batch_sharding(mesh, len(s.shape)) for name, s in batch_shapes.items()}
     base_key = jax.random.key(config.seed)
     replicated = sharding.replicated(mesh)
+
+    def lower_eval() -> jax.stages.Lowered:
+      return jax.jit(
+          functools.partial(eval_step, model=model),
+          in_shardings=(state_shardings.params, batch_shardings, replicated), out_shardings=replicated,
+      ).lower(abstract_state.params, batch_shapes, jax.eval_shape(lambda: jax.random.key(0)))
+
     with mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
       train = jax.jit(
           functools.partial(train_step, model=model, config=config, base_key=base_key),
           in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, replicated),
           donate_argnums=0,
       ).lower(abstract_state, batch_shapes).compile()
-      evaluate = jax.jit(
-          functools.partial(eval_step, model=model),
-          in_shardings=(state_shardings.params, batch_shardings, replicated), out_shardings=replicated,
-      ).lower(abstract_state.params, batch_shapes, jax.eval_shape(lambda: jax.random.key(0))).compile()
     cost = train.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    return cls(train=train, eval=evaluate, state_shardings=state_shardings, mesh=mesh,
-               train_flops=float((cost or {}).get("flops", 0.0)))
+    steps = cls(train=train, abstract_state=abstract_state, state_shardings=state_shardings, mesh=mesh,
+                train_flops=float((cost or {}).get("flops", 0.0)), lower_eval=lower_eval)
+    if evaluate:
+      steps.compile_eval()
+    return steps
+
+  def compile_eval(self) -> Any:
+    """Compiles the eval step (thread-safe to call from a background thread: it sets its own mesh and rules)."""
+    with self.mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+      self.eval = self.lower_eval().compile()
+    return self.eval
