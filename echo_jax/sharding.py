@@ -7,8 +7,9 @@ batches are sharded over (`data`, `fsdp`).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -55,6 +56,15 @@ def mesh_shape(sizes: dict[str, int], device_count: int) -> tuple[int, ...]:
     raise ValueError(f"mesh {dict(zip(MESH_AXES, shape, strict=True))} needs {math.prod(shape)} devices, "
                      f"but {device_count} are available; fix config.mesh")
   return tuple(shape)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh) -> Iterator[None]:
+  """The mesh and logical-axis rules to trace a step under, so that `nn.with_logical_constraint` constrains the
+  activations. (Flax finds the mesh through `jax.set_mesh`; the legacy `with mesh:` leaves every such constraint out.)
+  """
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    yield
 
 
 def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -23,7 +23,7 @@ from echo_jax.metrics import train_flops_per_step
 from echo_jax.model import Echo
 from echo_jax.train.loop import Trainer
 from echo_jax.train.state import abstract_train_state, create_train_state, example_inputs
-from echo_jax.train.step import StepFunctions
+from echo_jax.train.step import StepFunctions, apply_model
 
 
 def read_jsonl(path):
@@ -170,6 +170,22 @@ def test_every_large_weight_is_fsdp_sharded_on_8_devices():
       large += 1
       assert "fsdp" in jax.tree.leaves(tuple(leaf_sharding.spec)), jax.tree_util.keystr(path)
   assert large > 50
+
+
+def test_activation_constraints_are_in_the_traced_step():
+  """Under `sharding.activate` every `nn.with_logical_constraint` of the model reaches the program; without a mesh
+  set through `jax.set_mesh` (e.g. under the legacy `with mesh:`) Flax drops them silently."""
+  config = load_config("tiny")
+  model = Echo(model_config(config))
+  abstract, _ = abstract_train_state(model, config)
+  shapes = example_inputs(config, 8)
+  t = jax.ShapeDtypeStruct((8,), jnp.float32)
+  lower = lambda: jax.jit(functools.partial(apply_model, model)).lower(  # noqa: E731
+      abstract.params, shapes["latent"], t, shapes).as_text()
+  with sharding.activate(sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})):
+    constrained = lower()
+  assert constrained.count("sharding_constraint") >= 3, constrained.count("sharding_constraint")
+  assert lower().count("sharding_constraint") == 0
 
 
 def test_eight_device_step_matches_one_device_step(tiny_config):

@@ -11,7 +11,6 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -100,7 +99,7 @@ class StepFunctions:
           in_shardings=(state_shardings.params, batch_shardings, replicated), out_shardings=replicated,
       ).lower(abstract_state.params, batch_shapes, jax.eval_shape(lambda: jax.random.key(0)))
 
-    with mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    with sharding.activate(mesh):
       train = jax.jit(
           functools.partial(train_step, model=model, config=config, base_key=base_key),
           in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, replicated),
@@ -115,7 +114,7 @@ class StepFunctions:
     return steps
 
   def compile_eval(self) -> Any:
-    """Compiles the eval step (thread-safe to call from a background thread: it sets its own mesh and rules)."""
-    with self.mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    """Compiles the eval step (callable from a background thread: the mesh and rules it sets are thread-local)."""
+    with sharding.activate(self.mesh):
       self.eval = self.lower_eval().compile()
     return self.eval
