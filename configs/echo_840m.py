@@ -12,7 +12,7 @@ def get_config():
   config.model.update(dim=1280, layers=24, heads=10, mlp_dim=3456,
                       text_dim=768, text_layers=8, text_heads=6, text_mlp_dim=2048,
                       speaker_dim=768, speaker_layers=8, speaker_heads=6, speaker_mlp_dim=2048,
-                      dtype="bfloat16", remat="full")
+                      dtype="bfloat16", remat="dots_no_batch")
   config.train.batch_size = 256
   config.train.steps = 1_000_000
   return config
