@@ -123,7 +123,8 @@ def test_resume_after_sigkill_is_exact(tmp_path):
 
   straight_losses, resumed_losses = losses_by_step(tmp_path / "straight"), losses_by_step(resumed)
   assert [resumed_losses[s] for s in range(16, 31)] == [straight_losses[s] for s in range(16, 31)]
-  # The restart compiled its eval step in the background, beside its first steps; the evaluations are the same.
+  # The restart compiles its eval step beside its first steps (StepFunctions.compile_eval_in_background); the
+  # evaluations it then makes are the uninterrupted run's.
   straight_evals, resumed_evals = eval_losses_by_step(tmp_path / "straight"), eval_losses_by_step(resumed)
   assert sorted(straight_evals) == [0, 5, 10, 15, 20, 25, 30]
   assert {s: resumed_evals[s] for s in (20, 25, 30)} == {s: straight_evals[s] for s in (20, 25, 30)}
@@ -170,6 +171,22 @@ def test_every_large_weight_is_fsdp_sharded_on_8_devices():
       large += 1
       assert "fsdp" in jax.tree.leaves(tuple(leaf_sharding.spec)), jax.tree_util.keystr(path)
   assert large > 50
+
+
+def test_eval_step_compiled_in_the_background_equals_the_one_compiled_at_once(tiny_config):
+  model = Echo(model_config(tiny_config))
+  mesh = sharding.make_mesh(tiny_config.mesh.to_dict(), jax.devices()[:1])
+  shapes = example_inputs(tiny_config, tiny_config.train.batch_size)
+  later = StepFunctions.compile(model, tiny_config, mesh, shapes, evaluate=False)
+  assert later.eval is None
+  later.compile_eval_in_background()
+  background = later.eval_step()
+  assert later.eval is background and later.eval_step() is background
+  at_once = StepFunctions.compile(model, tiny_config, mesh, shapes).eval
+  state = jax.jit(lambda key: create_train_state(model, key, tiny_config))(jax.random.key(0))
+  batch = {name: jnp.ones(s.shape, s.dtype) for name, s in shapes.items()}
+  assert jax.device_get(background(state.params, batch, jax.random.key(1))) == jax.device_get(
+      at_once(state.params, batch, jax.random.key(1)))
 
 
 def test_activation_constraints_are_in_the_traced_step():

@@ -11,7 +11,6 @@ the data position is part of every checkpoint: a resumed run computes exactly wh
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import os
 import signal
@@ -184,11 +183,7 @@ class Trainer:
                    compile_seconds=round(compile_seconds, 2), flops_per_step=flops_per_step)
     eval_batches = self._eval_batches()
     if eval_batches and start_step == 0:  # the baseline that later evaluations are compared with
-      self._evaluate(steps.compile_eval(), state, eval_batches, 0)
-    # A restart's first evaluation is eval_every steps away: the eval step compiles in the background once the first
-    # step's metrics are out, so that the restart's first step does not wait for it (nor for the GIL it holds).
-    background = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile_eval")
-    eval_compiled = None
+      self._evaluate(steps.eval_step(), state, eval_batches, 0)
     pipeline = self._pipeline(config.data.train_shards, config.seed, position)
     consecutive_nonfinite = 0
     pending = None  # (step, device metrics, host timings) of the step whose metrics are not yet logged
@@ -206,15 +201,16 @@ class Trainer:
         samples_seen += train.batch_size
         if pending is not None:  # step N+1 is queued: now fetching step N's metrics costs the device nothing
           consecutive_nonfinite = self._log_step(*pending, consecutive_nonfinite, progress)
-          if eval_batches and steps.eval is None and eval_compiled is None:
-            eval_compiled = background.submit(steps.compile_eval)
+          if eval_batches and pending[0] == start_step + 1:
+            # A restart's first evaluation is eval_every steps away: its eval step compiles beside the training once
+            # the first step is logged, so that the first step waits neither for it nor for the GIL it holds.
+            steps.compile_eval_in_background()
         now = time.time()
         pending = (step, step_metrics, {"step_time": now - last_time, "data_wait": data_wait,
                                         "samples_seen": samples_seen, "flops": flops_per_step, "peak": peak})
         last_time = now
         if eval_batches and step % train.eval_every == 0:
-          compiled = eval_compiled.result() if eval_compiled else steps.eval or steps.compile_eval()
-          self._evaluate(compiled, state, eval_batches, step)
+          self._evaluate(steps.eval_step(), state, eval_batches, step)
         stop = self._should_stop(step)
         final = stop or step == train.steps
         if step % train.log_every == 0 or final:
@@ -233,7 +229,6 @@ class Trainer:
       if pending is not None:
         self._log_step(*pending, consecutive_nonfinite, progress)
     finally:
-      background.shutdown(wait=False, cancel_futures=True)
       progress.close()
       pipeline.close()
       ckpt.wait()

@@ -6,6 +6,7 @@ executables, so a shape or dtype change raises instead of silently recompiling.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -82,6 +83,7 @@ class StepFunctions:
   train_flops: float  # XLA's count for one train step of this process's program
   lower_eval: Callable[[], jax.stages.Lowered] = dataclasses.field(repr=False)
   eval: Any = None  # set by `compile_eval`
+  _eval_compiling: concurrent.futures.Future | None = dataclasses.field(default=None, repr=False)
 
   @classmethod
   def compile(cls, model: Echo, config: ml_collections.ConfigDict, mesh: Mesh,
@@ -118,3 +120,16 @@ class StepFunctions:
     with sharding.activate(self.mesh):
       self.eval = self.lower_eval().compile()
     return self.eval
+
+  def compile_eval_in_background(self) -> None:
+    """Starts compiling the eval step in a thread, unless it is compiled or compiling; `eval_step` waits for it."""
+    if self.eval is None and self._eval_compiling is None:
+      background = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile_eval")
+      self._eval_compiling = background.submit(self.compile_eval)
+      background.shutdown(wait=False)  # the submitted compilation still runs; no more work comes
+
+  def eval_step(self) -> Any:
+    """The compiled eval step: compiled now, or when a background compilation runs, once it has finished."""
+    if self._eval_compiling is not None:
+      return self._eval_compiling.result()
+    return self.eval or self.compile_eval()
