@@ -82,7 +82,10 @@ def init_params(model: Echo, key: jax.Array, config: ml_collections.ConfigDict) 
 
 def create_train_state(model: Echo, key: jax.Array, config: ml_collections.ConfigDict) -> TrainState:
   """A fresh state with plain (unboxed) parameters; `abstract_train_state` gives their logical axes."""
-  params = nn.unbox(init_params(model, key, config))
+  return _state_from_params(nn.unbox(init_params(model, key, config)), config)
+
+
+def _state_from_params(params: Any, config: ml_collections.ConfigDict) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=make_optimizer(config.train).init(params))
 
 
@@ -90,14 +93,11 @@ def abstract_train_state(model: Echo, config: ml_collections.ConfigDict) -> tupl
   """(shapes and dtypes of a fresh state, the logical PartitionSpec of each of its leaves), from one trace of the
   model's init; the optimizer moments follow their parameters."""
   boxed = jax.eval_shape(lambda: init_params(model, jax.random.key(0), config))
-  params = nn.unbox(boxed)
-  optimizer = make_optimizer(config.train)
-  opt_state = jax.eval_shape(optimizer.init, params)
+  abstract = jax.eval_shape(lambda params: _state_from_params(params, config), nn.unbox(boxed))
   param_specs = nn.get_partition_spec(boxed)
   opt_specs = optax.tree_map_params(
-      optimizer, lambda _, spec: spec, opt_state, param_specs,
+      make_optimizer(config.train), lambda _, spec: spec, abstract.opt_state, param_specs,
       transform_non_params=lambda _: PartitionSpec(), is_leaf=lambda x: isinstance(x, PartitionSpec))
-  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_state)
   return abstract, TrainState(step=PartitionSpec(), params=param_specs, opt_state=opt_specs)
 
 
