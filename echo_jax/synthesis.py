@@ -130,12 +130,16 @@ class Synthesizer:
     if float(np.max(np.abs(audio))) < SILENT_PEAK:
       raise SynthesisError(f"the speaker reference {path} is silent (peak below {SILENT_PEAK}); give a recording "
                            "of the voice to clone")
-    latents = np.asarray(self.codec.encode(audio), np.float32)
-    usable = latents.shape[0] // self.cfg.speaker_patch * self.cfg.speaker_patch
-    if usable == 0:
-      raise SynthesisError(f"the speaker reference {path} is too short: {latents.shape[0]} latent frames, the "
-                           f"speaker encoder needs at least {self.cfg.speaker_patch}")
-    return latents[:usable]
+    return self._whole_patches(np.asarray(self.codec.encode(audio), np.float32), f"the speaker reference {path}")
+
+  def _whole_patches(self, latents: np.ndarray, source: str) -> np.ndarray:
+    """Speaker latents [Ts, D] cut to whole patches (the speaker encoder reads patches); `source` names them in the
+    error when they are shorter than one patch."""
+    patch = self.cfg.speaker_patch
+    if latents.shape[0] < patch:
+      raise SynthesisError(f"{source} is too short: {latents.shape[0]} latent frames, the speaker encoder needs at "
+                           f"least {patch}")
+    return latents[: latents.shape[0] // patch * patch]
 
   def default_duration(self, longest: float = 15.0) -> float:
     """`longest` seconds, or the training window when shorter: a model never trained to stop later won't."""
@@ -195,11 +199,9 @@ class Synthesizer:
     frames = self.frames_for(duration)
     if speaker is not None:
       speaker = np.asarray(speaker, np.float32)
-      patch = self.cfg.speaker_patch
-      if speaker.ndim != 2 or speaker.shape[1] != self.cfg.latent_dim or speaker.shape[0] < patch:
-        raise SynthesisError(f"speaker latents must be [Ts, {self.cfg.latent_dim}] with Ts >= {patch}, "
-                             f"got {speaker.shape}")
-      speaker = speaker[:speaker.shape[0] // patch * patch]  # the encoder reads whole patches
+      if speaker.ndim != 2 or speaker.shape[1] != self.cfg.latent_dim:
+        raise SynthesisError(f"speaker latents must be [Ts, {self.cfg.latent_dim}], got {speaker.shape}")
+      speaker = self._whole_patches(speaker, "the speaker latents")
     latents = self.generate_latents(chunks, speaker, sampler, frames, seed, progress)
     cropped, pieces = [], []
     for index, chunk_latents in enumerate(latents):
