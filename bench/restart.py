@@ -6,7 +6,7 @@ SIGTERM (warm; it resumes the checkpoint the SIGTERM saved, as after a preemptio
 into another directory (warm). Prints a table and appends a JSON line to bench/results/restart.jsonl.
 Target: warm <= 20% of cold.
 
-  .venv/bin/python bench/restart.py [--config demo] [--repeats 1]
+  .venv/bin/python bench/restart.py [--config demo]
 """
 
 from __future__ import annotations
