@@ -137,7 +137,7 @@ class Synthesizer:
     error when they are shorter than one patch."""
     patch = self.cfg.speaker_patch
     if latents.shape[0] < patch:
-      raise SynthesisError(f"{source} is too short: {latents.shape[0]} latent frames, the speaker encoder needs at "
+      raise SynthesisError(f"too short: {source}: {latents.shape[0]} latent frames, the speaker encoder needs at "
                            f"least {patch}")
     return latents[: latents.shape[0] // patch * patch]
 

@@ -112,6 +112,18 @@ def test_speech_is_cropped_at_its_end(run_dir, monkeypatch):
     synthesizer.synthesize("One two three four five six, seven eight nine ten.", duration=0.8)
 
 
+def test_given_speaker_latents_are_cut_to_whole_patches(run_dir, monkeypatch):
+  synthesizer = synthesis.Synthesizer.from_checkpoint(run_dir, FrameCodec())
+  patch, dim = synthesizer.cfg.speaker_patch, synthesizer.cfg.latent_dim
+  seen = []
+  monkeypatch.setattr(synthesis.Synthesizer, "generate_latents",
+                      lambda self, chunks, speaker, *args, **kw: seen.append(speaker) or np.ones((1, 20, dim)))
+  synthesizer.synthesize("Hello there.", speaker=np.ones((2 * patch + 1, dim)), duration=0.8)
+  assert seen[0].shape == (2 * patch, dim)
+  with pytest.raises(synthesis.SynthesisError, match=f"too short: the speaker latents: {patch - 1} latent frames"):
+    synthesizer.synthesize("Hello there.", speaker=np.ones((patch - 1, dim)), duration=0.8)
+
+
 @pytest.mark.parametrize("case", ["empty text", "unreadable reference", "silent reference", "latent_dim mismatch",
                                   "missing checkpoint"])
 def test_bad_input_gives_clear_error_and_no_file(case, run_dir, reference_wav, tmp_path, cli, capsys):
