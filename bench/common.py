@@ -73,6 +73,14 @@ def load_config(name: str) -> Any:
   return load_config_file(config_path(name))
 
 
+def peak_memory_gib() -> float | None:
+  """The most memory the first JAX device has held so far (GiB), where its runtime reports it (GPU, TPU; not CPU)."""
+  import jax  # noqa: PLC0415 — this module stays importable without JAX
+
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
+
+
 def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[list[float], list[float]]:
   """(wall seconds, process CPU seconds) of each of `repeats` calls of `fn` after `warmup` untimed ones.
 

@@ -1,42 +1,37 @@
-"""Sampler overhead and speed on CPU: cost of one sampling step ÷ one decoder forward at the same batch, and the
-real-time factor of the whole generation (encoders + all steps), for configs/demo.py with random weights.
+"""Sampler overhead and speed: cost of one sampling step ÷ one decoder forward at the same batch, and the real-time
+factor of the whole generation (encoders + all steps), for a config with random weights.
 
-    JAX_PLATFORMS=cpu python bench/sampler.py [--steps 16] [--batch 1] [--repeats 5]
+    JAX_PLATFORMS=cpu python bench/sampler.py [--config demo] [--steps 16] [--batch 1] [--repeats 5]
+    python bench/sampler.py --config echo_1p3b --frames 750 --steps 32 --modes independent   # 30 s, on a GPU
+    python bench/sampler.py --config echo_base_fish --frames 640 --frame_rate 21.53 --steps 32 --modes independent
 
 A step of a guided mode runs one decode at batch passes·B, so its cost should be that forward plus a little
 (target ratio ≤ 1.1). The per-step cost is (time(2N steps) − time(N steps)) / N, which removes the encoders, the
-noise and the dispatch that happen once per generation. Prints a table; appends JSON to bench/results/sampler.jsonl.
+noise and the dispatch that happen once per generation. GPU target: 30 s of audio, 32 steps, independent CFG, in
+under 1 s on an H100. Prints a table; appends JSON to bench/results/sampler.jsonl.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
-import json
 import os
-import platform
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from echo_jax import sampling
-from echo_jax.config import model_config
-from echo_jax.model import Echo
-from echo_jax.train.state import create_train_state
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench import common  # noqa: E402 - needs the repository root on the path first
+from echo_jax import sampling  # noqa: E402
+from echo_jax.config import model_config  # noqa: E402
+from echo_jax.model import Echo  # noqa: E402
+from echo_jax.train.state import count_params, create_train_state  # noqa: E402
+
 TARGET_RATIO = 1.1
-FRAME_RATE = 25.0
-
-
-def demo_config():
-  spec = importlib.util.spec_from_file_location("demo", os.path.join(REPO, "configs", "demo.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def best_time(fn, repeats: int) -> float:
@@ -52,27 +47,39 @@ def best_time(fn, repeats: int) -> float:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default="demo", help="a name in configs/ or bench/configs/, or a .py path")
+  parser.add_argument("--frames", type=int, default=0, help="latent frames to generate (0: the config's max_frames)")
+  parser.add_argument("--frame_rate", type=float, default=25.0,
+                      help="latent frames per second of the config's codec (25 for dacvae and mel; Fish-S1-DAC "
+                           "21.53), for the audio duration")
+  parser.add_argument("--modes", default=",".join(sampling.CFG_MODES), help="comma-separated CFG modes")
   parser.add_argument("--steps", type=int, default=16)
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--no_save", action="store_true", help="print only; do not append to bench/results/")
   args = parser.parse_args()
+  modes = [mode.strip() for mode in args.modes.split(",")]
+  unknown = sorted(set(modes) - set(sampling.CFG_MODES))
+  if unknown:
+    parser.error(f"unknown CFG modes {unknown}; known: {', '.join(sampling.CFG_MODES)}")
 
-  config = demo_config()
+  config = common.load_config(args.config)
   cfg = model_config(config)
   params = create_train_state(Echo(cfg), jax.random.key(0), config).params
-  params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape), params)
-  batch, frames = args.batch, config.data.max_frames
+  params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape, p.dtype), params)
+  batch, frames = args.batch, args.frames or config.data.max_frames
+  text_len, ref_frames = config.data.max_text_len, config.data.max_ref_frames
   rng = np.random.default_rng(0)
-  text = jnp.asarray(rng.integers(1, 256, (batch, config.data.max_text_len)), jnp.int32)
-  text_mask = jnp.asarray(np.arange(config.data.max_text_len)[None] < 60).repeat(batch, 0)
-  speaker = jnp.asarray(rng.standard_normal((batch, config.data.max_ref_frames, cfg.latent_dim)), jnp.float32)
-  speaker_mask = jnp.ones((batch, config.data.max_ref_frames), bool)
+  text = jnp.asarray(rng.integers(1, 256, (batch, text_len)), jnp.int32)
+  text_mask = jnp.asarray(np.arange(text_len)[None] < text_len // 2).repeat(batch, 0)
+  speaker = jnp.asarray(rng.standard_normal((batch, ref_frames, cfg.latent_dim)), jnp.float32)
+  speaker_mask = jnp.ones((batch, ref_frames), bool)
   model = Echo(cfg)
   variables = {"params": params}
   decode = jax.jit(functools.partial(model.apply, method=Echo.decode))
 
   rows = []
-  for mode in sampling.CFG_MODES:
+  for mode in modes:
     # cfg_min_t=0 guides every step, so each step is exactly one decode at passes·B.
     sampler = sampling.SamplerConfig(steps=args.steps, cfg_mode=mode, cfg_min_t=0.0, rescale_k=1.2,
                                      rescale_sigma=3.0)
@@ -92,26 +99,26 @@ def main() -> None:
     total = best_time(run(args.steps), args.repeats)
     total_double = best_time(run(2 * args.steps), args.repeats)
     per_step = (total_double - total) / args.steps
-    audio_seconds = batch * frames / FRAME_RATE
+    audio_seconds = batch * frames / args.frame_rate
     rows.append({"mode": mode, "passes": passes, "decode_batch": passes * batch, "forward_ms": forward * 1e3,
                  "step_ms": per_step * 1e3, "ratio": per_step / forward, "generation_s": total,
                  "audio_s": audio_seconds, "rtf": total / audio_seconds})
 
-  print(f"configs/demo.py, B={batch}, {frames} frames ({frames / FRAME_RATE:.1f} s), {args.steps} steps, "
-        f"{jax.devices()[0].platform}")
-  print(f"{'mode':<12}{'decode B':>9}{'forward ms':>12}{'step ms':>10}{'step/fwd':>10}{'gen s':>8}{'RTF':>8}")
-  for r in rows:
-    print(f"{r['mode']:<12}{r['decode_batch']:>9}{r['forward_ms']:>12.2f}{r['step_ms']:>10.2f}{r['ratio']:>10.3f}"
-          f"{r['generation_s']:>8.3f}{r['rtf']:>8.3f}")
-  record = {
-      "benchmark": "sampler", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": "demo", "batch": batch,
-      "frames": frames, "steps": args.steps, "target_ratio": TARGET_RATIO, "rows": rows,
-      "machine": {"platform": jax.devices()[0].platform, "cores": os.cpu_count(), "python": platform.python_version(),
-                  "load_average_1m": os.getloadavg()[0]},
-  }
-  os.makedirs(os.path.join(REPO, "bench", "results"), exist_ok=True)
-  with open(os.path.join(REPO, "bench", "results", "sampler.jsonl"), "a", encoding="utf-8") as f:
-    f.write(json.dumps(record) + "\n")
+  device = jax.devices()[0]
+  print(f"{args.config} ({count_params(params) / 1e6:.1f}M parameters, {cfg.dtype}), B={batch}, {frames} frames "
+        f"({frames / args.frame_rate:.1f} s), {args.steps} steps, {device.device_kind}")
+  print(common.format_table(rows, [
+      ("mode", "mode", ""), ("decode_batch", "decode B", "d"), ("forward_ms", "forward ms", ".2f"),
+      ("step_ms", "step ms", ".2f"), ("ratio", "step/fwd", ".3f"), ("generation_s", "gen s", ".3f"),
+      ("audio_s", "audio s", ".1f"), ("rtf", "RTF", ".4f")]))
+  if not args.no_save:
+    path = common.append_result("sampler", {
+        "config": args.config, "params_m": round(count_params(params) / 1e6, 1), "dtype": cfg.dtype, "batch": batch,
+        "frames": frames, "frame_rate": args.frame_rate, "text_len": text_len, "ref_frames": ref_frames,
+        "steps": args.steps, "target_ratio": TARGET_RATIO, "rows": rows, "device_kind": device.device_kind,
+        "peak_memory_gib": common.peak_memory_gib(),
+        "machine": common.machine()})
+    print(f"appended to {path}")
 
 
 if __name__ == "__main__":

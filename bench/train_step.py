@@ -5,11 +5,15 @@
 
 For each config: compile the train step on a 1-device mesh for the config's batch shapes, run warm-up steps, then
 time `--steps` steps one by one (each waits for its result). MFU divides the model FLOPs of a step (analytic,
-`echo_jax.metrics`) by the best step time and by the float32 matmul peak measured in this same run (before and
-after the configs; the higher counts). On a shared machine other jobs stretch the step and the short matmul
-unequally, so MFU(CPU s) repeats the ratio in process CPU seconds (step and matmul alike), which they do not
-stretch. Prints a table; appends one JSON line per config to bench/results/train_step.jsonl.
-CPU target: >= 40% MFU for bench_100m.
+`echo_jax.metrics`) by the best step time and by the device's peak. On CPU that peak is the float32 matmul rate
+measured in this same run (before and after the configs; the higher counts); on a shared machine other jobs stretch
+the step and the short matmul unequally, so MFU(CPU s) repeats the ratio in process CPU seconds (step and matmul
+alike), which they do not stretch. On a GPU or TPU the peak is the data sheet's dense bf16 rate
+(`metrics.PEAK_FLOPS_PER_DEVICE`), and MFU(matmul) sets the step beside a bf16 matmul measured in the same run.
+Prints a table; appends one JSON line per config to bench/results/train_step.jsonl.
+CPU target: >= 40% MFU for bench_100m. On one H100, e.g.:
+
+    python bench/train_step.py --configs echo_1p3b --batch_size 16
 """
 
 from __future__ import annotations
@@ -101,7 +105,7 @@ def bench_config(name: str, config: ml_collections.ConfigDict, steps: int, warmu
   batch_size = config.train.batch_size
   shapes = example_inputs(config, batch_size)
   start = time.perf_counter()
-  steps_fn = StepFunctions.compile(model, config, mesh, shapes)
+  steps_fn = StepFunctions.compile(model, config, mesh, shapes, evaluate=False)
   compile_s = time.perf_counter() - start
   state = jax.jit(lambda key: create_train_state(model, key, config),
                   out_shardings=steps_fn.state_shardings)(jax.random.key(0))
@@ -129,6 +133,7 @@ def bench_config(name: str, config: ml_collections.ConfigDict, steps: int, warmu
       "step_cpu_s_best": min(cpu_times), "cpu_busy": sum(cpu_times) / sum(times), "samples_per_s": batch_size / best,
       "analytic_flops": analytic, "model_flops": model_flops, "xla_flops_scan_bodies_once": steps_fn.train_flops,
       "loss_finite": bool(np.isfinite(loss)), "load_average_1m": round(os.getloadavg()[0], 2),
+      "device_kind": jax.devices()[0].device_kind, "peak_memory_gib": common.peak_memory_gib(),
   }
 
 
@@ -141,7 +146,8 @@ def main() -> None:
   parser.add_argument("--batch_size", type=int, default=0, help="overrides every config's batch size (0 = keep)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="config override for every config, e.g. model.remat=none (repeatable)")
-  parser.add_argument("--peak_size", type=int, default=2048, help="side of the square float32 matmul for the peak")
+  parser.add_argument("--peak_size", type=int, default=0,
+                      help="side of the square matmul for the measured peak (0: 2048 on CPU, 8192 elsewhere)")
   parser.add_argument("--peak_repeats", type=int, default=5)
   parser.add_argument("--no_save", action="store_true", help="print only; do not append to bench/results/")
   args = parser.parse_args()
@@ -156,46 +162,62 @@ def main() -> None:
     configs[name.strip()] = common.load_config(name.strip())
     configs[name.strip()].update_from_flattened_dict(overrides)
 
-  peaks = [metrics.measure_matmul_peak(args.peak_size, args.peak_repeats)]
-  cpu_peaks = [matmul_rate_per_cpu_second(args.peak_size, args.peak_repeats)]
+  on_cpu = jax.devices()[0].platform == "cpu"
+  peak_size = args.peak_size or (2048 if on_cpu else 8192)
+  peak_dtype = jnp.float32 if on_cpu else jnp.bfloat16
+  peaks, cpu_peaks = [], []
+
+  def measure_peaks() -> None:
+    peaks.append(metrics.measure_matmul_peak(peak_size, args.peak_repeats, peak_dtype))
+    if on_cpu:
+      cpu_peaks.append(matmul_rate_per_cpu_second(peak_size, args.peak_repeats))
+
+  measure_peaks()
   rows = [bench_config(name, config, args.steps, args.warmup) for name, config in configs.items()]
-  peaks.append(metrics.measure_matmul_peak(args.peak_size, args.peak_repeats))
-  cpu_peaks.append(matmul_rate_per_cpu_second(args.peak_size, args.peak_repeats))
-  peak, cpu_peak = max(peaks), max(cpu_peaks)
+  measure_peaks()
+  matmul_peak = max(peaks)
+  peak = matmul_peak if on_cpu else metrics.peak_flops_per_device()
+  cpu_peak = max(cpu_peaks) if on_cpu else None
 
   machine = common.machine()
   for row in rows:
     row["achieved_flops_s"] = row["model_flops"] / row["step_s_best"]
     row["mfu"] = row["achieved_flops_s"] / peak
     row["mfu_analytic"] = row["analytic_flops"] / row["step_s_best"] / peak
-    row["mfu_cpu_seconds"] = row["model_flops"] / row["step_cpu_s_best"] / cpu_peak
+    row["mfu_matmul"] = row["achieved_flops_s"] / matmul_peak
+    row["mfu_cpu_seconds"] = row["model_flops"] / row["step_cpu_s_best"] / cpu_peak if on_cpu else None
 
-  print(f"{machine['cpu_model']}, {machine['cores_usable']} cores, jax {machine['jax']}, "
-        f"XLA_FLAGS={machine['xla_flags']!r}, load average {machine['load_average_1m']}")
-  print(f"float32 matmul peak: {peak / 1e9:.1f} GFLOP/s ({args.peak_size}x{args.peak_size} @ "
-        f"{args.peak_size}x{args.peak_size}, best of {args.peak_repeats}; before/after: "
-        f"{', '.join(f'{p / 1e9:.1f}' for p in peaks)})")
+  print(f"{machine['cpu_model']}, {machine['cores_usable']} cores, {jax.devices()[0].device_kind}, "
+        f"jax {machine['jax']}, XLA_FLAGS={machine['xla_flags']!r}, load average {machine['load_average_1m']}")
+  print(f"{jnp.dtype(peak_dtype).name} matmul: {matmul_peak / 1e12:.2f} TFLOP/s ({peak_size}x{peak_size} @ "
+        f"{peak_size}x{peak_size}, best of {args.peak_repeats}; before/after: "
+        f"{', '.join(f'{p / 1e12:.2f}' for p in peaks)}); peak for MFU: {peak / 1e12:.2f} TFLOP/s "
+        f"({'that matmul' if on_cpu else 'data sheet, dense bf16'})")
   table = [{**row, "step_ms": row["step_s_best"] * 1e3, "median_ms": row["step_s_median"] * 1e3,
             "gflop": row["model_flops"] / 1e9, "gflop_s": row["achieved_flops_s"] / 1e9,
             "mfu_pct": row["mfu"] * 100, "mfu_analytic_pct": row["mfu_analytic"] * 100,
-            "mfu_cpu_pct": row["mfu_cpu_seconds"] * 100} for row in rows]
+            "mfu_matmul_pct": row["mfu_matmul"] * 100,
+            "mfu_cpu_pct": None if row["mfu_cpu_seconds"] is None else row["mfu_cpu_seconds"] * 100} for row in rows]
   print(common.format_table(table, [
       ("config", "config", ""), ("params_m", "params M", ".1f"), ("batch_size", "B", "d"), ("frames", "T", "d"),
       ("remat", "remat", ""), ("dtype", "dtype", ""), ("compile_s", "compile s", ".1f"),
       ("step_ms", "best ms", ".1f"), ("median_ms", "median ms", ".1f"), ("samples_per_s", "samples/s", ".2f"),
       ("gflop", "GFLOP/step", ".1f"), ("gflop_s", "GFLOP/s", ".1f"), ("mfu_pct", "MFU %", ".1f"),
-      ("mfu_analytic_pct", "MFU(lib) %", ".1f"), ("mfu_cpu_pct", "MFU(CPU s) %", ".1f"),
+      ("mfu_analytic_pct", "MFU(lib) %", ".1f"), ("mfu_matmul_pct", "MFU(matmul) %", ".1f"),
+      ("mfu_cpu_pct", "MFU(CPU s) %", ".1f"), ("peak_memory_gib", "peak GiB", ".2f"),
       ("cpu_busy", "CPU busy", ".2f")]))
+  cpu_seconds = (f"; MFU(CPU s) model FLOPs per CPU second of the best step over the matmul's FLOPs per CPU second "
+                 f"({cpu_peak / 1e9:.1f} G)" if on_cpu else "")
   print(f"MFU uses model FLOPs (metrics.train_flops_per_step less its per-frame AdaLN count); MFU(lib) the library "
-        f"formula as is; MFU(CPU s) model FLOPs per CPU second of the best step over the matmul's FLOPs per CPU "
-        f"second ({cpu_peak / 1e9:.1f} G). CPU busy: process CPU seconds per wall second over the timed steps. "
-        f"Target: {TARGET_MFU:.0%} for bench_100m on CPU.")
+        f"formula as is; MFU(matmul) against the matmul measured here{cpu_seconds}. CPU busy: process CPU seconds "
+        f"per wall second over the timed steps. Target: {TARGET_MFU:.0%} for bench_100m on CPU.")
   if not args.no_save:
     for row in rows:
       path = common.append_result("train_step", {
-          **row, "overrides": overrides, "matmul_peak_flops_s": peak, "matmul_peak_runs_flops_s": peaks,
-          "matmul_peak_shape": [args.peak_size, args.peak_size],
-          "matmul_flops_per_cpu_s": cpu_peak, "matmul_flops_per_cpu_s_runs": cpu_peaks, "matmul_peak_dtype": "float32",
+          **row, "overrides": overrides, "peak_flops_s": peak, "matmul_peak_flops_s": matmul_peak,
+          "matmul_peak_runs_flops_s": peaks, "matmul_peak_shape": [peak_size, peak_size],
+          "matmul_peak_dtype": jnp.dtype(peak_dtype).name,
+          "matmul_flops_per_cpu_s": cpu_peak, "matmul_flops_per_cpu_s_runs": cpu_peaks,
           "target_mfu": TARGET_MFU, "machine": machine})
     print(f"appended {len(rows)} records to {path}")
 

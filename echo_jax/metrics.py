@@ -108,10 +108,11 @@ def train_flops_per_step(cfg: EchoConfig, batch: int, frames: int, text_len: int
   return 3.0 * batch * forward_flops(cfg, frames, text_len, ref_frames)
 
 
-def measure_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
-  """FLOP/s of a float32 square matmul on the first device: the CPU's practical peak for MFU."""
+def measure_matmul_peak(size: int = 2048, repeats: int = 5, dtype: Any = jnp.float32) -> float:
+  """FLOP/s of a square matmul on the first device: the CPU's practical peak for MFU (float32), or on an
+  accelerator the practical bf16 rate to set beside the data-sheet peak of `PEAK_FLOPS_PER_DEVICE`."""
   device = jax.devices()[0]
-  a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
+  a = jax.device_put(jnp.ones((size, size), dtype), device)
   matmul = jax.jit(lambda x: x @ x)
   matmul(a).block_until_ready()
   best = math.inf
