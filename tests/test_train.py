@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import REPO, load_config, write_synthetic_shards
 
-from echo_jax import checkpoint, sharding
+from echo_jax import checkpoint, metrics, sharding
 from echo_jax.config import model_config
 from echo_jax.metrics import train_flops_per_step
 from echo_jax.model import Echo
@@ -109,7 +109,7 @@ def final_params(workdir):
   return jax.tree.map(np.asarray, params)
 
 
-def test_resume_after_sigkill_is_exact(tmp_path):
+def test_resume_after_sigkill_is_exact(tmp_path, monkeypatch):
   config = load_config("tiny")
   config.data.train_shards = write_synthetic_shards(tmp_path / "shards", num_shards=3, per_shard=5)
   config.data.eval_shards = write_synthetic_shards(tmp_path / "shards", num_shards=1, seed=1, prefix="eval")
@@ -119,7 +119,15 @@ def test_resume_after_sigkill_is_exact(tmp_path):
   resumed = tmp_path / "resumed"
   run_killed(config, resumed, kill_at=18, wait_for="15")
   assert not os.path.exists(resumed / "checkpoints" / "30")
+
+  def no_measurement(*args, **kwargs):
+    raise AssertionError("a resumed CPU run measured the matmul peak again")
+
+  monkeypatch.setattr(metrics, "measure_matmul_peak", no_measurement)
   Trainer(config, str(resumed)).run()
+  # It took the killed run's measured peak from the checkpoint: a faster restart, and MFU against the same peak.
+  first_start, restart = [e for e in events(resumed) if e["event"] == "start"]
+  assert restart["step"] == 15 and restart["peak_flops"] == first_start["peak_flops"] > 0
 
   straight_losses, resumed_losses = losses_by_step(tmp_path / "straight"), losses_by_step(resumed)
   assert [resumed_losses[s] for s in range(16, 31)] == [straight_losses[s] for s in range(16, 31)]

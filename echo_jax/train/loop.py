@@ -128,8 +128,10 @@ class Trainer:
     with self._pipeline(self.config.data.eval_shards, seed=0) as pipeline:
       return [sharding.global_batch(next(pipeline), self.mesh) for _ in range(self.config.train.eval_batches)]
 
-  def _initial_state(self, steps: StepFunctions, ckpt: checkpoint.Checkpointer) -> tuple[TrainState, Any, int]:
-    """(state, this process's data position, samples seen): restored, imported or freshly initialised."""
+  def _initial_state(self, steps: StepFunctions,
+                     ckpt: checkpoint.Checkpointer) -> tuple[TrainState, Any, dict[str, Any]]:
+    """(state, this process's data position, the checkpoint's metadata): restored, imported or freshly initialised
+    (no position, empty metadata)."""
     for name in ckpt.incomplete:
       self.log.event("incomplete_checkpoint_ignored", directory=name,
                      message="an interrupted save was found and ignored; resuming from the last complete one")
@@ -147,13 +149,25 @@ class Trainer:
                                "the data restarts from a fresh epoch order")
         position = None
       self.log.event("checkpoint_restored", step=latest)
-      return state, position, int(meta.get("samples_seen", latest * self.config.train.batch_size))
+      return state, position, meta
     init = jax.jit(lambda key: create_train_state(self.model, key, self.config), out_shardings=steps.state_shardings)
     state = init(jax.random.key(self.config.seed))
     if self.init_params is not None:
       params = jax.device_put(self.init_params, steps.state_shardings.params)
       state = state.replace(params=params)
-    return state, None, 0
+    return state, None, {}
+
+  def _peak_flops(self, meta: dict[str, Any]) -> float:
+    """Peak FLOP/s of all devices together, for MFU.
+
+    On CPU, unless the config gives it, the peak is a matmul measured at start: 0.6 s, a tenth of a warm restart. A
+    resumed run on as many CPU devices takes the peak its checkpoint recorded instead, so that it starts sooner and
+    its MFU stays comparable with the steps before the restart.
+    """
+    if (jax.devices()[0].platform == "cpu" and not self.config.train.cpu_peak_flops
+        and meta.get("platform") == "cpu" and meta.get("devices") == jax.device_count() and meta.get("peak_flops")):
+      return float(meta["peak_flops"])
+    return metrics.peak_flops_per_device(self.config.train.cpu_peak_flops) * jax.device_count()
 
   # The loop ---------------------------------------------------------------------------------------------------
 
@@ -172,15 +186,16 @@ class Trainer:
     compile_seconds = time.time() - compile_start
     ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                    keep=train.keep_checkpoints, keep_period=train.keep_period)
-    state, position, samples_seen = self._initial_state(steps, ckpt)
+    state, position, meta = self._initial_state(steps, ckpt)
     start_step = int(jax.device_get(state.step))
+    samples_seen = int(meta.get("samples_seen", start_step * train.batch_size))
     cfg = self.model.cfg
     flops_per_step = metrics.train_flops_per_step(cfg, train.batch_size, config.data.max_frames,
                                                   config.data.max_text_len, config.data.max_ref_frames)
-    peak = metrics.peak_flops_per_device(train.cpu_peak_flops) * jax.device_count()
+    peak = self._peak_flops(meta)
     self.log.event("start", step=start_step, params=count_params(steps.abstract_state.params),
                    devices=jax.device_count(), processes=jax.process_count(), mesh=dict(self.mesh.shape),
-                   compile_seconds=round(compile_seconds, 2), flops_per_step=flops_per_step)
+                   compile_seconds=round(compile_seconds, 2), flops_per_step=flops_per_step, peak_flops=peak)
     eval_batches = self._eval_batches()
     if eval_batches and start_step == 0:  # the baseline that later evaluations are compared with
       self._evaluate(steps.eval_step(), state, eval_batches, 0)
@@ -218,7 +233,9 @@ class Trainer:
           self._confirm_saves(ckpt)
         if final or step % train.ckpt_every == 0:
           positions = checkpoint.gather_per_process(pipeline.state())
-          ckpt.save(step, state, positions, {"samples_seen": samples_seen, "process_count": jax.process_count()})
+          ckpt.save(step, state, positions, {"samples_seen": samples_seen, "process_count": jax.process_count(),
+                                             "platform": jax.devices()[0].platform, "devices": jax.device_count(),
+                                             "peak_flops": peak})
           self._unconfirmed_saves.append(step)
         for every, hook in self.hooks:
           if step % every == 0:
