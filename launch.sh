@@ -40,12 +40,16 @@ worker_run() {
   mkdir -p "$log_dir"
   local log="$log_dir/worker_$worker.log" status="$log_dir/worker_$worker.status"
   rm -f "$status"
+  # Created here, not by the detached shell's redirection: tail gives up at once on a file that does not exist yet,
+  # and the worker would then report a failure while its trainer runs on.
+  : > "$log"
   cd "$code_dir"
   # The full script path is in the command line, so that the stale-trainer pattern finds this trainer only.
   nohup setsid bash -c '"$@"; echo $? > "'"$status"'"' _ "${PYTHON:-python3}" -u "$code_dir/train_pretrain.py" "$@" \
-    > "$log" 2>&1 < /dev/null &
+    >> "$log" 2>&1 < /dev/null &
   local pid=$!
-  tail -n +1 -f --pid="$pid" "$log"
+  tail -n +1 -f --pid="$pid" "$log" || true
+  wait "$pid" || true  # the status below is the trainer's, written when the detached shell ends
   [[ -f $status ]] || { echo "launch.sh: the trainer on worker $worker ended without an exit status" >&2; exit 1; }
   exit "$(cat "$status")"
 }
