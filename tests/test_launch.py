@@ -53,13 +53,17 @@ FAKE_GCLOUD = textwrap.dedent("""\
 """)
 
 # Stands in for python3 on the workers: records its arguments and pid, says which process it is (worker 1 hosts
-# process 0, as the real pod may have it), fails on FAKE_FAIL_WORKER, and otherwise runs FAKE_SECONDS.
+# process 0, as the real pod may have it), fails on FAKE_FAIL_WORKER once every other worker's trainer is running
+# (so that the test sees them stopped), and otherwise runs FAKE_SECONDS.
 FAKE_PYTHON = textwrap.dedent("""\
     #!/usr/bin/env bash
     printf '%s\\n' "$@" > "$HOME/trainer_args"
     echo $$ > "$HOME/trainer_pid"
     echo "process_index=$((1 - FAKE_WORKER)) process_count=2"
     if [[ $FAKE_WORKER == "${FAKE_FAIL_WORKER:-}" ]]; then
+      for other in "$FAKE_ROOT"/worker_*; do
+        until [[ -f $other/trainer_pid ]]; do sleep 0.05; done
+      done
       echo "Traceback: boom on worker $FAKE_WORKER"
       exit 3
     fi
@@ -156,7 +160,11 @@ def test_local_launch_fails_fast_and_stops_the_other_process(tmp_path):
       #!/usr/bin/env bash
       if [[ $1 == -c ]]; then exec python3 "$@"; fi
       echo $$ > "$FAKE_ROOT/pid_$ECHO_PROCESS_ID"
-      [[ $ECHO_PROCESS_ID == 1 ]] && { echo "process 1 broke"; exit 5; }
+      if [[ $ECHO_PROCESS_ID == 1 ]]; then  # once process 0 runs, so that the test sees it stopped
+        until [[ -f $FAKE_ROOT/pid_0 ]]; do sleep 0.05; done
+        echo "process 1 broke"
+        exit 5
+      fi
       for ((i = 0; i < 600; i++)); do sleep 0.1; done
   """))
   env = dict(os.environ, PYTHON=str(fake), FAKE_ROOT=str(tmp_path))
