@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -140,6 +141,32 @@ def test_resume_after_sigkill_is_exact(tmp_path, monkeypatch):
   for a, b in zip(jax.tree.leaves(final_params(tmp_path / "straight")), jax.tree.leaves(final_params(resumed)),
                   strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_restart_restores_the_state_while_the_train_step_compiles(tmp_path, monkeypatch):
+  config = load_config("tiny")
+  config.data.train_shards = write_synthetic_shards(tmp_path / "shards", num_shards=2, per_shard=5)
+  config.train.update(steps=4, ckpt_every=2, log_every=1)
+  Trainer(config, str(tmp_path / "run")).run()
+
+  restoring = threading.Event()
+  restore, compile_steps = checkpoint.Checkpointer.restore, StepFunctions.compile.__func__
+
+  def restore_and_tell(self, *args, **kwargs):
+    restoring.set()
+    return restore(self, *args, **kwargs)
+
+  def compile_once_restoring(cls, *args, **kwargs):
+    # Were the restore to wait for the compilation, this would wait in vain.
+    assert restoring.wait(timeout=60), "the checkpoint was not being restored while the train step compiled"
+    return compile_steps(cls, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "restore", restore_and_tell)
+  monkeypatch.setattr(StepFunctions, "compile", classmethod(compile_once_restoring))
+  config.train.steps = 6
+  Trainer(config, str(tmp_path / "run")).run()
+  assert sorted(losses_by_step(tmp_path / "run")) == [1, 2, 3, 4, 5, 6]
+  assert any(e["event"] == "checkpoint_restored" and e["step"] == 4 for e in events(tmp_path / "run"))
 
 
 def test_sigkill_during_async_save_resumes_from_previous_checkpoint(tmp_path):

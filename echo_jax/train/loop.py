@@ -11,6 +11,7 @@ the data position is part of every checkpoint: a resumed run computes exactly wh
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 import signal
@@ -30,7 +31,7 @@ from echo_jax.data.pipeline import StreamSet, merge_stream_states, stream_range
 from echo_jax.data.shards import list_shards
 from echo_jax.model import Echo
 from echo_jax.train.state import TrainState, count_params, create_train_state, example_inputs
-from echo_jax.train.step import StepFunctions
+from echo_jax.train.step import StepFunctions, state_layout
 
 
 class NonFiniteError(RuntimeError):
@@ -128,17 +129,18 @@ class Trainer:
     with self._pipeline(self.config.data.eval_shards, seed=0) as pipeline:
       return [sharding.global_batch(next(pipeline), self.mesh) for _ in range(self.config.train.eval_batches)]
 
-  def _initial_state(self, steps: StepFunctions,
+  def _initial_state(self, layout: tuple[TrainState, TrainState],
                      ckpt: checkpoint.Checkpointer) -> tuple[TrainState, Any, dict[str, Any]]:
     """(state, this process's data position, the checkpoint's metadata): restored, imported or freshly initialised
-    (no position, empty metadata)."""
+    (no position, empty metadata), with the shapes and shardings of `layout` (`state_layout`)."""
+    abstract_state, state_shardings = layout
     for name in ckpt.incomplete:
       self.log.event("incomplete_checkpoint_ignored", directory=name,
                      message="an interrupted save was found and ignored; resuming from the last complete one")
     latest = ckpt.latest_step()
     if latest is not None:
-      abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), steps.abstract_state,
-                              steps.state_shardings)
+      abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+                              state_shardings)
       state, positions, meta = ckpt.restore(latest, abstract)
       # Every process's streams, so that any layout whose process count divides data.streams picks up its own.
       position = merge_stream_states([positions[name] for name in sorted(positions)])
@@ -150,10 +152,10 @@ class Trainer:
         position = None
       self.log.event("checkpoint_restored", step=latest)
       return state, position, meta
-    init = jax.jit(lambda key: create_train_state(self.model, key, self.config), out_shardings=steps.state_shardings)
+    init = jax.jit(lambda key: create_train_state(self.model, key, self.config), out_shardings=state_shardings)
     state = init(jax.random.key(self.config.seed))
     if self.init_params is not None:
-      params = jax.device_put(self.init_params, steps.state_shardings.params)
+      params = jax.device_put(self.init_params, state_shardings.params)
       state = state.replace(params=params)
     return state, None, {}
 
@@ -180,13 +182,19 @@ class Trainer:
     if self.is_main:
       write_config_json(config, self.workdir)
     global_shapes = example_inputs(config, train.batch_size)
-    compile_start = time.time()
-    steps = StepFunctions.compile(self.model, config, self.mesh, global_shapes, evaluate=False)
-    aot.check_memory(steps.train, jax.local_devices(), force=self.force)  # before any step: OOM here costs nothing
-    compile_seconds = time.time() - compile_start
+    layout = state_layout(self.model, config, self.mesh)
     ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                    keep=train.keep_checkpoints, keep_period=train.keep_period)
-    state, position, meta = self._initial_state(steps, ckpt)
+    # The state is restored (or initialised) in a thread while the train step compiles: a restart then waits for the
+    # longer of the two, not for both (on a pod, seconds to minutes each). The thread does the same restore on every
+    # process, and nothing else in it talks to other processes.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="initial_state") as background:
+      initial = background.submit(self._initial_state, layout, ckpt)
+      compile_start = time.time()
+      steps = StepFunctions.compile(self.model, config, self.mesh, global_shapes, evaluate=False, layout=layout)
+      aot.check_memory(steps.train, jax.local_devices(), force=self.force)  # before any step: OOM here costs nothing
+      compile_seconds = time.time() - compile_start
+      state, position, meta = initial.result()
     start_step = int(jax.device_get(state.step))
     samples_seen = int(meta.get("samples_seen", start_step * train.batch_size))
     cfg = self.model.cfg

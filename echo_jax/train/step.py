@@ -72,6 +72,13 @@ def eval_step(params: Any, batch: Batch, key: jax.Array, *, model: Echo) -> dict
   return losses
 
 
+def state_layout(model: Echo, config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[TrainState, TrainState]:
+  """(abstract train state: shapes and dtypes, its shardings on `mesh`): what the steps are compiled for and what a
+  checkpoint is restored into."""
+  abstract_state, specs = abstract_train_state(model, config)
+  return abstract_state, sharding.logical_to_shardings(specs, abstract_state, mesh)
+
+
 @dataclasses.dataclass
 class StepFunctions:
   """The compiled train / eval steps and the shardings they were compiled for."""
@@ -87,10 +94,11 @@ class StepFunctions:
 
   @classmethod
   def compile(cls, model: Echo, config: ml_collections.ConfigDict, mesh: Mesh,
-              batch_shapes: dict[str, jax.ShapeDtypeStruct], *, evaluate: bool = True) -> StepFunctions:
-    """Compiles the train step, and the eval step too unless `evaluate` is False (see `compile_eval`)."""
-    abstract_state, specs = abstract_train_state(model, config)
-    state_shardings = sharding.logical_to_shardings(specs, abstract_state, mesh)
+              batch_shapes: dict[str, jax.ShapeDtypeStruct], *, evaluate: bool = True,
+              layout: tuple[TrainState, TrainState] | None = None) -> StepFunctions:
+    """Compiles the train step, and the eval step too unless `evaluate` is False (see `compile_eval`), for the
+    state's `layout` (`state_layout`; derived here when not given)."""
+    abstract_state, state_shardings = layout or state_layout(model, config, mesh)
     batch_shardings = {name: sharding.batch_sharding(mesh, len(s.shape)) for name, s in batch_shapes.items()}
     base_key = jax.random.key(config.seed)
     replicated = sharding.replicated(mesh)
