@@ -1,8 +1,9 @@
 """The training loop (DESIGN §4–§7): one `Trainer.run()` from a config to checkpoints and a run directory.
 
-    restore or init ──► for each step: next batch ─► dispatch compiled step ─► log the PREVIOUS step's metrics
-                                       └─► hooks (eval, checkpoint, samples) on their cadence
-                    ──► final checkpoint, wait for async saves
+    compile the train step ─┐
+    restore or init (thread)┴► for each step: next batch ─► dispatch compiled step ─► log the PREVIOUS step's metrics
+                                              └─► hooks (eval, checkpoint, samples) on their cadence
+                           ──► final checkpoint, wait for async saves
 
 Metrics of step N are fetched only after step N+1 has been dispatched, so the host never makes the device wait.
 Everything that varies between runs (params, data order, timesteps, noise, dropout) derives from `config.seed`, and
