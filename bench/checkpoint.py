@@ -2,11 +2,13 @@
 
     JAX_PLATFORMS=cpu python bench/checkpoint.py [--config bench_100m] [--repeats 3] [--dir DIR]
 
-For each repeat, into a fresh directory: `Checkpointer.save` (the part that blocks the training loop), then
-`wait()` (the whole save), then `restore` of the same step onto the same shardings. Beside it, in the same
-directory, a file of the same size is written (write + fsync) and read back. Reads usually come from the page
-cache for both, so the restore and the raw read are comparable to each other, not to the disk's cold read speed.
-Prints a table (best of the repeats) and appends one JSON line to bench/results/checkpoint.jsonl.
+For each repeat and each setting of zstd compression (`Checkpointer(compression=...)`, `train.ckpt_compression`),
+into a fresh directory: `Checkpointer.save` (the part that blocks the training loop), then `wait()` (the whole
+save), then `restore` of the same step onto the same shardings. Beside it, in the same directory, a file of the
+same size is written (write + fsync) and read back. Reads usually come from the page cache for both, so the restore
+and the raw read are comparable to each other, not to the disk's cold read speed. Every float of the state gets
+random noise first: a fresh state's AdamW moments are zeros, which compress to nothing, and a trained state's do
+not. Prints a table (best of the repeats) and appends one JSON line to bench/results/checkpoint.jsonl.
 Target: blocked < 10% of the whole save.
 """
 
@@ -21,6 +23,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -57,9 +60,14 @@ def raw_read(path: str) -> float:
   return time.perf_counter() - start
 
 
-def one_round(directory: str, state: Any, abstract_state: Any, nbytes: int, step: int) -> dict[str, float]:
-  """Save, wait, restore, then raw write and read, all in `directory`; returns the seconds of each."""
-  checkpointer = Checkpointer(os.path.join(directory, "checkpoints"), keep=2)
+def directory_bytes(directory: str) -> int:
+  return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(directory) for name in names)
+
+
+def checkpoint_round(directory: str, state: Any, abstract_state: Any, step: int,
+                     compression: bool) -> dict[str, float]:
+  """Save, wait and restore in `directory`; returns the seconds of each and the bytes on disk."""
+  checkpointer = Checkpointer(os.path.join(directory, "checkpoints"), keep=2, compression=compression)
   start = time.perf_counter()
   checkpointer.save(step, state, [{"epoch": 0, "shard": 0, "sample": 0}], {"benchmark": "checkpoint"})
   blocked = time.perf_counter() - start
@@ -72,12 +80,26 @@ def one_round(directory: str, state: Any, abstract_state: Any, nbytes: int, step
   checkpointer.close()
   if int(restored.step) != int(state.step):
     raise RuntimeError(f"restored step {int(restored.step)} differs from the saved {int(state.step)}")
-  del restored
+  return {"blocked_s": blocked, "save_s": whole, "restore_s": restore, "disk_bytes": directory_bytes(directory)}
+
+
+def one_round(directory: str, state: Any, abstract_state: Any, nbytes: int, step: int) -> dict[str, Any]:
+  """A checkpoint round per compression setting, then raw write and read of as many bytes, all under `directory`."""
+  result = {}
+  for compression in (False, True):
+    name = "zstd" if compression else "plain"
+    result[name] = checkpoint_round(os.path.join(directory, name), state, abstract_state, step, compression)
   raw_path = os.path.join(directory, "raw.bin")
-  write = raw_write(raw_path, nbytes)
-  read = raw_read(raw_path)
-  return {"blocked_s": blocked, "save_s": whole, "restore_s": restore, "raw_write_fsync_s": write,
-          "raw_read_s": read}
+  result["raw_write_fsync_s"] = raw_write(raw_path, nbytes)
+  result["raw_read_s"] = raw_read(raw_path)
+  return result
+
+
+def with_noise(state: Any) -> Any:
+  """Every float leaf plus N(0, 0.01²) noise: bytes that compress like a trained state's, not like zeros."""
+  keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(state))))
+  return jax.tree.map(lambda leaf: leaf + 0.01 * jax.random.normal(next(keys), leaf.shape, leaf.dtype)
+                      if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf, state)
 
 
 def main() -> None:
@@ -93,7 +115,8 @@ def main() -> None:
   config = common.load_config(args.config)
   model = Echo(model_config(config))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  state = jax.jit(lambda key: create_train_state(model, key, config), out_shardings=device)(jax.random.key(0))
+  state = jax.jit(lambda key: with_noise(create_train_state(model, key, config)),
+                  out_shardings=device)(jax.random.key(0))
   state = jax.block_until_ready(state)
   abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
   nbytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
@@ -107,25 +130,34 @@ def main() -> None:
     finally:
       shutil.rmtree(directory, ignore_errors=True)
 
-  best = {key: min(r[key] for r in rounds) for key in rounds[0] if key != "load_average_1m"}
-  # The fraction is per round (blocked and whole of the same save), then the best round.
-  blocked_fraction = min(r["blocked_s"] / r["save_s"] for r in rounds)
+  best = {key: min(r[key] for r in rounds) for key in ("raw_write_fsync_s", "raw_read_s")}
+  for name in ("plain", "zstd"):
+    best[name] = {key: min(r[name][key] for r in rounds) for key in rounds[0][name]}
+  # The fraction is per round (blocked and whole of the same save), then the best round; for the default setting.
+  blocked_fraction = min(r["plain"]["blocked_s"] / r["plain"]["save_s"] for r in rounds)
   gb = nbytes / 1e9
   machine = common.machine()
-  rows = [
-      {"what": "save: training loop blocked", "s": best["blocked_s"], "gb_s": gb / best["blocked_s"]},
-      {"what": "save: whole (until wait())", "s": best["save_s"], "gb_s": gb / best["save_s"]},
-      {"what": "restore", "s": best["restore_s"], "gb_s": gb / best["restore_s"]},
-      {"what": "raw write + fsync", "s": best["raw_write_fsync_s"], "gb_s": gb / best["raw_write_fsync_s"]},
-      {"what": "raw read", "s": best["raw_read_s"], "gb_s": gb / best["raw_read_s"]},
-  ]
+  rows = []
+  for name, label in (("plain", "no compression (default)"), ("zstd", "zstd (train.ckpt_compression)")):
+    on_disk = best[name]["disk_bytes"] / 1e9
+    rows += [
+        {"what": f"{label}: training loop blocked", "s": best[name]["blocked_s"],
+         "gb_s": gb / best[name]["blocked_s"], "disk_gb": on_disk},
+        {"what": f"{label}: whole save (until wait())", "s": best[name]["save_s"], "gb_s": gb / best[name]["save_s"],
+         "disk_gb": on_disk},
+        {"what": f"{label}: restore", "s": best[name]["restore_s"], "gb_s": gb / best[name]["restore_s"],
+         "disk_gb": on_disk},
+    ]
+  rows += [{"what": "raw write + fsync", "s": best["raw_write_fsync_s"], "gb_s": gb / best["raw_write_fsync_s"]},
+           {"what": "raw read", "s": best["raw_read_s"], "gb_s": gb / best["raw_read_s"]}]
   print(f"{args.config}: {count_params(state.params) / 1e6:.1f}M parameters, train state {nbytes / 1e6:.0f} MB; "
         f"{machine['cpu_model']}, {machine['cores_usable']} cores, load average {machine['load_average_1m']}; "
         f"best of {args.repeats}")
-  print(common.format_table(rows, [("what", "", ""), ("s", "seconds", ".3f"), ("gb_s", "GB/s", ".2f")]))
-  print(f"blocked / whole save: {blocked_fraction:.1%} (target < {TARGET_BLOCKED_FRACTION:.0%}); "
-        f"whole save / raw write+fsync: {best['save_s'] / best['raw_write_fsync_s']:.2f}x; "
-        f"restore / raw read: {best['restore_s'] / best['raw_read_s']:.2f}x")
+  print(common.format_table(rows, [("what", "", ""), ("s", "seconds", ".3f"), ("gb_s", "GB/s", ".2f"),
+                                   ("disk_gb", "GB on disk", ".3f")]))
+  print(f"default setting: blocked / whole save: {blocked_fraction:.1%} (target < {TARGET_BLOCKED_FRACTION:.0%}); "
+        f"whole save / raw write+fsync: {best['plain']['save_s'] / best['raw_write_fsync_s']:.2f}x; "
+        f"restore / raw read: {best['plain']['restore_s'] / best['raw_read_s']:.2f}x")
   if not args.no_save:
     path = common.append_result("checkpoint", {
         "config": args.config, "params_m": round(count_params(state.params) / 1e6, 2), "state_bytes": nbytes,

@@ -184,8 +184,8 @@ class Trainer:
       write_config_json(config, self.workdir)
     global_shapes = example_inputs(config, train.batch_size)
     layout = state_layout(self.model, config, self.mesh)
-    ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"),
-                                   keep=train.keep_checkpoints, keep_period=train.keep_period)
+    ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=train.keep_checkpoints,
+                                   keep_period=train.keep_period, compression=train.ckpt_compression)
     # The state is restored (or initialised) in a thread while the train step compiles: a restart then waits for the
     # longer of the two, not for both (on a pod, seconds to minutes each). The thread does the same restore on every
     # process, and nothing else in it talks to other processes.
