@@ -62,7 +62,7 @@ FAKE_PYTHON = textwrap.dedent("""\
     echo "process_index=$((1 - FAKE_WORKER)) process_count=2"
     if [[ $FAKE_WORKER == "${FAKE_FAIL_WORKER:-}" ]]; then
       for other in "$FAKE_ROOT"/worker_*; do
-        until [[ -f $other/trainer_pid ]]; do sleep 0.05; done
+        for ((i = 0; i < 400; i++)); do [[ -f $other/trainer_pid ]] && break; sleep 0.05; done
       done
       echo "Traceback: boom on worker $FAKE_WORKER"
       exit 3
@@ -161,7 +161,7 @@ def test_local_launch_fails_fast_and_stops_the_other_process(tmp_path):
       if [[ $1 == -c ]]; then exec python3 "$@"; fi
       echo $$ > "$FAKE_ROOT/pid_$ECHO_PROCESS_ID"
       if [[ $ECHO_PROCESS_ID == 1 ]]; then  # once process 0 runs, so that the test sees it stopped
-        until [[ -f $FAKE_ROOT/pid_0 ]]; do sleep 0.05; done
+        for ((i = 0; i < 400; i++)); do [[ -f $FAKE_ROOT/pid_0 ]] && break; sleep 0.05; done
         echo "process 1 broke"
         exit 5
       fi

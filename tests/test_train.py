@@ -149,19 +149,20 @@ def test_restart_restores_the_state_while_the_train_step_compiles(tmp_path, monk
   config.train.update(steps=4, ckpt_every=2, log_every=1)
   Trainer(config, str(tmp_path / "run")).run()
 
-  restoring = threading.Event()
+  # The restore and the compilation each wait here for the other to begin: run one after the other, on any thread
+  # and in either order, the first to arrive waits in vain and the barrier breaks.
+  both_running = threading.Barrier(2, timeout=60)
   restore, compile_steps = checkpoint.Checkpointer.restore, StepFunctions.compile.__func__
 
-  def restore_and_tell(self, *args, **kwargs):
-    restoring.set()
+  def restore_once_compiling(self, *args, **kwargs):
+    both_running.wait()
     return restore(self, *args, **kwargs)
 
   def compile_once_restoring(cls, *args, **kwargs):
-    # Were the restore to wait for the compilation, this would wait in vain.
-    assert restoring.wait(timeout=60), "the checkpoint was not being restored while the train step compiled"
+    both_running.wait()
     return compile_steps(cls, *args, **kwargs)
 
-  monkeypatch.setattr(checkpoint.Checkpointer, "restore", restore_and_tell)
+  monkeypatch.setattr(checkpoint.Checkpointer, "restore", restore_once_compiling)
   monkeypatch.setattr(StepFunctions, "compile", classmethod(compile_once_restoring))
   config.train.steps = 6
   Trainer(config, str(tmp_path / "run")).run()
