@@ -27,6 +27,8 @@ PEAK_FLOPS_PER_DEVICE = {
     "TPU v5p": 459e12,
     "TPU v6 lite": 918e12,
     "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100 PCIe": 756e12,  # before the generic "NVIDIA H100": kinds match by prefix
+    "NVIDIA H100 NVL": 835e12,
     "NVIDIA H100": 989e12,
     "NVIDIA H200": 989e12,
 }

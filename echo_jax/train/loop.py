@@ -193,7 +193,8 @@ class Trainer:
       initial = background.submit(self._initial_state, layout, ckpt)
       compile_start = time.time()
       steps = StepFunctions.compile(self.model, config, self.mesh, global_shapes, evaluate=False, layout=layout)
-      aot.check_memory(steps.train, jax.local_devices(), force=self.force)  # before any step: OOM here costs nothing
+      # Before any step, so that an OOM costs no training; a refusal still waits for the restore thread to finish.
+      aot.check_memory(steps.train, jax.local_devices(), force=self.force)
       compile_seconds = time.time() - compile_start
       state, position, meta = initial.result()
     start_step = int(jax.device_get(state.step))
