@@ -81,6 +81,22 @@ def peak_memory_gib() -> float | None:
   return stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
 
 
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+  """['model.remat=none'] -> {'model.remat': 'none'}; values are Python literals where they parse as one."""
+  import ast  # noqa: PLC0415 — only the benchmarks that take overrides need it
+
+  overrides = {}
+  for pair in pairs:
+    key, sep, value = pair.partition("=")
+    if not sep or not key:
+      raise ValueError(f"--set takes KEY=VALUE (e.g. model.remat=none), got {pair!r}")
+    try:
+      overrides[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      overrides[key] = value
+  return overrides
+
+
 def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[list[float], list[float]]:
   """(wall seconds, process CPU seconds) of each of `repeats` calls of `fn` after `warmup` untimed ones.
 

@@ -19,7 +19,6 @@ CPU target: >= 40% MFU for bench_100m. On one H100, e.g.:
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import statistics
 import sys
@@ -41,20 +40,6 @@ from echo_jax.train.state import count_params, create_train_state, example_input
 from echo_jax.train.step import StepFunctions  # noqa: E402
 
 TARGET_MFU = 0.40
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-  """'model.remat=none' -> {'model.remat': 'none'}; values are Python literals where they parse as one."""
-  overrides = {}
-  for pair in pairs:
-    key, sep, value = pair.partition("=")
-    if not sep or not key:
-      raise ValueError(f"--set takes KEY=VALUE (e.g. model.remat=none), got {pair!r}")
-    try:
-      overrides[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      overrides[key] = value
-  return overrides
 
 
 def adaln_flops_per_frame_overcount(cfg: EchoConfig, batch: int, frames: int) -> float:
@@ -153,7 +138,7 @@ def main() -> None:
   args = parser.parse_args()
   if args.steps < 1:
     parser.error("--steps must be at least 1")
-  overrides = parse_overrides(args.set)
+  overrides = common.parse_overrides(args.set)
   if args.batch_size:
     overrides["train.batch_size"] = args.batch_size
 
@@ -163,6 +148,7 @@ def main() -> None:
     configs[name.strip()].update_from_flattened_dict(overrides)
 
   on_cpu = jax.devices()[0].platform == "cpu"
+  table_peak = None if on_cpu else metrics.peak_flops_per_device()  # an unknown device fails here, before any timing
   peak_size = args.peak_size or (2048 if on_cpu else 8192)
   peak_dtype = jnp.float32 if on_cpu else jnp.bfloat16
   peaks, cpu_peaks = [], []
@@ -176,7 +162,7 @@ def main() -> None:
   rows = [bench_config(name, config, args.steps, args.warmup) for name, config in configs.items()]
   measure_peaks()
   matmul_peak = max(peaks)
-  peak = matmul_peak if on_cpu else metrics.peak_flops_per_device()
+  peak = matmul_peak if on_cpu else table_peak
   cpu_peak = max(cpu_peaks) if on_cpu else None
 
   machine = common.machine()
@@ -189,9 +175,10 @@ def main() -> None:
 
   print(f"{machine['cpu_model']}, {machine['cores_usable']} cores, {jax.devices()[0].device_kind}, "
         f"jax {machine['jax']}, XLA_FLAGS={machine['xla_flags']!r}, load average {machine['load_average_1m']}")
-  print(f"{jnp.dtype(peak_dtype).name} matmul: {matmul_peak / 1e12:.2f} TFLOP/s ({peak_size}x{peak_size} @ "
+  unit, scale = ("GFLOP/s", 1e9) if on_cpu else ("TFLOP/s", 1e12)
+  print(f"{jnp.dtype(peak_dtype).name} matmul: {matmul_peak / scale:.1f} {unit} ({peak_size}x{peak_size} @ "
         f"{peak_size}x{peak_size}, best of {args.peak_repeats}; before/after: "
-        f"{', '.join(f'{p / 1e12:.2f}' for p in peaks)}); peak for MFU: {peak / 1e12:.2f} TFLOP/s "
+        f"{', '.join(f'{p / scale:.1f}' for p in peaks)}); peak for MFU: {peak / scale:.1f} {unit} "
         f"({'that matmul' if on_cpu else 'data sheet, dense bf16'})")
   table = [{**row, "step_ms": row["step_s_best"] * 1e3, "median_ms": row["step_s_median"] * 1e3,
             "gflop": row["model_flops"] / 1e9, "gflop_s": row["achieved_flops_s"] / 1e9,
@@ -210,7 +197,8 @@ def main() -> None:
                  f"({cpu_peak / 1e9:.1f} G)" if on_cpu else "")
   print(f"MFU uses model FLOPs (metrics.train_flops_per_step less its per-frame AdaLN count); MFU(lib) the library "
         f"formula as is; MFU(matmul) against the matmul measured here{cpu_seconds}. CPU busy: process CPU seconds "
-        f"per wall second over the timed steps. Target: {TARGET_MFU:.0%} for bench_100m on CPU.")
+        f"per wall second over the timed steps. Peak GiB: the device's most memory so far in this process (it "
+        f"includes earlier configs of the same run). Target: {TARGET_MFU:.0%} for bench_100m on CPU.")
   if not args.no_save:
     for row in rows:
       path = common.append_result("train_step", {
