@@ -30,8 +30,8 @@ import ml_collections
 from echo_jax import metrics, sharding
 from echo_jax.config import model_config
 from echo_jax.model import Echo
-from echo_jax.train.state import abstract_train_state, count_params, example_inputs
-from echo_jax.train.step import StepFunctions
+from echo_jax.train.state import count_params, example_inputs
+from echo_jax.train.step import StepFunctions, sharded_abstract_state
 
 GiB = 1024**3
 LIBTPU_PIN = "libtpu==0.0.42.1"  # the version jax 0.10.2's `tpu` extra pins
@@ -201,7 +201,7 @@ def compile_report(config: ml_collections.ConfigDict, topology: str, batch_size:
     raise ValueError(f"batch size {batch_size} is not a multiple of the {data_parallel} data-parallel devices "
                      f"of mesh {dict(mesh.shape)}")
   model = Echo(model_config(config))
-  abstract_state, _ = abstract_train_state(model, config)
+  abstract_state = sharded_abstract_state(model, config, mesh)  # traced once, for the report and the compile
   kind = devices[0].device_kind
   data = config.data
   report = AotReport(
@@ -213,7 +213,8 @@ def compile_report(config: ml_collections.ConfigDict, topology: str, batch_size:
       peak_flops=next(peak for name, peak in metrics.PEAK_FLOPS_PER_DEVICE.items() if kind.startswith(name)))
   start = time.perf_counter()
   try:
-    steps = StepFunctions.compile(model, config, mesh, example_inputs(config, batch_size))
+    steps = StepFunctions.compile(model, config, mesh, example_inputs(config, batch_size),
+                                  abstract_state=abstract_state)
   except jax.errors.JaxRuntimeError as error:
     if not _is_out_of_memory(error):
       raise

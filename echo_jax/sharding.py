@@ -95,6 +95,11 @@ def logical_to_shardings(logical_specs: Any, abstract: Any, mesh: Mesh) -> Any:
                       mesh_specs, abstract, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
+def shardings_of(tree: Any) -> Any:
+  """The `.sharding` of every leaf of a pytree of arrays or of ShapeDtypeStructs that carry one."""
+  return jax.tree.map(lambda leaf: leaf.sharding, tree)
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Leading (batch) axis over ('data', 'fsdp'); the rest replicated."""
   return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))

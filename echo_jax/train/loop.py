@@ -32,7 +32,7 @@ from echo_jax.data.pipeline import StreamSet, merge_stream_states, stream_range
 from echo_jax.data.shards import list_shards
 from echo_jax.model import Echo
 from echo_jax.train.state import TrainState, count_params, create_train_state, example_inputs
-from echo_jax.train.step import StepFunctions, state_layout
+from echo_jax.train.step import StepFunctions, sharded_abstract_state
 
 
 class NonFiniteError(RuntimeError):
@@ -130,19 +130,16 @@ class Trainer:
     with self._pipeline(self.config.data.eval_shards, seed=0) as pipeline:
       return [sharding.global_batch(next(pipeline), self.mesh) for _ in range(self.config.train.eval_batches)]
 
-  def _initial_state(self, layout: tuple[TrainState, TrainState],
+  def _initial_state(self, abstract_state: TrainState,
                      ckpt: checkpoint.Checkpointer) -> tuple[TrainState, Any, dict[str, Any]]:
     """(state, this process's data position, the checkpoint's metadata): restored, imported or freshly initialised
-    (no position, empty metadata), with the shapes and shardings of `layout` (`state_layout`)."""
-    abstract_state, state_shardings = layout
+    (no position, empty metadata), with the shapes and shardings of `abstract_state` (`sharded_abstract_state`)."""
     for name in ckpt.incomplete:
       self.log.event("incomplete_checkpoint_ignored", directory=name,
                      message="an interrupted save was found and ignored; resuming from the last complete one")
     latest = ckpt.latest_step()
     if latest is not None:
-      abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
-                              state_shardings)
-      state, positions, meta = ckpt.restore(latest, abstract)
+      state, positions, meta = ckpt.restore(latest, abstract_state)
       # Every process's streams, so that any layout whose process count divides data.streams picks up its own.
       position = merge_stream_states([positions[name] for name in sorted(positions)])
       streams = self.config.data.streams
@@ -153,6 +150,7 @@ class Trainer:
         position = None
       self.log.event("checkpoint_restored", step=latest)
       return state, position, meta
+    state_shardings = sharding.shardings_of(abstract_state)
     init = jax.jit(lambda key: create_train_state(self.model, key, self.config), out_shardings=state_shardings)
     state = init(jax.random.key(self.config.seed))
     if self.init_params is not None:
@@ -183,16 +181,17 @@ class Trainer:
     if self.is_main:
       write_config_json(config, self.workdir)
     global_shapes = example_inputs(config, train.batch_size)
-    layout = state_layout(self.model, config, self.mesh)
+    abstract_state = sharded_abstract_state(self.model, config, self.mesh)
     ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=train.keep_checkpoints,
                                    keep_period=train.keep_period, compression=train.ckpt_compression)
     # The state is restored (or initialised) in a thread while the train step compiles: a restart then waits for the
     # longer of the two, not for both (on a pod, seconds to minutes each). The thread does the same restore on every
     # process, and nothing else in it talks to other processes.
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="initial_state") as background:
-      initial = background.submit(self._initial_state, layout, ckpt)
+      initial = background.submit(self._initial_state, abstract_state, ckpt)
       compile_start = time.time()
-      steps = StepFunctions.compile(self.model, config, self.mesh, global_shapes, evaluate=False, layout=layout)
+      steps = StepFunctions.compile(self.model, config, self.mesh, global_shapes, evaluate=False,
+                                    abstract_state=abstract_state)
       # Before any step, so that an OOM costs no training; a refusal still waits for the restore thread to finish.
       aot.check_memory(steps.train, jax.local_devices(), force=self.force)
       compile_seconds = time.time() - compile_start
@@ -203,7 +202,7 @@ class Trainer:
     flops_per_step = metrics.train_flops_per_step(cfg, train.batch_size, config.data.max_frames,
                                                   config.data.max_text_len, config.data.max_ref_frames)
     peak = self._peak_flops(meta)
-    self.log.event("start", step=start_step, params=count_params(steps.abstract_state.params),
+    self.log.event("start", step=start_step, params=count_params(abstract_state.params),
                    devices=jax.device_count(), processes=jax.process_count(), mesh=dict(self.mesh.shape),
                    compile_seconds=round(compile_seconds, 2), flops_per_step=flops_per_step, peak_flops=peak)
     eval_batches = self._eval_batches()

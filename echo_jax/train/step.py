@@ -72,11 +72,13 @@ def eval_step(params: Any, batch: Batch, key: jax.Array, *, model: Echo) -> dict
   return losses
 
 
-def state_layout(model: Echo, config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[TrainState, TrainState]:
-  """(abstract train state: shapes and dtypes, its shardings on `mesh`): what the steps are compiled for and what a
-  checkpoint is restored into."""
+def sharded_abstract_state(model: Echo, config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
+  """The train state as ShapeDtypeStructs carrying their shardings on `mesh`: what the steps are compiled for and what
+  a checkpoint is restored into."""
   abstract_state, specs = abstract_train_state(model, config)
-  return abstract_state, sharding.logical_to_shardings(specs, abstract_state, mesh)
+  shardings = sharding.logical_to_shardings(specs, abstract_state, mesh)
+  return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), abstract_state,
+                      shardings)
 
 
 @dataclasses.dataclass
@@ -84,8 +86,7 @@ class StepFunctions:
   """The compiled train / eval steps and the shardings they were compiled for."""
 
   train: Any
-  abstract_state: TrainState  # shapes and dtypes of the state
-  state_shardings: TrainState
+  abstract_state: TrainState  # shapes, dtypes and shardings of the state (`sharded_abstract_state`)
   mesh: Mesh
   train_flops: float  # XLA's count for one train step of this process's program
   lower_eval: Callable[[], jax.stages.Lowered] = dataclasses.field(repr=False)
@@ -95,10 +96,12 @@ class StepFunctions:
   @classmethod
   def compile(cls, model: Echo, config: ml_collections.ConfigDict, mesh: Mesh,
               batch_shapes: dict[str, jax.ShapeDtypeStruct], *, evaluate: bool = True,
-              layout: tuple[TrainState, TrainState] | None = None) -> StepFunctions:
-    """Compiles the train step, and the eval step too unless `evaluate` is False (see `compile_eval`), for the
-    state's `layout` (`state_layout`; derived here when not given)."""
-    abstract_state, state_shardings = layout or state_layout(model, config, mesh)
+              abstract_state: TrainState | None = None) -> StepFunctions:
+    """Compiles the train step, and the eval step too unless `evaluate` is False (see `compile_eval`), for
+    `abstract_state` (`sharded_abstract_state`; derived here when not given)."""
+    if abstract_state is None:
+      abstract_state = sharded_abstract_state(model, config, mesh)
+    state_shardings = sharding.shardings_of(abstract_state)
     batch_shardings = {name: sharding.batch_sharding(mesh, len(s.shape)) for name, s in batch_shapes.items()}
     base_key = jax.random.key(config.seed)
     replicated = sharding.replicated(mesh)
@@ -117,11 +120,15 @@ class StepFunctions:
       ).lower(abstract_state, batch_shapes).compile()
     cost = train.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    steps = cls(train=train, abstract_state=abstract_state, state_shardings=state_shardings, mesh=mesh,
+    steps = cls(train=train, abstract_state=abstract_state, mesh=mesh,
                 train_flops=float((cost or {}).get("flops", 0.0)), lower_eval=lower_eval)
     if evaluate:
       steps.compile_eval()
     return steps
+
+  @property
+  def state_shardings(self) -> TrainState:
+    return sharding.shardings_of(self.abstract_state)
 
   def compile_eval(self) -> Any:
     """Compiles the eval step (callable from a background thread: the mesh and rules it sets are thread-local)."""
