@@ -17,7 +17,6 @@ import argparse
 import functools
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -35,14 +34,8 @@ TARGET_RATIO = 1.1
 
 
 def best_time(fn, repeats: int) -> float:
-  """Minimum wall time of `fn()` over `repeats` runs after one warm-up (compilation) run."""
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return min(times)
+  """Minimum wall time of `fn()` (its result awaited) over `repeats` runs after one warm-up (compilation) run."""
+  return min(common.time_calls(lambda: jax.block_until_ready(fn()), repeats)[0])
 
 
 def main() -> None:
