@@ -215,9 +215,12 @@ def test_eval_step_compiled_in_the_background_equals_the_one_compiled_at_once(ti
   shapes = example_inputs(tiny_config, tiny_config.train.batch_size)
   later = StepFunctions.compile(model, tiny_config, mesh, shapes, evaluate=False)
   assert later.eval is None
+  lowered_on, lower_eval = [], later.lower_eval
+  later.lower_eval = lambda: lowered_on.append(threading.current_thread()) or lower_eval()
   later.compile_eval_in_background()
   background = later.eval_step()
   assert later.eval is background and later.eval_step() is background
+  assert len(lowered_on) == 1 and lowered_on[0] is not threading.main_thread()  # compiled once, in the background
   at_once = StepFunctions.compile(model, tiny_config, mesh, shapes).eval
   state = jax.jit(lambda key: create_train_state(model, key, tiny_config))(jax.random.key(0))
   batch = {name: jnp.ones(s.shape, s.dtype) for name, s in shapes.items()}
