@@ -20,14 +20,18 @@ RELEASE = threading.Event()  # Set at teardown, so that stalled reads of abandon
 
 
 class StallingFileSystem(AbstractFileSystem):
-  """`stalling://name`: serves bytes from `FILES`; the first `STALLS[name]` opens of a file hang on read."""
+  """`stalling://name`: serves bytes from `FILES`; the first `STALLS[name]` opens of a file hang on read; an open of
+  a name in `OPEN_GATES` waits until its event is set."""
 
   protocol = "stalling"
   FILES: dict[str, bytes] = {}
   STALLS: dict[str, int] = {}
+  OPEN_GATES: dict[str, threading.Event] = {}
 
   def _open(self, path, mode="rb", **kwargs):
     name = self._strip_protocol(path)
+    if name in self.OPEN_GATES:
+      self.OPEN_GATES[name].wait(30)
     if self.STALLS.get(name, 0) > 0:
       self.STALLS[name] -= 1
       return _StalledFile()
@@ -55,6 +59,7 @@ def stalling_filesystem():
   RELEASE.set()
   StallingFileSystem.FILES.clear()
   StallingFileSystem.STALLS.clear()
+  StallingFileSystem.OPEN_GATES.clear()
 
 
 def make_pipeline(shards, cache=None, **overrides):
@@ -131,6 +136,21 @@ def test_a_stalled_download_times_out_and_is_retried(tmp_path):
   assert path is not None and pathlib.Path(path).read_bytes() == StallingFileSystem.FILES["shard.tar"]
   assert StallingFileSystem.STALLS["shard.tar"] == 0  # two stalled attempts, then the third one worked
   assert not [f for f in cache_files(tmp_path / "cache") if f.endswith(".partial")]
+
+
+def test_an_attempt_abandoned_while_its_source_opens_writes_no_file(tmp_path):
+  """Abandoned attempts (given up, or replaced by a retry) open no `.partial` afterwards: such a file was left
+  behind, and could truncate the file of the attempt that replaced it."""
+  local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=1, per_shard=4))
+  StallingFileSystem.FILES["slow.tar"] = pathlib.Path(local[0]).read_bytes()
+  gate = StallingFileSystem.OPEN_GATES["slow.tar"] = threading.Event()
+  cache = ShardCache(str(tmp_path / "cache"), stall_timeout=0.2, retries=1)
+  assert cache.fetch("stalling://slow.tar") is None  # its only attempt is still opening the source
+  attempts = [t for t in threading.enumerate() if t.name == "echo-shard-download"]
+  gate.set()
+  for attempt in attempts:
+    attempt.join(timeout=10)
+  assert not cache_files(tmp_path / "cache")
 
 
 def test_a_shard_that_always_stalls_is_skipped_and_the_stream_goes_on(tmp_path):

@@ -71,12 +71,20 @@ class _Download:
   def _run(self, attempt_id: int) -> None:
     partial = self.path + PARTIAL_SUFFIX
     try:
-      with fsspec.open(self.url, "rb") as source, open(partial, "wb") as target:
-        while chunk := source.read(CHUNK_BYTES):
+      with fsspec.open(self.url, "rb") as source:
+        # Opening the source can take long; an attempt abandoned meanwhile must not then create (or truncate) the
+        # file that its successor writes or that the cache has already cleaned up. Checked and opened under the
+        # lock that `abandon` and `start` take.
+        with self._lock:
           if not self._current(attempt_id):
             return
-          target.write(chunk)
-          self.progress_time = time.monotonic()
+          target = open(partial, "wb")  # noqa: SIM115 — closed by the `with target` right below
+        with target:
+          while chunk := source.read(CHUNK_BYTES):
+            if not self._current(attempt_id):
+              return
+            target.write(chunk)
+            self.progress_time = time.monotonic()
       with self._lock:
         if self._current(attempt_id):
           os.replace(partial, self.path)
