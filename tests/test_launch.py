@@ -20,8 +20,9 @@ SEP = "\x1f"
 FAKE_GCLOUD = textwrap.dedent("""\
     #!/usr/bin/env bash
     set -euo pipefail
-    printf '%s\\x1f' "$@" >> "$FAKE_ROOT/calls"
-    printf '\\n' >> "$FAKE_ROOT/calls"
+    # One write per call: the workers' ssh calls run at once, and two writes per call could interleave.
+    record=$(printf '%s\\x1f' "$@")
+    printf '%s\\n' "$record" >> "$FAKE_ROOT/calls"
     verb=$4 worker="" command="" source="" destination="" value_of=""
     for arg in "$@"; do
       if [[ -n $value_of ]]; then value_of=""; continue; fi
