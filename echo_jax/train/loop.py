@@ -1,9 +1,10 @@
 """The training loop (DESIGN §4–§7): one `Trainer.run()` from a config to checkpoints and a run directory.
 
-    compile the train step ─┐
-    restore or init (thread)┴► for each step: next batch ─► dispatch compiled step ─► log the PREVIOUS step's metrics
-                                              └─► hooks (eval, checkpoint, samples) on their cadence
-                           ──► final checkpoint, wait for async saves
+    list the shards ─► compile the train step ─────┐
+                       threads: restore or init ─► ├► for each step: next batch ─► dispatch compiled step ─► log the
+                       open the data there;        │   PREVIOUS step's metrics
+                       read the held-out batches ──┘   └─► hooks (eval, checkpoint, samples) on their cadence
+                                                   ──► final checkpoint, wait for async saves
 
 Metrics of step N are fetched only after step N+1 has been dispatched, so the host never makes the device wait.
 Everything that varies between runs (params, data order, timesteps, noise, dropout) derives from `config.seed`, and
@@ -105,17 +106,22 @@ class Trainer:
 
   # Setup ------------------------------------------------------------------------------------------------------
 
-  def _pipeline(self, shards: str, seed: int, position: Any = None) -> StreamSet:
-    """This process's rows of every global batch: the data streams its devices hold (DESIGN §5)."""
+  def _shard_list(self, spec: str) -> list[str]:
+    """The shards `spec` names, listed by process 0 and shared: a collective, so every process calls it in the same
+    order, on its main thread."""
+    # A listing per host would load gs:// or the Hub with one request per host, and hosts that listed at different
+    # moments could disagree.
+    return checkpoint.gather_per_process(list_shards(spec) if self.is_main else None)[0]
+
+  def _pipeline(self, shards: list[str], seed: int, position: Any = None) -> StreamSet:
+    """This process's rows of every global batch of `shards` (a `_shard_list`): the data streams its devices hold
+    (DESIGN §5). Its reader threads start at once."""
     config, data = self.config, self.config.data
     batch_size = config.train.batch_size
     num_streams = data.streams
     rows = runtime.process_batch_rows(sharding.batch_sharding(self.mesh, 1), batch_size)
-    # Process 0 lists the shards once; a listing per host would load gs:// or the Hub with one request per host,
-    # and hosts that listed at different moments could disagree.
-    shard_list = checkpoint.gather_per_process(list_shards(shards) if self.is_main else None)[0]
     return StreamSet(
-        shards=shard_list, batch_size=batch_size, num_streams=num_streams,
+        shards=shards, batch_size=batch_size, num_streams=num_streams,
         streams=stream_range(batch_size, num_streams, rows), state=position,
         cache_dir=os.path.expanduser(data.cache_dir) or None, shard_prefetch=data.shard_prefetch,
         stall_timeout=data.stall_timeout, retries=data.download_retries, latent_dim=config.model.latent_dim,
@@ -123,11 +129,11 @@ class Trainer:
         pad_latent=load_pad_latent(data.pad_latent, config.model.latent_dim), seed=seed, prefetch=data.prefetch,
         on_skip=self._on_skip)
 
-  def _eval_batches(self) -> list[dict[str, jax.Array]]:
-    """The held-out batches, read once and reused, so every evaluation sees the same data."""
-    if not self.config.data.eval_shards or self.config.train.eval_every <= 0:
+  def _eval_batches(self, shards: list[str]) -> list[dict[str, jax.Array]]:
+    """The held-out batches, read once and reused, so every evaluation sees the same data (none without shards)."""
+    if not shards:
       return []
-    with self._pipeline(self.config.data.eval_shards, seed=0) as pipeline:
+    with self._pipeline(shards, seed=0) as pipeline:
       return [sharding.global_batch(next(pipeline), self.mesh) for _ in range(self.config.train.eval_batches)]
 
   def _initial_state(self, abstract_state: TrainState,
@@ -184,38 +190,49 @@ class Trainer:
     abstract_state = sharded_abstract_state(self.model, config, self.mesh)
     ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=train.keep_checkpoints,
                                    keep_period=train.keep_period, compression=train.ckpt_compression)
-    # The state is restored (or initialised) in a thread while the train step compiles: a restart then waits for the
-    # longer of the two, not for both (on a pod, seconds to minutes each). The thread does the same restore on every
-    # process, and nothing else in it talks to other processes.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="initial_state") as background:
+    # Listed first, so that a shard spec naming nothing fails the launch before the compile.
+    train_shards = self._shard_list(config.data.train_shards)
+    evaluates = bool(config.data.eval_shards) and train.eval_every > 0
+    eval_shards = self._shard_list(config.data.eval_shards) if evaluates else []
+    # While the train step compiles, threads restore (or initialise) the state, read the held-out batches and open
+    # the training data at the restored position: a restart waits for the longest of these, not for their sum (on a
+    # pod the first shards' downloads, the restore and the compile take seconds to minutes each). The threads do
+    # the same work on every process and none of it talks to other processes.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3, thread_name_prefix="initial_state") as background:
       initial = background.submit(self._initial_state, abstract_state, ckpt)
-      compile_start = time.time()
-      steps = StepFunctions.compile(self.model, config, self.mesh, global_shapes, evaluate=False,
-                                    abstract_state=abstract_state)
-      # Before any step, so that an OOM costs no training; a refusal still waits for the restore thread to finish.
-      aot.check_memory(steps.train, jax.local_devices(), force=self.force)
-      compile_seconds = time.time() - compile_start
-      state, position, meta = initial.result()
+      held_out = background.submit(self._eval_batches, eval_shards)
+      opened = background.submit(lambda: self._pipeline(train_shards, config.seed, initial.result()[1]))
+      try:
+        compile_start = time.time()
+        steps = StepFunctions.compile(self.model, config, self.mesh, global_shapes, evaluate=False,
+                                      abstract_state=abstract_state)
+        # Before any step, so that an OOM costs no training; a refusal still waits for the threads to finish.
+        aot.check_memory(steps.train, jax.local_devices(), force=self.force)
+        compile_seconds = time.time() - compile_start
+        state, _, meta = initial.result()
+        eval_batches = held_out.result()
+      except BaseException:
+        opened.add_done_callback(_close_pipeline)  # its reader threads would outlive the failed launch
+        raise
+      pipeline = opened.result()
     start_step = int(jax.device_get(state.step))
-    samples_seen = int(meta.get("samples_seen", start_step * train.batch_size))
-    cfg = self.model.cfg
-    flops_per_step = metrics.train_flops_per_step(cfg, train.batch_size, config.data.max_frames,
-                                                  config.data.max_text_len, config.data.max_ref_frames)
-    peak = self._peak_flops(meta)
-    self.log.event("start", step=start_step, params=count_params(abstract_state.params),
-                   devices=jax.device_count(), processes=jax.process_count(), mesh=dict(self.mesh.shape),
-                   compile_seconds=round(compile_seconds, 2), flops_per_step=flops_per_step, peak_flops=peak)
-    eval_batches = self._eval_batches()
-    if eval_batches and start_step == 0:  # the baseline that later evaluations are compared with
-      self._evaluate(steps.eval_step(), state, eval_batches, 0)
-    pipeline = self._pipeline(config.data.train_shards, config.seed, position)
-    consecutive_nonfinite = 0
-    pending = None  # (step, device metrics, host timings) of the step whose metrics are not yet logged
     progress = tqdm(total=train.steps, initial=start_step, desc="train", disable=not self.is_main,
                     dynamic_ncols=True)
-    last_time = time.time()
-    step = start_step
     try:
+      samples_seen = int(meta.get("samples_seen", start_step * train.batch_size))
+      cfg = self.model.cfg
+      flops_per_step = metrics.train_flops_per_step(cfg, train.batch_size, config.data.max_frames,
+                                                    config.data.max_text_len, config.data.max_ref_frames)
+      peak = self._peak_flops(meta)
+      self.log.event("start", step=start_step, params=count_params(abstract_state.params),
+                     devices=jax.device_count(), processes=jax.process_count(), mesh=dict(self.mesh.shape),
+                     compile_seconds=round(compile_seconds, 2), flops_per_step=flops_per_step, peak_flops=peak)
+      if eval_batches and start_step == 0:  # the baseline that later evaluations are compared with
+        self._evaluate(steps.eval_step(), state, eval_batches, 0)
+      consecutive_nonfinite = 0
+      pending = None  # (step, device metrics, host timings) of the step whose metrics are not yet logged
+      last_time = time.time()
+      step = start_step
       while step < train.steps:
         wait_start = time.time()
         batch = sharding.global_batch(next(pipeline), self.mesh)
@@ -319,6 +336,11 @@ class Trainer:
       for name, value in losses.items():
         totals[name] = totals.get(name, 0.0) + float(value) / len(batches)
     self.log.metrics.write({"step": step, "time": time.time(), **totals})
+
+
+def _close_pipeline(opened: concurrent.futures.Future) -> None:
+  if not opened.cancelled() and opened.exception() is None:
+    opened.result().close()
 
 
 def install_sigterm_handler(trainer: Trainer) -> None:
