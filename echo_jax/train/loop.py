@@ -187,28 +187,31 @@ class Trainer:
     if self.is_main:
       write_config_json(config, self.workdir)
     global_shapes = example_inputs(config, train.batch_size)
-    abstract_state = sharded_abstract_state(self.model, config, self.mesh)
+    # After a launch that compiled the train step, the state's shapes and shardings are stored with it: no trace.
+    abstract_state = (StepFunctions.cached_abstract_state(config, self.mesh, global_shapes)
+                      or sharded_abstract_state(self.model, config, self.mesh))
     ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=train.keep_checkpoints,
                                    keep_period=train.keep_period, compression=train.ckpt_compression)
     # Listed first, so that a shard spec naming nothing fails the launch before the compile.
     train_shards = self._shard_list(config.data.train_shards)
     evaluates = bool(config.data.eval_shards) and train.eval_every > 0
     eval_shards = self._shard_list(config.data.eval_shards) if evaluates else []
-    # While the train step compiles, threads restore (or initialise) the state, read the held-out batches and open
-    # the training data at the restored position: a restart waits for the longest of these, not for their sum (on a
-    # pod the first shards' downloads, the restore and the compile take seconds to minutes each). The threads do
-    # the same work on every process and none of it talks to other processes.
+    # While the train step compiles (or loads), threads restore (or initialise) the state, read the held-out batches
+    # and open the training data at the restored position: a restart waits for the longest of these, not for their
+    # sum (on a pod the first shards' downloads, the restore and the compile take seconds to minutes each). The
+    # threads do the same work on every process and none of it talks to other processes.
     with concurrent.futures.ThreadPoolExecutor(max_workers=3, thread_name_prefix="initial_state") as background:
       initial = background.submit(self._initial_state, abstract_state, ckpt)
       held_out = background.submit(self._eval_batches, eval_shards)
       opened = background.submit(lambda: self._pipeline(train_shards, config.seed, initial.result()[1]))
       try:
         compile_start = time.time()
+        # Loaded instead when an earlier launch compiled it; the load leaves the GIL to the threads.
         steps = StepFunctions.compile(self.model, config, self.mesh, global_shapes, evaluate=False,
                                       abstract_state=abstract_state)
+        compile_seconds = time.time() - compile_start
         # Before any step, so that an OOM costs no training; a refusal still waits for the threads to finish.
         aot.check_memory(steps.train, jax.local_devices(), force=self.force)
-        compile_seconds = time.time() - compile_start
         state, _, meta = initial.result()
         eval_batches = held_out.result()
       except BaseException:

@@ -18,7 +18,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from echo_jax import flow, sharding
+from echo_jax import executable_cache, flow, sharding
 from echo_jax.model import Echo
 from echo_jax.train.state import TrainState, abstract_train_state, learning_rate_schedule, make_optimizer
 
@@ -81,6 +81,14 @@ def sharded_abstract_state(model: Echo, config: ml_collections.ConfigDict, mesh:
                       shardings)
 
 
+def _program_key(name: str, config: ml_collections.ConfigDict, mesh: Mesh,
+                 batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> str | None:
+  """The step's `executable_cache` key. The state's shapes and shardings are not in it: the source, the config and the
+  mesh in the key determine them, and leaving them out lets `StepFunctions.cached_abstract_state` find them without
+  tracing."""
+  return executable_cache.program_key(name, config, mesh, batch_shapes)
+
+
 @dataclasses.dataclass
 class StepFunctions:
   """The compiled train / eval steps and the shardings they were compiled for."""
@@ -90,6 +98,7 @@ class StepFunctions:
   mesh: Mesh
   train_flops: float  # XLA's count for one train step of this process's program
   lower_eval: Callable[[], jax.stages.Lowered] = dataclasses.field(repr=False)
+  eval_key: str | None = None  # the eval step's `executable_cache.program_key`
   eval: Any = None  # set by `compile_eval`
   _eval_compiling: concurrent.futures.Future | None = dataclasses.field(default=None, repr=False)
 
@@ -98,7 +107,9 @@ class StepFunctions:
               batch_shapes: dict[str, jax.ShapeDtypeStruct], *, evaluate: bool = True,
               abstract_state: TrainState | None = None) -> StepFunctions:
     """Compiles the train step, and the eval step too unless `evaluate` is False (see `compile_eval`), for
-    `abstract_state` (`sharded_abstract_state`; derived here when not given)."""
+    `abstract_state` (`sharded_abstract_state` or `cached_abstract_state`; derived here when not given). While JAX's
+    compilation cache is on, each compiled step is stored in the `executable_cache`, and a step stored before is
+    loaded instead, untraced."""
     if abstract_state is None:
       abstract_state = sharded_abstract_state(model, config, mesh)
     state_shardings = sharding.shardings_of(abstract_state)
@@ -112,19 +123,33 @@ class StepFunctions:
           in_shardings=(state_shardings.params, batch_shardings, replicated), out_shardings=replicated,
       ).lower(abstract_state.params, batch_shapes, jax.eval_shape(lambda: jax.random.key(0)))
 
-    with sharding.activate(mesh):
-      train = jax.jit(
+    def lower_train() -> jax.stages.Lowered:
+      return jax.jit(
           functools.partial(train_step, model=model, config=config, base_key=base_key),
           in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, replicated),
           donate_argnums=0,
-      ).lower(abstract_state, batch_shapes).compile()
+      ).lower(abstract_state, batch_shapes)
+
+    with sharding.activate(mesh):
+      train = executable_cache.compile_cached(_program_key("train", config, mesh, batch_shapes), lower_train,
+                                              list(mesh.devices.flat), (abstract_state, batch_shapes))
     cost = train.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     steps = cls(train=train, abstract_state=abstract_state, mesh=mesh,
-                train_flops=float((cost or {}).get("flops", 0.0)), lower_eval=lower_eval)
+                train_flops=float((cost or {}).get("flops", 0.0)), lower_eval=lower_eval,
+                eval_key=_program_key("eval", config, mesh, batch_shapes))
     if evaluate:
       steps.compile_eval()
     return steps
+
+  @staticmethod
+  def cached_abstract_state(config: ml_collections.ConfigDict, mesh: Mesh,
+                            batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> TrainState | None:
+    """The state's shapes and shardings stored with a train step that `compile` will load from the
+    `executable_cache`, untraced and without waiting for that load; None when no such step is stored."""
+    key = _program_key("train", config, mesh, batch_shapes)
+    inputs = executable_cache.load_inputs(key, mesh) if key else None
+    return None if inputs is None else inputs[0]
 
   @property
   def state_shardings(self) -> TrainState:
@@ -133,7 +158,8 @@ class StepFunctions:
   def compile_eval(self) -> Any:
     """Compiles the eval step (callable from a background thread: the mesh and rules it sets are thread-local)."""
     with sharding.activate(self.mesh):
-      self.eval = self.lower_eval().compile()
+      self.eval = executable_cache.compile_cached(self.eval_key, self.lower_eval, list(self.mesh.devices.flat),
+                                                  self.abstract_state.params)
     return self.eval
 
   def compile_eval_in_background(self) -> None:

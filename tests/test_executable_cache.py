@@ -1,0 +1,196 @@
+"""The compiled-step cache (echo_jax.executable_cache): a relaunch loads its steps instead of tracing them and computes
+the same (a resumed run too); anything that changes the program, or a damaged file, makes it compile again."""
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import REPO, load_config, write_synthetic_shards
+from etils import epath
+from test_train import eval_losses_by_step, losses_by_step
+
+from echo_jax import executable_cache, sharding
+
+# One single-device process (the caches are off on several CPU devices): enables the compilation cache, compiles the
+# train and eval steps of the config in argv[2], recording which step functions were traced, reads the state's
+# shapes and shardings stored with the train step, and prints the losses of one eval and one train step on a fixed
+# batch.
+LAUNCH = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp
+    import ml_collections
+    from echo_jax import runtime, sharding
+    from echo_jax.config import model_config
+    from echo_jax.model import Echo
+    from echo_jax.train import step
+    from echo_jax.train.state import create_train_state, example_inputs
+
+    config = ml_collections.ConfigDict(json.loads(sys.argv[2]))
+    assert runtime.enable_compilation_cache(sys.argv[1])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # JAX's cache keeps even quick compiles
+    traced = []
+    for name in ("train_step", "eval_step"):
+      def recording(*args, _step=getattr(step, name), _name=name, **kwargs):
+        traced.append(_name)
+        return _step(*args, **kwargs)
+      setattr(step, name, recording)
+    model = Echo(model_config(config))
+    mesh = sharding.make_mesh(config.mesh.to_dict())
+    shapes = example_inputs(config, config.train.batch_size)
+    steps = step.StepFunctions.compile(model, config, mesh, shapes)
+    state = jax.jit(lambda key: create_train_state(model, key, config),
+                    out_shardings=steps.state_shardings)(jax.random.key(0))
+    cached = step.StepFunctions.cached_abstract_state(config, mesh, shapes)  # what a warm Trainer restores onto
+    same_state = cached is not None and cached == step.sharded_abstract_state(model, config, mesh)
+    batch = {name: jnp.ones(s.shape, s.dtype) for name, s in shapes.items()}
+    eval_loss = float(steps.eval(state.params, batch, jax.random.key(1))["eval_loss"])
+    state, metrics = steps.train(state, batch)
+    print(json.dumps({"traced": traced, "cached": cached is not None, "same_state": same_state,
+                      "loss": float(metrics["loss"]), "eval_loss": eval_loss}))
+""")
+
+
+# `train_pretrain.py`'s library call on one device, recording which step functions were traced.
+TRAIN = textwrap.dedent("""
+    import json, sys
+    import ml_collections
+    from echo_jax.train import step
+    from echo_jax.train.entry import train_main
+
+    traced = []
+    for name in ("train_step", "eval_step"):
+      def recording(*args, _step=getattr(step, name), _name=name, **kwargs):
+        traced.append(_name)
+        return _step(*args, **kwargs)
+      setattr(step, name, recording)
+    train_main(ml_collections.ConfigDict(json.loads(sys.argv[1])), sys.argv[2])
+    print(json.dumps({"traced": traced}))
+""")
+
+
+def run_one_device(script, *args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  process = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=300)
+  assert process.returncode == 0, process.stderr[-3000:]
+  return json.loads(process.stdout.splitlines()[-1])
+
+
+def train(config, workdir):
+  return run_one_device(TRAIN, config.to_json(), workdir)
+
+
+def launch(cache_dir, config):
+  return run_one_device(LAUNCH, cache_dir, config.to_json())
+
+
+def stored(cache_dir):
+  """The keys of the stored executables; asserts that each has its inputs and that no temporary file is left."""
+  folder = cache_dir / executable_cache.SUBDIRECTORY
+  names = sorted(os.listdir(folder)) if folder.exists() else []
+  keys = [name.removesuffix(".executable") for name in names if name.endswith(".executable")]
+  assert names == sorted([f"{key}.executable" for key in keys] + [f"{key}.inputs" for key in keys])
+  return keys
+
+
+def test_a_relaunch_loads_its_steps_untraced_and_computes_the_same(tmp_path):
+  config = load_config("tiny")
+  first, relaunch = launch(tmp_path / "xla", config), launch(tmp_path / "xla", config)
+  assert first["traced"] == ["train_step", "eval_step"]
+  assert relaunch["traced"] == []  # both steps came from the cache
+  assert relaunch["cached"] and relaunch["same_state"]  # the state's shapes and shardings as a trace gives them
+  assert relaunch["loss"] == first["loss"] and relaunch["eval_loss"] == first["eval_loss"]
+  assert len(stored(tmp_path / "xla")) == 2
+  config.train.lr *= 2  # another train program (the schedule is compiled in): compiled again and stored beside
+  assert launch(tmp_path / "xla", config)["traced"] == ["train_step", "eval_step"]
+  # The eval program did not change: JAX's cache answered it, so it was not stored (see the next test).
+  assert len(stored(tmp_path / "xla")) == 3
+
+
+def test_a_run_resumed_with_loaded_steps_gives_the_losses_of_an_uninterrupted_run(tmp_path):
+  config = load_config("tiny")
+  config.data.train_shards = write_synthetic_shards(tmp_path / "shards")
+  config.data.eval_shards = write_synthetic_shards(tmp_path / "shards", num_shards=1, seed=1, prefix="eval")
+  config.train.update(steps=6, ckpt_every=3, eval_every=3)
+  config.compile_cache_dir = str(tmp_path / "xla")
+  workdir = tmp_path / "run"
+  # Uninterrupted, with an empty cache: compiles both steps and stores them.
+  assert train(config, workdir)["traced"] == ["train_step", "eval_step"]
+  uninterrupted, evaluated = losses_by_step(workdir), eval_losses_by_step(workdir)
+  shutil.rmtree(workdir / "checkpoints" / "6")
+  os.remove(workdir / "metrics.jsonl")
+  # Resumed from step 3 by a warm launch: the steps are loaded, untraced; the state restores onto their shardings.
+  assert train(config, workdir)["traced"] == []
+  assert losses_by_step(workdir) == {step: uninterrupted[step] for step in (4, 5, 6)}
+  assert eval_losses_by_step(workdir) == {6: evaluated[6]}
+
+
+def test_a_step_that_the_compilation_cache_answered_is_not_stored(tmp_path):
+  config = load_config("tiny")
+  first = launch(tmp_path / "xla", config)
+  shutil.rmtree(tmp_path / "xla" / executable_cache.SUBDIRECTORY)
+  answered = launch(tmp_path / "xla", config)  # JAX's cache answers both compiles
+  assert answered["traced"] == ["train_step", "eval_step"]
+  assert stored(tmp_path / "xla") == []  # see compile_cached: loaded back, they could fail
+  again = launch(tmp_path / "xla", config)
+  assert again["traced"] == ["train_step", "eval_step"]
+  assert again["loss"] == first["loss"] and again["eval_loss"] == first["eval_loss"]
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+  """The executable cache on, in tmp_path, without turning on JAX's compilation cache in this 8-device process."""
+  monkeypatch.setattr(executable_cache, "directory", lambda: epath.Path(tmp_path))
+  return tmp_path
+
+
+def test_a_damaged_executable_is_reported_and_compiled_again(cache_dir, caplog):
+  (cache_dir / "somekey.executable").write_bytes(b"half a file")
+  (cache_dir / "somekey.inputs").write_bytes(b"half a file")
+  inputs = jax.ShapeDtypeStruct((3,), jnp.float32)
+  lowered = []
+
+  def lower():
+    lowered.append(True)
+    return jax.jit(lambda x: x * 2 + 1).lower(inputs)
+
+  device = jax.devices()[:1]  # a program without shardings runs on the default device
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, device)
+  with caplog.at_level(logging.WARNING):
+    assert executable_cache.load_inputs("somekey", mesh) is None
+    compiled = executable_cache.compile_cached("somekey", lower, device, inputs)
+  assert lowered == [True] and "could not be read" in caplog.text and "could not be loaded" in caplog.text
+  assert compiled(jnp.arange(3.0)).tolist() == [1.0, 3.0, 5.0]
+  # Both files were replaced by good ones.
+  reloaded = executable_cache.load("somekey", device)
+  assert reloaded is not None and reloaded(jnp.arange(3.0)).tolist() == [1.0, 3.0, 5.0]
+  assert executable_cache.load_inputs("somekey", mesh) == inputs
+  assert executable_cache.compile_cached("somekey", lower, device, inputs) is not None and lowered == [True]
+  assert sorted(os.listdir(cache_dir)) == ["somekey.executable", "somekey.inputs"]
+
+
+def test_the_key_follows_the_step_the_config_and_the_inputs(cache_dir):
+  config = load_config("tiny")
+  mesh = sharding.make_mesh(config.mesh.to_dict(), jax.devices()[:1])
+  inputs = jax.ShapeDtypeStruct((4, 8), jnp.float32)
+  key = executable_cache.program_key("train", config, mesh, inputs)
+  assert key == executable_cache.program_key("train", config, mesh, inputs)
+  assert key != executable_cache.program_key("eval", config, mesh, inputs)
+  assert key != executable_cache.program_key("train", config, mesh, jax.ShapeDtypeStruct((4, 9), jnp.float32))
+  config.model.remat = "full" if config.model.remat != "full" else "none"
+  assert key != executable_cache.program_key("train", config, mesh, inputs)
+
+
+def test_the_cache_is_off_without_the_compilation_cache():
+  assert not jax.config.jax_compilation_cache_dir  # tests leave JAX's cache off (see conftest.py)
+  config = load_config("tiny")
+  mesh = sharding.make_mesh(config.mesh.to_dict(), jax.devices()[:1])
+  assert executable_cache.directory() is None
+  assert executable_cache.program_key("train", config, mesh, jax.ShapeDtypeStruct((1,), jnp.float32)) is None
