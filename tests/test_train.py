@@ -373,3 +373,13 @@ def test_relative_workdir(tmp_path, monkeypatch):
   Trainer(config, "runs/relative").run()
   assert checkpoint.Checkpointer("runs/relative/checkpoints", keep=3).all_steps() == [2, 4]
   assert checkpoint.load_params("runs/relative")[0].train.steps == 4
+
+
+@pytest.mark.parametrize("field", ["train_shards", "eval_shards"])
+def test_a_shard_spec_naming_nothing_fails_the_launch_before_the_compile(tiny_config, tmp_path, monkeypatch, field):
+  tiny_config.data[field] = str(tmp_path / "typo-*.tar")
+  compiled = []
+  monkeypatch.setattr(StepFunctions, "compile", lambda *args, **kwargs: compiled.append(True))
+  with pytest.raises(FileNotFoundError, match="typo"):
+    Trainer(tiny_config, str(tmp_path / "run")).run()
+  assert not compiled  # minutes of a pod's compile are not spent on a launch that cannot read its data
