@@ -115,6 +115,19 @@ def test_resume_after_sigkill_is_exact(tmp_path, monkeypatch):
   config.data.train_shards = write_synthetic_shards(tmp_path / "shards", num_shards=3, per_shard=5)
   config.data.eval_shards = write_synthetic_shards(tmp_path / "shards", num_shards=1, seed=1, prefix="eval")
   config.train.update(steps=30, ckpt_every=15, eval_every=5, log_every=1)
+  # How many steps each Trainer had logged when it read its held-out batches.
+  logged_at_read, log_step, eval_batches = [], Trainer._log_step, Trainer._eval_batches
+
+  def counting_log_step(self, *args, **kwargs):
+    self.steps_logged = getattr(self, "steps_logged", 0) + 1
+    return log_step(self, *args, **kwargs)
+
+  def recording_eval_batches(self, shards):
+    logged_at_read.append(getattr(self, "steps_logged", 0))
+    return eval_batches(self, shards)
+
+  monkeypatch.setattr(Trainer, "_log_step", counting_log_step)
+  monkeypatch.setattr(Trainer, "_eval_batches", recording_eval_batches)
   Trainer(config, str(tmp_path / "straight")).run()
 
   resumed = tmp_path / "resumed"
@@ -132,8 +145,10 @@ def test_resume_after_sigkill_is_exact(tmp_path, monkeypatch):
 
   straight_losses, resumed_losses = losses_by_step(tmp_path / "straight"), losses_by_step(resumed)
   assert [resumed_losses[s] for s in range(16, 31)] == [straight_losses[s] for s in range(16, 31)]
-  # The restart compiles its eval step beside its first steps (StepFunctions.compile_eval_in_background); the
+  # A new run reads its held-out batches before its first step (it evaluates there); the restart reads them, and
+  # compiles its eval step, once its first step is logged (StepFunctions.compile_eval_in_background). The
   # evaluations it then makes are the uninterrupted run's.
+  assert logged_at_read[0] == 0 and len(logged_at_read) == 2 and logged_at_read[1] >= 1
   straight_evals, resumed_evals = eval_losses_by_step(tmp_path / "straight"), eval_losses_by_step(resumed)
   assert sorted(straight_evals) == [0, 5, 10, 15, 20, 25, 30]
   assert {s: resumed_evals[s] for s in (20, 25, 30)} == {s: straight_evals[s] for s in (20, 25, 30)}

@@ -1,10 +1,10 @@
 """The training loop (DESIGN §4–§7): one `Trainer.run()` from a config to checkpoints and a run directory.
 
-    list the shards ─► compile the train step ─────┐
-                       threads: restore or init ─► ├► for each step: next batch ─► dispatch compiled step ─► log the
-                       open the data there;        │   PREVIOUS step's metrics
-                       read the held-out batches ──┘   └─► hooks (eval, checkpoint, samples) on their cadence
-                                                   ──► final checkpoint, wait for async saves
+    list the shards ─► compile (or load) the train step ─┐
+                       threads: restore or init ─► open ──┴► for each step: next batch ─► dispatch compiled step
+                       the data there                         ─► log the PREVIOUS step's metrics
+                                                              └─► hooks (eval, checkpoint, samples) on their cadence
+                                                         ──► final checkpoint, wait for async saves
 
 Metrics of step N are fetched only after step N+1 has been dispatched, so the host never makes the device wait.
 Everything that varies between runs (params, data order, timesteps, noise, dropout) derives from `config.seed`, and
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import os
 import signal
 import threading
@@ -28,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from echo_jax import aot, checkpoint, metrics, runtime, sharding
+from echo_jax.background import InBackground
 from echo_jax.config import model_config, write_config_json
 from echo_jax.data.pipeline import StreamSet, merge_stream_states, stream_range
 from echo_jax.data.shards import list_shards
@@ -130,9 +132,7 @@ class Trainer:
         on_skip=self._on_skip)
 
   def _eval_batches(self, shards: list[str]) -> list[dict[str, jax.Array]]:
-    """The held-out batches, read once and reused, so every evaluation sees the same data (none without shards)."""
-    if not shards:
-      return []
+    """The held-out batches, read once and reused, so every evaluation sees the same data."""
     with self._pipeline(shards, seed=0) as pipeline:
       return [sharding.global_batch(next(pipeline), self.mesh) for _ in range(self.config.train.eval_batches)]
 
@@ -194,15 +194,21 @@ class Trainer:
                                    keep_period=train.keep_period, compression=train.ckpt_compression)
     # Listed first, so that a shard spec naming nothing fails the launch before the compile.
     train_shards = self._shard_list(config.data.train_shards)
-    evaluates = bool(config.data.eval_shards) and train.eval_every > 0
-    eval_shards = self._shard_list(config.data.eval_shards) if evaluates else []
-    # While the train step compiles (or loads), threads restore (or initialise) the state, read the held-out batches
-    # and open the training data at the restored position: a restart waits for the longest of these, not for their
-    # sum (on a pod the first shards' downloads, the restore and the compile take seconds to minutes each). The
-    # threads do the same work on every process and none of it talks to other processes.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=3, thread_name_prefix="initial_state") as background:
+    evaluates = bool(config.data.eval_shards) and train.eval_every > 0 and train.eval_batches > 0
+    held_out = InBackground("held_out", functools.partial(
+        self._eval_batches, self._shard_list(config.data.eval_shards) if evaluates else []))
+    # A new run evaluates before its first step: it reads the held-out batches while the train step compiles. A
+    # restart's first evaluation is eval_every steps away: it reads them once its first step is logged (as it
+    # compiles the eval step then), so that its first step waits neither for them nor for the CPU and the bandwidth
+    # they take.
+    if evaluates and ckpt.latest_step() is None:
+      held_out.start()
+    # While the train step compiles (or loads), threads restore (or initialise) the state and open the training data
+    # at the restored position: a launch waits for the longer of the two, not for their sum (on a pod the first
+    # shards' downloads, the restore and the compile take seconds to minutes each). The threads do the same work on
+    # every process and none of it talks to other processes.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="initial_state") as background:
       initial = background.submit(self._initial_state, abstract_state, ckpt)
-      held_out = background.submit(self._eval_batches, eval_shards)
       opened = background.submit(lambda: self._pipeline(train_shards, config.seed, initial.result()[1]))
       try:
         compile_start = time.time()
@@ -213,7 +219,6 @@ class Trainer:
         # Before any step, so that an OOM costs no training; a refusal still waits for the threads to finish.
         aot.check_memory(steps.train, jax.local_devices(), force=self.force)
         state, _, meta = initial.result()
-        eval_batches = held_out.result()
       except BaseException:
         opened.add_done_callback(_close_pipeline)  # its reader threads would outlive the failed launch
         raise
@@ -230,8 +235,8 @@ class Trainer:
       self.log.event("start", step=start_step, params=count_params(abstract_state.params),
                      devices=jax.device_count(), processes=jax.process_count(), mesh=dict(self.mesh.shape),
                      compile_seconds=round(compile_seconds, 2), flops_per_step=flops_per_step, peak_flops=peak)
-      if eval_batches and start_step == 0:  # the baseline that later evaluations are compared with
-        self._evaluate(steps.eval_step(), state, eval_batches, 0)
+      if evaluates and start_step == 0:  # the baseline that later evaluations are compared with
+        self._evaluate(steps.eval_step(), state, held_out.result(), 0)
       consecutive_nonfinite = 0
       pending = None  # (step, device metrics, host timings) of the step whose metrics are not yet logged
       last_time = time.time()
@@ -245,16 +250,18 @@ class Trainer:
         samples_seen += train.batch_size
         if pending is not None:  # step N+1 is queued: now fetching step N's metrics costs the device nothing
           consecutive_nonfinite = self._log_step(*pending, consecutive_nonfinite, progress)
-          if eval_batches and pending[0] == start_step + 1:
-            # A restart's first evaluation is eval_every steps away: its eval step compiles beside the training once
-            # the first step is logged, so that the first step waits neither for it nor for the GIL it holds.
+          if evaluates and pending[0] == start_step + 1:
+            # A restart's first evaluation is eval_every steps away: its eval step compiles and its held-out batches
+            # are read beside the training once the first step is logged, so that the first step waits neither for
+            # them nor for the GIL they hold.
             steps.compile_eval_in_background()
+            held_out.start()
         now = time.time()
         pending = (step, step_metrics, {"step_time": now - last_time, "data_wait": data_wait,
                                         "samples_seen": samples_seen, "flops": flops_per_step, "peak": peak})
         last_time = now
-        if eval_batches and step % train.eval_every == 0:
-          self._evaluate(steps.eval_step(), state, eval_batches, step)
+        if evaluates and step % train.eval_every == 0:
+          self._evaluate(steps.eval_step(), state, held_out.result(), step)
         stop = self._should_stop(step)
         final = stop or step == train.steps
         if step % train.log_every == 0 or final:

@@ -6,7 +6,6 @@ executables, so a shape or dtype change raises instead of silently recompiling.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -19,6 +18,7 @@ import optax
 from jax.sharding import Mesh
 
 from echo_jax import executable_cache, flow, sharding
+from echo_jax.background import InBackground
 from echo_jax.model import Echo
 from echo_jax.train.state import TrainState, abstract_train_state, learning_rate_schedule, make_optimizer
 
@@ -100,7 +100,7 @@ class StepFunctions:
   lower_eval: Callable[[], jax.stages.Lowered] = dataclasses.field(repr=False)
   eval_key: str | None = None  # the eval step's `executable_cache.program_key`
   eval: Any = None  # set by `compile_eval`
-  _eval_compiling: concurrent.futures.Future | None = dataclasses.field(default=None, repr=False)
+  _eval_compiling: InBackground | None = dataclasses.field(default=None, repr=False)
 
   @classmethod
   def compile(cls, model: Echo, config: ml_collections.ConfigDict, mesh: Mesh,
@@ -165,9 +165,8 @@ class StepFunctions:
   def compile_eval_in_background(self) -> None:
     """Starts compiling the eval step in a thread, unless it is compiled or compiling; `eval_step` waits for it."""
     if self.eval is None and self._eval_compiling is None:
-      background = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile_eval")
-      self._eval_compiling = background.submit(self.compile_eval)
-      background.shutdown(wait=False)  # the submitted compilation still runs; no more work comes
+      self._eval_compiling = InBackground("compile_eval", self.compile_eval)
+      self._eval_compiling.start()
 
   def eval_step(self) -> Any:
     """The compiled eval step: compiled now, or when a background compilation runs, once it has finished."""
