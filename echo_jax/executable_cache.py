@@ -6,7 +6,9 @@ echo_1p3b alike, since the layers are scanned), and on a warm restart that is mo
 keyed by what the program is made from instead: the echo_jax source, the whole config, the step's name and input
 shapes, the mesh and every device, JAX's settings and the versions of JAX, XLA, libtpu and the other libraries that
 shape the program. A launch that finds its key loads the executable (`jax.experimental.serialize_executable`, as
-MaxText's AOT training does) in place of trace + lower + compile; anything else compiles and stores.
+MaxText's AOT training does) in place of trace + lower + compile; anything else compiles and stores (except a step
+that JAX's own cache answered: see `compile_cached`). Beside each executable it keeps the shapes and shardings of its
+inputs (`load_inputs`), so that a restart can restore its state onto them while the executable loads.
 
 It lives in `<compilation cache>/echo_executables/` and is on exactly when that cache is, so it shares its
 exclusions (a CPU run over several devices never uses it). Loading an executable runs code from that directory:
@@ -45,7 +47,7 @@ _ENVIRONMENT = ("XLA_FLAGS", "LIBTPU_INIT_ARGS", "TPU_ACCELERATOR_TYPE", "JAX_PL
 def directory() -> epath.Path | None:
   """Where executables are kept: inside JAX's persistent compilation cache, or None while that cache is off."""
   cache = jax.config.jax_compilation_cache_dir
-  return epath.Path(cache) / SUBDIRECTORY if cache else None
+  return epath.Path(cache) / SUBDIRECTORY if cache and jax.config.jax_enable_compilation_cache else None
 
 
 @functools.cache

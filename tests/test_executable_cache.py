@@ -188,8 +188,15 @@ def test_the_key_follows_the_step_the_config_and_the_inputs(cache_dir):
   assert key != executable_cache.program_key("train", config, mesh, inputs)
 
 
-def test_the_cache_is_off_without_the_compilation_cache():
+def test_the_cache_is_off_without_the_compilation_cache(tmp_path):
   assert not jax.config.jax_compilation_cache_dir  # tests leave JAX's cache off (see conftest.py)
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+  jax.config.update("jax_enable_compilation_cache", False)  # a directory, but the cache disabled
+  try:
+    assert executable_cache.directory() is None
+  finally:
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", None)
   config = load_config("tiny")
   mesh = sharding.make_mesh(config.mesh.to_dict(), jax.devices()[:1])
   assert executable_cache.directory() is None
