@@ -25,7 +25,7 @@ import os
 import pickle
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -122,16 +122,18 @@ def load_inputs(key: str, mesh: jax.sharding.Mesh) -> Any | None:
       for shape, dtype, spec in leaves])
 
 
-def load(key: str, devices: Sequence[jax.Device]) -> jax.stages.Compiled | None:
-  """The executable stored under `key`, loaded onto `devices` (its device assignment: the mesh's devices in mesh
-  order), or None when there is none (or the cache is off). One that cannot be read or loaded is reported and treated
-  as absent: the caller compiles and stores a good one over it. Loading runs without the GIL (other threads go on)."""
+def load(key: str, mesh: jax.sharding.Mesh) -> jax.stages.Compiled | None:
+  """The executable stored under `key`, loaded onto the devices of `mesh` in mesh order (the device assignment of a
+  program whose shardings are on `mesh`), or None when there is none (or the cache is off). One that cannot be read
+  or loaded is reported and treated as absent: the caller compiles and stores a good one over it. Loading runs
+  without the GIL (other threads go on)."""
   paths = _paths(key)
   if paths is None or not paths[0].exists():
     return None
   try:
     payload, in_tree, out_tree = pickle.loads(paths[0].read_bytes())
-    return serialize_executable.deserialize_and_load(payload, in_tree, out_tree, execution_devices=list(devices))
+    return serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
+                                                     execution_devices=list(mesh.devices.flat))
   except Exception as error:  # noqa: BLE001 — any failure to load means: compile instead
     logging.warning("compiled step %s could not be loaded (%s: %s); compiling it again", paths[0],
                     type(error).__name__, error)
@@ -182,9 +184,9 @@ def _compile(lower: Callable[[], jax.stages.Lowered]) -> tuple[jax.stages.Compil
   return compiled, not answered
 
 
-def compile_cached(key: str | None, lower: Callable[[], jax.stages.Lowered], devices: Sequence[jax.Device],
+def compile_cached(key: str | None, lower: Callable[[], jax.stages.Lowered], mesh: jax.sharding.Mesh,
                    inputs: Any) -> jax.stages.Compiled:
-  """The executable stored under `key` (a `program_key`) loaded onto `devices` (see `load`), else `lower().compile()`,
+  """The executable stored under `key` (a `program_key`) loaded onto `mesh` (see `load`), else `lower().compile()`,
   then stored under `key` with `inputs` (the step's arguments as ShapeDtypeStructs with shardings, for
   `load_inputs`) if XLA compiled it in this process.
 
@@ -193,7 +195,7 @@ def compile_cached(key: str | None, lower: Callable[[], jax.stages.Lowered], dev
   found"). Such a step is traced again at each launch, as without this cache, until a launch compiles it itself (its
   program changed, or JAX's cache lost it).
   """
-  compiled = load(key, devices) if key else None
+  compiled = load(key, mesh) if key else None
   if compiled is None:
     compiled, compiled_here = _compile(lower)
     if key and compiled_here:

@@ -161,18 +161,18 @@ def test_a_damaged_executable_is_reported_and_compiled_again(cache_dir, caplog):
     lowered.append(True)
     return jax.jit(lambda x: x * 2 + 1).lower(inputs)
 
-  device = jax.devices()[:1]  # a program without shardings runs on the default device
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, device)
+  # A program without shardings runs on the default device: a mesh of that one device.
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   with caplog.at_level(logging.WARNING):
     assert executable_cache.load_inputs("somekey", mesh) is None
-    compiled = executable_cache.compile_cached("somekey", lower, device, inputs)
+    compiled = executable_cache.compile_cached("somekey", lower, mesh, inputs)
   assert lowered == [True] and "could not be read" in caplog.text and "could not be loaded" in caplog.text
   assert compiled(jnp.arange(3.0)).tolist() == [1.0, 3.0, 5.0]
   # Both files were replaced by good ones.
-  reloaded = executable_cache.load("somekey", device)
+  reloaded = executable_cache.load("somekey", mesh)
   assert reloaded is not None and reloaded(jnp.arange(3.0)).tolist() == [1.0, 3.0, 5.0]
   assert executable_cache.load_inputs("somekey", mesh) == inputs
-  assert executable_cache.compile_cached("somekey", lower, device, inputs) is not None and lowered == [True]
+  assert executable_cache.compile_cached("somekey", lower, mesh, inputs) is not None and lowered == [True]
   assert sorted(os.listdir(cache_dir)) == ["somekey.executable", "somekey.inputs"]
 
 

@@ -131,8 +131,8 @@ class StepFunctions:
       ).lower(abstract_state, batch_shapes)
 
     with sharding.activate(mesh):
-      train = executable_cache.compile_cached(_program_key("train", config, mesh, batch_shapes), lower_train,
-                                              list(mesh.devices.flat), (abstract_state, batch_shapes))
+      train = executable_cache.compile_cached(_program_key("train", config, mesh, batch_shapes), lower_train, mesh,
+                                              (abstract_state, batch_shapes))
     cost = train.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     steps = cls(train=train, abstract_state=abstract_state, mesh=mesh,
@@ -158,7 +158,7 @@ class StepFunctions:
   def compile_eval(self) -> Any:
     """Compiles the eval step (callable from a background thread: the mesh and rules it sets are thread-local)."""
     with sharding.activate(self.mesh):
-      self.eval = executable_cache.compile_cached(self.eval_key, self.lower_eval, list(self.mesh.devices.flat),
+      self.eval = executable_cache.compile_cached(self.eval_key, self.lower_eval, self.mesh,
                                                   self.abstract_state.params)
     return self.eval
 
