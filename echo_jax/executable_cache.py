@@ -108,12 +108,15 @@ def _paths(key: str) -> tuple[epath.Path, epath.Path] | None:
 
 def load_inputs(key: str, mesh: jax.sharding.Mesh) -> Any | None:
   """The inputs that the program stored under `key` was compiled for (ShapeDtypeStructs, shardings on `mesh`), or
-  None when no program is stored there. Reads a small file only: callers need not wait for `load`."""
+  None when none are stored there. Reads a small file only: callers need not wait for `load`. (The inputs are
+  written before their executable; found without it, they are still the inputs of the program `key` names.)"""
   paths = _paths(key)
-  if paths is None or not (paths[0].exists() and paths[1].exists()):
+  if paths is None:
     return None
   try:
     treedef, leaves = pickle.loads(paths[1].read_bytes())
+  except FileNotFoundError:
+    return None
   except Exception as error:  # noqa: BLE001 — as in `load`
     logging.warning("inputs of compiled step %s could not be read (%s: %s)", paths[1], type(error).__name__, error)
     return None
@@ -128,12 +131,14 @@ def load(key: str, mesh: jax.sharding.Mesh) -> jax.stages.Compiled | None:
   or loaded is reported and treated as absent: the caller compiles and stores a good one over it. Loading runs
   without the GIL (other threads go on)."""
   paths = _paths(key)
-  if paths is None or not paths[0].exists():
+  if paths is None:
     return None
   try:
     payload, in_tree, out_tree = pickle.loads(paths[0].read_bytes())
     return serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
                                                      execution_devices=list(mesh.devices.flat))
+  except FileNotFoundError:  # nothing stored: one request to find out, not an `exists` and then a read
+    return None
   except Exception as error:  # noqa: BLE001 — any failure to load means: compile instead
     logging.warning("compiled step %s could not be loaded (%s: %s); compiling it again", paths[0],
                     type(error).__name__, error)
