@@ -18,29 +18,33 @@ from test_train import eval_losses_by_step, losses_by_step
 
 from echo_jax import executable_cache, sharding
 
-# One single-device process (the caches are off on several CPU devices): enables the compilation cache, compiles the
-# train and eval steps of the config in argv[2], recording which step functions were traced, reads the state's
-# shapes and shardings stored with the train step, and prints the losses of one eval and one train step on a fixed
-# batch.
-LAUNCH = textwrap.dedent("""
-    import json, sys
-    import jax, jax.numpy as jnp
-    import ml_collections
-    from echo_jax import runtime, sharding
-    from echo_jax.config import model_config
-    from echo_jax.model import Echo
+# The start of each script below: `traced` records which step functions get traced.
+RECORD_TRACES = textwrap.dedent("""
     from echo_jax.train import step
-    from echo_jax.train.state import create_train_state, example_inputs
-
-    config = ml_collections.ConfigDict(json.loads(sys.argv[2]))
-    assert runtime.enable_compilation_cache(sys.argv[1])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # JAX's cache keeps even quick compiles
     traced = []
     for name in ("train_step", "eval_step"):
       def recording(*args, _step=getattr(step, name), _name=name, **kwargs):
         traced.append(_name)
         return _step(*args, **kwargs)
       setattr(step, name, recording)
+""")
+
+# One single-device process (the caches are off on several CPU devices): enables the compilation cache, compiles the
+# train and eval steps of the config in argv[2], recording which step functions were traced, reads the state's
+# shapes and shardings stored with the train step, and prints the losses of one eval and one train step on a fixed
+# batch.
+LAUNCH = RECORD_TRACES + textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp
+    import ml_collections
+    from echo_jax import runtime, sharding
+    from echo_jax.config import model_config
+    from echo_jax.model import Echo
+    from echo_jax.train.state import create_train_state, example_inputs
+
+    config = ml_collections.ConfigDict(json.loads(sys.argv[2]))
+    assert runtime.enable_compilation_cache(sys.argv[1])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # JAX's cache keeps even quick compiles
     model = Echo(model_config(config))
     mesh = sharding.make_mesh(config.mesh.to_dict())
     shapes = example_inputs(config, config.train.batch_size)
@@ -57,19 +61,12 @@ LAUNCH = textwrap.dedent("""
 """)
 
 
-# `train_pretrain.py`'s library call on one device, recording which step functions were traced.
-TRAIN = textwrap.dedent("""
+# `train_pretrain.py`'s library call on one device.
+TRAIN = RECORD_TRACES + textwrap.dedent("""
     import json, sys
     import ml_collections
-    from echo_jax.train import step
     from echo_jax.train.entry import train_main
 
-    traced = []
-    for name in ("train_step", "eval_step"):
-      def recording(*args, _step=getattr(step, name), _name=name, **kwargs):
-        traced.append(_name)
-        return _step(*args, **kwargs)
-      setattr(step, name, recording)
     train_main(ml_collections.ConfigDict(json.loads(sys.argv[1])), sys.argv[2])
     print(json.dumps({"traced": traced}))
 """)
