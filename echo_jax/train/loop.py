@@ -239,7 +239,8 @@ class Trainer:
         self._evaluate(steps.eval_step(), state, held_out.result(), 0)
       consecutive_nonfinite = 0
       pending = None  # (step, device metrics, host timings) of the step whose metrics are not yet logged
-      last_time = time.time()
+      # When the previous step finished (seen when its metrics were fetched); the first step is timed from here.
+      finished = time.time()
       step = start_step
       while step < train.steps:
         wait_start = time.time()
@@ -249,17 +250,15 @@ class Trainer:
         step += 1
         samples_seen += train.batch_size
         if pending is not None:  # step N+1 is queued: now fetching step N's metrics costs the device nothing
-          consecutive_nonfinite = self._log_step(*pending, consecutive_nonfinite, progress)
+          consecutive_nonfinite, finished = self._log_step(*pending, consecutive_nonfinite, progress)
           if evaluates and pending[0] == start_step + 1:
             # A restart's first evaluation is eval_every steps away: its eval step compiles and its held-out batches
             # are read beside the training once the first step is logged, so that the first step waits neither for
             # them nor for the GIL they hold.
             steps.compile_eval_in_background()
             held_out.start()
-        now = time.time()
-        pending = (step, step_metrics, {"step_time": now - last_time, "data_wait": data_wait,
-                                        "samples_seen": samples_seen, "flops": flops_per_step, "peak": peak})
-        last_time = now
+        pending = (step, step_metrics, {"since": finished, "data_wait": data_wait, "samples_seen": samples_seen,
+                                        "flops": flops_per_step, "peak": peak})
         if evaluates and step % train.eval_every == 0:
           self._evaluate(steps.eval_step(), state, held_out.result(), step)
         stop = self._should_stop(step)
@@ -312,8 +311,12 @@ class Trainer:
       self._unconfirmed_saves = []
 
   def _log_step(self, step: int, device_metrics: dict[str, jax.Array], timing: dict[str, float],
-                consecutive_nonfinite: int, progress: tqdm) -> int:
+                consecutive_nonfinite: int, progress: tqdm) -> tuple[int, float]:
+    """Fetches and logs the metrics of `step`; returns the count of consecutive non-finite steps and when `step`
+    finished. Its time is from when the step before it finished (`timing["since"]`) to when its own metrics are
+    ready: not between two dispatches, which for the first step of a launch measures only the dispatch."""
     values = {name: float(np.asarray(value)) for name, value in jax.device_get(device_metrics).items()}
+    finished = time.time()
     finite = bool(values.pop("finite"))
     consecutive_nonfinite = 0 if finite else consecutive_nonfinite + 1
     if not finite:
@@ -323,7 +326,7 @@ class Trainer:
     progress.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
     train = self.config.train
     if step % train.log_every == 0 or step == train.steps or not finite:
-      step_time = max(timing["step_time"], 1e-9)
+      step_time = max(finished - timing["since"], 1e-9)
       self.log.metrics.write({
           "step": step, "time": time.time(), **values, "samples_seen": timing["samples_seen"],
           "samples_per_sec": train.batch_size / step_time, "steps_per_sec": 1.0 / step_time,
@@ -337,7 +340,7 @@ class Trainer:
                  "or lower train.lr, then restart to resume from the last checkpoint.")
       self.log.event("error", step=step, message=message)
       raise NonFiniteError(message)
-    return consecutive_nonfinite
+    return consecutive_nonfinite, finished
 
   def _evaluate(self, eval_step: Any, state: TrainState, batches: list[dict[str, jax.Array]], step: int) -> None:
     totals: dict[str, float] = {}
