@@ -11,6 +11,7 @@ import sys
 import tarfile
 import textwrap
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -154,7 +155,9 @@ def test_resume_after_sigkill_is_exact(tmp_path, monkeypatch):
     raise AssertionError("a resumed CPU run measured the matmul peak again")
 
   monkeypatch.setattr(metrics, "measure_matmul_peak", no_measurement)
+  launched = time.time()
   Trainer(config, str(resumed)).run()
+  run_seconds = time.time() - launched
   # It took the killed run's measured peak from the checkpoint: a faster restart, and MFU against the same peak.
   first_start, restart = [e for e in events(resumed) if e["event"] == "start"]
   assert restart["step"] == 15 and restart["peak_flops"] == first_start["peak_flops"] > 0
@@ -168,7 +171,8 @@ def test_resume_after_sigkill_is_exact(tmp_path, monkeypatch):
   straight_evals, resumed_evals = eval_losses_by_step(tmp_path / "straight"), eval_losses_by_step(resumed)
   assert sorted(straight_evals) == [0, 5, 10, 15, 20, 25, 30]
   assert {s: resumed_evals[s] for s in (20, 25, 30)} == {s: straight_evals[s] for s in (20, 25, 30)}
-  assert any(e["event"] == "checkpoint_restored" and e["step"] == 15 for e in events(resumed))
+  restored = [e for e in events(resumed) if e["event"] == "checkpoint_restored"]
+  assert [e["step"] for e in restored] == [15] and 0 < restored[0]["seconds"] < run_seconds
   for a, b in zip(jax.tree.leaves(final_params(tmp_path / "straight")), jax.tree.leaves(final_params(resumed)),
                   strict=True):
     np.testing.assert_array_equal(a, b)

@@ -145,7 +145,9 @@ class Trainer:
                      message="an interrupted save was found and ignored; resuming from the last complete one")
     latest = ckpt.latest_step()
     if latest is not None:
+      restore_start = time.time()
       state, positions, meta = ckpt.restore(latest, abstract_state)
+      restore_seconds = time.time() - restore_start
       # Every process's streams, so that any layout whose process count divides data.streams picks up its own.
       position = merge_stream_states([positions[name] for name in sorted(positions)])
       streams = self.config.data.streams
@@ -154,7 +156,7 @@ class Trainer:
                        message=f"the checkpoint's data position is not one of data.streams={streams} streams; "
                                "the data restarts from a fresh epoch order")
         position = None
-      self.log.event("checkpoint_restored", step=latest)
+      self.log.event("checkpoint_restored", step=latest, seconds=round(restore_seconds, 3))
       return state, position, meta
     state_shardings = sharding.shardings_of(abstract_state)
     init = jax.jit(lambda key: create_train_state(self.model, key, self.config), out_shardings=state_shardings)
