@@ -3,20 +3,25 @@
 # (MFU against the data-sheet bf16 peak) and the sampler's real-time factor for 30 s of audio, 32 steps, independent
 # CFG, for echo_1p3b (DACVAE, 25 frames/s) and echo_base_fish (Fish-S1-DAC, 21.53 frames/s). Random weights.
 #
-#     bash bench/gpu_figures.sh OUT_DIR     # ~5 min on an H100, most of it compilation
+#     bash bench/gpu_figures.sh OUT_DIR [NAME ...]   # NAME: train_1p3b sampler_1p3b sampler_fish restart_1p3b
 #
+# Without names it runs the first three (~5 min on an H100, most of it compilation); restart_1p3b (bench/restart.py:
+# a cold launch, a SIGTERM save of the 15.6 GB state, a warm and a cold restart; ~5 min) fits a call of its own.
 # Each benchmark runs in its own process under a time limit, so one failure (say, out of memory) still leaves the
 # others' figures; logs and the benchmarks' JSON lines land in OUT_DIR.
 set -u
-out=${1:?usage: bash bench/gpu_figures.sh OUT_DIR}
+out=${1:?usage: bash bench/gpu_figures.sh OUT_DIR [NAME ...]}
+shift
+wanted=${*:-train_1p3b sampler_1p3b sampler_fish}
 mkdir -p "$out"
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
 python=${PYTHON:-python3}
 
-run() {  # run NAME SECONDS SCRIPT ARGS...: one benchmark, its log in OUT_DIR/NAME.log
+run() {  # run NAME SECONDS SCRIPT ARGS...: one benchmark, if wanted, its log in OUT_DIR/NAME.log
   local name=$1 limit=$2
   shift 2
+  [[ " $wanted " == *" $name "* ]] || return 0
   echo "== $name: $*"
   timeout "$limit" "$python" "$@" >"$out/$name.log" 2>&1
   local rc=$?
@@ -27,10 +32,14 @@ run() {  # run NAME SECONDS SCRIPT ARGS...: one benchmark, its log in OUT_DIR/NA
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$python" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax',
 optax.__version__, jax.devices())"
-results_before=$(cat bench/results/train_step.jsonl bench/results/sampler.jsonl 2>/dev/null | wc -l)
+results="bench/results/train_step.jsonl bench/results/sampler.jsonl bench/results/restart.jsonl"
+# shellcheck disable=SC2086 # $results: a list of paths without spaces
+results_before=$(cat $results 2>/dev/null | wc -l)
 run train_1p3b 210 bench/train_step.py --configs echo_1p3b --batch_size 16 --steps 5 --warmup 2
 run sampler_1p3b 140 bench/sampler.py --config echo_1p3b --frames 750 --steps 32 --modes independent --repeats 3
 run sampler_fish 140 bench/sampler.py --config echo_base_fish --frames 640 --frame_rate 21.53 --steps 32 \
   --modes independent --repeats 3
-cp bench/results/train_step.jsonl bench/results/sampler.jsonl "$out/"
+run restart_1p3b 540 bench/restart.py --config echo_1p3b --set train.batch_size=16 --no_new_run
+# shellcheck disable=SC2086
+cp $results "$out/" 2>/dev/null
 echo "$results_before result lines before; now: $(cat "$out"/*.jsonl | wc -l)"
