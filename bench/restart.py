@@ -150,7 +150,8 @@ def main() -> None:
             "restart_warm_over_cold": ratios(warm_restart, cold_restart),
             "new_run_warm_over_cold": ratios(warm_new, cold_new), "target": 0.2, "machine": common.machine()}
   print(common.format_table(rows, [("launch", "launch", "s"), ("ready_s", "launch -> start event (s)", ".2f"),
-                                   ("restore_s", "restore, beside the compile (s)", ".2f"), ("first_step", "first step", "d"),
+                                   ("restore_s", "restore, beside the compile (s)", ".2f"),
+                                   ("first_step", "first step", "d"),
                                    ("starts_s", "launch -> first step starts (s)", ".2f"),
                                    ("seconds", "launch -> first step done (s)", ".2f")]))
   for name, warm, cold in (("restart", warm_restart, cold_restart), ("new run", warm_new, cold_new)):
