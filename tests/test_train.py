@@ -93,7 +93,7 @@ def test_each_step_is_timed_to_its_end_the_first_one_too(tiny_config, tmp_path):
   assert times[0] >= 0.5 * np.median(times[1:]), times
   # They add up to the loop's wall-clock time: from the start event to the last step's metrics line.
   start = next(e["time"] for e in events(tmp_path / "run") if e["event"] == "start")
-  assert sum(times) == pytest.approx(lines[-1]["time"] - start, abs=0.02), (sum(times), lines[-1]["time"] - start)
+  assert sum(times) == pytest.approx(lines[-1]["time"] - start, abs=0.05), (sum(times), lines[-1]["time"] - start)
 
 
 KILLING_RUN = textwrap.dedent("""
