@@ -243,24 +243,27 @@ class Trainer:
       pending = None  # (step, device metrics, host timings) of the step whose metrics are not yet logged
       # When the previous step finished (seen when its metrics were fetched); the first step is timed from here.
       finished = time.time()
+      # Seconds spent waiting for data since then: the wait for batch N+1 falls in step N's time, not N+1's.
+      waited = 0.0
       step = start_step
       while step < train.steps:
         wait_start = time.time()
         batch = sharding.global_batch(next(pipeline), self.mesh)
-        data_wait = time.time() - wait_start
+        waited += time.time() - wait_start
         state, step_metrics = steps.train(state, batch)
         step += 1
         samples_seen += train.batch_size
         if pending is not None:  # step N+1 is queued: now fetching step N's metrics costs the device nothing
-          consecutive_nonfinite, finished = self._log_step(*pending, consecutive_nonfinite, progress)
+          consecutive_nonfinite, finished = self._log_step(*pending, waited, consecutive_nonfinite, progress)
+          waited = 0.0
           if evaluates and pending[0] == start_step + 1:
             # A restart's first evaluation is eval_every steps away: its eval step compiles and its held-out batches
             # are read beside the training once the first step is logged, so that the first step waits neither for
             # them nor for the GIL they hold.
             steps.compile_eval_in_background()
             held_out.start()
-        pending = (step, step_metrics, {"since": finished, "data_wait": data_wait, "samples_seen": samples_seen,
-                                        "flops": flops_per_step, "peak": peak})
+        pending = (step, step_metrics, {"since": finished, "samples_seen": samples_seen, "flops": flops_per_step,
+                                        "peak": peak})
         if evaluates and step % train.eval_every == 0:
           self._evaluate(steps.eval_step(), state, held_out.result(), step)
         stop = self._should_stop(step)
@@ -281,7 +284,7 @@ class Trainer:
           self.log.event("stopped", step=step, message="stop requested (SIGTERM); checkpoint saved, exiting")
           break
       if pending is not None:
-        self._log_step(*pending, consecutive_nonfinite, progress)
+        self._log_step(*pending, waited, consecutive_nonfinite, progress)
     finally:
       progress.close()
       pipeline.close()
@@ -312,11 +315,12 @@ class Trainer:
           self.log.event("checkpoint_saved", step=step)
       self._unconfirmed_saves = []
 
-  def _log_step(self, step: int, device_metrics: dict[str, jax.Array], timing: dict[str, float],
+  def _log_step(self, step: int, device_metrics: dict[str, jax.Array], timing: dict[str, float], data_wait: float,
                 consecutive_nonfinite: int, progress: tqdm) -> tuple[int, float]:
     """Fetches and logs the metrics of `step`; returns the count of consecutive non-finite steps and when `step`
     finished. Its time is from when the step before it finished (`timing["since"]`) to when its own metrics are
-    ready: not between two dispatches, which for the first step of a launch measures only the dispatch."""
+    ready: not between two dispatches, which for the first step of a launch measures only the dispatch.
+    `data_wait` is the seconds the loop waited for data within that time."""
     values = {name: float(np.asarray(value)) for name, value in jax.device_get(device_metrics).items()}
     finished = time.time()
     finite = bool(values.pop("finite"))
@@ -332,7 +336,7 @@ class Trainer:
       self.log.metrics.write({
           "step": step, "time": time.time(), **values, "samples_seen": timing["samples_seen"],
           "samples_per_sec": train.batch_size / step_time, "steps_per_sec": 1.0 / step_time,
-          "step_time": step_time, "data_wait": timing["data_wait"] / step_time,
+          "step_time": step_time, "data_wait": data_wait / step_time,
           "mfu": timing["flops"] / step_time / timing["peak"], "total_steps": train.steps,
       })
     if consecutive_nonfinite >= train.max_nonfinite:
