@@ -12,6 +12,10 @@
 set -u
 out=${1:?usage: bash bench/gpu_figures.sh OUT_DIR [NAME ...]}
 shift
+known="train_1p3b sampler_1p3b sampler_fish restart_1p3b"
+for name in "$@"; do
+  [[ " $known " == *" $name "* ]] || { echo "unknown benchmark '$name'; known: $known" >&2; exit 2; }
+done
 wanted=${*:-train_1p3b sampler_1p3b sampler_fish}
 mkdir -p "$out"
 cd "$(dirname "$0")/.." || exit
@@ -23,7 +27,8 @@ run() {  # run NAME SECONDS SCRIPT ARGS...: one benchmark, if wanted, its log in
   shift 2
   [[ " $wanted " == *" $name "* ]] || return 0
   echo "== $name: $*"
-  timeout "$limit" "$python" "$@" >"$out/$name.log" 2>&1
+  # --kill-after: a benchmark that ignores the TERM (a trainer saving its checkpoint) is killed 20 s later.
+  timeout --kill-after=20 "$limit" "$python" "$@" >"$out/$name.log" 2>&1
   local rc=$?
   grep -v -e '^WARNING' -e '^I0000' "$out/$name.log" | tail -n 12
   echo "== $name: exit $rc"
@@ -39,7 +44,8 @@ run train_1p3b 210 bench/train_step.py --configs echo_1p3b --batch_size 16 --ste
 run sampler_1p3b 140 bench/sampler.py --config echo_1p3b --frames 750 --steps 32 --modes independent --repeats 3
 run sampler_fish 140 bench/sampler.py --config echo_base_fish --frames 640 --frame_rate 21.53 --steps 32 \
   --modes independent --repeats 3
-run restart_1p3b 540 bench/restart.py --config echo_1p3b --set train.batch_size=16 --no_new_run
-# shellcheck disable=SC2086
-cp $results "$out/" 2>/dev/null
-echo "$results_before result lines before; now: $(cat "$out"/*.jsonl | wc -l)"
+run restart_1p3b 480 bench/restart.py --config echo_1p3b --set train.batch_size=16 --no_new_run
+for file in $results; do
+  [[ -f $file ]] && cp "$file" "$out/"
+done
+echo "$results_before result lines before; now: $(cat "$out"/*.jsonl 2>/dev/null | wc -l)"

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 
@@ -64,7 +65,7 @@ def first_event(workdir: str, name: str, after: float) -> dict | None:
 
 
 def launch(config_path: str, shards: tuple[str, str], workdir: str, cache_dir: str, overrides: list[str], *,
-           resumed_later: bool) -> dict[str, float]:
+           resumed_later: bool) -> dict[str, Any]:
   """Launches train_pretrain.py and measures the seconds until its `start` event (state compiled and restored or
   initialised), until its first step starts (the training loop begins; after a new run's step-0 evaluation) and
   until that step is done (its metrics line, whose step time runs from the loop's start to the step's end). Then,
@@ -112,6 +113,9 @@ def main() -> None:
                       help="config override passed to every launch, e.g. train.batch_size=16 (repeatable)")
   parser.add_argument("--no_new_run", action="store_true", help="skip the last launch (a new run, warm cache)")
   args = parser.parse_args()
+  # A TERM (a time limit) unwinds like an error: the trainer it launched is killed and the temporary directory, with
+  # its checkpoints, removed, instead of both outliving the benchmark.
+  signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
   config_path = common.config_path(args.config)
   config = common.load_config(args.config)
   try:  # the shards are written for the overridden config too (latent_dim, max_frames)
@@ -123,7 +127,7 @@ def main() -> None:
     shards = tuple(write_shards(root, config.model.latent_dim, config.data.max_frames, prefix)
                    for prefix in ("train", "eval"))
 
-    def timed(name: str, workdir: str, cache: str, resumed_later: bool = False) -> dict[str, float]:
+    def timed(name: str, workdir: str, cache: str, resumed_later: bool = False) -> dict[str, Any]:
       row = launch(config_path, shards, os.path.join(root, workdir), os.path.join(root, cache), args.set,
                    resumed_later=resumed_later)
       rows.append({"launch": name, **row})
@@ -138,7 +142,7 @@ def main() -> None:
     cold_restart = timed("restart, cold cache", "run_copy", "empty_cache")
     warm_new = None if args.no_new_run else timed("new run, warm cache", "new", "cache")
 
-  def ratios(warm: dict[str, float] | None, cold: dict[str, float]) -> dict[str, float] | None:
+  def ratios(warm: dict[str, Any] | None, cold: dict[str, Any]) -> dict[str, float] | None:
     return None if warm is None else {"first_step_starts": round(warm["starts_s"] / cold["starts_s"], 3),
                                       "first_step_done": round(warm["seconds"] / cold["seconds"], 3)}
 
