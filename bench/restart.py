@@ -101,9 +101,10 @@ def launch(config_path: str, shards: tuple[str, str], workdir: str, cache_dir: s
         process.kill()
         process.wait()
   restored = first_event(workdir, "checkpoint_restored", wall_start)
-  return {"ready_s": first_event(workdir, "start", wall_start)["time"] - wall_start, "first_step": min(new),
-          "restore_s": restored["seconds"] if restored else None,
-          "starts_s": first["time"] - first["step_time"] - wall_start, "seconds": first["time"] - wall_start}
+  return {"start_event_s": round(first_event(workdir, "start", wall_start)["time"] - wall_start, 2),
+          "restore_s": restored["seconds"] if restored else None, "first_step": min(new),
+          "first_step_starts_s": round(first["time"] - first["step_time"] - wall_start, 2),
+          "first_step_done_s": round(first["time"] - wall_start, 2)}
 
 
 def main() -> None:
@@ -131,8 +132,8 @@ def main() -> None:
       row = launch(config_path, shards, os.path.join(root, workdir), os.path.join(root, cache), args.set,
                    resumed_later=resumed_later)
       rows.append({"launch": name, **row})
-      print(f"{name}: {row['ready_s']:.2f} s to the start event, {row['starts_s']:.2f} s to the first step's start, "
-            f"{row['seconds']:.2f} s to its end", flush=True)
+      print(f"{name}: {row['start_event_s']:.2f} s to the start event, {row['first_step_starts_s']:.2f} s to the "
+            f"first step's start, {row['first_step_done_s']:.2f} s to its end", flush=True)
       return row
 
     cold_new = timed("new run, cold cache", "run", "cache", resumed_later=True)
@@ -143,24 +144,21 @@ def main() -> None:
     warm_new = None if args.no_new_run else timed("new run, warm cache", "new", "cache")
 
   def ratios(warm: dict[str, Any] | None, cold: dict[str, Any]) -> dict[str, float] | None:
-    return None if warm is None else {"first_step_starts": round(warm["starts_s"] / cold["starts_s"], 3),
-                                      "first_step_done": round(warm["seconds"] / cold["seconds"], 3)}
+    return None if warm is None else {
+        name: round(warm[f"{name}_s"] / cold[f"{name}_s"], 3) for name in ("first_step_starts", "first_step_done")}
 
+  restart, new_run = ratios(warm_restart, cold_restart), ratios(warm_new, cold_new)
   record = {"config": args.config, "overrides": args.set,
-            "launches": {row["launch"]: {"start_event_s": round(row["ready_s"], 2),
-                                         "first_step_starts_s": round(row["starts_s"], 2),
-                                         "restore_s": row["restore_s"],
-                                         "first_step_done_s": round(row["seconds"], 2)} for row in rows},
-            "restart_warm_over_cold": ratios(warm_restart, cold_restart),
-            "new_run_warm_over_cold": ratios(warm_new, cold_new), "target": 0.2, "machine": common.machine()}
-  print(common.format_table(rows, [("launch", "launch", "s"), ("ready_s", "launch -> start event (s)", ".2f"),
+            "launches": {row["launch"]: {key: value for key, value in row.items() if key != "launch"} for row in rows},
+            "restart_warm_over_cold": restart, "new_run_warm_over_cold": new_run, "target": 0.2,
+            "machine": common.machine()}
+  print(common.format_table(rows, [("launch", "launch", "s"), ("start_event_s", "launch -> start event (s)", ".2f"),
                                    ("restore_s", "restore, beside the compile (s)", ".2f"),
                                    ("first_step", "first step", "d"),
-                                   ("starts_s", "launch -> first step starts (s)", ".2f"),
-                                   ("seconds", "launch -> first step done (s)", ".2f")]))
-  for name, warm, cold in (("restart", warm_restart, cold_restart), ("new run", warm_new, cold_new)):
-    if warm is not None:
-      rate = ratios(warm, cold)
+                                   ("first_step_starts_s", "launch -> first step starts (s)", ".2f"),
+                                   ("first_step_done_s", "launch -> first step done (s)", ".2f")]))
+  for name, rate in (("restart", restart), ("new run", new_run)):
+    if rate is not None:
       print(f"{name}: warm / cold = {rate['first_step_starts']:.1%} to the first step's start, "
             f"{rate['first_step_done']:.1%} to its end (target <= 20%)")
   common.append_result("restart", record)
