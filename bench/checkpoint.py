@@ -6,9 +6,10 @@ For each repeat and each setting of zstd compression (`Checkpointer(compression=
 into a fresh directory: `Checkpointer.save` (the part that blocks the training loop), then `wait()` (the whole
 save), then `restore` of the same step onto the same shardings. Beside it, in the same directory, a file of the
 same size is written (write + fsync) and read back. Reads usually come from the page cache for both, so the restore
-and the raw read are comparable to each other, not to the disk's cold read speed. Every float of the state gets
-random noise first: a fresh state's AdamW moments are zeros, which compress to nothing, and a trained state's do
-not. Prints a table (best of the repeats) and appends one JSON line to bench/results/checkpoint.jsonl.
+and the raw read are comparable to each other, not to the disk's cold read speed. A restore is bounded as the
+trainer's is (`train.ckpt_restore_gb`). Every float of the state gets random noise first: a fresh state's AdamW
+moments are zeros, which compress to nothing, and a trained state's do not. Prints a table (best of the repeats)
+and appends one JSON line to bench/results/checkpoint.jsonl.
 Target: blocked < 10% of the whole save.
 """
 
@@ -29,7 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import common  # noqa: E402 - needs the repository root on the path first
-from echo_jax.checkpoint import Checkpointer  # noqa: E402
+from echo_jax.checkpoint import Checkpointer, restore_budget_gb  # noqa: E402
 from echo_jax.config import model_config  # noqa: E402
 from echo_jax.model import Echo  # noqa: E402
 from echo_jax.train.state import count_params, create_train_state  # noqa: E402
@@ -64,10 +65,11 @@ def directory_bytes(directory: str) -> int:
   return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(directory) for name in names)
 
 
-def checkpoint_round(directory: str, state: Any, abstract_state: Any, step: int,
-                     compression: bool) -> dict[str, float]:
+def checkpoint_round(directory: str, state: Any, abstract_state: Any, step: int, compression: bool,
+                     restore_gb: float | None) -> dict[str, float]:
   """Save, wait and restore in `directory`; returns the seconds of each and the bytes on disk."""
-  checkpointer = Checkpointer(os.path.join(directory, "checkpoints"), keep=2, compression=compression)
+  checkpointer = Checkpointer(os.path.join(directory, "checkpoints"), keep=2, compression=compression,
+                              restore_gb=restore_gb)
   start = time.perf_counter()
   checkpointer.save(step, state, [{"epoch": 0, "shard": 0, "sample": 0}], {"benchmark": "checkpoint"})
   blocked = time.perf_counter() - start
@@ -83,12 +85,14 @@ def checkpoint_round(directory: str, state: Any, abstract_state: Any, step: int,
   return {"blocked_s": blocked, "save_s": whole, "restore_s": restore, "disk_bytes": directory_bytes(directory)}
 
 
-def one_round(directory: str, state: Any, abstract_state: Any, nbytes: int, step: int) -> dict[str, Any]:
+def one_round(directory: str, state: Any, abstract_state: Any, nbytes: int, step: int,
+              restore_gb: float | None) -> dict[str, Any]:
   """A checkpoint round per compression setting, then raw write and read of as many bytes, all under `directory`."""
   result = {}
   for compression in (False, True):
     name = "zstd" if compression else "plain"
-    result[name] = checkpoint_round(os.path.join(directory, name), state, abstract_state, step, compression)
+    result[name] = checkpoint_round(os.path.join(directory, name), state, abstract_state, step, compression,
+                                    restore_gb)
   raw_path = os.path.join(directory, "raw.bin")
   result["raw_write_fsync_s"] = raw_write(raw_path, nbytes)
   result["raw_read_s"] = raw_read(raw_path)
@@ -120,12 +124,13 @@ def main() -> None:
   state = jax.block_until_ready(state)
   abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
   nbytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+  restore_gb = restore_budget_gb(abstract_state, config.train.ckpt_restore_gb)  # as the trainer restores
 
   rounds = []
   for repeat in range(args.repeats):
     directory = tempfile.mkdtemp(prefix="echo_ckpt_bench_", dir=args.dir)
     try:
-      rounds.append({**one_round(directory, state, abstract_state, nbytes, step=repeat + 1),
+      rounds.append({**one_round(directory, state, abstract_state, nbytes, step=repeat + 1, restore_gb=restore_gb),
                      "load_average_1m": round(os.getloadavg()[0], 2)})
     finally:
       shutil.rmtree(directory, ignore_errors=True)

@@ -30,3 +30,33 @@ def test_compression_setting_and_restore_under_the_other_setting(tmp_path, compr
   for name in state:
     np.testing.assert_array_equal(restored[name], state[name])
   assert positions == {"process_0": {"epoch": 0}} and meta["samples_seen"] == 56
+
+
+def test_restore_budget_bounds_the_restore_and_admits_the_largest_array(tmp_path):
+  mib = 1 << 20
+  state = {f"small{i}": jnp.full((mib // 4,), i, jnp.float32) for i in range(8)}  # 1 MiB each
+  state["large"] = jnp.arange(mib, dtype=jnp.float32)  # 4 MiB
+  writer = checkpoint.Checkpointer(str(tmp_path), keep=2)
+  writer.save(3, state, [{"epoch": 0}], {})
+  writer.close()
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+
+  assert checkpoint.restore_budget_gb(abstract, 0) is None
+  assert checkpoint.restore_budget_gb(abstract, 8) == 8
+  budget = checkpoint.restore_budget_gb(abstract, 1e-6)
+  assert budget == 2 * 4 * mib / 1e9
+  with pytest.raises(ValueError, match="ckpt_restore_gb must be >= 0"):
+    checkpoint.restore_budget_gb(abstract, -1)
+
+  # The bound reaches Orbax: one below the largest array fails that array's read...
+  too_small = checkpoint.Checkpointer(str(tmp_path), keep=2, restore_gb=3 * mib / 1e9)
+  with pytest.raises(Exception, match="Requested more bytes"):
+    too_small.restore(3, abstract)
+  too_small.close()
+  # ...and the budget, smaller than the whole state (12 MiB), restores every array.
+  reader = checkpoint.Checkpointer(str(tmp_path), keep=2, restore_gb=budget)
+  restored, _, _ = reader.restore(3, abstract)
+  reader.close()
+  assert budget * 1e9 < sum(a.nbytes for a in state.values())
+  for name in state:
+    np.testing.assert_array_equal(restored[name], state[name])

@@ -193,7 +193,8 @@ class Trainer:
     abstract_state = (StepFunctions.cached_abstract_state(config, self.mesh, global_shapes)
                       or sharded_abstract_state(self.model, config, self.mesh))
     ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=train.keep_checkpoints,
-                                   keep_period=train.keep_period, compression=train.ckpt_compression)
+                                   keep_period=train.keep_period, compression=train.ckpt_compression,
+                                   restore_gb=checkpoint.restore_budget_gb(abstract_state, train.ckpt_restore_gb))
     # Listed first, so that a shard spec naming nothing fails the launch before the compile.
     train_shards = self._shard_list(config.data.train_shards)
     evaluates = bool(config.data.eval_shards) and train.eval_every > 0 and train.eval_batches > 0
