@@ -3,16 +3,19 @@
 # (MFU against the data-sheet bf16 peak) and the sampler's real-time factor for 30 s of audio, 32 steps, independent
 # CFG, for echo_1p3b (DACVAE, 25 frames/s) and echo_base_fish (Fish-S1-DAC, 21.53 frames/s). Random weights.
 #
-#     bash bench/gpu_figures.sh OUT_DIR [NAME ...]   # NAME: train_1p3b sampler_1p3b sampler_fish restart_1p3b
+#     bash bench/gpu_figures.sh OUT_DIR [NAME ...]
+#     # NAME: train_1p3b sampler_1p3b sampler_fish restart_1p3b restore_1p3b
 #
 # Without names it runs the first three (~5 min on an H100, most of it compilation); restart_1p3b (bench/restart.py:
-# a cold launch, a SIGTERM save of the 15.6 GB state, a warm and a cold restart; ~5 min) fits a call of its own.
+# a cold launch, a SIGTERM save of the 15.6 GB state, a warm and a cold restart; ~3 min on an H200) fits a call of its
+# own, as does restore_1p3b (bench/restore.py: that state restored alone under train.ckpt_restore_gb 0, 8, 4 and 2,
+# twice each, each in a fresh process; ~3 min).
 # Each benchmark runs in its own process under a time limit, so one failure (say, out of memory) still leaves the
 # others' figures; logs and the benchmarks' JSON lines land in OUT_DIR.
 set -u
 out=${1:?usage: bash bench/gpu_figures.sh OUT_DIR [NAME ...]}
 shift
-known="train_1p3b sampler_1p3b sampler_fish restart_1p3b"
+known="train_1p3b sampler_1p3b sampler_fish restart_1p3b restore_1p3b"
 for name in "$@"; do
   [[ " $known " == *" $name "* ]] || { echo "unknown benchmark '$name'; known: $known" >&2; exit 2; }
 done
@@ -37,7 +40,8 @@ run() {  # run NAME SECONDS SCRIPT ARGS...: one benchmark, if wanted, its log in
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$python" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax',
 optax.__version__, jax.devices())"
-results="bench/results/train_step.jsonl bench/results/sampler.jsonl bench/results/restart.jsonl"
+results="bench/results/train_step.jsonl bench/results/sampler.jsonl bench/results/restart.jsonl
+bench/results/restore.jsonl"
 # shellcheck disable=SC2086 # $results: a list of paths without spaces
 results_before=$(cat $results 2>/dev/null | wc -l)
 run train_1p3b 210 bench/train_step.py --configs echo_1p3b --batch_size 16 --steps 5 --warmup 2
@@ -45,6 +49,7 @@ run sampler_1p3b 140 bench/sampler.py --config echo_1p3b --frames 750 --steps 32
 run sampler_fish 140 bench/sampler.py --config echo_base_fish --frames 640 --frame_rate 21.53 --steps 32 \
   --modes independent --repeats 3
 run restart_1p3b 480 bench/restart.py --config echo_1p3b --set train.batch_size=16 --no_new_run
+run restore_1p3b 300 bench/restore.py --config echo_1p3b --restore_gb 0,8,4,2 --repeats 2
 for file in $results; do
   [[ -f $file ]] && cp "$file" "$out/"
 done
