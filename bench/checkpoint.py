@@ -51,16 +51,6 @@ def raw_write(path: str, size: int) -> float:
   return time.perf_counter() - start
 
 
-def raw_read(path: str) -> float:
-  """Seconds to read the whole file in 16 MiB pieces into one reused buffer."""
-  buffer = bytearray(CHUNK)
-  start = time.perf_counter()
-  with open(path, "rb", buffering=0) as stream:
-    while stream.readinto(buffer):
-      pass
-  return time.perf_counter() - start
-
-
 def directory_bytes(directory: str) -> int:
   return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(directory) for name in names)
 
@@ -95,7 +85,7 @@ def one_round(directory: str, state: Any, abstract_state: Any, nbytes: int, step
                                     restore_gb)
   raw_path = os.path.join(directory, "raw.bin")
   result["raw_write_fsync_s"] = raw_write(raw_path, nbytes)
-  result["raw_read_s"] = raw_read(raw_path)
+  result["raw_read_s"] = common.raw_read_seconds([raw_path], piece=CHUNK)
   return result
 
 

@@ -6,6 +6,7 @@ Nothing here imports JAX, so a benchmark that does not use it (bench/data_pipeli
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.metadata
 import json
 import math
@@ -120,6 +121,21 @@ def spread(times: Sequence[float]) -> float:
   """(max − min) / min of repeated timings: how noisy the measurement was."""
   best = min(times)
   return (max(times) - best) / best if best > 0 else math.inf
+
+
+def raw_read_seconds(paths: Sequence[str], *, workers: int = 1, piece: int = 16 << 20) -> float:
+  """Seconds to read every byte of `paths`, `piece` bytes at a time into a buffer reused per file, with `workers`
+  threads: the speed of the storage (usually the page cache) that a benchmark's own reads are compared with."""
+  def read(path: str) -> None:
+    buffer = bytearray(piece)
+    with open(path, "rb", buffering=0) as stream:
+      while stream.readinto(buffer):
+        pass
+
+  start = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    list(pool.map(read, paths))
+  return time.perf_counter() - start
 
 
 def append_result(name: str, record: dict[str, Any]) -> str:

@@ -46,17 +46,6 @@ def _write_shards(directory: str, num_shards: int, per_shard: int) -> list[str]:
   return paths
 
 
-def _raw_read(paths: list[str]) -> float:
-  """Seconds to read every byte of `paths` in 1 MiB pieces into one reused buffer."""
-  buffer = bytearray(1 << 20)
-  start = time.perf_counter()
-  for path in paths:
-    with open(path, "rb", buffering=0) as stream:
-      while stream.readinto(buffer):
-        pass
-  return time.perf_counter() - start
-
-
 def _pipeline_run(paths: list[str], batch_size: int, batches: int) -> tuple[float, float]:
   """(Wall, CPU) seconds for `batches` batches after two warm-up batches (thread start, first shard).
 
@@ -89,8 +78,8 @@ def main() -> None:
     paths = _write_shards(directory, args.shards, args.per_shard)
     total_bytes = sum(os.path.getsize(p) for p in paths)
     bytes_per_sample = total_bytes / (args.shards * args.per_shard)
-    _raw_read(paths)  # Both measurements read from the page cache.
-    raw_s = min(_raw_read(paths) for _ in range(3))
+    common.raw_read_seconds(paths, piece=1 << 20)  # Both measurements read from the page cache.
+    raw_s = min(common.raw_read_seconds(paths, piece=1 << 20) for _ in range(3))
     pipe_s, pipe_cpu_s = _pipeline_run(paths, args.batch_size, args.batches)
 
   raw_mb_s = total_bytes / raw_s / 1e6

@@ -20,7 +20,6 @@ import time
 STARTED = time.perf_counter()
 
 import argparse  # noqa: E402 - the import time of a restore's process is part of what is measured
-import concurrent.futures  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
@@ -92,21 +91,6 @@ def run_child(*args: str) -> dict[str, Any]:
   return json.loads(lines[-1][len(RESULT):])
 
 
-def raw_read_seconds(directory: str, workers: int = 16) -> float:
-  """Seconds to read every file under `directory` with `workers` threads, 16 MiB at a time."""
-  def read(path: str) -> None:
-    buffer = bytearray(16 << 20)
-    with open(path, "rb", buffering=0) as stream:
-      while stream.readinto(buffer):
-        pass
-
-  paths = [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
-  start = time.perf_counter()
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    list(pool.map(read, paths))
-  return time.perf_counter() - start
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", default="demo", help="config name (configs/ or bench/configs/) or path")
@@ -134,7 +118,8 @@ def main() -> None:
     directory = os.path.join(root, "checkpoints")
     saved = run_child("--config", args.config, "--child", "save", directory)
     os.sync()
-    raw = raw_read_seconds(directory)
+    raw = common.raw_read_seconds([os.path.join(top, name) for top, _, names in os.walk(directory) for name in names],
+                                  workers=16)
     rounds = [{**run_child("--config", args.config, "--child", "restore", directory, str(gb)), "restore_gb": gb}
               for _ in range(args.repeats) for gb in bounds]
   gb_total = saved["state_bytes"] / 1e9
