@@ -57,11 +57,14 @@ def training_lines(workdir: str) -> dict[int, dict]:
     return {record["step"]: record for record in map(json.loads, filter(str.strip, f)) if "loss" in record}
 
 
-def first_event(workdir: str, name: str, after: float) -> dict | None:
-  """The first event `name` logged after the wall-clock time `after`, or None."""
+def first_events(workdir: str, after: float) -> dict[str, dict]:
+  """name -> the first event of that name logged after the wall-clock time `after`."""
+  first: dict[str, dict] = {}
   with open(os.path.join(workdir, "events.jsonl"), encoding="utf-8") as f:
-    found = [e for e in map(json.loads, filter(str.strip, f)) if e["event"] == name and e["time"] > after]
-  return min(found, key=lambda e: e["time"]) if found else None
+    for event in sorted((e for e in map(json.loads, filter(str.strip, f)) if e["time"] > after),
+                        key=lambda e: e["time"]):
+      first.setdefault(event["event"], event)
+  return first
 
 
 def launch(config_path: str, shards: tuple[str, str], workdir: str, cache_dir: str, overrides: list[str], *,
@@ -101,7 +104,8 @@ def launch(config_path: str, shards: tuple[str, str], workdir: str, cache_dir: s
       if process.poll() is None:
         process.kill()
         process.wait()
-  restored, start = first_event(workdir, "checkpoint_restored", wall_start), first_event(workdir, "start", wall_start)
+  logged = first_events(workdir, wall_start)
+  start, restored = logged["start"], logged.get("checkpoint_restored")
   return {"start_event_s": round(start["time"] - wall_start, 2), "compile_s": start["compile_seconds"],
           "restore_s": restored["seconds"] if restored else None, "first_step": min(new),
           "first_step_starts_s": round(first["time"] - first["step_time"] - wall_start, 2),
