@@ -188,6 +188,16 @@ def test_resume_after_sigkill_is_exact(tmp_path, monkeypatch):
       restore_seconds.append(time.perf_counter() - started)
 
   monkeypatch.setattr(checkpoint.Checkpointer, "restore", timed_restore)
+  # A restore bound below every array: the trainer must raise it to twice the largest one (Orbax fails an array that
+  # does not fit) and hand that to its Checkpointer.
+  config.train.ckpt_restore_gb = 1e-9
+  init, restore_bounds = checkpoint.Checkpointer.__init__, []
+
+  def recording_init(self, *args, restore_gb=None, **kwargs):
+    restore_bounds.append(restore_gb)
+    init(self, *args, restore_gb=restore_gb, **kwargs)
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "__init__", recording_init)
   Trainer(config, str(resumed)).run()
   # It took the killed run's measured peak from the checkpoint: a faster restart, and MFU against the same peak.
   first_start, restart = [e for e in events(resumed) if e["event"] == "start"]
@@ -205,8 +215,9 @@ def test_resume_after_sigkill_is_exact(tmp_path, monkeypatch):
   restored = [e for e in events(resumed) if e["event"] == "checkpoint_restored"]
   assert [e["step"] for e in restored] == [15] and len(restore_seconds) == 1
   assert restored[0]["seconds"] == pytest.approx(restore_seconds[0], abs=0.01)  # the restore's own duration
-  for a, b in zip(jax.tree.leaves(final_params(tmp_path / "straight")), jax.tree.leaves(final_params(resumed)),
-                  strict=True):
+  resumed_params = jax.tree.leaves(final_params(resumed))
+  assert restore_bounds == [2 * max(leaf.nbytes for leaf in resumed_params) / 1e9]
+  for a, b in zip(jax.tree.leaves(final_params(tmp_path / "straight")), resumed_params, strict=True):
     np.testing.assert_array_equal(a, b)
 
 
