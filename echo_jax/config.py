@@ -39,7 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.max_ref_frames = 256
   config.data.prefetch = 2  # batches built ahead per stream
   config.data.streams = 1  # data streams; a pod sets a multiple of the host count (the batch never depends on hosts)
-  config.data.cache_dir = "~/.cache/echo_jax/shards"  # local cache for remote (gs://, hf://) shards; "" = none
+  config.data.cache_dir = "~/.cache/echo_jax/shards"  # for remote (gs://, hf://) shards; "" = local shards only
   config.data.shard_prefetch = 2  # remote shards fetched ahead per stream
   config.data.stall_timeout = 120.0  # seconds without download progress before a retry
   config.data.download_retries = 3

@@ -1,10 +1,13 @@
 """The shard cache (echo_jax.data.cache): one fsspec code path for local and remote shards, prefetch, deletion
-after use, and retries of stalled downloads."""
+after use, retries of stalled and failed downloads, and errors that say why."""
 
+import contextlib
+import errno
 import io
 import os
 import pathlib
 import threading
+import time
 
 import fsspec
 import numpy as np
@@ -12,8 +15,9 @@ import pytest
 from conftest import write_synthetic_shards
 from fsspec.spec import AbstractFileSystem
 
-from echo_jax.data.cache import ShardCache
-from echo_jax.data.pipeline import Pipeline
+from echo_jax.data import cache as cache_module
+from echo_jax.data.cache import CacheWriteError, ShardCache, is_local
+from echo_jax.data.pipeline import Pipeline, StreamSet
 from echo_jax.data.shards import list_shards
 
 RELEASE = threading.Event()  # Set at teardown, so that stalled reads of abandoned downloads end.
@@ -21,15 +25,21 @@ RELEASE = threading.Event()  # Set at teardown, so that stalled reads of abandon
 
 class StallingFileSystem(AbstractFileSystem):
   """`stalling://name`: serves bytes from `FILES`; the first `STALLS[name]` opens of a file hang on read; an open of
-  a name in `OPEN_GATES` waits until its event is set."""
+  a name in `OPEN_GATES` waits until its event is set; opening a name in `DENIED` raises PermissionError. Every
+  open's time is in `OPENS[name]`."""
 
   protocol = "stalling"
   FILES: dict[str, bytes] = {}
   STALLS: dict[str, int] = {}
   OPEN_GATES: dict[str, threading.Event] = {}
+  DENIED: set[str] = set()
+  OPENS: dict[str, list[float]] = {}
 
   def _open(self, path, mode="rb", **kwargs):
     name = self._strip_protocol(path)
+    self.OPENS.setdefault(name, []).append(time.monotonic())
+    if name in self.DENIED:
+      raise PermissionError(f"401 Unauthorized for {name}: is the token expired?")
     if name in self.OPEN_GATES:
       self.OPEN_GATES[name].wait(30)
     if self.STALLS.get(name, 0) > 0:
@@ -60,6 +70,8 @@ def stalling_filesystem():
   StallingFileSystem.FILES.clear()
   StallingFileSystem.STALLS.clear()
   StallingFileSystem.OPEN_GATES.clear()
+  StallingFileSystem.DENIED.clear()
+  StallingFileSystem.OPENS.clear()
 
 
 def make_pipeline(shards, cache=None, **overrides):
@@ -131,7 +143,7 @@ def test_a_stalled_download_times_out_and_is_retried(tmp_path):
   local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=1, per_shard=4))
   StallingFileSystem.FILES["shard.tar"] = pathlib.Path(local[0]).read_bytes()
   StallingFileSystem.STALLS["shard.tar"] = 2
-  cache = ShardCache(str(tmp_path / "cache"), stall_timeout=0.3, retries=3)
+  cache = ShardCache(str(tmp_path / "cache"), stall_timeout=0.3, retries=3, retry_wait=0.05)
   path = cache.fetch("stalling://shard.tar")
   assert path is not None and pathlib.Path(path).read_bytes() == StallingFileSystem.FILES["shard.tar"]
   assert StallingFileSystem.STALLS["shard.tar"] == 0  # two stalled attempts, then the third one worked
@@ -162,14 +174,88 @@ def test_a_shard_that_always_stalls_is_skipped_and_the_stream_goes_on(tmp_path):
     urls.append(f"stalling://{name}")
   StallingFileSystem.STALLS["shard0.tar"] = 1000
   skips = []
-  cache = ShardCache(str(tmp_path / "cache"), stall_timeout=0.2, retries=2)
+  cache = ShardCache(str(tmp_path / "cache"), stall_timeout=0.2, retries=2, retry_wait=0)
   with make_pipeline(urls, cache=cache, on_skip=lambda *event: skips.append(event)) as pipeline:
     batches = take(pipeline, 4)  # 12 rows, all from the good shard (4 samples, repeated over epochs)
-  assert ("unreadable_shard", "", "stalling://shard0.tar") in skips
+  assert ("unreadable_shard", "", "stalling://shard0.tar", "download failed: no data for 0.2 s") in skips
   assert all(batch["text_mask"].any(axis=1).all() for batch in batches)
   assert not [f for f in cache_files(tmp_path / "cache") if f.endswith(".partial")]
 
 
+def open_partials():
+  """The files this process holds open under a `.partial` name (deleted or not)."""
+  links = []
+  for fd in os.listdir("/proc/self/fd"):
+    with contextlib.suppress(FileNotFoundError):  # the descriptor of the listing itself, closed by now
+      links.append(os.readlink(f"/proc/self/fd/{fd}"))
+  return [link for link in links if ".partial" in link]
+
+
+def test_an_abandoned_attempt_releases_its_partial_file(tmp_path):
+  """A stalled attempt's thread stays blocked in its read; its unlinked `.partial` must not stay open (the disk space
+  of a deleted but open file is freed only when it is closed, and neither `du` nor the watchdog sees it)."""
+  StallingFileSystem.FILES["stuck.tar"] = b"x" * 100
+  StallingFileSystem.STALLS["stuck.tar"] = 1000
+  cache = ShardCache(str(tmp_path / "cache"), stall_timeout=0.2, retries=3, retry_wait=0)
+  assert cache.fetch("stalling://stuck.tar") is None
+  assert len(StallingFileSystem.OPENS["stuck.tar"]) == 3
+  assert [t for t in threading.enumerate() if t.name == "echo-shard-download"]  # still blocked in their reads
+  assert open_partials() == []
+  assert cache.failures == {"stalling://stuck.tar": "no data for 0.2 s"}
+
+
+def test_a_failed_download_says_why_and_retries_wait_longer_each_time(tmp_path):
+  local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=1, per_shard=4))
+  StallingFileSystem.FILES["denied.tar"] = pathlib.Path(local[0]).read_bytes()
+  StallingFileSystem.DENIED.add("denied.tar")
+  url = "stalling://denied.tar"
+  events = []
+  cache = ShardCache(str(tmp_path / "cache"), retries=3, retry_wait=0.2)
+  failure = r"without one usable sample.*Download failures: stalling://denied\.tar: PermissionError: 401 Unauthorized"
+  with (make_pipeline([url], cache=cache, on_skip=lambda *event: events.append(event)) as pipeline,
+        pytest.raises(RuntimeError, match=failure)):
+    next(pipeline)
+  # The skip, with its cause, reaches the caller before the error that ended the reader.
+  assert events == [("unreadable_shard", "", url,
+                     "download failed: PermissionError: 401 Unauthorized for denied.tar: is the token expired?")]
+  opens = StallingFileSystem.OPENS["denied.tar"]
+  gaps = [b - a for a, b in zip(opens, opens[1:], strict=False)]
+  assert len(opens) == 3 and gaps[0] >= 0.1 and gaps[1] >= 0.2, gaps  # about 0.2 s, then 0.4 s (jittered by half)
+
+
+def test_a_cache_that_cannot_be_written_stops_the_reader_with_an_error_naming_it(tmp_path, monkeypatch):
+  """A full disk is not the shards' fault: skipping them as unreadable would train on part of the data."""
+  StallingFileSystem.FILES["a.tar"] = b"x" * 100
+
+  def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(cache_module, "open", full_disk, raising=False)
+  cache = ShardCache(str(tmp_path / "cache"), retry_wait=0)
+  with pytest.raises(CacheWriteError, match=r"No space left on device.*cache.*data\.cache_dir"):
+    cache.fetch("stalling://a.tar")
+  assert len(StallingFileSystem.OPENS["a.tar"]) == 1  # not retried: no retry can help
+  assert not cache_files(tmp_path / "cache")
+
+
+def test_remote_shards_need_a_cache(tmp_path):
+  """Read without the cache, a stalled remote shard would block its reader with no timeout."""
+  with pytest.raises(ValueError, match="data.cache_dir"):
+    StreamSet(shards=["stalling://a.tar", "stalling://b.tar"], batch_size=2, num_streams=1, streams=range(1),
+              cache_dir=None, latent_dim=8, max_text_len=32, max_frames=32, max_ref_frames=16,
+              pad_latent=np.zeros(8, np.float32), seed=0)
+
+
+def test_gs_urls_are_remote_and_gcsfs_is_installed():
+  """gs:// shards and checkpoints need gcsfs (fsspec's and etils' gs:// filesystem); telling a URL remote must not
+  make that filesystem (offline, it looks for credentials for 15 s)."""
+  assert fsspec.get_filesystem_class("gs").__module__.startswith("gcsfs")
+  start = time.monotonic()
+  assert not is_local("gs://bucket/train-000.tar") and not is_local("hf://datasets/org/name/a.tar")
+  assert is_local("/data/a.tar") and is_local("file:///data/a.tar")
+  assert time.monotonic() - start < 1.0
+
+
 def test_bad_cache_arguments_are_errors(tmp_path):
-  with pytest.raises(ValueError, match="retries"):
+  with pytest.raises(ValueError, match="download_retries"):
     ShardCache(str(tmp_path), retries=0)

@@ -122,6 +122,13 @@ def test_list_shards(tmp_path):
     list_shards(str(tmp_path / "nothing*.tar"))
   with pytest.raises(FileNotFoundError, match="missing.tar"):
     list_shards([pattern, str(tmp_path / "missing.tar")])
+  # A directory that a pattern matches is no shard (it would be an unreadable shard in every epoch).
+  (tmp_path / "d.tar").mkdir()
+  (tmp_path / "e").mkdir()
+  assert list_shards(pattern) == [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
+  assert str(tmp_path / "e") not in list_shards(str(tmp_path / "*"))
+  with pytest.raises(FileNotFoundError, match="matches no file"):
+    list_shards(str(tmp_path / "e*"))
 
 
 def test_fsspec_url_round_trip(tmp_path):
@@ -219,8 +226,9 @@ def test_pipeline_counts_and_reports_skips(tmp_path):
     texts = [t for batch in _take(pipeline, 3) for t in _texts(batch)]
     skipped = pipeline.state()["skipped"]
   assert sorted(set(texts)) == ["text of a", "text of c"]
-  assert set(events) == {("non_finite", "bad", path), ("too_long", "b", path), ("unreadable_shard", "", missing)}
-  assert Counter(reason for reason, _, _ in events) == skipped
+  assert set(events) == {("non_finite", "bad", path, ""), ("too_long", "b", path, ""),
+                         ("unreadable_shard", "", missing, "")}
+  assert Counter(reason for reason, _, _, _ in events) == skipped
   assert set(skipped) == {"non_finite", "too_long", "unreadable_shard"} and min(skipped.values()) >= 2
 
 

@@ -67,8 +67,8 @@ WORKER = textwrap.dedent("""
         self.pipeline.close()
 
     class RecordingTrainer(Trainer):
-      def _pipeline(self, shards, seed, position=None):
-        pipeline = super()._pipeline(shards, seed, position)
+      def _pipeline(self, role, shards, seed, position=None):
+        pipeline = super()._pipeline(role, shards, seed, position)
         return pipeline if texts_path == "-" else Recording(pipeline)
 
     hooks = ((1, lambda info: time.sleep(delay)),) if delay else ()
@@ -244,3 +244,20 @@ def test_malformed_shards_on_one_host_do_not_hang_the_other(setup):
   assert max(losses_by_step(root / "mixed")) == 50
   skipped = [e for e in read_jsonl(root / "mixed" / "events.jsonl") if e["event"] == "skipped_sample"]
   assert any(e["process"] == 1 for e in skipped)
+
+
+def test_a_listing_that_fails_on_process_0_fails_every_host_with_its_error(setup):
+  """Process 0 lists the shards for all: when it cannot, every host must fail with its reason, not wait for it in
+  the collective until a timeout (or, on a pod, a heartbeat) ends them with an unrelated error."""
+  root, _, _ = setup
+  config = make_config(str(root / "typo-*.tar"), root / "cache_typo")
+  started = start_hosts(config, root / "typo")
+  try:
+    outputs = [process.communicate(timeout=TIMEOUT_S)[0] for process in started]
+  finally:
+    for process in started:
+      if process.poll() is None:
+        process.kill()
+  assert all(process.returncode != 0 for process in started), outputs
+  assert "typo-*.tar" in outputs[0] and "matches no file" in outputs[0], outputs[0][-3000:]
+  assert "process 0 could not list the shards" in outputs[1] and "matches no file" in outputs[1], outputs[1][-3000:]

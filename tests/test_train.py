@@ -1,6 +1,7 @@
 """Training: it learns, it is deterministic, it resumes exactly (also after SIGKILL), shards, and survives bad data."""
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import textwrap
 import threading
 import time
 
+import fsspec
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +23,7 @@ from conftest import REPO, load_config, write_synthetic_shards
 
 from echo_jax import checkpoint, metrics, sharding
 from echo_jax.config import model_config
+from echo_jax.data.shards import list_shards
 from echo_jax.metrics import train_flops_per_step
 from echo_jax.model import Echo
 from echo_jax.train.loop import Trainer
@@ -461,3 +464,23 @@ def test_a_shard_spec_naming_nothing_fails_the_launch_before_the_compile(tiny_co
   with pytest.raises(FileNotFoundError, match="typo"):
     Trainer(tiny_config, str(tmp_path / "run")).run()
   assert not compiled  # minutes of a pod's compile are not spent on a launch that cannot read its data
+
+
+def test_remote_shards_stream_through_a_cache_of_the_run_and_role(tiny_config, tmp_path):
+  """Training and held-out shards from an fsspec filesystem (memory://, standing in for gs:// and hf://), the same
+  shards in both roles: each role has its own cache directory of this run, so neither adopts or deletes the other's
+  files, and every fetched shard is deleted once read."""
+  local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=2))
+  for path in local:
+    with open(path, "rb") as source, fsspec.open(f"memory://echo-train-test/{os.path.basename(path)}", "wb") as out:
+      out.write(source.read())
+  tiny_config.data.train_shards = tiny_config.data.eval_shards = "memory://echo-train-test/*.tar"
+  tiny_config.data.cache_dir = str(tmp_path / "cache")
+  tiny_config.train.update(steps=6, eval_every=3, eval_batches=1, ckpt_every=1000, log_every=1)
+  Trainer(tiny_config, str(tmp_path / "run")).run()
+  assert max(losses_by_step(tmp_path / "run")) == 6 and sorted(eval_losses_by_step(tmp_path / "run")) == [0, 3, 6]
+  assert not [e for e in events(tmp_path / "run") if e["event"] == "skipped_sample"]
+  run = hashlib.sha256(str(tmp_path / "run").encode("utf-8")).hexdigest()[:12]
+  assert sorted(os.listdir(tmp_path / "cache")) == [f"eval-{run}", f"train-{run}"]
+  leftovers = [os.path.join(folder, name) for folder, _, names in os.walk(tmp_path / "cache") for name in names]
+  assert not leftovers

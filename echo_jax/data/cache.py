@@ -5,9 +5,12 @@ registers its HfFileSystem as `hf://` and reads the token from HF_TOKEN or the s
 on a command line or in a log) and any other filesystem take the same path. Local shards are read in place.
 
 A remote shard is downloaded to `<name>.partial` and renamed to `<name>` when complete, so a half-written file
-never looks finished. A download that makes no progress for `stall_timeout` seconds is abandoned and retried; after
-`retries` failed attempts the shard is reported unreadable and the reader goes on without it. Once read, a shard is
-marked `<name>.consumed` and deleted, so the disk watchdog can also clean up after a crash between the two steps.
+never looks finished. A download that fails, or makes no progress for `stall_timeout` seconds, is abandoned and
+retried after a growing, jittered wait (so that the hosts of a pod do not retry a rate-limited Hub in step); each
+failed attempt is logged with its cause. After `retries` failed attempts the shard is reported unreadable and the
+reader goes on without it. A failure to write the cache itself (a full or read-only disk) is no fault of the shard:
+it stops the reader with an error naming the directory. Once read, a shard is marked `<name>.consumed` and deleted,
+so the disk watchdog can also clean up after a crash between the two steps.
 
 fsspec's own caching filesystems ("filecache", "blockcache") keep what they fetched and neither prefetch nor
 time out a stalled read, which is why this module exists.
@@ -18,21 +21,34 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import random
 import threading
 import time
 from collections.abc import Sequence
 
 import fsspec
+from absl import logging
 
-# Where remote shards wait to be read (config.data.cache_dir overrides it; '' reads them without a cache).
 CHUNK_BYTES = 1 << 20
 PARTIAL_SUFFIX = ".partial"
 CONSUMED_SUFFIX = ".consumed"
+# The wait before a shard's n-th retry is about retry_wait * 2**(n-1) seconds, at most this.
+MAX_RETRY_WAIT_S = 60.0
 
 
 def is_local(url: str) -> bool:
   """True for a path on this machine's filesystem, which is read in place."""
-  return "file" in fsspec.core.url_to_fs(url)[0].protocol
+  # From the URL alone: making the filesystem would, for gs://, look for credentials (15 s without a network).
+  return fsspec.utils.get_protocol(url) in ("file", "local")
+
+
+def describe(error: BaseException) -> str:
+  """`error` in one line, for logs and events: its type and message (fsspec's errors name URLs, never tokens)."""
+  return f"{type(error).__name__}: {error}".splitlines()[0][:300]
+
+
+class CacheWriteError(OSError):
+  """The shard cache's own directory cannot be written (full or read-only disk): no retry can help."""
 
 
 class _Download:
@@ -47,6 +63,7 @@ class _Download:
     self.progress_time = time.monotonic()
     self._lock = threading.Lock()
     self._attempt_id = 0
+    self._target = None  # the current attempt's open `.partial`, closed by `abandon`
 
   def start(self) -> None:
     """Starts a fresh attempt; any earlier attempt is abandoned and can no longer touch the files."""
@@ -62,8 +79,14 @@ class _Download:
     threading.Thread(target=self._run, args=(attempt_id,), name="echo-shard-download", daemon=True).start()
 
   def abandon(self) -> None:
+    """The current attempt may no longer touch the files. Its `.partial` is closed here: its thread may stay blocked
+    in a network read for long, and an open handle would keep the unlinked file's disk space."""
     with self._lock:
       self._attempt_id += 1
+      target, self._target = self._target, None
+    if target is not None:
+      with contextlib.suppress(OSError, ValueError):
+        target.close()
 
   def _current(self, attempt_id: int) -> bool:
     return attempt_id == self._attempt_id
@@ -78,18 +101,25 @@ class _Download:
         with self._lock:
           if not self._current(attempt_id):
             return
-          target = open(partial, "wb")  # noqa: SIM115 — closed by the `with target` right below
+          try:
+            target = self._target = open(partial, "wb")  # noqa: SIM115 — closed below, or by `abandon`
+          except OSError as error:
+            raise CacheWriteError(f"cannot write the shard cache: {describe(error)}") from error
         with target:
           while chunk := source.read(CHUNK_BYTES):
             if not self._current(attempt_id):
               return
-            target.write(chunk)
+            try:
+              target.write(chunk)
+            except OSError as error:
+              raise CacheWriteError(f"cannot write the shard cache: {describe(error)}") from error
             self.progress_time = time.monotonic()
       with self._lock:
         if self._current(attempt_id):
+          self._target = None
           os.replace(partial, self.path)
           self.done.set()
-    except Exception as error:  # Any failure (network, permissions, missing file) is retried by the waiter.
+    except Exception as error:  # Any other failure (network, permissions, missing file) is retried by the waiter.
       with self._lock:
         if self._current(attempt_id):
           self.error = error
@@ -103,16 +133,21 @@ class ShardCache:
     prefetch + 1 shards of this cache).
   stall_timeout: seconds without a byte received after which a download is retried.
   retries: attempts per shard before `fetch` gives up on it and returns None.
+  retry_wait: seconds before the first retry; each further retry waits about twice as long (jittered).
   """
 
-  def __init__(self, directory: str, *, prefetch: int = 2, stall_timeout: float = 120.0, retries: int = 3):
-    if prefetch < 0 or retries < 1 or stall_timeout <= 0:
-      raise ValueError(f"need prefetch >= 0, retries >= 1 and stall_timeout > 0; got prefetch={prefetch}, "
-                       f"retries={retries}, stall_timeout={stall_timeout}")
+  def __init__(self, directory: str, *, prefetch: int = 2, stall_timeout: float = 120.0, retries: int = 3,
+               retry_wait: float = 1.0):
+    if prefetch < 0 or retries < 1 or stall_timeout <= 0 or retry_wait < 0:
+      raise ValueError(f"need data.shard_prefetch >= 0, data.download_retries >= 1, data.stall_timeout > 0 and "
+                       f"retry_wait >= 0; got {prefetch}, {retries}, {stall_timeout} and {retry_wait}")
     self.directory = os.path.expanduser(directory)
     self.prefetch = prefetch
     self.stall_timeout = stall_timeout
     self.retries = retries
+    self.retry_wait = retry_wait
+    # url -> why its last attempt failed, for shards given up on (named in the skip event and in epoch errors).
+    self.failures: dict[str, str] = {}
     self._downloads: dict[str, _Download] = {}
     self._interrupted = threading.Event()
 
@@ -134,7 +169,8 @@ class ShardCache:
     return download
 
   def fetch(self, url: str, upcoming: Sequence[str] = ()) -> str | None:
-    """A local path holding `url` (blocking until it is there), or None when every attempt failed.
+    """A local path holding `url` (blocking until it is there), or None when every attempt failed (the cause is then
+    in `failures[url]`). Raises CacheWriteError when the cache's directory cannot be written.
 
     `upcoming` are the shards to be read next, in order; the first `prefetch` of them start downloading now.
     """
@@ -145,21 +181,39 @@ class ShardCache:
     for next_url in remote_upcoming[: self.prefetch]:
       self._ensure(next_url)
     while True:
-      if self._interrupted.is_set():
-        raise InterruptedError(f"the shard cache was interrupted while fetching {url}")
+      self._check_interrupted(url)
       if download.done.wait(timeout=min(1.0, self.stall_timeout / 4)):
         if download.error is None:
           return download.path
+        cause = describe(download.error)
       elif time.monotonic() - download.progress_time < self.stall_timeout:
         continue
+      else:
+        cause = f"no data for {self.stall_timeout:g} s"
       download.abandon()
+      if isinstance(download.error, CacheWriteError):
+        self.close()
+        raise CacheWriteError(f"{download.error} (in {self.directory}); free space there or "
+                              "point data.cache_dir at a disk with room for data.shard_prefetch + 1 shards per "
+                              "data stream") from download.error
       if download.attempts >= self.retries:
+        logging.warning("giving up on shard %s after %d attempts; last: %s", url, download.attempts, cause)
+        self.failures[url] = cause
         self._downloads.pop(url, None)
         with contextlib.suppress(FileNotFoundError):
           os.remove(download.path + PARTIAL_SUFFIX)
         return None
+      wait = min(self.retry_wait * 2 ** (download.attempts - 1), MAX_RETRY_WAIT_S) * random.uniform(0.5, 1.0)
+      logging.warning("download %d of %d of shard %s failed (%s); retrying in %.1f s", download.attempts,
+                      self.retries, url, cause, wait)
+      if self._interrupted.wait(wait):
+        self._check_interrupted(url)
       download.done.clear()
       download.start()
+
+  def _check_interrupted(self, url: str) -> None:
+    if self._interrupted.is_set():
+      raise InterruptedError(f"the shard cache was interrupted while fetching {url}")
 
   def release(self, url: str) -> None:
     """`url` has been read: its cached copy is deleted (marked consumed first, for the disk watchdog)."""

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from echo_jax.data.cache import ShardCache
+from echo_jax.data.cache import ShardCache, is_local
 from echo_jax.data.shards import MIN_REF_FRAMES, Sample, iter_shard
 
 STATE_VERSION = 1
@@ -37,7 +37,7 @@ _SHARD_ORDER, _SAMPLE_ORDER = 0, 1
 _NAMED_SHARDS = 8
 
 Batch = dict[str, np.ndarray]
-SkipEvent = tuple[str, str, str]
+SkipEvent = tuple[str, str, str, str]  # (reason, sample key, shard, detail: why, where the reason alone does not say)
 
 
 def _fingerprint(shards: Sequence[str]) -> str:
@@ -85,23 +85,28 @@ class _Reader:
       upcoming = upcoming + self._shards_of_epoch(self.epoch + 1)
     return upcoming
 
-  def _skip(self, reason: str, key: str, shard: str) -> None:
+  def _skip(self, reason: str, key: str, shard: str, detail: str = "") -> None:
     self.skipped[reason] = self.skipped.get(reason, 0) + 1
-    self._events.append((reason, key, shard))
+    self._events.append((reason, key, shard, detail))
+
+  def take_events(self) -> list[SkipEvent]:
+    """The skip events met since the last call."""
+    events, self._events = self._events, []
+    return events
 
   def _load_shard(self, report: bool) -> None:
     p = self._p
     shard = self._epoch_shards[self.shard_cursor]
-    def on_skip(reason: str, key: str, path: str) -> None:
+    def on_skip(reason: str, key: str, path: str, detail: str = "") -> None:
       if report:  # Named by the shard's URL, not by where the cache put it.
-        self._skip(reason, key, shard)
+        self._skip(reason, key, shard, detail)
 
     if p.cache is None:
       samples = list(iter_shard(shard, on_skip, latent_dim=p.latent_dim))
     else:
       path = p.cache.fetch(shard, self._upcoming())
       if path is None:
-        on_skip("unreadable_shard", "", shard)
+        on_skip("unreadable_shard", "", shard, f"download failed: {p.cache.failures.get(shard, '')}")
         samples = []
       else:
         samples = list(iter_shard(path, on_skip, latent_dim=p.latent_dim))
@@ -121,9 +126,11 @@ class _Reader:
         self.sample_cursor = 0
       if self.shard_cursor >= len(self._epoch_shards):
         if self.epoch_samples == 0:
+          failures = self._p.cache.failures if self._p.cache is not None else {}
+          causes = "; ".join(f"{url}: {failures[url]}" for url in self._epoch_shards[:_NAMED_SHARDS] if url in failures)
           raise RuntimeError(
-              f"process {self._p.process_index} read a whole epoch without one usable sample; its shards were: "
-              f"{_name_shards(self._epoch_shards)}")
+              f"stream {self._p.process_index} read a whole epoch without one usable sample; its shards were: "
+              f"{_name_shards(self._epoch_shards)}" + (f". Download failures: {causes}" if causes else ""))
         self.epoch += 1
         self.shard_cursor = 0
         self.epoch_samples = 0
@@ -190,13 +197,15 @@ class _Reader:
         "latent": latent, "latent_mask": latent_mask, "text": text, "text_mask": text_mask,
         "speaker": speaker, "speaker_mask": speaker_mask,
     }
-    events, self._events = self._events, []
-    return batch, self.state(), events
+    return batch, self.state(), self.take_events()
 
 
 class _Failure:
-  def __init__(self, error: BaseException):
+  """The reader's error, with the skip events met before it (delivered before the error is raised)."""
+
+  def __init__(self, error: BaseException, events: list[SkipEvent]):
     self.error = error
+    self.events = events
 
 
 class Pipeline:
@@ -206,8 +215,9 @@ class Pipeline:
   `text` [B, max_text_len] int32 (BOS byte 0, then UTF-8 bytes, truncated, zero-padded), `text_mask`,
   `speaker` [B, max_ref_frames, D] float32 (a seeded random crop to a multiple of 4 frames, zero-padded) and
   `speaker_mask`; masks are bool. Malformed samples and targets longer than `max_frames` are skipped, counted in
-  the state, and reported as `on_skip(reason, key, shard)` from `__next__` (the caller's thread) when the batch
-  that passed them is returned. Memory: one decoded shard plus `prefetch` batches.
+  the state, and reported as `on_skip(reason, key, shard, detail)` from `__next__` (the caller's thread) when
+  the batch that passed them is returned (or the error that ended the reader is raised). Memory: one decoded
+  shard plus `prefetch` batches.
 
   process_index / process_count: this stream's index and the number of streams (the names predate streams).
   cache: fetches remote shards ahead into a local directory and deletes them once read (None: read every shard
@@ -228,7 +238,7 @@ class Pipeline:
       process_index: int = 0,
       process_count: int = 1,
       prefetch: int = 2,
-      on_skip: Callable[[str, str, str], None] | None = None,
+      on_skip: Callable[[str, str, str, str], None] | None = None,
       state: dict[str, Any] | None = None,
       cache: ShardCache | None = None,
   ):
@@ -316,14 +326,14 @@ class Pipeline:
         return self._queue.get(timeout=1.0)
       except queue.Empty:
         if not self._thread.is_alive() and self._queue.empty():
-          return _Failure(RuntimeError("the reader thread stopped without a batch or an error"))
+          return _Failure(RuntimeError("the reader thread stopped without a batch or an error"), [])
 
   def _produce(self) -> None:
     try:
       while self._put(self._reader.next_batch()):
         pass
     except BaseException as error:  # Handed to the consumer, which re-raises it: a dead producer must not hang it.
-      self._put(_Failure(error))
+      self._put(_Failure(error, self._reader.take_events()))
 
   def _stop_thread(self) -> None:
     if self._thread is not None:
@@ -347,18 +357,23 @@ class Pipeline:
       try:
         item = self._reader.next_batch()
       except Exception as error:
-        self._failure = _Failure(error)
+        self._failure = _Failure(error, self._reader.take_events())
+        self._report(self._failure.events)
         raise
     else:
       item = self._get()
       if isinstance(item, _Failure):
         self._failure = item
+        self._report(item.events)
         raise RuntimeError(f"the data pipeline's reader thread failed: {item.error}") from item.error
     batch, self._state, events = item
+    self._report(events)
+    return batch
+
+  def _report(self, events: list[SkipEvent]) -> None:
     if self.on_skip is not None:
       for event in events:
         self.on_skip(*event)
-    return batch
 
   def state(self) -> dict[str, Any]:
     """The position right after the last batch returned by `__next__` (JSON-serialisable)."""
@@ -430,6 +445,11 @@ class StreamSet:
     if len(shards) < num_streams:
       raise ValueError(f"{len(shards)} shards cannot give each of data.streams={num_streams} streams a shard; "
                        "set data.streams to at most the number of shards")
+    remote = [shard for shard in shards if not is_local(shard)]
+    if remote and not cache_dir:
+      # Read straight from the network, a stalled shard would block its reader (and the step) with no timeout.
+      raise ValueError(f"remote shards ({remote[0]}, ...) need a shard cache, which times out and retries stalled "
+                       "downloads: set data.cache_dir to a local directory")
     positions = {}
     if state is not None:
       if state.get("version") != STREAM_SET_VERSION:

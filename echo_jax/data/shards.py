@@ -95,7 +95,10 @@ def list_shards(spec: str | Sequence[str]) -> list[str]:
   for item in items:
     fs, fs_path = fsspec.core.url_to_fs(item)
     is_pattern = glob.has_magic(fs_path)
-    matches = fs.glob(fs_path) if is_pattern else [fs_path] if fs.isfile(fs_path) else []
+    if is_pattern:  # files only: a directory the pattern also matches would be an unreadable shard every epoch
+      matches = [path for path, info in fs.glob(fs_path, detail=True).items() if info.get("type") == "file"]
+    else:
+      matches = [fs_path] if fs.isfile(fs_path) else []
     if not matches:
       raise FileNotFoundError(f"shard spec item {item!r} (from {spec!r}) matches no file")
     local = "file" in fs.protocol

@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
 import os
 import signal
 import threading
@@ -90,9 +91,12 @@ class Trainer:
 
   # Run directory ---------------------------------------------------------------------------------------------
 
-  def _on_skip(self, reason: str, key: str, shard: str) -> None:
+  def _on_skip(self, reason: str, key: str, shard: str, detail: str) -> None:
+    record = {"reason": reason, "key": key, "shard": os.path.basename(shard)}
+    if detail:
+      record["detail"] = detail
     with self._skip_lock:
-      self._skips.append({"reason": reason, "key": key, "shard": os.path.basename(shard)})
+      self._skips.append(record)
 
   def _flush_skips(self, step: int) -> None:
     """Writes every process's skipped samples since the last flush (a small collective, same step everywhere)."""
@@ -113,19 +117,36 @@ class Trainer:
     order, on its main thread."""
     # A listing per host would load gs:// or the Hub with one request per host, and hosts that listed at different
     # moments could disagree.
-    return checkpoint.gather_per_process(list_shards(spec) if self.is_main else None)[0]
+    listed, failure = None, None
+    if self.is_main:
+      try:
+        listed = list_shards(spec)
+      except Exception as error:  # noqa: BLE001 — shared, so that every host fails with it instead of waiting
+        failure = error
+    shared = checkpoint.gather_per_process(
+        {"error": f"{type(failure).__name__}: {failure}"} if failure else {"shards": listed})[0]
+    if failure is not None:
+      raise failure
+    if "error" in shared:
+      raise RuntimeError(f"process 0 could not list the shards {spec!r}: {shared['error']}")
+    return shared["shards"]
 
-  def _pipeline(self, shards: list[str], seed: int, position: Any = None) -> StreamSet:
+  def _pipeline(self, role: str, shards: list[str], seed: int, position: Any = None) -> StreamSet:
     """This process's rows of every global batch of `shards` (a `_shard_list`): the data streams its devices hold
-    (DESIGN §5). Its reader threads start at once."""
+    (DESIGN §5). Its reader threads start at once. Remote shards go through a cache directory of this run and
+    `role` (train, eval) alone: caches sharing one would adopt and delete each other's files."""
     config, data = self.config, self.config.data
+    cache_dir = None
+    if data.cache_dir:
+      run = hashlib.sha256(self.workdir.encode("utf-8")).hexdigest()[:12]
+      cache_dir = os.path.join(os.path.expanduser(data.cache_dir), f"{role}-{run}")
     batch_size = config.train.batch_size
     num_streams = data.streams
     rows = runtime.process_batch_rows(sharding.batch_sharding(self.mesh, 1), batch_size)
     return StreamSet(
         shards=shards, batch_size=batch_size, num_streams=num_streams,
         streams=stream_range(batch_size, num_streams, rows), state=position,
-        cache_dir=os.path.expanduser(data.cache_dir) or None, shard_prefetch=data.shard_prefetch,
+        cache_dir=cache_dir, shard_prefetch=data.shard_prefetch,
         stall_timeout=data.stall_timeout, retries=data.download_retries, latent_dim=config.model.latent_dim,
         max_text_len=data.max_text_len, max_frames=data.max_frames, max_ref_frames=data.max_ref_frames,
         pad_latent=load_pad_latent(data.pad_latent, config.model.latent_dim), seed=seed, prefetch=data.prefetch,
@@ -133,7 +154,7 @@ class Trainer:
 
   def _eval_batches(self, shards: list[str]) -> list[dict[str, jax.Array]]:
     """The held-out batches, read once and reused, so every evaluation sees the same data."""
-    with self._pipeline(shards, seed=0) as pipeline:
+    with self._pipeline("eval", shards, seed=0) as pipeline:
       return [sharding.global_batch(next(pipeline), self.mesh) for _ in range(self.config.train.eval_batches)]
 
   def _initial_state(self, abstract_state: TrainState,
@@ -212,7 +233,7 @@ class Trainer:
     # every process and none of it talks to other processes.
     with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="initial_state") as background:
       initial = background.submit(self._initial_state, abstract_state, ckpt)
-      opened = background.submit(lambda: self._pipeline(train_shards, config.seed, initial.result()[1]))
+      opened = background.submit(lambda: self._pipeline("train", train_shards, config.seed, initial.result()[1]))
       try:
         compile_start = time.time()
         # Loaded instead when an earlier launch compiled it; the load leaves the GIL to the threads.
