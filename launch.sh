@@ -13,12 +13,19 @@
 #   Give each process its devices with XLA_FLAGS=--xla_force_host_platform_device_count=K.
 # Either way: prints which host runs process 0 (it writes the run log) and how to open the dashboard, and fails
 # fast: when any host fails, the others are stopped and the failing host's log tail is printed.
+# Stopping a trainer (a stale one, the others after a failure, all on Ctrl-C) sends SIGTERM, which makes it save a
+# checkpoint at its next synchronised step and exit; one still running ECHO_STOP_GRACE_S seconds later (default
+# 180: stuck in a collective with a dead peer, say) is killed, so that no old trainer holds the TPU or writes the
+# workdir beside the new one. Every gcloud call but the trainers' own ssh sessions has a time limit.
 # The workdir must be storage every host shares (gs:// on a pod).
 
 set -euo pipefail
 
 readonly STALE_PATTERN_SUFFIX="/train_pretrain.py"
 readonly TAIL_LINES=40
+readonly STOP_GRACE_S=${ECHO_STOP_GRACE_S:-180}
+# Seconds a gcloud control call (describe, scp, a command on all workers) may take beyond its own work.
+readonly GCLOUD_TIMEOUT_S=300
 
 usage() {
   sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' >&2
@@ -44,9 +51,12 @@ worker_run() {
   # and the worker would then report a failure while its trainer runs on.
   : > "$log"
   cd "$code_dir"
-  # The full script path is in the command line, so that the stale-trainer pattern finds this trainer only.
-  nohup setsid bash -c '"$@"; echo $? > "'"$status"'"' _ "${PYTHON:-python3}" -u "$code_dir/train_pretrain.py" "$@" \
-    >> "$log" 2>&1 < /dev/null &
+  # The full script path is in the trainer's command line, so that the stale-trainer pattern finds it; it reaches
+  # the shell that waits for the trainer through the environment, so that the pattern never matches that shell
+  # (killed, it would write no exit status and a trainer that stopped cleanly would count as failed).
+  # shellcheck disable=SC2016  # the single-quoted script expands in the inner shell
+  ECHO_TRAINER="$code_dir/train_pretrain.py" ECHO_PYTHON="${PYTHON:-python3}" nohup setsid \
+    bash -c '"$ECHO_PYTHON" -u "$ECHO_TRAINER" "$@"; echo $? > "'"$status"'"' _ "$@" >> "$log" 2>&1 < /dev/null &
   local pid=$!
   tail -n +1 -f --pid="$pid" "$log" || true
   wait "$pid" || true  # the status below is the trainer's, written when the detached shell ends
@@ -67,9 +77,9 @@ report_process0() {
         local worker=${NAMES[$i]#worker }
         echo "launch.sh: dashboard: on that worker run"
         echo "  gcloud compute tpus tpu-vm ssh $TPU --zone $ZONE ${PROJECT:+--project $PROJECT }--worker=$worker" \
-          "--command='cd ~/$REMOTE_DIR && python3 monitor.py WORKDIR & cloudflared tunnel --url http://localhost:8080'"
+          "--command='cd ~/$REMOTE_DIR && python3 monitor.py ${WORKDIR:-WORKDIR} & cloudflared tunnel --url http://localhost:8080'"
       else
-        echo "launch.sh: dashboard: python monitor.py WORKDIR, then open http://127.0.0.1:8080" \
+        echo "launch.sh: dashboard: python monitor.py ${WORKDIR:-WORKDIR}, then open http://127.0.0.1:8080" \
           "(or: cloudflared tunnel --url http://localhost:8080)"
       fi
       PROCESS0_REPORTED=1
@@ -78,20 +88,38 @@ report_process0() {
   done
 }
 
-stop_all() {
-  local pid
-  for pid in "${PIDS[@]}"; do
-    kill "$pid" 2>/dev/null || true
+# Sends SIGTERM to `pids` (children of this shell), waits up to STOP_GRACE_S for them to exit, then kills the rest.
+stop_pids() {
+  local pid waited=0
+  (($# > 0)) || return 0
+  kill "$@" 2>/dev/null || true
+  while ((waited < STOP_GRACE_S * 10)); do
+    local alive=0
+    for pid in "$@"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    ((alive)) || return 0
+    sleep 0.1
+    waited=$((waited + 1))
   done
+  echo "launch.sh: still running ${STOP_GRACE_S} s after SIGTERM; killing them" >&2
+  kill -KILL "$@" 2>/dev/null || true
+  wait "$@" 2>/dev/null || true  # gone, not merely signalled, when launch.sh exits
+}
+
+stop_all() {
   if [[ -n ${TPU:-} ]]; then
+    # The local ssh sessions only follow the logs; the detached trainers are stopped on the workers.
+    kill "${PIDS[@]}" 2>/dev/null || true
     stop_remote_trainers || true
+  else
+    stop_pids "${PIDS[@]}"
   fi
 }
 
 watch_hosts() {
   local running=${#PIDS[@]} i status
   declare -A finished=()
-  trap 'echo "launch.sh: interrupted; stopping every host" >&2; stop_all; exit 130' INT TERM
+  trap 'echo "launch.sh: interrupted; stopping every host" >&2; stop_all; exit 130' INT
+  trap 'echo "launch.sh: terminated; stopping every host" >&2; stop_all; exit 143' TERM
   while ((running > 0)); do
     for i in "${!PIDS[@]}"; do
       [[ -n ${finished[$i]:-} ]] && continue
@@ -114,21 +142,44 @@ watch_hosts() {
   echo "launch.sh: all ${#PIDS[@]} hosts finished; logs in $LOGDIR"
 }
 
+# The --workdir among train_pretrain.py's arguments (quoted for a shell), for the dashboard command.
+workdir_of() {
+  while (($# > 0)); do
+    case $1 in
+      --workdir=*) printf '%q' "${1#--workdir=}"; return ;;
+      --workdir) printf '%q' "${2:-}"; return ;;
+    esac
+    shift
+  done
+}
+
 gcloud_tpu() {
   local command=$1
   shift
   gcloud compute tpus tpu-vm "$command" "$@" --zone "$ZONE" ${PROJECT:+--project "$PROJECT"}
 }
 
+# gcloud_tpu with a time limit of `seconds`: a worker that does not answer fails the launch instead of hanging it
+# (bash runs the INT/TERM traps only once the command in the foreground returns).
+gcloud_tpu_limited() {
+  local seconds=$1
+  shift
+  timeout --kill-after=10 "$seconds" gcloud compute tpus tpu-vm "$@" --zone "$ZONE" ${PROJECT:+--project "$PROJECT"}
+}
+
 stop_remote_trainers() {
-  # The bracket keeps pkill from matching the shell that runs this very command.
-  gcloud_tpu ssh "$TPU" --worker=all \
-    --command="pkill -f '[${REMOTE_DIR:0:1}]${REMOTE_DIR:1}$STALE_PATTERN_SUFFIX' || true"
+  # SIGTERM, up to STOP_GRACE_S seconds to save and exit, then SIGKILL. The pattern starts at the slash before the
+  # code directory, so another --remote_dir that ends with this one's name is not matched; the bracket keeps pkill
+  # from matching the shell that runs this very command.
+  local pattern="[/]$REMOTE_DIR$STALE_PATTERN_SUFFIX"
+  gcloud_tpu_limited $((STOP_GRACE_S + GCLOUD_TIMEOUT_S)) ssh "$TPU" --worker=all \
+    --command="pkill -TERM -f '$pattern'; for ((i = 0; i < $STOP_GRACE_S; i++)); do \
+pgrep -f '$pattern' > /dev/null || exit 0; sleep 1; done; pkill -KILL -f '$pattern'; true"
 }
 
 launch_tpu() {
   local endpoints
-  endpoints=$(gcloud_tpu describe "$TPU" --format='value(networkEndpoints[].ipAddress)')
+  endpoints=$(gcloud_tpu_limited "$GCLOUD_TIMEOUT_S" describe "$TPU" --format='value(networkEndpoints[].ipAddress)')
   local -a addresses
   IFS=';' read -r -a addresses <<< "$endpoints"
   local workers=${#addresses[@]}
@@ -136,7 +187,7 @@ launch_tpu() {
   echo "launch.sh: $TPU has $workers workers"
 
   stop_remote_trainers
-  gcloud_tpu ssh "$TPU" --worker=all --command="rm -rf ~/$REMOTE_DIR"
+  gcloud_tpu_limited "$GCLOUD_TIMEOUT_S" ssh "$TPU" --worker=all --command="rm -rf ~/$REMOTE_DIR"
   local stage
   stage=$(mktemp -d)
   mkdir "$stage/$REMOTE_DIR"
@@ -148,7 +199,7 @@ launch_tpu() {
     [[ -e $root/$item ]] && cp -r "$root/$item" "$stage/$REMOTE_DIR/"
   done
   find "$stage" -name __pycache__ -type d -prune -exec rm -rf {} +
-  gcloud_tpu scp --recurse "$stage/$REMOTE_DIR" "$TPU:$REMOTE_DIR" --worker=all
+  gcloud_tpu_limited "$GCLOUD_TIMEOUT_S" scp --recurse "$stage/$REMOTE_DIR" "$TPU:$REMOTE_DIR" --worker=all
   rm -rf "$stage"
 
   local args worker
@@ -156,7 +207,9 @@ launch_tpu() {
   for ((worker = 0; worker < workers; worker++)); do
     LOGS+=("$LOGDIR/worker_$worker.log")
     NAMES+=("worker $worker")
-    gcloud_tpu ssh "$TPU" --worker="$worker" \
+    # Keepalives: a worker that stops answering ends its session (exit 255, a failure) instead of leaving the
+    # launch waiting on it forever.
+    gcloud_tpu ssh "$TPU" --worker="$worker" --ssh-flag=-oServerAliveInterval=15 --ssh-flag=-oServerAliveCountMax=8 \
       --command="bash ~/$REMOTE_DIR/launch.sh --worker-run $worker --$args" > "${LOGS[-1]}" 2>&1 &
     PIDS+=($!)
   done
@@ -205,6 +258,7 @@ main() {
   done
   [[ -n $mode ]] || usage
   (($# > 0)) || die "no train_pretrain.py arguments after --"
+  WORKDIR=$(workdir_of "$@")
   mkdir -p "$LOGDIR"
   LOGDIR=$(cd "$LOGDIR" && pwd)
   if [[ $mode == tpu ]]; then

@@ -55,9 +55,13 @@ FAKE_GCLOUD = textwrap.dedent("""\
 
 # Stands in for python3 on the workers: records its arguments and pid, says which process it is (worker 1 hosts
 # process 0, as the real pod may have it), fails on FAKE_FAIL_WORKER once every other worker's trainer is running
-# (so that the test sees them stopped), and otherwise runs FAKE_SECONDS.
+# (so that the test sees them stopped), and otherwise runs FAKE_SECONDS. Like the real trainer, a SIGTERM makes it
+# save (half a second) and exit 0; with FAKE_IGNORE_TERM=1 it ignores SIGTERM, as a trainer stuck in a collective
+# never reaches the step where it would stop.
 FAKE_PYTHON = textwrap.dedent("""\
     #!/usr/bin/env bash
+    stop() { echo "stop requested; saving"; sleep 0.5; echo "saved; exit 0"; exit 0; }
+    if [[ ${FAKE_IGNORE_TERM:-} == 1 ]]; then trap '' TERM; else trap stop TERM; fi
     printf '%s\\n' "$@" > "$HOME/trainer_args"
     echo $$ > "$HOME/trainer_pid"
     echo "process_index=$((1 - FAKE_WORKER)) process_count=2"
@@ -115,7 +119,8 @@ def test_pod_launch_makes_the_right_gcloud_calls(fake_pod):
   assert verbs[:4] == [("describe", None), ("ssh", "--worker=all"), ("ssh", "--worker=all"),
                        ("scp", "--worker=all")]
   assert sorted(verbs[4:]) == [("ssh", "--worker=0"), ("ssh", "--worker=1")]
-  assert "pkill -f" in calls[1][-5] and "train_pretrain.py" in calls[1][-5]
+  assert "pkill -TERM -f" in calls[1][-5] and "pkill -KILL -f" in calls[1][-5]
+  assert "[/]echo_jax_code/train_pretrain.py" in calls[1][-5]
   assert "--recurse" in calls[3]
   for worker in (0, 1):
     home = tmp_path / f"worker_{worker}"
@@ -128,14 +133,60 @@ def test_pod_launch_makes_the_right_gcloud_calls(fake_pod):
     assert "trained" in (tmp_path / "logs" / f"worker_{worker}.log").read_text()
   assert "process 0 (run log, events, dashboard) runs on worker 1" in result.stdout
   assert "--worker=1" in result.stdout and "cloudflared tunnel --url http://localhost:8080" in result.stdout
+  assert r"monitor.py gs://bucket/run\ one" in result.stdout
+
+
+def wait_for(condition, timeout=30):
+  deadline = time.time() + timeout
+  while not condition():
+    assert time.time() < deadline, "timed out"
+    time.sleep(0.05)
+
+
+def test_a_trainer_stopped_by_sigterm_saves_and_the_launch_succeeds(fake_pod):
+  """The trainers' SIGTERM (maintenance, or a stop by the stale-trainer pattern) is a clean stop: the shells that
+  wait for them on the workers must not be matched and killed by that pattern, or the launch reports a failure."""
+  tmp_path, env = fake_pod
+  env.update(FAKE_SECONDS="60")
+  process = subprocess.Popen(
+      ["bash", LAUNCH, "--tpu", "pod", "--zone", "z", "--logdir", str(tmp_path / "logs"), "--", *TRAIN_ARGS],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  wait_for(lambda: all((tmp_path / f"worker_{w}" / "trainer_pid").exists() for w in (0, 1)))
+  # What stop_remote_trainers runs on each worker, limited to this test's workers.
+  subprocess.run(["pkill", "-TERM", "-f", f"[{str(tmp_path)[0]}]{str(tmp_path)[1:]}/worker_./echo_jax_code/train_"
+                  "pretrain.py"], check=True)
+  stdout, stderr = process.communicate(timeout=60)
+  assert process.returncode == 0, stdout + stderr
+  assert "all 2 hosts finished" in stdout
+  for worker in (0, 1):
+    assert "saved; exit 0" in (tmp_path / "logs" / f"worker_{worker}.log").read_text()
+
+
+def test_a_relaunch_kills_a_stale_trainer_that_ignores_sigterm(fake_pod):
+  """A trainer that does not stop (stuck in a collective) must not run on beside the new launch."""
+  tmp_path, env = fake_pod
+  env.update(FAKE_SECONDS="60", FAKE_IGNORE_TERM="1", ECHO_STOP_GRACE_S="1")
+  first = subprocess.Popen(
+      ["bash", LAUNCH, "--tpu", "pod", "--zone", "z", "--logdir", str(tmp_path / "logs"), "--", *TRAIN_ARGS],
+      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+  wait_for(lambda: all((tmp_path / f"worker_{w}" / "trainer_pid").exists() for w in (0, 1)))
+  stale = [int((tmp_path / f"worker_{w}" / "trainer_pid").read_text()) for w in (0, 1)]
+  first.kill()  # the launching machine went away; the detached trainers run on
+  first.wait()
+  assert all(pid_alive(pid) for pid in stale)
+  env.update(FAKE_SECONDS="0")
+  result = launch_tpu(tmp_path, env, timeout=60)
+  assert result.returncode == 0, result.stdout + result.stderr
+  wait_for(lambda: not any(pid_alive(pid) for pid in stale), timeout=10)
 
 
 def pid_alive(pid):
+  """True while `pid` runs (a zombie, dead but not yet reaped by its new parent, does not count)."""
   try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
+    state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+  except FileNotFoundError:
     return False
-  return True
+  return state not in ("Z", "X")
 
 
 def test_a_failing_worker_fails_the_launch_fast_with_its_log_tail(fake_pod):
@@ -179,6 +230,29 @@ def test_local_launch_fails_fast_and_stops_the_other_process(tmp_path):
   while pid_alive(pid) and time.time() < deadline:
     time.sleep(0.1)
   assert not pid_alive(pid)
+
+
+def test_a_terminated_local_launch_stops_its_processes_before_it_exits(tmp_path):
+  """SIGTERM (or Ctrl-C) to `launch.sh --local`: every process gets SIGTERM, and one that does not exit within the
+  grace period is killed, before launch.sh exits 143; none is left to run beside a relaunch."""
+  fake = tmp_path / "fake_python"
+  write_executable(fake, textwrap.dedent("""\
+      #!/usr/bin/env bash
+      if [[ $1 == -c ]]; then exec python3 "$@"; fi
+      if [[ $ECHO_PROCESS_ID == 1 ]]; then trap '' TERM; else trap 'sleep 0.5; exit 0' TERM; fi
+      echo $$ > "$FAKE_ROOT/pid_$ECHO_PROCESS_ID"
+      for ((i = 0; i < 600; i++)); do sleep 0.1; done
+  """))
+  env = dict(os.environ, PYTHON=str(fake), FAKE_ROOT=str(tmp_path), ECHO_STOP_GRACE_S="2")
+  process = subprocess.Popen(["bash", LAUNCH, "--local", "2", "--logdir", str(tmp_path / "logs"), "--", "--x=1"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  wait_for(lambda: all((tmp_path / f"pid_{i}").exists() for i in (0, 1)))
+  pids = [int((tmp_path / f"pid_{i}").read_text()) for i in (0, 1)]
+  process.terminate()
+  stdout, stderr = process.communicate(timeout=30)
+  assert process.returncode == 143, stdout + stderr
+  assert "killing them" in stderr
+  assert not any(pid_alive(pid) for pid in pids)
 
 
 def test_bad_arguments_are_errors():

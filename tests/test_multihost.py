@@ -73,7 +73,7 @@ WORKER = textwrap.dedent("""
 
     hooks = ((1, lambda info: time.sleep(delay)),) if delay else ()
     trainer = RecordingTrainer(config, workdir, hooks=hooks)
-    install_sigterm_handler(trainer)
+    install_sigterm_handler(trainer.stop_requested)
     state = trainer.run()
     print(f"final_step={int(state.step.addressable_data(0))}", flush=True)
 """)

@@ -484,3 +484,24 @@ def test_remote_shards_stream_through_a_cache_of_the_run_and_role(tiny_config, t
   assert sorted(os.listdir(tmp_path / "cache")) == [f"eval-{run}", f"train-{run}"]
   leftovers = [os.path.join(folder, name) for folder, _, names in os.walk(tmp_path / "cache") for name in names]
   assert not leftovers
+
+
+def test_sigterm_asks_for_a_stop_and_a_second_one_ends_the_process():
+  """The first SIGTERM sets the flag the loop stops at (saving a checkpoint); a second one, for a run that cannot
+  reach that step, ends the process as SIGTERM does by default."""
+  code = textwrap.dedent("""\
+      import os, signal, threading, time
+      from echo_jax.train.loop import install_sigterm_handler
+      stop = threading.Event()
+      install_sigterm_handler(stop)
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.2)
+      print("stop requested:", stop.is_set(), flush=True)
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(10)
+      print("still running", flush=True)
+  """)
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == -signal.SIGTERM, result.stdout + result.stderr
+  assert "stop requested: True" in result.stdout and "still running" not in result.stdout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import jax
 import ml_collections
 from absl import logging
@@ -28,6 +30,10 @@ def train_main(config: ml_collections.ConfigDict, workdir: str, *, init_from: st
                coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, force: bool = False) -> None:
   """Joins the multi-host runtime (see `echo_jax.runtime.initialize`), then trains `config` into `workdir`."""
+  # First: a SIGTERM while the hosts join (which waits for all of them) or while weights load must stop the run
+  # like any other, with a checkpoint and exit 0, not end it with 143, which launch.sh takes for a failure.
+  stop = threading.Event()
+  install_sigterm_handler(stop)
   runtime.initialize(coordinator_address, num_processes, process_id)
   runtime.enable_compilation_cache(config.compile_cache_dir)
   # launch.sh finds the worker that hosts process 0 (the dashboard's run log and the events) by this line.
@@ -36,6 +42,5 @@ def train_main(config: ml_collections.ConfigDict, workdir: str, *, init_from: st
   # Orbax narrates every save at INFO; the run directory's events.jsonl is the record users read.
   logging.set_verbosity(logging.WARNING)
   init_params = convert.load_init_params(init_from, config) if init_from else None
-  trainer = Trainer(config, workdir, hooks=sample_hooks(config), init_params=init_params, force=force)
-  install_sigterm_handler(trainer)
-  trainer.run()
+  Trainer(config, workdir, hooks=sample_hooks(config), init_params=init_params, force=force,
+          stop_requested=stop).run()

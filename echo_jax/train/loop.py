@@ -71,10 +71,13 @@ class Trainer:
   hooks: (every, fn) pairs; fn(StepInfo) runs on every process after each step that is a multiple of `every`.
   init_params: parameters to start from instead of a random init (fresh optimizer state), e.g. imported weights.
   force: train even when the compiled step needs more than 90% of the accelerator's memory.
+  stop_requested: when set (e.g. by `install_sigterm_handler`, which the entry script installs before anything else),
+    the loop saves a checkpoint and stops after the current step.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
-               hooks: tuple[tuple[int, Hook], ...] = (), init_params: Any = None, force: bool = False):
+               hooks: tuple[tuple[int, Hook], ...] = (), init_params: Any = None, force: bool = False,
+               stop_requested: threading.Event | None = None):
     self.config = config
     self.force = force
     self.workdir = workdir
@@ -84,7 +87,7 @@ class Trainer:
     self.log = metrics.RunLog(workdir, enabled=self.is_main)
     self.model = Echo(model_config(config))
     self.mesh = sharding.make_mesh(config.mesh.to_dict())
-    self.stop_requested = threading.Event()
+    self.stop_requested = stop_requested or threading.Event()
     self._skips: list[dict[str, Any]] = []
     self._skip_lock = threading.Lock()
     self._unconfirmed_saves: list[int] = []
@@ -200,10 +203,6 @@ class Trainer:
     return metrics.peak_flops_per_device(self.config.train.cpu_peak_flops) * jax.device_count()
 
   # The loop ---------------------------------------------------------------------------------------------------
-
-  def request_stop(self) -> None:
-    """Asks the loop to save a checkpoint and stop after the current step (e.g. on SIGTERM)."""
-    self.stop_requested.set()
 
   def run(self) -> TrainState:
     config, train = self.config, self.config.train
@@ -384,7 +383,17 @@ def _close_pipeline(opened: concurrent.futures.Future) -> None:
     opened.result().close()
 
 
-def install_sigterm_handler(trainer: Trainer) -> None:
-  """SIGTERM (TPU maintenance, preemption) -> checkpoint at the next step on all processes, then exit 0."""
-  signal.signal(signal.SIGTERM, lambda signum, frame: trainer.request_stop())
+def install_sigterm_handler(stop: threading.Event) -> None:
+  """SIGTERM (TPU maintenance, preemption, launch.sh stopping a run) sets `stop`: the Trainer given it saves a
+  checkpoint at the next step that all processes agree on, then returns (the process exits 0). A second SIGTERM
+  ends the process at once, as by default, for a run that cannot reach that step (e.g. stuck in a collective with a
+  dead peer); the last complete checkpoint stays, and an interrupted save is ignored at the next launch."""
+
+  def on_sigterm(signum: int, frame: Any) -> None:
+    if stop.is_set():
+      signal.signal(signal.SIGTERM, signal.SIG_DFL)
+      os.kill(os.getpid(), signal.SIGTERM)
+    stop.set()
+
+  signal.signal(signal.SIGTERM, on_sigterm)
 
