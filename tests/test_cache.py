@@ -25,14 +25,15 @@ RELEASE = threading.Event()  # Set at teardown, so that stalled reads of abandon
 
 class StallingFileSystem(AbstractFileSystem):
   """`stalling://name`: serves bytes from `FILES`; the first `STALLS[name]` opens of a file hang on read; an open of
-  a name in `OPEN_GATES` waits until its event is set; opening a name in `DENIED` raises PermissionError. Every
-  open's time is in `OPENS[name]`."""
+  a name in `OPEN_GATES` waits until its event is set; opening a name in `DENIED` raises PermissionError; the first
+  `CUT_SHORT[name]` opens end halfway through the file. Every open's time is in `OPENS[name]`."""
 
   protocol = "stalling"
   FILES: dict[str, bytes] = {}
   STALLS: dict[str, int] = {}
   OPEN_GATES: dict[str, threading.Event] = {}
   DENIED: set[str] = set()
+  CUT_SHORT: dict[str, int] = {}
   OPENS: dict[str, list[float]] = {}
 
   def _open(self, path, mode="rb", **kwargs):
@@ -45,11 +46,22 @@ class StallingFileSystem(AbstractFileSystem):
     if self.STALLS.get(name, 0) > 0:
       self.STALLS[name] -= 1
       return _StalledFile()
-    return io.BytesIO(self.FILES[name])
+    if self.CUT_SHORT.get(name, 0) > 0:  # announces the whole size, then ends halfway
+      self.CUT_SHORT[name] -= 1
+      return _SizedFile(self.FILES[name][: len(self.FILES[name]) // 2], size=len(self.FILES[name]))
+    return _SizedFile(self.FILES[name], size=len(self.FILES[name]))
 
   def info(self, path, **kwargs):
     name = self._strip_protocol(path)
     return {"name": name, "size": len(self.FILES[name]), "type": "file"}
+
+
+class _SizedFile(io.BytesIO):
+  """What fsspec's buffered files are in this respect: they know the size the filesystem announced."""
+
+  def __init__(self, data, size):
+    super().__init__(data)
+    self.size = size
 
 
 class _StalledFile(io.RawIOBase):
@@ -71,6 +83,7 @@ def stalling_filesystem():
   StallingFileSystem.STALLS.clear()
   StallingFileSystem.OPEN_GATES.clear()
   StallingFileSystem.DENIED.clear()
+  StallingFileSystem.CUT_SHORT.clear()
   StallingFileSystem.OPENS.clear()
 
 
@@ -221,6 +234,20 @@ def test_a_failed_download_says_why_and_retries_wait_longer_each_time(tmp_path):
   opens = StallingFileSystem.OPENS["denied.tar"]
   gaps = [b - a for a, b in zip(opens, opens[1:], strict=False)]
   assert len(opens) == 3 and gaps[0] >= 0.1 and gaps[1] >= 0.2, gaps  # about 0.2 s, then 0.4 s (jittered by half)
+
+
+def test_a_download_that_ends_early_is_retried_not_presented_as_complete(tmp_path):
+  local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=1, per_shard=4))
+  StallingFileSystem.FILES["cut.tar"] = pathlib.Path(local[0]).read_bytes()
+  StallingFileSystem.CUT_SHORT["cut.tar"] = 1
+  cache = ShardCache(str(tmp_path / "cache"), retries=2, retry_wait=0)
+  path = cache.fetch("stalling://cut.tar")
+  assert pathlib.Path(path).read_bytes() == StallingFileSystem.FILES["cut.tar"]
+  assert len(StallingFileSystem.OPENS["cut.tar"]) == 2
+  StallingFileSystem.CUT_SHORT["short.tar"] = 5
+  StallingFileSystem.FILES["short.tar"] = b"x" * 1000
+  assert cache.fetch("stalling://short.tar") is None
+  assert cache.failures["stalling://short.tar"] == "OSError: the download ended after 500 of its 1000 bytes"
 
 
 def test_a_cache_that_cannot_be_written_stops_the_reader_with_an_error_naming_it(tmp_path, monkeypatch):

@@ -105,6 +105,9 @@ class _Download:
             target = self._target = open(partial, "wb")  # noqa: SIM115 — closed below, or by `abandon`
           except OSError as error:
             raise CacheWriteError(f"cannot write the shard cache: {describe(error)}") from error
+        # The size the filesystem announced (fsspec's buffered files know it): a connection that ends early must
+        # not leave a truncated shard renamed as complete.
+        expected, written = getattr(source, "size", None), 0
         with target:
           while chunk := source.read(CHUNK_BYTES):
             if not self._current(attempt_id):
@@ -113,7 +116,10 @@ class _Download:
               target.write(chunk)
             except OSError as error:
               raise CacheWriteError(f"cannot write the shard cache: {describe(error)}") from error
+            written += len(chunk)
             self.progress_time = time.monotonic()
+        if isinstance(expected, int) and written != expected:
+          raise OSError(f"the download ended after {written} of its {expected} bytes")
       with self._lock:
         if self._current(attempt_id):
           self._target = None
