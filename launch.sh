@@ -16,13 +16,15 @@
 # Stopping a trainer (a stale one, the others after a failure, all on Ctrl-C) sends SIGTERM, which makes it save a
 # checkpoint at its next synchronised step and exit; one still running ECHO_STOP_GRACE_S seconds later (default
 # 180: stuck in a collective with a dead peer, say) is killed, so that no old trainer holds the TPU or writes the
-# workdir beside the new one. Every gcloud call but the trainers' own ssh sessions has a time limit.
+# workdir beside the new one. Every gcloud call but the trainers' own ssh sessions has a time limit. A session that
+# drops (ssh exit 255) is re-attached to the worker's log, up to MAX_REATTACH times: its trainer runs on detached.
 # The workdir must be storage every host shares (gs:// on a pod).
 
 set -euo pipefail
 
 readonly STALE_PATTERN_SUFFIX="/train_pretrain.py"
 readonly TAIL_LINES=40
+readonly MAX_REATTACH=5
 readonly STOP_GRACE_S=${ECHO_STOP_GRACE_S:-180}
 # Seconds a gcloud control call (describe, scp, a command on all workers) may take beyond its own work.
 readonly GCLOUD_TIMEOUT_S=300
@@ -61,6 +63,25 @@ worker_run() {
   tail -n +1 -f --pid="$pid" "$log" || true
   wait "$pid" || true  # the status below is the trainer's, written when the detached shell ends
   [[ -f $status ]] || { echo "launch.sh: the trainer on worker $worker ended without an exit status" >&2; exit 1; }
+  exit "$(cat "$status")"
+}
+
+# Runs on a TPU worker when launch.sh lost its ssh session to `worker_run` there: follows the log from its end until
+# the detached trainer exits, then exits with its status.
+worker_attach() {
+  local worker=$1
+  local code_dir log_dir
+  code_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+  log_dir="$HOME/echo_jax_logs"
+  local log="$log_dir/worker_$worker.log" status="$log_dir/worker_$worker.status"
+  tail -n 0 -f "$log" &
+  local tailer=$!
+  while [[ ! -f $status ]] && pgrep -f "[${code_dir:0:1}]${code_dir:1}$STALE_PATTERN_SUFFIX" > /dev/null; do
+    sleep 1
+  done
+  sleep 1  # the status is written just after the trainer exits
+  kill "$tailer" 2>/dev/null || true
+  [[ -f $status ]] || { echo "launch.sh: the trainer on worker $worker is gone without an exit status" >&2; exit 1; }
   exit "$(cat "$status")"
 }
 
@@ -117,7 +138,7 @@ stop_all() {
 
 watch_hosts() {
   local running=${#PIDS[@]} i status
-  declare -A finished=()
+  declare -A finished=() reattached=()
   trap 'echo "launch.sh: interrupted; stopping every host" >&2; stop_all; exit 130' INT
   trap 'echo "launch.sh: terminated; stopping every host" >&2; stop_all; exit 143' TERM
   while ((running > 0)); do
@@ -126,6 +147,14 @@ watch_hosts() {
       kill -0 "${PIDS[$i]}" 2>/dev/null && continue
       status=0
       wait "${PIDS[$i]}" || status=$?
+      # ssh exits 255 when the connection drops (or keepalives go unanswered); the trainer runs on, detached.
+      if [[ -n ${TPU:-} ]] && ((status == 255 && ${reattached[$i]:-0} < MAX_REATTACH)); then
+        reattached[$i]=$((${reattached[$i]:-0} + 1))
+        echo "launch.sh: lost the ssh session to ${NAMES[$i]} (exit 255); its trainer runs on; re-attaching" \
+          "(${reattached[$i]} of $MAX_REATTACH)" >&2
+        worker_session "$i" "--worker-attach $i"
+        continue
+      fi
       finished[$i]=1
       running=$((running - 1))
       if ((status != 0)); then
@@ -151,6 +180,16 @@ workdir_of() {
     esac
     shift
   done
+}
+
+# Starts the ssh session that runs `launch.sh <remote_args>` on worker `worker`, in the background, its output
+# appended to the worker's log here; its pid becomes PIDS[worker]. Keepalives: a worker that stops answering ends
+# the session (exit 255) instead of leaving the launch waiting on it forever.
+worker_session() {
+  local worker=$1 remote_args=$2
+  gcloud_tpu ssh "$TPU" --worker="$worker" --ssh-flag=-oServerAliveInterval=15 --ssh-flag=-oServerAliveCountMax=8 \
+    --command="bash ~/$REMOTE_DIR/launch.sh $remote_args" >> "${LOGS[$worker]}" 2>&1 &
+  PIDS[worker]=$!
 }
 
 gcloud_tpu() {
@@ -207,11 +246,8 @@ launch_tpu() {
   for ((worker = 0; worker < workers; worker++)); do
     LOGS+=("$LOGDIR/worker_$worker.log")
     NAMES+=("worker $worker")
-    # Keepalives: a worker that stops answering ends its session (exit 255, a failure) instead of leaving the
-    # launch waiting on it forever.
-    gcloud_tpu ssh "$TPU" --worker="$worker" --ssh-flag=-oServerAliveInterval=15 --ssh-flag=-oServerAliveCountMax=8 \
-      --command="bash ~/$REMOTE_DIR/launch.sh --worker-run $worker --$args" > "${LOGS[-1]}" 2>&1 &
-    PIDS+=($!)
+    : > "${LOGS[-1]}"
+    worker_session "$worker" "--worker-run $worker --$args"
   done
   echo "launch.sh: started $workers workers; logs here in $LOGDIR, on each worker in ~/echo_jax_logs"
   watch_hosts
@@ -251,6 +287,7 @@ main() {
       --logdir) LOGDIR=${2:?--logdir needs a directory}; shift 2 ;;
       --local) count=${2:?--local needs a process count}; mode=local; shift 2 ;;
       --worker-run) shift; local worker=${1:?}; shift; [[ ${1:-} == -- ]] && shift; worker_run "$worker" "$@" ;;
+      --worker-attach) worker_attach "${2:?}" ;;
       --) shift; break ;;
       -h|--help) usage ;;
       *) die "unknown argument $1 (arguments for train_pretrain.py go after --)" ;;

@@ -44,6 +44,13 @@ FAKE_GCLOUD = textwrap.dedent("""\
     for w in $workers; do
       home="$FAKE_ROOT/worker_$w"
       mkdir -p "$home"
+      # FAKE_DROP_WORKER: that worker's first trainer session drops (ssh exit 255) while its command runs on.
+      if [[ $command == *--worker-run* && $w == "${FAKE_DROP_WORKER:-}" && ! -f $FAKE_ROOT/dropped ]]; then
+        touch "$FAKE_ROOT/dropped"
+        (cd "$home" && HOME="$home" FAKE_WORKER=$w setsid bash -c "$command" > /dev/null 2>&1 &)
+        sleep 1
+        exit 255
+      fi
       if [[ $verb == scp ]]; then
         cp -r "$source" "$home/$destination"
       else
@@ -160,6 +167,18 @@ def test_a_trainer_stopped_by_sigterm_saves_and_the_launch_succeeds(fake_pod):
   assert "all 2 hosts finished" in stdout
   for worker in (0, 1):
     assert "saved; exit 0" in (tmp_path / "logs" / f"worker_{worker}.log").read_text()
+
+
+def test_a_dropped_ssh_session_is_reattached_and_the_run_goes_on(fake_pod):
+  tmp_path, env = fake_pod
+  env.update(FAKE_SECONDS="4", FAKE_DROP_WORKER="1")
+  result = launch_tpu(tmp_path, env, timeout=60)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "lost the ssh session to worker 1 (exit 255); its trainer runs on; re-attaching (1 of 5)" in result.stderr
+  assert not [call for call in recorded_calls(tmp_path) if any("pkill -KILL" in arg for arg in call)][1:]
+  assert "trained" in (tmp_path / "logs" / "worker_1.log").read_text()  # followed to its end after the drop
+  attaches = [call for call in recorded_calls(tmp_path) if any("--worker-attach 1" in arg for arg in call)]
+  assert len(attaches) == 1 and "--worker=1" in attaches[0]
 
 
 def test_a_relaunch_kills_a_stale_trainer_that_ignores_sigterm(fake_pod):
