@@ -19,6 +19,7 @@ from echo_jax.data import cache as cache_module
 from echo_jax.data.cache import CacheWriteError, ShardCache, is_local
 from echo_jax.data.pipeline import Pipeline, StreamSet
 from echo_jax.data.shards import list_shards
+from echo_jax.train.samples import examples_from_shards
 
 RELEASE = threading.Event()  # Set at teardown, so that stalled reads of abandoned downloads end.
 
@@ -281,6 +282,16 @@ def test_gs_urls_are_remote_and_gcsfs_is_installed():
   assert not is_local("gs://bucket/train-000.tar") and not is_local("hf://datasets/org/name/a.tar")
   assert is_local("/data/a.tar") and is_local("file:///data/a.tar")
   assert time.monotonic() - start < 1.0
+
+
+def test_the_sample_examples_skip_a_stalled_remote_shard(tmp_path):
+  """The training-time samples' held-out examples are read at launch: a stalled shard must not hold it up."""
+  local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=2, per_shard=4))
+  for index, path in enumerate(local):
+    StallingFileSystem.FILES[f"eval{index}.tar"] = pathlib.Path(path).read_bytes()
+  StallingFileSystem.STALLS["eval0.tar"] = 1000
+  examples = examples_from_shards("stalling://eval0.tar,stalling://eval1.tar", 3, 8, stall_timeout=0.2, retries=2)
+  assert len(examples) == 3 and len(StallingFileSystem.OPENS["eval0.tar"]) == 2
 
 
 def test_bad_cache_arguments_are_errors(tmp_path):

@@ -22,7 +22,8 @@ def sample_hooks(config: ml_collections.ConfigDict) -> tuple[tuple[int, Hook], .
     raise ValueError("samples.every > 0 needs a codec (config.codec) and held-out shards (config.data.eval_shards); "
                      "set --config.samples.every=0 to train without samples")
   codec = codecs.get_codec(config.codec, config.codec_weights or None)
-  examples = examples_from_shards(config.data.eval_shards, config.samples.count, config.model.latent_dim)
+  examples = examples_from_shards(config.data.eval_shards, config.samples.count, config.model.latent_dim,
+                                  stall_timeout=config.data.stall_timeout, retries=config.data.download_retries)
   return ((config.samples.every, make_sample_hook(codec, examples, SamplerConfig(steps=config.samples.steps))),)
 
 

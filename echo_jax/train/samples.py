@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from collections.abc import Sequence
 
 import jax
@@ -22,6 +23,7 @@ from PIL import Image
 
 from echo_jax.codecs import Codec
 from echo_jax.codecs import audio as audio_lib
+from echo_jax.data.cache import ShardCache
 from echo_jax.data.shards import iter_shard, list_shards
 from echo_jax.sampling import SamplerConfig
 from echo_jax.synthesis import Synthesizer
@@ -37,14 +39,26 @@ class SampleExample:
   speaker: np.ndarray | None  # reference latents [Ts, D], or None for no reference
 
 
-def examples_from_shards(shards: str, count: int, latent_dim: int) -> list[SampleExample]:
-  """The first `count` valid samples of `shards` (texts and their references), e.g. the held-out shards."""
+def examples_from_shards(shards: str, count: int, latent_dim: int, *, stall_timeout: float = 120.0,
+                         retries: int = 3) -> list[SampleExample]:
+  """The first `count` valid samples of `shards` (texts and their references), e.g. the held-out shards. Remote
+  shards are fetched through a ShardCache in a temporary directory, so that a stalled download times out and is
+  retried (`stall_timeout`, `retries`) instead of holding up the launch."""
   examples = []
-  for path in list_shards(shards):
-    for sample in iter_shard(path, lambda *_: None, latent_dim=latent_dim):
-      examples.append(SampleExample(sample.text, np.asarray(sample.ref, np.float32)))
-      if len(examples) == count:
-        return examples
+  with tempfile.TemporaryDirectory(prefix="echo_examples_") as directory:
+    cache = ShardCache(directory, prefetch=0, stall_timeout=stall_timeout, retries=retries)
+    try:
+      for url in list_shards(shards):
+        path = cache.fetch(url)
+        if path is None:
+          continue
+        for sample in iter_shard(path, lambda *_: None, latent_dim=latent_dim):
+          examples.append(SampleExample(sample.text, np.asarray(sample.ref, np.float32)))
+          if len(examples) == count:
+            return examples
+        cache.release(url)
+    finally:
+      cache.close()
   return examples
 
 
