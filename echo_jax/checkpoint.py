@@ -38,6 +38,10 @@ def gather_per_process(obj: Any) -> list[Any]:
   return [json.loads(bytes(row[:n]).decode("utf-8")) for row, n in zip(gathered, lengths.reshape(-1), strict=True)]
 
 
+class CheckpointSaveError(RuntimeError):
+  """A background save failed; the checkpoints before it are intact."""
+
+
 class Checkpointer:
   """Async Orbax saves, keeping the newest `keep` steps and every `keep_period`-th step.
 
@@ -53,6 +57,8 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int, keep_period: int = 0, async_save: bool = True,
                compression: bool = False, restore_gb: float | None = None):
+    if keep < 1:  # Orbax would delete every checkpoint, the one just written included
+      raise ValueError(f"train.keep_checkpoints must be at least 1, got {keep}")
     # Orbax needs absolute paths; a run directory given relative to the working directory is made absolute here.
     self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
     self.incomplete = self._incomplete_saves()
@@ -199,6 +205,9 @@ def load_params(path: str, config: ml_collections.ConfigDict | None = None) -> t
     return jax.eval_shape(lambda: create_train_state(model, jax.random.key(0), cfg)).params
 
   path = path.rstrip("/")
+  if "://" in path:
+    raise ValueError(f"{path}: weights are read from a local copy; copy the run directory (or the checkpoint step) "
+                     "here first, e.g. `gcloud storage cp -r gs://BUCKET/run .`, and pass that")
   if os.path.isfile(path):
     config_path = os.path.join(os.path.dirname(path) or ".", "config.json")
     if config is None and not os.path.exists(config_path):

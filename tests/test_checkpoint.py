@@ -60,3 +60,14 @@ def test_restore_budget_bounds_the_restore_and_admits_the_largest_array(tmp_path
   assert budget * 1e9 < sum(a.nbytes for a in state.values())
   for name in state:
     np.testing.assert_array_equal(restored[name], state[name])
+
+
+def test_keeping_no_checkpoint_is_refused(tmp_path):
+  """Orbax's max_to_keep=0 deletes every checkpoint, the one just written included."""
+  with pytest.raises(ValueError, match="train.keep_checkpoints must be at least 1"):
+    checkpoint.Checkpointer(str(tmp_path / "ckpt"), keep=0)
+
+
+def test_weights_of_a_remote_run_ask_for_a_local_copy():
+  with pytest.raises(ValueError, match="copy the run directory"):
+    checkpoint.load_params("gs://bucket/run")

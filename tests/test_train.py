@@ -505,3 +505,45 @@ def test_sigterm_asks_for_a_stop_and_a_second_one_ends_the_process():
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert result.returncode == -signal.SIGTERM, result.stdout + result.stderr
   assert "stop requested: True" in result.stdout and "still running" not in result.stdout
+
+
+def test_a_failed_background_save_stops_the_run_at_the_next_log_step(tiny_config, tmp_path, monkeypatch):
+  """Orbax reports a failed asynchronous save (e.g. a full disk: RESOURCE_EXHAUSTED from its writer) only when it
+  is waited for; until then the step is in its list of steps. The run must stop at the next log step with a
+  `checkpoint_failed` event, not log `checkpoint_saved` and go on training ckpt_every steps to the next save."""
+  tiny_config.train.update(steps=60, ckpt_every=20, log_every=1, eval_every=0)
+  saves, real_save, real_wait = [], checkpoint.Checkpointer.save, checkpoint.Checkpointer.wait
+
+  def save(self, step, *args, **kwargs):
+    saves.append(step)
+    real_save(self, step, *args, **kwargs)
+
+  def wait(self):
+    real_wait(self)
+    if saves == [20]:
+      saves.append("failed")
+      raise ValueError("RESOURCE_EXHAUSTED: Failed writing: No space left on device [os_error_code='28']")
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", save)
+  monkeypatch.setattr(checkpoint.Checkpointer, "wait", wait)
+  with pytest.raises(checkpoint.CheckpointSaveError, match=r"step \[20\].*No space left.*free space there"):
+    Trainer(tiny_config, str(tmp_path / "run")).run()
+  logged = events(tmp_path / "run")
+  assert [e["steps"] for e in logged if e["event"] == "checkpoint_failed"] == [[20]]
+  assert not [e for e in logged if e["event"] == "checkpoint_saved"]
+  assert max(losses_by_step(tmp_path / "run")) < 40  # stopped once the save ended, not at the next save
+
+
+def test_a_restart_over_a_changed_shard_list_starts_a_fresh_epoch_order(tiny_config, tmp_path):
+  """Shards added under the glob (a dataset still being uploaded) make the saved data position meaningless: the
+  restart says so and goes on, instead of failing every relaunch."""
+  tiny_config.train.update(steps=4, ckpt_every=4, log_every=1, eval_every=0)
+  Trainer(tiny_config, str(tmp_path / "run")).run()
+  write_synthetic_shards(tmp_path / "more", num_shards=1, seed=7)
+  os.rename(tmp_path / "more" / "train-00000.tar", tmp_path / "shards" / "train-00002.tar")
+  tiny_config.train.steps = 6
+  Trainer(tiny_config, str(tmp_path / "run")).run()
+  assert max(losses_by_step(tmp_path / "run")) == 6
+  resets = [e for e in events(tmp_path / "run") if e["event"] == "data_position_reset"]
+  assert len(resets) == 1 and "the shard list changed since the checkpoint (2 shards then, 3 now)" in \
+      resets[0]["message"]

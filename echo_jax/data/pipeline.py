@@ -418,6 +418,16 @@ def stream_range(batch_size: int, streams: int, rows: tuple[int, int]) -> range:
   return range(start // rows_per_stream, stop // rows_per_stream)
 
 
+def position_mismatch(position: dict[str, Any], shards: Sequence[str], seed: int) -> str:
+  """Why the StreamSet state `position` cannot continue over `shards` with `seed` (a sentence), or "" if it can."""
+  for state in position["streams"].values():
+    if state.get("shards_fingerprint") != _fingerprint(shards) or state.get("num_shards") != len(shards):
+      return f"the shard list changed since the checkpoint ({state.get('num_shards')} shards then, {len(shards)} now)"
+    if state.get("seed") != seed:
+      return f"the seed changed since the checkpoint ({state.get('seed')} then, {seed} now)"
+  return ""
+
+
 def merge_stream_states(positions: Sequence[Any]) -> dict[str, Any] | None:
   """One StreamSet state holding every stream of `positions` (each process's state); None when any is not a
   StreamSet state (a checkpoint from before streams existed)."""

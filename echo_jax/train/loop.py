@@ -32,7 +32,8 @@ from tqdm import tqdm
 from echo_jax import aot, checkpoint, metrics, runtime, sharding
 from echo_jax.background import InBackground
 from echo_jax.config import model_config, write_config_json
-from echo_jax.data.pipeline import StreamSet, merge_stream_states, stream_range
+from echo_jax.data.cache import describe
+from echo_jax.data.pipeline import StreamSet, merge_stream_states, position_mismatch, stream_range
 from echo_jax.data.shards import list_shards
 from echo_jax.model import Echo
 from echo_jax.train.state import TrainState, count_params, create_train_state, example_inputs
@@ -160,10 +161,12 @@ class Trainer:
     with self._pipeline("eval", shards, seed=0) as pipeline:
       return [sharding.global_batch(next(pipeline), self.mesh) for _ in range(self.config.train.eval_batches)]
 
-  def _initial_state(self, abstract_state: TrainState,
-                     ckpt: checkpoint.Checkpointer) -> tuple[TrainState, Any, dict[str, Any]]:
+  def _initial_state(self, abstract_state: TrainState, ckpt: checkpoint.Checkpointer,
+                     train_shards: list[str]) -> tuple[TrainState, Any, dict[str, Any]]:
     """(state, this process's data position, the checkpoint's metadata): restored, imported or freshly initialised
-    (no position, empty metadata), with the shapes and shardings of `abstract_state` (`sharded_abstract_state`)."""
+    (no position, empty metadata), with the shapes and shardings of `abstract_state` (`sharded_abstract_state`).
+    A position that cannot continue over `train_shards` (other streams, shards or seed) is dropped, with an event:
+    the data then restarts from a fresh epoch order."""
     for name in ckpt.incomplete:
       self.log.event("incomplete_checkpoint_ignored", directory=name,
                      message="an interrupted save was found and ignored; resuming from the last complete one")
@@ -176,9 +179,13 @@ class Trainer:
       position = merge_stream_states([positions[name] for name in sorted(positions)])
       streams = self.config.data.streams
       if position is None or len(position["streams"]) != streams:
+        why = f"the checkpoint's data position is not one of data.streams={streams} streams"
+      else:
+        # E.g. shards added under the glob while a dataset is still being uploaded.
+        why = position_mismatch(position, train_shards, self.config.seed)
+      if why:
         self.log.event("data_position_reset", step=latest,
-                       message=f"the checkpoint's data position is not one of data.streams={streams} streams; "
-                               "the data restarts from a fresh epoch order")
+                       message=f"{why}; the data restarts from a fresh epoch order")
         position = None
       self.log.event("checkpoint_restored", step=latest, seconds=round(restore_seconds, 3))
       return state, position, meta
@@ -231,7 +238,7 @@ class Trainer:
     # shards' downloads, the restore and the compile take seconds to minutes each). The threads do the same work on
     # every process and none of it talks to other processes.
     with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="initial_state") as background:
-      initial = background.submit(self._initial_state, abstract_state, ckpt)
+      initial = background.submit(self._initial_state, abstract_state, ckpt, train_shards)
       opened = background.submit(lambda: self._pipeline("train", train_shards, config.seed, initial.result()[1]))
       try:
         compile_start = time.time()
@@ -302,17 +309,18 @@ class Trainer:
           if step % every == 0:
             hook(StepInfo(step=step, state=state, trainer=self))
         if stop:
-          self.log.event("stopped", step=step, message="stop requested (SIGTERM); checkpoint saved, exiting")
+          self.log.event("stopped", step=step, message="stop requested (SIGTERM); saving a checkpoint, then exiting")
           break
       if pending is not None:
         self._log_step(*pending, waited, consecutive_nonfinite, progress)
     finally:
       progress.close()
       pipeline.close()
-      ckpt.wait()
-      self._confirm_saves(ckpt)
-      ckpt.close()
-      self.log.close()
+      try:
+        self._confirm_saves(ckpt, wait=True)
+      finally:
+        ckpt.close()
+        self.log.close()
     return state
 
   def _should_stop(self, step: int) -> bool:
@@ -328,13 +336,26 @@ class Trainer:
       return False
     return any(checkpoint.gather_per_process(local))
 
-  def _confirm_saves(self, ckpt: checkpoint.Checkpointer) -> None:
-    """Writes `checkpoint_saved` for the saves that Orbax has finished in the background."""
-    if self._unconfirmed_saves and not ckpt.manager.is_saving_in_progress():
-      for step in self._unconfirmed_saves:
-        if step in ckpt.all_steps():
-          self.log.event("checkpoint_saved", step=step)
-      self._unconfirmed_saves = []
+  def _confirm_saves(self, ckpt: checkpoint.Checkpointer, wait: bool = False) -> None:
+    """Writes `checkpoint_saved` for the saves that Orbax has finished in the background (all of them, waiting,
+    with `wait`). A save that failed (a full disk, lost storage) stops the run now with `checkpoint_failed`, not at
+    the next save, ckpt_every steps of accelerator time later."""
+    if not wait and ckpt.manager.is_saving_in_progress():
+      return
+    steps, self._unconfirmed_saves = self._unconfirmed_saves, []
+    try:
+      # With nothing in flight this returns at once; it is what raises the error of a failed background save.
+      ckpt.wait()
+    except Exception as error:
+      message = (f"saving checkpoint step {steps} to {ckpt.directory} failed ({describe(error)}). The newest complete "
+                 f"checkpoint is step {ckpt.latest_step()}; free space there (or fix the storage), then relaunch to "
+                 "resume from it")
+      self.log.event("checkpoint_failed", steps=steps, message=message)
+      raise checkpoint.CheckpointSaveError(message) from error
+    saved = set(ckpt.all_steps())
+    for step in steps:
+      if step in saved:
+        self.log.event("checkpoint_saved", step=step)
 
   def _log_step(self, step: int, device_metrics: dict[str, jax.Array], timing: dict[str, float], data_wait: float,
                 consecutive_nonfinite: int, progress: tqdm) -> tuple[int, float]:
