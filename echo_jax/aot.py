@@ -115,13 +115,18 @@ def check_memory(compiled: Any, devices: Sequence[jax.Device], limit_fraction: f
   limit = device_memory_limit(devices)
   if limit is None:
     return None
+  if compiled.memory_analysis() is None:  # nothing to check against: say so rather than refuse to train
+    warnings.warn("this backend gives no memory analysis for the compiled train step; the check that it fits in "
+                  f"{limit_fraction:.0%} of device memory is skipped", RuntimeWarning, stacklevel=2)
+    return None
   usage = MemoryUsage.of(compiled)
   if usage.total > limit_fraction * limit:
     message = (f"the train step needs {usage.total / GiB:.2f} GiB per device ({usage.total / limit:.0%} of the "
                f"{limit / GiB:.2f} GiB limit; at most {limit_fraction:.0%} allowed): arguments "
                f"{usage.arguments / GiB:.2f} GiB, temporaries {usage.temporaries / GiB:.2f} GiB. Lower "
                "train.batch_size, use --config.model.remat=full, or shard over more devices; run "
-               "`python -m echo_jax.aot --find_max_batch` to find the batch that fits")
+               "`python -m echo_jax.aot --config <this config> --topology <this slice> --find_max_batch` to find "
+               "the batch that fits")
     if not force:
       raise MemoryLimitError(message + ", or pass --force to try anyway")
     warnings.warn(message + " (continuing because of --force)", RuntimeWarning, stacklevel=2)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from conftest import REPO, load_config, write_synthetic_shards
 
-from echo_jax import checkpoint, metrics, sharding
+from echo_jax import aot, checkpoint, metrics, sharding
 from echo_jax.config import model_config
 from echo_jax.data.shards import list_shards
 from echo_jax.metrics import train_flops_per_step
@@ -547,3 +547,32 @@ def test_a_restart_over_a_changed_shard_list_starts_a_fresh_epoch_order(tiny_con
   resets = [e for e in events(tmp_path / "run") if e["event"] == "data_position_reset"]
   assert len(resets) == 1 and "the shard list changed since the checkpoint (2 shards then, 3 now)" in \
       resets[0]["message"]
+
+
+def test_processes_that_see_different_checkpoints_are_refused(tiny_config, tmp_path, monkeypatch):
+  """Hosts whose workdir is not one shared storage (or that another trainer writes) would each restore their own
+  newest step and mix them: refused before the compile, naming what each process sees."""
+  real_gather = checkpoint.gather_per_process
+
+  def two_processes(obj):  # a second process that sees one more step than this one
+    return real_gather(obj) + ([obj + [12]] if isinstance(obj, list) else [])
+
+  monkeypatch.setattr(checkpoint, "gather_per_process", two_processes)
+  compiled = []
+  monkeypatch.setattr(StepFunctions, "compile", lambda *args, **kwargs: compiled.append(True))
+  with pytest.raises(RuntimeError, match=r"different checkpoints .*process 0: none; process 1: \[12\].*shares"):
+    Trainer(tiny_config, str(tmp_path / "run")).run()
+  assert not compiled
+
+
+def test_the_trainer_checks_the_compiled_step_against_device_memory(tiny_config, tmp_path, monkeypatch):
+  """On CPU devices report no memory limit, so the check is shown here with a limit of 1 MB: refused before the
+  first step, or trained with a warning under --force."""
+  monkeypatch.setattr(aot, "device_memory_limit", lambda devices: 1 << 20)
+  tiny_config.train.update(steps=2, eval_every=0, ckpt_every=1000)
+  with pytest.raises(aot.MemoryLimitError, match=r"needs .* GiB per device .*--force"):
+    Trainer(tiny_config, str(tmp_path / "refused")).run()
+  assert not losses_by_step(tmp_path / "refused")
+  with pytest.warns(RuntimeWarning, match="continuing because of --force"):
+    Trainer(tiny_config, str(tmp_path / "forced"), force=True).run()
+  assert max(losses_by_step(tmp_path / "forced")) == 2

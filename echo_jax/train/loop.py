@@ -161,16 +161,29 @@ class Trainer:
     with self._pipeline("eval", shards, seed=0) as pipeline:
       return [sharding.global_batch(next(pipeline), self.mesh) for _ in range(self.config.train.eval_batches)]
 
-  def _initial_state(self, abstract_state: TrainState, ckpt: checkpoint.Checkpointer,
+  def _resume_step(self, ckpt: checkpoint.Checkpointer) -> int | None:
+    """The step every process resumes from (None: a new run), from the checkpoints all of them see. A collective.
+
+    Processes that see different checkpoints would restore different steps and mix them silently: their workdir
+    is not one shared storage, or another trainer is writing it. That is refused."""
+    seen = checkpoint.gather_per_process(ckpt.all_steps())
+    if any(steps != seen[0] for steps in seen):
+      listed = "; ".join(f"process {i}: {steps[-3:] or 'none'}" for i, steps in enumerate(seen))
+      raise RuntimeError(f"the processes see different checkpoints in {ckpt.directory} ({listed}, newest last). "
+                         "The workdir must be storage every host shares (gs:// on a pod), written by this run alone "
+                         "(launch.sh stops stale trainers)")
+    return max(seen[0]) if seen[0] else None
+
+  def _initial_state(self, abstract_state: TrainState, ckpt: checkpoint.Checkpointer, latest: int | None,
                      train_shards: list[str]) -> tuple[TrainState, Any, dict[str, Any]]:
     """(state, this process's data position, the checkpoint's metadata): restored, imported or freshly initialised
-    (no position, empty metadata), with the shapes and shardings of `abstract_state` (`sharded_abstract_state`).
-    A position that cannot continue over `train_shards` (other streams, shards or seed) is dropped, with an event:
-    the data then restarts from a fresh epoch order."""
+    (no position, empty metadata), with the shapes and shardings of `abstract_state` (`sharded_abstract_state`);
+    restored from step `latest` (a `_resume_step`) unless it is None. A position that cannot continue over
+    `train_shards` (other streams, shards or seed) is dropped, with an event: the data then restarts from a fresh
+    epoch order."""
     for name in ckpt.incomplete:
       self.log.event("incomplete_checkpoint_ignored", directory=name,
                      message="an interrupted save was found and ignored; resuming from the last complete one")
-    latest = ckpt.latest_step()
     if latest is not None:
       restore_start = time.time()
       state, positions, meta = ckpt.restore(latest, abstract_state)
@@ -231,14 +244,15 @@ class Trainer:
     # restart's first evaluation is eval_every steps away: it reads them once its first step is logged (as it
     # compiles the eval step then), so that its first step waits neither for them nor for the CPU and the bandwidth
     # they take.
-    if evaluates and ckpt.latest_step() is None:
+    resume_step = self._resume_step(ckpt)
+    if evaluates and resume_step is None:
       held_out.start()
     # While the train step compiles (or loads), threads restore (or initialise) the state and open the training data
     # at the restored position: a launch waits for the longer of the two, not for their sum (on a pod the first
     # shards' downloads, the restore and the compile take seconds to minutes each). The threads do the same work on
     # every process and none of it talks to other processes.
     with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="initial_state") as background:
-      initial = background.submit(self._initial_state, abstract_state, ckpt, train_shards)
+      initial = background.submit(self._initial_state, abstract_state, ckpt, resume_step, train_shards)
       opened = background.submit(lambda: self._pipeline("train", train_shards, config.seed, initial.result()[1]))
       try:
         compile_start = time.time()
