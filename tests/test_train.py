@@ -545,7 +545,7 @@ def test_a_restart_over_a_changed_shard_list_starts_a_fresh_epoch_order(tiny_con
   Trainer(tiny_config, str(tmp_path / "run")).run()
   assert max(losses_by_step(tmp_path / "run")) == 6
   resets = [e for e in events(tmp_path / "run") if e["event"] == "data_position_reset"]
-  assert len(resets) == 1 and "the shard list changed since the checkpoint (2 shards then, 3 now)" in \
+  assert len(resets) == 1 and "the shard list changed since the position was taken (2 shards then, 3 now" in \
       resets[0]["message"]
 
 

@@ -44,6 +44,24 @@ def _fingerprint(shards: Sequence[str]) -> str:
   return hashlib.sha256("\n".join(shards).encode("utf-8")).hexdigest()[:16]
 
 
+def _identity(shards: Sequence[str], seed: int, stream: int, streams: int) -> dict[str, Any]:
+  """What a stream position belongs to: it continues only a stream with the same identity."""
+  return {"shards_fingerprint": _fingerprint(shards), "num_shards": len(shards), "process_index": stream,
+          "process_count": streams, "seed": seed}
+
+
+def _state_mismatch(state: dict[str, Any], identity: dict[str, Any]) -> str:
+  """Why the stream position `state` cannot continue the stream of `identity` (`_identity`), or "" when it can."""
+  if any(state.get(name) != identity[name] for name in ("shards_fingerprint", "num_shards")):
+    return (f"the shard list changed since the position was taken ({state.get('num_shards')} shards then, "
+            f"{identity['num_shards']} now; shards_fingerprint {state.get('shards_fingerprint')!r} then, "
+            f"{identity['shards_fingerprint']!r} now)")
+  for name in ("seed", "process_index", "process_count"):
+    if state.get(name) != identity[name]:
+      return f"{name} changed since the position was taken ({state.get(name)!r} then, {identity[name]!r} now)"
+  return ""
+
+
 def stream_shards(shards: Sequence[str], seed: int, epoch: int, stream: int, streams: int) -> list[str]:
   """The shards stream `stream` of `streams` reads in `epoch`, in reading order (a global shuffle, then a slice)."""
   order = np.random.default_rng([seed, _SHARD_ORDER, epoch]).permutation(len(shards))
@@ -145,11 +163,7 @@ class _Reader:
     p = self._p
     return {
         "version": STATE_VERSION,
-        "shards_fingerprint": _fingerprint(p.shards),
-        "num_shards": len(p.shards),
-        "process_index": p.process_index,
-        "process_count": p.process_count,
-        "seed": p.seed,
+        **p.identity,
         "epoch": self.epoch,
         "shard_cursor": self.shard_cursor,
         "sample_cursor": self.sample_cursor,
@@ -256,6 +270,8 @@ class Pipeline:
     self.on_skip = on_skip
     self.cache = cache
     self._check_arguments()
+    # Computed once: every batch's state carries it (the fingerprint hashes the whole shard list).
+    self.identity = _identity(self.shards, seed, process_index, process_count)
     self._state = self._check_state(state) if state is not None else _Reader(self, None).state()
     self._thread: threading.Thread | None = None
     self._closed = False
@@ -287,18 +303,10 @@ class Pipeline:
   def _check_state(self, state: dict[str, Any]) -> dict[str, Any]:
     if state.get("version") != STATE_VERSION:
       raise ValueError(f"data pipeline state has version {state.get('version')!r}, expected {STATE_VERSION}")
-    expected = {
-        "shards_fingerprint": _fingerprint(self.shards),
-        "num_shards": len(self.shards),
-        "process_index": self.process_index,
-        "process_count": self.process_count,
-        "seed": self.seed,
-    }
-    for name, value in expected.items():
-      if state.get(name) != value:
-        raise ValueError(
-            f"data pipeline state was made with {name}={state.get(name)!r} but this pipeline has {value!r}; "
-            "a position is only meaningful for the same shard list, seed and process layout")
+    why = _state_mismatch(state, self.identity)
+    if why:
+      raise ValueError(f"this data pipeline cannot continue from the state given: {why}; a position is only "
+                       "meaningful for the same shard list, seed and process layout")
     return dict(state)
 
   def _start(self) -> None:
@@ -420,11 +428,11 @@ def stream_range(batch_size: int, streams: int, rows: tuple[int, int]) -> range:
 
 def position_mismatch(position: dict[str, Any], shards: Sequence[str], seed: int) -> str:
   """Why the StreamSet state `position` cannot continue over `shards` with `seed` (a sentence), or "" if it can."""
-  for state in position["streams"].values():
-    if state.get("shards_fingerprint") != _fingerprint(shards) or state.get("num_shards") != len(shards):
-      return f"the shard list changed since the checkpoint ({state.get('num_shards')} shards then, {len(shards)} now)"
-    if state.get("seed") != seed:
-      return f"the seed changed since the checkpoint ({state.get('seed')} then, {seed} now)"
+  identity = _identity(shards, seed, 0, len(position["streams"]))
+  for stream, state in position["streams"].items():
+    why = _state_mismatch(state, {**identity, "process_index": int(stream)})
+    if why:
+      return why
   return ""
 
 
