@@ -24,7 +24,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import fsspec
 from absl import logging
@@ -49,6 +49,15 @@ def describe(error: BaseException) -> str:
 
 class CacheWriteError(OSError):
   """The shard cache's own directory cannot be written (full or read-only disk): no retry can help."""
+
+
+@contextlib.contextmanager
+def _cache_writes() -> Iterator[None]:
+  """An OSError inside is the cache's own disk failing, told apart from the network's errors as CacheWriteError."""
+  try:
+    yield
+  except OSError as error:
+    raise CacheWriteError(f"cannot write the shard cache: {describe(error)}") from error
 
 
 class _Download:
@@ -101,10 +110,8 @@ class _Download:
         with self._lock:
           if not self._current(attempt_id):
             return
-          try:
+          with _cache_writes():
             target = self._target = open(partial, "wb")  # noqa: SIM115 — closed below, or by `abandon`
-          except OSError as error:
-            raise CacheWriteError(f"cannot write the shard cache: {describe(error)}") from error
         # The size the filesystem announced (fsspec's buffered files know it): a connection that ends early must
         # not leave a truncated shard renamed as complete.
         expected, written = getattr(source, "size", None), 0
@@ -112,10 +119,8 @@ class _Download:
           while chunk := source.read(CHUNK_BYTES):
             if not self._current(attempt_id):
               return
-            try:
+            with _cache_writes():
               target.write(chunk)
-            except OSError as error:
-              raise CacheWriteError(f"cannot write the shard cache: {describe(error)}") from error
             written += len(chunk)
             self.progress_time = time.monotonic()
         if isinstance(expected, int) and written != expected:

@@ -128,7 +128,7 @@ class Trainer:
       except Exception as error:  # noqa: BLE001 — shared, so that every host fails with it instead of waiting
         failure = error
     shared = checkpoint.gather_per_process(
-        {"error": f"{type(failure).__name__}: {failure}"} if failure else {"shards": listed})[0]
+        {"error": describe(failure)} if failure else {"shards": listed})[0]
     if failure is not None:
       raise failure
     if "error" in shared:
