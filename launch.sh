@@ -16,8 +16,9 @@
 # Stopping a trainer (a stale one, the others after a failure, all on Ctrl-C) sends SIGTERM, which makes it save a
 # checkpoint at its next synchronised step and exit; one still running ECHO_STOP_GRACE_S seconds later (default
 # 180: stuck in a collective with a dead peer, say) is killed, so that no old trainer holds the TPU or writes the
-# workdir beside the new one. Every gcloud call but the trainers' own ssh sessions has a time limit. A session that
-# drops (ssh exit 255) is re-attached to the worker's log, up to MAX_REATTACH times: its trainer runs on detached.
+# workdir beside the new one. Every gcloud call but the trainers' own ssh sessions has a time limit
+# (ECHO_GCLOUD_TIMEOUT_S beyond its own work, default 300 s). A session that drops (ssh exit 255) is re-attached to
+# the worker's log, up to MAX_REATTACH times: its trainer runs on detached.
 # The workdir must be storage every host shares (gs:// on a pod).
 
 set -euo pipefail
@@ -27,7 +28,7 @@ readonly TAIL_LINES=40
 readonly MAX_REATTACH=5
 readonly STOP_GRACE_S=${ECHO_STOP_GRACE_S:-180}
 # Seconds a gcloud control call (describe, scp, a command on all workers) may take beyond its own work.
-readonly GCLOUD_TIMEOUT_S=300
+readonly GCLOUD_TIMEOUT_S=${ECHO_GCLOUD_TIMEOUT_S:-300}
 
 usage() {
   sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' >&2
@@ -39,15 +40,28 @@ die() {
   exit 2
 }
 
+# The command-line pattern (pkill/pgrep -f) of the trainer run from code directory NAME under ~: it starts at the
+# slash before NAME, so that another --remote_dir ending with this name is not matched, and its bracket keeps it
+# from matching the shell that runs pkill.
+trainer_pattern() {
+  printf '[/]%s%s' "$1" "$STALE_PATTERN_SUFFIX"
+}
+
+# On a TPU worker: sets code_dir, log and status (the trainer's exit status, written when it ends) of worker $1.
+# The caller declares them local.
+worker_files() {
+  code_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+  log="$HOME/echo_jax_logs/worker_$1.log"
+  status="$HOME/echo_jax_logs/worker_$1.status"
+}
+
 # Runs on a TPU worker (launch.sh calls itself there): the trainer detached, its log followed until it exits.
 worker_run() {
   local worker=$1
   shift
-  local code_dir log_dir
-  code_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-  log_dir="$HOME/echo_jax_logs"
-  mkdir -p "$log_dir"
-  local log="$log_dir/worker_$worker.log" status="$log_dir/worker_$worker.status"
+  local code_dir log status
+  worker_files "$worker"
+  mkdir -p "$(dirname "$log")"
   rm -f "$status"
   # Created here, not by the detached shell's redirection: tail gives up at once on a file that does not exist yet,
   # and the worker would then report a failure while its trainer runs on.
@@ -70,13 +84,11 @@ worker_run() {
 # the detached trainer exits, then exits with its status.
 worker_attach() {
   local worker=$1
-  local code_dir log_dir
-  code_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-  log_dir="$HOME/echo_jax_logs"
-  local log="$log_dir/worker_$worker.log" status="$log_dir/worker_$worker.status"
+  local code_dir log status
+  worker_files "$worker"
   tail -n 0 -f "$log" &
   local tailer=$!
-  while [[ ! -f $status ]] && pgrep -f "[${code_dir:0:1}]${code_dir:1}$STALE_PATTERN_SUFFIX" > /dev/null; do
+  while [[ ! -f $status ]] && pgrep -f "$(trainer_pattern "$(basename "$code_dir")")" > /dev/null; do
     sleep 1
   done
   sleep 1  # the status is written just after the trainer exits
@@ -187,38 +199,35 @@ workdir_of() {
 # the session (exit 255) instead of leaving the launch waiting on it forever.
 worker_session() {
   local worker=$1 remote_args=$2
-  gcloud_tpu ssh "$TPU" --worker="$worker" --ssh-flag=-oServerAliveInterval=15 --ssh-flag=-oServerAliveCountMax=8 \
+  gcloud_tpu 0 ssh "$TPU" --worker="$worker" --ssh-flag=-oServerAliveInterval=15 --ssh-flag=-oServerAliveCountMax=8 \
     --command="bash ~/$REMOTE_DIR/launch.sh $remote_args" >> "${LOGS[$worker]}" 2>&1 &
   PIDS[worker]=$!
 }
 
-gcloud_tpu() {
-  local command=$1
-  shift
-  gcloud compute tpus tpu-vm "$command" "$@" --zone "$ZONE" ${PROJECT:+--project "$PROJECT"}
-}
-
-# gcloud_tpu with a time limit of `seconds`: a worker that does not answer fails the launch instead of hanging it
+# gcloud_tpu SECONDS VERB ARGS...: `gcloud compute tpus tpu-vm VERB ARGS...` in this launch's zone and project,
+# killed after SECONDS (0: no limit), so that a worker that does not answer fails the launch instead of hanging it
 # (bash runs the INT/TERM traps only once the command in the foreground returns).
-gcloud_tpu_limited() {
+gcloud_tpu() {
   local seconds=$1
   shift
-  timeout --kill-after=10 "$seconds" gcloud compute tpus tpu-vm "$@" --zone "$ZONE" ${PROJECT:+--project "$PROJECT"}
+  local -a limit=()
+  ((seconds > 0)) && limit=(timeout --kill-after=10 "$seconds")
+  "${limit[@]}" gcloud compute tpus tpu-vm "$@" --zone "$ZONE" ${PROJECT:+--project "$PROJECT"}
 }
 
 stop_remote_trainers() {
-  # SIGTERM, up to STOP_GRACE_S seconds to save and exit, then SIGKILL. The pattern starts at the slash before the
-  # code directory, so another --remote_dir that ends with this one's name is not matched; the bracket keeps pkill
-  # from matching the shell that runs this very command.
-  local pattern="[/]$REMOTE_DIR$STALE_PATTERN_SUFFIX"
-  gcloud_tpu_limited $((STOP_GRACE_S + GCLOUD_TIMEOUT_S)) ssh "$TPU" --worker=all \
+  # SIGTERM, up to STOP_GRACE_S seconds to save and exit, then SIGKILL.
+  local pattern
+  pattern=$(trainer_pattern "$REMOTE_DIR")
+  gcloud_tpu $((STOP_GRACE_S + GCLOUD_TIMEOUT_S)) ssh "$TPU" --worker=all \
     --command="pkill -TERM -f '$pattern'; for ((i = 0; i < $STOP_GRACE_S; i++)); do \
 pgrep -f '$pattern' > /dev/null || exit 0; sleep 1; done; pkill -KILL -f '$pattern'; true"
 }
 
 launch_tpu() {
   local endpoints
-  endpoints=$(gcloud_tpu_limited "$GCLOUD_TIMEOUT_S" describe "$TPU" --format='value(networkEndpoints[].ipAddress)')
+  endpoints=$(gcloud_tpu "$GCLOUD_TIMEOUT_S" describe "$TPU" --format='value(networkEndpoints[].ipAddress)') ||
+    die "could not describe TPU $TPU in $ZONE: gcloud failed or took over ${GCLOUD_TIMEOUT_S} s (ECHO_GCLOUD_TIMEOUT_S)"
   local -a addresses
   IFS=';' read -r -a addresses <<< "$endpoints"
   local workers=${#addresses[@]}
@@ -226,7 +235,7 @@ launch_tpu() {
   echo "launch.sh: $TPU has $workers workers"
 
   stop_remote_trainers
-  gcloud_tpu_limited "$GCLOUD_TIMEOUT_S" ssh "$TPU" --worker=all --command="rm -rf ~/$REMOTE_DIR"
+  gcloud_tpu "$GCLOUD_TIMEOUT_S" ssh "$TPU" --worker=all --command="rm -rf ~/$REMOTE_DIR"
   local stage
   stage=$(mktemp -d)
   mkdir "$stage/$REMOTE_DIR"
@@ -238,7 +247,7 @@ launch_tpu() {
     [[ -e $root/$item ]] && cp -r "$root/$item" "$stage/$REMOTE_DIR/"
   done
   find "$stage" -name __pycache__ -type d -prune -exec rm -rf {} +
-  gcloud_tpu_limited "$GCLOUD_TIMEOUT_S" scp --recurse "$stage/$REMOTE_DIR" "$TPU:$REMOTE_DIR" --worker=all
+  gcloud_tpu "$GCLOUD_TIMEOUT_S" scp --recurse "$stage/$REMOTE_DIR" "$TPU:$REMOTE_DIR" --worker=all
   rm -rf "$stage"
 
   local args worker

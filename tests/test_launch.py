@@ -36,7 +36,7 @@ FAKE_GCLOUD = textwrap.dedent("""\
       esac
     done
     case $verb in
-      describe) echo "10.0.0.1;10.0.0.2"; exit 0 ;;
+      describe) [[ -n ${FAKE_HANG:-} ]] && sleep 120; echo "10.0.0.1;10.0.0.2"; exit 0 ;;
     esac
     workers=$worker
     [[ $worker == all ]] && workers="0 1"
@@ -179,6 +179,14 @@ def test_a_dropped_ssh_session_is_reattached_and_the_run_goes_on(fake_pod):
   assert "trained" in (tmp_path / "logs" / "worker_1.log").read_text()  # followed to its end after the drop
   attaches = [call for call in recorded_calls(tmp_path) if any("--worker-attach 1" in arg for arg in call)]
   assert len(attaches) == 1 and "--worker=1" in attaches[0]
+
+
+def test_a_gcloud_call_that_hangs_fails_the_launch(fake_pod):
+  tmp_path, env = fake_pod
+  env.update(FAKE_HANG="1", ECHO_GCLOUD_TIMEOUT_S="1")
+  result = launch_tpu(tmp_path, env, timeout=60)
+  assert result.returncode == 2, result.stdout + result.stderr
+  assert "could not describe TPU pod in us-central2-b: gcloud failed or took over 1 s" in result.stderr
 
 
 def test_a_relaunch_kills_a_stale_trainer_that_ignores_sigterm(fake_pod):
