@@ -126,6 +126,8 @@ def test_pod_launch_makes_the_right_gcloud_calls(fake_pod):
   assert verbs[:4] == [("describe", None), ("ssh", "--worker=all"), ("ssh", "--worker=all"),
                        ("scp", "--worker=all")]
   assert sorted(verbs[4:]) == [("ssh", "--worker=0"), ("ssh", "--worker=1")]
+  for call in calls[4:]:  # the trainers' sessions: a worker that stops answering must end its session
+    assert "--ssh-flag=-oServerAliveInterval=15" in call and "--ssh-flag=-oServerAliveCountMax=8" in call, call
   assert "pkill -TERM -f" in calls[1][-5] and "pkill -KILL -f" in calls[1][-5]
   assert "[/]echo_jax_code/train_pretrain.py" in calls[1][-5]
   assert "--recurse" in calls[3]

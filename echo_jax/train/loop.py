@@ -354,7 +354,7 @@ class Trainer:
     """Writes `checkpoint_saved` for the saves that Orbax has finished in the background (all of them, waiting,
     with `wait`). A save that failed (a full disk, lost storage) stops the run now with `checkpoint_failed`, not at
     the next save, ckpt_every steps of accelerator time later."""
-    if not wait and ckpt.manager.is_saving_in_progress():
+    if not self._unconfirmed_saves or (not wait and ckpt.manager.is_saving_in_progress()):
       return
     steps, self._unconfirmed_saves = self._unconfirmed_saves, []
     try:
