@@ -22,6 +22,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from echo_jax.config import model_config, write_config_json
+from echo_jax.data.cache import describe
 from echo_jax.model import Echo
 from echo_jax.train.state import TrainState, create_train_state
 
@@ -40,6 +41,29 @@ def gather_per_process(obj: Any) -> list[Any]:
 
 class CheckpointSaveError(RuntimeError):
   """A background save failed; the checkpoints before it are intact."""
+
+
+class CheckpointRestoreError(RuntimeError):
+  """A checkpoint does not hold this config's train state, or cannot be read."""
+
+
+def _array_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  """path -> (shape, dtype) of every array in `tree`, the path as Orbax stores it (`opt_state/1/0/mu/...`), so that a
+  stored tree's metadata and a live (or abstract) state compare leaf by leaf."""
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def state_differences(stored: Any, expected: Any, limit: int = 3) -> list[str]:
+  """The first `limit` differences between two trees of arrays (or their metadata), then a count of the rest."""
+  have, want = _array_specs(stored), _array_specs(expected)
+  differences = [f"{path} is missing from the checkpoint" for path in want if path not in have]
+  differences += [f"{path} is in the checkpoint but not in this config's state" for path in have if path not in want]
+  differences += [f"{path} is {have[path][1]}{list(have[path][0])} in the checkpoint, this config needs "
+                  f"{want[path][1]}{list(want[path][0])}" for path in want if path in have and have[path] != want[path]]
+  if len(differences) > limit:
+    differences = differences[:limit] + [f"{len(differences) - limit} more"]
+  return differences
 
 
 class Checkpointer:
@@ -98,15 +122,41 @@ class Checkpointer:
     )
     self.manager.save(step, args=args, force=True)
 
+  def check_state(self, step: int, abstract_state: TrainState) -> None:
+    """Raises CheckpointRestoreError when the state stored at `step` has other arrays (names, shapes, dtypes) than
+    `abstract_state`: a model or optimizer config changed between launches of one run. From the checkpoint's
+    metadata alone, so it fails a launch in seconds, before the compile, and not with Orbax's advice to pad or
+    truncate the arrays."""
+    differences = state_differences(self.manager.item_metadata(step)["state"], abstract_state)
+    if differences:
+      raise CheckpointRestoreError(
+          f"checkpoint step {step} in {self.directory} was written by another model or optimizer config: "
+          f"{'; '.join(differences)}. Resume this run with the config it was started with (its config.json, left "
+          "as it was), or train the new config in a new --workdir (--init_from=<this run> starts it from this "
+          "run's weights when only the optimizer changed)")
+
   def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict[str, Any], dict[str, Any]]:
     """(state, data positions by process, meta) of `step`; the state takes the shardings of `abstract_state`,
-    so a checkpoint written on one mesh restores onto another."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(abstract_state,
-                                     restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)),
-        data=ocp.args.JsonRestore(),
-        meta=ocp.args.JsonRestore(),
-    ))
+    so a checkpoint written on one mesh restores onto another. A checkpoint that cannot be read raises
+    CheckpointRestoreError saying which step to set aside, and what the run resumes from then."""
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(abstract_state,
+                                       restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)),
+          data=ocp.args.JsonRestore(),
+          meta=ocp.args.JsonRestore(),
+      ))
+    except Exception as error:
+      # Orbax wraps TensorStore's error (which names the file and what is wrong with it) in one that does not.
+      cause = error
+      while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+      earlier = [s for s in self.all_steps() if s < step]
+      then = f"resumes from step {max(earlier)}" if earlier else "starts anew (there is no earlier checkpoint)"
+      raise CheckpointRestoreError(
+          f"restoring checkpoint step {step} from {self.directory} failed ({describe(cause)}). If the storage is "
+          f"reachable and a relaunch fails the same way, the step is damaged: move {self.directory / str(step)} out "
+          f"of {self.directory} (keep it to inspect) and relaunch; the run then {then}") from error
     return restored["state"], restored["data"], restored["meta"]
 
   def wait(self) -> None:

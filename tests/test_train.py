@@ -576,3 +576,38 @@ def test_the_trainer_checks_the_compiled_step_against_device_memory(tiny_config,
   with pytest.warns(RuntimeWarning, match="continuing because of --force"):
     Trainer(tiny_config, str(tmp_path / "forced"), force=True).run()
   assert max(losses_by_step(tmp_path / "forced")) == 2
+
+
+def test_a_restart_with_another_model_is_refused_before_the_compile_and_keeps_the_runs_config(
+    tiny_config, tmp_path, monkeypatch):
+  """A relaunch with a changed model would have failed after the compile with Orbax's advice to pad or truncate the
+  arrays, and overwritten config.json, the record of the model the checkpoints hold (which inference reads)."""
+  tiny_config.train.update(steps=2, ckpt_every=2, eval_every=0)
+  Trainer(tiny_config, str(tmp_path / "run")).run()
+  tiny_config.model.dim = 32
+  compiled = []
+  monkeypatch.setattr(StepFunctions, "compile", lambda *args, **kwargs: compiled.append(True))
+  with pytest.raises(checkpoint.CheckpointRestoreError,
+                     match=r"step 2 .* another model or optimizer config: params/\S+ is float32\[2, 64, 64\] in the "
+                           r"checkpoint, this config needs float32\[2, 32, 32\];.* more\. Resume this run with"):
+    Trainer(tiny_config, str(tmp_path / "run")).run()
+  assert not compiled
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["dim"] == 64
+  assert [e["step"] for e in events(tmp_path / "run") if e["event"] == "checkpoint_restore_failed"] == [2]
+
+
+def test_a_damaged_checkpoint_is_named_with_the_step_the_run_resumes_from_once_it_is_set_aside(tiny_config, tmp_path):
+  tiny_config.train.update(steps=4, ckpt_every=2, eval_every=0)
+  Trainer(tiny_config, str(tmp_path / "run")).run()
+  newest = tmp_path / "run" / "checkpoints" / "4"
+  largest = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  os.truncate(largest, largest.stat().st_size // 2)
+  tiny_config.train.steps = 6
+  with pytest.raises(checkpoint.CheckpointRestoreError,
+                     match=r"step 4 .* failed \(ValueError: OUT_OF_RANGE: Error reading .* the step is damaged: move "
+                           rf"{newest} out of .* resumes from step 2$"):
+    Trainer(tiny_config, str(tmp_path / "run")).run()
+  os.rename(newest, tmp_path / "damaged-4")  # what the message says to do
+  Trainer(tiny_config, str(tmp_path / "run")).run()
+  restored = [e["step"] for e in events(tmp_path / "run") if e["event"] == "checkpoint_restored"]
+  assert restored == [2] and max(losses_by_step(tmp_path / "run")) == 6

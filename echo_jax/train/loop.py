@@ -186,7 +186,7 @@ class Trainer:
                      message="an interrupted save was found and ignored; resuming from the last complete one")
     if latest is not None:
       restore_start = time.time()
-      state, positions, meta = ckpt.restore(latest, abstract_state)
+      state, positions, meta = self._checked(ckpt.restore, latest, abstract_state)
       restore_seconds = time.time() - restore_start
       # Every process's streams, so that any layout whose process count divides data.streams picks up its own.
       position = merge_stream_states([positions[name] for name in sorted(positions)])
@@ -210,6 +210,14 @@ class Trainer:
       state = state.replace(params=params)
     return state, None, {}
 
+  def _checked(self, call: Callable[..., Any], step: int, *args: Any) -> Any:
+    """`call(step, *args)`; its CheckpointRestoreError is also written to the run's events."""
+    try:
+      return call(step, *args)
+    except checkpoint.CheckpointRestoreError as error:
+      self.log.event("checkpoint_restore_failed", step=step, message=str(error))
+      raise
+
   def _peak_flops(self, meta: dict[str, Any]) -> float:
     """Peak FLOP/s of all devices together, for MFU.
 
@@ -226,8 +234,6 @@ class Trainer:
 
   def run(self) -> TrainState:
     config, train = self.config, self.config.train
-    if self.is_main:
-      write_config_json(config, self.workdir)
     global_shapes = example_inputs(config, train.batch_size)
     # After a launch that compiled the train step, the state's shapes and shardings are stored with it: no trace.
     abstract_state = (StepFunctions.cached_abstract_state(config, self.mesh, global_shapes)
@@ -245,6 +251,11 @@ class Trainer:
     # compiles the eval step then), so that its first step waits neither for them nor for the CPU and the bandwidth
     # they take.
     resume_step = self._resume_step(ckpt)
+    if resume_step is not None:
+      self._checked(ckpt.check_state, resume_step, abstract_state)
+    # Only now: a launch refused for another model must not overwrite the record of the one its checkpoints hold.
+    if self.is_main:
+      write_config_json(config, self.workdir)
     if evaluates and resume_step is None:
       held_out.start()
     # While the train step compiles (or loads), threads restore (or initialise) the state and open the training data
