@@ -127,7 +127,10 @@ class Checkpointer:
     `abstract_state`: a model or optimizer config changed between launches of one run. From the checkpoint's
     metadata alone, so it fails a launch in seconds, before the compile, and not with Orbax's advice to pad or
     truncate the arrays."""
-    differences = state_differences(self.manager.item_metadata(step)["state"], abstract_state)
+    stored = self.manager.item_metadata(step)["state"]
+    if stored is None:  # a checkpoint without Orbax's metadata file: the restore itself will tell
+      return
+    differences = state_differences(stored, abstract_state)
     if differences:
       raise CheckpointRestoreError(
           f"checkpoint step {step} in {self.directory} was written by another model or optimizer config: "
