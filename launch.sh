@@ -26,6 +26,8 @@ set -euo pipefail
 readonly STALE_PATTERN_SUFFIX="/train_pretrain.py"
 readonly TAIL_LINES=40
 readonly MAX_REATTACH=5
+# After a host fails, how long others may take to fail too (those that lost it in a collective) and be shown with it.
+readonly FAILURE_GRACE_S=2
 readonly STOP_GRACE_S=${ECHO_STOP_GRACE_S:-180}
 # Seconds a gcloud control call (describe, scp, a command on all workers) may take beyond its own work.
 readonly GCLOUD_TIMEOUT_S=${ECHO_GCLOUD_TIMEOUT_S:-300}
@@ -148,34 +150,60 @@ stop_all() {
   fi
 }
 
+# Reaps the hosts that have ended since the last call: `running` counts down, each failure is appended to `failed`
+# as INDEX:STATUS. A dropped ssh session (exit 255) is re-attached instead (the trainer runs on, detached).
+# Uses watch_hosts' locals.
+reap_hosts() {
+  local i status
+  for i in "${!PIDS[@]}"; do
+    [[ -n ${finished[$i]:-} ]] && continue
+    kill -0 "${PIDS[$i]}" 2>/dev/null && continue
+    status=0
+    wait "${PIDS[$i]}" || status=$?
+    # ssh exits 255 when the connection drops (or keepalives go unanswered).
+    if [[ -n ${TPU:-} ]] && ((status == 255 && ${reattached[$i]:-0} < MAX_REATTACH)); then
+      reattached[$i]=$((${reattached[$i]:-0} + 1))
+      echo "launch.sh: lost the ssh session to ${NAMES[$i]} (exit 255); its trainer runs on; re-attaching" \
+        "(${reattached[$i]} of $MAX_REATTACH)" >&2
+      worker_session "$i" "--worker-attach $i"
+      continue
+    fi
+    finished[$i]=1
+    running=$((running - 1))
+    ((status == 0)) || failed+=("$i:$status")
+  done
+}
+
+# The INDEX:STATUS arguments, ordered by when host INDEX's log was last written.
+by_last_log_write() {
+  local entry
+  for entry in "$@"; do
+    echo "$(date -r "${LOGS[${entry%%:*}]}" +%s.%N 2>/dev/null || echo 0) $entry"
+  done | sort -n | cut -d' ' -f2
+}
+
 watch_hosts() {
-  local running=${#PIDS[@]} i status
+  local running=${#PIDS[@]} failure
+  local -a failed=()
   declare -A finished=() reattached=()
   trap 'echo "launch.sh: interrupted; stopping every host" >&2; stop_all; exit 130' INT
   trap 'echo "launch.sh: terminated; stopping every host" >&2; stop_all; exit 143' TERM
   while ((running > 0)); do
-    for i in "${!PIDS[@]}"; do
-      [[ -n ${finished[$i]:-} ]] && continue
-      kill -0 "${PIDS[$i]}" 2>/dev/null && continue
-      status=0
-      wait "${PIDS[$i]}" || status=$?
-      # ssh exits 255 when the connection drops (or keepalives go unanswered); the trainer runs on, detached.
-      if [[ -n ${TPU:-} ]] && ((status == 255 && ${reattached[$i]:-0} < MAX_REATTACH)); then
-        reattached[$i]=$((${reattached[$i]:-0} + 1))
-        echo "launch.sh: lost the ssh session to ${NAMES[$i]} (exit 255); its trainer runs on; re-attaching" \
-          "(${reattached[$i]} of $MAX_REATTACH)" >&2
-        worker_session "$i" "--worker-attach $i"
-        continue
-      fi
-      finished[$i]=1
-      running=$((running - 1))
-      if ((status != 0)); then
-        echo "launch.sh: ${NAMES[$i]} failed (exit $status); stopping the others. Last lines of ${LOGS[$i]}:" >&2
-        tail -n "$TAIL_LINES" "${LOGS[$i]}" >&2 || true
-        stop_all
-        exit 1
-      fi
-    done
+    reap_hosts
+    if ((${#failed[@]} > 0)); then
+      # The hosts that lost the failed one in a collective fail moments later, maybe within the same poll: the
+      # tails are shown in the order the logs were last written, the first (usually holding the cause) first.
+      sleep "$FAILURE_GRACE_S"
+      reap_hosts
+      for failure in $(by_last_log_write "${failed[@]}"); do
+        echo "launch.sh: ${NAMES[${failure%%:*}]} failed (exit ${failure#*:}). Last lines of" \
+          "${LOGS[${failure%%:*}]}:" >&2
+        tail -n "$TAIL_LINES" "${LOGS[${failure%%:*}]}" >&2 || true
+      done
+      echo "launch.sh: stopping the other hosts" >&2
+      stop_all
+      exit 1
+    fi
     ((PROCESS0_REPORTED)) || report_process0
     sleep 0.5
   done

@@ -235,6 +235,26 @@ def test_a_failing_worker_fails_the_launch_fast_with_its_log_tail(fake_pod):
   assert sum(1 for call in recorded_calls(tmp_path) if any("pkill" in a for a in call)) == 2
 
 
+def test_a_host_failing_moments_after_another_is_shown_after_it(tmp_path):
+  """The host that lost a failed one in a collective fails a moment later: both tails are shown, the first failure's
+  (usually the cause) first, where before only one of them was (whichever the 0.5 s poll met first)."""
+  fake = tmp_path / "fake_python"
+  write_executable(fake, textwrap.dedent("""\
+      #!/usr/bin/env bash
+      if [[ $1 == -c ]]; then exec python3 "$@"; fi
+      echo $$ > "$FAKE_ROOT/pid_$ECHO_PROCESS_ID"
+      for ((i = 0; i < 400; i++)); do [[ -f $FAKE_ROOT/pid_0 && -f $FAKE_ROOT/pid_1 ]] && break; sleep 0.05; done
+      if [[ $ECHO_PROCESS_ID == 0 ]]; then sleep 0.3; echo "process 0 lost its peer"; exit 6; fi
+      echo "process 1 broke"
+      exit 5
+  """))
+  env = dict(os.environ, PYTHON=str(fake), FAKE_ROOT=str(tmp_path))
+  result = subprocess.run(["bash", LAUNCH, "--local", "2", "--logdir", str(tmp_path / "logs"), "--", "--x=1"],
+                          env=env, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 1, result.stdout + result.stderr
+  first, second = result.stderr.index("process 1 failed (exit 5)"), result.stderr.index("process 0 failed (exit 6)")
+  assert first < result.stderr.index("process 1 broke") < second < result.stderr.index("process 0 lost its peer")
+
 def test_local_launch_fails_fast_and_stops_the_other_process(tmp_path):
   fake = tmp_path / "fake_python"
   write_executable(fake, textwrap.dedent("""\
