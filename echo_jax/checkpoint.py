@@ -47,20 +47,32 @@ class CheckpointRestoreError(RuntimeError):
   """A checkpoint does not hold this config's train state, or cannot be read."""
 
 
-def _array_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
-  """path -> (shape, dtype) of every array in `tree`, the path as Orbax stores it (`opt_state/1/0/mu/...`), so that a
-  stored tree's metadata and a live (or abstract) state compare leaf by leaf."""
-  return {jax.tree_util.keystr(path, simple=True, separator="/"): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+# TensorStore's codes for a file of the checkpoint that is short, corrupt or absent.
+_DAMAGE_CODES = ("OUT_OF_RANGE", "DATA_LOSS", "NOT_FOUND")
+
+
+def _is_damage(cause: BaseException) -> bool:
+  """Whether `cause` (the root of a failed restore) is damage to the checkpoint's own files, not a failure around
+  them (storage unreachable, out of memory, a host lost)."""
+  return (isinstance(cause, (FileNotFoundError, json.JSONDecodeError, EOFError))
+          or str(cause).split(":")[0] in _DAMAGE_CODES)
+
+
+def _array_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """path -> shape of every array in `tree`, the path as Orbax stores it (`opt_state/1/0/mu/...`), so that a stored
+  tree's metadata and a live (or abstract) state compare leaf by leaf."""
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def state_differences(stored: Any, expected: Any, limit: int = 3) -> list[str]:
-  """The first `limit` differences between two trees of arrays (or their metadata), then a count of the rest."""
-  have, want = _array_specs(stored), _array_specs(expected)
+  """The first `limit` differences in array names and shapes between two trees of arrays (or their metadata), then
+  a count of the rest."""
+  have, want = _array_shapes(stored), _array_shapes(expected)
   differences = [f"{path} is missing from the checkpoint" for path in want if path not in have]
   differences += [f"{path} is in the checkpoint but not in this config's state" for path in have if path not in want]
-  differences += [f"{path} is {have[path][1]}{list(have[path][0])} in the checkpoint, this config needs "
-                  f"{want[path][1]}{list(want[path][0])}" for path in want if path in have and have[path] != want[path]]
+  differences += [f"{path} is {list(have[path])} in the checkpoint, this config needs {list(want[path])}"
+                  for path in want if path in have and have[path] != want[path]]
   if len(differences) > limit:
     differences = differences[:limit] + [f"{len(differences) - limit} more"]
   return differences
@@ -123,11 +135,14 @@ class Checkpointer:
     self.manager.save(step, args=args, force=True)
 
   def check_state(self, step: int, abstract_state: TrainState) -> None:
-    """Raises CheckpointRestoreError when the state stored at `step` has other arrays (names, shapes, dtypes) than
+    """Raises CheckpointRestoreError when the state stored at `step` has other arrays (names, shapes) than
     `abstract_state`: a model or optimizer config changed between launches of one run. From the checkpoint's
     metadata alone, so it fails a launch in seconds, before the compile, and not with Orbax's advice to pad or
-    truncate the arrays."""
-    stored = self.manager.item_metadata(step)["state"]
+    truncate the arrays. (A changed dtype passes: the restore casts.)"""
+    try:
+      stored = self.manager.item_metadata(step)["state"]
+    except Exception as error:
+      raise self._unreadable(step, error) from error
     if stored is None:  # a checkpoint without Orbax's metadata file: the restore itself will tell
       return
     differences = state_differences(stored, abstract_state)
@@ -135,13 +150,13 @@ class Checkpointer:
       raise CheckpointRestoreError(
           f"checkpoint step {step} in {self.directory} was written by another model or optimizer config: "
           f"{'; '.join(differences)}. Resume this run with the config it was started with (its config.json, left "
-          "as it was), or train the new config in a new --workdir (--init_from=<this run> starts it from this "
-          "run's weights when only the optimizer changed)")
+          "as it was), or train the new config in a new --workdir (--init_from=<a local copy of this run> starts "
+          "it from this run's weights when only the optimizer changed)")
 
   def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict[str, Any], dict[str, Any]]:
     """(state, data positions by process, meta) of `step`; the state takes the shardings of `abstract_state`,
-    so a checkpoint written on one mesh restores onto another. A checkpoint that cannot be read raises
-    CheckpointRestoreError saying which step to set aside, and what the run resumes from then."""
+    so a checkpoint written on one mesh restores onto another. A failure raises CheckpointRestoreError naming its
+    cause, and for a damaged step which step to set aside and what the run resumes from then."""
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(abstract_state,
@@ -150,17 +165,26 @@ class Checkpointer:
           meta=ocp.args.JsonRestore(),
       ))
     except Exception as error:
-      # Orbax wraps TensorStore's error (which names the file and what is wrong with it) in one that does not.
-      cause = error
-      while cause.__cause__ is not None or cause.__context__ is not None:
-        cause = cause.__cause__ or cause.__context__
-      earlier = [s for s in self.all_steps() if s < step]
-      then = f"resumes from step {max(earlier)}" if earlier else "starts anew (there is no earlier checkpoint)"
-      raise CheckpointRestoreError(
-          f"restoring checkpoint step {step} from {self.directory} failed ({describe(cause)}). If the storage is "
-          f"reachable and a relaunch fails the same way, the step is damaged: move {self.directory / str(step)} out "
-          f"of {self.directory} (keep it to inspect) and relaunch; the run then {then}") from error
+      raise self._unreadable(step, error) from error
     return restored["state"], restored["data"], restored["meta"]
+
+  def _unreadable(self, step: int, error: Exception) -> CheckpointRestoreError:
+    """The error for a failure to read step `step`: its root cause, and only when that is damage to the step's own
+    files the advice to set the step aside (for any other cause, that would throw good progress away)."""
+    cause = error
+    while cause.__cause__ is not None:  # Orbax wraps TensorStore's error, which names the file, in one that does not
+      cause = cause.__cause__
+    message = f"restoring checkpoint step {step} from {self.directory} failed ({describe(cause)})"
+    if not _is_damage(cause):
+      return CheckpointRestoreError(
+          f"{message}; the checkpoint was left as it is: relaunch once the cause is fixed (with several hosts, the "
+          "first one to fail holds the cause; launch.sh shows its log first)")
+    earlier = [s for s in self.all_steps() if s < step]
+    then = f"resumes from step {max(earlier)}" if earlier else "starts anew (there is no earlier checkpoint)"
+    return CheckpointRestoreError(
+        f"{message}. If the storage is reachable and a relaunch fails the same way, the step is damaged: move "
+        f"{self.directory / str(step)} out of {self.directory} (keep it to inspect) and relaunch; the run then "
+        f"{then}")
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

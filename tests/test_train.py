@@ -588,26 +588,51 @@ def test_a_restart_with_another_model_is_refused_before_the_compile_and_keeps_th
   compiled = []
   monkeypatch.setattr(StepFunctions, "compile", lambda *args, **kwargs: compiled.append(True))
   with pytest.raises(checkpoint.CheckpointRestoreError,
-                     match=r"step 2 .* another model or optimizer config: params/\S+ is float32\[2, 64, 64\] in the "
-                           r"checkpoint, this config needs float32\[2, 32, 32\];.* more\. Resume this run with"):
+                     match=r"step 2 .* another model or optimizer config: params/\S+ is \[2, 64, 64\] in the "
+                           r"checkpoint, this config needs \[2, 32, 32\];.* more\. Resume this run with"):
     Trainer(tiny_config, str(tmp_path / "run")).run()
   assert not compiled
   assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["dim"] == 64
   assert [e["step"] for e in events(tmp_path / "run") if e["event"] == "checkpoint_restore_failed"] == [2]
 
 
-def test_a_damaged_checkpoint_is_named_with_the_step_the_run_resumes_from_once_it_is_set_aside(tiny_config, tmp_path):
+@pytest.mark.parametrize("damage", ["array file", "tree metadata"])
+def test_a_damaged_checkpoint_is_named_with_the_step_the_run_resumes_from_once_it_is_set_aside(
+    tiny_config, tmp_path, damage):
   tiny_config.train.update(steps=4, ckpt_every=2, eval_every=0)
   Trainer(tiny_config, str(tmp_path / "run")).run()
   newest = tmp_path / "run" / "checkpoints" / "4"
-  largest = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-  os.truncate(largest, largest.stat().st_size // 2)
+  if damage == "array file":  # read by the restore, after the compile
+    damaged = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    cause = r"ValueError: OUT_OF_RANGE: Error reading "
+  else:  # read by the check before the compile
+    damaged = newest / "state" / "_METADATA"
+    cause = r"JSONDecodeError: "
+  os.truncate(damaged, damaged.stat().st_size // 2)
   tiny_config.train.steps = 6
   with pytest.raises(checkpoint.CheckpointRestoreError,
-                     match=r"step 4 .* failed \(ValueError: OUT_OF_RANGE: Error reading .* the step is damaged: move "
-                           rf"{newest} out of .* resumes from step 2$"):
+                     match=rf"step 4 .* failed \({cause}.* the step is damaged: move {newest} out of .* resumes from "
+                           r"step 2$"):
     Trainer(tiny_config, str(tmp_path / "run")).run()
   os.rename(newest, tmp_path / "damaged-4")  # what the message says to do
   Trainer(tiny_config, str(tmp_path / "run")).run()
   restored = [e["step"] for e in events(tmp_path / "run") if e["event"] == "checkpoint_restored"]
   assert restored == [2] and max(losses_by_step(tmp_path / "run")) == 6
+
+
+@pytest.mark.parametrize(("cause", "damaged"), [
+    (ValueError("OUT_OF_RANGE: Error reading \"params.w/0.0\" in OCDBT database"), True),
+    (FileNotFoundError("checkpoints/4/state/_METADATA"), True),
+    (ValueError("UNAVAILABLE: GCS request failed"), False),  # storage unreachable: the step itself may be fine
+    (RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 4.0G"), False),
+    (RuntimeError("Gloo AllGather failed: Connection closed by peer"), False),  # another host failed first
+])
+def test_only_damage_to_the_steps_own_files_is_answered_with_setting_the_step_aside(tmp_path, cause, damaged):
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep=2)
+  try:
+    raise RuntimeError("Encountered error while reading array index") from cause
+  except RuntimeError as wrapped:
+    message = str(ckpt._unreadable(4, wrapped))
+  assert f"({type(cause).__name__}: {str(cause)[:30]}" in message
+  assert ("step is damaged: move" in message) == damaged
+  assert ("left as it is" in message) == (not damaged)
