@@ -9,8 +9,12 @@ ECHO_COORDINATOR (host:port), ECHO_NUM_PROCESSES and ECHO_PROCESS_ID. CPU proces
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
+import sys
+import traceback
+from collections.abc import Iterator
 
 import jax
 from absl import logging
@@ -57,6 +61,25 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                              process_id=process_id)
+
+
+@contextlib.contextmanager
+def exit_at_once_on_error() -> Iterator[None]:
+  """In a multi-process run, an exception inside ends this process at once (exit 1) once its traceback is printed.
+
+  Exiting the normal way would run JAX's distributed shutdown, which waits for every process at a barrier (5 minutes)
+  that the others, blocked in a collective with this one (e.g. in Orbax's restore), never reach; both then abort
+  with a stack dump that buries the error. launch.sh sees this exit at once, shows the error and stops the others.
+  """
+  try:
+    yield
+  except Exception:
+    if jax.process_count() == 1:
+      raise
+    traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def enable_compilation_cache(directory: str) -> bool:

@@ -244,7 +244,8 @@ def test_a_host_failing_moments_after_another_is_shown_after_it(tmp_path):
       if [[ $1 == -c ]]; then exec python3 "$@"; fi
       echo $$ > "$FAKE_ROOT/pid_$ECHO_PROCESS_ID"
       for ((i = 0; i < 400; i++)); do [[ -f $FAKE_ROOT/pid_0 && -f $FAKE_ROOT/pid_1 ]] && break; sleep 0.05; done
-      if [[ $ECHO_PROCESS_ID == 0 ]]; then sleep 0.3; echo "process 0 lost its peer"; exit 6; fi
+      # A second later: past the 0.5 s poll that meets process 1's failure, so only the grace shows it.
+      if [[ $ECHO_PROCESS_ID == 0 ]]; then sleep 1; echo "process 0 lost its peer"; exit 6; fi
       echo "process 1 broke"
       exit 5
   """))
@@ -318,10 +319,11 @@ def test_shellcheck_is_clean():
   assert result.returncode == 0, result.stdout
 
 
-def test_local_two_processes_train_the_tiny_config(tmp_path):
+def launch_tiny_locally(tmp_path, workdir, *args, mesh="data=-1, fsdp=1", devices=4):
+  """`launch.sh --local 2` of configs/tiny.py with 2 data streams (a multiple of the process count) on 4 shards
+  under tmp_path, `devices` CPU devices per process; returns the launch's result and the processes' logs."""
   shards = write_synthetic_shards(tmp_path / "shards", num_shards=4)
   config_file = tmp_path / "two_streams.py"
-  # data.streams must be a multiple of the process count; the config reads configs/tiny.py and sets it.
   config_file.write_text(textwrap.dedent(f"""\
       import importlib.util
 
@@ -333,18 +335,24 @@ def test_local_two_processes_train_the_tiny_config(tmp_path):
         config.data.streams = 2
         config.data.cache_dir = {str(tmp_path / "cache")!r}
         config.compile_cache_dir = ""
-        config.mesh.update(data=-1, fsdp=1)
+        config.mesh.update({mesh})
         return config
   """))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             ECHO_STOP_GRACE_S="10")
   env.pop("PYTHON", None)
-  workdir = tmp_path / "run"
+  logdir = tmp_path / f"logs_{time.time_ns()}"
   result = subprocess.run(
-      ["bash", LAUNCH, "--local", "2", "--logdir", str(tmp_path / "logs"), "--", f"--config={config_file}",
-       f"--config.data.train_shards={shards}", "--config.train.steps=4", "--config.train.eval_every=0",
-       "--config.train.log_every=2", "--config.train.ckpt_every=4", f"--workdir={workdir}"],
+      ["bash", LAUNCH, "--local", "2", "--logdir", str(logdir), "--", f"--config={config_file}",
+       f"--config.data.train_shards={shards}", "--config.train.eval_every=0", f"--workdir={workdir}", *args],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
-  logs = "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*.log")))
+  return result, "".join(p.read_text() for p in sorted(logdir.glob("*.log")))
+
+
+def test_local_two_processes_train_the_tiny_config(tmp_path):
+  workdir = tmp_path / "run"
+  result, logs = launch_tiny_locally(tmp_path, workdir, "--config.train.steps=4", "--config.train.log_every=2",
+                                     "--config.train.ckpt_every=4")
   assert result.returncode == 0, result.stdout + result.stderr + logs[-4000:]
   assert "process 0 (run log, events, dashboard) runs on process 0" in result.stdout
   metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -353,3 +361,25 @@ def test_local_two_processes_train_the_tiny_config(tmp_path):
                if json.loads(line)["event"] == "start")
   assert start["processes"] == 2 and start["devices"] == 8
   assert pathlib.Path(workdir / "checkpoints" / "4").is_dir()
+
+
+def test_a_restore_failing_on_one_host_fails_the_launch_with_its_error_not_after_the_shutdown_barrier(tmp_path):
+  """Process 1 cannot read its part of an FSDP checkpoint while process 0 waits for it inside Orbax's restore.
+  Before, process 1 raised and then waited at exit in JAX's distributed shutdown (5 minutes) for process 0, which
+  never got there; both then aborted with stack dumps that launch.sh showed instead of the error."""
+  workdir = tmp_path / "run"
+  steps = ("--config.train.ckpt_every=2", "--config.train.log_every=1")
+  result, logs = launch_tiny_locally(tmp_path, workdir, "--config.train.steps=2", *steps, mesh="data=1, fsdp=-1",
+                                     devices=2)
+  assert result.returncode == 0, result.stdout + result.stderr + logs[-4000:]
+  damaged = max((workdir / "checkpoints" / "2" / "state" / "ocdbt.process_1").rglob("*"),
+                key=lambda p: p.stat().st_size if p.is_file() else 0)
+  os.truncate(damaged, damaged.stat().st_size // 2)
+  start = time.time()
+  result, logs = launch_tiny_locally(tmp_path, workdir, "--config.train.steps=4", *steps, mesh="data=1, fsdp=-1",
+                                     devices=2)
+  assert result.returncode == 1 and time.time() - start < 150, result.stderr[-4000:]
+  first_tail = result.stderr.split("launch.sh: process 1 failed (exit 1).")[1].split("launch.sh:")[0]
+  assert "CheckpointRestoreError: restoring checkpoint step 2" in first_tail
+  assert "OUT_OF_RANGE" in first_tail and "the step is damaged" in first_tail
+  assert "Shutdown barrier" not in logs

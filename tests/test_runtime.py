@@ -1,4 +1,4 @@
-"""Process set-up (echo_jax.runtime): the persistent compilation cache is used where it is safe."""
+"""Process set-up (echo_jax.runtime): the persistent compilation cache is used where it is safe; errors."""
 
 import os
 import subprocess
@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import jax
+import pytest
 from conftest import REPO
 
 from echo_jax import runtime
@@ -46,3 +47,10 @@ def test_compilation_cache_serves_a_relaunch_on_one_device(tmp_path):
   assert [o["result"] for o in outputs] == ["262144.0", "262144.0"]
   assert outputs[0]["hits"] == "0" and int(outputs[1]["hits"]) >= 1  # the relaunch compiled nothing itself
   assert os.listdir(tmp_path / "xla")
+
+
+def test_a_single_process_run_raises_its_error_as_usual():
+  """Only a multi-process run exits at once on an error (tested with two hosts in test_launch.py): a single process
+  keeps the exception, its traceback and its normal exit."""
+  with pytest.raises(ValueError, match="bad config"), runtime.exit_at_once_on_error():
+    raise ValueError("bad config")

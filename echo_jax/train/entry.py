@@ -36,12 +36,13 @@ def train_main(config: ml_collections.ConfigDict, workdir: str, *, init_from: st
   stop = threading.Event()
   install_sigterm_handler(stop)
   runtime.initialize(coordinator_address, num_processes, process_id)
-  runtime.enable_compilation_cache(config.compile_cache_dir)
-  # launch.sh finds the worker that hosts process 0 (the dashboard's run log and the events) by this line.
-  print(f"process_index={jax.process_index()} process_count={jax.process_count()} "
-        f"local_devices={jax.local_device_count()} devices={jax.device_count()}", flush=True)
-  # Orbax narrates every save at INFO; the run directory's events.jsonl is the record users read.
-  logging.set_verbosity(logging.WARNING)
-  init_params = convert.load_init_params(init_from, config) if init_from else None
-  Trainer(config, workdir, hooks=sample_hooks(config), init_params=init_params, force=force,
-          stop_requested=stop).run()
+  with runtime.exit_at_once_on_error():
+    runtime.enable_compilation_cache(config.compile_cache_dir)
+    # launch.sh finds the worker that hosts process 0 (the dashboard's run log and the events) by this line.
+    print(f"process_index={jax.process_index()} process_count={jax.process_count()} "
+          f"local_devices={jax.local_device_count()} devices={jax.device_count()}", flush=True)
+    # Orbax narrates every save at INFO; the run directory's events.jsonl is the record users read.
+    logging.set_verbosity(logging.WARNING)
+    init_params = convert.load_init_params(init_from, config) if init_from else None
+    Trainer(config, workdir, hooks=sample_hooks(config), init_params=init_params, force=force,
+            stop_requested=stop).run()
