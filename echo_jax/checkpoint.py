@@ -58,20 +58,22 @@ def _is_damage(cause: BaseException) -> bool:
           or str(cause).split(":")[0] in _DAMAGE_CODES)
 
 
-def _array_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-  """path -> shape of every array in `tree`, the path as Orbax stores it (`opt_state/1/0/mu/...`), so that a stored
-  tree's metadata and a live (or abstract) state compare leaf by leaf."""
-  return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
+def _array_specs(tree: Any, dtypes: bool) -> dict[str, str]:
+  """path -> shape (`[2, 64, 64]`, with `dtypes` `float32[2, 64, 64]`) of every array in `tree`, the path as Orbax
+  stores it (`opt_state/1/0/mu/...`), so that a stored tree's metadata and a live (or abstract) state compare leaf by
+  leaf."""
+  return {jax.tree_util.keystr(path, simple=True, separator="/"):
+          f"{np.dtype(leaf.dtype).name if dtypes else ''}{list(leaf.shape)}"
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def state_differences(stored: Any, expected: Any, limit: int = 3) -> list[str]:
-  """The first `limit` differences in array names and shapes between two trees of arrays (or their metadata), then
-  a count of the rest."""
-  have, want = _array_shapes(stored), _array_shapes(expected)
+def state_differences(stored: Any, expected: Any, limit: int = 3, dtypes: bool = False) -> list[str]:
+  """The first `limit` differences in array names and shapes (and with `dtypes` dtypes) between two trees of arrays
+  (or their metadata), then a count of the rest."""
+  have, want = _array_specs(stored, dtypes), _array_specs(expected, dtypes)
   differences = [f"{path} is missing from the checkpoint" for path in want if path not in have]
   differences += [f"{path} is in the checkpoint but not in this config's state" for path in have if path not in want]
-  differences += [f"{path} is {list(have[path])} in the checkpoint, this config needs {list(want[path])}"
+  differences += [f"{path} is {have[path]} in the checkpoint, this config needs {want[path]}"
                   for path in want if path in have and have[path] != want[path]]
   if len(differences) > limit:
     differences = differences[:limit] + [f"{len(differences) - limit} more"]

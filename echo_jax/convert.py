@@ -37,6 +37,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from echo_jax import checkpoint
 from echo_jax.checkpoint import load_params, save_params
 from echo_jax.config import load_config_file, model_config
 from echo_jax.model import Echo
@@ -254,21 +255,16 @@ def load_init_params(path: str, config: ml_collections.ConfigDict) -> Any:
     params = read_upstream(path, config, drop_blockwise=not config.model.blockwise)
   else:
     _, params = load_params(path)
-  expected_leaves = {_path(k): v for k, v in jax.tree_util.tree_leaves_with_path(expected)}
-  found_leaves = {_path(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
-  for name in sorted(set(expected_leaves) | set(found_leaves)):
-    where = f"init_from {path}: parameter {'/'.join(name)}"
-    if name not in found_leaves:
-      raise ValueError(f"{where} is missing (is model.blockwise the same as when it was saved?)")
-    if name not in expected_leaves:
-      raise ValueError(f"{where} is not in the config's model (is model.blockwise the same as when it was saved?)")
-    want, got = expected_leaves[name], found_leaves[name]
-    if tuple(got.shape) != tuple(want.shape) or np.dtype(got.dtype) != np.dtype(want.dtype):
-      raise ValueError(f"{where} is {np.dtype(got.dtype).name}{tuple(got.shape)}, the config expects "
-                       f"{np.dtype(want.dtype).name}{tuple(want.shape)}")
+  differences = checkpoint.state_differences(params, expected, dtypes=True)
+  if differences:
+    hint = " (is model.blockwise the same as when it was saved?)" if any("the checkpoint but" in d or "missing" in d
+                                                                        for d in differences) else ""
+    raise ValueError(f"init_from {path}: {'; '.join(differences)}{hint}")
   # Host arrays: the trainer places them with its own shardings (and donates those copies, not these).
+  found = {_path(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
   return jax.tree.unflatten(jax.tree.structure(expected),
-                            [np.asarray(jax.device_get(found_leaves[name])) for name in expected_leaves])
+                            [np.asarray(jax.device_get(found[_path(k)])) for k, _ in
+                             jax.tree_util.tree_leaves_with_path(expected)])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
