@@ -107,8 +107,9 @@ def device_memory_limit(devices: Sequence[jax.Device]) -> int | None:
 
 
 def check_memory(compiled: Any, devices: Sequence[jax.Device], limit_fraction: float = 0.9,
-                 force: bool = False) -> MemoryUsage | None:
-  """Raises MemoryLimitError when the step needs more than `limit_fraction` of a device's memory.
+                 force: bool = False, name: str = "train step", resident: int = 0) -> MemoryUsage | None:
+  """Raises MemoryLimitError when the step (`name`) needs more than `limit_fraction` of a device's memory, counting
+  `resident` bytes per device that stay allocated beside it (the optimizer state, for the eval step).
 
   With `force`, warns instead. Returns the usage, or None where the devices report no limit (CPU).
   """
@@ -116,14 +117,16 @@ def check_memory(compiled: Any, devices: Sequence[jax.Device], limit_fraction: f
   if limit is None:
     return None
   if compiled.memory_analysis() is None:  # nothing to check against: say so rather than refuse to train
-    warnings.warn("this backend gives no memory analysis for the compiled train step; the check that it fits in "
+    warnings.warn(f"this backend gives no memory analysis for the compiled {name}; the check that it fits in "
                   f"{limit_fraction:.0%} of device memory is skipped", RuntimeWarning, stacklevel=2)
     return None
   usage = MemoryUsage.of(compiled)
-  if usage.total > limit_fraction * limit:
-    message = (f"the train step needs {usage.total / GiB:.2f} GiB per device ({usage.total / limit:.0%} of the "
+  needed = usage.total + resident
+  if needed > limit_fraction * limit:
+    beside = f", and {resident / GiB:.2f} GiB of optimizer state held beside it" if resident else ""
+    message = (f"the {name} needs {needed / GiB:.2f} GiB per device ({needed / limit:.0%} of the "
                f"{limit / GiB:.2f} GiB limit; at most {limit_fraction:.0%} allowed): arguments "
-               f"{usage.arguments / GiB:.2f} GiB, temporaries {usage.temporaries / GiB:.2f} GiB. Lower "
+               f"{usage.arguments / GiB:.2f} GiB, temporaries {usage.temporaries / GiB:.2f} GiB{beside}. Lower "
                "train.batch_size, use --config.model.remat=full, or shard over more devices; run "
                "`python -m echo_jax.aot --config <this config> --topology <this slice> --find_max_batch` to find "
                "the batch that fits")

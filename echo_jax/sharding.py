@@ -100,6 +100,13 @@ def shardings_of(tree: Any) -> Any:
   return jax.tree.map(lambda leaf: leaf.sharding, tree)
 
 
+def bytes_per_device(tree: Any) -> int:
+  """Bytes of one device's shards of the arrays (or ShapeDtypeStructs) in `tree`; a leaf without a sharding counts
+  whole."""
+  return sum(math.prod(leaf.shape if leaf.sharding is None else leaf.sharding.shard_shape(leaf.shape))
+             * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Leading (batch) axis over ('data', 'fsdp'); the rest replicated."""
   return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))

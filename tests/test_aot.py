@@ -10,8 +10,9 @@ from types import SimpleNamespace
 
 import jax
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
-from echo_jax import aot
+from echo_jax import aot, sharding
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -105,6 +106,21 @@ def test_check_memory_raises_above_limit_and_warns_with_force():
     assert aot.check_memory(_FakeCompiled(temp_bytes=800), device, force=True).total == 910
   with pytest.raises(aot.MemoryLimitError):
     aot.check_memory(_FakeCompiled(temp_bytes=500), device, limit_fraction=0.5)  # 610 > 500
+
+
+def test_check_memory_counts_what_stays_resident_beside_the_step():
+  device = [_FakeDevice()]
+  aot.check_memory(_FakeCompiled(temp_bytes=700), device, name="eval step", resident=80)  # 890 of 1000
+  with pytest.raises(aot.MemoryLimitError, match=r"the eval step needs .* \(91% of .*optimizer state held beside"):
+    aot.check_memory(_FakeCompiled(temp_bytes=700), device, name="eval step", resident=100)  # 910 > 900
+
+
+def test_bytes_per_device_counts_one_devices_shards():
+  mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})  # the 8 test devices on fsdp
+  split = jax.ShapeDtypeStruct((16, 4), "float32", sharding=NamedSharding(mesh, PartitionSpec("fsdp")))
+  whole = jax.ShapeDtypeStruct((16, 4), "bfloat16", sharding=NamedSharding(mesh, PartitionSpec()))
+  assert sharding.bytes_per_device({"a": split, "b": whole}) == 2 * 4 * 4 + 16 * 4 * 2
+  assert sharding.bytes_per_device([jax.ShapeDtypeStruct((3,), "int32")]) == 12
 
 
 def test_check_memory_is_a_no_op_on_cpu():

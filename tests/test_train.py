@@ -28,7 +28,7 @@ from echo_jax.metrics import train_flops_per_step
 from echo_jax.model import Echo
 from echo_jax.train.loop import Trainer
 from echo_jax.train.state import abstract_train_state, create_train_state, example_inputs
-from echo_jax.train.step import StepFunctions, apply_model
+from echo_jax.train.step import StepFunctions, apply_model, sharded_abstract_state
 
 
 def read_jsonl(path):
@@ -573,9 +573,17 @@ def test_the_trainer_checks_the_compiled_step_against_device_memory(tiny_config,
   with pytest.raises(aot.MemoryLimitError, match=r"needs .* GiB per device .*--force"):
     Trainer(tiny_config, str(tmp_path / "refused")).run()
   assert not losses_by_step(tmp_path / "refused")
-  with pytest.warns(RuntimeWarning, match="continuing because of --force"):
+  # The eval step too, at its first use (here the step-0 evaluation), with the optimizer state held beside it.
+  tiny_config.train.eval_every = 2
+  with pytest.warns(RuntimeWarning) as warned:
     Trainer(tiny_config, str(tmp_path / "forced"), force=True).run()
   assert max(losses_by_step(tmp_path / "forced")) == 2
+  forced = [str(w.message) for w in warned if "continuing because of --force" in str(w.message)]
+  mesh = sharding.make_mesh(tiny_config.mesh.to_dict())
+  opt_state = sharding.bytes_per_device(
+      sharded_abstract_state(Echo(model_config(tiny_config)), tiny_config, mesh).opt_state)
+  assert [m.split(" needs")[0] for m in forced] == ["the train step", "the eval step"]
+  assert opt_state > 0 and f"and {opt_state / aot.GiB:.2f} GiB of optimizer state held beside it" in forced[1]
 
 
 def test_a_restart_with_another_model_is_refused_before_the_compile_and_keeps_the_runs_config(

@@ -92,6 +92,7 @@ class Trainer:
     self._skips: list[dict[str, Any]] = []
     self._skip_lock = threading.Lock()
     self._unconfirmed_saves: list[int] = []
+    self._eval_memory_checked = False
 
   # Run directory ---------------------------------------------------------------------------------------------
 
@@ -291,7 +292,7 @@ class Trainer:
                      devices=jax.device_count(), processes=jax.process_count(), mesh=dict(self.mesh.shape),
                      compile_seconds=round(compile_seconds, 2), flops_per_step=flops_per_step, peak_flops=peak)
       if evaluates and start_step == 0:  # the baseline that later evaluations are compared with
-        self._evaluate(steps.eval_step(), state, held_out.result(), 0)
+        self._evaluate(steps, state, held_out.result(), 0)
       consecutive_nonfinite = 0
       pending = None  # (step, device metrics, host timings) of the step whose metrics are not yet logged
       # When the previous step finished (seen when its metrics were fetched); the first step is timed from here.
@@ -318,7 +319,7 @@ class Trainer:
         pending = (step, step_metrics, {"since": finished, "samples_seen": samples_seen, "flops": flops_per_step,
                                         "peak": peak})
         if evaluates and step % train.eval_every == 0:
-          self._evaluate(steps.eval_step(), state, held_out.result(), step)
+          self._evaluate(steps, state, held_out.result(), step)
         stop = self._should_stop(step)
         final = stop or step == train.steps
         if step % train.log_every == 0 or final:
@@ -415,7 +416,15 @@ class Trainer:
       raise NonFiniteError(message)
     return consecutive_nonfinite, finished
 
-  def _evaluate(self, eval_step: Any, state: TrainState, batches: list[dict[str, jax.Array]], step: int) -> None:
+  def _evaluate(self, steps: StepFunctions, state: TrainState, batches: list[dict[str, jax.Array]],
+                step: int) -> None:
+    eval_step = steps.eval_step()
+    if not self._eval_memory_checked:
+      # Checked at its first use, as the train step is before the first step: a new run's step-0 evaluation, a
+      # restart's first (its eval step compiles in the background). The optimizer state stays on the devices beside it.
+      aot.check_memory(eval_step, jax.local_devices(), force=self.force, name="eval step",
+                       resident=sharding.bytes_per_device(steps.abstract_state.opt_state))
+      self._eval_memory_checked = True
     totals: dict[str, float] = {}
     for index, batch in enumerate(batches):
       losses = jax.device_get(eval_step(state.params, batch, jax.random.key(index)))
