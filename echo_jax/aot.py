@@ -173,7 +173,7 @@ class AotReport:
   fits_compiler: bool  # False when XLA itself refused: the program cannot be laid out in HBM
   error: str = ""
   train: MemoryUsage | None = None
-  eval_total: int = 0
+  eval_total: int = 0  # the eval step's total with the optimizer state, which stays on the devices beside it
   # XLA's count for the whole slice (per-device program × devices). It includes remat recompute but counts a
   # while-loop body once, so with scanned layers it is far below the real figure; the analytic count is the one
   # to plan with.
@@ -230,7 +230,7 @@ def compile_report(config: ml_collections.ConfigDict, topology: str, batch_size:
   report.compile_seconds = time.perf_counter() - start
   if report.fits_compiler:
     report.train = MemoryUsage.of(steps.train)
-    report.eval_total = MemoryUsage.of(steps.eval).total
+    report.eval_total = MemoryUsage.of(steps.eval).total + sharding.bytes_per_device(abstract_state.opt_state)
     report.xla_flops = steps.train_flops * len(devices)
   return report
 
@@ -306,7 +306,7 @@ def format_report(report: AotReport, mfu: float) -> str:
   for name, value in (("arguments", train.arguments), ("outputs", train.outputs),
                       ("  aliased (donated)", -train.aliased), ("temporaries", train.temporaries),
                       ("generated code", train.generated_code), ("train step total", train.total),
-                      ("eval step total", report.eval_total)):
+                      ("eval step + opt state", report.eval_total)):
     lines.append(f"  {name:<22} {value / GiB:10.3f} GiB")
   lines += [f"  per-chip peak          {report.total / GiB:10.3f} GiB = {report.fraction():.1%} of "
             f"{report.hbm_bytes / GiB:.0f} GiB HBM",
