@@ -13,10 +13,11 @@
 #   Give each process its devices with XLA_FLAGS=--xla_force_host_platform_device_count=K.
 # Either way: prints which host runs process 0 (it writes the run log) and how to open the dashboard, and fails
 # fast: when any host fails, the others are stopped and the failing host's log tail is printed.
-# Stopping a trainer (a stale one, the others after a failure, all on Ctrl-C) sends SIGTERM, which makes it save a
-# checkpoint at its next synchronised step and exit; one still running ECHO_STOP_GRACE_S seconds later (default
-# 180: stuck in a collective with a dead peer, say) is killed, so that no old trainer holds the TPU or writes the
-# workdir beside the new one. Every gcloud call but the trainers' own ssh sessions has a time limit
+# Stopping a trainer (a stale one, all on Ctrl-C) sends SIGTERM, which makes it save a checkpoint at its next
+# synchronised step and exit; one still running ECHO_STOP_GRACE_S seconds later (default 180) is killed, so that no
+# old trainer holds the TPU or writes the workdir beside the new one. After a host has failed no save is possible
+# (it needs every host) and the others are blocked in a collective with it, where no signal handler runs: they get
+# ECHO_FAILED_STOP_GRACE_S (default 10) seconds before the kill. Every gcloud call but the trainers' own ssh sessions has a time limit
 # (ECHO_GCLOUD_TIMEOUT_S beyond its own work, default 300 s). A session that drops (ssh exit 255) is re-attached to
 # the worker's log, up to MAX_REATTACH times: its trainer runs on detached.
 # The workdir must be storage every host shares (gs:// on a pod).
@@ -29,6 +30,7 @@ readonly MAX_REATTACH=5
 # After a host fails, how long others may take to fail too (those that lost it in a collective) and be shown with it.
 readonly FAILURE_GRACE_S=2
 readonly STOP_GRACE_S=${ECHO_STOP_GRACE_S:-180}
+readonly FAILED_STOP_GRACE_S=${ECHO_FAILED_STOP_GRACE_S:-10}
 # Seconds a gcloud control call (describe, scp, a command on all workers) may take beyond its own work.
 readonly GCLOUD_TIMEOUT_S=${ECHO_GCLOUD_TIMEOUT_S:-300}
 
@@ -123,30 +125,33 @@ report_process0() {
   done
 }
 
-# Sends SIGTERM to `pids` (children of this shell), waits up to STOP_GRACE_S for them to exit, then kills the rest.
+# stop_pids GRACE PID...: sends SIGTERM to the pids (children of this shell), waits up to GRACE seconds for them to
+# exit, then kills the rest.
 stop_pids() {
-  local pid waited=0
+  local grace=$1 pid waited=0
+  shift
   (($# > 0)) || return 0
   kill "$@" 2>/dev/null || true
-  while ((waited < STOP_GRACE_S * 10)); do
+  while ((waited < grace * 10)); do
     local alive=0
     for pid in "$@"; do kill -0 "$pid" 2>/dev/null && alive=1; done
     ((alive)) || return 0
     sleep 0.1
     waited=$((waited + 1))
   done
-  echo "launch.sh: still running ${STOP_GRACE_S} s after SIGTERM; killing them" >&2
+  echo "launch.sh: still running ${grace} s after SIGTERM; killing them" >&2
   kill -KILL "$@" 2>/dev/null || true
   wait "$@" 2>/dev/null || true  # gone, not merely signalled, when launch.sh exits
 }
 
+# stop_all GRACE: stops every host's trainer (see stop_pids).
 stop_all() {
   if [[ -n ${TPU:-} ]]; then
     # The local ssh sessions only follow the logs; the detached trainers are stopped on the workers.
     kill "${PIDS[@]}" 2>/dev/null || true
-    stop_remote_trainers || true
+    stop_remote_trainers "$1" || true
   else
-    stop_pids "${PIDS[@]}"
+    stop_pids "$1" "${PIDS[@]}"
   fi
 }
 
@@ -186,8 +191,8 @@ watch_hosts() {
   local running=${#PIDS[@]} failure
   local -a failed=()
   declare -A finished=() reattached=()
-  trap 'echo "launch.sh: interrupted; stopping every host" >&2; stop_all; exit 130' INT
-  trap 'echo "launch.sh: terminated; stopping every host" >&2; stop_all; exit 143' TERM
+  trap 'echo "launch.sh: interrupted; stopping every host" >&2; stop_all "$STOP_GRACE_S"; exit 130' INT
+  trap 'echo "launch.sh: terminated; stopping every host" >&2; stop_all "$STOP_GRACE_S"; exit 143' TERM
   while ((running > 0)); do
     reap_hosts
     if ((${#failed[@]} > 0)); then
@@ -200,8 +205,9 @@ watch_hosts() {
           "${LOGS[${failure%%:*}]}:" >&2
         tail -n "$TAIL_LINES" "${LOGS[${failure%%:*}]}" >&2 || true
       done
-      echo "launch.sh: stopping the other hosts" >&2
-      stop_all
+      echo "launch.sh: stopping the other hosts (killed after ${FAILED_STOP_GRACE_S} s: no save is possible" \
+        "without the failed one)" >&2
+      stop_all "$FAILED_STOP_GRACE_S"
       exit 1
     fi
     ((PROCESS0_REPORTED)) || report_process0
@@ -243,12 +249,12 @@ gcloud_tpu() {
   "${limit[@]}" gcloud compute tpus tpu-vm "$@" --zone "$ZONE" ${PROJECT:+--project "$PROJECT"}
 }
 
+# stop_remote_trainers GRACE: SIGTERM to every worker's trainer, up to GRACE seconds to save and exit, then SIGKILL.
 stop_remote_trainers() {
-  # SIGTERM, up to STOP_GRACE_S seconds to save and exit, then SIGKILL.
-  local pattern
+  local grace=$1 pattern
   pattern=$(trainer_pattern "$REMOTE_DIR")
-  gcloud_tpu $((STOP_GRACE_S + GCLOUD_TIMEOUT_S)) ssh "$TPU" --worker=all \
-    --command="pkill -TERM -f '$pattern'; for ((i = 0; i < $STOP_GRACE_S; i++)); do \
+  gcloud_tpu $((grace + GCLOUD_TIMEOUT_S)) ssh "$TPU" --worker=all \
+    --command="pkill -TERM -f '$pattern'; for ((i = 0; i < $grace; i++)); do \
 pgrep -f '$pattern' > /dev/null || exit 0; sleep 1; done; pkill -KILL -f '$pattern'; true"
 }
 
@@ -262,7 +268,7 @@ launch_tpu() {
   ((workers > 0)) || die "TPU $TPU in $ZONE lists no workers"
   echo "launch.sh: $TPU has $workers workers"
 
-  stop_remote_trainers
+  stop_remote_trainers "$STOP_GRACE_S"
   gcloud_tpu "$GCLOUD_TIMEOUT_S" ssh "$TPU" --worker=all --command="rm -rf ~/$REMOTE_DIR"
   local stage
   stage=$(mktemp -d)

@@ -47,8 +47,9 @@ class CheckpointRestoreError(RuntimeError):
   """A checkpoint does not hold this config's train state, or cannot be read."""
 
 
-# TensorStore's codes for a file of the checkpoint that is short, corrupt or absent.
-_DAMAGE_CODES = ("OUT_OF_RANGE", "DATA_LOSS", "NOT_FOUND")
+# TensorStore's codes for a file of the checkpoint that is short, corrupt or absent (a deleted array file shows as
+# FAILED_PRECONDITION "Not enough data", a truncated JSON file of the step as FAILED_PRECONDITION "Invalid JSON").
+_DAMAGE_CODES = ("OUT_OF_RANGE", "DATA_LOSS", "NOT_FOUND", "FAILED_PRECONDITION")
 
 
 def _is_damage(cause: BaseException) -> bool:
@@ -145,8 +146,9 @@ class Checkpointer:
       stored = self.manager.item_metadata(step)["state"]
     except Exception as error:
       raise self._unreadable(step, error) from error
-    if stored is None:  # a checkpoint without Orbax's metadata file: the restore itself will tell
-      return
+    if stored is None:  # Orbax writes the tree's metadata with every save: without it the step is damaged
+      missing = FileNotFoundError(f"{self.directory / str(step) / 'state' / '_METADATA'} is missing")
+      raise self._unreadable(step, missing)
     differences = state_differences(stored, abstract_state)
     if differences:
       raise CheckpointRestoreError(

@@ -13,6 +13,7 @@ import contextlib
 import glob
 import os
 import sys
+import time
 import traceback
 from collections.abc import Iterator
 
@@ -22,6 +23,7 @@ from absl import logging
 ENV_COORDINATOR = "ECHO_COORDINATOR"
 ENV_NUM_PROCESSES = "ECHO_NUM_PROCESSES"
 ENV_PROCESS_ID = "ECHO_PROCESS_ID"
+EXIT_DELAY_PROCESS_0_S = 3.0
 
 
 def _on_tpu_vm() -> bool:
@@ -79,6 +81,10 @@ def exit_at_once_on_error() -> Iterator[None]:
     traceback.print_exc()
     sys.stdout.flush()
     sys.stderr.flush()
+    if jax.process_index() == 0:
+      # Process 0 hosts the coordination service: leaving at once would abort processes failing at the same moment
+      # (exit 134, their own error unprinted). A few seconds let them print it and leave first.
+      time.sleep(EXIT_DELAY_PROCESS_0_S)
     os._exit(1)
 
 

@@ -218,9 +218,14 @@ def pid_alive(pid):
   return state not in ("Z", "X")
 
 
-def test_a_failing_worker_fails_the_launch_fast_with_its_log_tail(fake_pod):
+@pytest.mark.parametrize("blocked", [False, True])
+def test_a_failing_worker_fails_the_launch_fast_with_its_log_tail(fake_pod, blocked):
+  """`blocked`: the healthy worker's trainer ignores SIGTERM, as one blocked in a collective with the failed host
+  does (no Python handler runs): killed after the short grace for that case, not after the 180 s a save may take."""
   tmp_path, env = fake_pod
   env.update(FAKE_FAIL_WORKER="1", FAKE_SECONDS="60")
+  if blocked:
+    env.update(FAKE_IGNORE_TERM="1", ECHO_STOP_GRACE_S="120", ECHO_FAILED_STOP_GRACE_S="2")
   start = time.time()
   result = launch_tpu(tmp_path, env, timeout=60)
   assert result.returncode == 1, result.stdout + result.stderr
@@ -383,3 +388,4 @@ def test_a_restore_failing_on_one_host_fails_the_launch_with_its_error_not_after
   assert "CheckpointRestoreError: restoring checkpoint step 2" in first_tail
   assert "OUT_OF_RANGE" in first_tail and "the step is damaged" in first_tail
   assert "Shutdown barrier" not in logs
+

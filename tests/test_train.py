@@ -573,6 +573,9 @@ def test_the_trainer_checks_the_compiled_step_against_device_memory(tiny_config,
   with pytest.raises(aot.MemoryLimitError, match=r"needs .* GiB per device .*--force"):
     Trainer(tiny_config, str(tmp_path / "refused")).run()
   assert not losses_by_step(tmp_path / "refused")
+  # In the run's events too, where the dashboard shows it.
+  assert [e["message"][:52] for e in events(tmp_path / "refused") if e["event"] == "error"] == [
+      "the run stopped: MemoryLimitError: the train step ne"]
   # The eval step too, at its first use (here the step-0 evaluation), with the optimizer state held beside it.
   tiny_config.train.eval_every = 2
   with pytest.warns(RuntimeWarning) as warned:
@@ -602,21 +605,26 @@ def test_a_restart_with_another_model_is_refused_before_the_compile_and_keeps_th
   assert not compiled
   assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["dim"] == 64
   assert [e["step"] for e in events(tmp_path / "run") if e["event"] == "checkpoint_restore_failed"] == [2]
+  assert not [e for e in events(tmp_path / "run") if e["event"] == "error"]  # logged once, as the failed restore
 
 
-@pytest.mark.parametrize("damage", ["array file", "tree metadata"])
+@pytest.mark.parametrize("damage", ["array file", "deleted array file", "tree metadata", "deleted tree metadata"])
 def test_a_damaged_checkpoint_is_named_with_the_step_the_run_resumes_from_once_it_is_set_aside(
     tiny_config, tmp_path, damage):
   tiny_config.train.update(steps=4, ckpt_every=2, eval_every=0)
   Trainer(tiny_config, str(tmp_path / "run")).run()
   newest = tmp_path / "run" / "checkpoints" / "4"
-  if damage == "array file":  # read by the restore, after the compile
-    damaged = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    cause = r"ValueError: OUT_OF_RANGE: Error reading "
-  else:  # read by the check before the compile
-    damaged = newest / "state" / "_METADATA"
-    cause = r"JSONDecodeError: "
-  os.truncate(damaged, damaged.stat().st_size // 2)
+  # Array files are read by the restore, after the compile; the tree's metadata by the check before it.
+  largest = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  damaged, cause = {"array file": (largest, r"ValueError: OUT_OF_RANGE: Error reading "),
+                    "deleted array file": (largest, r"ValueError: FAILED_PRECONDITION: .*Not enough data"),
+                    "tree metadata": (newest / "state" / "_METADATA", r"JSONDecodeError: "),
+                    "deleted tree metadata": (newest / "state" / "_METADATA", r"FileNotFoundError: .*_METADATA is "
+                                                                               r"missing")}[damage]
+  if damage.startswith("deleted"):
+    damaged.unlink()
+  else:
+    os.truncate(damaged, damaged.stat().st_size // 2)
   tiny_config.train.steps = 6
   with pytest.raises(checkpoint.CheckpointRestoreError,
                      match=rf"step 4 .* failed \({cause}.* the step is damaged: move {newest} out of .* resumes from "

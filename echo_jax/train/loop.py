@@ -234,6 +234,18 @@ class Trainer:
   # The loop ---------------------------------------------------------------------------------------------------
 
   def run(self) -> TrainState:
+    """Trains to `train.steps` (or until a stop is requested); returns the final state. An error that stops the run
+    is also written to its events (for the dashboard), once."""
+    try:
+      return self._run()
+    except Exception as error:
+      if not isinstance(error, _LOGGED_ERRORS):
+        self.log.event("error", message=f"the run stopped: {describe(error)}")
+      raise
+    finally:
+      self.log.close()
+
+  def _run(self) -> TrainState:
     config, train = self.config, self.config.train
     global_shapes = example_inputs(config, train.batch_size)
     # After a launch that compiled the train step, the state's shapes and shardings are stored with it: no trace.
@@ -346,7 +358,6 @@ class Trainer:
         self._confirm_saves(ckpt, wait=True)
       finally:
         ckpt.close()
-        self.log.close()
     return state
 
   def _should_stop(self, step: int) -> bool:
@@ -433,6 +444,10 @@ class Trainer:
     self.log.metrics.write({"step": step, "time": time.time(), **totals})
 
 
+# Errors whose own events (checkpoint_restore_failed, checkpoint_failed, error) the run has written already.
+_LOGGED_ERRORS = (checkpoint.CheckpointRestoreError, checkpoint.CheckpointSaveError, NonFiniteError)
+
+
 def _close_pipeline(opened: concurrent.futures.Future) -> None:
   if not opened.cancelled() and opened.exception() is None:
     opened.result().close()
@@ -441,8 +456,9 @@ def _close_pipeline(opened: concurrent.futures.Future) -> None:
 def install_sigterm_handler(stop: threading.Event) -> None:
   """SIGTERM (TPU maintenance, preemption, launch.sh stopping a run) sets `stop`: the Trainer given it saves a
   checkpoint at the next step that all processes agree on, then returns (the process exits 0). A second SIGTERM
-  ends the process at once, as by default, for a run that cannot reach that step (e.g. stuck in a collective with a
-  dead peer); the last complete checkpoint stays, and an interrupted save is ignored at the next launch."""
+  ends the process at once, as by default, for a run that cannot reach that step; the last complete checkpoint
+  stays, and an interrupted save is ignored at the next launch. (A process blocked in a collective with a dead peer
+  runs no Python handler at all: only SIGKILL ends it, which launch.sh sends.)"""
 
   def on_sigterm(signum: int, frame: Any) -> None:
     if stop.is_set():
