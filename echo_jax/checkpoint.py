@@ -44,7 +44,11 @@ class CheckpointSaveError(RuntimeError):
 
 
 class CheckpointRestoreError(RuntimeError):
-  """A checkpoint does not hold this config's train state, or cannot be read."""
+  """Checkpoint `step` does not hold this config's train state, or cannot be read."""
+
+  def __init__(self, step: int, message: str):
+    super().__init__(message)
+    self.step = step
 
 
 # TensorStore's codes for a file of the checkpoint that is short, corrupt or absent (a deleted array file shows as
@@ -152,7 +156,7 @@ class Checkpointer:
     differences = state_differences(stored, abstract_state)
     if differences:
       raise CheckpointRestoreError(
-          f"checkpoint step {step} in {self.directory} was written by another model or optimizer config: "
+          step, f"checkpoint step {step} in {self.directory} was written by another model or optimizer config: "
           f"{'; '.join(differences)}. Resume this run with the config it was started with (its config.json, left "
           "as it was), or train the new config in a new --workdir (--init_from=<a local copy of this run> starts "
           "it from this run's weights when only the optimizer changed)")
@@ -181,12 +185,12 @@ class Checkpointer:
     message = f"restoring checkpoint step {step} from {self.directory} failed ({describe(cause)})"
     if not _is_damage(cause):
       return CheckpointRestoreError(
-          f"{message}; the checkpoint was left as it is: relaunch once the cause is fixed (with several hosts, the "
-          "first one to fail holds the cause; launch.sh shows its log first)")
+          step, f"{message}; the checkpoint was left as it is: relaunch once the cause is fixed (with several "
+          "hosts, the first one to fail holds the cause; launch.sh shows its log first)")
     earlier = [s for s in self.all_steps() if s < step]
     then = f"resumes from step {max(earlier)}" if earlier else "starts anew (there is no earlier checkpoint)"
     return CheckpointRestoreError(
-        f"{message}. If the storage is reachable and a relaunch fails the same way, the step is damaged: move "
+        step, f"{message}. If the storage is reachable and a relaunch fails the same way, the step is damaged: move "
         f"{self.directory / str(step)} out of {self.directory} (keep it to inspect) and relaunch; the run then "
         f"{then}")
 

@@ -187,7 +187,7 @@ class Trainer:
                      message="an interrupted save was found and ignored; resuming from the last complete one")
     if latest is not None:
       restore_start = time.time()
-      state, positions, meta = self._checked(ckpt.restore, latest, abstract_state)
+      state, positions, meta = ckpt.restore(latest, abstract_state)
       restore_seconds = time.time() - restore_start
       # Every process's streams, so that any layout whose process count divides data.streams picks up its own.
       position = merge_stream_states([positions[name] for name in sorted(positions)])
@@ -211,14 +211,6 @@ class Trainer:
       state = state.replace(params=params)
     return state, None, {}
 
-  def _checked(self, call: Callable[..., Any], step: int, *args: Any) -> Any:
-    """`call(step, *args)`; its CheckpointRestoreError is also written to the run's events."""
-    try:
-      return call(step, *args)
-    except checkpoint.CheckpointRestoreError as error:
-      self.log.event("checkpoint_restore_failed", step=step, message=str(error))
-      raise
-
   def _peak_flops(self, meta: dict[str, Any]) -> float:
     """Peak FLOP/s of all devices together, for MFU.
 
@@ -238,6 +230,9 @@ class Trainer:
     is also written to its events (for the dashboard), once."""
     try:
       return self._run()
+    except checkpoint.CheckpointRestoreError as error:
+      self.log.event("checkpoint_restore_failed", step=error.step, message=str(error))
+      raise
     except Exception as error:
       if not isinstance(error, _LOGGED_ERRORS):
         self.log.event("error", message=f"the run stopped: {describe(error)}")
@@ -265,7 +260,7 @@ class Trainer:
     # they take.
     resume_step = self._resume_step(ckpt)
     if resume_step is not None:
-      self._checked(ckpt.check_state, resume_step, abstract_state)
+      ckpt.check_state(resume_step, abstract_state)
     # Only now: a launch refused for another model must not overwrite the record of the one its checkpoints hold.
     if self.is_main:
       write_config_json(config, self.workdir)
@@ -444,8 +439,8 @@ class Trainer:
     self.log.metrics.write({"step": step, "time": time.time(), **totals})
 
 
-# Errors whose own events (checkpoint_restore_failed, checkpoint_failed, error) the run has written already.
-_LOGGED_ERRORS = (checkpoint.CheckpointRestoreError, checkpoint.CheckpointSaveError, NonFiniteError)
+# Errors whose own events (checkpoint_failed, error) the loop writes where it raises them.
+_LOGGED_ERRORS = (checkpoint.CheckpointSaveError, NonFiniteError)
 
 
 def _close_pipeline(opened: concurrent.futures.Future) -> None:
