@@ -17,9 +17,9 @@
 # synchronised step and exit; one still running ECHO_STOP_GRACE_S seconds later (default 180) is killed, so that no
 # old trainer holds the TPU or writes the workdir beside the new one. After a host has failed no save is possible
 # (it needs every host) and the others are blocked in a collective with it, where no signal handler runs: they get
-# ECHO_FAILED_STOP_GRACE_S (default 10) seconds before the kill. Every gcloud call but the trainers' own ssh sessions has a time limit
-# (ECHO_GCLOUD_TIMEOUT_S beyond its own work, default 300 s). A session that drops (ssh exit 255) is re-attached to
-# the worker's log, up to MAX_REATTACH times: its trainer runs on detached.
+# ECHO_FAILED_STOP_GRACE_S (default 10) seconds before the kill. Every gcloud call but the trainers' own ssh
+# sessions has a time limit (ECHO_GCLOUD_TIMEOUT_S beyond its own work, default 300 s). A session that drops (ssh
+# exit 255) is re-attached to the worker's log, up to MAX_REATTACH times: its trainer runs on detached.
 # The workdir must be storage every host shares (gs:// on a pod).
 
 set -euo pipefail
