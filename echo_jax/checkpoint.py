@@ -27,6 +27,20 @@ from echo_jax.model import Echo
 from echo_jax.train.state import TrainState, create_train_state
 
 
+class _CheckpointManager(ocp.CheckpointManager):
+  """Orbax's manager without its own calls of JAX's preemption sync point.
+
+  JAX keeps one counter per process: the last value passed to `reached_preemption_sync_point`, which a notice's
+  protocol reads at any moment. The Trainer passes the steps of its launch (see `Trainer._should_stop`); Orbax
+  passes the training step of each save, on every host in `save` and on process 0 from its finalize thread when a
+  save ends. Read then, a resumed run's sync point lands thousands of steps away (seen: a SIGTERM right after a save
+  stopped a 2-host run 9 steps late), and process 0's counter can be set back below a step it has passed, so that
+  the others stop without it. Orbax uses the answer only for logs and metrics here (every save is forced)."""
+
+  def reached_preemption(self, step: int) -> bool:
+    return False
+
+
 def gather_per_process(obj: Any) -> list[Any]:
   """Every process's JSON-serialisable `obj`, in process order, on every process."""
   if jax.process_count() == 1:
@@ -115,7 +129,7 @@ class Checkpointer:
     # Orbax types the bound as whole GB but multiplies it into bytes, so a fraction works (and the tests use one).
     handlers = {"state": ocp.PyTreeCheckpointHandler(use_compression=compression, restore_concurrent_gb=restore_gb),
                 "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    self.manager = _CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def _incomplete_saves(self) -> list[str]:
     """Step directories left by an interrupted save (Orbax's temporary names), found before Orbax cleans them."""

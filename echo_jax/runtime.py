@@ -46,6 +46,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     num_processes = int(os.environ[ENV_NUM_PROCESSES])
   if process_id is None and os.environ.get(ENV_PROCESS_ID):
     process_id = int(os.environ[ENV_PROCESS_ID])
+  # The Trainer's SIGTERM stop of joined hosts is JAX's preemption sync point, which needs JAX's preemption service
+  # (on by default; an environment that turned it off would fail the run at its first step).
+  jax.config.update("jax_enable_preemption_service", True)
   given = {"coordinator_address": coordinator_address, "num_processes": num_processes, "process_id": process_id}
   if all(value is None for value in given.values()):
     if _on_tpu_vm():

@@ -8,6 +8,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import pathlib  # noqa: E402
+import socket  # noqa: E402
 
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
@@ -20,6 +21,13 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 # No persistent compilation cache here: on 8 CPU devices, programs with collectives loaded back from it can deadlock
 # (see echo_jax.runtime.enable_compilation_cache), so every test compiles what it runs.
+
+
+def free_port() -> int:
+  """A TCP port free on localhost now (for a JAX coordinator)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def load_config(name: str) -> ml_collections.ConfigDict:

@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import textwrap
 import time
@@ -324,9 +325,9 @@ def test_shellcheck_is_clean():
   assert result.returncode == 0, result.stdout
 
 
-def launch_tiny_locally(tmp_path, workdir, *args, mesh="data=-1, fsdp=1", devices=4):
-  """`launch.sh --local 2` of configs/tiny.py with 2 data streams (a multiple of the process count) on 4 shards
-  under tmp_path, `devices` CPU devices per process; returns the launch's result and the processes' logs."""
+def start_tiny_locally(tmp_path, workdir, *args, mesh="data=-1, fsdp=1", devices=4):
+  """Starts `launch.sh --local 2` of configs/tiny.py with 2 data streams (a multiple of the process count) on 4
+  shards under tmp_path, `devices` CPU devices per process; returns the launch's Popen and its log directory."""
   shards = write_synthetic_shards(tmp_path / "shards", num_shards=4)
   config_file = tmp_path / "two_streams.py"
   config_file.write_text(textwrap.dedent(f"""\
@@ -347,10 +348,21 @@ def launch_tiny_locally(tmp_path, workdir, *args, mesh="data=-1, fsdp=1", device
              ECHO_STOP_GRACE_S="10")
   env.pop("PYTHON", None)
   logdir = tmp_path / f"logs_{time.time_ns()}"
-  result = subprocess.run(
+  launch = subprocess.Popen(
       ["bash", LAUNCH, "--local", "2", "--logdir", str(logdir), "--", f"--config={config_file}",
        f"--config.data.train_shards={shards}", "--config.train.eval_every=0", f"--workdir={workdir}", *args],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return launch, logdir
+
+
+def launch_tiny_locally(tmp_path, workdir, *args, **kwargs):
+  """`start_tiny_locally` to its end; returns the launch's result and the processes' logs."""
+  launch, logdir = start_tiny_locally(tmp_path, workdir, *args, **kwargs)
+  try:
+    stdout, stderr = launch.communicate(timeout=280)
+  finally:
+    launch.kill()
+  result = subprocess.CompletedProcess(launch.args, launch.returncode, stdout, stderr)
   return result, "".join(p.read_text() for p in sorted(logdir.glob("*.log")))
 
 
@@ -389,3 +401,61 @@ def test_a_restore_failing_on_one_host_fails_the_launch_with_its_error_not_after
   assert "OUT_OF_RANGE" in first_tail and "the step is damaged" in first_tail
   assert "Shutdown barrier" not in logs
 
+
+
+def local_trainer_pid(workdir, process_id):
+  """The pid of `launch.sh --local`'s trainer process `process_id` of the run into `workdir` (None until it runs)."""
+  for entry in pathlib.Path("/proc").iterdir():
+    try:
+      command = (entry / "cmdline").read_bytes().split(b"\0")
+      environment = (entry / "environ").read_bytes().split(b"\0")
+    except OSError:  # not a process, or one that just ended
+      continue
+    if (any(arg.endswith(b"train_pretrain.py") for arg in command) and f"--workdir={workdir}".encode() in command
+        and f"ECHO_PROCESS_ID={process_id}".encode() in environment):
+      return int(entry.name)
+  return None
+
+
+def test_sigterm_to_one_local_trainer_stops_both_at_one_step_and_the_launch_succeeds(tmp_path):
+  """A preempted host of a real launch (train_pretrain.py): SIGTERM to process 1 alone makes both processes save at
+  one step and exit 0, mid-run and again during a relaunch's start-up (restore, compile). The flags put every other
+  save and log far away, so only the stop can write the checkpoint. Before, JAX's preemption notifier took SIGTERM
+  over once the hosts had joined, and the trainers ignored it: the run went on until killed."""
+  workdir = tmp_path / "run"
+  events = workdir / "events.jsonl"
+  far = ("--config.train.steps=1000000", "--config.train.log_every=1000000", "--config.train.ckpt_every=1000000")
+
+  def stopped_steps():
+    return [json.loads(line)["step"] for line in events.read_text().splitlines()
+            if json.loads(line)["event"] == "stopped"]
+
+  def joined(logdir):
+    log = logdir / "process_1.log"
+    return log.exists() and "process_index=1" in log.read_text()
+
+  started = []
+  try:
+    launch, _ = start_tiny_locally(tmp_path, workdir, *far, devices=2)
+    started.append(launch)
+    wait_for(lambda: events.exists() and '"event": "start"' in events.read_text(), timeout=180)
+    time.sleep(1)  # some steps
+    os.kill(local_trainer_pid(workdir, 1), signal.SIGTERM)
+    _, stderr = launch.communicate(timeout=60)
+    assert launch.returncode == 0, stderr[-4000:]
+    stop = stopped_steps()
+    assert len(stop) == 1 and stop[0] > 0 and (workdir / "checkpoints" / str(stop[0])).is_dir(), stop
+
+    relaunch, logdir = start_tiny_locally(tmp_path, workdir, *far, devices=2)
+    started.append(relaunch)
+    wait_for(lambda: joined(logdir), timeout=120)
+    os.kill(local_trainer_pid(workdir, 1), signal.SIGTERM)  # it is restoring and compiling now
+    _, stderr = relaunch.communicate(timeout=120)
+    assert relaunch.returncode == 0, stderr[-4000:]
+    assert stopped_steps() == [stop[0], stop[0] + 1]
+    assert (workdir / "checkpoints" / str(stop[0] + 1)).is_dir()
+  finally:
+    for process in started:  # launch.sh stops its trainers on SIGTERM
+      if process.poll() is None:
+        process.terminate()
+        process.communicate(timeout=60)

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,7 +16,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, load_config, write_synthetic_shards
+from conftest import REPO, free_port, load_config, write_synthetic_shards
 from test_train import losses_by_step, read_jsonl, write_malformed_shard
 
 from echo_jax.data.pipeline import stream_shards
@@ -31,20 +30,24 @@ TIMEOUT_S = 240
 LOG_EVERY = 4
 LOGGED = range(LOG_EVERY, STEPS + 1, LOG_EVERY)  # the steps whose losses metrics.jsonl holds
 
-# One simulated host: joins the runtime from ECHO_* variables, records the texts of the rows it loads (one JSON
-# list per step) when asked, sleeps after each step when asked (so a signal lands mid-run), and prints its final
-# step.
+# One simulated host: joins the runtime from ECHO_* variables (its SIGTERM handler first, as in train_main), records
+# the texts of the rows it loads (one JSON list per step) when asked, sleeps after each step when asked (so a signal
+# lands mid-run), sends process 1 a SIGTERM right after step `signal_at` (and its save, if it has one) when asked,
+# and prints its final step.
 WORKER = textwrap.dedent("""
-    import json, sys, time
+    import json, os, signal, sys, threading, time
     import jax
     from echo_jax import runtime
+    from echo_jax.train.loop import Trainer, install_sigterm_handler
+    stop = threading.Event()
+    install_sigterm_handler(stop)
+    print("joining", flush=True)
     runtime.initialize()
     import ml_collections
     import numpy as np
-    from echo_jax.train.loop import Trainer, install_sigterm_handler
 
     config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
-    workdir, texts_path, delay = sys.argv[2], sys.argv[3], float(sys.argv[4])
+    workdir, texts_path, delay, signal_at = sys.argv[2], sys.argv[3], float(sys.argv[4]), int(sys.argv[5])
 
     class Recording:
       def __init__(self, pipeline):
@@ -71,31 +74,32 @@ WORKER = textwrap.dedent("""
         pipeline = super()._pipeline(role, shards, seed, position)
         return pipeline if texts_path == "-" else Recording(pipeline)
 
-    hooks = ((1, lambda info: time.sleep(delay)),) if delay else ()
-    trainer = RecordingTrainer(config, workdir, hooks=hooks)
-    install_sigterm_handler(trainer.stop_requested)
-    state = trainer.run()
+    def after_step(info):
+      time.sleep(delay)
+      if info.step == signal_at and jax.process_index() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(3)  # a slow hook: the other process waits in the next step's collective
+
+    hooks = ((1, after_step),)
+    state = RecordingTrainer(config, workdir, hooks=hooks, stop_requested=stop).run()
     print(f"final_step={int(state.step.addressable_data(0))}", flush=True)
 """)
 
 
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def start_hosts(config, workdir, *, processes=2, devices=4, texts="-", delay=0.0):
-  """Starts `processes` simulated hosts of `devices` CPU devices each; returns the Popen objects."""
-  port = free_port()
+def start_hosts(config, workdir, *, processes=2, devices=4, texts="-", delay=0.0, signal_at=-1, port=None,
+                indices=None):
+  """Starts `processes` simulated hosts of `devices` CPU devices each (those of `indices` only, when given, joining
+  the coordinator on `port`); returns the Popen objects."""
+  port = port or free_port()
   started = []
-  for index in range(processes):
+  for index in range(processes) if indices is None else indices:
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     if processes > 1:
       env.update(ECHO_COORDINATOR=f"127.0.0.1:{port}", ECHO_NUM_PROCESSES=str(processes),
                  ECHO_PROCESS_ID=str(index))
     started.append(subprocess.Popen(
-        [sys.executable, "-c", WORKER, config.to_json(), str(workdir), str(texts), str(delay)], cwd=REPO, env=env,
+        [sys.executable, "-c", WORKER, config.to_json(), str(workdir), str(texts), str(delay), str(signal_at)],
+        cwd=REPO, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   return started
 
@@ -192,16 +196,38 @@ def test_two_hosts_match_one_host_and_read_disjoint_samples(setup, two_host_run)
 
 
 def test_sigterm_to_one_host_stops_both_at_one_step_and_resume_is_exact(setup, two_host_run):
-  _, config, reference = setup
+  _, _, reference = setup
   workdir, stop, relaunch = two_host_run
-  # Both saved at one step on the flag-exchange cadence, after the signal and before the end.
-  assert 8 < stop < STEPS and stop % config.train.log_every == 0, stop
+  # Both saved at one step (JAX's preemption sync point), after the signal and before the end.
+  assert 8 < stop < STEPS, stop
   log = read_jsonl(workdir / "events.jsonl")
   assert any(e["event"] == "stopped" and e["step"] == stop for e in log)
   assert any(e["event"] == "checkpoint_saved" and e["step"] == stop for e in log)
   assert [e["step"] for e in log if e["event"] == "checkpoint_restored"] == [stop]
   assert relaunch == [STEPS, STEPS]
   assert_losses_match(losses_by_step(workdir), reference, [s for s in LOGGED if s > stop])
+
+
+def test_sigterm_while_the_hosts_join_stops_both_after_their_first_step(setup):
+  """A SIGTERM to process 0 while it waits for process 1 to join comes before JAX's preemption notifier exists: the
+  entry's handler catches it and the Trainer hands it on as this process's notice, so both save after one step."""
+  root, config, _ = setup
+  workdir = root / "stopped_while_joining"
+  port = free_port()
+  first = start_hosts(config, workdir, port=port, indices=[0])
+  lines = []
+  for line in iter(first[0].stdout.readline, ""):
+    lines.append(line)
+    if line.startswith("joining"):
+      break
+  assert lines and lines[-1].startswith("joining"), "".join(lines)
+  time.sleep(2)  # inside jax.distributed.initialize, waiting for process 1
+  first[0].send_signal(signal.SIGTERM)
+  outputs = finish(first + start_hosts(config, workdir, port=port, indices=[1]))
+  assert final_steps(outputs) == [1, 1], [output[-3000:] for output in outputs]
+  log = read_jsonl(workdir / "events.jsonl")
+  assert [e["step"] for e in log if e["event"] == "stopped"] == [1]
+  assert [e["step"] for e in log if e["event"] == "checkpoint_saved"] == [1]
 
 
 def resume_copy(run, destination, step):
@@ -212,6 +238,19 @@ def resume_copy(run, destination, step):
       shutil.rmtree(destination / "checkpoints" / name)
   os.remove(destination / "metrics.jsonl")
   return destination
+
+
+def test_sigterm_right_after_a_save_of_a_resumed_run_stops_both_at_once(setup, two_host_run):
+  """Orbax's save passes the training step to JAX's preemption sync point too, on every host (and process 0's
+  finalize thread when the save ends). If the notice's protocol read that instead of the Trainer's count of this
+  launch's steps, a resumed run's sync point would land beyond its end: the stop never came (the run trained on to
+  step 24)."""
+  root, config, _ = setup
+  run = resume_copy(two_host_run[0], root / "resumed_then_stopped", step=8)
+  stops = final_steps(run_hosts(config, run, signal_at=16))  # a save step
+  assert len(stops) == 2 and stops[0] == stops[1] and 16 < stops[0] <= 19, stops
+  log = read_jsonl(run / "events.jsonl")
+  assert [e["step"] for e in log if e["event"] == "stopped"][-1] == stops[0]
 
 
 def test_two_host_checkpoint_restores_onto_one_host_with_8_and_2_devices(setup, two_host_run):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, load_config, write_synthetic_shards
+from conftest import REPO, free_port, load_config, write_synthetic_shards
 
 from echo_jax import aot, checkpoint, metrics, sharding
 from echo_jax.config import model_config
@@ -505,6 +505,50 @@ def test_sigterm_asks_for_a_stop_and_a_second_one_ends_the_process():
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert result.returncode == -signal.SIGTERM, result.stdout + result.stderr
   assert "stop requested: True" in result.stdout and "still running" not in result.stdout
+
+
+def test_the_sigterm_handler_is_refused_once_the_hosts_have_joined():
+  """After jax.distributed.initialize, SIGTERM belongs to JAX's preemption notifier, which the Trainer follows in a
+  joined run: a handler installed then would hide the signal from it, so that no host ever stopped."""
+  code = textwrap.dedent("""\
+      import threading
+      import jax
+      from echo_jax.train.loop import install_sigterm_handler
+      jax.distributed.initialize("127.0.0.1:%d", num_processes=1, process_id=0)
+      install_sigterm_handler(threading.Event())
+  """)
+  result = subprocess.run([sys.executable, "-c", code % free_port()], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 1
+  assert "RuntimeError: install_sigterm_handler must run before jax.distributed.initialize" in result.stderr
+
+
+def test_a_joined_single_process_run_stops_at_the_sync_point_and_refuses_a_second_run(tiny_config, tmp_path):
+  """A single-host TPU VM joins the distributed runtime too (one process): there SIGTERM is JAX's preemption notice,
+  and the run saves and stops at its sync point. JAX sets that point once per process, so a second run in the
+  process is refused (it would stop there again, without a notice)."""
+  tiny_config.train.update(steps=1000, log_every=1000, ckpt_every=1000, eval_every=0)
+  code = textwrap.dedent("""\
+      import json, os, signal, sys, threading
+      import jax, ml_collections
+      from echo_jax.train.loop import Trainer, install_sigterm_handler
+      stop = threading.Event()
+      install_sigterm_handler(stop)
+      jax.distributed.initialize(f"127.0.0.1:{sys.argv[3]}", num_processes=1, process_id=0)
+      config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
+      hooks = ((1, lambda info: info.step == 3 and os.kill(os.getpid(), signal.SIGTERM)),)
+      state = Trainer(config, sys.argv[2], hooks=hooks, stop_requested=stop).run()
+      print(f"final_step={int(state.step)}", flush=True)
+      Trainer(config, sys.argv[2], stop_requested=stop).run()
+  """)
+  result = subprocess.run([sys.executable, "-c", code, tiny_config.to_json(), str(tmp_path / "run"), str(free_port())],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+  final = [int(line.split("=")[1]) for line in result.stdout.splitlines() if line.startswith("final_step=")]
+  assert len(final) == 1 and 3 < final[0] < 1000, result.stdout + result.stderr[-3000:]
+  assert (tmp_path / "run" / "checkpoints" / str(final[0])).is_dir()
+  assert result.returncode == 1
+  assert "RuntimeError: this process already stopped at JAX's preemption sync point" in result.stderr
 
 
 def test_a_failed_background_save_stops_the_run_at_the_next_log_step(tiny_config, tmp_path, monkeypatch):

@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from echo_jax import aot, checkpoint, metrics, runtime, sharding
@@ -73,7 +74,8 @@ class Trainer:
   init_params: parameters to start from instead of a random init (fresh optimizer state), e.g. imported weights.
   force: train even when the compiled step needs more than 90% of the accelerator's memory.
   stop_requested: when set (e.g. by `install_sigterm_handler`, which the entry script installs before anything else),
-    the loop saves a checkpoint and stops after the current step.
+    the loop saves a checkpoint and stops: after the current step in a single process, at the next step all processes
+    agree on in a run joined by `jax.distributed.initialize` (see `_should_stop`).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
@@ -93,6 +95,7 @@ class Trainer:
     self._skip_lock = threading.Lock()
     self._unconfirmed_saves: list[int] = []
     self._eval_memory_checked = False
+    self._stop_forwarded = False
 
   # Run directory ---------------------------------------------------------------------------------------------
 
@@ -241,6 +244,8 @@ class Trainer:
       self.log.close()
 
   def _run(self) -> TrainState:
+    if jax.distributed.is_initialized():
+      self._join_preemption_sync()
     config, train = self.config, self.config.train
     global_shapes = example_inputs(config, train.batch_size)
     # After a launch that compiled the train step, the state's shapes and shardings are stored with it: no trace.
@@ -327,7 +332,7 @@ class Trainer:
                                         "peak": peak})
         if evaluates and step % train.eval_every == 0:
           self._evaluate(steps, state, held_out.result(), step)
-        stop = self._should_stop(step)
+        stop = self._should_stop(step - start_step)
         final = stop or step == train.steps
         if step % train.log_every == 0 or final:
           self._flush_skips(step)
@@ -355,18 +360,42 @@ class Trainer:
         ckpt.close()
     return state
 
-  def _should_stop(self, step: int) -> bool:
-    """True on every process when any process was asked to stop, so that all save at the same step.
+  def _should_stop(self, steps_run: int) -> bool:
+    """True when this launch should save and stop after its `steps_run`-th step: in a run joined by
+    `jax.distributed.initialize`, on every process at one step.
 
-    With several processes the flags are exchanged only every `log_every` steps: a collective every step would
-    make the host wait for the device and lose the asynchronous dispatch.
+    Joined, SIGTERM is JAX's preemption notice (its notifier takes the signal over from `install_sigterm_handler`):
+    the notified processes agree, through the coordination service and without a device collective, on the step
+    after the furthest one's, and `reached_preemption_sync_point` is true there on each: a stop costs a step or two,
+    and until a notice no step waits on the other hosts for it. Its counter is the steps of this launch, not the
+    training step: a notice during start-up (restore, compile) finds every process at 0, so the sync point is the
+    first step; counted by training step it would be step 1, which a resumed run never reaches.
     """
-    local = self.stop_requested.is_set()
-    if jax.process_count() == 1:
-      return local
-    if step % self.config.train.log_every:
-      return False
-    return any(checkpoint.gather_per_process(local))
+    if not jax.distributed.is_initialized():
+      return self.stop_requested.is_set()
+    self._forward_stop()
+    if multihost_utils.reached_preemption_sync_point(steps_run):
+      _preemption_sync_reached.set()
+      return True
+    return False
+
+  def _join_preemption_sync(self) -> None:
+    """Before a joined run: fails now, not at the first step, where JAX's preemption service is off; refuses a
+    second run in a process whose sync point was reached (JAX sets it once per process: the run would stop there
+    again, without a notice, and ignore a new one); hands on a stop that came while the hosts joined, so that the
+    processes agree on it while this launch compiles."""
+    multihost_utils.reached_preemption_sync_point(0)  # raises JAX's own error when the service is off
+    if _preemption_sync_reached.is_set():
+      raise RuntimeError("this process already stopped at JAX's preemption sync point, which it sets once per "
+                         "process; start a new process (relaunch) to train on")
+    self._forward_stop()
+
+  def _forward_stop(self) -> None:
+    """Makes `stop_requested` (set by a SIGTERM that came while the hosts joined, caught by our handler before JAX's
+    took over, or by code) this process's preemption notice, so that the others stop with it."""
+    if self.stop_requested.is_set() and not self._stop_forwarded:
+      os.kill(os.getpid(), signal.SIGTERM)  # to JAX's notifier, which now owns the signal
+      self._stop_forwarded = True
 
   def _confirm_saves(self, ckpt: checkpoint.Checkpointer, wait: bool = False) -> None:
     """Writes `checkpoint_saved` for the saves that Orbax has finished in the background (all of them, waiting,
@@ -439,6 +468,9 @@ class Trainer:
     self.log.metrics.write({"step": step, "time": time.time(), **totals})
 
 
+# Set once a joined run of this process has reached JAX's preemption sync point (see `_join_preemption_sync`).
+_preemption_sync_reached = threading.Event()
+
 # Errors whose own events (checkpoint_failed, error) the loop writes where it raises them.
 _LOGGED_ERRORS = (checkpoint.CheckpointSaveError, NonFiniteError)
 
@@ -450,10 +482,19 @@ def _close_pipeline(opened: concurrent.futures.Future) -> None:
 
 def install_sigterm_handler(stop: threading.Event) -> None:
   """SIGTERM (TPU maintenance, preemption, launch.sh stopping a run) sets `stop`: the Trainer given it saves a
-  checkpoint at the next step that all processes agree on, then returns (the process exits 0). A second SIGTERM
-  ends the process at once, as by default, for a run that cannot reach that step; the last complete checkpoint
-  stays, and an interrupted save is ignored at the next launch. (A process blocked in a collective with a dead peer
-  runs no Python handler at all: only SIGKILL ends it, which launch.sh sends.)"""
+  checkpoint and returns (the process exits 0). A second SIGTERM ends the process at once, as by default, for a run
+  that cannot reach its stop.
+
+  Install it before `runtime.initialize`: once the hosts have joined, JAX's preemption notifier (which
+  `jax.distributed.initialize` starts, and which replaces this handler) receives SIGTERM, the Trainer stops at the
+  step the processes agree on, and a second SIGTERM does nothing (launch.sh then sends SIGKILL). This handler covers
+  the wait for the other hosts to join. Installed after, it would hide SIGTERM from JAX's notifier and the other
+  processes would never learn of the stop: refused. (A process blocked in a collective with a dead peer runs no
+  signal handler at all: only SIGKILL ends it, which launch.sh sends.)
+  """
+  if jax.distributed.is_initialized():
+    raise RuntimeError("install_sigterm_handler must run before jax.distributed.initialize (runtime.initialize): "
+                       "after it, SIGTERM is JAX's preemption notice, which the Trainer follows")
 
   def on_sigterm(signum: int, frame: Any) -> None:
     if stop.is_set():
@@ -462,4 +503,3 @@ def install_sigterm_handler(stop: threading.Event) -> None:
     stop.set()
 
   signal.signal(signal.SIGTERM, on_sigterm)
-
