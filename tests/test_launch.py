@@ -10,8 +10,12 @@ import subprocess
 import textwrap
 import time
 
+import numpy as np
 import pytest
 from conftest import REPO, write_synthetic_shards
+
+from echo_jax.config import load_config_file
+from echo_jax.train.loop import Trainer
 
 LAUNCH = str(REPO / "launch.sh")
 SEP = "\x1f"
@@ -327,8 +331,10 @@ def test_shellcheck_is_clean():
 
 def start_tiny_locally(tmp_path, workdir, *args, mesh="data=-1, fsdp=1", devices=4):
   """Starts `launch.sh --local 2` of configs/tiny.py with 2 data streams (a multiple of the process count) on 4
-  shards under tmp_path, `devices` CPU devices per process; returns the launch's Popen and its log directory."""
+  shards under tmp_path (no evaluation unless `args` ask for it: one held-out shard is there), `devices` CPU devices
+  per process; returns the launch's Popen and its log directory."""
   shards = write_synthetic_shards(tmp_path / "shards", num_shards=4)
+  eval_shards = write_synthetic_shards(tmp_path / "shards", num_shards=1, seed=1, prefix="eval")
   config_file = tmp_path / "two_streams.py"
   config_file.write_text(textwrap.dedent(f"""\
       import importlib.util
@@ -350,7 +356,8 @@ def start_tiny_locally(tmp_path, workdir, *args, mesh="data=-1, fsdp=1", devices
   logdir = tmp_path / f"logs_{time.time_ns()}"
   launch = subprocess.Popen(
       ["bash", LAUNCH, "--local", "2", "--logdir", str(logdir), "--", f"--config={config_file}",
-       f"--config.data.train_shards={shards}", "--config.train.eval_every=0", f"--workdir={workdir}", *args],
+       f"--config.data.train_shards={shards}", f"--config.data.eval_shards={eval_shards}",
+       "--config.train.eval_every=0", f"--workdir={workdir}", *args],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   return launch, logdir
 
@@ -367,17 +374,30 @@ def launch_tiny_locally(tmp_path, workdir, *args, **kwargs):
 
 
 def test_local_two_processes_train_the_tiny_config(tmp_path):
+  """End to end, with evaluations on a held-out set of one shard, fewer shards than the 2 data streams: every host
+  reads the whole held-out batches and keeps its rows, so the step-0 evaluation equals a one-process run's."""
   workdir = tmp_path / "run"
   result, logs = launch_tiny_locally(tmp_path, workdir, "--config.train.steps=4", "--config.train.log_every=2",
-                                     "--config.train.ckpt_every=4")
+                                     "--config.train.ckpt_every=4", "--config.train.eval_every=2")
   assert result.returncode == 0, result.stdout + result.stderr + logs[-4000:]
   assert "process 0 (run log, events, dashboard) runs on process 0" in result.stdout
   metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert max(m["step"] for m in metrics if "loss" in m) == 4
+  evaluations = {m["step"]: m["eval_loss"] for m in metrics if "eval_loss" in m}
+  assert sorted(evaluations) == [0, 2, 4]
   start = next(json.loads(line) for line in (workdir / "events.jsonl").read_text().splitlines()
                if json.loads(line)["event"] == "start")
   assert start["processes"] == 2 and start["devices"] == 8
   assert pathlib.Path(workdir / "checkpoints" / "4").is_dir()
+
+  config = load_config_file(str(tmp_path / "two_streams.py"))
+  config.data.update(train_shards=str(tmp_path / "shards" / "train-*.tar"),
+                     eval_shards=str(tmp_path / "shards" / "eval-*.tar"), streams=1)
+  config.train.update(steps=1, eval_every=1, log_every=1)
+  Trainer(config, str(tmp_path / "one_process")).run()
+  reference = [json.loads(line) for line in (tmp_path / "one_process" / "metrics.jsonl").read_text().splitlines()]
+  reference_step_0 = next(m["eval_loss"] for m in reference if m["step"] == 0 and "eval_loss" in m)
+  np.testing.assert_allclose(evaluations[0], reference_step_0, rtol=2e-4)
 
 
 def test_a_restore_failing_on_one_host_fails_the_launch_with_its_error_not_after_the_shutdown_barrier(tmp_path):

@@ -70,8 +70,8 @@ WORKER = textwrap.dedent("""
         self.pipeline.close()
 
     class RecordingTrainer(Trainer):
-      def _pipeline(self, role, shards, seed, position=None):
-        pipeline = super()._pipeline(role, shards, seed, position)
+      def _pipeline(self, role, shards, seed, position=None, **kwargs):
+        pipeline = super()._pipeline(role, shards, seed, position, **kwargs)
         return pipeline if texts_path == "-" else Recording(pipeline)
 
     def after_step(info):

@@ -139,31 +139,45 @@ class Trainer:
       raise RuntimeError(f"process 0 could not list the shards {spec!r}: {shared['error']}")
     return shared["shards"]
 
-  def _pipeline(self, role: str, shards: list[str], seed: int, position: Any = None) -> StreamSet:
+  def _pipeline(self, role: str, shards: list[str], seed: int, position: Any = None, *,
+                whole_batch: bool = False) -> StreamSet:
     """This process's rows of every global batch of `shards` (a `_shard_list`): the data streams its devices hold
-    (DESIGN §5). Its reader threads start at once. Remote shards go through a cache directory of this run and
-    `role` (train, eval) alone: caches sharing one would adopt and delete each other's files."""
+    (DESIGN §5), or with `whole_batch` every row, from one stream. Its reader threads start at once. Remote shards go
+    through a cache directory of this run and `role` (train, eval) alone: caches sharing one would adopt and delete
+    each other's files."""
     config, data = self.config, self.config.data
     cache_dir = None
     if data.cache_dir:
       run = hashlib.sha256(self.workdir.encode("utf-8")).hexdigest()[:12]
       cache_dir = os.path.join(os.path.expanduser(data.cache_dir), f"{role}-{run}")
     batch_size = config.train.batch_size
-    num_streams = data.streams
-    rows = runtime.process_batch_rows(sharding.batch_sharding(self.mesh, 1), batch_size)
+    if whole_batch:
+      num_streams, streams = 1, range(1)
+    else:
+      num_streams = data.streams
+      streams = stream_range(batch_size, num_streams, self._batch_rows())
     return StreamSet(
-        shards=shards, batch_size=batch_size, num_streams=num_streams,
-        streams=stream_range(batch_size, num_streams, rows), state=position,
+        shards=shards, batch_size=batch_size, num_streams=num_streams, streams=streams, state=position,
         cache_dir=cache_dir, shard_prefetch=data.shard_prefetch,
         stall_timeout=data.stall_timeout, retries=data.download_retries, latent_dim=config.model.latent_dim,
         max_text_len=data.max_text_len, max_frames=data.max_frames, max_ref_frames=data.max_ref_frames,
         pad_latent=load_pad_latent(data.pad_latent, config.model.latent_dim), seed=seed, prefetch=data.prefetch,
         on_skip=self._on_skip)
 
+  def _batch_rows(self) -> tuple[int, int]:
+    """The rows [start, stop) of every global batch that this process's devices hold."""
+    return runtime.process_batch_rows(sharding.batch_sharding(self.mesh, 1), self.config.train.batch_size)
+
   def _eval_batches(self, shards: list[str]) -> list[dict[str, jax.Array]]:
-    """The held-out batches, read once and reused, so every evaluation sees the same data."""
-    with self._pipeline("eval", shards, seed=0) as pipeline:
-      return [sharding.global_batch(next(pipeline), self.mesh) for _ in range(self.config.train.eval_batches)]
+    """The held-out batches, read once and reused, so every evaluation sees the same data.
+
+    Every process reads the whole batches through one stream and keeps its rows: a held-out set is small (often one
+    shard), and split into the training's data.streams it would need as many shards; read this way it is also the
+    same whatever data.streams and the process count are."""
+    start, stop = self._batch_rows()
+    with self._pipeline("eval", shards, seed=0, whole_batch=True) as pipeline:
+      return [sharding.global_batch({name: rows[start:stop] for name, rows in next(pipeline).items()}, self.mesh)
+              for _ in range(self.config.train.eval_batches)]
 
   def _resume_step(self, ckpt: checkpoint.Checkpointer) -> int | None:
     """The step every process resumes from (None: a new run), from the checkpoints all of them see. A collective.
