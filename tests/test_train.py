@@ -523,6 +523,24 @@ def test_the_sigterm_handler_is_refused_once_the_hosts_have_joined():
   assert "RuntimeError: install_sigterm_handler must run before jax.distributed.initialize" in result.stderr
 
 
+def test_a_joined_run_without_jax_preemption_service_fails_at_its_start(tiny_config, tmp_path):
+  """The joined Trainer's stop is JAX's preemption sync point: with the service off (outside runtime.initialize,
+  which turns it on) the run fails before anything else, with JAX's advice, not at its first step or a SIGTERM."""
+  code = textwrap.dedent("""\
+      import json, sys
+      import jax, ml_collections
+      from echo_jax.train.loop import Trainer
+      jax.config.update("jax_enable_preemption_service", False)
+      jax.distributed.initialize(f"127.0.0.1:{sys.argv[3]}", num_processes=1, process_id=0)
+      Trainer(ml_collections.ConfigDict(json.loads(sys.argv[1])), sys.argv[2]).run()
+  """)
+  result = subprocess.run([sys.executable, "-c", code, tiny_config.to_json(), str(tmp_path / "run"), str(free_port())],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env=dict(os.environ, XLA_FLAGS=""))
+  assert result.returncode == 1
+  assert "Make sure the 'jax_enable_preemption_service' config is enabled" in result.stderr
+  assert [e["event"] for e in read_jsonl(tmp_path / "run" / "events.jsonl")] == ["error"]  # no compile, no start
+
+
 def test_a_joined_single_process_run_stops_at_the_sync_point_and_refuses_a_second_run(tiny_config, tmp_path):
   """A single-host TPU VM joins the distributed runtime too (one process): there SIGTERM is JAX's preemption notice,
   and the run saves and stops at its sync point. JAX sets that point once per process, so a second run in the
