@@ -47,7 +47,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   if process_id is None and os.environ.get(ENV_PROCESS_ID):
     process_id = int(os.environ[ENV_PROCESS_ID])
   # The Trainer's SIGTERM stop of joined hosts is JAX's preemption sync point, which needs JAX's preemption service
-  # (on by default; an environment that turned it off would fail the run at its first step).
+  # (on by default; with it turned off, the Trainer would refuse to start).
   jax.config.update("jax_enable_preemption_service", True)
   given = {"coordinator_address": coordinator_address, "num_processes": num_processes, "process_id": process_id}
   if all(value is None for value in given.values()):

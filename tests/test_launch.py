@@ -362,13 +362,21 @@ def start_tiny_locally(tmp_path, workdir, *args, mesh="data=-1, fsdp=1", devices
   return launch, logdir
 
 
+def stop_launch(launch):
+  """Ends a local launch still running (a failed test): SIGTERM, on which launch.sh stops its trainers, so that
+  none is left to load the machine under the tests after it."""
+  if launch.poll() is None:
+    launch.terminate()
+    launch.communicate(timeout=60)
+
+
 def launch_tiny_locally(tmp_path, workdir, *args, **kwargs):
   """`start_tiny_locally` to its end; returns the launch's result and the processes' logs."""
   launch, logdir = start_tiny_locally(tmp_path, workdir, *args, **kwargs)
   try:
     stdout, stderr = launch.communicate(timeout=280)
   finally:
-    launch.kill()
+    stop_launch(launch)
   result = subprocess.CompletedProcess(launch.args, launch.returncode, stdout, stderr)
   return result, "".join(p.read_text() for p in sorted(logdir.glob("*.log")))
 
@@ -420,7 +428,6 @@ def test_a_restore_failing_on_one_host_fails_the_launch_with_its_error_not_after
   assert "CheckpointRestoreError: restoring checkpoint step 2" in first_tail
   assert "OUT_OF_RANGE" in first_tail and "the step is damaged" in first_tail
   assert "Shutdown barrier" not in logs
-
 
 
 def local_trainer_pid(workdir, process_id):
@@ -475,7 +482,5 @@ def test_sigterm_to_one_local_trainer_stops_both_at_one_step_and_the_launch_succ
     assert stopped_steps() == [stop[0], stop[0] + 1]
     assert (workdir / "checkpoints" / str(stop[0] + 1)).is_dir()
   finally:
-    for process in started:  # launch.sh stops its trainers on SIGTERM
-      if process.poll() is None:
-        process.terminate()
-        process.communicate(timeout=60)
+    for process in started:
+      stop_launch(process)

@@ -30,19 +30,17 @@ TIMEOUT_S = 240
 LOG_EVERY = 4
 LOGGED = range(LOG_EVERY, STEPS + 1, LOG_EVERY)  # the steps whose losses metrics.jsonl holds
 
-# One simulated host: joins the runtime from ECHO_* variables (its SIGTERM handler first, as in train_main), records
+# One simulated host: joins the runtime from ECHO_* variables as train_main does (`join_hosts`), records
 # the texts of the rows it loads (one JSON list per step) when asked, sleeps after each step when asked (so a signal
 # lands mid-run), sends process 1 a SIGTERM right after step `signal_at` (and its save, if it has one) when asked,
 # and prints its final step.
 WORKER = textwrap.dedent("""
-    import json, os, signal, sys, threading, time
+    import json, os, signal, sys, time
     import jax
-    from echo_jax import runtime
-    from echo_jax.train.loop import Trainer, install_sigterm_handler
-    stop = threading.Event()
-    install_sigterm_handler(stop)
+    from echo_jax.train.entry import join_hosts
+    from echo_jax.train.loop import Trainer
     print("joining", flush=True)
-    runtime.initialize()
+    stop = join_hosts()
     import ml_collections
     import numpy as np
 

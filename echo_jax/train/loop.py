@@ -176,7 +176,7 @@ class Trainer:
     same whatever data.streams and the process count are."""
     start, stop = self._batch_rows()
     with self._pipeline("eval", shards, seed=0, whole_batch=True) as pipeline:
-      return [sharding.global_batch({name: rows[start:stop] for name, rows in next(pipeline).items()}, self.mesh)
+      return [sharding.global_batch({name: whole[start:stop] for name, whole in next(pipeline).items()}, self.mesh)
               for _ in range(self.config.train.eval_batches)]
 
   def _resume_step(self, ckpt: checkpoint.Checkpointer) -> int | None:
