@@ -427,9 +427,19 @@ def test_pickle_export_import_round_trip(tmp_path):
                              create_train_state(Echo(model_config(other)), jax.random.key(0), other))
 
 
-def test_no_tensorflow_or_torch_at_import():
+def test_no_tensorflow_or_torch_at_import(tmp_path):
+  """Stand-ins for torch and tensorflow are importable (CI installs neither): a library that imports them whenever
+  they are installed (webdataset does, for torch) loads them here as it would on a GPU host or a TPU VM."""
+  for name in ("torch", "tensorflow"):
+    (tmp_path / name / "utils").mkdir(parents=True)
+    (tmp_path / name / "__init__.py").write_text("class Tensor:\n  pass\n")
+    (tmp_path / name / "utils" / "__init__.py").write_text("")
+    (tmp_path / name / "utils" / "data.py").write_text("class DataLoader:\n  pass\nclass IterableDataset:\n  pass\n")
   code = textwrap.dedent("""
       import importlib, pkgutil, runpy, sys
+      import torch, tensorflow  # the stand-ins are found
+      for name in [m for m in sys.modules if m.split(".")[0] in ("torch", "tensorflow")]:
+        del sys.modules[name]
       import echo_jax
       for module in pkgutil.walk_packages(echo_jax.__path__, "echo_jax."):
         importlib.import_module(module.name)
@@ -442,7 +452,9 @@ def test_no_tensorflow_or_torch_at_import():
       bad = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "tensorflow"))
       assert not bad, bad
   """)
-  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=env)
   assert result.returncode == 0, result.stderr[-3000:]
 
 
