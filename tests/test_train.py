@@ -478,6 +478,35 @@ def test_a_shard_spec_naming_nothing_fails_the_launch_before_the_compile(tiny_co
   assert not compiled  # minutes of a pod's compile are not spent on a launch that cannot read its data
 
 
+SLOW_ORBAX_CLEANUP_ENTRY = """
+import asyncio, runpy, sys
+from orbax.checkpoint._src.path import temporary_paths
+cleanup = temporary_paths.cleanup_temporary_paths
+
+async def slow_cleanup(*args, **kwargs):  # as on a slow disk or gs://: the launch can fail before the clean-up ends
+  await asyncio.sleep(1.0)
+  return await cleanup(*args, **kwargs)
+
+temporary_paths.cleanup_temporary_paths = slow_cleanup
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_launch_that_fails_at_its_start_ends_with_its_own_error(tmp_path):
+  """The real entry, failing before its first step (a shard spec naming nothing): the error that stopped it is the
+  last thing printed, not a traceback from the clean-up thread of an Orbax checkpoint manager cut short by the exit
+  (slowed down here, so that the test does not depend on a race)."""
+  result = subprocess.run(
+      [sys.executable, "-c", SLOW_ORBAX_CLEANUP_ENTRY, "train_pretrain.py", "--config=configs/tiny.py",
+       f"--workdir={tmp_path / 'run'}", f"--config.data.train_shards={tmp_path / 'typo-*.tar'}",
+       "--config.samples.every=0"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  assert "after interpreter shutdown" not in result.stderr, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1].startswith("FileNotFoundError: shard spec item"), result.stderr[-3000:]
+
+
 def test_remote_shards_stream_through_a_cache_of_the_run_and_role(tiny_config, tmp_path):
   """Training and held-out shards from an fsspec filesystem (memory://, standing in for gs:// and hf://), the same
   shards in both roles: each role has its own cache directory of this run, so neither adopts or deletes the other's

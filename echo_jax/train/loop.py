@@ -265,14 +265,15 @@ class Trainer:
     # After a launch that compiled the train step, the state's shapes and shardings are stored with it: no trace.
     abstract_state = (StepFunctions.cached_abstract_state(config, self.mesh, global_shapes)
                       or sharded_abstract_state(self.model, config, self.mesh))
-    ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=train.keep_checkpoints,
-                                   keep_period=train.keep_period, compression=train.ckpt_compression,
-                                   restore_gb=checkpoint.restore_budget_gb(abstract_state, train.ckpt_restore_gb))
-    # Listed first, so that a shard spec naming nothing fails the launch before the compile.
+    # Listed first, so that a shard spec naming nothing fails the launch before the compile, and before Orbax's
+    # checkpoint manager starts its clean-up thread: cut short by the exit, that thread raises below the error.
     train_shards = self._shard_list(config.data.train_shards)
     evaluates = bool(config.data.eval_shards) and train.eval_every > 0 and train.eval_batches > 0
     held_out = InBackground("held_out", functools.partial(
         self._eval_batches, self._shard_list(config.data.eval_shards) if evaluates else []))
+    ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=train.keep_checkpoints,
+                                   keep_period=train.keep_period, compression=train.ckpt_compression,
+                                   restore_gb=checkpoint.restore_budget_gb(abstract_state, train.ckpt_restore_gb))
     # A new run evaluates before its first step: it reads the held-out batches while the train step compiles. A
     # restart's first evaluation is eval_every steps away: it reads them once its first step is logged (as it
     # compiles the eval step then), so that its first step waits neither for them nor for the CPU and the bandwidth
