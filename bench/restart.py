@@ -5,14 +5,16 @@ training and held-out shards it launches the real entry script as
   1. a new run, cache empty (cold), stopped by SIGTERM, which saves a checkpoint (as at a preemption);
   2. a restart of that run, resuming that checkpoint, with the cache the first launch filled (warm);
   3. a restart of a copy of that run, resuming the same checkpoint, with another cache, empty (cold);
-  4. a new run of the same config into another directory, warm cache (skipped with --no_new_run).
+  4. a new run of the same config into another directory, warm cache (skipped with --no_new_run);
+  5. with --profile, launch 2 again (same checkpoint, same cache) under bench/stack_sampler.py, and prints where its
+     seconds went: each thread's timeline (imports, restore, the executable's load...). Not in the ratios.
 A new run evaluates the held-out set before its first step and a restart does not, so a restart is compared only
 with a restart and a new run only with a new run. Prints a table and appends a JSON line to
 bench/results/restart.jsonl. Target: a warm restart takes <= 20% of a cold one. Each launch is timed to its first
 step's start (the training loop begins: compiled or loaded, state restored, data open) and to that step's end; the
 first step's compute is the same work in every launch, so the second ratio is the higher one.
 
-  .venv/bin/python bench/restart.py [--config demo] [--set train.batch_size=16 ...] [--no_new_run]
+  .venv/bin/python bench/restart.py [--config demo] [--set train.batch_size=16 ...] [--no_new_run] [--profile]
 
 On a GPU (the machine's JAX with CUDA), e.g.: python bench/restart.py --config echo_1p3b --set train.batch_size=16
 """
@@ -34,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import common  # noqa: E402 - needs the repository root on the path first
+from bench import common, stack_sampler  # noqa: E402 - needs the repository root on the path first
 from echo_jax.data.shards import Sample, write_shard  # noqa: E402
 
 
@@ -48,13 +50,13 @@ def write_shards(directory: str, latent_dim: int, frames: int, prefix: str) -> s
   return os.path.join(directory, f"{prefix}-*.tar")
 
 
-def training_lines(workdir: str) -> dict[int, dict]:
-  """step -> the metrics line of each training step logged so far."""
+def metrics_lines(workdir: str) -> list[dict]:
+  """The lines of the run's metrics.jsonl so far (a launch appends to those of the launches before it)."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
-    return {}
+    return []
   with open(path, encoding="utf-8") as f:
-    return {record["step"]: record for record in map(json.loads, filter(str.strip, f)) if "loss" in record}
+    return [json.loads(line) for line in f if line.strip()]
 
 
 def first_events(workdir: str, after: float) -> dict[str, dict]:
@@ -68,20 +70,22 @@ def first_events(workdir: str, after: float) -> dict[str, dict]:
 
 
 def launch(config_path: str, shards: tuple[str, str], workdir: str, cache_dir: str, overrides: list[str], *,
-           resumed_later: bool) -> dict[str, Any]:
+           resumed_later: bool, profile: str | None = None) -> dict[str, Any]:
   """Launches train_pretrain.py and measures the seconds until its `start` event (state compiled and restored or
   initialised), until its first step starts (the training loop begins; after a new run's step-0 evaluation) and
   until that step is done (its metrics line, whose step time runs from the loop's start to the step's end); with
   the seconds of the train step's compile (or load) and of the restore beside it, and when they began (imports,
   device start and set-up before them), from its events. Then,
   if a later launch resumes this run, SIGTERMs it (it saves a checkpoint, which the next launch into `workdir`
-  resumes) and waits for it to exit; else kills it (a large model's save would only add minutes to the benchmark)."""
-  command = [sys.executable, os.path.join(common.REPO, "train_pretrain.py"), f"--config={config_path}",
+  resumes) and waits for it to exit; else kills it (a large model's save would only add minutes to the benchmark).
+  With `profile` (a path), it runs under bench/stack_sampler.py, whose samples are written there at the first step."""
+  sampler = [stack_sampler.__file__, profile] if profile else []
+  command = [sys.executable, *sampler, os.path.join(common.REPO, "train_pretrain.py"), f"--config={config_path}",
              f"--workdir={workdir}", f"--config.data.train_shards={shards[0]}",
              f"--config.data.eval_shards={shards[1]}", "--config.train.steps=1000", "--config.train.log_every=1",
              "--config.samples.every=0", f"--config.compile_cache_dir={cache_dir}",
              *(f"--config.{override}" for override in overrides)]
-  done = set(training_lines(workdir))
+  done = len(metrics_lines(workdir))
   # The previous launch's save and the copy of its checkpoint leave gigabytes of dirty pages (15.6 GB each for
   # echo_1p3b): flushed here, so that no launch pays the write-back of the benchmark's own earlier work while it
   # reads the checkpoint. The files stay in the page cache, as after a restart on the same host.
@@ -96,11 +100,13 @@ def launch(config_path: str, shards: tuple[str, str], workdir: str, cache_dir: s
       return log.read()[-3000:]
 
     try:
-      while not (new := {step: line for step, line in training_lines(workdir).items() if step not in done}):
+      while not (new := [line for line in metrics_lines(workdir)[done:] if "loss" in line]):
         if process.poll() is not None:
           raise RuntimeError(f"train_pretrain.py exited early:\n{log_tail()}")
         time.sleep(0.02)
-      first = new[min(new)]
+      first = new[0]
+      if profile:
+        stack_sampler.request_write(profile)
       if resumed_later:
         process.send_signal(signal.SIGTERM)
         if process.wait(timeout=300) != 0:
@@ -114,7 +120,7 @@ def launch(config_path: str, shards: tuple[str, str], workdir: str, cache_dir: s
   return {"start_event_s": round(start["time"] - wall_start, 2),
           "setup_s": round(restored["time"] - restored["seconds"] - wall_start, 2) if restored else None,
           "compile_s": start["compile_seconds"], "restore_s": restored["seconds"] if restored else None,
-          "first_step": min(new),
+          "first_step": first["step"],
           "first_step_starts_s": round(first["time"] - first["step_time"] - wall_start, 2),
           "first_step_done_s": round(first["time"] - wall_start, 2)}
 
@@ -124,7 +130,9 @@ def main() -> None:
   parser.add_argument("--config", default="demo", help="config name (configs/ or bench/configs/) or path")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="config override passed to every launch, e.g. train.batch_size=16 (repeatable)")
-  parser.add_argument("--no_new_run", action="store_true", help="skip the last launch (a new run, warm cache)")
+  parser.add_argument("--no_new_run", action="store_true", help="skip the new run with the warm cache")
+  parser.add_argument("--profile", action="store_true",
+                      help="relaunch the warm restart under bench/stack_sampler.py and print where its seconds went")
   args = parser.parse_args()
   # A TERM (a time limit) unwinds like an error: the trainer it launched is killed and the temporary directory, with
   # its checkpoints, removed, instead of both outliving the benchmark.
@@ -140,9 +148,10 @@ def main() -> None:
     shards = tuple(write_shards(root, config.model.latent_dim, config.data.max_frames, prefix)
                    for prefix in ("train", "eval"))
 
-    def timed(name: str, workdir: str, cache: str, resumed_later: bool = False) -> dict[str, Any]:
+    def timed(name: str, workdir: str, cache: str, resumed_later: bool = False,
+              profile: str | None = None) -> dict[str, Any]:
       row = launch(config_path, shards, os.path.join(root, workdir), os.path.join(root, cache), args.set,
-                   resumed_later=resumed_later)
+                   resumed_later=resumed_later, profile=profile)
       rows.append({"launch": name, **row})
       print(f"{name}: {row['start_event_s']:.2f} s to the start event, {row['first_step_starts_s']:.2f} s to the "
             f"first step's start, {row['first_step_done_s']:.2f} s to its end", flush=True)
@@ -154,6 +163,10 @@ def main() -> None:
     warm_restart = timed("restart, warm cache", "run", "cache")
     cold_restart = timed("restart, cold cache", "run_copy", "empty_cache")
     warm_new = None if args.no_new_run else timed("new run, warm cache", "new", "cache")
+    if args.profile:
+      profile = os.path.join(root, "warm_restart.json.gz")
+      timed("restart, warm cache, sampled", "run", "cache", profile=profile)
+      where = stack_sampler.report(profile)
 
   def ratios(warm: dict[str, Any] | None, cold: dict[str, Any]) -> dict[str, float] | None:
     return None if warm is None else {
@@ -175,6 +188,9 @@ def main() -> None:
     if rate is not None:
       print(f"{name}: warm / cold = {rate['first_step_starts']:.1%} to the first step's start, "
             f"{rate['first_step_done']:.1%} to its end (target <= 20%)")
+  if args.profile:
+    print("where the sampled warm restart's seconds went (seconds since its sampler started, just after the "
+          f"interpreter):\n{where}")
   common.append_result("restart", record)
 
 
