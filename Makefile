@@ -29,6 +29,7 @@ test: venv browser
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/shellcheck launch.sh bench/gpu_figures.sh .ci/run
 
 demo-data: venv
 	$(PY) -m echo_jax.data.demo --out data/demo
