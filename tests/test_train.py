@@ -749,6 +749,28 @@ def test_a_damaged_checkpoint_is_named_with_the_step_the_run_resumes_from_once_i
   assert restored == [2] and max(losses_by_step(tmp_path / "run")) == 6
 
 
+def test_a_flipped_bit_in_a_checkpoint_is_found_by_its_checksum(tiny_config, tmp_path):
+  """Orbax restores an array with one flipped bit without complaint; the checksum stored with the step finds it,
+  and the run is told to set the step aside like any other damaged step."""
+  tiny_config.train.update(steps=4, ckpt_every=2, eval_every=0)
+  Trainer(tiny_config, str(tmp_path / "run")).run()
+  newest = tmp_path / "run" / "checkpoints" / "4"
+  _, params = checkpoint.load_params(str(tmp_path / "run"))
+  name, largest = max(((jax.tree_util.keystr(path, simple=True, separator="/"), np.asarray(leaf))
+                       for path, leaf in jax.tree_util.tree_leaves_with_path(params)), key=lambda item: item[1].size)
+  pattern = largest.reshape(-1)[largest.size // 2:largest.size // 2 + 16].tobytes()  # 16 float32 values
+  files = [p for p in newest.rglob("*") if p.is_file() and pattern in p.read_bytes()]
+  assert len(files) == 1 and files[0].read_bytes().count(pattern) == 1
+  data = bytearray(files[0].read_bytes())
+  data[data.index(pattern)] ^= 1  # the lowest mantissa bit of one weight: a change of one unit in the last place
+  files[0].write_bytes(bytes(data))
+  tiny_config.train.steps = 6
+  with pytest.raises(checkpoint.CheckpointRestoreError,
+                     match=rf"step 4 .* failed \(ChecksumMismatch: arrays that differ from those saved: "
+                           rf"params/{name}\).* the step is damaged: move {newest} out of .* resumes from step 2$"):
+    Trainer(tiny_config, str(tmp_path / "run")).run()
+
+
 @pytest.mark.parametrize(("cause", "damaged"), [
     (ValueError("OUT_OF_RANGE: Error reading \"params.w/0.0\" in OCDBT database"), True),
     (FileNotFoundError("checkpoints/4/state/_METADATA"), True),
