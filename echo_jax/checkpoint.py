@@ -337,6 +337,20 @@ def _restore_params(directory: str, abstract_params: Any, nested: bool) -> Any:
   return restored["params"] if nested else restored
 
 
+def _restore_step_params(step_dir: str, abstract_params: Any) -> Any:
+  """The parameters of a training checkpoint's step directory, checked against the checksums saved with them (a
+  step saved before checksums were stored is not checked)."""
+  params = _restore_params(os.path.join(step_dir, "state"), abstract_params, nested=True)
+  meta_dir = os.path.join(step_dir, "meta")
+  meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.abspath(meta_dir)) \
+      if os.path.isdir(meta_dir) else {}
+  differences = checksum_differences(meta.get("checksums", {}), {"params": params})
+  if differences:
+    raise ChecksumMismatch(f"{step_dir}: arrays that differ from those saved: {', '.join(differences)}. This copy of "
+                           "the step is damaged: copy it again from the run, or use an earlier step")
+  return params
+
+
 def load_params(path: str, config: ml_collections.ConfigDict | None = None) -> tuple[ml_collections.ConfigDict, Any]:
   """(config, params) from a run directory (its newest complete checkpoint), an Orbax step directory, a
   parameters-only directory (`save_params`), or a plain pickle file (config from `config` or a config.json beside
@@ -365,10 +379,9 @@ def load_params(path: str, config: ml_collections.ConfigDict | None = None) -> t
     if not steps:
       raise ValueError(f"run directory {path} has no complete checkpoint yet")
     config = config or _read_config(os.path.join(path, "config.json"))
-    step_dir = os.path.join(path, "checkpoints", str(max(steps)), "state")
-    return config, _restore_params(step_dir, abstract_params(config), nested=True)
+    return config, _restore_step_params(os.path.join(path, "checkpoints", str(max(steps))), abstract_params(config))
   if os.path.isdir(os.path.join(path, "state")):
     config = config or _read_config(os.path.join(path, "..", "..", "config.json"))
-    return config, _restore_params(os.path.join(path, "state"), abstract_params(config), nested=True)
+    return config, _restore_step_params(path, abstract_params(config))
   raise ValueError(f"{path} is not a checkpoint: expected a run directory, an Orbax step directory "
                    "(checkpoints/<step>), a converted parameters directory, or a .pkl file")

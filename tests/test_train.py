@@ -750,8 +750,8 @@ def test_a_damaged_checkpoint_is_named_with_the_step_the_run_resumes_from_once_i
 
 
 def test_a_flipped_bit_in_a_checkpoint_is_found_by_its_checksum(tiny_config, tmp_path):
-  """Orbax restores an array with one flipped bit without complaint; the checksum stored with the step finds it,
-  and the run is told to set the step aside like any other damaged step."""
+  """Orbax restores an array with one flipped bit without complaint; the checksum stored with the step finds it: the
+  run is told to set the step aside like any other damaged step, and inference refuses the weights."""
   tiny_config.train.update(steps=4, ckpt_every=2, eval_every=0)
   Trainer(tiny_config, str(tmp_path / "run")).run()
   newest = tmp_path / "run" / "checkpoints" / "4"
@@ -769,6 +769,8 @@ def test_a_flipped_bit_in_a_checkpoint_is_found_by_its_checksum(tiny_config, tmp
                      match=rf"step 4 .* failed \(ChecksumMismatch: arrays that differ from those saved: "
                            rf"params/{name}\).* the step is damaged: move {newest} out of .* resumes from step 2$"):
     Trainer(tiny_config, str(tmp_path / "run")).run()
+  with pytest.raises(checkpoint.ChecksumMismatch, match=rf"4: arrays that differ from those saved: params/{name}\. "):
+    checkpoint.load_params(str(tmp_path / "run"))  # inference and --init_from
 
 
 @pytest.mark.parametrize(("cause", "damaged"), [
