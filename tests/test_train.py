@@ -1,11 +1,13 @@
 """Training: it learns, it is deterministic, it resumes exactly (also after SIGKILL), shards, and survives bad data."""
 
+import copy
 import functools
 import hashlib
 import json
 import logging
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -718,12 +720,31 @@ def test_a_restart_with_another_model_is_refused_before_the_compile_and_keeps_th
   assert not [e for e in events(tmp_path / "run") if e["event"] == "error"]  # logged once, as the failed restore
 
 
+@pytest.fixture(scope="module")
+def four_step_run(tmp_path_factory):
+  """(config, run directory) of a tiny run trained to step 4, with checkpoints at steps 2 and 4; trained once for the
+  tests that damage a copy of it."""
+  root = tmp_path_factory.mktemp("four_step_run")
+  config = load_config("tiny")
+  config.data.train_shards = write_synthetic_shards(root / "shards")
+  config.train.update(steps=4, ckpt_every=2, eval_every=0)
+  Trainer(config, str(root / "run")).run()
+  return config, root / "run"
+
+
+@pytest.fixture
+def run_copy(four_step_run, tmp_path):
+  """A copy of `four_step_run` to damage: (its config, to change freely; its run directory)."""
+  config, run = four_step_run
+  shutil.copytree(run, tmp_path / "run")
+  return copy.deepcopy(config), tmp_path / "run"
+
+
 @pytest.mark.parametrize("damage", ["array file", "deleted array file", "tree metadata", "deleted tree metadata"])
 def test_a_damaged_checkpoint_is_named_with_the_step_the_run_resumes_from_once_it_is_set_aside(
-    tiny_config, tmp_path, damage):
-  tiny_config.train.update(steps=4, ckpt_every=2, eval_every=0)
-  Trainer(tiny_config, str(tmp_path / "run")).run()
-  newest = tmp_path / "run" / "checkpoints" / "4"
+    run_copy, tmp_path, damage):
+  tiny_config, run = run_copy
+  newest = run / "checkpoints" / "4"
   # Array files are read by the restore, after the compile; the tree's metadata by the check before it.
   largest = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
   damaged, cause = {"array file": (largest, r"ValueError: OUT_OF_RANGE: Error reading "),
@@ -749,13 +770,12 @@ def test_a_damaged_checkpoint_is_named_with_the_step_the_run_resumes_from_once_i
   assert restored == [2] and max(losses_by_step(tmp_path / "run")) == 6
 
 
-def test_a_flipped_bit_in_a_checkpoint_is_found_by_its_checksum(tiny_config, tmp_path):
+def test_a_flipped_bit_in_a_checkpoint_is_found_by_its_checksum(run_copy, tmp_path):
   """Orbax restores an array with one flipped bit without complaint; the checksum stored with the step finds it: the
   run is told to set the step aside like any other damaged step, and inference refuses the weights."""
-  tiny_config.train.update(steps=4, ckpt_every=2, eval_every=0)
-  Trainer(tiny_config, str(tmp_path / "run")).run()
-  newest = tmp_path / "run" / "checkpoints" / "4"
-  _, params = checkpoint.load_params(str(tmp_path / "run"))
+  tiny_config, run = run_copy
+  newest = run / "checkpoints" / "4"
+  _, params = checkpoint.load_params(str(run))
   name, largest = max(((jax.tree_util.keystr(path, simple=True, separator="/"), np.asarray(leaf))
                        for path, leaf in jax.tree_util.tree_leaves_with_path(params)), key=lambda item: item[1].size)
   pattern = largest.reshape(-1)[largest.size // 2:largest.size // 2 + 16].tobytes()  # 16 float32 values
