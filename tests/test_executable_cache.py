@@ -124,9 +124,17 @@ def test_a_run_resumed_with_loaded_steps_gives_the_losses_of_an_uninterrupted_ru
   shutil.rmtree(workdir / "checkpoints" / "6")
   os.remove(workdir / "metrics.jsonl")
   # Resumed from step 3 by a warm launch: the steps are loaded, untraced; the state restores onto their shardings.
+  # The restore's checksum program is compiled and stored beside them.
   assert train(config, workdir)["traced"] == []
   assert losses_by_step(workdir) == {step: uninterrupted[step] for step in (4, 5, 6)}
   assert eval_losses_by_step(workdir) == {6: evaluated[6]}
+  assert len(stored(tmp_path / "xla")) == 3
+  # Resumed again: the checksum program is loaded too, and finds the restored state intact.
+  shutil.rmtree(workdir / "checkpoints" / "6")
+  os.remove(workdir / "metrics.jsonl")
+  assert train(config, workdir)["traced"] == []
+  assert losses_by_step(workdir) == {step: uninterrupted[step] for step in (4, 5, 6)}
+  assert len(stored(tmp_path / "xla")) == 3
 
 
 def test_a_step_that_the_compilation_cache_answered_is_not_stored(tmp_path):
