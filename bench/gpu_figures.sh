@@ -6,6 +6,10 @@
 #     bash bench/gpu_figures.sh OUT_DIR [NAME ...]
 #     # NAME: train_1p3b sampler_1p3b sampler_fish restart_1p3b restore_1p3b
 #
+# On a machine whose image lacks them (the workplace's H100/H200 image, 2026-11-28), the pinned orbax-checkpoint,
+# ml_collections, webdataset (and braceexpand), orjson, soundfile (cffi, pycparser), soxr, librosa (audioread,
+# decorator, pooch, platformdirs) and espeakng-loader go on PYTHONPATH as wheels first; its JAX, Flax and optax serve.
+#
 # Without names it runs the first three (~5 min on an H100, most of it compilation). restart_1p3b (bench/restart.py:
 # a cold launch, a SIGTERM save of the 15.6 GB state, a warm and a cold restart, a warm new run, then the warm restart
 # again under bench/stack_sampler.py, whose timeline it prints; ~4.5 min on an H200) and restore_1p3b
