@@ -18,8 +18,11 @@ from test_train import eval_losses_by_step, losses_by_step
 
 from echo_jax import executable_cache, sharding
 
-# The start of each script below: `traced` records which step functions get traced.
+# The start of each script below: `traced` records which step functions get traced, and when the checkpoints'
+# checksum program is.
 RECORD_TRACES = textwrap.dedent("""
+    import jax
+    from echo_jax import checkpoint
     from echo_jax.train import step
     traced = []
     for name in ("train_step", "eval_step"):
@@ -27,6 +30,11 @@ RECORD_TRACES = textwrap.dedent("""
         traced.append(_name)
         return _step(*args, **kwargs)
       setattr(step, name, recording)
+
+    def recording_sums(tree, _sums=checkpoint._word_sums.__wrapped__):
+      traced.append("checksums")
+      return _sums(tree)
+    checkpoint._word_sums = jax.jit(recording_sums)
 """)
 
 # One single-device process (the caches are off on several CPU devices): enables the compilation cache, compiles the
@@ -118,22 +126,18 @@ def test_a_run_resumed_with_loaded_steps_gives_the_losses_of_an_uninterrupted_ru
   config.train.update(steps=6, ckpt_every=3, eval_every=3)
   config.compile_cache_dir = str(tmp_path / "xla")
   workdir = tmp_path / "run"
-  # Uninterrupted, with an empty cache: compiles both steps and stores them.
-  assert train(config, workdir)["traced"] == ["train_step", "eval_step"]
+  # Uninterrupted, with an empty cache: compiles both steps, and at the first save the checksum program, and stores
+  # the three.
+  assert train(config, workdir)["traced"] == ["train_step", "eval_step", "checksums"]
+  assert len(stored(tmp_path / "xla")) == 3
   uninterrupted, evaluated = losses_by_step(workdir), eval_losses_by_step(workdir)
   shutil.rmtree(workdir / "checkpoints" / "6")
   os.remove(workdir / "metrics.jsonl")
-  # Resumed from step 3 by a warm launch: the steps are loaded, untraced; the state restores onto their shardings.
-  # The restore's checksum program is compiled and stored beside them.
+  # Resumed from step 3 by a warm launch: the steps and the checksum program are loaded, untraced; the state
+  # restores onto their shardings, and its checksums match.
   assert train(config, workdir)["traced"] == []
   assert losses_by_step(workdir) == {step: uninterrupted[step] for step in (4, 5, 6)}
   assert eval_losses_by_step(workdir) == {6: evaluated[6]}
-  assert len(stored(tmp_path / "xla")) == 3
-  # Resumed again: the checksum program is loaded too, and finds the restored state intact.
-  shutil.rmtree(workdir / "checkpoints" / "6")
-  os.remove(workdir / "metrics.jsonl")
-  assert train(config, workdir)["traced"] == []
-  assert losses_by_step(workdir) == {step: uninterrupted[step] for step in (4, 5, 6)}
   assert len(stored(tmp_path / "xla")) == 3
 
 
