@@ -124,15 +124,15 @@ def activity(stack: list[str], script: str) -> str | None:
   return inner if ours is None else f"{ours.rsplit(os.sep, 1)[-1]} · {inner}"
 
 
-def _read(path: str) -> dict[str, Any]:
+def read(path: str) -> dict[str, Any]:
+  """What a sampler wrote: its start time, the script, and the samples."""
   with gzip.open(path, "rt", encoding="utf-8") as f:
     return json.load(f)
 
 
-def timeline(path: str, min_seconds: float = 0.2) -> dict[str, list[tuple[float, float, str]]]:
-  """thread -> [(from, to, activity)]: the runs of one activity at least `min_seconds` long, in seconds since the
-  sampler started."""
-  recorded = _read(path)
+def timeline(recorded: dict[str, Any], min_seconds: float = 0.2) -> dict[str, list[tuple[float, float, str]]]:
+  """thread -> [(from, to, activity)] of `recorded` samples (`read`): the runs of one activity at least `min_seconds`
+  long, in seconds since the sampler started."""
   by_thread: dict[str, list[tuple[float, str | None]]] = {}
   for when, thread, stack in recorded["samples"]:
     by_thread.setdefault(thread, []).append((when, activity(stack, recorded["script"])))
@@ -150,11 +150,10 @@ def timeline(path: str, min_seconds: float = 0.2) -> dict[str, list[tuple[float,
   return runs
 
 
-def import_seconds(path: str) -> dict[str, float]:
+def import_seconds(recorded: dict[str, Any]) -> dict[str, float]:
   """Library -> sampled seconds (samples x INTERVAL_S) the main thread spent importing it, its own imports included
   (so the figures of a library and of what it imports overlap), most first. An undercount where an import holds the
   GIL (loading an extension module), which delays the samples; the timeline's times are the clock's."""
-  recorded = _read(path)
   counts: dict[str, int] = {}
   for _, thread, stack in recorded["samples"]:
     if thread == "MainThread":
@@ -166,11 +165,11 @@ def import_seconds(path: str) -> dict[str, float]:
 def report(path: str, min_seconds: float = 0.2) -> str:
   """The timeline (seconds since the sampler started) of every thread that did something for `min_seconds`, and
   the main thread's imports that took that long."""
-  lines = []
-  for thread, runs in timeline(path, min_seconds).items():
+  recorded, lines = read(path), []
+  for thread, runs in timeline(recorded, min_seconds).items():
     lines.append(f"  {thread}")
     lines += [f"    {start:6.2f}-{end:6.2f} s  {end - start:5.2f} s  {what}" for start, end, what in runs]
-  slow = [f"{name} {seconds:.2f} s" for name, seconds in import_seconds(path).items() if seconds >= min_seconds]
+  slow = [f"{name} {seconds:.2f} s" for name, seconds in import_seconds(recorded).items() if seconds >= min_seconds]
   lines.append(f"  imports (sampled, nested ones counted in each): {', '.join(slow) or 'none'}")
   return "\n".join(lines)
 

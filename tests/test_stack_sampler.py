@@ -46,12 +46,13 @@ def test_imports_and_thread_work_are_on_the_timeline(tmp_path):
   out = tmp_path / "samples.json.gz"
   subprocess.run([sys.executable, str(REPO / "bench" / "stack_sampler.py"), str(out), str(script), str(library)],
                  check=True, timeout=60)
-  runs = stack_sampler.timeline(str(out))
+  recorded = stack_sampler.read(str(out))
+  runs = stack_sampler.timeline(recorded)
   main = [(end - start, what) for start, end, what in runs["MainThread"]]
   assert any(what == "import slowlib" and seconds >= 0.45 for seconds, what in main), main
   worker = [(end - start, what) for start, end, what in runs["worker"]]
   assert any(what == "slowlib.py:work" and seconds >= 0.45 for seconds, what in worker), worker
-  assert stack_sampler.import_seconds(str(out))["slowlib"] >= 0.45
+  assert stack_sampler.import_seconds(recorded)["slowlib"] >= 0.45
   assert "import slowlib" in stack_sampler.report(str(out))
 
 
@@ -64,7 +65,7 @@ def test_a_requested_write_comes_while_the_script_runs_on(tmp_path):
     time.sleep(2.0)
     stack_sampler.request_write(str(out), timeout_s=30)
     assert process.poll() is None
-    assert "worker" in stack_sampler.timeline(str(out))
+    assert "worker" in stack_sampler.timeline(stack_sampler.read(str(out)))
   finally:
     process.kill()
     process.wait()
