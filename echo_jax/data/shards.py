@@ -41,7 +41,7 @@ def _hidden_module(name: str) -> Iterator[None]:
 
 # webdataset imports torch whenever it is installed, for stand-ins of torch's DataLoader and Tensor that it uses
 # without torch too. We use none of its torch parts, and torch must not load at runtime: on an H200 host with torch
-# installed, that import took 4.6 s of a 15-18 s warm restart of echo_1p3b (TPU VM images often carry torch too).
+# installed, that import took 3.9-4.6 s of a 15-18 s warm restart of echo_1p3b (TPU VM images often carry torch too).
 with _hidden_module("torch"):
   import webdataset as wds
 
