@@ -98,12 +98,19 @@ _UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
 @jax.jit
 def _word_sums(tree: Any) -> Any:
-  """Per array, the sum modulo 2**32 of its elements' bit patterns read as unsigned integers: any single flipped bit
-  changes it, and integer addition gives the same sum whatever the sharding and the order of the reduction."""
-  def word_sum(leaf: jax.Array) -> jax.Array:
-    bits = jax.lax.bitcast_convert_type(leaf, _UNSIGNED[jnp.dtype(leaf.dtype).itemsize])
-    return jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32)
-  return jax.tree.map(word_sum, tree)
+  """Per array, two sums modulo 2**32 of its elements' bit patterns read as unsigned integers `w[i]` (i: the flat
+  index): `sum(w[i])` and `sum((2i + 1) * w[i])`. Any change to one element changes both (an odd weight is invertible
+  modulo 2**32); the weighted sum also finds elements swapped or shifted, which leave the plain sum as it was. Integer
+  sums are the same whatever the sharding and the order of the reduction."""
+  def word_sums(leaf: jax.Array) -> jax.Array:
+    words = jax.lax.bitcast_convert_type(leaf, _UNSIGNED[jnp.dtype(leaf.dtype).itemsize]).astype(jnp.uint32)
+    # The flat index, from one iota per axis (a reshaped iota could move data between shards).
+    index, stride = jnp.zeros(leaf.shape, jnp.uint32), 1
+    for axis in reversed(range(leaf.ndim)):
+      index = index + jax.lax.broadcasted_iota(jnp.uint32, leaf.shape, axis) * jnp.uint32(stride % 2**32)
+      stride *= leaf.shape[axis]
+    return jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum((2 * index + 1) * words, dtype=jnp.uint32)])
+  return jax.tree.map(word_sums, tree)
 
 
 def _abstract(tree: Any) -> Any:
@@ -125,21 +132,23 @@ def _compile_word_sums(tree: Any) -> Callable[[Any], Any]:
 
 
 def checksums(tree: Any, word_sums: Callable[[Any], Any] = _word_sums) -> dict[str, list]:
-  """path -> [dtype, checksum] of every array of `tree` (a collective in a multi-process run: every process calls
-  it), stored with each checkpoint and checked on restore. On the devices: a read of the state, milliseconds on an
-  accelerator. `word_sums`: `_word_sums` or its executable compiled for `tree`'s shapes and shardings."""
+  """path -> [dtype, sum, weighted sum] (`_word_sums`) of every array of `tree` (a collective in a multi-process run:
+  every process calls it), stored with each checkpoint and checked on restore. On the devices: a read of the state,
+  milliseconds on an accelerator. `word_sums`: `_word_sums` or its executable compiled for `tree`'s shapes and
+  shardings."""
   sums = jax.device_get(word_sums(tree))
-  return {jax.tree_util.keystr(path, simple=True, separator="/"): [np.dtype(leaf.dtype).name, int(total)]
-          for (path, leaf), total in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(sums),
-                                         strict=True)}
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): [np.dtype(leaf.dtype).name, *map(int, pair)]
+          for (path, leaf), pair in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(sums),
+                                        strict=True)}
 
 
 def checksum_differences(stored: dict[str, list], tree: Any, word_sums: Callable[[Any], Any] = _word_sums,
                          limit: int = 3) -> list[str]:
   """The arrays of `tree` whose checksum is not the `stored` one (`checksums` of the tree that was saved); arrays
-  restored into another dtype (the restore casts) or absent from `stored` are not compared."""
-  differences = [path for path, (dtype, total) in checksums(tree, word_sums).items()
-                 if path in stored and stored[path][0] == dtype and stored[path][1] != total]
+  restored into another dtype (the restore casts) or absent from `stored` are not compared. A step saved before the
+  weighted sum was stored (`[dtype, sum]`) is compared on its plain sum."""
+  differences = [path for path, (dtype, *sums) in checksums(tree, word_sums).items()
+                 if path in stored and stored[path][0] == dtype and stored[path][1:] != sums[:len(stored[path]) - 1]]
   return differences[:limit] + ([f"{len(differences) - limit} more"] if len(differences) > limit else [])
 
 

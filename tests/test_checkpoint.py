@@ -71,3 +71,24 @@ def test_keeping_no_checkpoint_is_refused(tmp_path):
 def test_weights_of_a_remote_run_ask_for_a_local_copy():
   with pytest.raises(ValueError, match="copy the run directory"):
     checkpoint.load_params("gs://bucket/run")
+
+
+def test_checksums_are_independent_of_sharding_and_old_steps_are_compared_on_their_plain_sum():
+  """The sums of a sharded array are those of the whole array (each process saves and checks the same numbers on
+  any mesh). A step saved before the weighted sum was stored (`[dtype, sum]`) still finds a changed value, though not
+  two values swapped."""
+  values = np.random.default_rng(0).standard_normal((10, 6, 8)).astype(np.float32)
+  mesh = jax.make_mesh((jax.device_count(),), ("fsdp",))
+  sharded = jax.device_put(values, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, "fsdp")))
+  saved = checkpoint.checksums({"w": values})
+  assert checkpoint.checksums({"w": sharded}) == saved and len(saved["w"]) == 3
+  flat = values.reshape(-1)
+  changed = flat.copy()
+  changed[7] = np.nextafter(changed[7], np.float32(np.inf))
+  swapped = flat.copy()
+  swapped[[3, 41]] = swapped[[41, 3]]
+  old = {"w": saved["w"][:2]}
+  for stored, damaged, found in [(saved, changed, True), (saved, swapped, True), (old, changed, True),
+                                 (old, swapped, False)]:
+    assert checkpoint.checksum_differences(stored, {"w": damaged.reshape(values.shape)}) == (["w"] if found else [])
+  assert checkpoint.checksum_differences(saved, {"w": sharded}) == []

@@ -770,9 +770,19 @@ def test_a_damaged_checkpoint_is_named_with_the_step_the_run_resumes_from_once_i
   assert restored == [2] and max(losses_by_step(tmp_path / "run")) == 6
 
 
-def test_a_flipped_bit_in_a_checkpoint_is_found_by_its_checksum(run_copy, tmp_path):
-  """Orbax restores an array with one flipped bit without complaint; the checksum stored with the step finds it: the
-  run is told to set the step aside like any other damaged step, and inference refuses the weights."""
+def _flip_lowest_bit(values: bytearray) -> None:
+  values[0] ^= 1  # the lowest mantissa bit of one weight: a change of one unit in the last place
+
+
+def _swap_first_two(values: bytearray) -> None:
+  values[:8] = values[4:8] + values[:4]  # two weights change places: every value is still there, the sum is the same
+
+
+@pytest.mark.parametrize("damage", [_flip_lowest_bit, _swap_first_two])
+def test_a_damaged_array_in_a_checkpoint_is_found_by_its_checksum(run_copy, tmp_path, damage):
+  """Orbax restores an array with one flipped bit, or with two of its values swapped, without complaint; the
+  checksums stored with the step find it: the run is told to set the step aside like any other damaged step, and
+  inference refuses the weights."""
   tiny_config, run = run_copy
   newest = run / "checkpoints" / "4"
   _, params = checkpoint.load_params(str(run))
@@ -781,8 +791,12 @@ def test_a_flipped_bit_in_a_checkpoint_is_found_by_its_checksum(run_copy, tmp_pa
   pattern = largest.reshape(-1)[largest.size // 2:largest.size // 2 + 16].tobytes()  # 16 float32 values
   files = [p for p in newest.rglob("*") if p.is_file() and pattern in p.read_bytes()]
   assert len(files) == 1 and files[0].read_bytes().count(pattern) == 1
+  assert pattern[:4] != pattern[4:8]
   data = bytearray(files[0].read_bytes())
-  data[data.index(pattern)] ^= 1  # the lowest mantissa bit of one weight: a change of one unit in the last place
+  at = data.index(pattern)
+  values = data[at:at + len(pattern)]
+  damage(values)
+  data[at:at + len(pattern)] = values
   files[0].write_bytes(bytes(data))
   tiny_config.train.steps = 6
   with pytest.raises(checkpoint.CheckpointRestoreError,
