@@ -21,6 +21,10 @@ class InBackground:
       self._future = thread.submit(self._fn)
       thread.shutdown(wait=False)  # the submitted work still runs; no more comes
 
+  def done(self) -> bool:
+    """Whether it has been started and has finished (or failed: `result` raises its error)."""
+    return self._future is not None and self._future.done()
+
   def result(self) -> Any:
     self.start()
     return self._future.result()

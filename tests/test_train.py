@@ -24,6 +24,7 @@ import pytest
 from conftest import REPO, free_port, load_config, write_synthetic_shards
 
 from echo_jax import aot, checkpoint, metrics, sharding
+from echo_jax.background import InBackground
 from echo_jax.config import model_config
 from echo_jax.data.shards import list_shards
 from echo_jax.metrics import train_flops_per_step
@@ -699,6 +700,30 @@ def test_the_trainer_checks_the_compiled_step_against_device_memory(tiny_config,
   mesh = sharding.make_mesh(tiny_config.mesh.to_dict())
   opt_state = sharded_abstract_state(Echo(model_config(tiny_config)), tiny_config, mesh).opt_state
   assert resident == {"train step": 0, "eval step": sharding.bytes_per_device(opt_state)}
+
+
+def test_a_restarts_eval_step_is_checked_against_device_memory_once_compiled_not_at_its_first_evaluation(
+    tiny_config, tmp_path, monkeypatch):
+  """A restart compiles its eval step in the background after its first step; an eval step over the limit is refused
+  as soon as that compilation ends, not eval_every steps of training later."""
+  tiny_config.train.update(steps=2, ckpt_every=2, eval_every=0)
+  Trainer(tiny_config, str(tmp_path / "run")).run()
+
+  def compile_now(self):  # the compilation ends at once: the refusal's step does not depend on the compile's speed
+    self.compile_eval()
+    self._eval_compiling = InBackground("compiled", lambda: self.eval)
+    self._eval_compiling.start()
+
+  def eval_over_the_limit(compiled, devices, name="train step", **kwargs):
+    if name == "eval step":
+      raise aot.MemoryLimitError("the eval step needs more than 90% of the device memory")
+
+  monkeypatch.setattr(StepFunctions, "compile_eval_in_background", compile_now)
+  monkeypatch.setattr(aot, "check_memory", eval_over_the_limit)
+  tiny_config.train.update(steps=12, eval_every=1000)
+  with pytest.raises(aot.MemoryLimitError, match="the eval step needs"):
+    Trainer(tiny_config, str(tmp_path / "run")).run()
+  assert max(losses_by_step(tmp_path / "run")) == 3  # the restart's first step, logged once its second is queued
 
 
 def test_a_restart_with_another_model_is_refused_before_the_compile_and_keeps_the_runs_config(

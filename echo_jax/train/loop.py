@@ -343,6 +343,9 @@ class Trainer:
             # them nor for the GIL they hold.
             steps.compile_eval_in_background()
             held_out.start()
+          if evaluates and not self._eval_memory_checked and steps.eval_ready:
+            # Checked once its compilation ends, not at the first evaluation (eval_every steps of training away).
+            self._check_eval_memory(steps)
         pending = (step, step_metrics, {"since": finished, "samples_seen": samples_seen, "flops": flops_per_step,
                                         "peak": peak})
         if evaluates and step % train.eval_every == 0:
@@ -466,15 +469,20 @@ class Trainer:
       raise NonFiniteError(message)
     return consecutive_nonfinite, finished
 
-  def _evaluate(self, steps: StepFunctions, state: TrainState, batches: list[dict[str, jax.Array]],
-                step: int) -> None:
+  def _check_eval_memory(self, steps: StepFunctions) -> Any:
+    """The compiled eval step, checked against device memory (once) as the train step is before the first step; the
+    optimizer state stays on the devices beside it. A new run checks it before its step-0 evaluation, a restart once
+    its background compilation has ended."""
     eval_step = steps.eval_step()
     if not self._eval_memory_checked:
-      # Checked at its first use, as the train step is before the first step: a new run's step-0 evaluation, a
-      # restart's first (its eval step compiles in the background). The optimizer state stays on the devices beside it.
       aot.check_memory(eval_step, jax.local_devices(), force=self.force, name="eval step",
                        resident=sharding.bytes_per_device(steps.abstract_state.opt_state))
       self._eval_memory_checked = True
+    return eval_step
+
+  def _evaluate(self, steps: StepFunctions, state: TrainState, batches: list[dict[str, jax.Array]],
+                step: int) -> None:
+    eval_step = self._check_eval_memory(steps)
     totals: dict[str, float] = {}
     for index, batch in enumerate(batches):
       losses = jax.device_get(eval_step(state.params, batch, jax.random.key(index)))

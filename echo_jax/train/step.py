@@ -168,6 +168,11 @@ class StepFunctions:
       self._eval_compiling = InBackground("compile_eval", self.compile_eval)
       self._eval_compiling.start()
 
+  @property
+  def eval_ready(self) -> bool:
+    """Whether `eval_step` would return without waiting (compiled, or its background compilation has ended)."""
+    return self.eval is not None or (self._eval_compiling is not None and self._eval_compiling.done())
+
   def eval_step(self) -> Any:
     """The compiled eval step: compiled now, or when a background compilation runs, once it has finished."""
     if self._eval_compiling is not None:
