@@ -12,7 +12,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import REPO, load_config, write_synthetic_shards
+from conftest import REPO, cpu_env, load_config, write_synthetic_shards
 from etils import epath
 from test_train import eval_losses_by_step, losses_by_step
 
@@ -81,7 +81,7 @@ TRAIN = RECORD_TRACES + textwrap.dedent("""
 
 
 def run_one_device(script, *args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = cpu_env(1)
   process = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=300)
   assert process.returncode == 0, process.stderr[-3000:]

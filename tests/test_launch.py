@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, write_synthetic_shards
+from conftest import REPO, cpu_env, write_synthetic_shards
 
 from echo_jax.config import load_config_file
 from echo_jax.train.loop import Trainer
@@ -351,8 +351,7 @@ def start_tiny_locally(tmp_path, workdir, *args, mesh="data=-1, fsdp=1", devices
         config.mesh.update({mesh})
         return config
   """))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             ECHO_STOP_GRACE_S="10")
+  env = cpu_env(devices, ECHO_STOP_GRACE_S="10")
   env.pop("PYTHON", None)
   logdir = tmp_path / f"logs_{time.time_ns()}"
   launch = subprocess.Popen(

@@ -16,7 +16,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, free_port, load_config, write_synthetic_shards
+from conftest import REPO, cpu_env, free_port, load_config, write_synthetic_shards
 from test_train import losses_by_step, read_jsonl, write_malformed_shard
 
 from echo_jax.data.pipeline import stream_shards
@@ -91,7 +91,7 @@ def start_hosts(config, workdir, *, processes=2, devices=4, texts="-", delay=0.0
   port = port or free_port()
   started = []
   for index in range(processes) if indices is None else indices:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = cpu_env(devices)
     if processes > 1:
       env.update(ECHO_COORDINATOR=f"127.0.0.1:{port}", ECHO_NUM_PROCESSES=str(processes),
                  ECHO_PROCESS_ID=str(index))

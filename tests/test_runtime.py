@@ -7,7 +7,7 @@ import textwrap
 
 import jax
 import pytest
-from conftest import REPO
+from conftest import REPO, cpu_env
 
 from echo_jax import runtime
 
@@ -36,7 +36,7 @@ def test_compilation_cache_is_left_off_on_several_cpu_devices(tmp_path):
 
 
 def test_compilation_cache_serves_a_relaunch_on_one_device(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = cpu_env(1)
   outputs = []
   for _ in range(2):
     process = subprocess.run([sys.executable, "-c", SINGLE_DEVICE, str(tmp_path / "xla")], cwd=REPO, env=env,

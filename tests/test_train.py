@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, free_port, load_config, write_synthetic_shards
+from conftest import REPO, cpu_env, free_port, load_config, write_synthetic_shards
 
 from echo_jax import aot, checkpoint, metrics, sharding
 from echo_jax.background import InBackground
@@ -579,7 +579,7 @@ def test_a_joined_run_without_jax_preemption_service_fails_at_its_start(tiny_con
       Trainer(ml_collections.ConfigDict(json.loads(sys.argv[1])), sys.argv[2]).run()
   """)
   result = subprocess.run([sys.executable, "-c", code, tiny_config.to_json(), str(tmp_path / "run"), str(free_port())],
-                          cwd=REPO, capture_output=True, text=True, timeout=120, env=dict(os.environ, XLA_FLAGS=""))
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env=cpu_env())
   assert result.returncode == 1
   assert "Make sure the 'jax_enable_preemption_service' config is enabled" in result.stderr
   assert [e["event"] for e in read_jsonl(tmp_path / "run" / "events.jsonl")] == ["error"]  # no compile, no start
@@ -605,7 +605,7 @@ def test_a_joined_single_process_run_stops_at_the_sync_point_and_refuses_a_secon
   """)
   result = subprocess.run([sys.executable, "-c", code, tiny_config.to_json(), str(tmp_path / "run"), str(free_port())],
                           cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+                          env=cpu_env())
   final = [int(line.split("=")[1]) for line in result.stdout.splitlines() if line.startswith("final_step=")]
   assert len(final) == 1 and 3 < final[0] < 1000, result.stdout + result.stderr[-3000:]
   assert (tmp_path / "run" / "checkpoints" / str(final[0])).is_dir()
