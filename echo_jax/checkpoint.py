@@ -183,7 +183,7 @@ class Checkpointer:
     if keep < 1:  # Orbax would delete every checkpoint, the one just written included
       raise ValueError(f"train.keep_checkpoints must be at least 1, got {keep}")
     # Orbax needs absolute paths; a run directory given relative to the working directory is made absolute here.
-    self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
+    self.directory = storage_path(directory)
     self.incomplete = self._incomplete_saves()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
@@ -251,7 +251,7 @@ class Checkpointer:
       raise CheckpointRestoreError(
           step, f"checkpoint step {step} in {self.directory} was written by another model or optimizer config: "
           f"{'; '.join(differences)}. Resume this run with the config it was started with (its config.json, left "
-          "as it was), or train the new config in a new --workdir (--init_from=<a local copy of this run> starts "
+          "as it was), or train the new config in a new --workdir (--init_from=<this run's directory> starts "
           "it from this run's weights when only the optimizer changed)")
 
   def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict[str, Any], dict[str, Any]]:
@@ -333,12 +333,13 @@ def export_pickle(state: TrainState, samples_seen: int, path: str) -> None:
   os.replace(partial, path)
 
 
-def import_pickle(path: str, template: TrainState) -> tuple[TrainState, int]:
-  """Reads a plain pickle checkpoint onto the structure of `template` (numpy leaves); returns (state, samples_seen).
+def import_pickle(path: str | epath.Path, template: TrainState) -> tuple[TrainState, int]:
+  """Reads a plain pickle checkpoint (a local path or a gs:// URL) onto the structure of `template` (numpy leaves);
+  returns (state, samples_seen).
 
   Raises ValueError naming the first parameter whose shape differs from the template.
   """
-  with open(path, "rb") as f:
+  with storage_path(str(path)).open("rb") as f:
     payload = pickle.load(f)
   missing = {"params", "opt_state", "step"} - set(payload)
   if missing:
@@ -357,9 +358,13 @@ def import_pickle(path: str, template: TrainState) -> tuple[TrainState, int]:
 # Parameters for inference and fine-tuning ------------------------------------------------------------------------
 
 
-def _read_config(path: str) -> ml_collections.ConfigDict:
-  with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
+def storage_path(path: str) -> epath.Path:
+  """`path` as Orbax takes it: a URL (gs://...) as it is, a local path made absolute."""
+  return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
+def _read_config(path: epath.Path) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(json.loads(path.read_text(encoding="utf-8")))
 
 
 def save_params(params: Any, config: ml_collections.ConfigDict, directory: str) -> None:
@@ -369,24 +374,22 @@ def save_params(params: Any, config: ml_collections.ConfigDict, directory: str) 
   write_config_json(config, directory)
 
 
-def _restore_params(directory: str, abstract_params: Any, nested: bool) -> Any:
+def _restore_params(directory: epath.Path, abstract_params: Any, nested: bool) -> Any:
   """Only the parameters (not the optimizer state) of an Orbax pytree, onto the first local device."""
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   item = {"params": abstract_params} if nested else abstract_params
   restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), item)
   restored = ocp.PyTreeCheckpointer().restore(
-      os.path.abspath(directory), args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                                              partial_restore=nested))
+      directory, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=nested))
   return restored["params"] if nested else restored
 
 
-def _restore_step_params(step_dir: str, abstract_params: Any) -> Any:
+def _restore_step_params(step_dir: epath.Path, abstract_params: Any) -> Any:
   """The parameters of a training checkpoint's step directory, checked against the checksums saved with them (a
   step saved before checksums were stored is not checked)."""
-  params = _restore_params(os.path.join(step_dir, "state"), abstract_params, nested=True)
-  meta_dir = os.path.join(step_dir, "meta")
-  meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.abspath(meta_dir)) \
-      if os.path.isdir(meta_dir) else {}
+  params = _restore_params(step_dir / "state", abstract_params, nested=True)
+  meta_dir = step_dir / "meta"
+  meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(meta_dir) if meta_dir.is_dir() else {}
   differences = checksum_differences(meta.get("checksums", {}), {"params": params})
   if differences:
     raise ChecksumMismatch(f"{step_dir}: arrays that differ from those saved: {', '.join(differences)}. This copy of "
@@ -397,34 +400,36 @@ def _restore_step_params(step_dir: str, abstract_params: Any) -> Any:
 def load_params(path: str, config: ml_collections.ConfigDict | None = None) -> tuple[ml_collections.ConfigDict, Any]:
   """(config, params) from a run directory (its newest complete checkpoint), an Orbax step directory, a
   parameters-only directory (`save_params`), or a plain pickle file (config from `config` or a config.json beside
-  it). Raises a ValueError that says what was expected when `path` is none of these."""
+  it), local or on gs://. Raises FileNotFoundError when nothing is at `path`, and a ValueError that says what was
+  expected when it is none of these."""
   def abstract_params(cfg: ml_collections.ConfigDict) -> Any:
     model = Echo(model_config(cfg))
     return jax.eval_shape(lambda: create_train_state(model, jax.random.key(0), cfg)).params
 
   path = path.rstrip("/")
-  if "://" in path:
-    raise ValueError(f"{path}: weights are read from a local copy; copy the run directory (or the checkpoint step) "
-                     "here first, e.g. `gcloud storage cp -r gs://BUCKET/run .`, and pass that")
-  if os.path.isfile(path):
-    config_path = os.path.join(os.path.dirname(path) or ".", "config.json")
-    if config is None and not os.path.exists(config_path):
+  root = storage_path(path)  # read where it is, local or gs://: Orbax and epath read both the same way
+  if not root.exists():
+    raise FileNotFoundError(f"checkpoint not found: {path}")
+  if root.is_file():
+    if config is None and not (root.parent / "config.json").exists():
       raise ValueError(f"{path} is a pickle checkpoint without a config.json beside it; pass the config")
-    config = config or _read_config(config_path)
+    config = config or _read_config(root.parent / "config.json")
     template = jax.eval_shape(lambda: create_train_state(Echo(model_config(config)), jax.random.key(0), config))
-    state, _ = import_pickle(path, template)
+    state, _ = import_pickle(root, template)
     return config, state.params
-  if os.path.isdir(os.path.join(path, "params")) and os.path.exists(os.path.join(path, "config.json")):
-    config = config or _read_config(os.path.join(path, "config.json"))
-    return config, _restore_params(os.path.join(path, "params"), abstract_params(config), nested=False)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    steps = ocp.CheckpointManager(os.path.abspath(os.path.join(path, "checkpoints"))).all_steps()
+  if (root / "params").is_dir() and (root / "config.json").exists():
+    config = config or _read_config(root / "config.json")
+    return config, _restore_params(root / "params", abstract_params(config), nested=False)
+  if (root / "checkpoints").is_dir():
+    manager = ocp.CheckpointManager(root / "checkpoints", options=ocp.CheckpointManagerOptions(create=False))
+    steps = manager.all_steps()
+    manager.close()
     if not steps:
       raise ValueError(f"run directory {path} has no complete checkpoint yet")
-    config = config or _read_config(os.path.join(path, "config.json"))
-    return config, _restore_step_params(os.path.join(path, "checkpoints", str(max(steps))), abstract_params(config))
-  if os.path.isdir(os.path.join(path, "state")):
-    config = config or _read_config(os.path.join(path, "..", "..", "config.json"))
-    return config, _restore_step_params(path, abstract_params(config))
+    config = config or _read_config(root / "config.json")
+    return config, _restore_step_params(root / "checkpoints" / str(max(steps)), abstract_params(config))
+  if (root / "state").is_dir():
+    config = config or _read_config(root.parent.parent / "config.json")
+    return config, _restore_step_params(root, abstract_params(config))
   raise ValueError(f"{path} is not a checkpoint: expected a run directory, an Orbax step directory "
                    "(checkpoints/<step>), a converted parameters directory, or a .pkl file")

@@ -97,12 +97,11 @@ class Synthesizer:
 
   @classmethod
   def from_checkpoint(cls, path: str, codec: Codec | None = None, codec_weights: str | None = None) -> Synthesizer:
-    """From a run directory, an Orbax step directory, a parameters directory or a pickle (`checkpoint.load_params`).
+    """From a run directory, an Orbax step directory, a parameters directory or a pickle, local or on gs://
+    (`checkpoint.load_params`, which raises FileNotFoundError when nothing is at `path`).
 
     Without `codec`, the codec the checkpoint's config names (`config.codec`) is built.
     """
-    if not os.path.exists(path):
-      raise SynthesisError(f"checkpoint not found: {path}")
     config, params = checkpoint.load_params(path)
     if codec is None:
       codec = codecs.get_codec(config.get("codec", "dacvae"), codec_weights)

@@ -68,11 +68,6 @@ def test_keeping_no_checkpoint_is_refused(tmp_path):
     checkpoint.Checkpointer(str(tmp_path / "ckpt"), keep=0)
 
 
-def test_weights_of_a_remote_run_ask_for_a_local_copy():
-  with pytest.raises(ValueError, match="copy the run directory"):
-    checkpoint.load_params("gs://bucket/run")
-
-
 def test_checksums_are_independent_of_sharding_and_old_steps_are_compared_on_their_plain_sum():
   """The sums of a sharded array are those of the whole array (each process saves and checks the same numbers on
   any mesh). A step saved before the weighted sum was stored (`[dtype, sum]`) still finds a changed value, though not

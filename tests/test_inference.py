@@ -1,21 +1,32 @@
 """inference.py end to end: a checkpoint from a short tiny training run -> a wav; bad input -> error, no file."""
 
+import hashlib
+import json
 import os
+import shutil
+import subprocess
+import sys
+import textwrap
 import types
 
+import fake_gcs
+import jax
 import numpy as np
 import pytest
 import soundfile
 from absl import flags
-from conftest import load_config, write_synthetic_shards
+from conftest import REPO, cpu_env, load_config, write_synthetic_shards
 from PIL import Image
 
 import inference
 from echo_jax import codecs, synthesis
-from echo_jax.checkpoint import load_params
+from echo_jax.checkpoint import export_pickle, load_params, save_params, write_config_json
+from echo_jax.config import model_config
+from echo_jax.model import Echo
 from echo_jax.sampling import SamplerConfig
 from echo_jax.train.loop import StepInfo, Trainer
 from echo_jax.train.samples import SampleExample, make_sample_hook
+from echo_jax.train.state import create_train_state
 
 HOP = 64
 
@@ -172,3 +183,55 @@ def test_training_sample_hook_writes_samples_and_survives_failure(run_dir, tmp_p
       StepInfo(step=8, state=types.SimpleNamespace(params=params), trainer=trainer))
   assert events[-1][0] == "sample_error" and "latent_dim" in events[-1][1]["message"]
   assert not (tmp_path / "samples" / "step_8").exists()
+
+
+def params_digest(params) -> dict[str, str]:
+  return {jax.tree_util.keystr(path): hashlib.sha256(np.asarray(leaf).tobytes()).hexdigest()
+          for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+
+
+READ_FROM_GCS = textwrap.dedent("""\
+    import json, sys
+    import fake_gcs
+    fake_gcs.register(sys.argv[1])
+    from test_inference import params_digest
+    from echo_jax.checkpoint import load_params
+    for url in sys.argv[2:]:
+      try:
+        config, params = load_params(url)
+        print(json.dumps([url, config.model.dim, params_digest(params)]))
+      except FileNotFoundError as error:
+        print(json.dumps([url, "FileNotFoundError", str(error)]))
+""")
+
+
+def test_weights_on_gs_are_read_where_they_are(run_dir, tmp_path):
+  """A pod's run directory is on gs://: inference and --init_from (both `load_params`) read its weights there, in
+  every form (the run, one of its steps, a parameters directory, a pickle), and get what a local copy gives. GCS is
+  stood in for by a local directory (tests/fake_gcs.py): tensorstore reads the arrays from it over HTTP."""
+  root = tmp_path / "gcs"
+  shutil.copytree(run_dir, root / "bucket" / "run")
+  config, params = load_params(run_dir)
+  save_params(params, config, str(root / "bucket" / "converted"))
+  state = create_train_state(Echo(model_config(config)), jax.random.key(7), config)
+  (root / "bucket" / "pickled").mkdir()
+  export_pickle(state, samples_seen=0, path=str(root / "bucket" / "pickled" / "state.pkl"))
+  write_config_json(config, str(root / "bucket" / "pickled"))
+  forms = ["run", "run/checkpoints/3", "converted", "pickled/state.pkl"]
+  with fake_gcs.serve(str(root)) as (url, served):
+    result = subprocess.run(
+        [sys.executable, "-c", READ_FROM_GCS, str(root), *(f"gs://bucket/{form}" for form in forms),
+         "gs://bucket/nowhere"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=cpu_env(1, TENSORSTORE_GCS_HTTP_URL=url, STORAGE_EMULATOR_HOST=url,
+                    PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")])))
+  assert result.returncode == 0, result.stderr[-3000:]
+  read = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("[")]
+  for form, (url, dim, digest) in zip(forms, read, strict=False):
+    local_config, local_params = load_params(str(root / "bucket" / form))
+    assert url == f"gs://bucket/{form}" and dim == local_config.model.dim
+    assert digest == params_digest(local_params), form
+  assert read[len(forms):] == [["gs://bucket/nowhere", "FileNotFoundError", "checkpoint not found: gs://bucket/nowhere"]]
+  # The arrays came over HTTP, as from GCS: Orbax's array files of each Orbax form.
+  assert {path.split(os.sep)[1] for path in served if "ocdbt" in path or os.sep + "d" + os.sep in path} \
+      == {"run", "converted"}
