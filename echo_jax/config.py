@@ -21,6 +21,7 @@ import os
 
 import ml_collections
 
+from echo_jax import storage
 from echo_jax.model import EchoConfig
 
 
@@ -98,9 +99,6 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
 
 
 def write_config_json(config: ml_collections.ConfigDict, directory: str) -> None:
-  """DIRECTORY/config.json, written whole under a temporary name and then renamed (never half-written)."""
-  os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, "config.json")
-  with open(f"{path}.partial", "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(f"{path}.partial", path)
+  """DIRECTORY/config.json (local or gs://), never half-written (`storage.write_bytes`)."""
+  storage.write_bytes(storage.join(directory, "config.json"),
+                      config.to_json_best_effort(indent=2, sort_keys=True).encode("utf-8"))

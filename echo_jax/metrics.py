@@ -1,6 +1,7 @@
 """Run-directory writers (metrics.jsonl, events.jsonl), analytic FLOPs, device peaks and MFU (DESIGN §7).
 
-JSONL is always written (one object per line, flushed, so the dashboard and `tail -f` see it at once).
+JSONL is always written, one object per line: locally flushed at once (the dashboard and `tail -f` see it then), on
+gs:// appended every few seconds.
 Only process 0 writes; other processes get writers that drop everything.
 """
 
@@ -16,7 +17,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
+from echo_jax import storage
+from echo_jax.data.cache import describe, is_local
 from echo_jax.model import EchoConfig
 
 # Dense bf16 peak per JAX device. A v4 chip in megacore mode is one device.
@@ -43,35 +47,75 @@ def _to_json(value: Any) -> Any:
 
 
 class JsonlWriter:
-  """Appends one JSON object per call to a file, thread-safe, flushed every line."""
+  """Appends one JSON object per call to a file, thread-safe. A local file gets each line at once (flushed); a file
+  on remote storage (gs://) gets the lines of the last `sync_seconds` in one append, from a thread, and the rest at
+  `close` (an object store has no append: each one costs requests, see `storage`). A failed append is retried at the
+  next sync: training never waits for it."""
 
-  def __init__(self, path: str | None):
+  def __init__(self, path: str | None, sync_seconds: float = 10.0):
     self._lock = threading.Lock()
-    self._file = None
-    if path is not None:
+    self._path, self._file, self._pending = path, None, []
+    self._closed = threading.Event()
+    if path is None:
+      return
+    if is_local(path):
       os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
       self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 — held open for the run, closed in close()
+      return
+    self._new = not storage.exists(path)  # a resumed run appends to the lines of the runs before it
+    self._syncing = threading.Thread(target=self._sync_every, args=(sync_seconds,), daemon=True,
+                                     name="jsonl_sync")
+    self._syncing.start()
 
   def write(self, record: dict[str, Any]) -> None:
-    if self._file is None:
+    if self._path is None:
       return
-    line = json.dumps({k: _to_json(v) for k, v in record.items()}, ensure_ascii=False)
+    line = json.dumps({k: _to_json(v) for k, v in record.items()}, ensure_ascii=False) + "\n"
     with self._lock:
-      self._file.write(line + "\n")
-      self._file.flush()
+      if self._file is not None:
+        self._file.write(line)
+        self._file.flush()
+      elif not self._closed.is_set():
+        self._pending.append(line)
+
+  def _sync_every(self, seconds: float) -> None:
+    while not self._closed.wait(seconds):
+      self._sync()
+
+  def _sync(self) -> None:
+    with self._lock:
+      lines, self._pending = self._pending, []
+    if not lines:
+      return
+    try:
+      storage.append_bytes(self._path, "".join(lines).encode("utf-8"), new=self._new)
+      self._new = False
+    except Exception as error:  # noqa: BLE001 — storage unreachable: keep the lines for the next sync
+      logging.warning("could not append %d lines to %s (%s); retrying at the next sync", len(lines), self._path,
+                      describe(error))
+      with self._lock:
+        self._pending[:0] = lines
 
   def close(self) -> None:
     if self._file is not None:
-      self._file.close()
-      self._file = None
+      with self._lock:
+        self._file.close()
+        self._file = None
+    elif self._path is not None and not self._closed.is_set():
+      self._closed.set()
+      self._syncing.join()
+      self._sync()
+      if self._pending:
+        logging.error("%d lines of %s could not be written: %s", len(self._pending), self._path,
+                      "".join(self._pending)[-2000:])
 
 
 class RunLog:
   """metrics.jsonl and events.jsonl of a run directory."""
 
   def __init__(self, workdir: str, enabled: bool = True):
-    self.metrics = JsonlWriter(os.path.join(workdir, "metrics.jsonl") if enabled else None)
-    self.events = JsonlWriter(os.path.join(workdir, "events.jsonl") if enabled else None)
+    self.metrics = JsonlWriter(storage.join(workdir, "metrics.jsonl") if enabled else None)
+    self.events = JsonlWriter(storage.join(workdir, "events.jsonl") if enabled else None)
 
   def event(self, name: str, **fields: Any) -> None:
     self.events.write({"time": time.time(), "event": name, **fields})

@@ -2,7 +2,8 @@
 with no network. Orbax reads arrays through tensorstore, and asks a bucket's settings through google-cloud-storage:
 both are pointed (TENSORSTORE_GCS_HTTP_URL, STORAGE_EMULATOR_HOST) at `serve`'s HTTP server, which answers the GCS JSON
 API's object and bucket reads. It lists directories and reads small files through etils' epath, whose gs:// is
-fsspec's `gcs` protocol, which `register` maps onto ROOT. Reads only."""
+fsspec's `gcs` protocol, which `register` maps onto ROOT (for reads and writes: the run directory's files are
+written through fsspec). The HTTP server answers reads only."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import urllib.parse
 from collections.abc import Iterator
 
 import fsspec
+import gcsfs
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
@@ -86,17 +88,27 @@ def serve(root: str) -> Iterator[tuple[str, list[str]]]:
 
 
 def register(root: str) -> None:
-  """fsspec's `gs` and `gcs` protocols (gcsfs's) read ROOT in this process."""
+  """fsspec's `gs` and `gcs` protocols (gcsfs's) read and write ROOT in this process, with GCS's compose (`merge`);
+  `unregister` gives them back to gcsfs."""
 
   class LocalBuckets(DirFileSystem):
     protocol = ("gs", "gcs")
 
     def __init__(self, *args, **kwargs):  # gcsfs's options (etils passes finalize_on_close) mean nothing here
-      super().__init__(path=root, fs=LocalFileSystem())
+      super().__init__(path=root, fs=LocalFileSystem(auto_mkdir=True))  # GCS has no directories to make
 
     @classmethod
     def _strip_protocol(cls, path):
       return str(path).removeprefix("gs://").removeprefix("gcs://")
 
+    def merge(self, path, paths, acl=None):  # GCS's compose, as gcsfs calls it: the sources' bytes, in order
+      data = b"".join(self.cat_file(source) for source in paths)
+      self.pipe_file(path, data)
+
   for protocol in LocalBuckets.protocol:
     fsspec.register_implementation(protocol, LocalBuckets, clobber=True)
+
+
+def unregister() -> None:
+  for protocol in ("gs", "gcs"):
+    fsspec.register_implementation(protocol, gcsfs.GCSFileSystem, clobber=True)

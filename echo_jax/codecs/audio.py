@@ -6,11 +6,14 @@ and inference references are resampled, mixed to mono, peak-limited and capped t
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
 import soundfile
 import soxr
+
+from echo_jax import storage
 
 
 def to_mono(audio: np.ndarray) -> np.ndarray:
@@ -81,12 +84,10 @@ def load_audio(path: str, sample_rate: int, max_seconds: float | None = None) ->
 
 
 def write_wav(path: str, audio: np.ndarray, sample_rate: int) -> None:
-  """Writes mono `audio` as 16-bit PCM wav; the file appears under `path` only once complete."""
+  """Writes mono `audio` as 16-bit PCM wav to `path` (local or gs://), which shows the file only once complete."""
   audio = np.asarray(audio, np.float32)
   if audio.ndim != 1:
     raise ValueError(f"write_wav takes mono audio [samples], got shape {audio.shape}")
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  partial = f"{path}.partial"
-  soundfile.write(partial, np.clip(audio, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
-  os.replace(partial, path)
+  wav = io.BytesIO()
+  soundfile.write(wav, np.clip(audio, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
+  storage.write_bytes(path, wav.getvalue())

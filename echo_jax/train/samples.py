@@ -11,7 +11,7 @@ Process 0 generates; the other processes only take part in gathering the paramet
 from __future__ import annotations
 
 import dataclasses
-import os
+import io
 import tempfile
 from collections.abc import Sequence
 
@@ -21,6 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from PIL import Image
 
+from echo_jax import storage
 from echo_jax.codecs import Codec
 from echo_jax.codecs import audio as audio_lib
 from echo_jax.data.cache import ShardCache
@@ -73,23 +74,13 @@ def spectrogram_image(audio: np.ndarray, sample_rate: int) -> Image.Image:
   return image.resize((max(64, image.width), SPECTROGRAM_HEIGHT), Image.Resampling.BILINEAR)
 
 
-def _write_atomic(path: str, write) -> None:
-  partial = f"{path}.partial"
-  write(partial)
-  os.replace(partial, path)
-
-
 def write_sample(directory: str, index: int, text: str, audio: np.ndarray, sample_rate: int) -> None:
-  """{index}.wav, {index}.png and {index}.txt in `directory`."""
-  os.makedirs(directory, exist_ok=True)
-  audio_lib.write_wav(os.path.join(directory, f"{index}.wav"), audio, sample_rate)
-  image = spectrogram_image(audio, sample_rate)
-  _write_atomic(os.path.join(directory, f"{index}.png"), lambda p: image.save(p, format="PNG"))
-
-  def write_text(path: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-      f.write(text + "\n")
-  _write_atomic(os.path.join(directory, f"{index}.txt"), write_text)
+  """{index}.wav, {index}.png and {index}.txt in `directory` (local or gs://)."""
+  audio_lib.write_wav(storage.join(directory, f"{index}.wav"), audio, sample_rate)
+  png = io.BytesIO()
+  spectrogram_image(audio, sample_rate).save(png, format="PNG")
+  storage.write_bytes(storage.join(directory, f"{index}.png"), png.getvalue())
+  storage.write_bytes(storage.join(directory, f"{index}.txt"), (text + "\n").encode("utf-8"))
 
 
 def make_sample_hook(codec: Codec, examples: Sequence[SampleExample], sampler: SamplerConfig | None = None,
@@ -111,11 +102,11 @@ def make_sample_hook(codec: Codec, examples: Sequence[SampleExample], sampler: S
         return
       synthesizer = Synthesizer(trainer.config, params, codec)
       seconds = duration or trainer.config.data.max_frames / codec.frame_rate
-      directory = os.path.join(trainer.workdir, "samples", f"step_{info.step}")
+      directory = storage.join(trainer.workdir, "samples", f"step_{info.step}")
       for index, example in enumerate(examples):
         result = synthesizer.synthesize(example.text, example.speaker, sampler, seconds, seed + index)
         write_sample(directory, index, " ".join(result.chunks), result.audio, result.sample_rate)
-      trainer.log.event("samples_written", step=info.step, directory=os.path.relpath(directory, trainer.workdir),
+      trainer.log.event("samples_written", step=info.step, directory=f"samples/step_{info.step}",
                         count=len(examples))
     except Exception as error:  # noqa: BLE001 - samples are a by-product; training must go on
       trainer.log.event("sample_error", step=info.step, message=f"{type(error).__name__}: {error}")

@@ -1,0 +1,64 @@
+"""The run directory's own files (config.json, metrics.jsonl, events.jsonl, samples) written where the run directory
+is: a local path, or a URL such as gs://BUCKET/run (any fsspec filesystem; Orbax writes the checkpoints itself).
+
+An object store has neither rename nor append. A file is written whole in one upload, which the store shows whole or
+not at all (locally: under a temporary name, then renamed). Bytes are appended to an object by uploading them as an
+object of their own and composing the two (GCS's compose, gcsfs's `merge`): each append sends only the new bytes,
+and the object only grows, so a reader (the dashboard) can go on reading from where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+
+import fsspec
+
+from echo_jax.data.cache import is_local
+
+
+def join(base: str, *names: str) -> str:
+  """`base`/`names`, for a local path or a URL."""
+  return os.path.join(base, *names) if is_local(base) else posixpath.join(base, *names)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  """`data` as the file `path` (its directories made), never seen half-written."""
+  if is_local(path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    partial = f"{path}.partial"
+    with open(partial, "wb") as f:
+      f.write(data)
+    os.replace(partial, path)
+    return
+  fs, target = fsspec.core.url_to_fs(path)
+  fs.pipe_file(target, data)
+
+
+def exists(path: str) -> bool:
+  fs, target = fsspec.core.url_to_fs(path)
+  return fs.exists(target)
+
+
+def append_bytes(path: str, data: bytes, *, new: bool) -> None:
+  """Appends `data` to the file `path`; `new` says it is not there yet (the caller keeps track: asking the store each
+  time would cost a request per append)."""
+  if is_local(path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "ab") as f:
+      f.write(data)
+    return
+  fs, target = fsspec.core.url_to_fs(path)
+  if new:
+    fs.pipe_file(target, data)
+  elif hasattr(fs, "merge"):  # gcsfs: compose server-side
+    # A name of its own per append: a retried or concurrent append never composes another's bytes.
+    chunk = f"{target}.append-{uuid.uuid4().hex}"
+    fs.pipe_file(chunk, data)
+    try:
+      fs.merge(target, [target, chunk])
+    finally:
+      fs.rm_file(chunk)
+  else:  # no compose (e.g. Hugging Face): the whole file again
+    fs.pipe_file(target, fs.cat_file(target) + data)

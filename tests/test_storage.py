@@ -1,0 +1,78 @@
+"""The run directory's own files on gs:// (echo_jax/storage.py, metrics.JsonlWriter): written whole, appended by
+GCS's compose, never overwritten by a resumed run. GCS is stood in for by a local directory (tests/fake_gcs.py)."""
+
+import json
+import time
+
+import fake_gcs
+import numpy as np
+import pytest
+from conftest import load_config
+
+from echo_jax import metrics, storage
+from echo_jax.config import write_config_json
+from echo_jax.train.samples import write_sample
+
+
+@pytest.fixture
+def bucket(tmp_path):
+  fake_gcs.register(str(tmp_path))
+  (tmp_path / "bucket").mkdir()
+  yield tmp_path / "bucket"
+  fake_gcs.unregister()
+
+
+def lines(path):
+  return [json.loads(line)["n"] for line in path.read_text().splitlines()]
+
+
+def wait_for(condition, timeout=10.0):
+  deadline = time.time() + timeout
+  while not condition():
+    assert time.time() < deadline, "timed out"
+    time.sleep(0.01)
+
+
+def test_jsonl_lines_reach_gs_by_compose_and_a_resumed_run_appends(bucket):
+  """gcsfs opens "a" as "w" (GCS has no append): a resumed run that appended that way would erase the metrics of the
+  runs before it. The lines go up in syncs instead, each composed onto the object, which only grows."""
+  path = bucket / "run" / "metrics.jsonl"
+  writer = metrics.JsonlWriter("gs://bucket/run/metrics.jsonl", sync_seconds=0.05)
+  for n in range(3):
+    writer.write({"n": n})
+  wait_for(lambda: path.exists() and len(lines(path)) == 3)  # by the sync thread, before close
+  first = path.read_bytes()
+  writer.write({"n": 3})
+  writer.close()
+  assert lines(path) == [0, 1, 2, 3] and path.read_bytes().startswith(first)
+  resumed = metrics.JsonlWriter("gs://bucket/run/metrics.jsonl", sync_seconds=60)
+  resumed.write({"n": 4})
+  resumed.close()  # the last lines go up at close, whatever the sync period
+  assert lines(path) == [0, 1, 2, 3, 4]
+  assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.jsonl"]  # no appended chunk is left behind
+
+
+def test_a_failed_append_is_retried_and_no_line_is_lost(bucket, monkeypatch):
+  real_append, failures = storage.append_bytes, []
+
+  def unreachable_once(*args, **kwargs):
+    if not failures:
+      failures.append(True)
+      raise OSError("GCS unreachable")
+    real_append(*args, **kwargs)
+
+  monkeypatch.setattr(storage, "append_bytes", unreachable_once)
+  writer = metrics.JsonlWriter("gs://bucket/run/events.jsonl", sync_seconds=0.05)
+  writer.write({"n": 0})
+  wait_for(lambda: failures)
+  writer.write({"n": 1})
+  writer.close()
+  assert lines(bucket / "run" / "events.jsonl") == [0, 1]
+
+
+def test_config_and_samples_are_written_into_a_gs_run_directory(bucket):
+  config = load_config("tiny")
+  write_config_json(config, "gs://bucket/run")
+  assert json.loads((bucket / "run" / "config.json").read_text())["model"] == config.model.to_dict()
+  write_sample("gs://bucket/run/samples/step_4", 0, "[S1] hello", np.zeros(1600, np.float32), 1600)
+  assert sorted(p.name for p in (bucket / "run" / "samples" / "step_4").iterdir()) == ["0.png", "0.txt", "0.wav"]
