@@ -2,15 +2,21 @@
 GCS's compose, never overwritten by a resumed run. GCS is stood in for by a local directory (tests/fake_gcs.py)."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 import time
 
 import fake_gcs
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import REPO, cpu_env, load_config
+from test_train import eval_losses_by_step, events, losses_by_step
 
 from echo_jax import metrics, storage
 from echo_jax.config import write_config_json
+from echo_jax.train.loop import Trainer
 from echo_jax.train.samples import write_sample
 
 
@@ -76,3 +82,43 @@ def test_config_and_samples_are_written_into_a_gs_run_directory(bucket):
   assert json.loads((bucket / "run" / "config.json").read_text())["model"] == config.model.to_dict()
   write_sample("gs://bucket/run/samples/step_4", 0, "[S1] hello", np.zeros(1600, np.float32), 1600)
   assert sorted(p.name for p in (bucket / "run" / "samples" / "step_4").iterdir()) == ["0.png", "0.txt", "0.wav"]
+
+
+TRAIN = textwrap.dedent("""\
+    import json, sys, threading
+    import fake_gcs
+    fake_gcs.register(sys.argv[1])
+    import ml_collections
+    from echo_jax.train.loop import Trainer
+    stop = threading.Event()  # as SIGTERM sets it: the run saves a checkpoint and returns
+    hooks = ((1, lambda info: info.step == int(sys.argv[3]) and stop.set()),)
+    Trainer(ml_collections.ConfigDict(json.loads(sys.argv[2])), "gs://bucket/run", hooks=hooks,
+            stop_requested=stop).run()
+""")
+
+
+def test_a_run_on_gs_keeps_everything_there_and_resumes_exactly(tiny_config, tmp_path):
+  """A pod's run: --workdir=gs://BUCKET/run. Checkpoints (Orbax, through tensorstore), config.json, metrics and events
+  all go to the bucket, and a relaunch resumes from it with the losses of an uninterrupted run."""
+  root = tmp_path / "gcs"
+  (root / "bucket").mkdir(parents=True)
+  tiny_config.train.update(steps=6, ckpt_every=2, eval_every=2, log_every=1)
+  Trainer(tiny_config, str(tmp_path / "local")).run()  # the uninterrupted reference
+  with fake_gcs.serve(str(root)) as (url, served):
+    for stop_at in (3, 0):  # stopped after step 3, then relaunched to the end
+      result = subprocess.run([sys.executable, "-c", TRAIN, str(root), tiny_config.to_json(), str(stop_at)],
+                              cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300,
+                              env=cpu_env(8, TENSORSTORE_GCS_HTTP_URL=url, STORAGE_EMULATOR_HOST=url,
+                                          PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")])))
+      assert result.returncode == 0, result.stderr[-3000:]
+  run = root / "bucket" / "run"
+  assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.json", "events.jsonl", "metrics.jsonl"]
+  assert not (tmp_path / "gs:").exists()  # where open() put a gs:// run's files before
+  assert json.loads((run / "config.json").read_text())["train"]["steps"] == 6
+  stopped = [e["step"] for e in events(run) if e["event"] == "stopped"]
+  assert len(stopped) == 1 and [e["step"] for e in events(run) if e["event"] == "checkpoint_restored"] == stopped
+  assert {"2", str(stopped[0]), "6"} <= {p.name for p in (run / "checkpoints").iterdir()}
+  assert losses_by_step(run) == losses_by_step(tmp_path / "local")  # bitwise, steps 1-6
+  assert eval_losses_by_step(run) == eval_losses_by_step(tmp_path / "local")
+  assert any("checkpoints/4/state" in path for path in served)  # the restore read the arrays over HTTP
