@@ -16,6 +16,7 @@ if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
 
 import pathlib  # noqa: E402
 import socket  # noqa: E402
+import time  # noqa: E402
 
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
@@ -35,6 +36,14 @@ def cpu_env(devices: int = 1, **variables: str) -> dict[str, str]:
   (FAST_COMPILE), with `variables` set."""
   return dict(os.environ, JAX_PLATFORMS="cpu",
               XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count={devices}", **variables)
+
+
+def wait_for(condition, timeout: float = 30.0) -> None:
+  """Returns once `condition()` is true; fails the test after `timeout` seconds."""
+  deadline = time.time() + timeout
+  while not condition():
+    assert time.time() < deadline, "timed out"
+    time.sleep(0.02)
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, cpu_env, write_synthetic_shards
+from conftest import REPO, cpu_env, wait_for, write_synthetic_shards
 
 from echo_jax.config import load_config_file
 from echo_jax.train.loop import Trainer
@@ -148,13 +148,6 @@ def test_pod_launch_makes_the_right_gcloud_calls(fake_pod):
   assert "process 0 (run log, events, dashboard) runs on worker 1" in result.stdout
   assert "--worker=1" in result.stdout and "cloudflared tunnel --url http://localhost:8080" in result.stdout
   assert r"monitor.py gs://bucket/run\ one" in result.stdout
-
-
-def wait_for(condition, timeout=30):
-  deadline = time.time() + timeout
-  while not condition():
-    assert time.time() < deadline, "timed out"
-    time.sleep(0.05)
 
 
 def test_a_trainer_stopped_by_sigterm_saves_and_the_launch_succeeds(fake_pod):

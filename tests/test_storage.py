@@ -6,12 +6,11 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 
 import fake_gcs
 import numpy as np
 import pytest
-from conftest import REPO, cpu_env, load_config
+from conftest import REPO, cpu_env, load_config, wait_for
 from test_train import eval_losses_by_step, events, losses_by_step
 
 from echo_jax import metrics, storage
@@ -30,13 +29,6 @@ def bucket(tmp_path):
 
 def lines(path):
   return [json.loads(line)["n"] for line in path.read_text().splitlines()]
-
-
-def wait_for(condition, timeout=10.0):
-  deadline = time.time() + timeout
-  while not condition():
-    assert time.time() < deadline, "timed out"
-    time.sleep(0.01)
 
 
 def test_jsonl_lines_reach_gs_by_compose_and_a_resumed_run_appends(bucket):
