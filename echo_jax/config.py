@@ -5,7 +5,7 @@ Fields (override any from the command line, e.g. `--config.train.batch_size=8`):
   model.*               `echo_jax.model.EchoConfig`
   data.train_shards     shard paths or globs, comma separated (local, gs://, hf://datasets/...)
   data.eval_shards      held-out shards for the eval loss ('' = no eval)
-  data.pad_latent       .npy file holding the codec's encoding of silence [D] ('' = zeros)
+  data.pad_latent       .npy file (local or gs://) holding the codec's encoding of silence [D] ('' = zeros)
   data.streams          independent data streams G: stream g fills rows [g·B/G, (g+1)·B/G) of every batch
   train.*               batch size (global), steps, optimizer, CFG dropout, logging / eval / checkpoint cadence
   mesh.*                device mesh sizes: data × fsdp × tensor (-1 = all remaining devices)

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from echo_jax import checkpoint, codecs, sampling
+from echo_jax import checkpoint, codecs, sampling, storage
 from echo_jax import text as text_lib
 from echo_jax.codecs import Codec
 from echo_jax.codecs import audio as audio_lib
@@ -110,7 +110,7 @@ class Synthesizer:
   def _pad_latent(self) -> np.ndarray:
     """The silence latent the model was trained to emit: the config's pad file, zeros when it names none."""
     path = self.config.data.pad_latent
-    if path and not os.path.exists(path):
+    if path and not storage.exists(path):
       log.warning("pad latent %s of the training config is not here; using the codec's silence latent", path)
       return np.asarray(self.codec.pad_latent, np.float32)
     return load_pad_latent(path, self.cfg.latent_dim)

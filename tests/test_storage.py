@@ -15,7 +15,7 @@ from test_train import eval_losses_by_step, events, losses_by_step
 
 from echo_jax import metrics, storage
 from echo_jax.config import write_config_json
-from echo_jax.train.loop import Trainer
+from echo_jax.train.loop import Trainer, load_pad_latent
 from echo_jax.train.samples import write_sample
 
 
@@ -68,6 +68,12 @@ def test_a_failed_append_is_retried_and_no_line_is_lost(bucket, monkeypatch):
   assert lines(bucket / "run" / "events.jsonl") == [0, 1]
 
 
+def test_a_pad_latent_on_gs_is_read_there(bucket):
+  np.save(bucket / "pad.npy", np.arange(8, dtype=np.float16))
+  assert storage.exists("gs://bucket/pad.npy") and not storage.exists("gs://bucket/none.npy")
+  np.testing.assert_array_equal(load_pad_latent("gs://bucket/pad.npy", 8), np.arange(8, dtype=np.float32))
+
+
 def test_config_and_samples_are_written_into_a_gs_run_directory(bucket):
   config = load_config("tiny")
   write_config_json(config, "gs://bucket/run")
@@ -81,7 +87,7 @@ TRAIN = textwrap.dedent("""\
     import fake_gcs
     fake_gcs.register(sys.argv[1])
     import ml_collections
-    from echo_jax.train.loop import Trainer
+    from echo_jax.train.loop import Trainer, load_pad_latent
     stop = threading.Event()  # as SIGTERM sets it: the run saves a checkpoint and returns
     hooks = ((1, lambda info: info.step == int(sys.argv[3]) and stop.set()),)
     Trainer(ml_collections.ConfigDict(json.loads(sys.argv[2])), "gs://bucket/run", hooks=hooks,

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import fsspec
 import jax
 import ml_collections
 import numpy as np
@@ -58,10 +59,11 @@ Hook = Callable[[StepInfo], None]
 
 
 def load_pad_latent(path: str, latent_dim: int) -> np.ndarray:
-  """The codec's encoding of silence [D] from a .npy file; zeros when no file is configured."""
+  """The codec's encoding of silence [D] from a .npy file (local or gs://); zeros when no file is configured."""
   if not path:
     return np.zeros((latent_dim,), np.float32)
-  pad = np.load(path).astype(np.float32).reshape(-1)
+  with fsspec.open(path, "rb") as f:
+    pad = np.load(f).astype(np.float32).reshape(-1)
   if pad.shape != (latent_dim,):
     raise ValueError(f"pad latent {path} has {pad.size} values, the model's latent_dim is {latent_dim}")
   return pad
