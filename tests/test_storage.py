@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import fake_gcs
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 from conftest import REPO, cpu_env, load_config, wait_for
 from test_train import eval_losses_by_step, events, losses_by_step
 
-from echo_jax import metrics, storage
+from echo_jax import dashboard, metrics, storage
 from echo_jax.config import write_config_json
 from echo_jax.train.loop import Trainer, load_pad_latent
 from echo_jax.train.samples import write_sample
@@ -120,3 +121,12 @@ def test_a_run_on_gs_keeps_everything_there_and_resumes_exactly(tiny_config, tmp
   assert losses_by_step(run) == losses_by_step(tmp_path / "local")  # bitwise, steps 1-6
   assert eval_losses_by_step(run) == eval_losses_by_step(tmp_path / "local")
   assert any("checkpoints/4/state" in path for path in served)  # the restore read the arrays over HTTP
+  # What launch.sh tells the user to run: the dashboard of gs://bucket/run.
+  fake_gcs.register(str(root))
+  try:
+    status = dashboard.RunState("gs://bucket/run", "pod")
+    status.refresh()
+    seen = status.status(time.time())
+  finally:
+    fake_gcs.unregister()
+  assert seen["step"] == 6 and seen["listed_checkpoint_step"] == 6 and seen["error"] is None
