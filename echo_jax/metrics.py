@@ -97,12 +97,14 @@ class JsonlWriter:
         self._pending[:0] = lines
 
   def close(self) -> None:
+    if self._path is None or self._closed.is_set():
+      return
+    self._closed.set()  # later lines are dropped, as the file is closed
     if self._file is not None:
       with self._lock:
         self._file.close()
         self._file = None
-    elif self._path is not None and not self._closed.is_set():
-      self._closed.set()
+    else:
       self._syncing.join()
       self._sync()
       if self._pending:

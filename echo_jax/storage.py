@@ -14,8 +14,9 @@ import posixpath
 import uuid
 
 import fsspec
+from absl import logging
 
-from echo_jax.data.cache import is_local
+from echo_jax.data.cache import describe, is_local
 
 
 def join(base: str, *names: str) -> str:
@@ -59,6 +60,9 @@ def append_bytes(path: str, data: bytes, *, new: bool) -> None:
     try:
       fs.merge(target, [target, chunk])
     finally:
-      fs.rm_file(chunk)
+      try:
+        fs.rm_file(chunk)
+      except Exception as error:  # noqa: BLE001 — the append itself is done: failing it would append it twice
+        logging.warning("could not delete %s after appending it to %s (%s)", chunk, path, describe(error))
   else:  # no compose (e.g. Hugging Face): the whole file again
     fs.pipe_file(target, fs.cat_file(target) + data)
