@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from echo_jax import executable_cache
+from echo_jax import executable_cache, storage
 from echo_jax.config import model_config, write_config_json
 from echo_jax.data.cache import describe
 from echo_jax.model import Echo
@@ -152,6 +152,15 @@ def checksum_differences(stored: dict[str, list], tree: Any, word_sums: Callable
   return differences[:limit] + ([f"{len(differences) - limit} more"] if len(differences) > limit else [])
 
 
+def verify_checksums(stored: dict[str, list], tree: Any, word_sums: Callable[[Any], Any] = _word_sums,
+                     where: str = "", advice: str = "") -> None:
+  """Raises ChecksumMismatch naming the arrays of `tree` that differ from the `stored` checksums (see
+  `checksum_differences`), after `where` and followed by `advice`."""
+  differences = checksum_differences(stored, tree, word_sums)
+  if differences:
+    raise ChecksumMismatch(f"{where}arrays that differ from those saved: {', '.join(differences)}{advice}")
+
+
 def state_differences(stored: Any, expected: Any, limit: int = 3, dtypes: bool = False) -> list[str]:
   """The first `limit` differences in array names and shapes (and with `dtypes` dtypes) between two trees of arrays
   (or their metadata), then a count of the rest."""
@@ -182,8 +191,7 @@ class Checkpointer:
                compression: bool = False, restore_gb: float | None = None):
     if keep < 1:  # Orbax would delete every checkpoint, the one just written included
       raise ValueError(f"train.keep_checkpoints must be at least 1, got {keep}")
-    # Orbax needs absolute paths; a run directory given relative to the working directory is made absolute here.
-    self.directory = storage_path(directory)
+    self.directory = storage.orbax_path(directory)
     self.incomplete = self._incomplete_saves()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
@@ -267,10 +275,8 @@ class Checkpointer:
           data=ocp.args.JsonRestore(),
           meta=ocp.args.JsonRestore(),
       ))
-      differences = checksum_differences(restored["meta"].get("checksums", {}), restored["state"],
-                                         self._checksum_program(abstract_state))
-      if differences:
-        raise ChecksumMismatch(f"arrays that differ from those saved: {', '.join(differences)}")
+      verify_checksums(restored["meta"].get("checksums", {}), restored["state"],
+                       self._checksum_program(abstract_state))
     except Exception as error:
       raise self._unreadable(step, error) from error
     return restored["state"], restored["data"], restored["meta"]
@@ -333,13 +339,13 @@ def export_pickle(state: TrainState, samples_seen: int, path: str) -> None:
   os.replace(partial, path)
 
 
-def import_pickle(path: str | epath.Path, template: TrainState) -> tuple[TrainState, int]:
+def import_pickle(path: str, template: TrainState) -> tuple[TrainState, int]:
   """Reads a plain pickle checkpoint (a local path or a gs:// URL) onto the structure of `template` (numpy leaves);
   returns (state, samples_seen).
 
   Raises ValueError naming the first parameter whose shape differs from the template.
   """
-  with storage_path(str(path)).open("rb") as f:
+  with storage.orbax_path(path).open("rb") as f:
     payload = pickle.load(f)
   missing = {"params", "opt_state", "step"} - set(payload)
   if missing:
@@ -356,11 +362,6 @@ def import_pickle(path: str | epath.Path, template: TrainState) -> tuple[TrainSt
 
 
 # Parameters for inference and fine-tuning ------------------------------------------------------------------------
-
-
-def storage_path(path: str) -> epath.Path:
-  """`path` as Orbax takes it: a URL (gs://...) as it is, a local path made absolute."""
-  return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
 def _read_config(path: epath.Path) -> ml_collections.ConfigDict:
@@ -390,10 +391,8 @@ def _restore_step_params(step_dir: epath.Path, abstract_params: Any) -> Any:
   params = _restore_params(step_dir / "state", abstract_params, nested=True)
   meta_dir = step_dir / "meta"
   meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(meta_dir) if meta_dir.is_dir() else {}
-  differences = checksum_differences(meta.get("checksums", {}), {"params": params})
-  if differences:
-    raise ChecksumMismatch(f"{step_dir}: arrays that differ from those saved: {', '.join(differences)}. This copy of "
-                           "the step is damaged: copy it again from the run, or use an earlier step")
+  verify_checksums(meta.get("checksums", {}), {"params": params}, where=f"{step_dir}: ",
+                   advice=". This copy of the step is damaged: copy it again from the run, or use an earlier step")
   return params
 
 
@@ -407,7 +406,7 @@ def load_params(path: str, config: ml_collections.ConfigDict | None = None) -> t
     return jax.eval_shape(lambda: create_train_state(model, jax.random.key(0), cfg)).params
 
   path = path.rstrip("/")
-  root = storage_path(path)  # read where it is, local or gs://: Orbax and epath read both the same way
+  root = storage.orbax_path(path)  # read where it is, local or gs://: Orbax and epath read both the same way
   if not root.exists():
     raise FileNotFoundError(f"checkpoint not found: {path}")
   if root.is_file():
@@ -415,7 +414,7 @@ def load_params(path: str, config: ml_collections.ConfigDict | None = None) -> t
       raise ValueError(f"{path} is a pickle checkpoint without a config.json beside it; pass the config")
     config = config or _read_config(root.parent / "config.json")
     template = jax.eval_shape(lambda: create_train_state(Echo(model_config(config)), jax.random.key(0), config))
-    state, _ = import_pickle(root, template)
+    state, _ = import_pickle(path, template)
     return config, state.params
   if (root / "params").is_dir() and (root / "config.json").exists():
     config = config or _read_config(root / "config.json")

@@ -15,8 +15,15 @@ import uuid
 
 import fsspec
 from absl import logging
+from etils import epath
 
 from echo_jax.data.cache import describe, is_local
+
+
+def orbax_path(path: str) -> epath.Path:
+  """`path` as Orbax (and etils' epath, which it uses) takes it: a URL (gs://...) as it is, a local path made
+  absolute (Orbax refuses relative ones)."""
+  return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
 def join(base: str, *names: str) -> str:
@@ -42,15 +49,10 @@ def exists(path: str) -> bool:
   return fs.exists(target)
 
 
-def append_bytes(path: str, data: bytes, *, new: bool) -> None:
-  """Appends `data` to the file `path`; `new` says it is not there yet (the caller keeps track: asking the store each
-  time would cost a request per append)."""
-  if is_local(path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "ab") as f:
-      f.write(data)
-    return
-  fs, target = fsspec.core.url_to_fs(path)
+def append_bytes(url: str, data: bytes, *, new: bool) -> None:
+  """Appends `data` to the object `url` on remote storage (a local file is better held open in append mode); `new`
+  says it is not there yet (the caller keeps track: asking the store each time would cost a request per append)."""
+  fs, target = fsspec.core.url_to_fs(url)
   if new:
     fs.pipe_file(target, data)
   elif hasattr(fs, "merge"):  # gcsfs: compose server-side
@@ -63,6 +65,6 @@ def append_bytes(path: str, data: bytes, *, new: bool) -> None:
       try:
         fs.rm_file(chunk)
       except Exception as error:  # noqa: BLE001 — the append itself is done: failing it would append it twice
-        logging.warning("could not delete %s after appending it to %s (%s)", chunk, path, describe(error))
+        logging.warning("could not delete %s after appending it to %s (%s)", chunk, url, describe(error))
   else:  # no compose (e.g. Hugging Face): the whole file again
     fs.pipe_file(target, fs.cat_file(target) + data)
