@@ -19,6 +19,7 @@ import ctypes
 import dataclasses
 import glob
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -31,6 +32,7 @@ import espeakng_loader
 import numpy as np
 import tqdm
 
+from echo_jax import storage
 from echo_jax.codecs import audio as audio_lib
 from echo_jax.codecs.mel import MelCodec
 from echo_jax.data.shards import Sample, write_shard
@@ -315,10 +317,9 @@ def build(out_dir: str, limit: int | None = None, num_speakers: int | None = Non
   for stale in glob.glob(os.path.join(out_dir, "train-*.tar")) + glob.glob(os.path.join(out_dir, "eval-*.tar")):
     if os.path.basename(stale) not in shard_names:
       os.remove(stale)
-  pad_partial = os.path.join(out_dir, PAD_LATENT_NAME + ".partial")
-  with open(pad_partial, "wb") as stream:
-    np.save(stream, codec.pad_latent, allow_pickle=False)
-  os.replace(pad_partial, os.path.join(out_dir, PAD_LATENT_NAME))
+  pad = io.BytesIO()
+  np.save(pad, codec.pad_latent, allow_pickle=False)
+  storage.write_bytes(os.path.join(out_dir, PAD_LATENT_NAME), pad.getvalue())
 
   files = {name: _file_sha256(os.path.join(out_dir, name)) for name in [*shard_names, PAD_LATENT_NAME]}
   content = hashlib.sha256("".join(f"{name}:{digest}\n" for name, digest in sorted(files.items())).encode())
@@ -336,11 +337,8 @@ def build(out_dir: str, limit: int | None = None, num_speakers: int | None = Non
       "content_sha256": content.hexdigest(),
   }
   # Written last and atomically: a crashed build leaves no manifest, so the next run rebuilds.
-  manifest_partial = os.path.join(out_dir, MANIFEST_NAME + ".partial")
-  with open(manifest_partial, "w", encoding="utf-8") as stream:
-    json.dump(manifest, stream, indent=1, sort_keys=True)
-    stream.write("\n")
-  os.replace(manifest_partial, os.path.join(out_dir, MANIFEST_NAME))
+  storage.write_bytes(os.path.join(out_dir, MANIFEST_NAME),
+                      (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode("utf-8"))
   for item in dropped:
     print(f"dropped {item['key']}: {item['frames']} frames > {MAX_FRAMES}: {item['text']!r}", file=sys.stderr)
   return manifest

@@ -102,12 +102,12 @@ def make_sample_hook(codec: Codec, examples: Sequence[SampleExample], sampler: S
         return
       synthesizer = Synthesizer(trainer.config, params, codec)
       seconds = duration or trainer.config.data.max_frames / codec.frame_rate
-      directory = storage.join(trainer.workdir, "samples", f"step_{info.step}")
+      relative = f"samples/step_{info.step}"
       for index, example in enumerate(examples):
         result = synthesizer.synthesize(example.text, example.speaker, sampler, seconds, seed + index)
-        write_sample(directory, index, " ".join(result.chunks), result.audio, result.sample_rate)
-      trainer.log.event("samples_written", step=info.step, directory=f"samples/step_{info.step}",
-                        count=len(examples))
+        write_sample(storage.join(trainer.workdir, relative), index, " ".join(result.chunks), result.audio,
+                     result.sample_rate)
+      trainer.log.event("samples_written", step=info.step, directory=relative, count=len(examples))
     except Exception as error:  # noqa: BLE001 - samples are a by-product; training must go on
       trainer.log.event("sample_error", step=info.step, message=f"{type(error).__name__}: {error}")
 
