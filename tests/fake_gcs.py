@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import fsspec
 import gcsfs
+from conftest import REPO, cpu_env
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
@@ -136,9 +137,18 @@ def serve(root: str) -> Iterator[tuple[str, list[str]]]:
     server.server_close()
 
 
-def register(root: str) -> None:
+def subprocess_env(url: str, devices: int = 1) -> dict[str, str]:
+  """The environment of a test subprocess that reaches `serve`'s server at `url` as GCS (it calls `register` first,
+  with the same ROOT): `cpu_env(devices)`, the two endpoints, and tests/ on the path for this module."""
+  return cpu_env(devices, TENSORSTORE_GCS_HTTP_URL=url, STORAGE_EMULATOR_HOST=url,
+                 PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
+
+
+def register(root: str) -> list[str]:
   """fsspec's `gs` and `gcs` protocols (gcsfs's) read and write ROOT in this process, with GCS's compose (`merge`);
-  `unregister` gives them back to gcsfs."""
+  returns the list of objects composed onto (the destination of each `merge`) from now on. `unregister` gives the
+  protocols back to gcsfs."""
+  composed: list[str] = []
 
   class LocalBuckets(DirFileSystem):
     protocol = ("gs", "gcs")
@@ -151,13 +161,24 @@ def register(root: str) -> None:
       return str(path).removeprefix("gs://").removeprefix("gcs://")
 
     def merge(self, path, paths, acl=None):  # GCS's compose, as gcsfs calls it: the sources' bytes, in order
-      data = b"".join(self.cat_file(source) for source in paths)
-      self.pipe_file(path, data)
+      composed.append(path)
+      self.pipe_file(path, b"".join(self.cat_file(source) for source in paths))
 
   for protocol in LocalBuckets.protocol:
     fsspec.register_implementation(protocol, LocalBuckets, clobber=True)
+  return composed
 
 
 def unregister() -> None:
   for protocol in ("gs", "gcs"):
     fsspec.register_implementation(protocol, gcsfs.GCSFileSystem, clobber=True)
+
+
+@contextlib.contextmanager
+def registered(root: str) -> Iterator[list[str]]:
+  """`register(root)` while inside (yielding its list of composed objects), then `unregister`."""
+  composed = register(root)
+  try:
+    yield composed
+  finally:
+    unregister()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import soundfile
 from absl import flags
-from conftest import REPO, cpu_env, load_config, write_synthetic_shards
+from conftest import REPO, load_config, write_synthetic_shards
 from PIL import Image
 
 import inference
@@ -222,12 +222,10 @@ def test_weights_on_gs_are_read_where_they_are(run_dir, tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", READ_FROM_GCS, str(root), *(f"gs://bucket/{form}" for form in forms),
          "gs://bucket/nowhere"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-        env=cpu_env(1, TENSORSTORE_GCS_HTTP_URL=url, STORAGE_EMULATOR_HOST=url,
-                    PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")])))
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=fake_gcs.subprocess_env(url))
   assert result.returncode == 0, result.stderr[-3000:]
   read = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("[")]
-  for form, (url, dim, digest) in zip(forms, read, strict=False):
+  for form, (url, dim, digest) in zip(forms, read[:len(forms)], strict=True):
     local_config, local_params = load_params(str(root / "bucket" / form))
     assert url == f"gs://bucket/{form}" and dim == local_config.model.dim
     assert digest == params_digest(local_params), form

@@ -2,7 +2,6 @@
 GCS's compose, never overwritten by a resumed run. GCS is stood in for by a local directory (tests/fake_gcs.py)."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -11,7 +10,7 @@ import time
 import fake_gcs
 import numpy as np
 import pytest
-from conftest import REPO, cpu_env, load_config, wait_for
+from conftest import load_config, wait_for
 from test_train import eval_losses_by_step, events, losses_by_step
 
 from echo_jax import dashboard, metrics, storage
@@ -21,18 +20,23 @@ from echo_jax.train.samples import write_sample
 
 
 @pytest.fixture
-def bucket(tmp_path):
-  fake_gcs.register(str(tmp_path))
+def composed(tmp_path):
+  """The stand-in for GCS over tmp_path (bucket `bucket`) while the test runs; the objects composed onto."""
   (tmp_path / "bucket").mkdir()
-  yield tmp_path / "bucket"
-  fake_gcs.unregister()
+  with fake_gcs.registered(str(tmp_path)) as composed:
+    yield composed
+
+
+@pytest.fixture
+def bucket(composed, tmp_path):
+  return tmp_path / "bucket"
 
 
 def lines(path):
   return [json.loads(line)["n"] for line in path.read_text().splitlines()]
 
 
-def test_jsonl_lines_reach_gs_by_compose_and_a_resumed_run_appends(bucket):
+def test_jsonl_lines_reach_gs_by_compose_and_a_resumed_run_appends(bucket, composed):
   """gcsfs opens "a" as "w" (GCS has no append): a resumed run that appended that way would erase the metrics of the
   runs before it. The lines go up in syncs instead, each composed onto the object, which only grows."""
   path = bucket / "run" / "metrics.jsonl"
@@ -49,6 +53,8 @@ def test_jsonl_lines_reach_gs_by_compose_and_a_resumed_run_appends(bucket):
   resumed.close()  # the last lines go up at close, whatever the sync period
   assert lines(path) == [0, 1, 2, 3, 4]
   assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.jsonl"]  # no appended chunk is left behind
+  # The first sync created the object; each later one (line 3, then the resumed run's line 4) composed onto it.
+  assert composed == ["bucket/run/metrics.jsonl"] * 2
 
 
 def test_a_failed_append_is_retried_and_no_line_is_lost(bucket, monkeypatch):
@@ -88,7 +94,7 @@ TRAIN = textwrap.dedent("""\
     import fake_gcs
     fake_gcs.register(sys.argv[1])
     import ml_collections
-    from echo_jax.train.loop import Trainer, load_pad_latent
+    from echo_jax.train.loop import Trainer
     stop = threading.Event()  # as SIGTERM sets it: the run saves a checkpoint and returns
     hooks = ((1, lambda info: info.step == int(sys.argv[3]) and stop.set()),)
     Trainer(ml_collections.ConfigDict(json.loads(sys.argv[2])), "gs://bucket/run", hooks=hooks,
@@ -106,10 +112,8 @@ def test_a_run_on_gs_keeps_everything_there_and_resumes_exactly(tiny_config, tmp
   with fake_gcs.serve(str(root)) as (url, served):
     for stop_at in (3, 0):  # stopped after step 3, then relaunched to the end
       result = subprocess.run([sys.executable, "-c", TRAIN, str(root), tiny_config.to_json(), str(stop_at)],
-                              cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300,
-                              env=cpu_env(8, TENSORSTORE_GCS_HTTP_URL=url, STORAGE_EMULATOR_HOST=url,
-                                          PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")])))
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env=fake_gcs.subprocess_env(url, devices=8))
       assert result.returncode == 0, result.stderr[-3000:]
   run = root / "bucket" / "run"
   assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.json", "events.jsonl", "metrics.jsonl"]
@@ -122,11 +126,8 @@ def test_a_run_on_gs_keeps_everything_there_and_resumes_exactly(tiny_config, tmp
   assert eval_losses_by_step(run) == eval_losses_by_step(tmp_path / "local")
   assert any("checkpoints/4/state" in path for path in served)  # the restore read the arrays over HTTP
   # What launch.sh tells the user to run: the dashboard of gs://bucket/run.
-  fake_gcs.register(str(root))
-  try:
+  with fake_gcs.registered(str(root)):
     status = dashboard.RunState("gs://bucket/run", "pod")
     status.refresh()
     seen = status.status(time.time())
-  finally:
-    fake_gcs.unregister()
   assert seen["step"] == 6 and seen["listed_checkpoint_step"] == 6 and seen["error"] is None
