@@ -1,36 +1,51 @@
 """Google Cloud Storage stood in for by a local directory (bucket NAME = ROOT/NAME), so that tests read and write
-gs:// URLs with no network. Orbax writes and reads arrays through tensorstore and asks a bucket's settings through
-google-cloud-storage: both are pointed (TENSORSTORE_GCS_HTTP_URL, STORAGE_EMULATOR_HOST) at `serve`'s HTTP server,
-which answers what they ask of GCS's JSON API. Orbax lists directories and writes and reads small files through etils'
-epath, whose gs:// is fsspec's `gcs` protocol, which `register` maps onto ROOT, as the run directory's own files are
-written."""
+gs:// URLs with no network, through the real clients: `serve` answers over HTTP what tensorstore (Orbax's arrays),
+google-cloud-storage (a bucket's settings, asked by Orbax) and gcsfs (fsspec's gs://: the run directory's own files,
+the dashboard, and Orbax's small files through etils' epath) ask of GCS's JSON API. `register` points gcsfs at it, and
+`subprocess_env` points the other two (TENSORSTORE_GCS_HTTP_URL, STORAGE_EMULATOR_HOST).
+
+gcsfs itself, not a local filesystem in its place, so that what it does beyond plain I/O is tested too: its listings
+cache, above all, which keeps a directory's listing until told otherwise."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.server
 import json
 import os
 import threading
 import urllib.parse
+import uuid
 from collections.abc import Iterator
 
 import fsspec
-import gcsfs
 from conftest import REPO, cpu_env
-from fsspec.implementations.dirfs import DirFileSystem
-from fsspec.implementations.local import LocalFileSystem
+from gcsfs.core import GCSFileSystem
+
+
+@dataclasses.dataclass
+class Server:
+  url: str  # for `register`, TENSORSTORE_GCS_HTTP_URL and STORAGE_EMULATOR_HOST
+  served: list[str]  # the objects whose bytes were read, as BUCKET/NAME
+  composed: list[str]  # the destination of each compose, as BUCKET/NAME
+  # Resumable uploads by id: (bucket, name, ifGenerationMatch or None, the bytes so far).
+  uploads: dict[str, tuple[str, str, str | None, bytearray]] = dataclasses.field(default_factory=dict)
 
 
 class _JsonApi(http.server.BaseHTTPRequestHandler):
-  """What tensorstore and google-cloud-storage ask of GCS's JSON API, over ROOT:
-  GET /storage/v1/b/B: the bucket's metadata; GET /storage/v1/b/B/o?prefix=P: the objects under P;
-  GET /storage/v1/b/B/o/O: the object's metadata, or (alt=media) its bytes, a Range of them if asked;
-  POST /upload/storage/v1/b/B/o?uploadType=media&name=O[&ifGenerationMatch=G]: write O (412 when G is not its
-  generation; 0: it must not exist yet); DELETE /storage/v1/b/B/o/O. An object's generation is its file's mtime."""
+  """What the clients ask of GCS's JSON API, over ROOT:
+  GET /storage/v1/b/B: the bucket's metadata; GET /storage/v1/b/B/o?prefix=P[&delimiter=/]: the objects under P
+  (with a delimiter, only those directly under it, and the "directories" below as prefixes);
+  GET /storage/v1/b/B/o/O: the object's metadata, or (alt=media; also /download/storage/...) its bytes, a Range of
+  them if asked; POST /upload/storage/v1/b/B/o?uploadType=media&name=O or uploadType=multipart (the name in the
+  metadata part), either with ifGenerationMatch=G: write O (412 when G is not its generation; 0: it must not exist
+  yet); uploadType=resumable: the same in a session of chunks (gcsfs's writes through open()); POST
+  /storage/v1/b/B/o/O/compose: O becomes its sources' bytes in order; DELETE /storage/v1/b/B/o/O. An object's
+  generation is its file's mtime."""
 
   root: str
-  served: list[str]  # the objects whose bytes were read
+  gcs: Server  # (`server` is the handler's HTTP server)
 
   def log_message(self, *args) -> None:
     pass
@@ -43,32 +58,51 @@ class _JsonApi(http.server.BaseHTTPRequestHandler):
     return path, {"kind": "storage#object", "bucket": bucket, "name": name, "size": str(os.path.getsize(path)),
                   "generation": str(os.stat(path).st_mtime_ns), "metageneration": "1"}
 
-  def do_GET(self) -> None:
+  def _parse(self) -> tuple[list[str], dict[str, list[str]]]:
+    """(the path's parts after /storage/v1/b/, with an object's name whole and unquoted; the query)."""
     url = urllib.parse.urlparse(self.path)
-    query = urllib.parse.parse_qs(url.query)
-    parts = url.path.split("/", 6)  # ['', 'storage', 'v1', 'b', BUCKET, 'o', OBJECT]
-    if parts[1:4] != ["storage", "v1", "b"] or not os.path.isdir(os.path.join(self.root, parts[4])):
+    path = url.path.removeprefix("/download").removeprefix("/upload")
+    if not path.startswith("/storage/v1/b/"):
+      return [], {}
+    parts = path.removeprefix("/storage/v1/b/").split("/", 2)  # [BUCKET, 'o', OBJECT]
+    if len(parts) == 3:
+      parts[2] = urllib.parse.unquote(parts[2])
+    return parts, urllib.parse.parse_qs(url.query)
+
+  def do_GET(self) -> None:
+    parts, query = self._parse()
+    if not parts or not os.path.isdir(os.path.join(self.root, parts[0])):
       self._reply(404)
       return
-    bucket = parts[4]
-    if len(parts) == 5:
+    bucket = parts[0]
+    if len(parts) == 1:
       self._reply(200, {"kind": "storage#bucket", "name": bucket, "id": bucket})
-      return
-    if len(parts) == 6:
-      prefix, base = query.get("prefix", [""])[0], os.path.join(self.root, bucket)
-      names = sorted(os.path.relpath(os.path.join(folder, name), base)
-                     for folder, _, files in os.walk(base) for name in files)
-      self._reply(200, {"kind": "storage#objects",
-                        "items": [self._object(bucket, name)[1] for name in names if name.startswith(prefix)]})
-      return
-    path, metadata = self._object(bucket, urllib.parse.unquote(parts[6]))
-    if metadata is None:
-      self._reply(404)
-    elif query.get("alt") != ["media"]:
-      self._reply(200, metadata)
+    elif len(parts) == 2:
+      self._reply(200, self._list(bucket, query.get("prefix", [""])[0], query.get("delimiter", [""])[0]))
     else:
-      self.served.append(os.path.relpath(path, self.root))
-      self._read(path, metadata["generation"])
+      path, metadata = self._object(bucket, parts[2])
+      if metadata is None:
+        self._reply(404)
+      elif query.get("alt") != ["media"]:
+        self._reply(200, metadata)
+      else:
+        self.gcs.served.append(f"{bucket}/{parts[2]}")
+        self._read(path, metadata["generation"])
+
+  def _list(self, bucket: str, prefix: str, delimiter: str) -> dict:
+    base = os.path.join(self.root, bucket)
+    names = sorted(os.path.relpath(os.path.join(folder, name), base).replace(os.sep, "/")
+                   for folder, _, files in os.walk(base) for name in files)
+    items, prefixes = [], set()
+    for name in names:
+      if not name.startswith(prefix):
+        continue
+      rest = name[len(prefix):]
+      if delimiter and delimiter in rest:
+        prefixes.add(prefix + rest.split(delimiter)[0] + delimiter)
+      else:
+        items.append(self._object(bucket, name)[1])
+    return {"kind": "storage#objects", "items": items, "prefixes": sorted(prefixes)}
 
   def _read(self, path: str, generation: str) -> None:
     with open(path, "rb") as f:
@@ -79,32 +113,82 @@ class _JsonApi(http.server.BaseHTTPRequestHandler):
       self._reply(200, data, headers)
       return
     first, last = ranged.removeprefix("bytes=").split("-")
+    if not first:  # the last `last` bytes
+      first, last = str(max(len(data) - int(last), 0)), ""
     first, last = int(first), min(int(last or len(data) - 1), len(data) - 1)
     headers["Content-Range"] = f"bytes {first}-{last}/{len(data)}"
     self._reply(206, data[first:last + 1], headers)
 
   def do_POST(self) -> None:
-    url = urllib.parse.urlparse(self.path)
-    query = urllib.parse.parse_qs(url.query)
-    data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-    parts = url.path.split("/")  # ['', 'upload', 'storage', 'v1', 'b', BUCKET, 'o']
-    if parts[1:5] != ["upload", "storage", "v1", "b"] or query.get("uploadType") != ["media"]:
+    parts, query = self._parse()
+    body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+    if len(parts) == 3 and parts[2].endswith("/compose"):
+      name = parts[2].removesuffix("/compose")
+      sources = [self._object(parts[0], source["name"]) for source in json.loads(body)["sourceObjects"]]
+      if any(metadata is None for _, metadata in sources):
+        self._reply(404)
+        return
+      data = b""
+      for path, _ in sources:
+        with open(path, "rb") as f:
+          data += f.read()
+      self.gcs.composed.append(f"{parts[0]}/{name}")
+      self._write(parts[0], name, data, None)
+    elif len(parts) == 2 and query.get("uploadType") == ["media"]:
+      self._write(parts[0], query["name"][0], body, query.get("ifGenerationMatch", [None])[0])
+    elif len(parts) == 2 and query.get("uploadType") == ["multipart"]:
+      metadata, data = self._multipart(body)
+      self._write(parts[0], metadata["name"], data, query.get("ifGenerationMatch", [None])[0])
+    elif len(parts) == 2 and query.get("uploadType") == ["resumable"]:
+      self._resumable(parts[0], query, body)
+    else:
       self._reply(501)
+
+  do_PUT = do_POST  # a resumable upload's chunks (GCS documents PUT; gcsfs sends POST)
+
+  def _resumable(self, bucket: str, query: dict[str, list[str]], body: bytes) -> None:
+    """Starts an upload session (its URL in the Location header), or takes its next chunk ("Content-Range: bytes
+    A-B/TOTAL", TOTAL "*" until the last chunk); the object is written once TOTAL bytes have come."""
+    if "upload_id" not in query:
+      upload_id = uuid.uuid4().hex
+      self.gcs.uploads[upload_id] = (bucket, json.loads(body)["name"], query.get("ifGenerationMatch", [None])[0],
+                                     bytearray())
+      location = f"{self.gcs.url}/upload/storage/v1/b/{bucket}/o?uploadType=resumable&upload_id={upload_id}"
+      self._reply(200, b"", {"Location": location})
       return
-    bucket, name = parts[5], query["name"][0]
+    bucket, name, generation_match, received = self.gcs.uploads[query["upload_id"][0]]
+    received += body
+    total = self.headers.get("Content-Range", "*/*").rsplit("/", 1)[1]
+    if total != "*" and int(total) == len(received):
+      del self.gcs.uploads[query["upload_id"][0]]
+      self._write(bucket, name, bytes(received), generation_match)
+    else:
+      self._reply(308, b"", {"Range": f"bytes=0-{len(received) - 1}"})
+
+  def _multipart(self, body: bytes) -> tuple[dict, bytes]:
+    """(the metadata, the bytes) of a multipart/related upload: two parts, each headers, a blank line, content."""
+    marker = b"--" + self.headers["Content-Type"].split("boundary=")[1].strip('"').encode()
+    first = body.index(marker) + len(marker)
+    second = body.index(marker, first)
+    metadata, data = (_content(part) for part in (body[first:second],
+                                                     body[second + len(marker):body.rindex(marker + b"--")]))
+    return json.loads(metadata), data
+
+  def _write(self, bucket: str, name: str, data: bytes, generation_match: str | None) -> None:
     path, metadata = self._object(bucket, name)
-    wanted = query.get("ifGenerationMatch", [None])[0]
-    if wanted is not None and wanted != (metadata["generation"] if metadata else "0"):
+    if generation_match is not None and generation_match != (metadata["generation"] if metadata else "0"):
       self._reply(412)
       return
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
+    partial = os.path.join(self.root, f".upload-{uuid.uuid4().hex}")  # outside every bucket: never listed
+    with open(partial, "wb") as f:
       f.write(data)
+    os.replace(partial, path)  # GCS shows an object whole or not at all
     self._reply(200, self._object(bucket, name)[1])
 
   def do_DELETE(self) -> None:
-    parts = urllib.parse.urlparse(self.path).path.split("/", 6)
-    path, metadata = self._object(parts[4], urllib.parse.unquote(parts[6]))
+    parts, _ = self._parse()
+    path, metadata = self._object(parts[0], parts[2]) if len(parts) == 3 else ("", None)
     if metadata is None:
       self._reply(404)
       return
@@ -121,64 +205,66 @@ class _JsonApi(http.server.BaseHTTPRequestHandler):
     self.wfile.write(body)
 
 
+def _content(part: bytes) -> bytes:
+  """A multipart part's content: after its headers' blank line, before the line break that ends it."""
+  for blank, end in ((b"\r\n\r\n", b"\r\n"), (b"\n\n", b"\n")):
+    if blank in part:
+      return part.split(blank, 1)[1].removesuffix(end)
+  raise ValueError("a multipart part without headers")
+
+
 @contextlib.contextmanager
-def serve(root: str) -> Iterator[tuple[str, list[str]]]:
-  """(the server's URL for TENSORSTORE_GCS_HTTP_URL and STORAGE_EMULATOR_HOST, the objects it has served so far)
-  while inside."""
-  served: list[str] = []
-  handler = type("Handler", (_JsonApi,), {"root": root, "served": served})
-  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-  thread = threading.Thread(target=server.serve_forever, daemon=True)
+def serve(root: str) -> Iterator[Server]:
+  """The stand-in's HTTP server over ROOT while inside."""
+  server = Server("", [], [])
+  handler = type("Handler", (_JsonApi,), {"root": root, "gcs": server})
+  http_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+  server.url = f"http://127.0.0.1:{http_server.server_address[1]}"
+  thread = threading.Thread(target=http_server.serve_forever, daemon=True)
   thread.start()
   try:
-    yield f"http://127.0.0.1:{server.server_address[1]}", served
+    yield server
   finally:
-    server.shutdown()
-    server.server_close()
+    http_server.shutdown()
+    http_server.server_close()
 
 
 def subprocess_env(url: str, devices: int = 1) -> dict[str, str]:
-  """The environment of a test subprocess that reaches `serve`'s server at `url` as GCS (it calls `register` first,
-  with the same ROOT): `cpu_env(devices)`, the two endpoints, and tests/ on the path for this module."""
+  """The environment of a test subprocess that reaches `serve`'s server at `url` as GCS (it calls `register(url)`
+  first): `cpu_env(devices)`, the two endpoints, and tests/ on the path for this module."""
   return cpu_env(devices, TENSORSTORE_GCS_HTTP_URL=url, STORAGE_EMULATOR_HOST=url,
                  PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
 
 
-def register(root: str) -> list[str]:
-  """fsspec's `gs` and `gcs` protocols (gcsfs's) read and write ROOT in this process, with GCS's compose (`merge`);
-  returns the list of objects composed onto (the destination of each `merge`) from now on. `unregister` gives the
-  protocols back to gcsfs."""
-  composed: list[str] = []
+def register(url: str) -> None:
+  """fsspec's `gs` and `gcs` protocols are gcsfs's plain GCSFileSystem in this process, reaching `serve`'s server at
+  `url` without credentials. Plain, because the default (GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT) asks GCS's gRPC
+  storage-control API for each bucket's type, which the stand-in does not speak; for a bucket of the usual kind it
+  then does what the plain one does. `unregister` restores the default."""
 
-  class LocalBuckets(DirFileSystem):
+  class StandIn(GCSFileSystem):  # a class per server: fsspec keeps one instance per class and arguments
     protocol = ("gs", "gcs")
 
-    def __init__(self, *args, **kwargs):  # gcsfs's options (etils passes finalize_on_close) mean nothing here
-      super().__init__(path=root, fs=LocalFileSystem(auto_mkdir=True))  # GCS has no directories to make
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **{**kwargs, "endpoint_url": url, "token": "anon"})
 
-    @classmethod
-    def _strip_protocol(cls, path):
-      return str(path).removeprefix("gs://").removeprefix("gcs://")
-
-    def merge(self, path, paths, acl=None):  # GCS's compose, as gcsfs calls it: the sources' bytes, in order
-      composed.append(path)
-      self.pipe_file(path, b"".join(self.cat_file(source) for source in paths))
-
-  for protocol in LocalBuckets.protocol:
-    fsspec.register_implementation(protocol, LocalBuckets, clobber=True)
-  return composed
+  for protocol in StandIn.protocol:
+    fsspec.register_implementation(protocol, StandIn, clobber=True)
 
 
 def unregister() -> None:
+  import gcsfs  # the default class, as gcsfs's import chooses it
+
   for protocol in ("gs", "gcs"):
     fsspec.register_implementation(protocol, gcsfs.GCSFileSystem, clobber=True)
 
 
 @contextlib.contextmanager
-def registered(root: str) -> Iterator[list[str]]:
-  """`register(root)` while inside (yielding its list of composed objects), then `unregister`."""
-  composed = register(root)
-  try:
-    yield composed
-  finally:
-    unregister()
+def registered(root: str) -> Iterator[Server]:
+  """`serve(root)` and `register` its URL while inside, then `unregister`."""
+  with serve(root) as server:
+    register(server.url)
+    try:
+      yield server
+    finally:
+      unregister()

@@ -218,11 +218,11 @@ def test_weights_on_gs_are_read_where_they_are(run_dir, tmp_path):
   export_pickle(state, samples_seen=0, path=str(root / "bucket" / "pickled" / "state.pkl"))
   write_config_json(config, str(root / "bucket" / "pickled"))
   forms = ["run", "run/checkpoints/3", "converted", "pickled/state.pkl"]
-  with fake_gcs.serve(str(root)) as (url, served):
+  with fake_gcs.serve(str(root)) as gcs:
     result = subprocess.run(
-        [sys.executable, "-c", READ_FROM_GCS, str(root), *(f"gs://bucket/{form}" for form in forms),
+        [sys.executable, "-c", READ_FROM_GCS, gcs.url, *(f"gs://bucket/{form}" for form in forms),
          "gs://bucket/nowhere"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=fake_gcs.subprocess_env(url))
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=fake_gcs.subprocess_env(gcs.url))
   assert result.returncode == 0, result.stderr[-3000:]
   read = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("[")]
   for form, (url, dim, digest) in zip(forms, read[:len(forms)], strict=True):
@@ -231,5 +231,5 @@ def test_weights_on_gs_are_read_where_they_are(run_dir, tmp_path):
     assert digest == params_digest(local_params), form
   assert read[len(forms):] == [["gs://bucket/nowhere", "FileNotFoundError", "checkpoint not found: gs://bucket/nowhere"]]
   # The arrays came over HTTP, as from GCS: Orbax's array files of each Orbax form.
-  assert {path.split(os.sep)[1] for path in served if "ocdbt" in path or os.sep + "d" + os.sep in path} \
+  assert {path.split("/")[1] for path in gcs.served if "ocdbt" in path or "/d/" in path} \
       == {"run", "converted"}

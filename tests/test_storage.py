@@ -1,5 +1,6 @@
 """The run directory's own files on gs:// (echo_jax/storage.py, metrics.JsonlWriter): written whole, appended by
-GCS's compose, never overwritten by a resumed run. GCS is stood in for by a local directory (tests/fake_gcs.py)."""
+GCS's compose, never overwritten by a resumed run. GCS is stood in for by a local directory served over HTTP
+(tests/fake_gcs.py) to the real clients: gcsfs, tensorstore and google-cloud-storage."""
 
 import json
 import subprocess
@@ -20,15 +21,15 @@ from echo_jax.train.samples import write_sample
 
 
 @pytest.fixture
-def composed(tmp_path):
-  """The stand-in for GCS over tmp_path (bucket `bucket`) while the test runs; the objects composed onto."""
+def gcs(tmp_path):
+  """The stand-in for GCS over tmp_path (bucket `bucket`), reached through gcsfs while the test runs."""
   (tmp_path / "bucket").mkdir()
-  with fake_gcs.registered(str(tmp_path)) as composed:
-    yield composed
+  with fake_gcs.registered(str(tmp_path)) as server:
+    yield server
 
 
 @pytest.fixture
-def bucket(composed, tmp_path):
+def bucket(gcs, tmp_path):
   return tmp_path / "bucket"
 
 
@@ -36,7 +37,7 @@ def lines(path):
   return [json.loads(line)["n"] for line in path.read_text().splitlines()]
 
 
-def test_jsonl_lines_reach_gs_by_compose_and_a_resumed_run_appends(bucket, composed):
+def test_jsonl_lines_reach_gs_by_compose_and_a_resumed_run_appends(bucket, gcs):
   """gcsfs opens "a" as "w" (GCS has no append): a resumed run that appended that way would erase the metrics of the
   runs before it. The lines go up in syncs instead, each composed onto the object, which only grows."""
   path = bucket / "run" / "metrics.jsonl"
@@ -54,7 +55,7 @@ def test_jsonl_lines_reach_gs_by_compose_and_a_resumed_run_appends(bucket, compo
   assert lines(path) == [0, 1, 2, 3, 4]
   assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.jsonl"]  # no appended chunk is left behind
   # The first sync created the object; each later one (line 3, then the resumed run's line 4) composed onto it.
-  assert composed == ["bucket/run/metrics.jsonl"] * 2
+  assert gcs.composed == ["bucket/run/metrics.jsonl"] * 2
 
 
 def test_a_failed_append_is_retried_and_no_line_is_lost(bucket, monkeypatch):
@@ -109,11 +110,11 @@ def test_a_run_on_gs_keeps_everything_there_and_resumes_exactly(tiny_config, tmp
   (root / "bucket").mkdir(parents=True)
   tiny_config.train.update(steps=6, ckpt_every=2, eval_every=2, log_every=1)
   Trainer(tiny_config, str(tmp_path / "local")).run()  # the uninterrupted reference
-  with fake_gcs.serve(str(root)) as (url, served):
+  with fake_gcs.serve(str(root)) as gcs:
     for stop_at in (3, 0):  # stopped after step 3, then relaunched to the end
-      result = subprocess.run([sys.executable, "-c", TRAIN, str(root), tiny_config.to_json(), str(stop_at)],
+      result = subprocess.run([sys.executable, "-c", TRAIN, gcs.url, tiny_config.to_json(), str(stop_at)],
                               cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                              env=fake_gcs.subprocess_env(url, devices=8))
+                              env=fake_gcs.subprocess_env(gcs.url, devices=8))
       assert result.returncode == 0, result.stderr[-3000:]
   run = root / "bucket" / "run"
   assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.json", "events.jsonl", "metrics.jsonl"]
@@ -124,10 +125,11 @@ def test_a_run_on_gs_keeps_everything_there_and_resumes_exactly(tiny_config, tmp
   assert {"2", str(stopped[0]), "6"} <= {p.name for p in (run / "checkpoints").iterdir()}
   assert losses_by_step(run) == losses_by_step(tmp_path / "local")  # bitwise, steps 1-6
   assert eval_losses_by_step(run) == eval_losses_by_step(tmp_path / "local")
-  assert any("checkpoints/4/state" in path for path in served)  # the restore read the arrays over HTTP
+  assert any("checkpoints/4/state" in path for path in gcs.served)  # the restore read the arrays over HTTP
   # What launch.sh tells the user to run: the dashboard of gs://bucket/run.
   with fake_gcs.registered(str(root)):
     status = dashboard.RunState("gs://bucket/run", "pod")
     status.refresh()
     seen = status.status(time.time())
   assert seen["step"] == 6 and seen["listed_checkpoint_step"] == 6 and seen["error"] is None
+
