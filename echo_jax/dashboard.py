@@ -350,9 +350,15 @@ class RunState:
       elif event == "checkpoint_saved":
         self.last_checkpoint = {"step": record.get("step"), "time": record.get("time")}
 
+  def _ls(self, path: str) -> list[str]:
+    """What `path` holds now: gcsfs (like other fsspec filesystems of object stores) would otherwise answer from the
+    listing it made the first time, and never show a checkpoint or sample saved since."""
+    self.fs.invalidate_cache(path)
+    return self.fs.ls(path, detail=False)
+
   def _list_checkpoint_step(self) -> int | None:
     try:
-      names = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(f"{self.root}/checkpoints", detail=False)]
+      names = [posixpath.basename(p.rstrip("/")) for p in self._ls(f"{self.root}/checkpoints")]
     except (FileNotFoundError, NotADirectoryError):
       return None
     steps = [int(n) for n in names if n.isdigit()]
@@ -360,7 +366,7 @@ class RunState:
 
   def _list_samples(self, max_steps: int = 3) -> list[dict[str, Any]]:
     try:
-      entries = self.fs.ls(f"{self.root}/samples", detail=False)
+      entries = self._ls(f"{self.root}/samples")
     except (FileNotFoundError, NotADirectoryError):
       return []
     step_dirs = []
@@ -371,7 +377,7 @@ class RunState:
     result = []
     for step, dirname in sorted(step_dirs, reverse=True)[:max_steps]:
       items: dict[str, dict[str, Any]] = {}
-      for path in sorted(self.fs.ls(f"{self.root}/samples/{dirname}", detail=False)):
+      for path in sorted(self._ls(f"{self.root}/samples/{dirname}")):
         filename = posixpath.basename(path)
         stem, ext = posixpath.splitext(filename)
         if ext not in _SAMPLE_KINDS or not _SAFE_COMPONENT.match(filename):

@@ -133,3 +133,21 @@ def test_a_run_on_gs_keeps_everything_there_and_resumes_exactly(tiny_config, tmp
     seen = status.status(time.time())
   assert seen["step"] == 6 and seen["listed_checkpoint_step"] == 6 and seen["error"] is None
 
+
+def test_the_dashboard_of_a_gs_run_sees_checkpoints_and_samples_that_come_later(bucket, monkeypatch):
+  """gcsfs keeps a directory's listing until told otherwise: a dashboard that listed `checkpoints` and `samples` once
+  must still see the ones a run saves afterwards (written here beside gcsfs, as by the trainer's own process)."""
+  monkeypatch.setattr(dashboard, "LISTING_INTERVAL_S", 0.0)
+  run = bucket / "run"
+  (run / "checkpoints" / "2").mkdir(parents=True)
+  (run / "checkpoints" / "2" / "_CHECKPOINT_METADATA").write_text("{}")
+  write_sample(str(run / "samples" / "step_2"), 0, "[S1] early", np.zeros(1600, np.float32), 1600)
+  state = dashboard.RunState("gs://bucket/run", "pod")
+  state.refresh()
+  assert state.listed_checkpoint_step == 2 and [s["step"] for s in state.samples] == [2]
+  (run / "checkpoints" / "4").mkdir()
+  (run / "checkpoints" / "4" / "_CHECKPOINT_METADATA").write_text("{}")
+  write_sample(str(run / "samples" / "step_4"), 0, "[S1] later", np.zeros(1600, np.float32), 1600)
+  state.refresh()
+  assert state.listed_checkpoint_step == 4
+  assert [(s["step"], s["items"][0]["text"].strip()) for s in state.samples] == [(4, "[S1] later"), (2, "[S1] early")]
