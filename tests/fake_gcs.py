@@ -14,6 +14,7 @@ import dataclasses
 import http.server
 import json
 import os
+import sys
 import threading
 import urllib.parse
 import uuid
@@ -41,8 +42,9 @@ class _JsonApi(http.server.BaseHTTPRequestHandler):
   them if asked; POST /upload/storage/v1/b/B/o?uploadType=media&name=O or uploadType=multipart (the name in the
   metadata part), either with ifGenerationMatch=G: write O (412 when G is not its generation; 0: it must not exist
   yet); uploadType=resumable: the same in a session of chunks (gcsfs's writes through open()); POST
-  /storage/v1/b/B/o/O/compose: O becomes its sources' bytes in order; DELETE /storage/v1/b/B/o/O. An object's
-  generation is its file's mtime."""
+  /storage/v1/b/B/o/O/compose: O becomes its sources' bytes in order; POST /storage/v1/b/B/o/O/rewriteTo/b/B2/o/O2:
+  a copy; POST /storage/v1/b/B/o/O/moveTo/o/O2: a move; DELETE /storage/v1/b/B/o/O. An object's generation is its file's
+  mtime."""
 
   root: str
   gcs: Server  # (`server` is the handler's HTTP server)
@@ -59,15 +61,27 @@ class _JsonApi(http.server.BaseHTTPRequestHandler):
                   "generation": str(os.stat(path).st_mtime_ns), "metageneration": "1"}
 
   def _parse(self) -> tuple[list[str], dict[str, list[str]]]:
-    """(the path's parts after /storage/v1/b/, with an object's name whole and unquoted; the query)."""
+    """(the path's parts after /storage/v1/b/: [BUCKET], [BUCKET, "o"] or [BUCKET, "o", OBJECT], then for a compose
+    a copy or a move the action: ["compose"], ["rewriteTo", BUCKET2, OBJECT2] or ["moveTo", BUCKET, OBJECT2];
+    the query). Object names are unquoted."""
     url = urllib.parse.urlparse(self.path)
     path = url.path.removeprefix("/download").removeprefix("/upload")
     if not path.startswith("/storage/v1/b/"):
       return [], {}
-    parts = path.removeprefix("/storage/v1/b/").split("/", 2)  # [BUCKET, 'o', OBJECT]
-    if len(parts) == 3:
-      parts[2] = urllib.parse.unquote(parts[2])
-    return parts, urllib.parse.parse_qs(url.query)
+    bucket, _, rest = path.removeprefix("/storage/v1/b/").partition("/")
+    if not rest.startswith("o/"):
+      return [bucket, rest] if rest else [bucket], urllib.parse.parse_qs(url.query)
+    name, action = rest[2:], []
+    if name.endswith("/compose"):
+      name, action = name.removesuffix("/compose"), ["compose"]
+    elif "/rewriteTo/b/" in name:
+      name, target = name.split("/rewriteTo/b/")
+      target_bucket, target_name = target.split("/o/", 1)
+      action = ["rewriteTo", target_bucket, urllib.parse.unquote(target_name)]
+    elif "/moveTo/o/" in name:
+      name, target_name = name.split("/moveTo/o/")
+      action = ["moveTo", bucket, urllib.parse.unquote(target_name)]
+    return [bucket, "o", urllib.parse.unquote(name), *action], urllib.parse.parse_qs(url.query)
 
   def do_GET(self) -> None:
     parts, query = self._parse()
@@ -122,8 +136,7 @@ class _JsonApi(http.server.BaseHTTPRequestHandler):
   def do_POST(self) -> None:
     parts, query = self._parse()
     body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-    if len(parts) == 3 and parts[2].endswith("/compose"):
-      name = parts[2].removesuffix("/compose")
+    if parts[3:] == ["compose"]:
       sources = [self._object(parts[0], source["name"]) for source in json.loads(body)["sourceObjects"]]
       if any(metadata is None for _, metadata in sources):
         self._reply(404)
@@ -132,8 +145,17 @@ class _JsonApi(http.server.BaseHTTPRequestHandler):
       for path, _ in sources:
         with open(path, "rb") as f:
           data += f.read()
-      self.gcs.composed.append(f"{parts[0]}/{name}")
-      self._write(parts[0], name, data, None)
+      self.gcs.composed.append(f"{parts[0]}/{parts[2]}")
+      self._write(parts[0], parts[2], data, None)
+    elif parts[3:4] in (["rewriteTo"], ["moveTo"]):  # a copy (done in one call), or a move (atomic)
+      path, metadata = self._object(parts[0], parts[2])
+      if metadata is None:
+        self._reply(404)
+        return
+      with open(path, "rb") as f:
+        self._write(parts[4], parts[5], f.read(), None, rewrite=parts[3] == "rewriteTo")
+      if parts[3] == "moveTo":
+        os.remove(path)
     elif len(parts) == 2 and query.get("uploadType") == ["media"]:
       self._write(parts[0], query["name"][0], body, query.get("ifGenerationMatch", [None])[0])
     elif len(parts) == 2 and query.get("uploadType") == ["multipart"]:
@@ -174,7 +196,8 @@ class _JsonApi(http.server.BaseHTTPRequestHandler):
                                                      body[second + len(marker):body.rindex(marker + b"--")]))
     return json.loads(metadata), data
 
-  def _write(self, bucket: str, name: str, data: bytes, generation_match: str | None) -> None:
+  def _write(self, bucket: str, name: str, data: bytes, generation_match: str | None, rewrite: bool = False) -> None:
+    """Writes the object and answers with its metadata (for a copy, `rewrite`: in a finished rewrite's answer)."""
     path, metadata = self._object(bucket, name)
     if generation_match is not None and generation_match != (metadata["generation"] if metadata else "0"):
       self._reply(412)
@@ -184,7 +207,8 @@ class _JsonApi(http.server.BaseHTTPRequestHandler):
     with open(partial, "wb") as f:
       f.write(data)
     os.replace(partial, path)  # GCS shows an object whole or not at all
-    self._reply(200, self._object(bucket, name)[1])
+    metadata = self._object(bucket, name)[1]
+    self._reply(200, {"kind": "storage#rewriteResponse", "done": True, "resource": metadata} if rewrite else metadata)
 
   def do_DELETE(self) -> None:
     parts, _ = self._parse()
@@ -213,12 +237,18 @@ def _content(part: bytes) -> bytes:
   raise ValueError("a multipart part without headers")
 
 
+class _Quiet(http.server.ThreadingHTTPServer):
+  def handle_error(self, request, client_address) -> None:
+    if not isinstance(sys.exc_info()[1], ConnectionError):  # a client gone (a process that exited) is no error
+      super().handle_error(request, client_address)
+
+
 @contextlib.contextmanager
 def serve(root: str) -> Iterator[Server]:
   """The stand-in's HTTP server over ROOT while inside."""
   server = Server("", [], [])
   handler = type("Handler", (_JsonApi,), {"root": root, "gcs": server})
-  http_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+  http_server = _Quiet(("127.0.0.1", 0), handler)
   server.url = f"http://127.0.0.1:{http_server.server_address[1]}"
   thread = threading.Thread(target=http_server.serve_forever, daemon=True)
   thread.start()

@@ -9,6 +9,7 @@ import pathlib
 import threading
 import time
 
+import fake_gcs
 import fsspec
 import numpy as np
 import pytest
@@ -131,10 +132,21 @@ def test_local_shards_are_read_in_place(tmp_path):
   assert not os.path.exists(tmp_path / "cache")
 
 
-def test_memory_filesystem_streams_through_the_cache_and_consumed_shards_leave(tmp_path):
+@pytest.fixture(params=["memory", "gs"])
+def remote(request, tmp_path):
+  """Where a test's remote shards go: fsspec's in-memory filesystem, or gs:// through gcsfs to the GCS stand-in."""
+  if request.param == "memory":
+    yield "memory://echo-test-shards"
+    return
+  (tmp_path / "gcs" / "bucket").mkdir(parents=True)
+  with fake_gcs.registered(str(tmp_path / "gcs")):
+    yield "gs://bucket/shards"
+
+
+def test_remote_shards_stream_through_the_cache_and_consumed_shards_leave(tmp_path, remote):
   local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=4, per_shard=4))
-  copy_to(local, "memory://echo-test-shards")
-  urls = list_shards("memory://echo-test-shards/*.tar")
+  copy_to(local, remote)
+  urls = list_shards(f"{remote}/*.tar")
   assert [os.path.basename(url) for url in urls] == [os.path.basename(path) for path in local]
   directory = tmp_path / "cache"
   cache = ShardCache(str(directory), prefetch=1)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import fake_gcs
 import jax
 import jax.numpy as jnp
 import pytest
@@ -80,10 +81,9 @@ TRAIN = RECORD_TRACES + textwrap.dedent("""
 """)
 
 
-def run_one_device(script, *args):
-  env = cpu_env(1)
-  process = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=REPO, env=env, capture_output=True,
-                           text=True, timeout=300)
+def run_one_device(script, *args, env=None):
+  process = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=REPO, env=env or cpu_env(1),
+                           capture_output=True, text=True, timeout=300)
   assert process.returncode == 0, process.stderr[-3000:]
   return json.loads(process.stdout.splitlines()[-1])
 
@@ -117,6 +117,23 @@ def test_a_relaunch_loads_its_steps_untraced_and_computes_the_same(tmp_path):
   assert launch(tmp_path / "xla", config)["traced"] == ["train_step", "eval_step"]
   # The eval program did not change: JAX's cache answered it, so it was not stored (see the next test).
   assert len(stored(tmp_path / "xla")) == 3
+
+
+def test_on_gs_a_relaunch_loads_its_steps_from_the_bucket(tmp_path):
+  """A pod keeps its compilation cache on gs://, shared by its hosts and their restarts: the executables and JAX's
+  own cache entries go there through gcsfs (here to the GCS stand-in, tests/fake_gcs.py), and come back from it."""
+  (tmp_path / "gcs" / "bucket").mkdir(parents=True)
+  config = load_config("tiny")
+  with fake_gcs.serve(str(tmp_path / "gcs")) as gcs:
+    script = f"import fake_gcs\nfake_gcs.register({gcs.url!r})\n" + LAUNCH
+    first, relaunch = (run_one_device(script, "gs://bucket/xla", config.to_json(),
+                                      env=fake_gcs.subprocess_env(gcs.url)) for _ in range(2))
+  assert first["traced"] == ["train_step", "eval_step"]
+  assert relaunch["traced"] == [] and relaunch["cached"] and relaunch["same_state"]
+  assert relaunch["loss"] == first["loss"] and relaunch["eval_loss"] == first["eval_loss"]
+  bucket = tmp_path / "gcs" / "bucket" / "xla"
+  assert len(stored(bucket)) == 2
+  assert any(name.endswith("-cache") for name in os.listdir(bucket))  # JAX's persistent cache is there too
 
 
 def test_a_run_resumed_with_loaded_steps_gives_the_losses_of_an_uninterrupted_run(tmp_path):
