@@ -45,7 +45,10 @@ def write_bytes(path: str, data: bytes) -> None:
 
 
 def exists(path: str) -> bool:
+  """Whether `path` exists now: asked of the store, not of a listing that gcsfs (like other fsspec filesystems of
+  object stores) keeps from earlier; a JsonlWriter that believed its file absent would overwrite it."""
   fs, target = fsspec.core.url_to_fs(path)
+  fs.invalidate_cache(target)
   return fs.exists(target)
 
 

@@ -9,6 +9,7 @@ import textwrap
 import time
 
 import fake_gcs
+import fsspec
 import numpy as np
 import pytest
 from conftest import load_config, wait_for
@@ -74,6 +75,21 @@ def test_a_failed_append_is_retried_and_no_line_is_lost(bucket, monkeypatch):
   writer.write({"n": 1})
   writer.close()
   assert lines(bucket / "run" / "events.jsonl") == [0, 1]
+
+
+def test_exists_asks_the_store_not_an_earlier_listing(bucket):
+  """gcsfs answers `exists` from a listing of the parent it made before: a JsonlWriter opened after another process
+  wrote the file would take it for new and overwrite it."""
+  (bucket / "run").mkdir()
+  (bucket / "run" / "config.json").write_text("{}")
+  fs, _ = fsspec.core.url_to_fs("gs://bucket/run")
+  assert fs.ls("bucket/run") == ["bucket/run/config.json"]
+  (bucket / "run" / "metrics.jsonl").write_text('{"n": 0}\n')  # by another process
+  assert storage.exists("gs://bucket/run/metrics.jsonl")
+  writer = metrics.JsonlWriter("gs://bucket/run/metrics.jsonl", sync_seconds=60)
+  writer.write({"n": 1})
+  writer.close()
+  assert lines(bucket / "run" / "metrics.jsonl") == [0, 1]
 
 
 def test_a_pad_latent_on_gs_is_read_there(bucket):
