@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 
+import fake_gcs
 import jax
 import numpy as np
 import pytest
@@ -36,6 +37,9 @@ LOGGED = range(LOG_EVERY, STEPS + 1, LOG_EVERY)  # the steps whose losses metric
 # and prints its final step.
 WORKER = textwrap.dedent("""
     import json, os, signal, sys, time
+    if "STORAGE_EMULATOR_HOST" in os.environ:  # started with `gcs_url`: gs:// is the GCS stand-in
+      import fake_gcs
+      fake_gcs.register(os.environ["STORAGE_EMULATOR_HOST"])
     import jax
     from echo_jax.train.entry import join_hosts
     from echo_jax.train.loop import Trainer
@@ -85,13 +89,14 @@ WORKER = textwrap.dedent("""
 
 
 def start_hosts(config, workdir, *, processes=2, devices=4, texts="-", delay=0.0, signal_at=-1, port=None,
-                indices=None):
+                indices=None, gcs_url=None):
   """Starts `processes` simulated hosts of `devices` CPU devices each (those of `indices` only, when given, joining
-  the coordinator on `port`); returns the Popen objects."""
+  the coordinator on `port`; reaching gs:// at the GCS stand-in's `gcs_url`, when given); returns the Popen
+  objects."""
   port = port or free_port()
   started = []
   for index in range(processes) if indices is None else indices:
-    env = cpu_env(devices)
+    env = fake_gcs.subprocess_env(gcs_url, devices) if gcs_url else cpu_env(devices)
     if processes > 1:
       env.update(ECHO_COORDINATOR=f"127.0.0.1:{port}", ECHO_NUM_PROCESSES=str(processes),
                  ECHO_PROCESS_ID=str(index))
@@ -264,6 +269,24 @@ def test_two_host_checkpoint_restores_onto_one_host_with_8_and_2_devices(setup, 
     assert_losses_match(losses, reference, [s for s in LOGGED if s > 8])
     restored = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "checkpoint_restored"]
     assert restored[-1]["step"] == 8
+
+
+def test_two_hosts_train_into_gs_and_resume_from_it(setup, tmp_path):
+  """A pod's run directory, gs://BUCKET/run, here on the GCS stand-in: both hosts write their shards of each
+  checkpoint there (process 0 the rest), and a relaunch restores from it, the losses those of one host."""
+  root, config, reference = setup
+  (tmp_path / "gcs" / "bucket").mkdir(parents=True)
+  run = tmp_path / "gcs" / "bucket" / "run"
+  with fake_gcs.serve(str(tmp_path / "gcs")) as gcs:
+    assert final_steps(run_hosts(config, "gs://bucket/run", gcs_url=gcs.url)) == [STEPS, STEPS]
+    for step in (16, 24):
+      shutil.rmtree(run / "checkpoints" / str(step))
+    assert final_steps(run_hosts(config, "gs://bucket/run", gcs_url=gcs.url)) == [STEPS, STEPS]
+  assert [e["step"] for e in read_jsonl(run / "events.jsonl") if e["event"] == "checkpoint_restored"] == [8]
+  assert any("checkpoints/8/" in path for path in gcs.served)  # restored over HTTP, as from GCS
+  assert sorted(os.listdir(run / "checkpoints")) == ["16", "24", "8"]
+  assert_losses_match(losses_by_step(run), reference, LOGGED)  # steps 12-24: the relaunch's
+  assert not (REPO / "gs:").exists()
 
 
 def test_malformed_shards_on_one_host_do_not_hang_the_other(setup):
