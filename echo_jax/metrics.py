@@ -56,6 +56,7 @@ class JsonlWriter:
     self._lock = threading.Lock()
     self._path, self._file, self._pending = path, None, []
     self._closed = threading.Event()
+    self._wake = threading.Event()  # set to sync before the period is up
     if path is None:
       return
     if is_local(path):
@@ -79,8 +80,16 @@ class JsonlWriter:
         self._pending.append(line)
 
   def _sync_every(self, seconds: float) -> None:
-    while not self._closed.wait(seconds):
+    while True:
+      self._wake.wait(seconds)
+      self._wake.clear()
+      if self._closed.is_set():
+        return
       self._sync()
+
+  def sync_soon(self) -> None:
+    """Appends the lines written so far to a remote file now, from the sync thread, not when the period is up."""
+    self._wake.set()
 
   def _sync(self) -> None:
     with self._lock:
@@ -100,6 +109,7 @@ class JsonlWriter:
     if self._path is None or self._closed.is_set():
       return
     self._closed.set()  # later lines are dropped, as the file is closed
+    self._wake.set()
     if self._file is not None:
       with self._lock:
         self._file.close()
@@ -113,14 +123,21 @@ class JsonlWriter:
 
 
 class RunLog:
-  """metrics.jsonl and events.jsonl of a run directory."""
+  """metrics.jsonl and events.jsonl of a run directory.
 
-  def __init__(self, workdir: str, enabled: bool = True):
-    self.metrics = JsonlWriter(storage.join(workdir, "metrics.jsonl") if enabled else None)
-    self.events = JsonlWriter(storage.join(workdir, "events.jsonl") if enabled else None)
+  On remote storage a `checkpoint_saved` event has both files synced at once: a relaunch after a crash resumes from
+  that checkpoint and never logs the steps before it again, so their lines must not wait up to `sync_seconds` for a
+  process that may be killed meanwhile."""
+
+  def __init__(self, workdir: str, enabled: bool = True, sync_seconds: float = 10.0):
+    self.metrics = JsonlWriter(storage.join(workdir, "metrics.jsonl") if enabled else None, sync_seconds)
+    self.events = JsonlWriter(storage.join(workdir, "events.jsonl") if enabled else None, sync_seconds)
 
   def event(self, name: str, **fields: Any) -> None:
     self.events.write({"time": time.time(), "event": name, **fields})
+    if name == "checkpoint_saved":
+      self.metrics.sync_soon()
+      self.events.sync_soon()
 
   def close(self) -> None:
     self.metrics.close()

@@ -59,6 +59,22 @@ def test_jsonl_lines_reach_gs_by_compose_and_a_resumed_run_appends(bucket, gcs):
   assert gcs.composed == ["bucket/run/metrics.jsonl"] * 2
 
 
+def test_a_saved_checkpoint_has_the_run_log_synced_at_once(bucket):
+  """A relaunch resumes from the newest checkpoint and never logs the steps before it again: their lines go up when
+  the checkpoint is saved, not up to a sync period later (lost if the process is killed meanwhile)."""
+  log = metrics.RunLog("gs://bucket/run", sync_seconds=3600)
+  log.metrics.write({"n": 1})
+  log.event("start")
+  time.sleep(0.5)
+  assert not (bucket / "run").exists()  # nothing synced before the period is up
+  log.event("checkpoint_saved", step=1)
+  wait_for(lambda: (bucket / "run" / "metrics.jsonl").exists() and (bucket / "run" / "events.jsonl").exists())
+  assert lines(bucket / "run" / "metrics.jsonl") == [1]
+  assert [json.loads(line)["event"] for line in (bucket / "run" / "events.jsonl").read_text().splitlines()] == [
+      "start", "checkpoint_saved"]
+  log.close()
+
+
 def test_a_failed_append_is_retried_and_no_line_is_lost(bucket, monkeypatch):
   real_append, failures = storage.append_bytes, []
 
