@@ -368,10 +368,17 @@ def _read_config(path: epath.Path) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(path.read_text(encoding="utf-8")))
 
 
+PARAMS_CHECKSUMS = "checksums.json"
+
+
 def save_params(params: Any, config: ml_collections.ConfigDict, directory: str) -> None:
-  """Writes a parameters-only checkpoint: DIRECTORY/config.json and DIRECTORY/params (Orbax)."""
-  os.makedirs(directory, exist_ok=True)
-  ocp.PyTreeCheckpointer().save(os.path.join(os.path.abspath(directory), "params"), params, force=True)
+  """Writes a parameters-only checkpoint, local or on gs://: DIRECTORY/params (Orbax), DIRECTORY/checksums.json
+  (`checksums` of the parameters, which `load_params` checks) and DIRECTORY/config.json, last: a directory without it
+  is no checkpoint to `load_params`, so one whose writing was cut short is never taken for whole. Stored without zstd,
+  as the training checkpoints are (see `Checkpointer`)."""
+  ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)).save(
+      storage.orbax_path(storage.join(directory, "params")), args=ocp.args.PyTreeSave(params), force=True)
+  storage.write_bytes(storage.join(directory, PARAMS_CHECKSUMS), json.dumps(checksums(params)).encode("utf-8"))
   write_config_json(config, directory)
 
 
@@ -418,7 +425,11 @@ def load_params(path: str, config: ml_collections.ConfigDict | None = None) -> t
     return config, state.params
   if (root / "params").is_dir() and (root / "config.json").exists():
     config = config or _read_config(root / "config.json")
-    return config, _restore_params(root / "params", abstract_params(config), nested=False)
+    params = _restore_params(root / "params", abstract_params(config), nested=False)
+    if (root / PARAMS_CHECKSUMS).exists():  # absent from directories written before checksums were stored
+      verify_checksums(json.loads((root / PARAMS_CHECKSUMS).read_text()), params, where=f"{path}: ",
+                       advice=". This copy of the parameters is damaged: copy or convert them again")
+    return config, params
   if (root / "checkpoints").is_dir():
     manager = ocp.CheckpointManager(root / "checkpoints", options=ocp.CheckpointManagerOptions(create=False))
     steps = manager.all_steps()

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -37,9 +36,10 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from echo_jax import checkpoint
+from echo_jax import checkpoint, storage
 from echo_jax.checkpoint import load_params, save_params
 from echo_jax.config import load_config_file, model_config
+from echo_jax.data.cache import is_local
 from echo_jax.model import Echo
 from echo_jax.train.state import init_params
 
@@ -132,7 +132,13 @@ def to_upstream(params: Any, dtype: np.dtype | str = np.float32) -> dict[str, An
 
 
 def open_safetensors(path: str) -> Any:
-  """`safe_open(path)` for numpy, with a ValueError naming the file when it is missing or not safetensors."""
+  """`safe_open(path)` for numpy, with a ValueError naming the file when it is missing or not safetensors, or not on
+  this machine (safetensors maps the file into memory)."""
+  if not is_local(path):
+    raise ValueError(f"{path}: a safetensors file is read from a local path; copy it here first (gcloud storage cp, "
+                     "huggingface-cli download). For a pod, convert it once into gs:// (python -m echo_jax.convert "
+                     "import FILE --config CONFIG --out gs://BUCKET/converted) and train every host with "
+                     "--init_from=gs://BUCKET/converted")
   try:
     return safe_open(path, framework="np")
   except (OSError, SafetensorError) as error:
@@ -219,14 +225,16 @@ def check_pca_state(path: str, latent_dim: int) -> None:
 
 def import_upstream(path: str, config: ml_collections.ConfigDict, out: str, *, pca: str | None = None,
                     drop_blockwise: bool = False) -> Any:
-  """Converts an upstream safetensors file into a parameters-only checkpoint `out` (`checkpoint.load_params`
-  reads it) and copies the PCA state to out/pca_state.safetensors. Returns the float32 parameters."""
+  """Converts an upstream safetensors file into a parameters-only checkpoint `out`, local or on gs://
+  (`checkpoint.load_params` reads it), and copies the PCA state to out/pca_state.safetensors. Returns the float32
+  parameters."""
   if pca is not None:
     check_pca_state(pca, config.model.latent_dim)
   params = read_upstream(path, config, drop_blockwise=drop_blockwise)
+  if pca is not None:  # before the parameters, whose config.json, written last, marks the directory complete
+    with open(pca, "rb") as f:
+      storage.write_bytes(storage.join(out, PCA_FILE), f.read())
   save_params(params, config, out)
-  if pca is not None:
-    shutil.copyfile(pca, os.path.join(out, PCA_FILE))
   return params
 
 

@@ -2,7 +2,11 @@
 
 import json
 import pathlib
+import subprocess
+import sys
+import textwrap
 
+import fake_gcs
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -12,7 +16,7 @@ from conftest import REPO, load_config, write_synthetic_shards
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from echo_jax import convert
+from echo_jax import checkpoint, convert
 from echo_jax.checkpoint import load_params, save_params
 from echo_jax.config import load_config_file, model_config
 from echo_jax.data.pipeline import Pipeline
@@ -327,3 +331,57 @@ def test_unreadable_inputs_are_refused(tmp_path):
   (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
   with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
     convert.main(["import", str(tmp_path / "model.safetensors"), "--config", TINY_CONFIG, "--out", str(tmp_path / "o")])
+  with pytest.raises(ValueError, match=r"gs://b/model.safetensors: .* read from a local path; .* --out "
+                                       r"gs://BUCKET/converted\) and train every host with"):
+    convert.load_init_params("gs://b/model.safetensors", load_config("tiny"))
+
+
+def test_a_damaged_converted_directory_is_refused_by_its_checksums(tmp_path):
+  """Orbax restores a flipped bit without complaint: the checksums saved beside the parameters find it, for
+  inference and --init_from alike (both `load_params`)."""
+  config = config_for("tiny", False)
+  write_upstream(tmp_path / "model.safetensors", config)
+  params = convert.import_upstream(str(tmp_path / "model.safetensors"), config, str(tmp_path / "out"))
+  assert_trees_equal(load_params(str(tmp_path / "out"))[1], params)  # whole, it loads
+  name, largest = max(((jax.tree_util.keystr(path, simple=True, separator="/"), leaf)
+                       for path, leaf in jax.tree_util.tree_leaves_with_path(params)), key=lambda item: item[1].size)
+  pattern = largest.reshape(-1)[largest.size // 2:largest.size // 2 + 16].tobytes()
+  files = [p for p in (tmp_path / "out" / "params").rglob("*") if p.is_file() and pattern in p.read_bytes()]
+  assert len(files) == 1
+  data = bytearray(files[0].read_bytes())
+  data[data.index(pattern)] ^= 1  # the lowest mantissa bit of one weight
+  files[0].write_bytes(bytes(data))
+  with pytest.raises(checkpoint.ChecksumMismatch, match=rf"out: arrays that differ from those saved: {name}\. This "
+                                                        r"copy of the parameters is damaged"):
+    convert.load_init_params(str(tmp_path / "out"), config)
+
+
+IMPORT_TO_GCS = textwrap.dedent("""\
+    import sys
+    import fake_gcs
+    fake_gcs.register(sys.argv[1])
+    from echo_jax import convert
+    convert.main(["import", *sys.argv[2:]])
+""")
+
+
+def test_import_writes_into_gs(tmp_path):
+  """A pod's hosts all read --init_from: converted once into gs://, the weights are where every host reads them
+  (here the GCS stand-in, tests/fake_gcs.py). Before, the output went to a local directory named "gs:"."""
+  config = config_for("tiny", False)
+  write_upstream(tmp_path / "model.safetensors", config)
+  write_pca(tmp_path / "pca.safetensors", config.model.latent_dim)
+  (tmp_path / "gcs" / "bucket").mkdir(parents=True)
+  with fake_gcs.serve(str(tmp_path / "gcs")) as gcs:
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORT_TO_GCS, gcs.url, str(tmp_path / "model.safetensors"), "--config", TINY_CONFIG,
+         "--out", "gs://bucket/converted", "--pca", str(tmp_path / "pca.safetensors"), "--drop_blockwise"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=fake_gcs.subprocess_env(gcs.url))
+  assert result.returncode == 0, result.stderr[-3000:]
+  converted = tmp_path / "gcs" / "bucket" / "converted"
+  assert sorted(p.name for p in converted.iterdir()) == ["checksums.json", "config.json", "params",
+                                                         convert.PCA_FILE]
+  assert (converted / convert.PCA_FILE).read_bytes() == (tmp_path / "pca.safetensors").read_bytes()
+  assert not (tmp_path / "gs:").exists()
+  local = convert.import_upstream(str(tmp_path / "model.safetensors"), config, str(tmp_path / "local"))
+  assert_trees_equal(convert.load_init_params(str(converted), config), local)
