@@ -220,6 +220,15 @@ def _as_float(value: Any) -> float:
   return float(value)
 
 
+def _not_superseded(steps: np.ndarray) -> np.ndarray:
+  """Which points of a series (its steps, in the order logged) a resumed run did not log again: a relaunch resumes
+  from its newest checkpoint and logs again the steps after it that the stopped run had logged, so a point stands
+  only if every later point has a higher step. Else the curve would run back to the checkpoint and draw the stopped
+  run's last steps under the relaunch's."""
+  later_min = np.minimum.accumulate(steps[::-1])[::-1]  # the lowest step from each point on
+  return steps < np.append(later_min[1:], np.inf)
+
+
 def downsample_indices(n: int, values: np.ndarray, max_points: int) -> np.ndarray:
   """Indices into `values` (length `n`) of at most `max_points` points that keep each bucket's min and max.
 
@@ -420,6 +429,7 @@ class RunState:
     else:
       step, wall, value = self.columns.column("step"), self.columns.column("time"), self.columns.column(key)
     keep = np.flatnonzero(np.isfinite(value) & np.isfinite(step))
+    keep = keep[_not_superseded(step[keep])]
     picks = keep[downsample_indices(keep.size, value[keep], max_points)]
     result = {"step": step[picks], "time": wall[picks], "value": value[picks]}
     self._series_cache[cache_key] = ((rows, len(self.skipped)), result)

@@ -255,6 +255,22 @@ def test_run_state_picks_up_appended_lines(tmp_path):
   assert eval_series["step"].tolist() == [3] and eval_series["value"].tolist() == [0.4]
 
 
+def test_a_resumed_run_replaces_the_steps_it_logged_again(tmp_path):
+  """Stopped after step 5 with a checkpoint at 3, the relaunch logs 4 and 5 again: the curves show its values, once
+  per step, in step order (each series on its own: an eval line at a step does not replace that step's loss)."""
+  run_dir = make_run(tmp_path, steps=6)  # steps 0-5
+  with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+    f.write(json.dumps({"step": 3, "time": 1.7e9 + 3.5, "eval_loss": 0.5}) + "\n")
+    for step in (4, 5, 6):
+      f.write(json.dumps({"step": step, "time": 1.7e9 + 10 + step, "loss": 10.0 + step}) + "\n")
+  run = dashboard.RunState(run_dir, "r")
+  run.refresh()
+  loss = run.series(["loss"], 2000)["loss"]
+  assert loss["step"].tolist() == [0, 1, 2, 3, 4, 5, 6]
+  assert loss["value"].tolist()[4:] == [14.0, 15.0, 16.0]
+  assert run.series(["eval_loss"], 2000)["eval_loss"]["step"].tolist() == [3]
+
+
 def test_downsample_keeps_extremes_and_ends():
   values = np.sin(np.linspace(0, 50, 100_000))
   values[12_345] = 99.0
