@@ -33,8 +33,8 @@ LOGGED = range(LOG_EVERY, STEPS + 1, LOG_EVERY)  # the steps whose losses metric
 
 # One simulated host: joins the runtime from ECHO_* variables as train_main does (`join_hosts`), records
 # the texts of the rows it loads (one JSON list per step) when asked, sleeps after each step when asked (so a signal
-# lands mid-run), sends process 1 a SIGTERM right after step `signal_at` (and its save, if it has one) when asked,
-# and prints its final step.
+# lands mid-run), sends process 1 a SIGTERM right after step `signal_at` (and its save, if it has one) when asked
+# (with -2: 2 s after its run returned), and prints its final step.
 WORKER = textwrap.dedent("""
     import json, os, signal, sys, time
     if "STORAGE_EMULATOR_HOST" in os.environ:  # started with `gcs_url`: gs:// is the GCS stand-in
@@ -85,6 +85,10 @@ WORKER = textwrap.dedent("""
     hooks = ((1, after_step),)
     state = RecordingTrainer(config, workdir, hooks=hooks, stop_requested=stop).run()
     print(f"final_step={int(state.step.addressable_data(0))}", flush=True)
+    if signal_at == -2 and jax.process_index() == 1:  # a SIGTERM once process 0 has begun to exit
+      time.sleep(2)
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.5)
 """)
 
 
@@ -287,6 +291,18 @@ def test_two_hosts_train_into_gs_and_resume_from_it(setup, tmp_path):
   assert sorted(os.listdir(run / "checkpoints")) == ["16", "24", "8"]
   assert_losses_match(losses_by_step(run), reference, LOGGED)  # steps 12-24: the relaunch's
   assert not (REPO / "gs:").exists()
+
+
+def test_a_sigterm_after_the_last_step_does_not_hold_the_exit(setup):
+  """TPU maintenance can signal one host just after another has finished and begun to exit. JAX's preemption notifier
+  would then wait 3 minutes at its barrier for the host that left; after the last step the signal is only reported."""
+  root, config, _ = setup
+  config = make_config(config.data.train_shards, root / "cache_late")
+  config.train.steps = 4
+  started = time.time()
+  outputs = finish(start_hosts(config, root / "late_sigterm", signal_at=-2), timeout=90)
+  assert final_steps(outputs) == [4, 4] and time.time() - started < 90
+  assert "SIGTERM after the last step" in outputs[1]
 
 
 def test_malformed_shards_on_one_host_do_not_hang_the_other(setup):

@@ -371,6 +371,8 @@ class Trainer:
           break
       if pending is not None:
         self._log_step(*pending, waited, consecutive_nonfinite, progress)
+      if step == train.steps and jax.distributed.is_initialized():
+        _ignore_late_sigterm()
     finally:
       progress.close()
       pipeline.close()
@@ -503,6 +505,20 @@ _LOGGED_ERRORS = (checkpoint.CheckpointSaveError, NonFiniteError)
 def _close_pipeline(opened: concurrent.futures.Future) -> None:
   if not opened.cancelled() and opened.exception() is None:
     opened.result().close()
+
+
+def _ignore_late_sigterm() -> None:
+  """After the last step of a joined run a SIGTERM has nothing left to stop, but JAX's preemption notifier would still
+  act on it: its sync barrier waits for every process, and one that has already begun to exit never comes, so both
+  would wait out the barrier's 3 minutes before exiting. This handler, in the notifier's place, only reports it."""
+  if threading.current_thread() is not threading.main_thread():
+    return  # signal handlers are the main thread's to set; a Trainer run elsewhere keeps the notifier's
+
+  def on_sigterm(signum: int, frame: Any) -> None:
+    print("SIGTERM after the last step: the run is complete; exiting once its last checkpoint is written",
+          flush=True)
+
+  signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def install_sigterm_handler(stop: threading.Event) -> None:
