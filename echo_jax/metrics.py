@@ -64,6 +64,7 @@ class JsonlWriter:
       self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 — held open for the run, closed in close()
       return
     self._new = not storage.exists(path)  # a resumed run appends to the lines of the runs before it
+    self._size = 0 if self._new else storage.size(path)  # what the object holds after this writer's last append
     self._syncing = threading.Thread(target=self._sync_every, args=(sync_seconds,), daemon=True,
                                      name="jsonl_sync")
     self._syncing.start()
@@ -96,14 +97,25 @@ class JsonlWriter:
       lines, self._pending = self._pending, []
     if not lines:
       return
+    data = "".join(lines).encode("utf-8")
     try:
-      storage.append_bytes(self._path, "".join(lines).encode("utf-8"), new=self._new)
-      self._new = False
+      storage.append_bytes(self._path, data, new=self._new)
     except Exception as error:  # noqa: BLE001 — storage unreachable: keep the lines for the next sync
-      logging.warning("could not append %d lines to %s (%s); retrying at the next sync", len(lines), self._path,
-                      describe(error))
-      with self._lock:
-        self._pending[:0] = lines
+      if not self._landed(len(data)):
+        logging.warning("could not append %d lines to %s (%s); retrying at the next sync", len(lines), self._path,
+                        describe(error))
+        with self._lock:
+          self._pending[:0] = lines
+        return
+    self._new, self._size = False, self._size + len(data)
+
+  def _landed(self, count: int) -> bool:
+    """Whether an append of `count` bytes that raised was done all the same (its answer lost on the way back):
+    retried, its lines would be in the file twice."""
+    try:
+      return storage.size(self._path) == self._size + count
+    except Exception:  # noqa: BLE001 — not reachable to ask either: retry the append
+      return False
 
   def close(self) -> None:
     if self._path is None or self._closed.is_set():

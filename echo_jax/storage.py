@@ -52,6 +52,13 @@ def exists(path: str) -> bool:
   return fs.exists(target)
 
 
+def size(path: str) -> int:
+  """The size of `path` now, in bytes (asked of the store, as `exists`)."""
+  fs, target = fsspec.core.url_to_fs(path)
+  fs.invalidate_cache(target)
+  return fs.size(target)
+
+
 def append_bytes(url: str, data: bytes, *, new: bool) -> None:
   """Appends `data` to the object `url` on remote storage (a local file is better held open in append mode); `new`
   says it is not there yet (the caller keeps track: asking the store each time would cost a request per append)."""

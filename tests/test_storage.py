@@ -108,6 +108,29 @@ def test_exists_asks_the_store_not_an_earlier_listing(bucket):
   assert lines(bucket / "run" / "metrics.jsonl") == [0, 1]
 
 
+def test_an_append_whose_answer_is_lost_is_not_appended_twice(bucket, monkeypatch):
+  """The append reached the bucket but its answer did not come back (a dropped connection): retried, its lines would
+  be in the file twice."""
+  real_append, lost = storage.append_bytes, []
+
+  def answer_lost_once(url, data, *, new):
+    real_append(url, data, new=new)
+    if not new and not lost:  # the first compose onto the object
+      lost.append(True)
+      raise OSError("connection reset by peer")
+
+  monkeypatch.setattr(storage, "append_bytes", answer_lost_once)
+  path = bucket / "run" / "events.jsonl"
+  writer = metrics.JsonlWriter("gs://bucket/run/events.jsonl", sync_seconds=0.05)
+  writer.write({"n": 0})
+  wait_for(lambda: path.exists())
+  writer.write({"n": 1})
+  wait_for(lambda: lost)
+  writer.write({"n": 2})
+  writer.close()
+  assert lines(path) == [0, 1, 2]
+
+
 def test_a_pad_latent_on_gs_is_read_there(bucket):
   np.save(bucket / "pad.npy", np.arange(8, dtype=np.float16))
   assert storage.exists("gs://bucket/pad.npy") and not storage.exists("gs://bucket/none.npy")
