@@ -63,8 +63,10 @@ class JsonlWriter:
       os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
       self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 — held open for the run, closed in close()
       return
-    self._new = not storage.exists(path)  # a resumed run appends to the lines of the runs before it
-    self._size = 0 if self._new else storage.size(path)  # what the object holds after this writer's last append
+    try:  # a resumed run appends to the lines of the runs before it
+      self._size, self._new = storage.size(path), False  # the object's size after this writer's last append
+    except FileNotFoundError:
+      self._size, self._new = 0, True
     self._syncing = threading.Thread(target=self._sync_every, args=(sync_seconds,), daemon=True,
                                      name="jsonl_sync")
     self._syncing.start()

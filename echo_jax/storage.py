@@ -44,18 +44,23 @@ def write_bytes(path: str, data: bytes) -> None:
   fs.pipe_file(target, data)
 
 
-def exists(path: str) -> bool:
-  """Whether `path` exists now: asked of the store, not of a listing that gcsfs (like other fsspec filesystems of
-  object stores) keeps from earlier; a JsonlWriter that believed its file absent would overwrite it."""
+def _asked_now(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+  """`path`'s fsspec filesystem and its path there, with what the filesystem knew of `path` forgotten: gcsfs (like
+  other filesystems of object stores) answers from listings it made earlier, which miss what was written since."""
   fs, target = fsspec.core.url_to_fs(path)
   fs.invalidate_cache(target)
+  return fs, target
+
+
+def exists(path: str) -> bool:
+  """Whether `path` exists now, asked of the store (see `_asked_now`)."""
+  fs, target = _asked_now(path)
   return fs.exists(target)
 
 
 def size(path: str) -> int:
-  """The size of `path` now, in bytes (asked of the store, as `exists`)."""
-  fs, target = fsspec.core.url_to_fs(path)
-  fs.invalidate_cache(target)
+  """The size of `path` now, in bytes, asked of the store; FileNotFoundError when there is none."""
+  fs, target = _asked_now(path)
   return fs.size(target)
 
 
