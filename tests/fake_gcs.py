@@ -239,9 +239,11 @@ def _content(part: bytes) -> bytes:
   raise ValueError("a multipart part without headers")
 
 
-class _Quiet(http.server.ThreadingHTTPServer):
+class Quiet(http.server.ThreadingHTTPServer):
+  """A threading HTTP server that does not print a traceback when a client leaves (a process that exited)."""
+
   def handle_error(self, request, client_address) -> None:
-    if not isinstance(sys.exc_info()[1], ConnectionError):  # a client gone (a process that exited) is no error
+    if not isinstance(sys.exc_info()[1], ConnectionError):
       super().handle_error(request, client_address)
 
 
@@ -250,7 +252,7 @@ def serve(root: str) -> Iterator[Server]:
   """The stand-in's HTTP server over ROOT while inside."""
   server = Server("", [], [])
   handler = type("Handler", (_JsonApi,), {"root": root, "gcs": server})
-  http_server = _Quiet(("127.0.0.1", 0), handler)
+  http_server = Quiet(("127.0.0.1", 0), handler)
   server.url = f"http://127.0.0.1:{http_server.server_address[1]}"
   thread = threading.Thread(target=http_server.serve_forever, daemon=True)
   thread.start()

@@ -4,12 +4,15 @@ after use, retries of stalled and failed downloads, and errors that say why."""
 import contextlib
 import errno
 import io
+import logging
 import os
 import pathlib
+import shutil
 import threading
 import time
 
 import fake_gcs
+import fake_hub
 import fsspec
 import numpy as np
 import pytest
@@ -132,21 +135,28 @@ def test_local_shards_are_read_in_place(tmp_path):
   assert not os.path.exists(tmp_path / "cache")
 
 
-@pytest.fixture(params=["memory", "gs"])
+@pytest.fixture(params=["memory", "gs", "hf"])
 def remote(request, tmp_path):
-  """Where a test's remote shards go: fsspec's in-memory filesystem, or gs:// through gcsfs to the GCS stand-in."""
+  """(where a test's remote shards go, a function that puts local shards there): fsspec's in-memory filesystem,
+  gs:// through gcsfs to the GCS stand-in, or hf://datasets through huggingface_hub to the Hub stand-in."""
   if request.param == "memory":
-    yield "memory://echo-test-shards"
-    return
-  (tmp_path / "gcs" / "bucket").mkdir(parents=True)
-  with fake_gcs.registered(str(tmp_path / "gcs")):
-    yield "gs://bucket/shards"
+    yield "memory://echo-test-shards", lambda paths: copy_to(paths, "memory://echo-test-shards")
+  elif request.param == "gs":
+    (tmp_path / "gcs" / "bucket").mkdir(parents=True)
+    with fake_gcs.registered(str(tmp_path / "gcs")):
+      yield "gs://bucket/shards", lambda paths: copy_to(paths, "gs://bucket/shards")
+  else:
+    repo = tmp_path / "hub" / "org" / "shards"
+    repo.mkdir(parents=True)
+    with fake_hub.registered(str(tmp_path / "hub")):
+      yield "hf://datasets/org/shards", lambda paths: [shutil.copy(path, repo) for path in paths]
 
 
 def test_remote_shards_stream_through_the_cache_and_consumed_shards_leave(tmp_path, remote):
+  prefix, put = remote
   local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=4, per_shard=4))
-  copy_to(local, remote)
-  urls = list_shards(f"{remote}/*.tar")
+  put(local)
+  urls = list_shards(f"{prefix}/*.tar")
   assert [os.path.basename(url) for url in urls] == [os.path.basename(path) for path in local]
   directory = tmp_path / "cache"
   cache = ShardCache(str(directory), prefetch=1)
@@ -163,6 +173,29 @@ def test_remote_shards_stream_through_the_cache_and_consumed_shards_leave(tmp_pa
   assert pathlib.Path(path).read_bytes() == pathlib.Path(local[0]).read_bytes()
   cache.release(urls[0])
   assert not os.path.exists(path)
+
+
+HF_TOKEN = "hf_TestTokenThatMustNeverBeLogged"
+
+
+def test_hf_reads_carry_the_token_and_a_refusal_is_reported_without_it(tmp_path, monkeypatch, caplog):
+  """hf:// shards are read with the token of HF_TOKEN (or the saved login), which every request to the Hub carries;
+  a shard the Hub refuses (401: an expired token) is given up on with that cause, and the token is in no message."""
+  monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
+  repo = tmp_path / "hub" / "org" / "shards"
+  repo.mkdir(parents=True)
+  local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=2, per_shard=4))
+  for path in local:
+    shutil.copy(path, repo)
+  with fake_hub.registered(str(tmp_path / "hub")) as hub, caplog.at_level(logging.DEBUG):
+    hub.denied.add(f"org/shards/{os.path.basename(local[1])}")
+    urls = list_shards("hf://datasets/org/shards/*.tar")
+    cache = ShardCache(str(tmp_path / "cache"), retries=2, retry_wait=0.01)
+    assert pathlib.Path(cache.fetch(urls[0])).read_bytes() == pathlib.Path(local[0]).read_bytes()
+    assert cache.fetch(urls[1]) is None
+  assert "401" in cache.failures[urls[1]] and os.path.basename(local[1]) in caplog.text
+  assert hub.requests and {token for _, token in hub.requests} == {f"Bearer {HF_TOKEN}"}
+  assert HF_TOKEN not in caplog.text and HF_TOKEN not in repr(cache.failures)
 
 
 def test_a_stalled_download_times_out_and_is_retried(tmp_path):

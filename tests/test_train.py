@@ -16,6 +16,7 @@ import textwrap
 import threading
 import time
 
+import fake_hub
 import fsspec
 import jax
 import jax.numpy as jnp
@@ -528,6 +529,33 @@ def test_remote_shards_stream_through_a_cache_of_the_run_and_role(tiny_config, t
   assert sorted(os.listdir(tmp_path / "cache")) == [f"eval-{run}", f"train-{run}"]
   leftovers = [os.path.join(folder, name) for folder, _, names in os.walk(tmp_path / "cache") for name in names]
   assert not leftovers
+
+
+def test_hf_shards_train_as_local_ones_and_the_token_is_written_nowhere(tiny_config, tmp_path, monkeypatch, capfd):
+  """Training and held-out shards from a Hugging Face dataset (hf://, through huggingface_hub to the Hub stand-in,
+  tests/fake_hub.py) give the losses of the same shards read locally; the token (HF_TOKEN) goes with every request
+  to the Hub and into no file of the run and no line of output."""
+  token = "hf_TestTokenThatMustNeverBeWritten"
+  shards = list_shards(write_synthetic_shards(tmp_path / "echo", num_shards=2))
+  repo = tmp_path / "hub" / "org" / "echo"
+  repo.mkdir(parents=True)
+  for path in shards:
+    shutil.copy(path, repo)
+  tiny_config.train.update(steps=4, eval_every=2, eval_batches=1, ckpt_every=2, log_every=1)
+  tiny_config.data.cache_dir = str(tmp_path / "cache")
+  tiny_config.data.train_shards = tiny_config.data.eval_shards = str(tmp_path / "echo" / "*.tar")
+  Trainer(tiny_config, str(tmp_path / "local")).run()
+  monkeypatch.setenv("HF_TOKEN", token)
+  tiny_config.data.train_shards = tiny_config.data.eval_shards = "hf://datasets/org/echo/*.tar"
+  with fake_hub.registered(str(tmp_path / "hub")) as hub:
+    Trainer(tiny_config, str(tmp_path / "hf")).run()
+  assert losses_by_step(tmp_path / "hf") == losses_by_step(tmp_path / "local")
+  assert eval_losses_by_step(tmp_path / "hf") == eval_losses_by_step(tmp_path / "local")
+  assert any("/resolve/" in path for path, _ in hub.requests)
+  assert {authorization for _, authorization in hub.requests} == {f"Bearer {token}"}
+  written = b"".join(path.read_bytes() for path in (tmp_path / "hf").rglob("*") if path.is_file())
+  output = capfd.readouterr()
+  assert token.encode() not in written and token not in output.out + output.err
 
 
 def test_sigterm_asks_for_a_stop_and_a_second_one_ends_the_process():
