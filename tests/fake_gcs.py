@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import http.server
 import json
 import os
-import sys
-import threading
 import urllib.parse
 import uuid
 from collections.abc import Iterator
 
 import fsspec
 import gcsfs
+import stand_in
 from conftest import REPO, cpu_env
 from gcsfs.core import GCSFileSystem
 
@@ -35,7 +33,7 @@ class Server:
   uploads: dict[str, tuple[str, str, str | None, bytearray]] = dataclasses.field(default_factory=dict)
 
 
-class _JsonApi(http.server.BaseHTTPRequestHandler):
+class _JsonApi(stand_in.Handler):
   """What the clients ask of GCS's JSON API, over ROOT:
   GET /storage/v1/b/B: the bucket's metadata; GET /storage/v1/b/B/o?prefix=P[&delimiter=/]: the objects under P
   (with a delimiter, only those directly under it, and the "directories" below as prefixes);
@@ -49,9 +47,6 @@ class _JsonApi(http.server.BaseHTTPRequestHandler):
 
   root: str
   gcs: Server  # (`server` is the handler's HTTP server)
-
-  def log_message(self, *args) -> None:
-    pass
 
   def _object(self, bucket: str, name: str) -> tuple[str, dict[str, str] | None]:
     """(the object's file, its metadata or None when there is no such object)."""
@@ -87,22 +82,22 @@ class _JsonApi(http.server.BaseHTTPRequestHandler):
   def do_GET(self) -> None:
     parts, query = self._parse()
     if not parts or not os.path.isdir(os.path.join(self.root, parts[0])):
-      self._reply(404)
+      self.reply(404)
       return
     bucket = parts[0]
     if len(parts) == 1:
-      self._reply(200, {"kind": "storage#bucket", "name": bucket, "id": bucket})
+      self.reply(200, {"kind": "storage#bucket", "name": bucket, "id": bucket})
     elif len(parts) == 2:
-      self._reply(200, self._list(bucket, query.get("prefix", [""])[0], query.get("delimiter", [""])[0]))
+      self.reply(200, self._list(bucket, query.get("prefix", [""])[0], query.get("delimiter", [""])[0]))
     else:
       path, metadata = self._object(bucket, parts[2])
       if metadata is None:
-        self._reply(404)
+        self.reply(404)
       elif query.get("alt") != ["media"]:
-        self._reply(200, metadata)
+        self.reply(200, metadata)
       else:
         self.gcs.served.append(f"{bucket}/{parts[2]}")
-        self._read(path, metadata["generation"])
+        self.send_file(path, {"x-goog-generation": metadata["generation"]})
 
   def _list(self, bucket: str, prefix: str, delimiter: str) -> dict:
     base = os.path.join(self.root, bucket)
@@ -120,28 +115,13 @@ class _JsonApi(http.server.BaseHTTPRequestHandler):
     # (an object deleted since the walk has no metadata: left out, as GCS would)
     return {"kind": "storage#objects", "items": [item for item in items if item], "prefixes": sorted(prefixes)}
 
-  def _read(self, path: str, generation: str) -> None:
-    with open(path, "rb") as f:
-      data = f.read()
-    headers = {"x-goog-generation": generation}
-    ranged = self.headers.get("Range")
-    if not ranged:
-      self._reply(200, data, headers)
-      return
-    first, last = ranged.removeprefix("bytes=").split("-")
-    if not first:  # the last `last` bytes
-      first, last = str(max(len(data) - int(last), 0)), ""
-    first, last = int(first), min(int(last or len(data) - 1), len(data) - 1)
-    headers["Content-Range"] = f"bytes {first}-{last}/{len(data)}"
-    self._reply(206, data[first:last + 1], headers)
-
   def do_POST(self) -> None:
     parts, query = self._parse()
     body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
     if parts[3:] == ["compose"]:
       sources = [self._object(parts[0], source["name"]) for source in json.loads(body)["sourceObjects"]]
       if any(metadata is None for _, metadata in sources):
-        self._reply(404)
+        self.reply(404)
         return
       data = b""
       for path, _ in sources:
@@ -152,7 +132,7 @@ class _JsonApi(http.server.BaseHTTPRequestHandler):
     elif parts[3:4] in (["rewriteTo"], ["moveTo"]):  # a copy (done in one call), or a move (atomic)
       path, metadata = self._object(parts[0], parts[2])
       if metadata is None:
-        self._reply(404)
+        self.reply(404)
         return
       with open(path, "rb") as f:
         self._write(parts[4], parts[5], f.read(), None, rewrite=parts[3] == "rewriteTo")
@@ -166,7 +146,7 @@ class _JsonApi(http.server.BaseHTTPRequestHandler):
     elif len(parts) == 2 and query.get("uploadType") == ["resumable"]:
       self._resumable(parts[0], query, body)
     else:
-      self._reply(501)
+      self.reply(501)
 
   do_PUT = do_POST  # a resumable upload's chunks (GCS documents PUT; gcsfs sends POST)
 
@@ -178,7 +158,7 @@ class _JsonApi(http.server.BaseHTTPRequestHandler):
       self.gcs.uploads[upload_id] = (bucket, json.loads(body)["name"], query.get("ifGenerationMatch", [None])[0],
                                      bytearray())
       location = f"{self.gcs.url}/upload/storage/v1/b/{bucket}/o?uploadType=resumable&upload_id={upload_id}"
-      self._reply(200, b"", {"Location": location})
+      self.reply(200, b"", {"Location": location})
       return
     bucket, name, generation_match, received = self.gcs.uploads[query["upload_id"][0]]
     received += body
@@ -187,7 +167,7 @@ class _JsonApi(http.server.BaseHTTPRequestHandler):
       del self.gcs.uploads[query["upload_id"][0]]
       self._write(bucket, name, bytes(received), generation_match)
     else:
-      self._reply(308, b"", {"Range": f"bytes=0-{len(received) - 1}"})
+      self.reply(308, b"", {"Range": f"bytes=0-{len(received) - 1}"})
 
   def _multipart(self, body: bytes) -> tuple[dict, bytes]:
     """(the metadata, the bytes) of a multipart/related upload: two parts, each headers, a blank line, content."""
@@ -202,7 +182,7 @@ class _JsonApi(http.server.BaseHTTPRequestHandler):
     """Writes the object and answers with its metadata (for a copy, `rewrite`: in a finished rewrite's answer)."""
     path, metadata = self._object(bucket, name)
     if generation_match is not None and generation_match != (metadata["generation"] if metadata else "0"):
-      self._reply(412)
+      self.reply(412)
       return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     partial = os.path.join(self.root, f".upload-{uuid.uuid4().hex}")  # outside every bucket: never listed
@@ -210,26 +190,16 @@ class _JsonApi(http.server.BaseHTTPRequestHandler):
       f.write(data)
     os.replace(partial, path)  # GCS shows an object whole or not at all
     metadata = self._object(bucket, name)[1]
-    self._reply(200, {"kind": "storage#rewriteResponse", "done": True, "resource": metadata} if rewrite else metadata)
+    self.reply(200, {"kind": "storage#rewriteResponse", "done": True, "resource": metadata} if rewrite else metadata)
 
   def do_DELETE(self) -> None:
     parts, _ = self._parse()
     path, metadata = self._object(parts[0], parts[2]) if len(parts) == 3 else ("", None)
     if metadata is None:
-      self._reply(404)
+      self.reply(404)
       return
     os.remove(path)
-    self._reply(204)
-
-  def _reply(self, status: int, body: bytes | dict | None = None, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps(body).encode() if isinstance(body, dict) else body or b""
-    self.send_response(status)
-    for name, value in (headers or {}).items():
-      self.send_header(name, value)
-    self.send_header("Content-Length", str(len(body)))
-    self.end_headers()
-    self.wfile.write(body)
-
+    self.reply(204)
 
 def _content(part: bytes) -> bytes:
   """A multipart part's content: after its headers' blank line, before the line break that ends it."""
@@ -239,28 +209,12 @@ def _content(part: bytes) -> bytes:
   raise ValueError("a multipart part without headers")
 
 
-class Quiet(http.server.ThreadingHTTPServer):
-  """A threading HTTP server that does not print a traceback when a client leaves (a process that exited)."""
-
-  def handle_error(self, request, client_address) -> None:
-    if not isinstance(sys.exc_info()[1], ConnectionError):
-      super().handle_error(request, client_address)
-
-
 @contextlib.contextmanager
 def serve(root: str) -> Iterator[Server]:
   """The stand-in's HTTP server over ROOT while inside."""
   server = Server("", [], [])
-  handler = type("Handler", (_JsonApi,), {"root": root, "gcs": server})
-  http_server = Quiet(("127.0.0.1", 0), handler)
-  server.url = f"http://127.0.0.1:{http_server.server_address[1]}"
-  thread = threading.Thread(target=http_server.serve_forever, daemon=True)
-  thread.start()
-  try:
+  with stand_in.serving(_JsonApi, root=root, gcs=server) as server.url:
     yield server
-  finally:
-    http_server.shutdown()
-    http_server.server_close()
 
 
 def subprocess_env(url: str, devices: int = 1) -> dict[str, str]:
@@ -291,12 +245,6 @@ def unregister() -> None:
     fsspec.register_implementation(protocol, gcsfs.GCSFileSystem, clobber=True)
 
 
-@contextlib.contextmanager
-def registered(root: str) -> Iterator[Server]:
+def registered(root: str) -> contextlib.AbstractContextManager[Server]:
   """`serve(root)` and `register` its URL while inside, then `unregister`."""
-  with serve(root) as server:
-    register(server.url)
-    try:
-      yield server
-    finally:
-      unregister()
+  return stand_in.registered(serve, register, unregister, root)

@@ -8,15 +8,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import http.server
-import json
 import os
-import threading
 import urllib.parse
 from collections.abc import Iterator
 
 import fsspec
-from fake_gcs import Quiet
+import stand_in
 from huggingface_hub import HfFileSystem
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"  # every dataset's one commit
@@ -29,7 +26,7 @@ class Server:
   denied: set[str] = dataclasses.field(default_factory=set)  # files answered 401, as ORG/NAME/PATH
 
 
-class _HubApi(http.server.BaseHTTPRequestHandler):
+class _HubApi(stand_in.Handler):
   """What HfFileSystem asks of the Hub, over ROOT:
   GET /api/datasets/ORG/NAME[/revision/REV]: the dataset's id and commit;
   GET /api/datasets/ORG/NAME/tree/REV[/PATH][?recursive=True]: the files and folders under PATH;
@@ -37,9 +34,6 @@ class _HubApi(http.server.BaseHTTPRequestHandler):
 
   root: str
   hub: Server
-
-  def log_message(self, *args) -> None:
-    pass
 
   def do_GET(self) -> None:
     url = urllib.parse.urlparse(self.path)
@@ -49,24 +43,24 @@ class _HubApi(http.server.BaseHTTPRequestHandler):
     if parts[:2] == ["api", "datasets"] and len(parts) >= 4:
       repo, rest = "/".join(parts[2:4]), parts[4:]
       if not os.path.isdir(os.path.join(self.root, repo)):
-        self._reply(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+        self.reply(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
       elif rest in ([], ["revision", "main"], ["revision", REVISION]):
-        self._reply(200, {"id": repo, "sha": REVISION, "private": False})
+        self.reply(200, {"id": repo, "sha": REVISION, "private": False})
       elif rest[:1] == ["tree"]:
-        self._reply(200, self._tree(repo, "/".join(rest[2:]), query.get("recursive") == ["True"]))
+        self.reply(200, self._tree(repo, "/".join(rest[2:]), query.get("recursive") == ["True"]))
       else:
-        self._reply(404, {"error": "Not found"})
+        self.reply(404, {"error": "Not found"})
     elif parts[:1] == ["datasets"] and parts[3:4] == ["resolve"]:
       repo, name = "/".join(parts[1:3]), "/".join(parts[5:])
       path = os.path.join(self.root, repo, name)
       if f"{repo}/{name}" in self.hub.denied:
-        self._reply(401, {"error": "Invalid credentials"})
+        self.reply(401, {"error": "Invalid credentials"})
       elif not os.path.isfile(path):
-        self._reply(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"})
+        self.reply(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"})
       else:
-        self._read(path)
+        self.send_file(path)
     else:
-      self._reply(404, {"error": "Not found"})
+      self.reply(404, {"error": "Not found"})
 
   def _tree(self, repo: str, folder: str, recursive: bool) -> list[dict]:
     base = os.path.join(self.root, repo)
@@ -82,39 +76,12 @@ class _HubApi(http.server.BaseHTTPRequestHandler):
         break
     return entries
 
-  def _read(self, path: str) -> None:
-    with open(path, "rb") as f:
-      data = f.read()
-    ranged = self.headers.get("Range")
-    if not ranged:
-      self._reply(200, data)
-      return
-    first, last = ranged.removeprefix("bytes=").split("-")
-    first, last = int(first), min(int(last or len(data) - 1), len(data) - 1)
-    self._reply(206, data[first:last + 1], {"Content-Range": f"bytes {first}-{last}/{len(data)}"})
-
-  def _reply(self, status: int, body: bytes | dict | list, headers: dict[str, str] | None = None) -> None:
-    body = body if isinstance(body, bytes) else json.dumps(body).encode()
-    self.send_response(status)
-    for name, value in (headers or {}).items():
-      self.send_header(name, value)
-    self.send_header("Content-Length", str(len(body)))
-    self.end_headers()
-    self.wfile.write(body)
-
-
 @contextlib.contextmanager
 def serve(root: str) -> Iterator[Server]:
   """The stand-in's HTTP server over ROOT while inside."""
   server = Server("", [])
-  http_server = Quiet(("127.0.0.1", 0), type("Handler", (_HubApi,), {"root": root, "hub": server}))
-  server.url = f"http://127.0.0.1:{http_server.server_address[1]}"
-  threading.Thread(target=http_server.serve_forever, daemon=True).start()
-  try:
+  with stand_in.serving(_HubApi, root=root, hub=server) as server.url:
     yield server
-  finally:
-    http_server.shutdown()
-    http_server.server_close()
 
 
 def register(url: str) -> None:
@@ -132,12 +99,6 @@ def unregister() -> None:
   fsspec.register_implementation("hf", HfFileSystem, clobber=True)
 
 
-@contextlib.contextmanager
-def registered(root: str) -> Iterator[Server]:
+def registered(root: str) -> contextlib.AbstractContextManager[Server]:
   """`serve(root)` and `register` its URL while inside, then `unregister`."""
-  with serve(root) as server:
-    register(server.url)
-    try:
-      yield server
-    finally:
-      unregister()
+  return stand_in.registered(serve, register, unregister, root)
