@@ -91,7 +91,8 @@ class JsonlWriter:
       self._sync()
 
   def sync_soon(self) -> None:
-    """Appends the lines written so far to a remote file now, from the sync thread, not when the period is up."""
+    """Appends the lines written so far to a remote file now, from the sync thread, not when the period is up (a
+    local file has every line at once: nothing to do)."""
     self._wake.set()
 
   def _sync(self) -> None:
