@@ -5,6 +5,9 @@ An object store has neither rename nor append. A file is written whole in one up
 not at all (locally: under a temporary name, then renamed). Bytes are appended to an object by uploading them as an
 object of their own and composing the two (GCS's compose, gcsfs's `merge`): each append sends only the new bytes,
 and the object only grows, so a reader (the dashboard) can go on reading from where it stopped.
+
+`choose_gcs_client` (called when echo_jax is imported) settles which gcsfs class every gs:// URL reaches: this
+module's files, shards, and Orbax's directories (etils' epath reaches GCS through fsspec's `gcs`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,21 @@ from absl import logging
 from etils import epath
 
 from echo_jax.data.cache import describe, is_local
+
+GCS_CLIENT_SWITCH = "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"
+
+
+def choose_gcs_client() -> None:
+  """gs:// (and gcs://) reach gcsfs's JSON-API client, `gcsfs.core.GCSFileSystem`, unless the user set gcsfs's own
+  switch GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT (then gcsfs's choice stands). gcsfs's default since 2026.3 first asks
+  GCS's gRPC storage-control API each bucket's type, and does not remember a failed answer: where that API cannot be
+  reached (an egress proxy, a VPC-SC perimeter, an emulator) every file operation waits out a 60-s retry first
+  (measured against tests/fake_gcs.py: 18-100 s per read or write). The JSON API is all this framework needs, and
+  the one tensorstore writes the checkpoints through. fsspec imports the class by name on first use."""
+  if GCS_CLIENT_SWITCH in os.environ:
+    return
+  for protocol in ("gs", "gcs"):
+    fsspec.register_implementation(protocol, "gcsfs.core.GCSFileSystem", clobber=True)
 
 
 def orbax_path(path: str) -> epath.Path:

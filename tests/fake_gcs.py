@@ -1,8 +1,9 @@
 """Google Cloud Storage stood in for by a local directory (bucket NAME = ROOT/NAME), so that tests read and write
 gs:// URLs with no network, through the real clients: `serve` answers over HTTP what tensorstore (Orbax's arrays),
 google-cloud-storage (a bucket's settings, asked by Orbax) and gcsfs (fsspec's gs://: the run directory's own files,
-the dashboard, and Orbax's small files through etils' epath) ask of GCS's JSON API. `register` points gcsfs at it, and
-`subprocess_env` points the other two (TENSORSTORE_GCS_HTTP_URL, STORAGE_EMULATOR_HOST).
+the dashboard, and Orbax's small files through etils' epath) ask of GCS's JSON API. `register` points this process's
+gcsfs at it; `subprocess_env` points all three clients of a test subprocess at it, with no test code in the
+subprocess: gs:// there reaches the gcsfs class that `import echo_jax` chose, as in production.
 
 gcsfs itself, not a local filesystem in its place, so that what it does beyond plain I/O is tested too: its listings
 cache, above all, which keeps a directory's listing until told otherwise."""
@@ -18,15 +19,16 @@ import uuid
 from collections.abc import Iterator
 
 import fsspec
-import gcsfs
 import stand_in
 from conftest import REPO, cpu_env
 from gcsfs.core import GCSFileSystem
 
+from echo_jax import storage
+
 
 @dataclasses.dataclass
 class Server:
-  url: str  # for `register`, TENSORSTORE_GCS_HTTP_URL and STORAGE_EMULATOR_HOST
+  url: str  # for `register` and `subprocess_env`
   served: list[str]  # the objects whose bytes were read, as BUCKET/NAME
   composed: list[str]  # the destination of each compose, as BUCKET/NAME
   # Resumable uploads by id: (bucket, name, ifGenerationMatch or None, the bytes so far).
@@ -218,17 +220,16 @@ def serve(root: str) -> Iterator[Server]:
 
 
 def subprocess_env(url: str, devices: int = 1) -> dict[str, str]:
-  """The environment of a test subprocess that reaches `serve`'s server at `url` as GCS (it calls `register(url)`
-  first): `cpu_env(devices)`, the two endpoints, and tests/ on the path for this module."""
-  return cpu_env(devices, TENSORSTORE_GCS_HTTP_URL=url, STORAGE_EMULATOR_HOST=url,
-                 PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
+  """The environment of a test subprocess whose gs:// is `serve`'s server at `url`: `cpu_env(devices)`, the endpoint
+  of each client (gcsfs and google-cloud-storage read STORAGE_EMULATOR_HOST, tensorstore TENSORSTORE_GCS_HTTP_URL),
+  gcsfs without credentials (fsspec's FSSPEC_<PROTOCOL>_<ARGUMENT> variables), and tests/ on the path."""
+  return cpu_env(devices, TENSORSTORE_GCS_HTTP_URL=url, STORAGE_EMULATOR_HOST=url, FSSPEC_GS_TOKEN="anon",
+                 FSSPEC_GCS_TOKEN="anon", PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
 
 
 def register(url: str) -> None:
-  """fsspec's `gs` and `gcs` protocols are gcsfs's plain GCSFileSystem in this process, reaching `serve`'s server at
-  `url` without credentials. Plain, because the default (GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT) asks GCS's gRPC
-  storage-control API for each bucket's type, which the stand-in does not speak; for a bucket of the usual kind it
-  then does what the plain one does. `unregister` restores the default."""
+  """fsspec's `gs` and `gcs` protocols reach `serve`'s server at `url` without credentials, in this process, through
+  the gcsfs class echo_jax uses (`storage.choose_gcs_client`). `unregister` restores echo_jax's choice."""
 
   class StandIn(GCSFileSystem):  # a class per server: fsspec keeps one instance per class and arguments
     protocol = ("gs", "gcs")
@@ -241,8 +242,7 @@ def register(url: str) -> None:
 
 
 def unregister() -> None:
-  for protocol in ("gs", "gcs"):  # gcsfs.GCSFileSystem: the default class, as gcsfs's import chose it
-    fsspec.register_implementation(protocol, gcsfs.GCSFileSystem, clobber=True)
+  storage.choose_gcs_client()
 
 
 def registered(root: str) -> contextlib.AbstractContextManager[Server]:

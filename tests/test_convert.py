@@ -358,10 +358,8 @@ def test_a_damaged_converted_directory_is_refused_by_its_checksums(tmp_path):
 
 IMPORT_TO_GCS = textwrap.dedent("""\
     import sys
-    import fake_gcs
-    fake_gcs.register(sys.argv[1])
     from echo_jax import convert
-    convert.main(["import", *sys.argv[2:]])
+    convert.main(["import", *sys.argv[1:]])
 """)
 
 
@@ -374,7 +372,7 @@ def test_import_writes_into_gs(tmp_path):
   (tmp_path / "gcs" / "bucket").mkdir(parents=True)
   with fake_gcs.serve(str(tmp_path / "gcs")) as gcs:
     result = subprocess.run(
-        [sys.executable, "-c", IMPORT_TO_GCS, gcs.url, str(tmp_path / "model.safetensors"), "--config", TINY_CONFIG,
+        [sys.executable, "-c", IMPORT_TO_GCS, str(tmp_path / "model.safetensors"), "--config", TINY_CONFIG,
          "--out", "gs://bucket/converted", "--pca", str(tmp_path / "pca.safetensors"), "--drop_blockwise"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=fake_gcs.subprocess_env(gcs.url))
   assert result.returncode == 0, result.stderr[-3000:]

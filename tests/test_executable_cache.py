@@ -125,8 +125,7 @@ def test_on_gs_a_relaunch_loads_its_steps_from_the_bucket(tmp_path):
   (tmp_path / "gcs" / "bucket").mkdir(parents=True)
   config = load_config("tiny")
   with fake_gcs.serve(str(tmp_path / "gcs")) as gcs:
-    script = f"import fake_gcs\nfake_gcs.register({gcs.url!r})\n" + LAUNCH
-    first, relaunch = (run_one_device(script, "gs://bucket/xla", config.to_json(),
+    first, relaunch = (run_one_device(LAUNCH, "gs://bucket/xla", config.to_json(),
                                       env=fake_gcs.subprocess_env(gcs.url)) for _ in range(2))
   assert first["traced"] == ["train_step", "eval_step"]
   assert relaunch["traced"] == [] and relaunch["cached"] and relaunch["same_state"]

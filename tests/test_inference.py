@@ -192,11 +192,9 @@ def params_digest(params) -> dict[str, str]:
 
 READ_FROM_GCS = textwrap.dedent("""\
     import json, sys
-    import fake_gcs
-    fake_gcs.register(sys.argv[1])
     from test_inference import params_digest
     from echo_jax.checkpoint import load_params
-    for url in sys.argv[2:]:
+    for url in sys.argv[1:]:
       try:
         config, params = load_params(url)
         print(json.dumps([url, config.model.dim, params_digest(params)]))
@@ -220,7 +218,7 @@ def test_weights_on_gs_are_read_where_they_are(run_dir, tmp_path):
   forms = ["run", "run/checkpoints/3", "converted", "pickled/state.pkl"]
   with fake_gcs.serve(str(root)) as gcs:
     result = subprocess.run(
-        [sys.executable, "-c", READ_FROM_GCS, gcs.url, *(f"gs://bucket/{form}" for form in forms),
+        [sys.executable, "-c", READ_FROM_GCS, *(f"gs://bucket/{form}" for form in forms),
          "gs://bucket/nowhere"],
         cwd=REPO, capture_output=True, text=True, timeout=300, env=fake_gcs.subprocess_env(gcs.url))
   assert result.returncode == 0, result.stderr[-3000:]

@@ -38,9 +38,6 @@ LOGGED = range(LOG_EVERY, STEPS + 1, LOG_EVERY)  # the steps whose losses metric
 # (with -2: 2 s after its run returned), and prints its final step.
 WORKER = textwrap.dedent("""
     import json, os, signal, sys, time
-    if "STORAGE_EMULATOR_HOST" in os.environ:  # started with `gcs_url`: gs:// is the GCS stand-in
-      import fake_gcs
-      fake_gcs.register(os.environ["STORAGE_EMULATOR_HOST"])
     import jax
     from echo_jax.train.entry import join_hosts
     from echo_jax.train.loop import Trainer

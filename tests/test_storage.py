@@ -145,15 +145,39 @@ def test_config_and_samples_are_written_into_a_gs_run_directory(bucket):
   assert sorted(p.name for p in (bucket / "run" / "samples" / "step_4").iterdir()) == ["0.png", "0.txt", "0.wav"]
 
 
+CLIENT = textwrap.dedent("""\
+    import gcsfs  # first, as a user's program may: gcsfs.GCSFileSystem is then its default choice
+    import echo_jax, fsspec
+    from etils import epath
+    path = epath.Path("gs://bucket/x")  # as Orbax reaches the bucket
+    for cls in fsspec.get_filesystem_class("gs"), fsspec.get_filesystem_class("gcs"), type(path._backend.fs(path)):
+      print(f"{cls.__module__}.{cls.__qualname__}")
+""")
+
+
+@pytest.mark.parametrize("switch, client", [(None, "gcsfs.core.GCSFileSystem"),
+                                            ("true", "gcsfs.extended_gcsfs.ExtendedGcsFileSystem")])
+def test_gs_reaches_the_json_api_client_unless_the_user_chose_another(switch, client):
+  """gcsfs's default client asks GCS's gRPC storage-control API each bucket's type before a file operation and, where
+  that API cannot be reached, waits out a 60-s retry at every operation; echo_jax uses the JSON-API client instead,
+  for its own files and Orbax's alike, unless gcsfs's switch is set. (The subprocess tests reach the stand-in
+  through this choice, with no test code of their own in between.)"""
+  env = fake_gcs.subprocess_env("http://127.0.0.1:9")
+  env.pop(storage.GCS_CLIENT_SWITCH, None)
+  if switch:
+    env[storage.GCS_CLIENT_SWITCH] = switch
+  result = subprocess.run([sys.executable, "-c", CLIENT], capture_output=True, text=True, timeout=120, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.split() == [client] * 3
+
+
 TRAIN = textwrap.dedent("""\
     import json, sys, threading
-    import fake_gcs
-    fake_gcs.register(sys.argv[1])
     import ml_collections
     from echo_jax.train.loop import Trainer
     stop = threading.Event()  # as SIGTERM sets it: the run saves a checkpoint and returns
-    hooks = ((1, lambda info: info.step == int(sys.argv[3]) and stop.set()),)
-    Trainer(ml_collections.ConfigDict(json.loads(sys.argv[2])), "gs://bucket/run", hooks=hooks,
+    hooks = ((1, lambda info: info.step == int(sys.argv[2]) and stop.set()),)
+    Trainer(ml_collections.ConfigDict(json.loads(sys.argv[1])), "gs://bucket/run", hooks=hooks,
             stop_requested=stop).run()
 """)
 
@@ -167,7 +191,7 @@ def test_a_run_on_gs_keeps_everything_there_and_resumes_exactly(tiny_config, tmp
   Trainer(tiny_config, str(tmp_path / "local")).run()  # the uninterrupted reference
   with fake_gcs.serve(str(root)) as gcs:
     for stop_at in (3, 0):  # stopped after step 3, then relaunched to the end
-      result = subprocess.run([sys.executable, "-c", TRAIN, gcs.url, tiny_config.to_json(), str(stop_at)],
+      result = subprocess.run([sys.executable, "-c", TRAIN, tiny_config.to_json(), str(stop_at)],
                               cwd=tmp_path, capture_output=True, text=True, timeout=300,
                               env=fake_gcs.subprocess_env(gcs.url, devices=8))
       assert result.returncode == 0, result.stderr[-3000:]
