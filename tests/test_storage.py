@@ -146,8 +146,9 @@ def test_config_and_samples_are_written_into_a_gs_run_directory(bucket):
 
 
 CLIENT = textwrap.dedent("""\
-    import gcsfs  # first, as a user's program may: gcsfs.GCSFileSystem is then its default choice
-    import echo_jax, fsspec
+    import fsspec
+    fsspec.get_filesystem_class("gs")  # first, as a user's program may: fsspec then holds gcsfs's default class
+    import echo_jax
     from etils import epath
     path = epath.Path("gs://bucket/x")  # as Orbax reaches the bucket
     for cls in fsspec.get_filesystem_class("gs"), fsspec.get_filesystem_class("gcs"), type(path._backend.fs(path)):
