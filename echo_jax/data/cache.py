@@ -43,8 +43,10 @@ def is_local(url: str) -> bool:
 
 
 def describe(error: BaseException) -> str:
-  """`error` in one line, for logs and events: its type and message (fsspec's errors name URLs, never tokens)."""
-  return f"{type(error).__name__}: {error}".splitlines()[0][:300]
+  """`error` in one line, for logs and events: its type and message, its lines joined (gcsfs puts GCS's own reason,
+  such as the permission it denied, on the line after the URL), at most 500 characters (fsspec's errors name URLs,
+  never tokens)."""
+  return " ".join(line.strip() for line in f"{type(error).__name__}: {error}".splitlines() if line.strip())[:500]
 
 
 class CacheWriteError(OSError):
