@@ -74,6 +74,24 @@ def _asked_now(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
   return fs, target
 
 
+def read_bytes(path: str) -> bytes:
+  """The bytes of the file `path`, local or remote; FileNotFoundError when there is none."""
+  if is_local(path):
+    with open(path, "rb") as f:
+      return f.read()
+  fs, target = fsspec.core.url_to_fs(path)
+  return fs.cat_file(target)
+
+
+def remove(path: str) -> None:
+  """Deletes the file `path`, local or remote."""
+  if is_local(path):
+    os.remove(path)
+    return
+  fs, target = fsspec.core.url_to_fs(path)
+  fs.rm_file(target)
+
+
 def exists(path: str) -> bool:
   """Whether `path` exists now, asked of the store (see `_asked_now`)."""
   fs, target = _asked_now(path)
@@ -105,3 +123,38 @@ def append_bytes(url: str, data: bytes, *, new: bool) -> None:
         logging.warning("could not delete %s after appending it to %s (%s)", chunk, url, describe(error))
   else:  # no compose (e.g. Hugging Face): the whole file again
     fs.pipe_file(target, fs.cat_file(target) + data)
+
+
+class RunDirectoryError(RuntimeError):
+  """The run directory cannot hold a run: an operation that the run does there fails, or the hosts of a pod do not
+  all see the same files there."""
+
+
+def check_writable(directory: str, name: str) -> None:
+  """Does with a file `name` in `directory` what a run does with its files there: creates one, replaces it
+  (config.json at each launch; GCS counts a replacement as a deletion), appends to it (metrics.jsonl), reads it back
+  and deletes it (old checkpoints). Raises RunDirectoryError naming the first operation that fails, at launch, not
+  at the first checkpoint save, `ckpt_every` steps in (tensorstore replaces objects of a checkpoint as it writes it)."""
+  path = join(directory, name)
+
+  def append() -> None:
+    if is_local(path):
+      with open(path, "ab") as f:
+        f.write(b"+")
+    else:
+      append_bytes(path, b"+", new=False)
+
+  def read_back() -> None:
+    if (read := read_bytes(path)) != b"2+":
+      raise ValueError(f"read back {read!r} where b'2+' was written")
+
+  for operation, do in (("create", lambda: write_bytes(path, b"1")), ("replace", lambda: write_bytes(path, b"2")),
+                        ("append to", append), ("read back", read_back), ("delete", lambda: remove(path))):
+    try:
+      do()
+    except Exception as error:
+      raise RunDirectoryError(
+          f"cannot {operation} a file in the run directory {directory} ({describe(error)}). A run creates, "
+          "replaces, appends to, reads and deletes files there: check the path, and that this host's credentials "
+          "may do all five (on GCS: roles/storage.objectUser on the bucket; objectCreator alone can neither "
+          "replace nor delete)") from error

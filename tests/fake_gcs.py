@@ -33,6 +33,9 @@ class Server:
   composed: list[str]  # the destination of each compose, as BUCKET/NAME
   # Resumable uploads by id: (bucket, name, ifGenerationMatch or None, the bytes so far).
   uploads: dict[str, tuple[str, str, str | None, bytearray]] = dataclasses.field(default_factory=dict)
+  # IAM permissions the caller lacks, as GCS checks them: storage.objects.create for every write, and
+  # storage.objects.delete for a DELETE and for a write that replaces an object (a compose onto one included).
+  denied: set[str] = dataclasses.field(default_factory=set)
 
 
 class _JsonApi(stand_in.Handler):
@@ -45,7 +48,7 @@ class _JsonApi(stand_in.Handler):
   yet); uploadType=resumable: the same in a session of chunks (gcsfs's writes through open()); POST
   /storage/v1/b/B/o/O/compose: O becomes its sources' bytes in order; POST /storage/v1/b/B/o/O/rewriteTo/b/B2/o/O2:
   a copy; POST /storage/v1/b/B/o/O/moveTo/o/O2: a move; DELETE /storage/v1/b/B/o/O. An object's generation is its file's
-  mtime."""
+  mtime. A write or delete that needs a permission of `Server.denied` is answered 403, with GCS's wording."""
 
   root: str
   gcs: Server  # (`server` is the handler's HTTP server)
@@ -57,6 +60,15 @@ class _JsonApi(stand_in.Handler):
       return path, None
     return path, {"kind": "storage#object", "bucket": bucket, "name": name, "size": str(os.path.getsize(path)),
                   "generation": str(os.stat(path).st_mtime_ns), "metageneration": "1"}
+
+  def _refused(self, permission: str, bucket: str, name: str) -> bool:
+    """Answers 403 and says so when the caller lacks `permission`."""
+    if permission not in self.gcs.denied:
+      return False
+    self.reply(403, {"error": {"code": 403, "message": f"caller does not have {permission} access to the Google "
+                               f"Cloud Storage object {bucket}/{name}. Permission '{permission}' denied on resource "
+                               "(or it may not exist)."}})
+    return True
 
   def _parse(self) -> tuple[list[str], dict[str, list[str]]]:
     """(the path's parts after /storage/v1/b/: [BUCKET], [BUCKET, "o"] or [BUCKET, "o", OBJECT], then for a compose
@@ -183,6 +195,9 @@ class _JsonApi(stand_in.Handler):
   def _write(self, bucket: str, name: str, data: bytes, generation_match: str | None, rewrite: bool = False) -> None:
     """Writes the object and answers with its metadata (for a copy, `rewrite`: in a finished rewrite's answer)."""
     path, metadata = self._object(bucket, name)
+    if (self._refused("storage.objects.create", bucket, name)
+        or (metadata and self._refused("storage.objects.delete", bucket, name))):
+      return
     if generation_match is not None and generation_match != (metadata["generation"] if metadata else "0"):
       self.reply(412)
       return
@@ -199,6 +214,8 @@ class _JsonApi(stand_in.Handler):
     path, metadata = self._object(parts[0], parts[2]) if len(parts) == 3 else ("", None)
     if metadata is None:
       self.reply(404)
+      return
+    if self._refused("storage.objects.delete", parts[0], parts[2]):
       return
     os.remove(path)
     self.reply(204)

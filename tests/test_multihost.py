@@ -48,6 +48,7 @@ WORKER = textwrap.dedent("""
 
     config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
     workdir, texts_path, delay, signal_at = sys.argv[2], sys.argv[3], float(sys.argv[4]), int(sys.argv[5])
+    workdir = workdir.replace("{process}", str(jax.process_index()))  # a directory per host: unshared storage
 
     class Recording:
       def __init__(self, pipeline):
@@ -122,6 +123,18 @@ def finish(started, timeout=TIMEOUT_S):
   outputs = [process.stdout.read() for process in started]
   for process, output in zip(started, outputs, strict=True):
     assert process.returncode == 0, output[-4000:]
+  return outputs
+
+
+def failed(started):
+  """The outputs of hosts that must all fail (within TIMEOUT_S; killed after it)."""
+  try:
+    outputs = [process.communicate(timeout=TIMEOUT_S)[0] for process in started]
+  finally:
+    for process in started:
+      if process.poll() is None:
+        process.kill()
+  assert all(process.returncode != 0 for process in started), outputs
   return outputs
 
 
@@ -314,13 +327,18 @@ def test_a_listing_that_fails_on_process_0_fails_every_host_with_its_error(setup
   the collective until a timeout (or, on a pod, a heartbeat) ends them with an unrelated error."""
   root, _, _ = setup
   config = make_config(str(root / "typo-*.tar"), root / "cache_typo")
-  started = start_hosts(config, root / "typo")
-  try:
-    outputs = [process.communicate(timeout=TIMEOUT_S)[0] for process in started]
-  finally:
-    for process in started:
-      if process.poll() is None:
-        process.kill()
-  assert all(process.returncode != 0 for process in started), outputs
+  outputs = failed(start_hosts(config, root / "typo"))
   assert "typo-*.tar" in outputs[0] and "matches no file" in outputs[0], outputs[0][-3000:]
   assert "process 0 could not list the shards" in outputs[1] and "matches no file" in outputs[1], outputs[1][-3000:]
+
+
+def test_a_workdir_the_hosts_do_not_share_is_refused_before_training(setup):
+  """A local workdir on a pod (here a directory per host): each host would save its part of every checkpoint where
+  no other reads it, and no relaunch could restore one. Every host refuses it before its first step."""
+  root, config, _ = setup
+  outputs = failed(start_hosts(config, str(root / "unshared" / "host{process}")))
+  for index, output in enumerate(outputs):
+    assert f"the workdir {root / 'unshared' / f'host{index}'} is not one storage every host shares" in output, (
+        output[-3000:])
+  assert "does not see it" in outputs[0] and "on a pod the workdir must be on gs://" in outputs[0]
+  assert not list((root / "unshared").glob("host*/checkpoints/*")) and not list((root / "unshared").glob("host*/.s*"))

@@ -145,6 +145,22 @@ def test_config_and_samples_are_written_into_a_gs_run_directory(bucket):
   assert sorted(p.name for p in (bucket / "run" / "samples" / "step_4").iterdir()) == ["0.png", "0.txt", "0.wav"]
 
 
+@pytest.mark.parametrize("denied, operation", [("storage.objects.create", "create"),
+                                               ("storage.objects.delete", "replace")])
+def test_a_run_directory_the_run_cannot_write_in_fully_is_refused_at_launch(tiny_config, bucket, gcs, denied,
+                                                                            operation):
+  """Credentials that can create objects but neither replace nor delete them (GCS's objectCreator) let a run train,
+  its metrics unsent, until its first checkpoint save failed (tensorstore replaces objects as it writes one) and left
+  the step's directory incomplete (seen on the code before this check). The launch refuses them before the
+  compile, naming the operation, the permission GCS gave as the cause, and the role."""
+  gcs.denied.add(denied)
+  with pytest.raises(storage.RunDirectoryError, match=rf"cannot {operation} a file in the run directory "
+                                                      rf"gs://bucket/run \(.*Permission '{denied}' denied") as refused:
+    Trainer(tiny_config, "gs://bucket/run").run()
+  assert "roles/storage.objectUser on the bucket" in str(refused.value)
+  assert not (bucket / "run" / "checkpoints").exists()
+
+
 CLIENT = textwrap.dedent("""\
     import fsspec
     fsspec.get_filesystem_class("gs")  # first, as a user's program may: fsspec then holds gcsfs's default class

@@ -21,6 +21,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -28,10 +29,11 @@ import fsspec
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from echo_jax import aot, checkpoint, metrics, runtime, sharding
+from echo_jax import aot, checkpoint, metrics, runtime, sharding, storage
 from echo_jax.background import InBackground
 from echo_jax.config import model_config, write_config_json
 from echo_jax.data.cache import describe
@@ -181,6 +183,55 @@ class Trainer:
       return [sharding.global_batch({name: whole[start:stop] for name, whole in next(pipeline).items()}, self.mesh)
               for _ in range(self.config.train.eval_batches)]
 
+  def _check_workdir(self) -> None:
+    """Before anything is saved: every process can do in the workdir what a run does there (`check_writable`), and
+    sees what another one writes there. A collective.
+
+    A workdir that is not one storage every host shares (a local path on a pod) would otherwise train: each host
+    would write its part of every checkpoint where no other reads it, and no relaunch could restore one."""
+    index, count = jax.process_index(), jax.process_count()
+
+    def mark(process: int) -> str:
+      return storage.join(self.workdir, f".storage_check.{process}")
+
+    token, failure = uuid.uuid4().hex, None
+    try:
+      storage.check_writable(self.workdir, f".storage_check.{index}.ops")
+      if count > 1:
+        storage.write_bytes(mark(index), token.encode())
+    except Exception as error:  # noqa: BLE001 — shared, so that every host fails with it instead of waiting
+      failure = error
+    reports = checkpoint.gather_per_process({"token": token, "error": describe(failure) if failure else None})
+    if failure is not None:
+      raise failure
+    for i, report in enumerate(reports):
+      if report["error"]:
+        raise storage.RunDirectoryError(f"process {i} cannot use the run directory: {report['error']}")
+    if count == 1:
+      return
+    # Each reads the mark of the next: storage that some hosts share and others do not breaks the ring somewhere.
+    after = (index + 1) % count
+    try:
+      read = storage.read_bytes(mark(after)).decode()
+      view = "sees it" if read == reports[after]["token"] else "sees an older one"
+    except FileNotFoundError:
+      view = "does not see it"
+    except Exception as error:  # noqa: BLE001 — shared, as above
+      view = f"cannot read it ({describe(error)})"
+    views = checkpoint.gather_per_process(view)
+    try:
+      storage.remove(mark(index))
+    except Exception as error:  # noqa: BLE001 — deleting was checked above: a passing failure leaves a small file
+      logging.warning("could not delete %s (%s)", mark(index), describe(error))
+    blind = [i for i, view in enumerate(views) if view != "sees it"]
+    if blind:
+      first = blind[0]
+      raise storage.RunDirectoryError(
+          f"the workdir {self.workdir} is not one storage every host shares: process {first} {views[first]}, the "
+          f"file that process {(first + 1) % count} wrote there ({len(blind)} of {count} processes miss their "
+          "neighbour's). Each host would save its part of every checkpoint where no other reads it, and no relaunch "
+          "could restore one: on a pod the workdir must be on gs:// (or a filesystem every host mounts)")
+
   def _resume_step(self, ckpt: checkpoint.Checkpointer) -> int | None:
     """The step every process resumes from (None: a new run), from the checkpoints all of them see. A collective.
 
@@ -273,6 +324,7 @@ class Trainer:
     evaluates = bool(config.data.eval_shards) and train.eval_every > 0 and train.eval_batches > 0
     held_out = InBackground("held_out", functools.partial(
         self._eval_batches, self._shard_list(config.data.eval_shards) if evaluates else []))
+    self._check_workdir()  # before the checkpoint manager, which makes directories there
     ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=train.keep_checkpoints,
                                    keep_period=train.keep_period, compression=train.ckpt_compression,
                                    restore_gb=checkpoint.restore_budget_gb(abstract_state, train.ckpt_restore_gb))
