@@ -6,6 +6,8 @@
                                                               └─► hooks (eval, checkpoint, samples) on their cadence
                                                          ──► final checkpoint, wait for async saves
 
+Between the listing and the compile, every process checks that it can use the workdir as the run will and that all
+of them share it (`_check_workdir`): a run that could not save its checkpoints fails there, not at its first save.
 Metrics of step N are fetched only after step N+1 has been dispatched, so the host never makes the device wait.
 Everything that varies between runs (params, data order, timesteps, noise, dropout) derives from `config.seed`, and
 the data position is part of every checkpoint: a resumed run computes exactly what an uninterrupted run would.
