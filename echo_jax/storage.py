@@ -29,17 +29,17 @@ def choose_gcs_client() -> None:
   """gs:// (and gcs://) reach gcsfs's JSON-API client, `gcsfs.core.GCSFileSystem`, unless the user set gcsfs's own
   switch GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT (then gcsfs's choice stands). gcsfs's default since 2026.3 first asks
   GCS's gRPC storage-control API each bucket's type, and does not remember a failed answer: where that API cannot be
-  reached (an egress proxy, a VPC-SC perimeter, an emulator) every file operation waits out a 60-s retry first
-  (measured against tests/fake_gcs.py: 18-100 s per read or write). The JSON API is all this framework needs, and
-  the one tensorstore writes the checkpoints through."""
+  reached (an egress proxy, a VPC-SC perimeter, an emulator) every file operation first retries that lookup for up
+  to 60 s (measured against tests/fake_gcs.py: 18-100 s per read or write). The JSON API is all this framework
+  needs, and the one tensorstore writes the checkpoints through. A class registered by someone else is left alone."""
   if GCS_CLIENT_SWITCH in os.environ:
     return
   for protocol in ("gs", "gcs"):
-    if protocol in fsspec.registry:  # a class fsspec already imported for it: replaced by the class itself
+    if protocol not in fsspec.registry:  # by its name, imported on first use (gcsfs takes 0.3 s; local runs skip it)
+      fsspec.register_implementation(protocol, "gcsfs.core.GCSFileSystem", clobber=True)
+    elif fsspec.registry[protocol].__module__.startswith("gcsfs."):  # gcsfs's default, imported already: replaced
       from gcsfs.core import GCSFileSystem  # noqa: PLC0415 — gcsfs is imported already
       fsspec.register_implementation(protocol, GCSFileSystem, clobber=True)
-    else:  # by its name, imported on first use (gcsfs takes 0.3 s to import; a local run never needs it)
-      fsspec.register_implementation(protocol, "gcsfs.core.GCSFileSystem", clobber=True)
 
 
 def orbax_path(path: str) -> epath.Path:
@@ -92,6 +92,14 @@ def remove(path: str) -> None:
   fs.rm_file(target)
 
 
+def remove_if_possible(path: str) -> None:
+  """Deletes the file `path` if it can; a failure is logged, and leaves a small file where it was."""
+  try:
+    remove(path)
+  except Exception as error:  # noqa: BLE001 — best effort: the caller is on its way out with another error, or done
+    logging.warning("could not delete %s (%s)", path, describe(error))
+
+
 def exists(path: str) -> bool:
   """Whether `path` exists now, asked of the store (see `_asked_now`)."""
   fs, target = _asked_now(path)
@@ -130,7 +138,7 @@ class RunDirectoryError(RuntimeError):
   all see the same files there."""
 
 
-def check_writable(directory: str, name: str) -> None:
+def check_run_directory(directory: str, name: str) -> None:
   """Does with a file `name` in `directory` what a run does with its files there: creates one, replaces it
   (config.json at each launch; GCS counts a replacement as a deletion), appends to it (metrics.jsonl), reads it back
   and deletes it (old checkpoints). Raises RunDirectoryError naming the first operation that fails, at launch, not
@@ -153,6 +161,8 @@ def check_writable(directory: str, name: str) -> None:
     try:
       do()
     except Exception as error:
+      if operation not in ("create", "delete"):
+        remove_if_possible(path)
       raise RunDirectoryError(
           f"cannot {operation} a file in the run directory {directory} ({describe(error)}). A run creates, "
           "replaces, appends to, reads and deletes files there: check the path, and that this host's credentials "

@@ -141,16 +141,19 @@ class _JsonApi(stand_in.Handler):
       for path, _ in sources:
         with open(path, "rb") as f:
           data += f.read()
-      self.gcs.composed.append(f"{parts[0]}/{parts[2]}")
-      self._write(parts[0], parts[2], data, None)
+      if self._write(parts[0], parts[2], data, None):
+        self.gcs.composed.append(f"{parts[0]}/{parts[2]}")
     elif parts[3:4] in (["rewriteTo"], ["moveTo"]):  # a copy (done in one call), or a move (atomic)
       path, metadata = self._object(parts[0], parts[2])
       if metadata is None:
         self.reply(404)
         return
+      moves = parts[3] == "moveTo"
+      if moves and self._refused("storage.objects.delete", parts[0], parts[2]):
+        return
       with open(path, "rb") as f:
-        self._write(parts[4], parts[5], f.read(), None, rewrite=parts[3] == "rewriteTo")
-      if parts[3] == "moveTo":
+        written = self._write(parts[4], parts[5], f.read(), None, rewrite=not moves)
+      if moves and written:
         os.remove(path)
     elif len(parts) == 2 and query.get("uploadType") == ["media"]:
       self._write(parts[0], query["name"][0], body, query.get("ifGenerationMatch", [None])[0])
@@ -192,15 +195,16 @@ class _JsonApi(stand_in.Handler):
                                                      body[second + len(marker):body.rindex(marker + b"--")]))
     return json.loads(metadata), data
 
-  def _write(self, bucket: str, name: str, data: bytes, generation_match: str | None, rewrite: bool = False) -> None:
-    """Writes the object and answers with its metadata (for a copy, `rewrite`: in a finished rewrite's answer)."""
+  def _write(self, bucket: str, name: str, data: bytes, generation_match: str | None, rewrite: bool = False) -> bool:
+    """Writes the object and answers with its metadata (for a copy, `rewrite`: in a finished rewrite's answer), or
+    answers why not; says whether it wrote."""
     path, metadata = self._object(bucket, name)
     if (self._refused("storage.objects.create", bucket, name)
         or (metadata and self._refused("storage.objects.delete", bucket, name))):
-      return
+      return False
     if generation_match is not None and generation_match != (metadata["generation"] if metadata else "0"):
       self.reply(412)
-      return
+      return False
     os.makedirs(os.path.dirname(path), exist_ok=True)
     partial = os.path.join(self.root, f".upload-{uuid.uuid4().hex}")  # outside every bucket: never listed
     with open(partial, "wb") as f:
@@ -208,6 +212,7 @@ class _JsonApi(stand_in.Handler):
     os.replace(partial, path)  # GCS shows an object whole or not at all
     metadata = self._object(bucket, name)[1]
     self.reply(200, {"kind": "storage#rewriteResponse", "done": True, "resource": metadata} if rewrite else metadata)
+    return True
 
   def do_DELETE(self) -> None:
     parts, _ = self._parse()
@@ -240,13 +245,15 @@ def subprocess_env(url: str, devices: int = 1) -> dict[str, str]:
   """The environment of a test subprocess whose gs:// is `serve`'s server at `url`: `cpu_env(devices)`, the endpoint
   of each client (gcsfs and google-cloud-storage read STORAGE_EMULATOR_HOST, tensorstore TENSORSTORE_GCS_HTTP_URL),
   gcsfs without credentials (fsspec's FSSPEC_<PROTOCOL>_<ARGUMENT> variables), and tests/ on the path."""
-  return cpu_env(devices, TENSORSTORE_GCS_HTTP_URL=url, STORAGE_EMULATOR_HOST=url, FSSPEC_GS_TOKEN="anon",
-                 FSSPEC_GCS_TOKEN="anon", PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
+  env = cpu_env(devices, TENSORSTORE_GCS_HTTP_URL=url, STORAGE_EMULATOR_HOST=url, FSSPEC_GS_TOKEN="anon",
+                FSSPEC_GCS_TOKEN="anon", PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
+  env.pop(storage.GCS_CLIENT_SWITCH, None)  # set in this shell, it would hand gs:// to gcsfs's gRPC-probing class
+  return env
 
 
 def register(url: str) -> None:
   """fsspec's `gs` and `gcs` protocols reach `serve`'s server at `url` without credentials, in this process, through
-  the gcsfs class echo_jax uses (`storage.choose_gcs_client`). `unregister` restores echo_jax's choice."""
+  gcsfs's JSON-API class (the one `storage.choose_gcs_client` chooses). `unregister` puts that class back."""
 
   class StandIn(GCSFileSystem):  # a class per server: fsspec keeps one instance per class and arguments
     protocol = ("gs", "gcs")
@@ -259,7 +266,8 @@ def register(url: str) -> None:
 
 
 def unregister() -> None:
-  storage.choose_gcs_client()
+  for protocol in ("gs", "gcs"):
+    fsspec.register_implementation(protocol, GCSFileSystem, clobber=True)
 
 
 def registered(root: str) -> contextlib.AbstractContextManager[Server]:

@@ -5,6 +5,7 @@ restore onto other layouts, one host's bad data does not hang the other, and SIG
 run writes to gs:// (the GCS stand-in, tests/fake_gcs.py), as a pod's does.
 """
 
+import copy
 import json
 import os
 import shutil
@@ -48,7 +49,8 @@ WORKER = textwrap.dedent("""
 
     config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
     workdir, texts_path, delay, signal_at = sys.argv[2], sys.argv[3], float(sys.argv[4]), int(sys.argv[5])
-    workdir = workdir.replace("{process}", str(jax.process_index()))  # a directory per host: unshared storage
+    if workdir.startswith("["):  # a workdir per host: storage the hosts do not all share
+      workdir = json.loads(workdir)[jax.process_index()]
 
     class Recording:
       def __init__(self, pipeline):
@@ -332,13 +334,17 @@ def test_a_listing_that_fails_on_process_0_fails_every_host_with_its_error(setup
   assert "process 0 could not list the shards" in outputs[1] and "matches no file" in outputs[1], outputs[1][-3000:]
 
 
-def test_a_workdir_the_hosts_do_not_share_is_refused_before_training(setup):
-  """A local workdir on a pod (here a directory per host): each host would save its part of every checkpoint where
-  no other reads it, and no relaunch could restore one. Every host refuses it before its first step."""
+def test_a_workdir_the_hosts_do_not_all_share_is_refused_before_training(setup):
+  """A local workdir on a pod: each host would save its part of every checkpoint where no other reads it (before
+  this check, 2 hosts with a directory each hung at their first checkpoint until killed). Here hosts 0 and 1 share a
+  directory and host 2 has its own: every host refuses it before its first step."""
   root, config, _ = setup
-  outputs = failed(start_hosts(config, str(root / "unshared" / "host{process}")))
-  for index, output in enumerate(outputs):
-    assert f"the workdir {root / 'unshared' / f'host{index}'} is not one storage every host shares" in output, (
-        output[-3000:])
-  assert "does not see it" in outputs[0] and "on a pod the workdir must be on gs://" in outputs[0]
-  assert not list((root / "unshared").glob("host*/checkpoints/*")) and not list((root / "unshared").glob("host*/.s*"))
+  config = copy.deepcopy(config)
+  config.train.batch_size, config.data.streams = 6, 3
+  shared, own = root / "unshared" / "hosts_0_1", root / "unshared" / "host_2"
+  outputs = failed(start_hosts(config, json.dumps([str(shared), str(shared), str(own)]), processes=3, devices=2))
+  for output, workdir in zip(outputs, (shared, shared, own), strict=True):
+    assert f"the workdir {workdir} is not one storage every host shares: process 1 does not see it, the file that " \
+           "process 2 wrote there (2 of 3 processes miss their neighbour's)" in output, output[-3000:]
+  assert "on a pod the workdir must be on gs://" in outputs[0]
+  assert not list((root / "unshared").rglob("checkpoints/*")) and not list((root / "unshared").rglob(".storage*"))

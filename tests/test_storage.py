@@ -179,8 +179,7 @@ def test_gs_reaches_the_json_api_client_unless_the_user_chose_another(switch, cl
   that API cannot be reached, waits out a 60-s retry at every operation; echo_jax uses the JSON-API client instead,
   for its own files and Orbax's alike, unless gcsfs's switch is set. (The subprocess tests reach the stand-in
   through this choice, with no test code of their own in between.)"""
-  env = fake_gcs.subprocess_env("http://127.0.0.1:9")
-  env.pop(storage.GCS_CLIENT_SWITCH, None)
+  env = fake_gcs.subprocess_env("http://127.0.0.1:9")  # without the switch, even when this shell has it
   if switch:
     env[storage.GCS_CLIENT_SWITCH] = switch
   result = subprocess.run([sys.executable, "-c", CLIENT], capture_output=True, text=True, timeout=120, env=env)

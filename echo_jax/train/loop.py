@@ -31,7 +31,6 @@ import fsspec
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
@@ -186,8 +185,8 @@ class Trainer:
               for _ in range(self.config.train.eval_batches)]
 
   def _check_workdir(self) -> None:
-    """Before anything is saved: every process can do in the workdir what a run does there (`check_writable`), and
-    sees what another one writes there. A collective.
+    """Before anything is saved: every process can do in the workdir what a run does there
+    (`storage.check_run_directory`), and sees what another one writes there. A collective.
 
     A workdir that is not one storage every host shares (a local path on a pod) would otherwise train: each host
     would write its part of every checkpoint where no other reads it, and no relaunch could restore one."""
@@ -198,34 +197,35 @@ class Trainer:
 
     token, failure = uuid.uuid4().hex, None
     try:
-      storage.check_writable(self.workdir, f".storage_check.{index}.ops")
+      storage.check_run_directory(self.workdir, f".storage_check.{index}.ops")
       if count > 1:
-        storage.write_bytes(mark(index), token.encode())
-    except Exception as error:  # noqa: BLE001 — shared, so that every host fails with it instead of waiting
+        try:
+          storage.write_bytes(mark(index), token.encode())
+        except Exception as error:
+          raise storage.RunDirectoryError(f"cannot write {mark(index)} ({describe(error)})") from error
+    except storage.RunDirectoryError as error:  # shared, so that every host fails with it instead of waiting
       failure = error
-    reports = checkpoint.gather_per_process({"token": token, "error": describe(failure) if failure else None})
+    reports = checkpoint.gather_per_process({"token": token, "error": str(failure) if failure else None})
     if failure is not None:
       raise failure
-    for i, report in enumerate(reports):
-      if report["error"]:
-        raise storage.RunDirectoryError(f"process {i} cannot use the run directory: {report['error']}")
+    refused = [(i, report["error"]) for i, report in enumerate(reports) if report["error"]]
+    if refused:
+      storage.remove_if_possible(mark(index))
+      raise storage.RunDirectoryError(f"process {refused[0][0]} cannot use the run directory: {refused[0][1]}")
     if count == 1:
       return
     # Each reads the mark of the next: storage that some hosts share and others do not breaks the ring somewhere.
     after = (index + 1) % count
     try:
       read = storage.read_bytes(mark(after)).decode()
-      view = "sees it" if read == reports[after]["token"] else "sees an older one"
+      view = "sees it" if read == reports[after]["token"] else "sees another launch's copy of it"
     except FileNotFoundError:
       view = "does not see it"
     except Exception as error:  # noqa: BLE001 — shared, as above
       view = f"cannot read it ({describe(error)})"
     views = checkpoint.gather_per_process(view)
-    try:
-      storage.remove(mark(index))
-    except Exception as error:  # noqa: BLE001 — deleting was checked above: a passing failure leaves a small file
-      logging.warning("could not delete %s (%s)", mark(index), describe(error))
-    blind = [i for i, view in enumerate(views) if view != "sees it"]
+    storage.remove_if_possible(mark(index))
+    blind = [i for i, seen in enumerate(views) if seen != "sees it"]
     if blind:
       first = blind[0]
       raise storage.RunDirectoryError(
