@@ -187,6 +187,22 @@ def test_gs_reaches_the_json_api_client_unless_the_user_chose_another(switch, cl
   assert result.stdout.split() == [client] * 3
 
 
+def test_a_gs_class_registered_before_echo_jax_is_left_alone():
+  """A user's own class for gs:// (a subclass with their settings, say) is theirs: only gcsfs's own is replaced."""
+  script = textwrap.dedent("""\
+      import fsspec, gcsfs.core
+      class Mine(gcsfs.core.GCSFileSystem):
+        pass
+      fsspec.register_implementation("gs", Mine)
+      import echo_jax
+      print(fsspec.get_filesystem_class("gs").__qualname__, fsspec.get_filesystem_class("gcs").__module__)
+  """)
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env=fake_gcs.subprocess_env("http://127.0.0.1:9"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.split() == ["Mine", "gcsfs.core"]
+
+
 TRAIN = textwrap.dedent("""\
     import json, sys, threading
     import ml_collections
