@@ -76,18 +76,12 @@ def _asked_now(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 def read_bytes(path: str) -> bytes:
   """The bytes of the file `path`, local or remote; FileNotFoundError when there is none."""
-  if is_local(path):
-    with open(path, "rb") as f:
-      return f.read()
   fs, target = fsspec.core.url_to_fs(path)
   return fs.cat_file(target)
 
 
 def remove(path: str) -> None:
   """Deletes the file `path`, local or remote."""
-  if is_local(path):
-    os.remove(path)
-    return
   fs, target = fsspec.core.url_to_fs(path)
   fs.rm_file(target)
 
