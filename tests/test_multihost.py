@@ -204,6 +204,7 @@ def two_host_run(setup):
 def test_two_hosts_match_one_host_and_read_disjoint_samples(setup, two_host_run):
   root, _, reference = setup
   workdir, stop, _, _ = two_host_run
+  assert not list(workdir.glob(".storage_check*"))  # each host's marks of the workdir check, deleted once read
   losses = losses_by_step(workdir)
   assert sorted(losses) == list(LOGGED)
   assert_losses_match(losses, reference, LOGGED)

@@ -176,9 +176,9 @@ CLIENT = textwrap.dedent("""\
                                             ("true", "gcsfs.extended_gcsfs.ExtendedGcsFileSystem")])
 def test_gs_reaches_the_json_api_client_unless_the_user_chose_another(switch, client):
   """gcsfs's default client asks GCS's gRPC storage-control API each bucket's type before a file operation and, where
-  that API cannot be reached, waits out a 60-s retry at every operation; echo_jax uses the JSON-API client instead,
-  for its own files and Orbax's alike, unless gcsfs's switch is set. (The subprocess tests reach the stand-in
-  through this choice, with no test code of their own in between.)"""
+  that API cannot be reached, retries that lookup for up to 60 s at every operation; echo_jax uses the JSON-API
+  client instead, for its own files and Orbax's alike, unless gcsfs's switch is set. (The subprocess tests reach the
+  stand-in through this choice, with no test code of their own in between.)"""
   env = fake_gcs.subprocess_env("http://127.0.0.1:9")  # without the switch, even when this shell has it
   if switch:
     env[storage.GCS_CLIENT_SWITCH] = switch
