@@ -38,10 +38,18 @@ class _CheckpointManager(ocp.CheckpointManager):
   passes the training step of each save, on every host in `save` and on process 0 from its finalize thread when a
   save ends. Read then, a resumed run's sync point lands thousands of steps away (seen: a SIGTERM right after a save
   stopped a 2-host run 9 steps late), and process 0's counter can be set back below a step it has passed, so that
-  the others stop without it. Orbax uses the answer only for logs and metrics here (every save is forced)."""
+  the others stop without it. Orbax uses the answer only for logs and metrics here (every save is forced).
+
+  Its `close` also waits for the clean-up of interrupted saves that the manager starts in a thread when it opens
+  (Orbax's leaves it running): a launch failing moments after opening the manager would exit under that thread, which
+  then prints a traceback below the launch's own error."""
 
   def reached_preemption(self, step: int) -> bool:
     return False
+
+  def close(self) -> None:
+    self._maybe_await_cleanup_tmp_directory()
+    super().close()
 
 
 def gather_per_process(obj: Any) -> list[Any]:

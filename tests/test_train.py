@@ -497,18 +497,28 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def test_a_launch_that_fails_at_its_start_ends_with_its_own_error(tmp_path):
-  """The real entry, failing before its first step (a shard spec naming nothing): the error that stopped it is the
-  last thing printed, not a traceback from the clean-up thread of an Orbax checkpoint manager cut short by the exit
-  (slowed down here, so that the test does not depend on a race)."""
+@pytest.mark.parametrize("failure", ["shard spec naming nothing", "damaged checkpoint"])
+def test_a_launch_that_fails_at_its_start_ends_with_its_own_error(tmp_path, failure):
+  """The real entry, failing before its first step, before the checkpoint manager opens (a shard spec naming nothing)
+  or moments after (its checkpoint's metadata is missing): the error that stopped it is the last thing printed, not a
+  traceback from the clean-up thread of the Orbax checkpoint manager cut short by the exit (slowed down here, so that
+  the test does not depend on a race)."""
+  shards = str(tmp_path / "typo-*.tar")
+  if failure == "damaged checkpoint":
+    shards = write_synthetic_shards(tmp_path / "shards")
+    (tmp_path / "run" / "checkpoints" / "2" / "state").mkdir(parents=True)
   result = subprocess.run(
       [sys.executable, "-c", SLOW_ORBAX_CLEANUP_ENTRY, "train_pretrain.py", "--config=configs/tiny.py",
-       f"--workdir={tmp_path / 'run'}", f"--config.data.train_shards={tmp_path / 'typo-*.tar'}",
-       "--config.samples.every=0"],
+       f"--workdir={tmp_path / 'run'}", f"--config.data.train_shards={shards}", "--config.samples.every=0"],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 1
   assert "after interpreter shutdown" not in result.stderr, result.stderr[-3000:]
-  assert result.stderr.strip().splitlines()[-1].startswith("FileNotFoundError: shard spec item"), result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  if failure == "damaged checkpoint":
+    assert last.startswith("echo_jax.checkpoint.CheckpointRestoreError: restoring checkpoint step 2") and \
+        "_METADATA is missing" in last, result.stderr[-3000:]
+  else:
+    assert last.startswith("FileNotFoundError: shard spec item"), result.stderr[-3000:]
 
 
 def test_remote_shards_stream_through_a_cache_of_the_run_and_role(tiny_config, tmp_path):

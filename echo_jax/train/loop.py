@@ -320,8 +320,7 @@ class Trainer:
     # After a launch that compiled the train step, the state's shapes and shardings are stored with it: no trace.
     abstract_state = (StepFunctions.cached_abstract_state(config, self.mesh, global_shapes)
                       or sharded_abstract_state(self.model, config, self.mesh))
-    # Listed first, so that a shard spec naming nothing fails the launch before the compile, and before Orbax's
-    # checkpoint manager starts its clean-up thread: cut short by the exit, that thread raises below the error.
+    # Listed first, so that a shard spec naming nothing fails the launch at once, before the compile.
     train_shards = self._shard_list(config.data.train_shards)
     evaluates = bool(config.data.eval_shards) and train.eval_every > 0 and train.eval_batches > 0
     held_out = InBackground("held_out", functools.partial(
@@ -330,38 +329,42 @@ class Trainer:
     ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=train.keep_checkpoints,
                                    keep_period=train.keep_period, compression=train.ckpt_compression,
                                    restore_gb=checkpoint.restore_budget_gb(abstract_state, train.ckpt_restore_gb))
-    # A new run evaluates before its first step: it reads the held-out batches while the train step compiles. A
-    # restart's first evaluation is eval_every steps away: it reads them once its first step is logged (as it
-    # compiles the eval step then), so that its first step waits neither for them nor for the CPU and the bandwidth
-    # they take.
-    resume_step = self._resume_step(ckpt)
-    if resume_step is not None:
-      ckpt.check_state(resume_step, abstract_state)
-    # Only now: a launch refused for another model must not overwrite the record of the one its checkpoints hold.
-    if self.is_main:
-      write_config_json(config, self.workdir)
-    if evaluates and resume_step is None:
-      held_out.start()
-    # While the train step compiles (or loads), threads restore (or initialise) the state and open the training data
-    # at the restored position: a launch waits for the longer of the two, not for their sum (on a pod the first
-    # shards' downloads, the restore and the compile take seconds to minutes each). The threads do the same work on
-    # every process and none of it talks to other processes.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="initial_state") as background:
-      initial = background.submit(self._initial_state, abstract_state, ckpt, resume_step, train_shards)
-      opened = background.submit(lambda: self._pipeline("train", train_shards, config.seed, initial.result()[1]))
-      try:
-        compile_start = time.time()
-        # Loaded instead when an earlier launch compiled it; the load leaves the GIL to the threads.
-        steps = StepFunctions.compile(self.model, config, self.mesh, global_shapes, evaluate=False,
-                                      abstract_state=abstract_state)
-        compile_seconds = time.time() - compile_start
-        # Before any step, so that an OOM costs no training; a refusal still waits for the threads to finish.
-        aot.check_memory(steps.train, jax.local_devices(), force=self.force)
-        state, _, meta = initial.result()
-      except BaseException:
-        opened.add_done_callback(_close_pipeline)  # its reader threads would outlive the failed launch
-        raise
-      pipeline = opened.result()
+    try:
+      # A new run evaluates before its first step: it reads the held-out batches while the train step compiles. A
+      # restart's first evaluation is eval_every steps away: it reads them once its first step is logged (as it
+      # compiles the eval step then), so that its first step waits neither for them nor for the CPU and the bandwidth
+      # they take.
+      resume_step = self._resume_step(ckpt)
+      if resume_step is not None:
+        ckpt.check_state(resume_step, abstract_state)
+      # Only now: a launch refused for another model must not overwrite the record of the one its checkpoints hold.
+      if self.is_main:
+        write_config_json(config, self.workdir)
+      if evaluates and resume_step is None:
+        held_out.start()
+      # While the train step compiles (or loads), threads restore (or initialise) the state and open the training data
+      # at the restored position: a launch waits for the longer of the two, not for their sum (on a pod the first
+      # shards' downloads, the restore and the compile take seconds to minutes each). The threads do the same work on
+      # every process and none of it talks to other processes.
+      with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="initial_state") as background:
+        initial = background.submit(self._initial_state, abstract_state, ckpt, resume_step, train_shards)
+        opened = background.submit(lambda: self._pipeline("train", train_shards, config.seed, initial.result()[1]))
+        try:
+          compile_start = time.time()
+          # Loaded instead when an earlier launch compiled it; the load leaves the GIL to the threads.
+          steps = StepFunctions.compile(self.model, config, self.mesh, global_shapes, evaluate=False,
+                                        abstract_state=abstract_state)
+          compile_seconds = time.time() - compile_start
+          # Before any step, so that an OOM costs no training; a refusal still waits for the threads to finish.
+          aot.check_memory(steps.train, jax.local_devices(), force=self.force)
+          state, _, meta = initial.result()
+        except BaseException:
+          opened.add_done_callback(_close_pipeline)  # its reader threads would outlive the failed launch
+          raise
+        pipeline = opened.result()
+    except BaseException:
+      ckpt.close()  # a launch failing here must not exit under the manager's clean-up thread
+      raise
     start_step = int(jax.device_get(state.step))
     progress = tqdm(total=train.steps, initial=start_step, desc="train", disable=not self.is_main,
                     dynamic_ncols=True)
