@@ -136,7 +136,7 @@ def open_safetensors(path: str) -> Any:
   this machine (safetensors maps the file into memory)."""
   if not is_local(path):
     raise ValueError(f"{path}: a safetensors file is read from a local path; copy it here first (gcloud storage cp, "
-                     "huggingface-cli download). For a pod, convert it once into gs:// (python -m echo_jax.convert "
+                     "hf download). For a pod, convert it once into gs:// (python -m echo_jax.convert "
                      "import FILE --config CONFIG --out gs://BUCKET/converted) and train every host with "
                      "--init_from=gs://BUCKET/converted")
   try:

@@ -30,7 +30,8 @@ class _HubApi(stand_in.Handler):
   """What HfFileSystem asks of the Hub, over ROOT:
   GET /api/datasets/ORG/NAME[/revision/REV]: the dataset's id and commit;
   GET /api/datasets/ORG/NAME/tree/REV[/PATH][?recursive=True]: the files and folders under PATH;
-  GET /datasets/ORG/NAME/resolve/REV/PATH: the file's bytes, a Range of them if asked (401 for `denied` files)."""
+  GET /datasets/ORG/NAME/resolve/REV/PATH: the file's bytes, a Range of them if asked (401 for `denied` files);
+  GET /api/whoami-v2: the account of any token (`hf auth login` asks it), 401 without one."""
 
   root: str
   hub: Server
@@ -40,7 +41,13 @@ class _HubApi(stand_in.Handler):
     self.hub.requests.append((url.path, self.headers.get("Authorization")))
     parts = [urllib.parse.unquote(part) for part in url.path.strip("/").split("/")]
     query = urllib.parse.parse_qs(url.query)
-    if parts[:2] == ["api", "datasets"] and len(parts) >= 4:
+    if parts == ["api", "whoami-v2"]:
+      if self.headers.get("Authorization"):
+        self.reply(200, {"type": "user", "name": "echo-tester",
+                         "auth": {"type": "access_token", "accessToken": {"displayName": "worker", "role": "read"}}})
+      else:
+        self.reply(401, {"error": "Invalid credentials in Authorization header"})
+    elif parts[:2] == ["api", "datasets"] and len(parts) >= 4:
       repo, rest = "/".join(parts[2:4]), parts[4:]
       if not os.path.isdir(os.path.join(self.root, repo)):
         self.reply(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})

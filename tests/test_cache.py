@@ -8,6 +8,8 @@ import logging
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import threading
 import time
 
@@ -16,7 +18,7 @@ import fake_hub
 import fsspec
 import numpy as np
 import pytest
-from conftest import write_synthetic_shards
+from conftest import REPO, write_synthetic_shards
 from fsspec.spec import AbstractFileSystem
 
 from echo_jax.data import cache as cache_module
@@ -196,6 +198,42 @@ def test_hf_reads_carry_the_token_and_a_refusal_is_reported_without_it(tmp_path,
   assert "401" in cache.failures[urls[1]] and os.path.basename(local[1]) in caplog.text
   assert hub.requests and {token for _, token in hub.requests} == {f"Bearer {HF_TOKEN}"}
   assert HF_TOKEN not in caplog.text and HF_TOKEN not in repr(cache.failures)
+
+
+LOGIN_READ = """
+import pathlib, sys
+from echo_jax.data.cache import ShardCache
+from echo_jax.data.shards import list_shards
+urls = list_shards("hf://datasets/org/shards/*.tar")
+fetched = pathlib.Path(ShardCache(sys.argv[1]).fetch(urls[0]))
+print(len(urls), fetched.read_bytes() == pathlib.Path(sys.argv[2]).read_bytes())
+"""
+
+
+def test_hf_auth_login_on_a_worker_gives_its_runs_the_token(tmp_path):
+  """The README's set-up for hf:// on a pod: `hf auth login` once on each worker, with the CLI that the requirements
+  install (its `click` included, which typer no longer brings), then every run's reads carry the saved token."""
+  token = "hf_TestLoginTokenOfAWorker"
+  repo = tmp_path / "hub" / "org" / "shards"
+  repo.mkdir(parents=True)
+  local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=2, per_shard=2))
+  for path in local:
+    shutil.copy(path, repo)
+  home = tmp_path / "hf_home"
+  home.mkdir()
+  (home / ".check_for_update_done").touch()  # the CLI asks PyPI for a newer huggingface_hub at most once a day
+  env = {name: value for name, value in os.environ.items() if name != "HF_TOKEN"}
+  with fake_hub.serve(str(tmp_path / "hub")) as hub:
+    env.update(HF_HOME=str(home), HF_ENDPOINT=hub.url)
+    hf = os.path.join(os.path.dirname(sys.executable), "hf")
+    login = subprocess.run([hf, "auth", "login", "--token", token], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert login.returncode == 0, login.stdout + login.stderr
+    read = subprocess.run([sys.executable, "-c", LOGIN_READ, str(tmp_path / "cache"), local[0]], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert read.returncode == 0 and read.stdout.split() == ["2", "True"], read.stdout + read.stderr[-3000:]
+  reads = [authorization for path, authorization in hub.requests if path != "/api/whoami-v2"]
+  assert reads and set(reads) == {f"Bearer {token}"}
 
 
 def test_a_stalled_download_times_out_and_is_retried(tmp_path):
