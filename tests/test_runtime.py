@@ -7,7 +7,7 @@ import textwrap
 
 import jax
 import pytest
-from conftest import REPO, cpu_env
+from conftest import REPO, cpu_env, free_port
 
 from echo_jax import runtime
 
@@ -54,3 +54,28 @@ def test_a_single_process_run_raises_its_error_as_usual():
   keeps the exception, its traceback and its normal exit."""
   with pytest.raises(ValueError, match="bad config"), runtime.exit_at_once_on_error():
     raise ValueError("bad config")
+
+
+# One of two hosts joined on localhost: fails inside `exit_at_once_on_error`, process 0 at once and process 1 a second
+# later (hosts that meet one fault rarely fail at the same instant).
+FAILING_HOST = textwrap.dedent("""
+    import sys, time
+    import jax
+    from echo_jax import runtime
+    jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+    with runtime.exit_at_once_on_error():
+      time.sleep(jax.process_index())
+      raise RuntimeError(f"the own error of process {jax.process_index()}")
+""")
+
+
+def test_hosts_failing_a_moment_apart_each_print_their_own_error():
+  """Process 0 hosts JAX's coordination service: were it to leave at once, process 1, failing a second later, would
+  be aborted by its runtime (SIGABRT) before printing its error. With `EXIT_DELAY_PROCESS_0_S` set to 0 it was."""
+  address = f"127.0.0.1:{free_port()}"
+  hosts = [subprocess.Popen([sys.executable, "-c", FAILING_HOST, address, str(index)], cwd=REPO, env=cpu_env(1),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for index in range(2)]
+  outputs = [host.communicate(timeout=120)[0] for host in hosts]
+  for index, (host, output) in enumerate(zip(hosts, outputs, strict=True)):
+    assert host.returncode == 1, output[-3000:]
+    assert f"RuntimeError: the own error of process {index}" in output, output[-3000:]
