@@ -6,6 +6,9 @@ Fine-tune from the released weights (import them first, see README "Upstream wei
 
     python train_pretrain.py --config=configs/echo_base_fish.py --init_from=converted/ \
         --config.data.train_shards='...' --workdir=runs/fish_ft
+
+echo-jax has no Fish-S1-DAC codec: training samples and inference.py refuse it; export the weights
+(`python -m echo_jax.convert export`) and speak them with upstream Echo.
 """
 
 from echo_jax.config import base_config

@@ -9,7 +9,7 @@ Fields (override any from the command line, e.g. `--config.train.batch_size=8`):
   data.streams          independent data streams G: stream g fills rows [g·B/G, (g+1)·B/G) of every batch
   train.*               batch size (global), steps, optimizer, CFG dropout, logging / eval / checkpoint cadence
   mesh.*                device mesh sizes: data × fsdp × tensor (-1 = all remaining devices)
-  codec                 "mel" | "dacvae" | "none": the codec the latents come from
+  codec                 "mel" | "dacvae" | "none" | "fish_pca" (latents only: no codec here): the latents' codec
   samples.*             speech written to samples/step_N/ during training (needs a codec and eval shards)
 """
 
@@ -74,7 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.mesh.fsdp = -1
   config.mesh.tensor = 1
 
-  config.codec = "dacvae"  # "mel", "dacvae" or "none" (tests); decides how samples and inference make audio
+  config.codec = "dacvae"  # "mel", "dacvae", "none" (tests) or "fish_pca" (no codec); how samples and inference
+  # make audio
   config.codec_weights = ""  # converted DACVAE weights (.safetensors), for samples during training
 
   config.samples = ml_collections.ConfigDict()

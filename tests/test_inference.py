@@ -163,6 +163,12 @@ def test_bad_input_gives_clear_error_and_no_file(case, run_dir, reference_wav, t
   assert os.listdir(tmp_path) == [name for name in os.listdir(tmp_path) if not name.startswith("out.wav")]
 
 
+def test_a_checkpoint_of_fish_latents_is_refused_with_the_reason():
+  """Upstream's echo_base_fish (config.codec = "fish_pca") trains and exports here; no codec here can speak it."""
+  with pytest.raises(ValueError, match=r"the fish_pca codec .* is not implemented here: .* not spoken"):
+    codecs.get_codec("fish_pca")
+
+
 def test_training_sample_hook_writes_samples_and_survives_failure(run_dir, tmp_path):
   config, params = load_params(run_dir)
   events = []

@@ -45,4 +45,8 @@ def get_codec(name: str, weights: str | None = None) -> Codec:
     from echo_jax.codecs.dacvae import DacvaeCodec  # noqa: PLC0415
 
     return DacvaeCodec(weights)
+  if name == "fish_pca":
+    raise ValueError("the fish_pca codec (Fish-S1-DAC + PCA, the latents of upstream's echo_base_fish) is not "
+                     "implemented here: such a checkpoint can be fine-tuned and exported (python -m echo_jax.convert "
+                     "export) but not spoken; speak the exported file with upstream Echo")
   raise ValueError(f"unknown codec {name!r}; known: 'mel', 'dacvae'")
