@@ -276,7 +276,7 @@ launch_tpu() {
   local root
   root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
   local item
-  for item in echo_jax configs train_pretrain.py inference.py monitor.py disk_watchdog.py launch.sh \
+  for item in echo_jax configs presets train_pretrain.py inference.py monitor.py disk_watchdog.py launch.sh \
       requirements.txt; do
     [[ -e $root/$item ]] && cp -r "$root/$item" "$stage/$REMOTE_DIR/"
   done

@@ -141,6 +141,7 @@ def test_pod_launch_makes_the_right_gcloud_calls(fake_pod):
     # The code arrived (and nothing from the local environment), and every worker got the same arguments.
     assert (home / "echo_jax_code" / "train_pretrain.py").exists()
     assert (home / "echo_jax_code" / "echo_jax" / "runtime.py").exists()
+    assert (home / "echo_jax_code" / "presets" / "sampler_presets.json").exists()  # inference.py --preset there
     assert not (home / "echo_jax_code" / ".venv").exists()
     assert (home / "trainer_args").read_text().splitlines()[2:] == TRAIN_ARGS
     assert "trained" in (home / "echo_jax_logs" / f"worker_{worker}.log").read_text()
