@@ -1,11 +1,12 @@
 """The CPU demo: a 6M-parameter Echo on the eSpeak demo corpus's mel latents (D=128, 25 frames/s).
 
-`make demo` builds the corpus into data/demo and runs
+`make demo` builds the corpus into data/demo and runs `python -m echo_jax.demo`: it starts the dashboard, trains as
 
     python train_pretrain.py --config=configs/demo.py --workdir=runs/demo
 
-which takes about 9 minutes on 2 CPU cores. Expected held-out eval loss: 4.83 before the first step, about 0.53
-after 750 steps (measured 4.8348 -> 0.5278, bitwise the same in two runs).
+would, then speaks demo.wav from the checkpoint. Training takes about 9 minutes on 2 CPU cores. Expected held-out
+eval loss: 4.83 before the first step, about 0.53 after 750 steps (measured 4.8348 -> 0.5278, bitwise the same in two
+runs).
 """
 
 from echo_jax.config import base_config
