@@ -6,16 +6,21 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: venv test lint demo demo-data browser bench clean-demo
+.PHONY: venv constraints test lint demo demo-data browser bench clean-demo
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt -c constraints.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 venv: $(STAMP)
+
+# Rewrites constraints.txt (its comment kept) from what the venv holds: after a requirement changed in both files.
+constraints: venv
+	{ grep '^#' constraints.txt; $(PY) -m pip freeze --exclude-editable | sort -f; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 # The dashboard's browser test drives Debian's Chromium (never a downloaded browser build).
 browser:
