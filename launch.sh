@@ -2,8 +2,12 @@
 # Starts echo-jax training on every host of a TPU pod, or on N simulated hosts of this machine (DESIGN §10).
 #
 #   launch.sh --tpu NAME --zone ZONE [--project P] [--remote_dir DIR] [--logdir DIR] -- <train_pretrain.py args>
+#   launch.sh --tpu NAME --zone ZONE [--project P] [--remote_dir DIR] --setup
 #   launch.sh --local N [--logdir DIR] -- <train_pretrain.py args>
 #
+# --setup (once per pod): copies the code, then makes ~/echo_jax_venv on every worker from Python 3.11
+#   (ECHO_WORKER_PYTHON, default python3.11) with requirements.txt, pinned by constraints.txt, and JAX's TPU runtime.
+#   The trainers and the dashboard then run from it (without it, from the worker's python3).
 # --tpu: stops stale trainers and removes the old code on every worker, copies this checkout's code to
 #   ~/DIR (default echo_jax_code) on every worker, then starts all workers at once with identical arguments.
 #   Each worker is started by its own `gcloud ... ssh --worker=I` (one exit status and one log per worker, which
@@ -33,9 +37,12 @@ readonly STOP_GRACE_S=${ECHO_STOP_GRACE_S:-180}
 readonly FAILED_STOP_GRACE_S=${ECHO_FAILED_STOP_GRACE_S:-10}
 # Seconds a gcloud control call (describe, scp, a command on all workers) may take beyond its own work.
 readonly GCLOUD_TIMEOUT_S=${ECHO_GCLOUD_TIMEOUT_S:-300}
+# Where --setup puts each worker's Python environment (under ~), and the seconds its installs may take.
+readonly WORKER_VENV=echo_jax_venv
+readonly SETUP_TIMEOUT_S=1800
 
 usage() {
-  sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -49,6 +56,17 @@ die() {
 # from matching the shell that runs pkill.
 trainer_pattern() {
   printf '[/]%s%s' "$1" "$STALE_PATTERN_SUFFIX"
+}
+
+# python_of VENV: the Python that runs the trainer: $PYTHON if set, else VENV's when it exists, else python3.
+python_of() {
+  if [[ -n ${PYTHON:-} ]]; then
+    echo "$PYTHON"
+  elif [[ -x $1/bin/python ]]; then
+    echo "$1/bin/python"
+  else
+    echo python3
+  fi
 }
 
 # On a TPU worker: sets code_dir, log and status (the trainer's exit status, written when it ends) of worker $1.
@@ -75,13 +93,33 @@ worker_run() {
   # the shell that waits for the trainer through the environment, so that the pattern never matches that shell
   # (killed, it would write no exit status and a trainer that stopped cleanly would count as failed).
   # shellcheck disable=SC2016  # the single-quoted script expands in the inner shell
-  ECHO_TRAINER="$code_dir/train_pretrain.py" ECHO_PYTHON="${PYTHON:-python3}" nohup setsid \
+  ECHO_TRAINER="$code_dir/train_pretrain.py" ECHO_PYTHON="$(python_of "$HOME/$WORKER_VENV")" nohup setsid \
     bash -c '"$ECHO_PYTHON" -u "$ECHO_TRAINER" "$@"; echo $? > "'"$status"'"' _ "$@" >> "$log" 2>&1 < /dev/null &
   local pid=$!
   tail -n +1 -f --pid="$pid" "$log" || true
   wait "$pid" || true  # the status below is the trainer's, written when the detached shell ends
   [[ -f $status ]] || { echo "launch.sh: the trainer on worker $worker ended without an exit status" >&2; exit 1; }
   exit "$(cat "$status")"
+}
+
+# Runs on a TPU worker (launch.sh --setup calls itself there): makes ~/WORKER_VENV from Python $1 with the pinned
+# requirements and the TPU build of the pinned JAX.
+worker_setup() {
+  local python=$1 code_dir venv=$HOME/$WORKER_VENV jax_version
+  code_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+  if ! command -v "$python" > /dev/null; then
+    echo "launch.sh: $(hostname) has no $python. Install Python 3.11 on the workers (Ubuntu 22.04: sudo" \
+      "add-apt-repository -y ppa:deadsnakes/ppa && sudo apt-get install -y python3.11-venv) or name another" \
+      "Python 3.11 with ECHO_WORKER_PYTHON" >&2
+    exit 1
+  fi
+  jax_version=$(sed -n 's/^jax==\([0-9.]*\).*/\1/p' "$code_dir/requirements.txt")
+  "$python" -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --upgrade pip
+  "$venv/bin/python" -m pip install --quiet -r "$code_dir/requirements.txt" -c "$code_dir/constraints.txt" \
+    "jax[tpu]==$jax_version"
+  echo "launch.sh: $(hostname): $venv is ready"
+  exit 0
 }
 
 # Runs on a TPU worker when launch.sh lost its ssh session to `worker_run` there: follows the log from its end until
@@ -114,7 +152,8 @@ report_process0() {
         local worker=${NAMES[$i]#worker }
         echo "launch.sh: dashboard: on that worker run"
         echo "  gcloud compute tpus tpu-vm ssh $TPU --zone $ZONE ${PROJECT:+--project $PROJECT }--worker=$worker" \
-          "--command='cd ~/$REMOTE_DIR && python3 monitor.py ${WORKDIR:-WORKDIR} & cloudflared tunnel --url http://localhost:8080'"
+          "--command='cd ~/$REMOTE_DIR && ~/$WORKER_VENV/bin/python monitor.py ${WORKDIR:-WORKDIR} &" \
+          "cloudflared tunnel --url http://localhost:8080'"
       else
         echo "launch.sh: dashboard: python monitor.py ${WORKDIR:-WORKDIR}, then open http://127.0.0.1:8080" \
           "(or: cloudflared tunnel --url http://localhost:8080)"
@@ -258,16 +297,20 @@ stop_remote_trainers() {
 pgrep -f '$pattern' > /dev/null || exit 0; sleep 1; done; pkill -KILL -f '$pattern'; true"
 }
 
-launch_tpu() {
+# pod_workers: the number of workers of TPU $TPU.
+pod_workers() {
   local endpoints
   endpoints=$(gcloud_tpu "$GCLOUD_TIMEOUT_S" describe "$TPU" --format='value(networkEndpoints[].ipAddress)') ||
     die "could not describe TPU $TPU in $ZONE: gcloud failed or took over ${GCLOUD_TIMEOUT_S} s (ECHO_GCLOUD_TIMEOUT_S)"
   local -a addresses
   IFS=';' read -r -a addresses <<< "$endpoints"
-  local workers=${#addresses[@]}
-  ((workers > 0)) || die "TPU $TPU in $ZONE lists no workers"
-  echo "launch.sh: $TPU has $workers workers"
+  ((${#addresses[@]} > 0)) || die "TPU $TPU in $ZONE lists no workers"
+  echo "launch.sh: $TPU has ${#addresses[@]} workers" >&2
+  echo "${#addresses[@]}"
+}
 
+# copy_code: stops the workers' trainers, then replaces their copy of the code with this checkout's.
+copy_code() {
   stop_remote_trainers "$STOP_GRACE_S"
   gcloud_tpu "$GCLOUD_TIMEOUT_S" ssh "$TPU" --worker=all --command="rm -rf ~/$REMOTE_DIR"
   local stage
@@ -277,12 +320,29 @@ launch_tpu() {
   root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
   local item
   for item in echo_jax configs presets train_pretrain.py inference.py monitor.py disk_watchdog.py launch.sh \
-      requirements.txt; do
+      requirements.txt constraints.txt; do
     [[ -e $root/$item ]] && cp -r "$root/$item" "$stage/$REMOTE_DIR/"
   done
   find "$stage" -name __pycache__ -type d -prune -exec rm -rf {} +
   gcloud_tpu "$GCLOUD_TIMEOUT_S" scp --recurse "$stage/$REMOTE_DIR" "$TPU:$REMOTE_DIR" --worker=all
   rm -rf "$stage"
+}
+
+setup_tpu() {
+  pod_workers > /dev/null
+  copy_code
+  local python=${ECHO_WORKER_PYTHON:-python3.11}
+  echo "launch.sh: making ~/$WORKER_VENV on every worker from $python (minutes: pip downloads JAX and libtpu)"
+  gcloud_tpu $((SETUP_TIMEOUT_S + GCLOUD_TIMEOUT_S)) ssh "$TPU" --worker=all \
+    --command="bash ~/$REMOTE_DIR/launch.sh --worker-setup $(printf '%q' "$python")" ||
+    die "the set-up failed on a worker (its output is above); fix that, then run --setup again"
+  echo "launch.sh: every worker has ~/$WORKER_VENV; launch with the same --tpu, --zone and -- <train_pretrain.py args>"
+}
+
+launch_tpu() {
+  local workers
+  workers=$(pod_workers)
+  copy_code
 
   local args worker
   args=$(printf ' %q' "$@")
@@ -301,11 +361,7 @@ launch_local() {
   shift
   local root port python i
   root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-  python=${PYTHON:-}
-  if [[ -z $python ]]; then
-    python=python3
-    [[ -x $root/.venv/bin/python ]] && python=$root/.venv/bin/python
-  fi
+  python=$(python_of "$root/.venv")
   port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   for ((i = 0; i < count; i++)); do
     LOGS+=("$LOGDIR/process_$i.log")
@@ -319,7 +375,7 @@ launch_local() {
 }
 
 main() {
-  local mode="" count=""
+  local mode="" count="" setup=""
   TPU="" ZONE="" PROJECT="" REMOTE_DIR="echo_jax_code" LOGDIR="echo_jax_logs"
   while (($# > 0)); do
     case $1 in
@@ -329,14 +385,23 @@ main() {
       --remote_dir) REMOTE_DIR=${2:?--remote_dir needs a directory}; shift 2 ;;
       --logdir) LOGDIR=${2:?--logdir needs a directory}; shift 2 ;;
       --local) count=${2:?--local needs a process count}; mode=local; shift 2 ;;
+      --setup) setup=1; shift ;;
       --worker-run) shift; local worker=${1:?}; shift; [[ ${1:-} == -- ]] && shift; worker_run "$worker" "$@" ;;
       --worker-attach) worker_attach "${2:?}" ;;
+      --worker-setup) worker_setup "${2:?}" ;;
       --) shift; break ;;
       -h|--help) usage ;;
       *) die "unknown argument $1 (arguments for train_pretrain.py go after --)" ;;
     esac
   done
   [[ -n $mode ]] || usage
+  if [[ -n $setup ]]; then
+    [[ $mode == tpu && -n $ZONE ]] || die "--setup is for a pod: give --tpu NAME --zone ZONE"
+    (($# == 0)) || die "--setup takes no train_pretrain.py arguments"
+    [[ $REMOTE_DIR =~ ^[A-Za-z0-9_.-]+$ ]] || die "--remote_dir must be a plain directory name under ~"
+    setup_tpu
+    exit 0
+  fi
   (($# > 0)) || die "no train_pretrain.py arguments after --"
   WORKDIR=$(workdir_of "$@")
   mkdir -p "$LOGDIR"

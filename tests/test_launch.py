@@ -88,6 +88,21 @@ FAKE_PYTHON = textwrap.dedent("""\
     echo "trained"
 """)
 
+# Stands in for python3.11 on the workers: `-m venv DIR` makes DIR/bin/python, which records pip's arguments and
+# runs anything else with the workers' python3 (the fake trainer), noting that the venv's Python started it.
+FAKE_PYTHON_3_11 = textwrap.dedent("""\
+    #!/usr/bin/env bash
+    [[ $1 == -m && $2 == venv ]] || exit 9
+    mkdir -p "$3/bin"
+    cat > "$3/bin/python" << 'EOF'
+    #!/usr/bin/env bash
+    if [[ $1 == -m && $2 == pip ]]; then printf '%s\\n' "$*" >> "$HOME/pip_calls"; exit 0; fi
+    echo "$0" > "$HOME/trainer_python"
+    exec python3 "$@"
+    EOF
+    chmod +x "$3/bin/python"
+""")
+
 TRAIN_ARGS = ["--config=configs/tiny.py", "--workdir=gs://bucket/run one", "--config.train.steps=5"]
 
 
@@ -149,6 +164,38 @@ def test_pod_launch_makes_the_right_gcloud_calls(fake_pod):
   assert "process 0 (run log, events, dashboard) runs on worker 1" in result.stdout
   assert "--worker=1" in result.stdout and "cloudflared tunnel --url http://localhost:8080" in result.stdout
   assert r"monitor.py gs://bucket/run\ one" in result.stdout
+
+
+def test_setup_makes_every_workers_environment_and_the_trainers_run_from_it(fake_pod):
+  tmp_path, env = fake_pod
+  write_executable(tmp_path / "bin" / "python3.11", FAKE_PYTHON_3_11)
+  setup = subprocess.run(["bash", LAUNCH, "--tpu", "pod", "--zone", "us-central2-b", "--setup"], env=env,
+                         capture_output=True, text=True, timeout=120)
+  assert setup.returncode == 0, setup.stdout + setup.stderr
+  jax_pin = next(line for line in (REPO / "requirements.txt").read_text().splitlines() if line.startswith("jax=="))
+  for worker in (0, 1):
+    code = tmp_path / f"worker_{worker}" / "echo_jax_code"
+    assert (code / "constraints.txt").exists()
+    pip_calls = (tmp_path / f"worker_{worker}" / "pip_calls").read_text().splitlines()
+    assert pip_calls[-1] == (f"-m pip install --quiet -r {code}/requirements.txt -c {code}/constraints.txt "
+                             f"jax[tpu]{jax_pin[3:]}")
+  launch = launch_tpu(tmp_path, env)
+  assert launch.returncode == 0, launch.stderr
+  assert "echo_jax_venv/bin/python monitor.py" in launch.stdout  # the dashboard's command, too
+  for worker in (0, 1):
+    home = tmp_path / f"worker_{worker}"
+    assert (home / "trainer_python").read_text().strip() == f"{home}/echo_jax_venv/bin/python"
+    assert (home / "trainer_args").read_text().splitlines()[2:] == TRAIN_ARGS
+
+
+def test_setup_without_python_3_11_on_the_workers_says_what_to_install(fake_pod):
+  tmp_path, env = fake_pod
+  setup = subprocess.run(["bash", LAUNCH, "--tpu", "pod", "--zone", "us-central2-b", "--setup"],
+                         env=dict(env, ECHO_WORKER_PYTHON="python3.99"), capture_output=True, text=True, timeout=120)
+  assert setup.returncode != 0
+  assert "has no python3.99. Install Python 3.11 on the workers" in setup.stderr, setup.stderr
+  assert "the set-up failed on a worker" in setup.stderr
+  assert not (tmp_path / "worker_0" / "echo_jax_venv").exists()
 
 
 def test_a_trainer_stopped_by_sigterm_saves_and_the_launch_succeeds(fake_pod):
