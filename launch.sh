@@ -40,6 +40,9 @@ readonly GCLOUD_TIMEOUT_S=${ECHO_GCLOUD_TIMEOUT_S:-300}
 # Where --setup puts each worker's Python environment (under ~), and the seconds its installs may take.
 readonly WORKER_VENV=echo_jax_venv
 readonly SETUP_TIMEOUT_S=1800
+# This checkout (on a worker: its copy of the code).
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+readonly HERE
 
 usage() {
   sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2
@@ -69,10 +72,9 @@ python_of() {
   fi
 }
 
-# On a TPU worker: sets code_dir, log and status (the trainer's exit status, written when it ends) of worker $1.
+# On a TPU worker: sets log and status (the trainer's exit status, written when it ends) of worker $1.
 # The caller declares them local.
 worker_files() {
-  code_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
   log="$HOME/echo_jax_logs/worker_$1.log"
   status="$HOME/echo_jax_logs/worker_$1.status"
 }
@@ -81,19 +83,19 @@ worker_files() {
 worker_run() {
   local worker=$1
   shift
-  local code_dir log status
+  local log status
   worker_files "$worker"
   mkdir -p "$(dirname "$log")"
   rm -f "$status"
   # Created here, not by the detached shell's redirection: tail gives up at once on a file that does not exist yet,
   # and the worker would then report a failure while its trainer runs on.
   : > "$log"
-  cd "$code_dir"
+  cd "$HERE"
   # The full script path is in the trainer's command line, so that the stale-trainer pattern finds it; it reaches
   # the shell that waits for the trainer through the environment, so that the pattern never matches that shell
   # (killed, it would write no exit status and a trainer that stopped cleanly would count as failed).
   # shellcheck disable=SC2016  # the single-quoted script expands in the inner shell
-  ECHO_TRAINER="$code_dir/train_pretrain.py" ECHO_PYTHON="$(python_of "$HOME/$WORKER_VENV")" nohup setsid \
+  ECHO_TRAINER="$HERE/train_pretrain.py" ECHO_PYTHON="$(python_of "$HOME/$WORKER_VENV")" nohup setsid \
     bash -c '"$ECHO_PYTHON" -u "$ECHO_TRAINER" "$@"; echo $? > "'"$status"'"' _ "$@" >> "$log" 2>&1 < /dev/null &
   local pid=$!
   tail -n +1 -f --pid="$pid" "$log" || true
@@ -105,18 +107,17 @@ worker_run() {
 # Runs on a TPU worker (launch.sh --setup calls itself there): makes ~/WORKER_VENV from Python $1 with the pinned
 # requirements and the TPU build of the pinned JAX.
 worker_setup() {
-  local python=$1 code_dir venv=$HOME/$WORKER_VENV jax_version
-  code_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+  local python=$1 venv=$HOME/$WORKER_VENV jax_version
   if ! command -v "$python" > /dev/null; then
     echo "launch.sh: $(hostname) has no $python. Install Python 3.11 on the workers (Ubuntu 22.04: sudo" \
       "add-apt-repository -y ppa:deadsnakes/ppa && sudo apt-get install -y python3.11-venv) or name another" \
       "Python 3.11 with ECHO_WORKER_PYTHON" >&2
     exit 1
   fi
-  jax_version=$(sed -n 's/^jax==\([0-9.]*\).*/\1/p' "$code_dir/requirements.txt")
+  jax_version=$(sed -n 's/^jax==\([0-9.]*\).*/\1/p' "$HERE/requirements.txt")
   "$python" -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --upgrade pip
-  "$venv/bin/python" -m pip install --quiet -r "$code_dir/requirements.txt" -c "$code_dir/constraints.txt" \
+  "$venv/bin/python" -m pip install --quiet -r "$HERE/requirements.txt" -c "$HERE/constraints.txt" \
     "jax[tpu]==$jax_version"
   echo "launch.sh: $(hostname): $venv is ready"
   exit 0
@@ -126,11 +127,11 @@ worker_setup() {
 # the detached trainer exits, then exits with its status.
 worker_attach() {
   local worker=$1
-  local code_dir log status
+  local log status
   worker_files "$worker"
   tail -n 0 -f "$log" &
   local tailer=$!
-  while [[ ! -f $status ]] && pgrep -f "$(trainer_pattern "$(basename "$code_dir")")" > /dev/null; do
+  while [[ ! -f $status ]] && pgrep -f "$(trainer_pattern "$(basename "$HERE")")" > /dev/null; do
     sleep 1
   done
   sleep 1  # the status is written just after the trainer exits
@@ -316,12 +317,10 @@ copy_code() {
   local stage
   stage=$(mktemp -d)
   mkdir "$stage/$REMOTE_DIR"
-  local root
-  root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
   local item
   for item in echo_jax configs presets train_pretrain.py inference.py monitor.py disk_watchdog.py launch.sh \
       requirements.txt constraints.txt; do
-    [[ -e $root/$item ]] && cp -r "$root/$item" "$stage/$REMOTE_DIR/"
+    [[ -e $HERE/$item ]] && cp -r "$HERE/$item" "$stage/$REMOTE_DIR/"
   done
   find "$stage" -name __pycache__ -type d -prune -exec rm -rf {} +
   gcloud_tpu "$GCLOUD_TIMEOUT_S" scp --recurse "$stage/$REMOTE_DIR" "$TPU:$REMOTE_DIR" --worker=all
@@ -359,15 +358,14 @@ launch_tpu() {
 launch_local() {
   local count=$1
   shift
-  local root port python i
-  root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-  python=$(python_of "$root/.venv")
+  local port python i
+  python=$(python_of "$HERE/.venv")
   port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   for ((i = 0; i < count; i++)); do
     LOGS+=("$LOGDIR/process_$i.log")
     NAMES+=("process $i")
     ECHO_COORDINATOR="127.0.0.1:$port" ECHO_NUM_PROCESSES=$count ECHO_PROCESS_ID=$i \
-      "$python" -u "$root/train_pretrain.py" "$@" > "${LOGS[-1]}" 2>&1 < /dev/null &
+      "$python" -u "$HERE/train_pretrain.py" "$@" > "${LOGS[-1]}" 2>&1 < /dev/null &
     PIDS+=($!)
   done
   echo "launch.sh: started $count local processes (coordinator 127.0.0.1:$port); logs in $LOGDIR"
@@ -395,10 +393,13 @@ main() {
     esac
   done
   [[ -n $mode ]] || usage
-  if [[ -n $setup ]]; then
-    [[ $mode == tpu && -n $ZONE ]] || die "--setup is for a pod: give --tpu NAME --zone ZONE"
-    (($# == 0)) || die "--setup takes no train_pretrain.py arguments"
+  if [[ $mode == tpu ]]; then
+    [[ -n $ZONE ]] || die "--tpu needs --zone"
     [[ $REMOTE_DIR =~ ^[A-Za-z0-9_.-]+$ ]] || die "--remote_dir must be a plain directory name under ~"
+  fi
+  if [[ -n $setup ]]; then
+    [[ $mode == tpu ]] || die "--setup is for a pod: give --tpu NAME --zone ZONE"
+    (($# == 0)) || die "--setup takes no train_pretrain.py arguments"
     setup_tpu
     exit 0
   fi
@@ -407,8 +408,6 @@ main() {
   mkdir -p "$LOGDIR"
   LOGDIR=$(cd "$LOGDIR" && pwd)
   if [[ $mode == tpu ]]; then
-    [[ -n $ZONE ]] || die "--tpu needs --zone"
-    [[ $REMOTE_DIR =~ ^[A-Za-z0-9_.-]+$ ]] || die "--remote_dir must be a plain directory name under ~"
     launch_tpu "$@"
   else
     [[ $count =~ ^[1-9][0-9]*$ ]] || die "--local needs a positive process count, got '$count'"
