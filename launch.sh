@@ -5,9 +5,10 @@
 #   launch.sh --tpu NAME --zone ZONE [--project P] [--remote_dir DIR] --setup
 #   launch.sh --local N [--logdir DIR] -- <train_pretrain.py args>
 #
-# --setup (once per pod): copies the code, then makes ~/echo_jax_venv on every worker from Python 3.11
-#   (ECHO_WORKER_PYTHON, default python3.11) with requirements.txt, pinned by constraints.txt, and JAX's TPU runtime.
-#   The trainers and the dashboard then run from it (without it, from the worker's python3).
+# --setup (once per pod, and again when the requirements change): stops running trainers, copies the code, then
+#   makes ~/echo_jax_venv on every worker from Python 3.11 (ECHO_WORKER_PYTHON, default python3.11) with
+#   requirements.txt, pinned by constraints.txt, and JAX's TPU runtime. The trainers and the dashboard then run from it
+#   (without it, from the worker's python3); one not finished, or made for other requirements, stops the launch.
 # --tpu: stops stale trainers and removes the old code on every worker, copies this checkout's code to
 #   ~/DIR (default echo_jax_code) on every worker, then starts all workers at once with identical arguments.
 #   Each worker is started by its own `gcloud ... ssh --worker=I` (one exit status and one log per worker, which
@@ -37,15 +38,17 @@ readonly STOP_GRACE_S=${ECHO_STOP_GRACE_S:-180}
 readonly FAILED_STOP_GRACE_S=${ECHO_FAILED_STOP_GRACE_S:-10}
 # Seconds a gcloud control call (describe, scp, a command on all workers) may take beyond its own work.
 readonly GCLOUD_TIMEOUT_S=${ECHO_GCLOUD_TIMEOUT_S:-300}
-# Where --setup puts each worker's Python environment (under ~), and the seconds its installs may take.
+# Where --setup puts each worker's Python environment (under ~), the file it writes there last (the digest of the
+# requirements it installed), and the seconds its installs may take.
 readonly WORKER_VENV=echo_jax_venv
-readonly SETUP_TIMEOUT_S=1800
+readonly VENV_READY=.echo_jax_requirements
+readonly SETUP_TIMEOUT_S=${ECHO_SETUP_TIMEOUT_S:-1800}
 # This checkout (on a worker: its copy of the code).
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 readonly HERE
 
 usage() {
-  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -72,6 +75,23 @@ python_of() {
   fi
 }
 
+# The digest of this checkout's requirements (what a worker's environment must have been made for).
+requirements_digest() {
+  cat "$HERE/requirements.txt" "$HERE/constraints.txt" | sha256sum | cut -d' ' -f1
+}
+
+# On a TPU worker: the Python that runs the trainer and the dashboard (see python_of). An environment that --setup did
+# not finish, or made for other requirements, is refused: the trainer would run with missing or other packages.
+worker_python() {
+  local venv=$HOME/$WORKER_VENV
+  if [[ -z ${PYTHON:-} && -e $venv && $(cat "$venv/$VENV_READY" 2>/dev/null) != "$(requirements_digest)" ]]; then
+    echo "launch.sh: $(hostname): $venv was not finished by launch.sh --setup, or was made for other requirements;" \
+      "run launch.sh --tpu NAME --zone ZONE --setup again" >&2
+    return 1
+  fi
+  python_of "$venv"
+}
+
 # On a TPU worker: sets log and status (the trainer's exit status, written when it ends) of worker $1.
 # The caller declares them local.
 worker_files() {
@@ -90,12 +110,15 @@ worker_run() {
   # Created here, not by the detached shell's redirection: tail gives up at once on a file that does not exist yet,
   # and the worker would then report a failure while its trainer runs on.
   : > "$log"
+  local python
+  python=$(worker_python) || exit 1
+  echo "launch.sh: worker python: $python" >> "$log"  # for the dashboard command (report_process0)
   cd "$HERE"
   # The full script path is in the trainer's command line, so that the stale-trainer pattern finds it; it reaches
   # the shell that waits for the trainer through the environment, so that the pattern never matches that shell
   # (killed, it would write no exit status and a trainer that stopped cleanly would count as failed).
   # shellcheck disable=SC2016  # the single-quoted script expands in the inner shell
-  ECHO_TRAINER="$HERE/train_pretrain.py" ECHO_PYTHON="$(python_of "$HOME/$WORKER_VENV")" nohup setsid \
+  ECHO_TRAINER="$HERE/train_pretrain.py" ECHO_PYTHON="$python" nohup setsid \
     bash -c '"$ECHO_PYTHON" -u "$ECHO_TRAINER" "$@"; echo $? > "'"$status"'"' _ "$@" >> "$log" 2>&1 < /dev/null &
   local pid=$!
   tail -n +1 -f --pid="$pid" "$log" || true
@@ -108,17 +131,20 @@ worker_run() {
 # requirements and the TPU build of the pinned JAX.
 worker_setup() {
   local python=$1 venv=$HOME/$WORKER_VENV jax_version
-  if ! command -v "$python" > /dev/null; then
-    echo "launch.sh: $(hostname) has no $python. Install Python 3.11 on the workers (Ubuntu 22.04: sudo" \
-      "add-apt-repository -y ppa:deadsnakes/ppa && sudo apt-get install -y python3.11-venv) or name another" \
-      "Python 3.11 with ECHO_WORKER_PYTHON" >&2
+  if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2> /dev/null; then
+    echo "launch.sh: $(hostname) has no Python 3.11 as $python. Install it on the workers (Ubuntu 22.04: sudo" \
+      "add-apt-repository -y ppa:deadsnakes/ppa && sudo apt-get install -y python3.11-venv), or name another" \
+      "by ECHO_WORKER_PYTHON where launch.sh runs" >&2
     exit 1
   fi
-  jax_version=$(sed -n 's/^jax==\([0-9.]*\).*/\1/p' "$HERE/requirements.txt")
-  "$python" -m venv "$venv"
+  jax_version=$(sed -n 's/^jax==\([^ #]*\).*/\1/p' "$HERE/requirements.txt")
+  [[ -n $jax_version ]] || { echo "launch.sh: $HERE/requirements.txt pins no jax version (jax==X)" >&2; exit 1; }
+  # --clear: a venv left by a set-up that failed holds whatever it got to; the digest is written last.
+  "$python" -m venv --clear "$venv"
   "$venv/bin/python" -m pip install --quiet --upgrade pip
   "$venv/bin/python" -m pip install --quiet -r "$HERE/requirements.txt" -c "$HERE/constraints.txt" \
     "jax[tpu]==$jax_version"
+  requirements_digest > "$venv/$VENV_READY"
   echo "launch.sh: $(hostname): $venv is ready"
   exit 0
 }
@@ -150,10 +176,11 @@ report_process0() {
     if grep -q '^process_index=0 ' "${LOGS[$i]}" 2>/dev/null; then
       echo "launch.sh: process 0 (run log, events, dashboard) runs on ${NAMES[$i]}"
       if [[ -n ${TPU:-} ]]; then
-        local worker=${NAMES[$i]#worker }
+        local worker=${NAMES[$i]#worker } python
+        python=$(sed -n 's/^launch.sh: worker python: //p' "${LOGS[$i]}" | head -n 1)
         echo "launch.sh: dashboard: on that worker run"
         echo "  gcloud compute tpus tpu-vm ssh $TPU --zone $ZONE ${PROJECT:+--project $PROJECT }--worker=$worker" \
-          "--command='cd ~/$REMOTE_DIR && ~/$WORKER_VENV/bin/python monitor.py ${WORKDIR:-WORKDIR} &" \
+          "--command='cd ~/$REMOTE_DIR && ${python:-python3} monitor.py ${WORKDIR:-WORKDIR} &" \
           "cloudflared tunnel --url http://localhost:8080'"
       else
         echo "launch.sh: dashboard: python monitor.py ${WORKDIR:-WORKDIR}, then open http://127.0.0.1:8080" \

@@ -88,19 +88,21 @@ FAKE_PYTHON = textwrap.dedent("""\
     echo "trained"
 """)
 
-# Stands in for python3.11 on the workers: `-m venv DIR` makes DIR/bin/python, which records pip's arguments and
-# runs anything else with the workers' python3 (the fake trainer), noting that the venv's Python started it.
+# Stands in for python3.11 on the workers: says it is 3.11 (`-c`), and `-m venv --clear DIR` makes DIR/bin/python,
+# which records pip's arguments (failing with FAKE_PIP_FAILS=1) and runs anything else with the workers' python3 (the
+# fake trainer), noting that the venv's Python started it.
 FAKE_PYTHON_3_11 = textwrap.dedent("""\
     #!/usr/bin/env bash
-    [[ $1 == -m && $2 == venv ]] || exit 9
-    mkdir -p "$3/bin"
-    cat > "$3/bin/python" << 'EOF'
+    [[ $1 == -c ]] && exit 0
+    [[ $1 == -m && $2 == venv && $3 == --clear ]] || exit 9
+    mkdir -p "$4/bin"
+    cat > "$4/bin/python" << 'EOF'
     #!/usr/bin/env bash
-    if [[ $1 == -m && $2 == pip ]]; then printf '%s\\n' "$*" >> "$HOME/pip_calls"; exit 0; fi
+    if [[ $1 == -m && $2 == pip ]]; then printf '%s\\n' "$*" >> "$HOME/pip_calls"; exit "${FAKE_PIP_FAILS:-0}"; fi
     echo "$0" > "$HOME/trainer_python"
     exec python3 "$@"
     EOF
-    chmod +x "$3/bin/python"
+    chmod +x "$4/bin/python"
 """)
 
 TRAIN_ARGS = ["--config=configs/tiny.py", "--workdir=gs://bucket/run one", "--config.train.steps=5"]
@@ -163,7 +165,7 @@ def test_pod_launch_makes_the_right_gcloud_calls(fake_pod):
     assert "trained" in (tmp_path / "logs" / f"worker_{worker}.log").read_text()
   assert "process 0 (run log, events, dashboard) runs on worker 1" in result.stdout
   assert "--worker=1" in result.stdout and "cloudflared tunnel --url http://localhost:8080" in result.stdout
-  assert r"monitor.py gs://bucket/run\ one" in result.stdout
+  assert r"python3 monitor.py gs://bucket/run\ one" in result.stdout  # no --setup: the workers' python3
 
 
 def test_setup_makes_every_workers_environment_and_the_trainers_run_from_it(fake_pod):
@@ -188,12 +190,31 @@ def test_setup_makes_every_workers_environment_and_the_trainers_run_from_it(fake
     assert (home / "trainer_args").read_text().splitlines()[2:] == TRAIN_ARGS
 
 
+def test_an_environment_that_setup_did_not_finish_or_made_for_other_requirements_stops_the_launch(fake_pod):
+  """A set-up whose pip failed leaves a venv without its packages, and one made before the requirements changed
+  holds other versions: a launch there would train with missing or other packages, so it fails, saying to set up."""
+  tmp_path, env = fake_pod
+  write_executable(tmp_path / "bin" / "python3.11", FAKE_PYTHON_3_11)
+  setup = ["bash", LAUNCH, "--tpu", "pod", "--zone", "us-central2-b", "--setup"]
+  failed = subprocess.run(setup, env=dict(env, FAKE_PIP_FAILS="1"), capture_output=True, text=True, timeout=120)
+  assert failed.returncode != 0 and "the set-up failed on a worker" in failed.stderr
+  launch = launch_tpu(tmp_path, env)
+  assert launch.returncode != 0
+  assert "echo_jax_venv was not finished by launch.sh --setup, or was made for other requirements" in launch.stderr
+  assert not (tmp_path / "worker_0" / "trainer_args").exists()
+  assert subprocess.run(setup, env=env, capture_output=True, text=True, timeout=120).returncode == 0
+  ready = tmp_path / "worker_1" / "echo_jax_venv" / ".echo_jax_requirements"
+  ready.write_text("the digest of older requirements\n")
+  launch = launch_tpu(tmp_path, env)
+  assert launch.returncode != 0 and "was made for other requirements" in launch.stderr
+
+
 def test_setup_without_python_3_11_on_the_workers_says_what_to_install(fake_pod):
   tmp_path, env = fake_pod
   setup = subprocess.run(["bash", LAUNCH, "--tpu", "pod", "--zone", "us-central2-b", "--setup"],
                          env=dict(env, ECHO_WORKER_PYTHON="python3.99"), capture_output=True, text=True, timeout=120)
   assert setup.returncode != 0
-  assert "has no python3.99. Install Python 3.11 on the workers" in setup.stderr, setup.stderr
+  assert "has no Python 3.11 as python3.99. Install it on the workers" in setup.stderr, setup.stderr
   assert "the set-up failed on a worker" in setup.stderr
   assert not (tmp_path / "worker_0" / "echo_jax_venv").exists()
 
