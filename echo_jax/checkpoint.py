@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
@@ -313,6 +314,14 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+  def close_after_failure(self) -> None:
+    """`close` for a launch that is failing: an error of its own (e.g. storage refusing the clean-up of interrupted
+    saves) is logged, not raised, so that the launch's error stays the one reported."""
+    try:
+      self.close()
+    except Exception as error:  # noqa: BLE001 — any: the error being raised matters more
+      logging.warning("closing the checkpoints of the failed launch failed too: %s", describe(error))
 
 
 def restore_budget_gb(abstract_state: Any, gb: float) -> float | None:

@@ -1,5 +1,7 @@
 """Checkpointer: plain arrays by default, zstd when asked, and either kind restores under either setting."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,3 +89,19 @@ def test_checksums_are_independent_of_sharding_and_old_steps_are_compared_on_the
                                  (old, swapped, False)]:
     assert checkpoint.checksum_differences(stored, {"w": damaged.reshape(values.shape)}) == (["w"] if found else [])
   assert checkpoint.checksum_differences(saved, {"w": sharded}) == []
+
+
+def test_closing_the_checkpoints_of_a_failed_launch_logs_its_own_error_instead_of_raising_it(tmp_path, caplog):
+  """A launch that fails closes its checkpoint manager on the way out; were that close to raise too (storage refusing
+  the clean-up of interrupted saves), its error would replace the launch's own as the one reported."""
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep=1)
+  close = ckpt.manager.close
+
+  def refused() -> None:
+    close()
+    raise PermissionError("403 Permission 'storage.objects.delete' denied")
+
+  ckpt.manager.close = refused
+  with caplog.at_level(logging.WARNING):
+    ckpt.close_after_failure()
+  assert "closing the checkpoints of the failed launch failed too: PermissionError: 403" in caplog.text

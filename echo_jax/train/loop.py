@@ -358,14 +358,14 @@ class Trainer:
           # Before any step, so that an OOM costs no training; a refusal still waits for the threads to finish.
           aot.check_memory(steps.train, jax.local_devices(), force=self.force)
           state, _, meta = initial.result()
+          start_step = int(jax.device_get(state.step))
         except BaseException:
           opened.add_done_callback(_close_pipeline)  # its reader threads would outlive the failed launch
           raise
         pipeline = opened.result()
     except BaseException:
-      ckpt.close()  # a launch failing here must not exit under the manager's clean-up thread
+      ckpt.close_after_failure()  # a launch failing here must not exit under the manager's clean-up thread
       raise
-    start_step = int(jax.device_get(state.step))
     progress = tqdm(total=train.steps, initial=start_step, desc="train", disable=not self.is_main,
                     dynamic_ncols=True)
     try:
