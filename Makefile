@@ -17,10 +17,16 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 
 venv: $(STAMP)
 
-# Rewrites constraints.txt (its comment kept) from what the venv holds: after a requirement changed in both files.
-constraints: venv
-	{ grep '^#' constraints.txt; $(PY) -m pip freeze --exclude-editable | sort -f; } > constraints.txt.new
+# Re-resolves every package from the requirements files alone, in a fresh environment, and pins the result in
+# constraints.txt (its comment kept): after a requirement changed. `make venv` then installs it.
+constraints:
+	rm -rf .constraints-venv
+	$(PYTHON) -m venv .constraints-venv
+	.constraints-venv/bin/python -m pip install --quiet --upgrade pip
+	.constraints-venv/bin/python -m pip install --quiet -r requirements-dev.txt
+	{ grep '^#' constraints.txt; .constraints-venv/bin/python -m pip freeze | sort -f; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
+	rm -rf .constraints-venv
 
 # The dashboard's browser test drives Debian's Chromium (never a downloaded browser build).
 browser:
