@@ -2,7 +2,7 @@
 # Starts echo-jax training on every host of a TPU pod, or on N simulated hosts of this machine (DESIGN §10).
 #
 #   launch.sh --tpu NAME --zone ZONE [--project P] [--remote_dir DIR] [--logdir DIR] -- <train_pretrain.py args>
-#   launch.sh --tpu NAME --zone ZONE [--project P] [--remote_dir DIR] --setup
+#   launch.sh --tpu NAME --zone ZONE [--project P] [--remote_dir DIR] [--logdir DIR] --setup
 #   launch.sh --local N [--logdir DIR] -- <train_pretrain.py args>
 #
 # --setup (once per pod, and again when the requirements change): stops running trainers, copies the code, then
@@ -354,14 +354,29 @@ copy_code() {
   rm -rf "$stage"
 }
 
+# Makes every worker's environment (worker_setup), one ssh session and one log per worker, as for the trainers:
+# each worker's own exit status says whether its set-up finished.
 setup_tpu() {
-  pod_workers > /dev/null
+  local workers worker python=${ECHO_WORKER_PYTHON:-python3.11}
+  local -a pids=() failed=()
+  workers=$(pod_workers)
   copy_code
-  local python=${ECHO_WORKER_PYTHON:-python3.11}
-  echo "launch.sh: making ~/$WORKER_VENV on every worker from $python (minutes: pip downloads JAX and libtpu)"
-  gcloud_tpu $((SETUP_TIMEOUT_S + GCLOUD_TIMEOUT_S)) ssh "$TPU" --worker=all \
-    --command="bash ~/$REMOTE_DIR/launch.sh --worker-setup $(printf '%q' "$python")" ||
-    die "the set-up failed on a worker (its output is above); fix that, then run --setup again"
+  echo "launch.sh: making ~/$WORKER_VENV on $workers workers from $python (minutes: pip downloads JAX and" \
+    "libtpu); logs in $LOGDIR/setup_worker_I.log"
+  for ((worker = 0; worker < workers; worker++)); do
+    gcloud_tpu $((SETUP_TIMEOUT_S + GCLOUD_TIMEOUT_S)) ssh "$TPU" --worker="$worker" \
+      --command="bash ~/$REMOTE_DIR/launch.sh --worker-setup $(printf '%q' "$python")" \
+      > "$LOGDIR/setup_worker_$worker.log" 2>&1 &
+    pids+=($!)
+  done
+  for worker in "${!pids[@]}"; do
+    wait "${pids[$worker]}" || failed+=("$worker")
+  done
+  for worker in "${failed[@]}"; do
+    echo "launch.sh: the set-up failed on worker $worker. Last lines of $LOGDIR/setup_worker_$worker.log:" >&2
+    tail -n "$TAIL_LINES" "$LOGDIR/setup_worker_$worker.log" >&2
+  done
+  ((${#failed[@]} == 0)) || die "fix that, then run --setup again"
   echo "launch.sh: every worker has ~/$WORKER_VENV; launch with the same --tpu, --zone and -- <train_pretrain.py args>"
 }
 
@@ -427,14 +442,15 @@ main() {
   if [[ -n $setup ]]; then
     [[ $mode == tpu ]] || die "--setup is for a pod: give --tpu NAME --zone ZONE"
     (($# == 0)) || die "--setup takes no train_pretrain.py arguments"
-    setup_tpu
-    exit 0
+  else
+    (($# > 0)) || die "no train_pretrain.py arguments after --"
+    WORKDIR=$(workdir_of "$@")
   fi
-  (($# > 0)) || die "no train_pretrain.py arguments after --"
-  WORKDIR=$(workdir_of "$@")
   mkdir -p "$LOGDIR"
   LOGDIR=$(cd "$LOGDIR" && pwd)
-  if [[ $mode == tpu ]]; then
+  if [[ -n $setup ]]; then
+    setup_tpu
+  elif [[ $mode == tpu ]]; then
     launch_tpu "$@"
   else
     [[ $count =~ ^[1-9][0-9]*$ ]] || die "--local needs a positive process count, got '$count'"

@@ -130,6 +130,10 @@ def launch_tpu(tmp_path, env, timeout=120):
        str(tmp_path / "logs"), "--", *TRAIN_ARGS], env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def setup_command(tmp_path):
+  return ["bash", LAUNCH, "--tpu", "pod", "--zone", "us-central2-b", "--logdir", str(tmp_path / "logs"), "--setup"]
+
+
 def recorded_calls(tmp_path):
   lines = (tmp_path / "calls").read_text().splitlines()
   return [line.split(SEP)[:-1] for line in lines]
@@ -171,8 +175,7 @@ def test_pod_launch_makes_the_right_gcloud_calls(fake_pod):
 def test_setup_makes_every_workers_environment_and_the_trainers_run_from_it(fake_pod):
   tmp_path, env = fake_pod
   write_executable(tmp_path / "bin" / "python3.11", FAKE_PYTHON_3_11)
-  setup = subprocess.run(["bash", LAUNCH, "--tpu", "pod", "--zone", "us-central2-b", "--setup"], env=env,
-                         capture_output=True, text=True, timeout=120)
+  setup = subprocess.run(setup_command(tmp_path), env=env, capture_output=True, text=True, timeout=120)
   assert setup.returncode == 0, setup.stdout + setup.stderr
   jax_pin = next(line for line in (REPO / "requirements.txt").read_text().splitlines() if line.startswith("jax=="))
   for worker in (0, 1):
@@ -195,9 +198,10 @@ def test_an_environment_that_setup_did_not_finish_or_made_for_other_requirements
   holds other versions: a launch there would train with missing or other packages, so it fails, saying to set up."""
   tmp_path, env = fake_pod
   write_executable(tmp_path / "bin" / "python3.11", FAKE_PYTHON_3_11)
-  setup = ["bash", LAUNCH, "--tpu", "pod", "--zone", "us-central2-b", "--setup"]
+  setup = setup_command(tmp_path)
   failed = subprocess.run(setup, env=dict(env, FAKE_PIP_FAILS="1"), capture_output=True, text=True, timeout=120)
-  assert failed.returncode != 0 and "the set-up failed on a worker" in failed.stderr
+  assert failed.returncode != 0
+  assert "the set-up failed on worker 0" in failed.stderr and "the set-up failed on worker 1" in failed.stderr
   launch = launch_tpu(tmp_path, env)
   assert launch.returncode != 0
   assert "echo_jax_venv was not finished by launch.sh --setup, or was made for other requirements" in launch.stderr
@@ -211,11 +215,11 @@ def test_an_environment_that_setup_did_not_finish_or_made_for_other_requirements
 
 def test_setup_without_python_3_11_on_the_workers_says_what_to_install(fake_pod):
   tmp_path, env = fake_pod
-  setup = subprocess.run(["bash", LAUNCH, "--tpu", "pod", "--zone", "us-central2-b", "--setup"],
-                         env=dict(env, ECHO_WORKER_PYTHON="python3.99"), capture_output=True, text=True, timeout=120)
+  setup = subprocess.run(setup_command(tmp_path), env=dict(env, ECHO_WORKER_PYTHON="python3.99"), capture_output=True,
+                         text=True, timeout=120)
   assert setup.returncode != 0
   assert "has no Python 3.11 as python3.99. Install it on the workers" in setup.stderr, setup.stderr
-  assert "the set-up failed on a worker" in setup.stderr
+  assert f"the set-up failed on worker 1. Last lines of {tmp_path}/logs/setup_worker_1.log" in setup.stderr
   assert not (tmp_path / "worker_0" / "echo_jax_venv").exists()
 
 
