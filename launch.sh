@@ -43,6 +43,8 @@ readonly GCLOUD_TIMEOUT_S=${ECHO_GCLOUD_TIMEOUT_S:-300}
 readonly WORKER_VENV=echo_jax_venv
 readonly VENV_READY=.echo_jax_requirements
 readonly SETUP_TIMEOUT_S=${ECHO_SETUP_TIMEOUT_S:-1800}
+readonly IMPORTS_CHECK="import echo_jax.train.entry, echo_jax.dashboard, echo_jax.synthesis, echo_jax.codecs.mel, \
+gcsfs, huggingface_hub.cli.hf"
 # This checkout (on a worker: its copy of the code).
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 readonly HERE
@@ -144,6 +146,9 @@ worker_setup() {
   "$venv/bin/python" -m pip install --quiet --upgrade pip
   "$venv/bin/python" -m pip install --quiet -r "$HERE/requirements.txt" -c "$HERE/constraints.txt" \
     "jax[tpu]==$jax_version"
+  # What the trainer, the samples, the dashboard and `hf auth login` import, checked here rather than at a launch
+  # (JAX on the CPU: a TPU pod's chips start only with every host).
+  (cd "$HERE" && JAX_PLATFORMS=cpu "$venv/bin/python" -c "$IMPORTS_CHECK")
   requirements_digest > "$venv/$VENV_READY"
   echo "launch.sh: $(hostname): $venv is ready"
   exit 0

@@ -89,8 +89,9 @@ FAKE_PYTHON = textwrap.dedent("""\
 """)
 
 # Stands in for python3.11 on the workers: says it is 3.11 (`-c`), and `-m venv --clear DIR` makes DIR/bin/python,
-# which records pip's arguments (failing with FAKE_PIP_FAILS=1) and runs anything else with the workers' python3 (the
-# fake trainer), noting that the venv's Python started it.
+# which records pip's arguments (failing with FAKE_PIP_FAILS=1), runs a `-c` check with this test's own Python
+# (REAL_PYTHON: the set-up's import check then imports the worker's copy of the code for real), and anything else with
+# the workers' python3 (the fake trainer), noting that the venv's Python started it.
 FAKE_PYTHON_3_11 = textwrap.dedent("""\
     #!/usr/bin/env bash
     [[ $1 == -c ]] && exit 0
@@ -99,6 +100,7 @@ FAKE_PYTHON_3_11 = textwrap.dedent("""\
     cat > "$4/bin/python" << 'EOF'
     #!/usr/bin/env bash
     if [[ $1 == -m && $2 == pip ]]; then printf '%s\\n' "$*" >> "$HOME/pip_calls"; exit "${FAKE_PIP_FAILS:-0}"; fi
+    [[ $1 == -c ]] && exec "$REAL_PYTHON" "$@"
     echo "$0" > "$HOME/trainer_python"
     exec python3 "$@"
     EOF
@@ -120,7 +122,7 @@ def fake_pod(tmp_path):
   write_executable(bin_dir / "gcloud", FAKE_GCLOUD)
   write_executable(bin_dir / "python3", FAKE_PYTHON)
   env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
-  env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_ROOT=str(tmp_path))
+  env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_ROOT=str(tmp_path), REAL_PYTHON=sys.executable)
   return tmp_path, env
 
 
@@ -202,6 +204,13 @@ def test_an_environment_that_setup_did_not_finish_or_made_for_other_requirements
   failed = subprocess.run(setup, env=dict(env, FAKE_PIP_FAILS="1"), capture_output=True, text=True, timeout=120)
   assert failed.returncode != 0
   assert "the set-up failed on worker 0" in failed.stderr and "the set-up failed on worker 1" in failed.stderr
+  # pip succeeded, but a package the trainer imports is broken (as the hf CLI was without click)
+  broken = tmp_path / "broken" / "gcsfs"
+  broken.mkdir(parents=True)
+  (broken / "__init__.py").write_text("raise ImportError('gcsfs stands broken here')\n")
+  failed = subprocess.run(setup, env=dict(env, PYTHONPATH=str(broken.parent)), capture_output=True, text=True,
+                          timeout=120)
+  assert failed.returncode != 0 and "ImportError: gcsfs stands broken here" in failed.stderr
   launch = launch_tpu(tmp_path, env)
   assert launch.returncode != 0
   assert "echo_jax_venv was not finished by launch.sh --setup, or was made for other requirements" in launch.stderr
