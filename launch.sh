@@ -259,6 +259,12 @@ by_last_log_write() {
   done | sort -n | cut -d' ' -f2
 }
 
+# show_log_tail WHAT LOG: says WHAT, then shows the last lines of LOG (on stderr).
+show_log_tail() {
+  echo "launch.sh: $1. Last lines of $2:" >&2
+  tail -n "$TAIL_LINES" "$2" >&2 || true
+}
+
 watch_hosts() {
   local running=${#PIDS[@]} failure
   local -a failed=()
@@ -273,9 +279,7 @@ watch_hosts() {
       sleep "$FAILURE_GRACE_S"
       reap_hosts
       for failure in $(by_last_log_write "${failed[@]}"); do
-        echo "launch.sh: ${NAMES[${failure%%:*}]} failed (exit ${failure#*:}). Last lines of" \
-          "${LOGS[${failure%%:*}]}:" >&2
-        tail -n "$TAIL_LINES" "${LOGS[${failure%%:*}]}" >&2 || true
+        show_log_tail "${NAMES[${failure%%:*}]} failed (exit ${failure#*:})" "${LOGS[${failure%%:*}]}"
       done
       echo "launch.sh: stopping the other hosts (killed after ${FAILED_STOP_GRACE_S} s: no save is possible" \
         "without the failed one)" >&2
@@ -300,12 +304,13 @@ workdir_of() {
   done
 }
 
-# Starts the ssh session that runs `launch.sh <remote_args>` on worker `worker`, in the background, its output
-# appended to the worker's log here; its pid becomes PIDS[worker]. Keepalives: a worker that stops answering ends
-# the session (exit 255) instead of leaving the launch waiting on it forever.
+# worker_session WORKER REMOTE_ARGS [SECONDS]: starts the ssh session that runs `launch.sh REMOTE_ARGS` on the
+# worker, in the background, its output appended to LOGS[WORKER] here, killed after SECONDS (default: no limit); its
+# pid becomes PIDS[WORKER]. Keepalives: a worker that stops answering ends the session (exit 255) instead of leaving
+# the launch waiting on it forever.
 worker_session() {
-  local worker=$1 remote_args=$2
-  gcloud_tpu 0 ssh "$TPU" --worker="$worker" --ssh-flag=-oServerAliveInterval=15 --ssh-flag=-oServerAliveCountMax=8 \
+  local worker=$1 remote_args=$2 seconds=${3:-0}
+  gcloud_tpu "$seconds" ssh "$TPU" --worker="$worker" --ssh-flag=-oServerAliveInterval=15 --ssh-flag=-oServerAliveCountMax=8 \
     --command="bash ~/$REMOTE_DIR/launch.sh $remote_args" >> "${LOGS[$worker]}" 2>&1 &
   PIDS[worker]=$!
 }
@@ -363,23 +368,21 @@ copy_code() {
 # each worker's own exit status says whether its set-up finished.
 setup_tpu() {
   local workers worker python=${ECHO_WORKER_PYTHON:-python3.11}
-  local -a pids=() failed=()
+  local -a failed=()
   workers=$(pod_workers)
   copy_code
   echo "launch.sh: making ~/$WORKER_VENV on $workers workers from $python (minutes: pip downloads JAX and" \
     "libtpu); logs in $LOGDIR/setup_worker_I.log"
   for ((worker = 0; worker < workers; worker++)); do
-    gcloud_tpu $((SETUP_TIMEOUT_S + GCLOUD_TIMEOUT_S)) ssh "$TPU" --worker="$worker" \
-      --command="bash ~/$REMOTE_DIR/launch.sh --worker-setup $(printf '%q' "$python")" \
-      > "$LOGDIR/setup_worker_$worker.log" 2>&1 &
-    pids+=($!)
+    LOGS+=("$LOGDIR/setup_worker_$worker.log")
+    : > "${LOGS[-1]}"
+    worker_session "$worker" "--worker-setup $(printf '%q' "$python")" $((SETUP_TIMEOUT_S + GCLOUD_TIMEOUT_S))
   done
-  for worker in "${!pids[@]}"; do
-    wait "${pids[$worker]}" || failed+=("$worker")
+  for worker in "${!PIDS[@]}"; do
+    wait "${PIDS[$worker]}" || failed+=("$worker")
   done
   for worker in "${failed[@]}"; do
-    echo "launch.sh: the set-up failed on worker $worker. Last lines of $LOGDIR/setup_worker_$worker.log:" >&2
-    tail -n "$TAIL_LINES" "$LOGDIR/setup_worker_$worker.log" >&2
+    show_log_tail "the set-up failed on worker $worker" "${LOGS[$worker]}"
   done
   ((${#failed[@]} == 0)) || die "fix that, then run --setup again"
   echo "launch.sh: every worker has ~/$WORKER_VENV; launch with the same --tpu, --zone and -- <train_pretrain.py args>"
