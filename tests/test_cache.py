@@ -18,13 +18,15 @@ import fake_hub
 import fsspec
 import numpy as np
 import pytest
-from conftest import REPO, write_synthetic_shards
+from conftest import REPO, wait_for, write_synthetic_shards
 from fsspec.spec import AbstractFileSystem
 
+from echo_jax import aot
 from echo_jax.data import cache as cache_module
 from echo_jax.data.cache import CacheWriteError, ShardCache, is_local
 from echo_jax.data.pipeline import Pipeline, StreamSet
 from echo_jax.data.shards import list_shards
+from echo_jax.train.loop import Trainer
 from echo_jax.train.samples import examples_from_shards
 
 RELEASE = threading.Event()  # Set at teardown, so that stalled reads of abandoned downloads end.
@@ -299,6 +301,60 @@ def test_an_abandoned_attempt_releases_its_partial_file(tmp_path):
   assert [t for t in threading.enumerate() if t.name == "echo-shard-download"]  # still blocked in their reads
   assert open_partials() == []
   assert cache.failures == {"stalling://stuck.tar": "no data for 0.2 s"}
+
+
+def stalled_for_good(name):
+  """A `stalling://` URL whose every download stalls (until the test ends)."""
+  StallingFileSystem.FILES[name] = b"x" * 100
+  StallingFileSystem.STALLS[name] = 1000
+  return f"stalling://{name}"
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_a_close_from_another_thread_ends_a_read_waiting_on_a_stalled_download(tmp_path, prefetch):
+  """`close` in one thread ends a `next` waiting in another on a stalled download at once, not after the stall
+  timeout and retries (90 s here), with an error saying so; the cache is cleaned up. The trainer closes its held-out
+  read so when a launch fails, since Python's exit would wait for that thread."""
+  cache = ShardCache(str(tmp_path / "cache"), stall_timeout=30, retries=3)
+  pipeline = make_pipeline([stalled_for_good("stuck.tar")], cache=cache, prefetch=prefetch)
+  raised = []
+
+  def read():
+    try:
+      next(pipeline)
+    except Exception as error:  # noqa: BLE001 — kept for the assertions below
+      raised.append(error)
+
+  reader = threading.Thread(target=read)
+  reader.start()
+  wait_for(lambda: StallingFileSystem.OPENS.get("stuck.tar"))
+  time.sleep(0.3)
+  assert reader.is_alive()  # waiting on the download
+  pipeline.close()
+  reader.join(timeout=10)
+  assert not reader.is_alive()
+  assert len(raised) == 1 and isinstance(raised[0], RuntimeError) and "closed" in str(raised[0]), raised
+  assert not cache_files(tmp_path / "cache")
+  with pytest.raises(RuntimeError, match="closed"):
+    next(pipeline)
+
+
+def test_a_launch_that_fails_stops_its_held_out_read(tiny_config, tmp_path, monkeypatch):
+  """A new run reads its held-out batches while it compiles. When the launch fails (here its memory check refuses
+  the step), that read ends with it: Python's exit waits for the thread, which would otherwise wait out the held-out
+  shard's stall timeout and retries (90 s here; up to minutes on a pod)."""
+  tiny_config.data.eval_shards = stalled_for_good("held_out.tar")
+  tiny_config.data.update(cache_dir=str(tmp_path / "cache"), stall_timeout=30.0, download_retries=3)
+
+  def refuse(*args, **kwargs):
+    raise RuntimeError("the train step needs more memory than the devices have")
+
+  monkeypatch.setattr(aot, "check_memory", refuse)
+  with pytest.raises(RuntimeError, match="more memory"):
+    Trainer(tiny_config, str(tmp_path / "run")).run()
+  assert StallingFileSystem.OPENS.get("held_out.tar")  # its read was under way
+  wait_for(lambda: not [t for t in threading.enumerate() if t.name.startswith("held_out")], timeout=10)
+  assert not [name for _, _, names in os.walk(tmp_path / "cache") for name in names]
 
 
 def test_a_failed_download_says_why_and_retries_wait_longer_each_time(tmp_path):

@@ -169,9 +169,9 @@ def test_resume_after_sigkill_is_exact(tmp_path, monkeypatch):
     self.steps_logged = getattr(self, "steps_logged", 0) + 1
     return log_step(self, *args, **kwargs)
 
-  def recording_eval_batches(self, shards):
+  def recording_eval_batches(self, pipeline):
     logged_at_read.append(getattr(self, "steps_logged", 0))
-    return eval_batches(self, shards)
+    return eval_batches(self, pipeline)
 
   monkeypatch.setattr(Trainer, "_log_step", counting_log_step)
   monkeypatch.setattr(Trainer, "_eval_batches", recording_eval_batches)

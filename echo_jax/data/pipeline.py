@@ -275,6 +275,9 @@ class Pipeline:
     self._state = self._check_state(state) if state is not None else _Reader(self, None).state()
     self._thread: threading.Thread | None = None
     self._closed = False
+    # `close` may come from another thread than the one in `__next__` (a launch that fails while a thread reads its
+    # held-out batches): it takes the first lock; the second is held while the caller's thread reads (prefetch 0).
+    self._closing, self._reading = threading.Lock(), threading.Lock()
     self._start()
 
   def _check_arguments(self) -> None:
@@ -328,12 +331,15 @@ class Pipeline:
         continue
     return False
 
-  def _get(self) -> Any:
+  def _get(self, thread: threading.Thread) -> Any:
+    """The reader's next item; None once the pipeline is closed."""
     while True:
       try:
         return self._queue.get(timeout=1.0)
       except queue.Empty:
-        if not self._thread.is_alive() and self._queue.empty():
+        if self._closed:
+          return None
+        if not thread.is_alive() and self._queue.empty():
           return _Failure(RuntimeError("the reader thread stopped without a batch or an error"), [])
 
   def _produce(self) -> None:
@@ -361,15 +367,23 @@ class Pipeline:
       raise RuntimeError("the data pipeline is closed")
     if self._failure is not None:
       raise RuntimeError("the data pipeline failed earlier") from self._failure.error
-    if self._thread is None:
-      try:
-        item = self._reader.next_batch()
-      except Exception as error:
-        self._failure = _Failure(error, self._reader.take_events())
-        self._report(self._failure.events)
-        raise
+    thread = self._thread  # once: a `close` in another thread sets it to None
+    if thread is None:
+      with self._reading:
+        if self._closed:
+          raise RuntimeError("the data pipeline is closed")
+        try:
+          item = self._reader.next_batch()
+        except Exception as error:
+          if self._closed:  # interrupted by the close
+            raise RuntimeError("the data pipeline was closed while a batch was read") from error
+          self._failure = _Failure(error, self._reader.take_events())
+          self._report(self._failure.events)
+          raise
     else:
-      item = self._get()
+      item = self._get(thread)
+      if item is None:
+        raise RuntimeError("the data pipeline was closed while a batch was awaited")
       if isinstance(item, _Failure):
         self._failure = item
         self._report(item.events)
@@ -396,11 +410,16 @@ class Pipeline:
     self._start()
 
   def close(self) -> None:
-    """Stops the reader thread; the pipeline yields nothing afterwards."""
-    self._closed = True
-    self._stop_thread()
-    if self.cache is not None:
-      self.cache.close()
+    """Stops the reader thread; the pipeline yields nothing afterwards. From another thread, it also ends a
+    `__next__` waiting there (within a second; it raises RuntimeError), also on a stalled download."""
+    with self._closing:
+      self._closed = True
+      self._stop_thread()
+      if self.cache is not None:
+        self.cache.interrupt()  # a read in the caller's thread (prefetch 0) stops waiting for its download
+        with self._reading:  # the cache is not cleaned up under that read
+          self.cache.close()
+          self.cache.resume()
 
   def __enter__(self) -> Pipeline:
     return self

@@ -173,16 +173,16 @@ class Trainer:
     """The rows [start, stop) of every global batch that this process's devices hold."""
     return runtime.process_batch_rows(sharding.batch_sharding(self.mesh, 1), self.config.train.batch_size)
 
-  def _eval_batches(self, shards: list[str]) -> list[dict[str, jax.Array]]:
-    """The held-out batches, read once and reused, so every evaluation sees the same data.
+  def _eval_batches(self, pipeline: StreamSet) -> list[dict[str, jax.Array]]:
+    """The held-out batches, read once from `pipeline` (a `_pipeline(whole_batch=True)`) and reused, so every
+    evaluation sees the same data.
 
     Every process reads the whole batches through one stream and keeps its rows: a held-out set is small (often one
     shard), and split into the training's data.streams it would need as many shards; read this way it is also the
     same whatever data.streams and the process count are."""
     start, stop = self._batch_rows()
-    with self._pipeline("eval", shards, seed=0, whole_batch=True) as pipeline:
-      return [sharding.global_batch({name: whole[start:stop] for name, whole in next(pipeline).items()}, self.mesh)
-              for _ in range(self.config.train.eval_batches)]
+    return [sharding.global_batch({name: whole[start:stop] for name, whole in next(pipeline).items()}, self.mesh)
+            for _ in range(self.config.train.eval_batches)]
 
   def _check_workdir(self) -> None:
     """Before anything is saved: every process can do in the workdir what a run does there
@@ -323,8 +323,8 @@ class Trainer:
     # Listed first, so that a shard spec naming nothing fails the launch at once, before the compile.
     train_shards = self._shard_list(config.data.train_shards)
     evaluates = bool(config.data.eval_shards) and train.eval_every > 0 and train.eval_batches > 0
-    held_out = InBackground("held_out", functools.partial(
-        self._eval_batches, self._shard_list(config.data.eval_shards) if evaluates else []))
+    held_out = _HeldOut(functools.partial(self._pipeline, "eval", self._shard_list(config.data.eval_shards),
+                                          seed=0, whole_batch=True) if evaluates else None, self._eval_batches)
     self._check_workdir()  # before the checkpoint manager, which makes directories there
     ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=train.keep_checkpoints,
                                    keep_period=train.keep_period, compression=train.ckpt_compression,
@@ -364,6 +364,7 @@ class Trainer:
           raise
         pipeline = opened.result()
     except BaseException:
+      held_out.close()
       ckpt.close_after_failure()  # a launch failing here must not exit under the manager's clean-up thread
       raise
     progress = tqdm(total=train.steps, initial=start_step, desc="train", disable=not self.is_main,
@@ -433,6 +434,7 @@ class Trainer:
     finally:
       progress.close()
       pipeline.close()
+      held_out.close()  # a run ending before its first evaluation
       try:
         self._confirm_saves(ckpt, wait=True)
       finally:
@@ -557,6 +559,40 @@ _preemption_sync_reached = threading.Event()
 
 # Errors whose own events (checkpoint_failed, error) the loop writes where it raises them.
 _LOGGED_ERRORS = (checkpoint.CheckpointSaveError, NonFiniteError)
+
+
+class _HeldOut:
+  """The held-out batches, `read(open_pipeline())` once in a thread of its own from `start` on. `close` ends a read
+  still under way: Python's exit waits for that thread, and a launch that fails, or a run that ends before its first
+  evaluation, must not wait there for the held-out shards' downloads (up to data.download_retries stalls each)."""
+
+  def __init__(self, open_pipeline: Callable[[], StreamSet] | None, read: Callable[[StreamSet], Any]):
+    self._open, self._read = open_pipeline, read
+    self._lock = threading.Lock()
+    self._pipeline: StreamSet | None = None
+    self._closed = False
+    self._reading = InBackground("held_out", self._open_and_read)
+
+  def _open_and_read(self) -> Any:
+    pipeline = self._open()
+    with self._lock:
+      closed, self._pipeline = self._closed, pipeline
+    with pipeline:
+      if closed:
+        raise RuntimeError("the held-out read was stopped before it began")
+      return self._read(pipeline)
+
+  def start(self) -> None:
+    self._reading.start()
+
+  def result(self) -> Any:
+    return self._reading.result()
+
+  def close(self) -> None:
+    with self._lock:
+      self._closed, pipeline = True, self._pipeline
+    if pipeline is not None:
+      pipeline.close()
 
 
 def _close_pipeline(opened: concurrent.futures.Future) -> None:
