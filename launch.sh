@@ -14,6 +14,8 @@
 #   Each worker is started by its own `gcloud ... ssh --worker=I` (one exit status and one log per worker, which
 #   `--worker=all` cannot give). The trainer runs detached on the worker, logging to ~/echo_jax_logs/worker_I.log
 #   there, so a dropped ssh connection does not stop it; its output is also streamed to LOGDIR/worker_I.log here.
+#   That session first checks that the worker runs this launch's copy of the code and no stale trainer (the calls on
+#   all workers need not report a worker they failed on).
 # --local N: N processes on this machine, joined through a coordinator on 127.0.0.1 (logs LOGDIR/process_I.log).
 #   Give each process its devices with XLA_FLAGS=--xla_force_host_platform_device_count=K.
 # Either way: prints which host runs process 0 (it writes the run log) and how to open the dashboard, and fails
@@ -43,6 +45,8 @@ readonly GCLOUD_TIMEOUT_S=${ECHO_GCLOUD_TIMEOUT_S:-300}
 readonly WORKER_VENV=echo_jax_venv
 readonly VENV_READY=.echo_jax_requirements
 readonly SETUP_TIMEOUT_S=${ECHO_SETUP_TIMEOUT_S:-1800}
+# The file in each worker's copy of the code that holds the id of the launch that copied it (see check_copy).
+readonly COPY_ID_FILE=.echo_jax_copy
 readonly IMPORTS_CHECK="import echo_jax.train.entry, echo_jax.dashboard, echo_jax.synthesis, echo_jax.codecs.mel, \
 gcsfs, huggingface_hub.cli.hf"
 # This checkout (on a worker: its copy of the code).
@@ -59,11 +63,36 @@ die() {
   exit 2
 }
 
-# The command-line pattern (pkill/pgrep -f) of the trainer run from code directory NAME under ~: it starts at the
-# slash before NAME, so that another --remote_dir ending with this name is not matched, and its bracket keeps it
-# from matching the shell that runs pkill.
+# The command-line pattern (pkill/pgrep -f) of the trainer run from code directory DIR (a name under ~, or a path
+# without its leading slash): it starts at the slash before DIR, so that another directory ending with DIR is not
+# matched, and its bracket keeps it from matching the shell that runs pkill. DIR's regex characters are escaped.
 trainer_pattern() {
-  printf '[/]%s%s' "$1" "$STALE_PATTERN_SUFFIX"
+  # shellcheck disable=SC2001  # in ${1//…/…} the matched text (&) needs bash 5.2's patsub_replacement
+  printf '[/]%s%s' "$(sed 's/[][\\^$*+?(){}|]/\\&/g' <<< "$1")" "$STALE_PATTERN_SUFFIX"
+}
+
+# stop_trainers PATTERN GRACE: SIGTERM to the trainers whose command line matches PATTERN, up to GRACE seconds to
+# save and exit, then SIGKILL. Runs on the workers: sent there by stop_remote_trainers, and called by worker_run.
+stop_trainers() {
+  local i
+  pkill -TERM -f "$1" || return 0
+  for ((i = 0; i < $2; i++)); do
+    pgrep -f "$1" > /dev/null || return 0
+    sleep 1
+  done
+  pkill -KILL -f "$1" || true
+}
+
+# On a TPU worker: exits unless this code is the copy that launch.sh made for launch ID. gcloud's `--worker=all` calls
+# (the stop, the removal of the old code, the copy) need not report a worker they failed on: older gcloud releases
+# exit 0 whatever happened there. A worker whose old code was not removed gets the new copy inside it, and would run
+# the old one. This worker's own session, whose exit status gcloud does report, checks it.
+check_copy() {
+  [[ $(cat "$HERE/$COPY_ID_FILE" 2>/dev/null) == "$1" ]] && return 0
+  echo "launch.sh: $(hostname): $HERE is not the copy of the code made for this launch (removing the old copy or" \
+    "copying the new one failed on this worker); launch again, and if that fails the same way, remove it there" \
+    "(gcloud compute tpus tpu-vm ssh NAME --worker=I --command='rm -rf $HERE')" >&2
+  exit 1
 }
 
 # python_of VENV: the Python that runs the trainer: $PYTHON if set, else VENV's when it exists, else python3.
@@ -101,10 +130,23 @@ worker_files() {
   status="$HOME/echo_jax_logs/worker_$1.status"
 }
 
-# Runs on a TPU worker (launch.sh calls itself there): the trainer detached, its log followed until it exits.
+# Runs on a TPU worker (launch.sh calls itself there, for launch $2): the trainer detached, its log followed until it
+# exits.
 worker_run() {
-  local worker=$1
-  shift
+  local worker=$1 copy_id=$2
+  shift 2
+  check_copy "$copy_id"
+  # A trainer of an earlier launch that the stop on all workers did not reach (see check_copy) would hold the TPU or
+  # write the workdir beside the new one. Stopped before this launch's status file is cleared: the shell that waited
+  # for it writes its exit status there just after it ends.
+  local pattern
+  pattern=$(trainer_pattern "${HERE#/}")
+  if pgrep -f "$pattern" > /dev/null; then
+    echo "launch.sh: $(hostname): a trainer of an earlier launch still runs here (pid $(pgrep -d ' ' -f "$pattern"));" \
+      "the stop on all workers did not reach it; stopping it (killed after ${STOP_GRACE_S} s)" >&2
+    stop_trainers "$pattern" "$STOP_GRACE_S"
+    sleep 1
+  fi
   local log status
   worker_files "$worker"
   mkdir -p "$(dirname "$log")"
@@ -129,10 +171,11 @@ worker_run() {
   exit "$(cat "$status")"
 }
 
-# Runs on a TPU worker (launch.sh --setup calls itself there): makes ~/WORKER_VENV from Python $1 with the pinned
-# requirements and the TPU build of the pinned JAX.
+# Runs on a TPU worker (launch.sh --setup calls itself there, for launch $2): makes ~/WORKER_VENV from Python $1 with
+# the pinned requirements and the TPU build of the pinned JAX.
 worker_setup() {
   local python=$1 venv=$HOME/$WORKER_VENV jax_version
+  check_copy "$2"
   if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2> /dev/null; then
     echo "launch.sh: $(hostname) has no Python 3.11 as $python. Install it on the workers (Ubuntu 22.04: sudo" \
       "add-apt-repository -y ppa:deadsnakes/ppa && sudo apt-get install -y python3.11-venv), or name another" \
@@ -162,7 +205,7 @@ worker_attach() {
   worker_files "$worker"
   tail -n 0 -f "$log" &
   local tailer=$!
-  while [[ ! -f $status ]] && pgrep -f "$(trainer_pattern "$(basename "$HERE")")" > /dev/null; do
+  while [[ ! -f $status ]] && pgrep -f "$(trainer_pattern "${HERE#/}")" > /dev/null; do
     sleep 1
   done
   sleep 1  # the status is written just after the trainer exits
@@ -331,8 +374,7 @@ stop_remote_trainers() {
   local grace=$1 pattern
   pattern=$(trainer_pattern "$REMOTE_DIR")
   gcloud_tpu $((grace + GCLOUD_TIMEOUT_S)) ssh "$TPU" --worker=all \
-    --command="pkill -TERM -f '$pattern'; for ((i = 0; i < $grace; i++)); do \
-pgrep -f '$pattern' > /dev/null || exit 0; sleep 1; done; pkill -KILL -f '$pattern'; true"
+    --command="$(declare -f stop_trainers); stop_trainers '$pattern' $grace"
 }
 
 # pod_workers: the number of workers of TPU $TPU.
@@ -347,7 +389,8 @@ pod_workers() {
   echo "${#addresses[@]}"
 }
 
-# copy_code: stops the workers' trainers, then replaces their copy of the code with this checkout's.
+# copy_code: stops the workers' trainers, then replaces their copy of the code with this checkout's, marked with a new
+# COPY_ID (see check_copy).
 copy_code() {
   stop_remote_trainers "$STOP_GRACE_S"
   gcloud_tpu "$GCLOUD_TIMEOUT_S" ssh "$TPU" --worker=all --command="rm -rf ~/$REMOTE_DIR"
@@ -360,6 +403,8 @@ copy_code() {
     [[ -e $HERE/$item ]] && cp -r "$HERE/$item" "$stage/$REMOTE_DIR/"
   done
   find "$stage" -name __pycache__ -type d -prune -exec rm -rf {} +
+  COPY_ID="$(date +%s%N)-$$-$RANDOM"
+  echo "$COPY_ID" > "$stage/$REMOTE_DIR/$COPY_ID_FILE"
   gcloud_tpu "$GCLOUD_TIMEOUT_S" scp --recurse "$stage/$REMOTE_DIR" "$TPU:$REMOTE_DIR" --worker=all
   rm -rf "$stage"
 }
@@ -376,7 +421,7 @@ setup_tpu() {
   for ((worker = 0; worker < workers; worker++)); do
     LOGS+=("$LOGDIR/setup_worker_$worker.log")
     : > "${LOGS[-1]}"
-    worker_session "$worker" "--worker-setup $(printf '%q' "$python")" $((SETUP_TIMEOUT_S + GCLOUD_TIMEOUT_S))
+    worker_session "$worker" "--worker-setup $(printf '%q' "$python") $COPY_ID" $((SETUP_TIMEOUT_S + GCLOUD_TIMEOUT_S))
   done
   for worker in "${!PIDS[@]}"; do
     wait "${PIDS[$worker]}" || failed+=("$worker")
@@ -399,7 +444,7 @@ launch_tpu() {
     LOGS+=("$LOGDIR/worker_$worker.log")
     NAMES+=("worker $worker")
     : > "${LOGS[-1]}"
-    worker_session "$worker" "--worker-run $worker --$args"
+    worker_session "$worker" "--worker-run $worker $COPY_ID --$args"
   done
   echo "launch.sh: started $workers workers; logs here in $LOGDIR, on each worker in ~/echo_jax_logs"
   watch_hosts
@@ -434,9 +479,13 @@ main() {
       --logdir) LOGDIR=${2:?--logdir needs a directory}; shift 2 ;;
       --local) count=${2:?--local needs a process count}; mode=local; shift 2 ;;
       --setup) setup=1; shift ;;
-      --worker-run) shift; local worker=${1:?}; shift; [[ ${1:-} == -- ]] && shift; worker_run "$worker" "$@" ;;
+      --worker-run)
+        local worker=${2:?} copy_id=${3:?}
+        shift 3
+        [[ ${1:-} == -- ]] && shift
+        worker_run "$worker" "$copy_id" "$@" ;;
       --worker-attach) worker_attach "${2:?}" ;;
-      --worker-setup) worker_setup "${2:?}" ;;
+      --worker-setup) worker_setup "${2:?}" "${3:?}" ;;
       --) shift; break ;;
       -h|--help) usage ;;
       *) die "unknown argument $1 (arguments for train_pretrain.py go after --)" ;;

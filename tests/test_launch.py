@@ -25,9 +25,10 @@ SEP = "\x1f"
 FAKE_GCLOUD = textwrap.dedent("""\
     #!/usr/bin/env bash
     set -euo pipefail
-    # One write per call: the workers' ssh calls run at once, and two writes per call could interleave.
+    # One write per call: the workers' ssh calls run at once, and two writes per call could interleave. Arguments
+    # end with a unit separator, calls with a record separator (a command may span lines).
     record=$(printf '%s\\x1f' "$@")
-    printf '%s\\n' "$record" >> "$FAKE_ROOT/calls"
+    printf '%s\\x1e' "$record" >> "$FAKE_ROOT/calls"
     verb=$4 worker="" command="" source="" destination="" value_of=""
     for arg in "$@"; do
       if [[ -n $value_of ]]; then value_of=""; continue; fi
@@ -43,6 +44,12 @@ FAKE_GCLOUD = textwrap.dedent("""\
     case $verb in
       describe) [[ -n ${FAKE_HANG:-} ]] && sleep 120; echo "10.0.0.1;10.0.0.2"; exit 0 ;;
     esac
+    # FAKE_SKIP_STOP, FAKE_SKIP_RM: the stop of stale trainers, or the removal of the old code, on all workers does
+    # nothing and exits 0, as older gcloud releases' `--worker=all` do whatever failed on the workers.
+    if [[ -n ${FAKE_SKIP_STOP:-} && $worker == all && $command == *pkill* ]] ||
+       [[ -n ${FAKE_SKIP_RM:-} && $command == "rm -rf"* ]]; then
+      exit 0
+    fi
     workers=$worker
     [[ $worker == all ]] && workers="0 1"
     status=0
@@ -137,8 +144,8 @@ def setup_command(tmp_path):
 
 
 def recorded_calls(tmp_path):
-  lines = (tmp_path / "calls").read_text().splitlines()
-  return [line.split(SEP)[:-1] for line in lines]
+  records = (tmp_path / "calls").read_text().split("\x1e")[:-1]
+  return [record.split(SEP)[:-1] for record in records]
 
 
 def test_pod_launch_makes_the_right_gcloud_calls(fake_pod):
@@ -157,7 +164,7 @@ def test_pod_launch_makes_the_right_gcloud_calls(fake_pod):
   for call in calls[4:]:  # the trainers' sessions: a worker that stops answering must end its session
     assert "--ssh-flag=-oServerAliveInterval=15" in call and "--ssh-flag=-oServerAliveCountMax=8" in call, call
   assert "pkill -TERM -f" in calls[1][-5] and "pkill -KILL -f" in calls[1][-5]
-  assert "[/]echo_jax_code/train_pretrain.py" in calls[1][-5]
+  assert "stop_trainers '[/]echo_jax_code/train_pretrain.py' 180" in calls[1][-5]
   assert "--recurse" in calls[3]
   for worker in (0, 1):
     home = tmp_path / f"worker_{worker}"
@@ -287,6 +294,44 @@ def test_a_relaunch_kills_a_stale_trainer_that_ignores_sigterm(fake_pod):
   result = launch_tpu(tmp_path, env, timeout=60)
   assert result.returncode == 0, result.stdout + result.stderr
   wait_for(lambda: not any(pid_alive(pid) for pid in stale), timeout=10)
+
+
+def test_a_stale_trainer_the_stop_on_all_workers_missed_is_stopped_by_its_worker(fake_pod):
+  """Older gcloud releases exit 0 from `ssh --worker=all` whatever happened on the workers: a stale trainer its stop
+  did not reach must not run on beside the new one. Each worker's own session stops the one running from its code
+  directory (and only that one: here both workers are on this machine)."""
+  tmp_path, env = fake_pod
+  env.update(FAKE_SECONDS="60", FAKE_IGNORE_TERM="1", ECHO_STOP_GRACE_S="1")
+  first = subprocess.Popen(
+      ["bash", LAUNCH, "--tpu", "pod", "--zone", "z", "--logdir", str(tmp_path / "logs"), "--", *TRAIN_ARGS],
+      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+  wait_for(lambda: all((tmp_path / f"worker_{w}" / "trainer_pid").exists() for w in (0, 1)))
+  stale = [int((tmp_path / f"worker_{w}" / "trainer_pid").read_text()) for w in (0, 1)]
+  first.kill()
+  first.wait()
+  env.update(FAKE_SECONDS="3", FAKE_SKIP_STOP="1")
+  result = launch_tpu(tmp_path, env, timeout=60)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert not any(pid_alive(pid) for pid in stale)
+  for worker in (0, 1):
+    log = (tmp_path / "logs" / f"worker_{worker}.log").read_text()
+    assert "a trainer of an earlier launch still runs here" in log and "trained" in log, log
+
+
+def test_a_worker_left_with_its_old_code_fails_the_launch(fake_pod):
+  """When the old code was not removed from a worker (and gcloud said nothing), the new copy lands inside it and the
+  worker would run the old code: the launch and the set-up fail on that worker, saying what to do."""
+  tmp_path, env = fake_pod
+  assert launch_tpu(tmp_path, env).returncode == 0
+  env.update(FAKE_SKIP_RM="1")
+  result = launch_tpu(tmp_path, env)
+  assert result.returncode == 1, result.stdout + result.stderr
+  assert "echo_jax_code is not the copy of the code made for this launch" in result.stderr, result.stderr
+  assert "rm -rf" in result.stderr
+  write_executable(tmp_path / "bin" / "python3.11", FAKE_PYTHON_3_11)
+  setup = subprocess.run(setup_command(tmp_path), env=env, capture_output=True, text=True, timeout=120)
+  assert setup.returncode != 0 and "is not the copy of the code made for this launch" in setup.stderr
+  assert not (tmp_path / "worker_0" / "echo_jax_venv").exists()
 
 
 def pid_alive(pid):
