@@ -11,8 +11,10 @@
 # decorator, pooch, platformdirs) and espeakng-loader go on PYTHONPATH as wheels first; its JAX, Flax and optax serve.
 #
 # Without names it runs the first three (~5 min on an H100, most of it compilation). restart_1p3b (bench/restart.py:
-# a cold launch, a SIGTERM save of the 15.6 GB state, a warm and a cold restart, a warm new run, then the warm restart
-# again under bench/stack_sampler.py, whose timeline it prints; ~4.5 min on an H200) and restore_1p3b
+# a cold launch, a SIGTERM save of the 15.6 GB state, two warm restarts, a cold one, two warm ones whose restore waits
+# for the executable's load (train.restore_beside_compile=False), then the warm restart again under
+# bench/stack_sampler.py, whose timeline it prints; ~4.5 min on an H200 with one warm restart and a warm new run in
+# place of the other three, so about 5 min now, an estimate) and restore_1p3b
 # (bench/restore.py: that state restored alone under train.ckpt_restore_gb 0, 8, 4 and 2, twice each, each in a fresh
 # process; ~2.5 min) fit one call together: 6.8 min on an H200 on 2026-11-28, without the sampled launch.
 # Each benchmark runs in its own process under a time limit, so one failure (say, out of memory) still leaves the
@@ -53,7 +55,8 @@ run train_1p3b 210 bench/train_step.py --configs echo_1p3b --batch_size 16 --ste
 run sampler_1p3b 140 bench/sampler.py --config echo_1p3b --frames 750 --steps 32 --modes independent --repeats 3
 run sampler_fish 140 bench/sampler.py --config echo_base_fish --frames 640 --frame_rate 21.53 --steps 32 \
   --modes independent --repeats 3
-run restart_1p3b 480 bench/restart.py --config echo_1p3b --set train.batch_size=16 --profile
+run restart_1p3b 480 bench/restart.py --config echo_1p3b --set train.batch_size=16 --no_new_run --warm_repeats 2 \
+  --restore_after_compile_too --profile
 run restore_1p3b 300 bench/restore.py --config echo_1p3b --restore_gb 0,8,4,2 --repeats 2
 for file in $results; do
   [[ -f $file ]] && cp "$file" "$out/"

@@ -6,6 +6,8 @@ training and held-out shards it launches the real entry script as
   2. a restart of that run, resuming that checkpoint, with the cache the first launch filled (warm);
   3. a restart of a copy of that run, resuming the same checkpoint, with another cache, empty (cold);
   4. a new run of the same config into another directory, warm cache (skipped with --no_new_run);
+  with --warm_repeats N, launch 2 N times (the same checkpoint: a warm restart is killed after its first step), and
+  with --restore_after_compile_too, N more with train.restore_beside_compile=False (the restore waits for the load);
   5. with --profile, launch 2 again (same checkpoint, same cache) under bench/stack_sampler.py, and prints where its
      seconds went: each thread's timeline (imports, restore, the executable's load...). Not in the ratios.
 A new run evaluates the held-out set before its first step and a restart does not, so a restart is compared only
@@ -15,6 +17,7 @@ step's start (the training loop begins: compiled or loaded, state restored, data
 first step's compute is the same work in every launch, so the second ratio is the higher one.
 
   .venv/bin/python bench/restart.py [--config demo] [--set train.batch_size=16 ...] [--no_new_run] [--profile]
+      [--warm_repeats N] [--restore_after_compile_too]
 
 On a GPU (the machine's JAX with CUDA), e.g.: python bench/restart.py --config echo_1p3b --set train.batch_size=16
 """
@@ -131,6 +134,9 @@ def main() -> None:
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="config override passed to every launch, e.g. train.batch_size=16 (repeatable)")
   parser.add_argument("--no_new_run", action="store_true", help="skip the new run with the warm cache")
+  parser.add_argument("--warm_repeats", type=int, default=1, help="warm restarts to time (each on the same checkpoint)")
+  parser.add_argument("--restore_after_compile_too", action="store_true",
+                      help="also time as many warm restarts whose restore waits for the load")
   parser.add_argument("--profile", action="store_true",
                       help="relaunch the warm restart under bench/stack_sampler.py and print where its seconds went")
   args = parser.parse_args()
@@ -148,10 +154,10 @@ def main() -> None:
     shards = tuple(write_shards(root, config.model.latent_dim, config.data.max_frames, prefix)
                    for prefix in ("train", "eval"))
 
-    def timed(name: str, workdir: str, cache: str, resumed_later: bool = False,
-              profile: str | None = None) -> dict[str, Any]:
-      row = launch(config_path, shards, os.path.join(root, workdir), os.path.join(root, cache), args.set,
-                   resumed_later=resumed_later, profile=profile)
+    def timed(name: str, workdir: str, cache: str, resumed_later: bool = False, profile: str | None = None,
+              overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+      row = launch(config_path, shards, os.path.join(root, workdir), os.path.join(root, cache),
+                   [*args.set, *overrides], resumed_later=resumed_later, profile=profile)
       rows.append({"launch": name, **row})
       print(f"{name}: {row['start_event_s']:.2f} s to the start event, {row['first_step_starts_s']:.2f} s to the "
             f"first step's start, {row['first_step_done_s']:.2f} s to its end", flush=True)
@@ -160,9 +166,18 @@ def main() -> None:
     cold_new = timed("new run, cold cache", "run", "cache", resumed_later=True)
     # The checkpoint the SIGTERM saved, for the cold restart: the warm restart below saves its own later ones.
     shutil.copytree(os.path.join(root, "run"), os.path.join(root, "run_copy"))
-    warm_restart = timed("restart, warm cache", "run", "cache")
+    warm_restarts = {}  # launch name -> its row
+
+    def warm_restart(name: str, overrides: tuple[str, ...] = ()) -> None:
+      for repeat in range(args.warm_repeats):
+        full_name = f"{name} ({repeat + 1})" if repeat else name
+        warm_restarts[full_name] = timed(full_name, "run", "cache", overrides=overrides)
+
+    warm_restart("restart, warm cache")
     cold_restart = timed("restart, cold cache", "run_copy", "empty_cache")
     warm_new = None if args.no_new_run else timed("new run, warm cache", "new", "cache")
+    if args.restore_after_compile_too:
+      warm_restart("restart, warm cache, restore after the load", ("train.restore_beside_compile=False",))
     if args.profile:
       profile = os.path.join(root, "warm_restart.json.gz")
       timed("restart, warm cache, sampled", "run", "cache", profile=profile)
@@ -172,7 +187,8 @@ def main() -> None:
     return None if warm is None else {
         name: round(warm[f"{name}_s"] / cold[f"{name}_s"], 3) for name in ("first_step_starts", "first_step_done")}
 
-  restart, new_run = ratios(warm_restart, cold_restart), ratios(warm_new, cold_new)
+  restart = {name: ratios(row, cold_restart) for name, row in warm_restarts.items()}
+  new_run = ratios(warm_new, cold_new)
   record = {"config": args.config, "overrides": args.set,
             "launches": {row["launch"]: {key: value for key, value in row.items() if key != "launch"} for row in rows},
             "restart_warm_over_cold": restart, "new_run_warm_over_cold": new_run, "target": 0.2,
@@ -184,7 +200,7 @@ def main() -> None:
                                    ("first_step", "first step", "d"),
                                    ("first_step_starts_s", "launch -> first step starts (s)", ".2f"),
                                    ("first_step_done_s", "launch -> first step done (s)", ".2f")]))
-  for name, rate in (("restart", restart), ("new run", new_run)):
+  for name, rate in (*restart.items(), ("new run", new_run)):
     if rate is not None:
       print(f"{name}: warm / cold = {rate['first_step_starts']:.1%} to the first step's start, "
             f"{rate['first_step_done']:.1%} to its end (target <= 20%)")

@@ -66,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
   # GB a restore holds read but not yet on the devices (raised to fit the largest array; 0 = Orbax's 96 GB). Alone on
   # an H200, echo_1p3b's 15.6 GB restored in 4.7-5.0 s with 4-8 and in 6.7-7.3 s unbounded (BENCHMARKS.md, Restart).
   config.train.ckpt_restore_gb = 8.0  # a float, so that a fraction can be given too
+  # A restart restores its checkpoint while the train step compiles or loads (False: after it). On one H200 each slowed
+  # the other down (BENCHMARKS.md, Restart); on a pod the restore reads gs:// meanwhile.
+  config.train.restore_beside_compile = True
   config.train.max_nonfinite = 5  # consecutive non-finite steps before the run stops
   config.train.cpu_peak_flops = 0.0  # per-device peak for MFU on CPU; 0 = measure a matmul at start
 

@@ -228,7 +228,7 @@ def test_resume_after_sigkill_is_exact(tmp_path, monkeypatch):
     np.testing.assert_array_equal(a, b)
 
 
-def test_restart_restores_the_state_while_the_train_step_compiles(tmp_path, monkeypatch):
+def test_restart_restores_the_state_while_the_train_step_compiles_or_after_it(tmp_path, monkeypatch):
   config = load_config("tiny")
   config.data.train_shards = write_synthetic_shards(tmp_path / "shards", num_shards=2, per_shard=5)
   config.train.update(steps=4, ckpt_every=2, log_every=1)
@@ -247,12 +247,36 @@ def test_restart_restores_the_state_while_the_train_step_compiles(tmp_path, monk
     both_running.wait()
     return compile_steps(cls, *args, **kwargs)
 
+  shutil.copytree(tmp_path / "run", tmp_path / "run_copy")
   monkeypatch.setattr(checkpoint.Checkpointer, "restore", restore_once_compiling)
   monkeypatch.setattr(StepFunctions, "compile", classmethod(compile_once_restoring))
   config.train.steps = 6
   Trainer(config, str(tmp_path / "run")).run()
   assert sorted(losses_by_step(tmp_path / "run")) == [1, 2, 3, 4, 5, 6]
   assert any(e["event"] == "checkpoint_restored" and e["step"] == 4 for e in events(tmp_path / "run"))
+
+  # train.restore_beside_compile=False: the restore begins once the compile (or load) has ended, and the run goes on
+  # as the overlapped one did.
+  order = []
+
+  def restore_recorded(self, *args, **kwargs):
+    order.append("restore begins")
+    return restore(self, *args, **kwargs)
+
+  def compile_recorded(cls, *args, **kwargs):
+    order.append("compile begins")
+    try:
+      return compile_steps(cls, *args, **kwargs)
+    finally:
+      order.append("compile ends")
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "restore", restore_recorded)
+  monkeypatch.setattr(StepFunctions, "compile", classmethod(compile_recorded))
+  config.train.restore_beside_compile = False
+  Trainer(config, str(tmp_path / "run_copy")).run()
+  assert order == ["compile begins", "compile ends", "restore begins"]
+  overlapped, after = losses_by_step(tmp_path / "run"), losses_by_step(tmp_path / "run_copy")
+  assert [after[step] for step in (5, 6)] == [overlapped[step] for step in (5, 6)]
 
 
 def test_sigkill_during_async_save_resumes_from_previous_checkpoint(tmp_path):

@@ -345,10 +345,17 @@ class Trainer:
       # While the train step compiles (or loads), threads restore (or initialise) the state and open the training data
       # at the restored position: a launch waits for the longer of the two, not for their sum (on a pod the first
       # shards' downloads, the restore and the compile take seconds to minutes each). The threads do the same work on
-      # every process and none of it talks to other processes.
+      # every process and none of it talks to other processes. With train.restore_beside_compile off, a restore (and
+      # so the data, which opens at its position) waits for the compile or load instead.
       with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="initial_state") as background:
-        initial = background.submit(self._initial_state, abstract_state, ckpt, resume_step, train_shards)
-        opened = background.submit(lambda: self._pipeline("train", train_shards, config.seed, initial.result()[1]))
+
+        def start_initial() -> tuple[concurrent.futures.Future, concurrent.futures.Future]:
+          initial = background.submit(self._initial_state, abstract_state, ckpt, resume_step, train_shards)
+          return initial, background.submit(
+              lambda: self._pipeline("train", train_shards, config.seed, initial.result()[1]))
+
+        beside = train.restore_beside_compile or resume_step is None
+        initial, opened = start_initial() if beside else (None, None)
         try:
           compile_start = time.time()
           # Loaded instead when an earlier launch compiled it; the load leaves the GIL to the threads.
@@ -357,10 +364,13 @@ class Trainer:
           compile_seconds = time.time() - compile_start
           # Before any step, so that an OOM costs no training; a refusal still waits for the threads to finish.
           aot.check_memory(steps.train, jax.local_devices(), force=self.force)
+          if not beside:
+            initial, opened = start_initial()
           state, _, meta = initial.result()
           start_step = int(jax.device_get(state.step))
         except BaseException:
-          opened.add_done_callback(_close_pipeline)  # its reader threads would outlive the failed launch
+          if opened is not None:
+            opened.add_done_callback(_close_pipeline)  # its reader threads would outlive the failed launch
           raise
         pipeline = opened.result()
     except BaseException:
