@@ -88,6 +88,32 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+# The fields that no compiled step reads: the host's data, checkpoint, logging and sampling settings. A relaunch that
+# changes only these (more steps between checkpoints, new shards) still loads its cached steps (executable_cache.py).
+# tests/test_executable_cache.py lowers the steps with every one of them changed, and they must stay the same.
+HOST_ONLY_FIELDS = (
+    "codec", "codec_weights", "compile_cache_dir",
+    "data.cache_dir", "data.download_retries", "data.eval_shards", "data.pad_latent", "data.prefetch",
+    "data.shard_prefetch", "data.stall_timeout", "data.streams", "data.train_shards",
+    "samples",
+    "train.ckpt_compression", "train.ckpt_every", "train.ckpt_restore_gb", "train.cpu_peak_flops",
+    "train.eval_batches", "train.eval_every", "train.keep_checkpoints", "train.keep_period", "train.log_every",
+    "train.max_nonfinite", "train.restore_beside_compile",
+)
+
+
+def program_fields(config: ml_collections.ConfigDict) -> dict:
+  """`config` as a dict without its HOST_ONLY_FIELDS: what the compiled steps are made from."""
+  fields = config.to_dict()
+  for name in HOST_ONLY_FIELDS:
+    *parents, leaf = name.split(".")
+    section = fields
+    for parent in parents:
+      section = section.get(parent, {})
+    section.pop(leaf, None)
+  return fields
+
+
 def model_config(config: ml_collections.ConfigDict) -> EchoConfig:
   return EchoConfig(**config.model.to_dict())
 

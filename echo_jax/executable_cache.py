@@ -3,7 +3,8 @@
 JAX's persistent compilation cache (`runtime.enable_compilation_cache`) skips XLA's compile, but it is keyed by the
 lowered program: every launch still traces and lowers the step first (about 1.5 s on a CPU host, for the demo and for
 echo_1p3b alike, since the layers are scanned), and on a warm restart that is most of what is left. This cache is
-keyed by what the program is made from instead: the echo_jax source, the whole config, the step's name and input
+keyed by what the program is made from instead: the echo_jax source, the config (but for the fields no step reads,
+`config.HOST_ONLY_FIELDS`: a relaunch with other shards or checkpoint cadence still loads), the step's name and input
 shapes, the mesh and every device, JAX's settings and the versions of JAX, XLA, libtpu and the other libraries that
 shape the program. A launch that finds its key loads the executable (`jax.experimental.serialize_executable`, as
 MaxText's AOT training does) in place of trace + lower + compile; anything else compiles and stores (except a step
@@ -33,6 +34,8 @@ import ml_collections
 from absl import logging
 from etils import epath
 from jax.experimental import serialize_executable
+
+from echo_jax.config import program_fields
 
 SUBDIRECTORY = "echo_executables"
 # Distributions whose version can change a compiled program: JAX, its TPU and GPU back ends, and what traces the
@@ -87,7 +90,7 @@ def program_key(name: str, config: ml_collections.ConfigDict, mesh: jax.sharding
   description = {
       "step": name,
       "source": _source_digest(),
-      "config": json.loads(config.to_json_best_effort(sort_keys=True)),
+      "config": json.loads(json.dumps(program_fields(config), sort_keys=True, default=repr)),
       "inputs": str(jax.tree.map(lambda s: (s.shape, str(s.dtype), str(getattr(s, "sharding", None))), inputs)),
       "mesh": [list(mesh.axis_names), mesh.device_ids.tolist()],
       "devices": devices,
@@ -176,6 +179,7 @@ def store(key: str, compiled: jax.stages.Compiled, inputs: Any) -> None:
 def _compile(lower: Callable[[], jax.stages.Lowered]) -> tuple[jax.stages.Compiled, bool]:
   """(`lower().compile()`, whether XLA compiled it here: False when JAX's persistent cache answered)."""
   thread, answered = threading.get_ident(), []
+  lowered = lower()  # outside the listening: lowering may run small programs of its own (a key from the seed)
 
   def listen(event: str, **_: Any) -> None:
     if event == "/jax/compilation_cache/cache_hits" and threading.get_ident() == thread:
@@ -183,7 +187,7 @@ def _compile(lower: Callable[[], jax.stages.Lowered]) -> tuple[jax.stages.Compil
 
   jax.monitoring.register_event_listener(listen)
   try:
-    compiled = lower().compile()
+    compiled = lowered.compile()
   finally:
     jax.monitoring.unregister_event_listener(listen)
   return compiled, not answered

@@ -1,6 +1,7 @@
 """The compiled-step cache (echo_jax.executable_cache): a relaunch loads its steps instead of tracing them and computes
 the same (a resumed run too); anything that changes the program, or a damaged file, makes it compile again."""
 
+import functools
 import json
 import logging
 import os
@@ -12,12 +13,17 @@ import textwrap
 import fake_gcs
 import jax
 import jax.numpy as jnp
+import ml_collections
 import pytest
 from conftest import REPO, cpu_env, load_config, write_synthetic_shards
 from etils import epath
 from test_train import eval_losses_by_step, losses_by_step
 
 from echo_jax import executable_cache, sharding
+from echo_jax.config import HOST_ONLY_FIELDS, model_config
+from echo_jax.model import Echo
+from echo_jax.train import step
+from echo_jax.train.state import example_inputs
 
 # The start of each script below: `traced` records which step functions get traced, and when the checkpoints'
 # checksum program is.
@@ -211,6 +217,44 @@ def test_the_key_follows_the_step_the_config_and_the_inputs(cache_dir):
   assert key != executable_cache.program_key("train", config, mesh, jax.ShapeDtypeStruct((4, 9), jnp.float32))
   config.model.remat = "full" if config.model.remat != "full" else "none"
   assert key != executable_cache.program_key("train", config, mesh, inputs)
+
+
+def changed(value):
+  """Another value of `value`'s type."""
+  if isinstance(value, bool):
+    return not value
+  if isinstance(value, (int, float)):
+    return value * 2 + 1
+  return f"{value}_other"
+
+
+def test_the_fields_no_step_reads_leave_the_steps_and_their_key_unchanged(cache_dir):
+  """A relaunch that changes only HOST_ONLY_FIELDS (other shards, checkpoint cadence) loads the steps that the launch
+  before it stored. Safe only while no step reads them: the steps lowered with every one of them changed must be the
+  same programs (a field that a step comes to read fails here, and must leave the list)."""
+  config = load_config("tiny")
+  other = load_config("tiny")
+  for name in HOST_ONLY_FIELDS:
+    *parents, leaf = name.split(".")
+    section = functools.reduce(getattr, parents, other)
+    if isinstance(section[leaf], ml_collections.ConfigDict):
+      section[leaf].update({field: changed(value) for field, value in section[leaf].items()})
+    else:
+      section[leaf] = changed(section[leaf])
+  assert other != config
+  mesh = sharding.make_mesh(config.mesh.to_dict(), jax.devices()[:1])
+  model = Echo(model_config(config))
+  state = step.sharded_abstract_state(model, config, mesh)
+  shapes = example_inputs(config, config.train.batch_size)
+  for lower in (functools.partial(step.lower_train_step, model), lambda c, *args: step.lower_eval_step(model, *args)):
+    assert lower(other, mesh, state, shapes).as_text() == lower(config, mesh, state, shapes).as_text()
+  assert executable_cache.program_key("train", other, mesh, shapes) == executable_cache.program_key(
+      "train", config, mesh, shapes)
+  config.train.lr *= 2  # a field a step reads: another program, another key
+  assert step.lower_train_step(model, config, mesh, state, shapes).as_text() != step.lower_train_step(
+      model, other, mesh, state, shapes).as_text()
+  assert executable_cache.program_key("train", other, mesh, shapes) != executable_cache.program_key(
+      "train", config, mesh, shapes)
 
 
 def test_the_cache_is_off_without_the_compilation_cache(tmp_path):

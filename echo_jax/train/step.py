@@ -81,6 +81,36 @@ def sharded_abstract_state(model: Echo, config: ml_collections.ConfigDict, mesh:
                       shardings)
 
 
+def _batch_shardings(mesh: Mesh, batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.sharding.Sharding]:
+  return {name: sharding.batch_sharding(mesh, len(s.shape)) for name, s in batch_shapes.items()}
+
+
+def lower_train_step(model: Echo, config: ml_collections.ConfigDict, mesh: Mesh, abstract_state: TrainState,
+                     batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> jax.stages.Lowered:
+  """The train step lowered for `abstract_state` (`sharded_abstract_state`) and the batch `batch_shapes` on `mesh`
+  (traced under `sharding.activate`); its state argument is donated."""
+  state_shardings = sharding.shardings_of(abstract_state)
+  base_key = jax.random.key(config.seed)  # made outside the mesh, which may be a TPU topology's (aot.py)
+  with sharding.activate(mesh):
+    return jax.jit(
+        functools.partial(train_step, model=model, config=config, base_key=base_key),
+        in_shardings=(state_shardings, _batch_shardings(mesh, batch_shapes)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0,
+    ).lower(abstract_state, batch_shapes)
+
+
+def lower_eval_step(model: Echo, mesh: Mesh, abstract_state: TrainState,
+                    batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> jax.stages.Lowered:
+  """The eval step lowered as `lower_train_step` is (params, batch, key)."""
+  replicated = sharding.replicated(mesh)
+  with sharding.activate(mesh):
+    return jax.jit(
+        functools.partial(eval_step, model=model),
+        in_shardings=(sharding.shardings_of(abstract_state).params, _batch_shardings(mesh, batch_shapes), replicated),
+        out_shardings=replicated,
+    ).lower(abstract_state.params, batch_shapes, jax.eval_shape(lambda: jax.random.key(0)))
+
+
 def _program_key(name: str, config: ml_collections.ConfigDict, mesh: Mesh,
                  batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> str | None:
   """The step's `executable_cache` key. The state's shapes and shardings are not in it: the source, the config and the
@@ -112,27 +142,10 @@ class StepFunctions:
     loaded instead, untraced."""
     if abstract_state is None:
       abstract_state = sharded_abstract_state(model, config, mesh)
-    state_shardings = sharding.shardings_of(abstract_state)
-    batch_shardings = {name: sharding.batch_sharding(mesh, len(s.shape)) for name, s in batch_shapes.items()}
-    base_key = jax.random.key(config.seed)
-    replicated = sharding.replicated(mesh)
-
-    def lower_eval() -> jax.stages.Lowered:
-      return jax.jit(
-          functools.partial(eval_step, model=model),
-          in_shardings=(state_shardings.params, batch_shardings, replicated), out_shardings=replicated,
-      ).lower(abstract_state.params, batch_shapes, jax.eval_shape(lambda: jax.random.key(0)))
-
-    def lower_train() -> jax.stages.Lowered:
-      return jax.jit(
-          functools.partial(train_step, model=model, config=config, base_key=base_key),
-          in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, replicated),
-          donate_argnums=0,
-      ).lower(abstract_state, batch_shapes)
-
-    with sharding.activate(mesh):
-      train = executable_cache.compile_cached(_program_key("train", config, mesh, batch_shapes), lower_train, mesh,
-                                              (abstract_state, batch_shapes))
+    lower_eval = functools.partial(lower_eval_step, model, mesh, abstract_state, batch_shapes)
+    lower_train = functools.partial(lower_train_step, model, config, mesh, abstract_state, batch_shapes)
+    train = executable_cache.compile_cached(_program_key("train", config, mesh, batch_shapes), lower_train, mesh,
+                                            (abstract_state, batch_shapes))
     cost = train.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     steps = cls(train=train, abstract_state=abstract_state, mesh=mesh,
@@ -156,10 +169,9 @@ class StepFunctions:
     return sharding.shardings_of(self.abstract_state)
 
   def compile_eval(self) -> Any:
-    """Compiles the eval step (callable from a background thread: the mesh and rules it sets are thread-local)."""
-    with sharding.activate(self.mesh):
-      self.eval = executable_cache.compile_cached(self.eval_key, self.lower_eval, self.mesh,
-                                                  self.abstract_state.params)
+    """Compiles the eval step (callable from a background thread: the mesh and rules it traces under are
+    thread-local)."""
+    self.eval = executable_cache.compile_cached(self.eval_key, self.lower_eval, self.mesh, self.abstract_state.params)
     return self.eval
 
   def compile_eval_in_background(self) -> None:
