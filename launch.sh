@@ -45,8 +45,6 @@ readonly GCLOUD_TIMEOUT_S=${ECHO_GCLOUD_TIMEOUT_S:-300}
 readonly WORKER_VENV=echo_jax_venv
 readonly VENV_READY=.echo_jax_requirements
 readonly SETUP_TIMEOUT_S=${ECHO_SETUP_TIMEOUT_S:-1800}
-# The file in each worker's copy of the code that holds the id of the launch that copied it (see check_copy).
-readonly COPY_ID_FILE=.echo_jax_copy
 readonly IMPORTS_CHECK="import echo_jax.train.entry, echo_jax.dashboard, echo_jax.synthesis, echo_jax.codecs.mel, \
 gcsfs, huggingface_hub.cli.hf"
 # This checkout (on a worker: its copy of the code).
@@ -68,7 +66,7 @@ die() {
 # matched, and its bracket keeps it from matching the shell that runs pkill. DIR's regex characters are escaped.
 trainer_pattern() {
   # shellcheck disable=SC2001  # in ${1//…/…} the matched text (&) needs bash 5.2's patsub_replacement
-  printf '[/]%s%s' "$(sed 's/[][\\^$*+?(){}|]/\\&/g' <<< "$1")" "$STALE_PATTERN_SUFFIX"
+  printf '[/]%s%s' "$(sed 's/[][\\^$*+?(){}|.]/\\&/g' <<< "$1")" "$STALE_PATTERN_SUFFIX"
 }
 
 # stop_trainers PATTERN GRACE: SIGTERM to the trainers whose command line matches PATTERN, up to GRACE seconds to
@@ -83,14 +81,21 @@ stop_trainers() {
   pkill -KILL -f "$1" || true
 }
 
-# On a TPU worker: exits unless this code is the copy that launch.sh made for launch ID. gcloud's `--worker=all` calls
-# (the stop, the removal of the old code, the copy) need not report a worker they failed on: older gcloud releases
-# exit 0 whatever happened there. A worker whose old code was not removed gets the new copy inside it, and would run
-# the old one. This worker's own session, whose exit status gcloud does report, checks it.
+# tree_digest DIR: the digest of the files under DIR (names and contents; Python's bytecode caches left out).
+tree_digest() {
+  (cd "$1" && find -L . -type f ! -name '*.pyc' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum |
+    cut -d' ' -f1)
+}
+
+# On a TPU worker: exits unless this code is the code launch.sh copied (DIGEST, its tree_digest). gcloud's
+# `--worker=all` calls (the stop, the removal of the old code, the copy) need not report a worker they failed on:
+# older gcloud releases exit 0 whatever happened there. A worker whose old code was not removed gets the new copy
+# inside it, and would run the old one; a copy cut short would run half the new code. This worker's own session, whose
+# exit status gcloud does report, checks it.
 check_copy() {
-  [[ $(cat "$HERE/$COPY_ID_FILE" 2>/dev/null) == "$1" ]] && return 0
-  echo "launch.sh: $(hostname): $HERE is not the copy of the code made for this launch (removing the old copy or" \
-    "copying the new one failed on this worker); launch again, and if that fails the same way, remove it there" \
+  [[ $(tree_digest "$HERE") == "$1" ]] && return 0
+  echo "launch.sh: $(hostname): $HERE is not the code copied for this launch (removing the old copy, or copying" \
+    "the new one, failed on this worker); launch again, and if that fails the same way, remove it there" \
     "(gcloud compute tpus tpu-vm ssh NAME --worker=I --command='rm -rf $HERE')" >&2
   exit 1
 }
@@ -130,15 +135,15 @@ worker_files() {
   status="$HOME/echo_jax_logs/worker_$1.status"
 }
 
-# Runs on a TPU worker (launch.sh calls itself there, for launch $2): the trainer detached, its log followed until it
-# exits.
+# Runs on a TPU worker (launch.sh calls itself there, with the copied code's tree_digest as $2): the trainer detached,
+# its log followed until it exits.
 worker_run() {
   local worker=$1 copy_id=$2
   shift 2
-  check_copy "$copy_id"
   # A trainer of an earlier launch that the stop on all workers did not reach (see check_copy) would hold the TPU or
-  # write the workdir beside the new one. Stopped before this launch's status file is cleared: the shell that waited
-  # for it writes its exit status there just after it ends.
+  # write the workdir beside the new one, also when this launch then fails the check of its code. Stopped before this
+  # launch's status file is cleared: the shell that waited for it writes its exit status there just after it ends.
+  # The other workers' trainers wait meanwhile to join (JAX's initialisation allows 300 s).
   local pattern
   pattern=$(trainer_pattern "${HERE#/}")
   if pgrep -f "$pattern" > /dev/null; then
@@ -147,6 +152,7 @@ worker_run() {
     stop_trainers "$pattern" "$STOP_GRACE_S"
     sleep 1
   fi
+  check_copy "$copy_id"
   local log status
   worker_files "$worker"
   mkdir -p "$(dirname "$log")"
@@ -171,8 +177,8 @@ worker_run() {
   exit "$(cat "$status")"
 }
 
-# Runs on a TPU worker (launch.sh --setup calls itself there, for launch $2): makes ~/WORKER_VENV from Python $1 with
-# the pinned requirements and the TPU build of the pinned JAX.
+# Runs on a TPU worker (launch.sh --setup calls itself there, with the copied code's tree_digest as $2): makes
+# ~/WORKER_VENV from Python $1 with the pinned requirements and the TPU build of the pinned JAX.
 worker_setup() {
   local python=$1 venv=$HOME/$WORKER_VENV jax_version
   check_copy "$2"
@@ -350,11 +356,12 @@ workdir_of() {
 # worker_session WORKER REMOTE_ARGS [SECONDS]: starts the ssh session that runs `launch.sh REMOTE_ARGS` on the
 # worker, in the background, its output appended to LOGS[WORKER] here, killed after SECONDS (default: no limit); its
 # pid becomes PIDS[WORKER]. Keepalives: a worker that stops answering ends the session (exit 255) instead of leaving
-# the launch waiting on it forever.
+# the launch waiting on it forever. The worker gets this launch's ECHO_STOP_GRACE_S (ssh passes no environment).
 worker_session() {
   local worker=$1 remote_args=$2 seconds=${3:-0}
-  gcloud_tpu "$seconds" ssh "$TPU" --worker="$worker" --ssh-flag=-oServerAliveInterval=15 --ssh-flag=-oServerAliveCountMax=8 \
-    --command="bash ~/$REMOTE_DIR/launch.sh $remote_args" >> "${LOGS[$worker]}" 2>&1 &
+  gcloud_tpu "$seconds" ssh "$TPU" --worker="$worker" --ssh-flag=-oServerAliveInterval=15 \
+    --ssh-flag=-oServerAliveCountMax=8 \
+    --command="ECHO_STOP_GRACE_S=$STOP_GRACE_S bash ~/$REMOTE_DIR/launch.sh $remote_args" >> "${LOGS[$worker]}" 2>&1 &
   PIDS[worker]=$!
 }
 
@@ -389,8 +396,8 @@ pod_workers() {
   echo "${#addresses[@]}"
 }
 
-# copy_code: stops the workers' trainers, then replaces their copy of the code with this checkout's, marked with a new
-# COPY_ID (see check_copy).
+# copy_code: stops the workers' trainers, then replaces their copy of the code with this checkout's, whose tree_digest
+# becomes COPY_ID (see check_copy).
 copy_code() {
   stop_remote_trainers "$STOP_GRACE_S"
   gcloud_tpu "$GCLOUD_TIMEOUT_S" ssh "$TPU" --worker=all --command="rm -rf ~/$REMOTE_DIR"
@@ -403,8 +410,7 @@ copy_code() {
     [[ -e $HERE/$item ]] && cp -r "$HERE/$item" "$stage/$REMOTE_DIR/"
   done
   find "$stage" -name __pycache__ -type d -prune -exec rm -rf {} +
-  COPY_ID="$(date +%s%N)-$$-$RANDOM"
-  echo "$COPY_ID" > "$stage/$REMOTE_DIR/$COPY_ID_FILE"
+  COPY_ID=$(tree_digest "$stage/$REMOTE_DIR")
   gcloud_tpu "$GCLOUD_TIMEOUT_S" scp --recurse "$stage/$REMOTE_DIR" "$TPU:$REMOTE_DIR" --worker=all
   rm -rf "$stage"
 }
@@ -492,6 +498,8 @@ main() {
     esac
   done
   [[ -n $mode ]] || usage
+  [[ $STOP_GRACE_S =~ ^[0-9]+$ && $FAILED_STOP_GRACE_S =~ ^[0-9]+$ ]] ||
+    die "ECHO_STOP_GRACE_S and ECHO_FAILED_STOP_GRACE_S must be whole numbers of seconds"
   if [[ $mode == tpu ]]; then
     [[ -n $ZONE ]] || die "--tpu needs --zone"
     [[ $REMOTE_DIR =~ ^[A-Za-z0-9_.-]+$ ]] || die "--remote_dir must be a plain directory name under ~"

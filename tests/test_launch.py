@@ -59,14 +59,19 @@ FAKE_GCLOUD = textwrap.dedent("""\
       # FAKE_DROP_WORKER: that worker's first trainer session drops (ssh exit 255) while its command runs on.
       if [[ $command == *--worker-run* && $w == "${FAKE_DROP_WORKER:-}" && ! -f $FAKE_ROOT/dropped ]]; then
         touch "$FAKE_ROOT/dropped"
-        (cd "$home" && HOME="$home" FAKE_WORKER=$w setsid bash -c "$command" > /dev/null 2>&1 &)
+        (cd "$home" && HOME="$home" FAKE_WORKER=$w env -u ECHO_STOP_GRACE_S -u ECHO_FAILED_STOP_GRACE_S \
+          setsid bash -c "$command" > /dev/null 2>&1 &)
         sleep 1
         exit 255
       fi
       if [[ $verb == scp ]]; then
         cp -r "$source" "$home/$destination"
+        # FAKE_CUT_COPY: the copy to worker 1 ends early (a file is missing), and gcloud says nothing.
+        [[ -n ${FAKE_CUT_COPY:-} && $w == 1 ]] && rm "$home/$destination/echo_jax/runtime.py"
       else
-        (cd "$home" && HOME="$home" FAKE_WORKER=$w bash -c "$command") || status=$?
+        # As over ssh, the worker's command does not see launch.sh's own settings.
+        (cd "$home" && HOME="$home" FAKE_WORKER=$w env -u ECHO_STOP_GRACE_S -u ECHO_FAILED_STOP_GRACE_S \
+          bash -c "$command") || status=$?
       fi
     done
     exit $status
@@ -278,18 +283,25 @@ def test_a_gcloud_call_that_hangs_fails_the_launch(fake_pod):
   assert "could not describe TPU pod in us-central2-b: gcloud failed or took over 1 s" in result.stderr
 
 
-def test_a_relaunch_kills_a_stale_trainer_that_ignores_sigterm(fake_pod):
-  """A trainer that does not stop (stuck in a collective) must not run on beside the new launch."""
-  tmp_path, env = fake_pod
+def stale_trainers(tmp_path, env):
+  """Launches trainers that ignore SIGTERM (stuck in a collective), for 60 s, then kills the launch (the launching
+  machine went away; the detached trainers run on); returns their pids. Later launches stop them within 1 s."""
   env.update(FAKE_SECONDS="60", FAKE_IGNORE_TERM="1", ECHO_STOP_GRACE_S="1")
   first = subprocess.Popen(
       ["bash", LAUNCH, "--tpu", "pod", "--zone", "z", "--logdir", str(tmp_path / "logs"), "--", *TRAIN_ARGS],
       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
   wait_for(lambda: all((tmp_path / f"worker_{w}" / "trainer_pid").exists() for w in (0, 1)))
   stale = [int((tmp_path / f"worker_{w}" / "trainer_pid").read_text()) for w in (0, 1)]
-  first.kill()  # the launching machine went away; the detached trainers run on
+  first.kill()
   first.wait()
   assert all(pid_alive(pid) for pid in stale)
+  return stale
+
+
+def test_a_relaunch_kills_a_stale_trainer_that_ignores_sigterm(fake_pod):
+  """A trainer that does not stop (stuck in a collective) must not run on beside the new launch."""
+  tmp_path, env = fake_pod
+  stale = stale_trainers(tmp_path, env)
   env.update(FAKE_SECONDS="0")
   result = launch_tpu(tmp_path, env, timeout=60)
   assert result.returncode == 0, result.stdout + result.stderr
@@ -301,14 +313,7 @@ def test_a_stale_trainer_the_stop_on_all_workers_missed_is_stopped_by_its_worker
   did not reach must not run on beside the new one. Each worker's own session stops the one running from its code
   directory (and only that one: here both workers are on this machine)."""
   tmp_path, env = fake_pod
-  env.update(FAKE_SECONDS="60", FAKE_IGNORE_TERM="1", ECHO_STOP_GRACE_S="1")
-  first = subprocess.Popen(
-      ["bash", LAUNCH, "--tpu", "pod", "--zone", "z", "--logdir", str(tmp_path / "logs"), "--", *TRAIN_ARGS],
-      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-  wait_for(lambda: all((tmp_path / f"worker_{w}" / "trainer_pid").exists() for w in (0, 1)))
-  stale = [int((tmp_path / f"worker_{w}" / "trainer_pid").read_text()) for w in (0, 1)]
-  first.kill()
-  first.wait()
+  stale = stale_trainers(tmp_path, env)
   env.update(FAKE_SECONDS="3", FAKE_SKIP_STOP="1")
   result = launch_tpu(tmp_path, env, timeout=60)
   assert result.returncode == 0, result.stdout + result.stderr
@@ -318,20 +323,22 @@ def test_a_stale_trainer_the_stop_on_all_workers_missed_is_stopped_by_its_worker
     assert "a trainer of an earlier launch still runs here" in log and "trained" in log, log
 
 
-def test_a_worker_left_with_its_old_code_fails_the_launch(fake_pod):
-  """When the old code was not removed from a worker (and gcloud said nothing), the new copy lands inside it and the
-  worker would run the old code: the launch and the set-up fail on that worker, saying what to do."""
+@pytest.mark.parametrize("fault", ["FAKE_SKIP_RM", "FAKE_CUT_COPY"])
+def test_a_worker_without_this_launchs_code_fails_the_launch(fake_pod, fault):
+  """When the old code was not removed from a worker, the new copy lands inside it and the worker would run the old
+  code; when the copy was cut short, half the new code. gcloud said nothing either way: the launch and the set-up
+  fail on that worker, saying what to do."""
   tmp_path, env = fake_pod
   assert launch_tpu(tmp_path, env).returncode == 0
-  env.update(FAKE_SKIP_RM="1")
+  env[fault] = "1"
   result = launch_tpu(tmp_path, env)
   assert result.returncode == 1, result.stdout + result.stderr
-  assert "echo_jax_code is not the copy of the code made for this launch" in result.stderr, result.stderr
+  assert "echo_jax_code is not the code copied for this launch" in result.stderr, result.stderr
   assert "rm -rf" in result.stderr
   write_executable(tmp_path / "bin" / "python3.11", FAKE_PYTHON_3_11)
   setup = subprocess.run(setup_command(tmp_path), env=env, capture_output=True, text=True, timeout=120)
-  assert setup.returncode != 0 and "is not the copy of the code made for this launch" in setup.stderr
-  assert not (tmp_path / "worker_0" / "echo_jax_venv").exists()
+  assert setup.returncode != 0 and "is not the code copied for this launch" in setup.stderr
+  assert not (tmp_path / "worker_1" / "echo_jax_venv").exists()
 
 
 def pid_alive(pid):
