@@ -16,7 +16,8 @@
 # bench/stack_sampler.py, whose timeline it prints; ~4.5 min on an H200 with one warm restart and a warm new run in
 # place of the other three, so about 5 min now, an estimate) and restore_1p3b
 # (bench/restore.py: that state restored alone under train.ckpt_restore_gb 0, 8, 4 and 2, twice each, each in a fresh
-# process; ~2.5 min) fit one call together: 6.8 min on an H200 on 2026-11-28, without the sampled launch.
+# process; ~2.5 min) fit one call together: 6.8 min on an H200 on 2026-11-28, without the sampled launch and before
+# restart_1p3b's repeats (about 7.5 min with them, an estimate).
 # Each benchmark runs in its own process under a time limit, so one failure (say, out of memory) still leaves the
 # others' figures; logs and the benchmarks' JSON lines land in OUT_DIR.
 set -u

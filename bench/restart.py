@@ -12,7 +12,8 @@ training and held-out shards it launches the real entry script as
      seconds went: each thread's timeline (imports, restore, the executable's load...). Not in the ratios.
 A new run evaluates the held-out set before its first step and a restart does not, so a restart is compared only
 with a restart and a new run only with a new run. Prints a table and appends a JSON line to
-bench/results/restart.jsonl. Target: a warm restart takes <= 20% of a cold one. Each launch is timed to its first
+bench/results/restart.jsonl (its restart_warm_over_cold maps each warm restart's name to its ratios; lines before
+commit fe13629 hold one pair). Target: a warm restart takes <= 20% of a cold one. Each launch is timed to its first
 step's start (the training loop begins: compiled or loaded, state restored, data open) and to that step's end; the
 first step's compute is the same work in every launch, so the second ratio is the higher one.
 

@@ -357,6 +357,19 @@ def test_a_launch_that_fails_stops_its_held_out_read(tiny_config, tmp_path, monk
   assert not [name for _, _, names in os.walk(tmp_path / "cache") for name in names]
 
 
+def test_a_run_that_ends_before_its_first_evaluation_stops_its_held_out_read(tiny_config, tmp_path):
+  """A restart reads its held-out batches once its first step is logged (its first evaluation is eval_every steps
+  away); a run that ends before that evaluation ends the read too, so that its exit does not wait for it."""
+  tiny_config.train.update(steps=2, ckpt_every=2, eval_every=100, log_every=1)
+  Trainer(tiny_config, str(tmp_path / "run")).run()  # evaluates at step 0, on the local held-out shard
+  tiny_config.data.eval_shards = stalled_for_good("held_out.tar")
+  tiny_config.data.update(cache_dir=str(tmp_path / "cache"), stall_timeout=30.0, download_retries=3)
+  tiny_config.train.steps = 4
+  Trainer(tiny_config, str(tmp_path / "run")).run()
+  assert StallingFileSystem.OPENS.get("held_out.tar")  # its read was under way
+  wait_for(lambda: not [t for t in threading.enumerate() if t.name.startswith("held_out")], timeout=10)
+
+
 def test_a_failed_download_says_why_and_retries_wait_longer_each_time(tmp_path):
   local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=1, per_shard=4))
   StallingFileSystem.FILES["denied.tar"] = pathlib.Path(local[0]).read_bytes()

@@ -31,6 +31,7 @@ import fsspec
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
@@ -599,10 +600,15 @@ class _HeldOut:
     return self._reading.result()
 
   def close(self) -> None:
+    """Ends the read; an error in doing so is logged, not raised: it must not hide the error of a failed launch, nor
+    keep the checkpoints from being closed."""
     with self._lock:
       self._closed, pipeline = True, self._pipeline
     if pipeline is not None:
-      pipeline.close()
+      try:
+        pipeline.close()
+      except Exception as error:  # noqa: BLE001 — see the docstring
+        logging.warning("closing the held-out data failed: %s", describe(error))
 
 
 def _close_pipeline(opened: concurrent.futures.Future) -> None:
