@@ -331,49 +331,20 @@ class Trainer:
                                    keep_period=train.keep_period, compression=train.ckpt_compression,
                                    restore_gb=checkpoint.restore_budget_gb(abstract_state, train.ckpt_restore_gb))
     try:
-      # A new run evaluates before its first step: it reads the held-out batches while the train step compiles. A
-      # restart's first evaluation is eval_every steps away: it reads them once its first step is logged (as it
-      # compiles the eval step then), so that its first step waits neither for them nor for the CPU and the bandwidth
-      # they take.
       resume_step = self._resume_step(ckpt)
       if resume_step is not None:
         ckpt.check_state(resume_step, abstract_state)
       # Only now: a launch refused for another model must not overwrite the record of the one its checkpoints hold.
       if self.is_main:
         write_config_json(config, self.workdir)
+      # A new run evaluates before its first step: it reads the held-out batches while the train step compiles. A
+      # restart's first evaluation is eval_every steps away: it reads them once its first step is logged (as it
+      # compiles the eval step then), so that its first step waits neither for them nor for the CPU and the bandwidth
+      # they take.
       if evaluates and resume_step is None:
         held_out.start()
-      # While the train step compiles (or loads), threads restore (or initialise) the state and open the training data
-      # at the restored position: a launch waits for the longer of the two, not for their sum (on a pod the first
-      # shards' downloads, the restore and the compile take seconds to minutes each). The threads do the same work on
-      # every process and none of it talks to other processes. With train.restore_beside_compile off, a restore (and
-      # so the data, which opens at its position) waits for the compile or load instead.
-      with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="initial_state") as background:
-
-        def start_initial() -> tuple[concurrent.futures.Future, concurrent.futures.Future]:
-          initial = background.submit(self._initial_state, abstract_state, ckpt, resume_step, train_shards)
-          return initial, background.submit(
-              lambda: self._pipeline("train", train_shards, config.seed, initial.result()[1]))
-
-        beside = train.restore_beside_compile or resume_step is None
-        initial, opened = start_initial() if beside else (None, None)
-        try:
-          compile_start = time.time()
-          # Loaded instead when an earlier launch compiled it; the load leaves the GIL to the threads.
-          steps = StepFunctions.compile(self.model, config, self.mesh, global_shapes, evaluate=False,
-                                        abstract_state=abstract_state)
-          compile_seconds = time.time() - compile_start
-          # Before any step, so that an OOM costs no training; a refusal still waits for the threads to finish.
-          aot.check_memory(steps.train, jax.local_devices(), force=self.force)
-          if not beside:
-            initial, opened = start_initial()
-          state, _, meta = initial.result()
-          start_step = int(jax.device_get(state.step))
-        except BaseException:
-          if opened is not None:
-            opened.add_done_callback(_close_pipeline)  # its reader threads would outlive the failed launch
-          raise
-        pipeline = opened.result()
+      steps, compile_seconds, state, start_step, meta, pipeline = self._compile_and_restore(
+          global_shapes, abstract_state, ckpt, resume_step, train_shards)
     except BaseException:
       held_out.close()
       ckpt.close_after_failure()  # a launch failing here must not exit under the manager's clean-up thread
@@ -451,6 +422,45 @@ class Trainer:
       finally:
         ckpt.close()
     return state
+
+  def _compile_and_restore(self, global_shapes: dict[str, jax.ShapeDtypeStruct], abstract_state: TrainState,
+                           ckpt: checkpoint.Checkpointer, resume_step: int | None, train_shards: list[str],
+                           ) -> tuple[StepFunctions, float, TrainState, int, dict[str, Any], StreamSet]:
+    """(the compiled (or loaded) steps, the seconds that took, the state restored from `resume_step` or initialised,
+    its step, its checkpoint's metadata, the training data opened at its position), the steps' memory checked.
+
+    While the train step compiles (or loads), threads restore (or initialise) the state and open the training data at
+    the restored position: a launch waits for the longer of the two, not for their sum (on a pod the first shards'
+    downloads, the restore and the compile take seconds to minutes each). The threads do the same work on every
+    process and none of it talks to other processes. With train.restore_beside_compile off, a restore (and so the
+    data, which opens at its position) waits for the compile or load instead."""
+    config = self.config
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="initial_state") as background:
+
+      def start_initial() -> tuple[concurrent.futures.Future, concurrent.futures.Future]:
+        initial = background.submit(self._initial_state, abstract_state, ckpt, resume_step, train_shards)
+        return initial, background.submit(
+            lambda: self._pipeline("train", train_shards, config.seed, initial.result()[1]))
+
+      beside = config.train.restore_beside_compile or resume_step is None
+      initial, opened = start_initial() if beside else (None, None)
+      try:
+        compile_start = time.time()
+        # Loaded instead when an earlier launch compiled it; the load leaves the GIL to the threads.
+        steps = StepFunctions.compile(self.model, config, self.mesh, global_shapes, evaluate=False,
+                                      abstract_state=abstract_state)
+        compile_seconds = time.time() - compile_start
+        # Before any step, so that an OOM costs no training; a refusal still waits for the threads to finish.
+        aot.check_memory(steps.train, jax.local_devices(), force=self.force)
+        if not beside:
+          initial, opened = start_initial()
+        state, _, meta = initial.result()
+        start_step = int(jax.device_get(state.step))
+      except BaseException:
+        if opened is not None:
+          opened.add_done_callback(_close_pipeline)  # its reader threads would outlive the failed launch
+        raise
+      return steps, compile_seconds, state, start_step, meta, opened.result()
 
   def _should_stop(self, steps_run: int) -> bool:
     """True when this launch should save and stop after its `steps_run`-th step: in a run joined by
