@@ -90,7 +90,7 @@ def program_key(name: str, config: ml_collections.ConfigDict, mesh: jax.sharding
   description = {
       "step": name,
       "source": _source_digest(),
-      "config": json.loads(json.dumps(program_fields(config), sort_keys=True, default=repr)),
+      "config": program_fields(config),
       "inputs": str(jax.tree.map(lambda s: (s.shape, str(s.dtype), str(getattr(s, "sharding", None))), inputs)),
       "mesh": [list(mesh.axis_names), mesh.device_ids.tolist()],
       "devices": devices,
@@ -100,7 +100,7 @@ def program_key(name: str, config: ml_collections.ConfigDict, mesh: jax.sharding
       "environment": {key: os.environ.get(key) for key in _ENVIRONMENT},
       "libraries": _library_versions(),
   }
-  return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+  return hashlib.sha256(json.dumps(description, sort_keys=True, default=repr).encode()).hexdigest()
 
 
 def _paths(key: str) -> tuple[epath.Path, epath.Path] | None:
