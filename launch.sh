@@ -503,6 +503,8 @@ main() {
   if [[ $mode == tpu ]]; then
     [[ -n $ZONE ]] || die "--tpu needs --zone"
     [[ $REMOTE_DIR =~ ^[A-Za-z0-9_.-]+$ ]] || die "--remote_dir must be a plain directory name under ~"
+  else
+    [[ $count =~ ^[1-9][0-9]*$ ]] || die "--local needs a positive process count, got '$count'"
   fi
   if [[ -n $setup ]]; then
     [[ $mode == tpu ]] || die "--setup is for a pod: give --tpu NAME --zone ZONE"
@@ -518,7 +520,6 @@ main() {
   elif [[ $mode == tpu ]]; then
     launch_tpu "$@"
   else
-    [[ $count =~ ^[1-9][0-9]*$ ]] || die "--local needs a positive process count, got '$count'"
     launch_local "$count" "$@"
   fi
 }

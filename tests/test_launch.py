@@ -442,11 +442,13 @@ def test_a_terminated_local_launch_stops_its_processes_before_it_exits(tmp_path)
   assert not any(pid_alive(pid) for pid in pids)
 
 
-def test_bad_arguments_are_errors():
-  result = subprocess.run(["bash", LAUNCH, "--local", "zero", "--", "--x"], capture_output=True, text=True)
+def test_bad_arguments_are_errors(tmp_path):
+  result = subprocess.run(["bash", LAUNCH, "--local", "zero", "--", "--x"], capture_output=True, text=True,
+                          cwd=tmp_path)
   assert result.returncode == 2 and "positive process count" in result.stderr
-  result = subprocess.run(["bash", LAUNCH, "--tpu", "pod", "--", "--x"], capture_output=True, text=True)
+  result = subprocess.run(["bash", LAUNCH, "--tpu", "pod", "--", "--x"], capture_output=True, text=True, cwd=tmp_path)
   assert result.returncode == 2 and "--zone" in result.stderr
+  assert not any(tmp_path.iterdir()), "a refused launch created its log directory"
 
 
 def test_shellcheck_is_clean():
