@@ -105,3 +105,30 @@ def test_closing_the_checkpoints_of_a_failed_launch_logs_its_own_error_instead_o
   with caplog.at_level(logging.WARNING):
     ckpt.close_after_failure()
   assert "closing the checkpoints of the failed launch failed too: PermissionError: 403" in caplog.text
+
+
+@pytest.mark.parametrize("min_bytes", [checkpoint.REPLICA_PARALLEL_MIN_BYTES, 1024])
+def test_small_replicated_arrays_are_saved_whole_without_a_compile_per_device(tmp_path, caplog, monkeypatch,
+                                                                               min_bytes):
+  """Orbax splits the save of a replicated array between its replicas through a slicing program compiled for each
+  device, which a process's first save waits for. A norm scale (1 KiB here) is written whole by one replica: no
+  slice compiled. An array whose slices reach the bound (with the bound lowered to 1 KiB) is still split."""
+  monkeypatch.setattr(checkpoint, "REPLICA_PARALLEL_MIN_BYTES", min_bytes)
+  jax.clear_caches()  # slices compiled before in this process would not be compiled again
+  mesh = jax.make_mesh((jax.device_count(),), ("fsdp",))
+  spec = jax.sharding.PartitionSpec
+  state = {"w": jax.device_put(np.arange(4096, dtype=np.float32).reshape(jax.device_count(), -1),
+                               jax.sharding.NamedSharding(mesh, spec("fsdp"))),
+           "scale": jax.device_put(np.arange(256 * jax.device_count(), dtype=np.float32),
+                                   jax.sharding.NamedSharding(mesh, spec()))}
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1)
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+    ckpt.save(1, state, [{}], {})
+    ckpt.manager.wait_until_finished()
+  slices = [record for record in caplog.records if "Compiling jit(slice)" in record.getMessage()]
+  assert len(slices) == (0 if min_bytes > 1024 else jax.device_count())
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+  restored, _, _ = ckpt.restore(1, abstract)
+  ckpt.close()
+  for name in state:
+    np.testing.assert_array_equal(restored[name], state[name])
