@@ -16,6 +16,7 @@ import time
 import fake_gcs
 import fake_hub
 import fsspec
+import jax
 import numpy as np
 import pytest
 from conftest import REPO, wait_for, write_synthetic_shards
@@ -368,6 +369,27 @@ def test_a_run_that_ends_before_its_first_evaluation_stops_its_held_out_read(tin
   Trainer(tiny_config, str(tmp_path / "run")).run()
   assert StallingFileSystem.OPENS.get("held_out.tar")  # its read was under way
   wait_for(lambda: not [t for t in threading.enumerate() if t.name.startswith("held_out")], timeout=10)
+
+
+def test_processes_on_one_host_read_the_held_out_set_through_caches_of_their_own(tiny_config, tmp_path,
+                                                                              monkeypatch):
+  """Every process reads the whole held-out set (one stream); two processes on one host (`launch.sh --local 2`)
+  sharing its cache directory adopted each other's fetched-ahead shards and deleted them once read, so that each
+  skipped shards and their global eval batch mixed rows of different batches."""
+  local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=4, per_shard=3, seed=1, prefix="eval"))
+  for path in local:
+    StallingFileSystem.FILES[os.path.basename(path)] = pathlib.Path(path).read_bytes()
+  urls = [f"stalling://{os.path.basename(path)}" for path in local]
+  tiny_config.data.cache_dir = str(tmp_path / "cache")
+  trainer = Trainer(tiny_config, str(tmp_path / "run"))
+  readers = []
+  for process in range(2):
+    monkeypatch.setattr(jax, "process_index", lambda process=process: process)
+    readers.append(trainer._pipeline("eval", urls, 0, whole_batch=True))
+  with readers[0], readers[1]:
+    for _ in range(4):  # a whole pass, in turn, as the processes' threads may read
+      assert_same([next(readers[0])], [next(readers[1])])
+  assert not trainer._skips
 
 
 def test_a_failed_download_says_why_and_retries_wait_longer_each_time(tmp_path):

@@ -40,6 +40,13 @@ def _npy(array: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+  """A float16 .npy header announcing `shape`, without its data."""
+  buffer = io.BytesIO()
+  np.lib.format.write_array_header_1_0(buffer, {"descr": "<f2", "fortran_order": False, "shape": shape})
+  return buffer.getvalue()
+
+
 def _members(sample: Sample) -> list[tuple[str, bytes]]:
   return [
       (f"{sample.key}.npy", _npy(sample.latent)),
@@ -169,6 +176,9 @@ def _bad_members(kind: str) -> tuple[list[tuple[str, bytes]], str]:
       "lone_surrogate": ([latent, ref, ("bad.json", b'{"text": "a\\ud800"}')], "bad_utf8"),
       "bad_json": ([latent, ref, ("bad.json", b'{"text": ')], "bad_json"),
       "json_not_object": ([latent, ref, ("bad.json", b'["text"]')], "bad_json"),
+      "json_nested_deep": ([latent, ref, ("bad.json", b'{"text": "a", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")],
+                           "bad_json"),
+      "npy_shape_overflows": ([(("bad.npy", _npy_header((10**20, DIM)) + bytes(64))), ref, meta], "bad_npy"),
   }
   return kinds[kind]
 
@@ -176,7 +186,8 @@ def _bad_members(kind: str) -> tuple[list[tuple[str, bytes]], str]:
 @pytest.mark.parametrize("kind", [
     "missing_npy", "missing_ref", "missing_json", "key_with_dot", "extra_member", "duplicate_member", "bad_npy",
     "bad_ndim", "bad_latent_dim", "bad_dtype", "nan", "ref_inf", "ref_bad_dim", "ref_too_short", "empty_latent",
-    "empty_text", "missing_text", "non_utf8_json", "lone_surrogate", "bad_json", "json_not_object"])
+    "empty_text", "missing_text", "non_utf8_json", "lone_surrogate", "bad_json", "json_not_object",
+    "json_nested_deep", "npy_shape_overflows"])
 def test_malformed_sample_is_skipped_and_reported(tmp_path, kind):
   members, reason = _bad_members(kind)
   path = str(tmp_path / "bad.tar")
@@ -399,6 +410,30 @@ def test_all_bad_shards_raise_naming_them(tmp_path):
   assert "without one usable sample" in message and all(path in message for path in paths)
 
 
+def test_one_barren_shard_does_not_stop_a_stream_whose_epoch_it_fills(tmp_path):
+  """4 shards over 4 streams: each stream's epoch is one shard, and one shard holds only utterances longer than
+  max_frames (a dataset sorted by length). The stream it falls to finds its next usable samples in another epoch."""
+  shards = _write_dataset(tmp_path, num_shards=3, per_shard=5)
+  long = str(tmp_path / "shard-long.tar")
+  write_shard(long, [_sample(f"long{i}", frames=MAX_FRAMES + 1) for i in range(5)])
+  with _stream_set(sorted(shards + [long]), range(4), num_streams=4) as streams:
+    _take(streams, 20)
+    state = streams.state()
+  assert sum(stream["skipped"].get("too_long", 0) for stream in state["streams"].values()) >= 5
+
+
+def test_a_stream_gives_up_after_enough_barren_shards_in_a_row(tmp_path):
+  """40 shards over 8 streams (5 each an epoch), all of them too long: a stream stops after 16 distinct shards
+  without a usable sample, not at its first epoch's end nor after all 40."""
+  for i in range(40):
+    write_shard(str(tmp_path / f"shard-{i:03d}.tar"), [_sample(f"long{i}", frames=MAX_FRAMES + 1)])
+  shards = sorted(str(path) for path in tmp_path.glob("*.tar"))
+  with (_stream_set(shards, range(1), num_streams=8, batch_size=8) as streams,
+        pytest.raises(RuntimeError, match="read 16 shards in a row without one usable sample") as error):
+    next(streams)
+  assert "data.max_frames=12" in str(error.value)
+
+
 def test_reader_thread_error_surfaces(tmp_path, monkeypatch):
   shards = _write_dataset(tmp_path, num_shards=2, per_shard=2)
 
@@ -424,9 +459,9 @@ def test_close_stops_the_thread(tmp_path):
     next(pipeline)
 
 
-def _stream_set(shards, streams, state=None, num_streams=2):
+def _stream_set(shards, streams, state=None, num_streams=2, batch_size=4):
   return pipeline_lib.StreamSet(
-      shards=shards, batch_size=4, num_streams=num_streams, streams=streams, state=state, latent_dim=DIM,
+      shards=shards, batch_size=batch_size, num_streams=num_streams, streams=streams, state=state, latent_dim=DIM,
       max_text_len=MAX_TEXT, max_frames=MAX_FRAMES, max_ref_frames=MAX_REF, pad_latent=np.zeros(DIM, np.float32),
       seed=0, prefetch=1)
 

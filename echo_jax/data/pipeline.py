@@ -35,6 +35,10 @@ _F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.flo
 _SHARD_ORDER, _SAMPLE_ORDER = 0, 1
 # How many shard names an error message lists before it only counts the rest.
 _NAMED_SHARDS = 8
+# A stream gives up when this many distinct shards in a row (or every shard, or its share of an epoch if more) have
+# not given it one usable sample. Not after one epoch of its own: with few shards per stream (4 shards over 4
+# streams), one bad or unreachable shard would fill a stream's whole epoch and stop a pod whose data is mostly good.
+_BARREN_SHARDS = 16
 
 Batch = dict[str, np.ndarray]
 SkipEvent = tuple[str, str, str, str]  # (reason, sample key, shard, detail: why, where the reason alone does not say)
@@ -90,6 +94,8 @@ class _Reader:
     self._order: list[Sample] | None = None
     self._crop_draws: np.ndarray | None = None
     self._events: list[SkipEvent] = []
+    # The shards begun since the last usable sample; not in the position, so a restart counts afresh.
+    self._barren: set[str] = set()
 
   def _shards_of_epoch(self, epoch: int) -> list[str]:
     p = self._p
@@ -143,21 +149,31 @@ class _Reader:
         self.shard_cursor += 1
         self.sample_cursor = 0
       if self.shard_cursor >= len(self._epoch_shards):
-        if self.epoch_samples == 0:
-          failures = self._p.cache.failures if self._p.cache is not None else {}
-          causes = "; ".join(f"{url}: {failures[url]}" for url in self._epoch_shards[:_NAMED_SHARDS] if url in failures)
-          raise RuntimeError(
-              f"stream {self._p.process_index} read a whole epoch without one usable sample; its shards were: "
-              f"{_name_shards(self._epoch_shards)}" + (f". Download failures: {causes}" if causes else ""))
         self.epoch += 1
         self.shard_cursor = 0
         self.epoch_samples = 0
         self._epoch_shards = self._shards_of_epoch(self.epoch)
+      self._check_not_barren()
+      self._barren.add(self._epoch_shards[self.shard_cursor])
       self._load_shard(report=True)
     sample = self._order[self.sample_cursor]
     draw = float(self._crop_draws[self.sample_cursor])
     self.sample_cursor += 1
     return sample, draw
+
+  def _check_not_barren(self) -> None:
+    """Raises once the shards read since the last usable sample are all there are, or enough (`_BARREN_SHARDS`)."""
+    p = self._p
+    limit = min(len(p.shards), max(_BARREN_SHARDS, -(-len(p.shards) // p.process_count)))
+    if len(self._barren) < limit:
+      return
+    barren = sorted(self._barren)
+    failures = p.cache.failures if p.cache is not None else {}
+    causes = "; ".join(f"{url}: {failures[url]}" for url in barren[:_NAMED_SHARDS] if url in failures)
+    raise RuntimeError(
+        f"stream {p.process_index} read {len(barren)} shards in a row without one usable sample (each sample "
+        f"malformed or longer than data.max_frames={p.max_frames}, or the shard unreadable: the skip events say "
+        f"which); the shards: {_name_shards(barren)}" + (f". Download failures: {causes}" if causes else ""))
 
   def state(self) -> dict[str, Any]:
     p = self._p
@@ -205,6 +221,7 @@ class _Reader:
       text[row, 1 : 1 + tokens.size] = tokens
       text_mask[row, : 1 + tokens.size] = True
       row += 1
+      self._barren.clear()
       self.epoch_samples += 1
       self.samples += 1
     batch = {

@@ -176,7 +176,7 @@ def _check_latent(data: bytes, latent_dim: int | None) -> tuple[np.ndarray | Non
   """Returns (array, "") for a valid [T, D] float16 latent with T >= 1, else (None, reason)."""
   try:
     array = _parse_npy(data)
-  except ValueError:
+  except (ValueError, OverflowError):  # OverflowError: a header whose shape overflows 64 bits
     return None, "bad_npy"
   if array.ndim != 2:
     return None, "bad_ndim"
@@ -197,7 +197,7 @@ def _check_meta(data: bytes) -> tuple[dict[str, Any] | None, str]:
     meta = json.loads(data.decode("utf-8"))
   except UnicodeDecodeError:
     return None, "bad_utf8"
-  except ValueError:
+  except (ValueError, RecursionError):  # RecursionError: arrays or objects nested thousands deep
     return None, "bad_json"
   if not isinstance(meta, dict):
     return None, "bad_json"

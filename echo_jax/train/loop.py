@@ -149,13 +149,15 @@ class Trainer:
                 whole_batch: bool = False) -> StreamSet:
     """This process's rows of every global batch of `shards` (a `_shard_list`): the data streams its devices hold
     (DESIGN §5), or with `whole_batch` every row, from one stream. Its reader threads start at once. Remote shards go
-    through a cache directory of this run and `role` (train, eval) alone: caches sharing one would adopt and delete
-    each other's files."""
+    through a cache directory of this run and `role` (train, eval) alone, and with `whole_batch` of this process
+    alone (every process reads that stream, and several may share a host): caches sharing one would adopt and
+    delete each other's files."""
     config, data = self.config, self.config.data
     cache_dir = None
     if data.cache_dir:
       run = hashlib.sha256(self.workdir.encode("utf-8")).hexdigest()[:12]
-      cache_dir = os.path.join(os.path.expanduser(data.cache_dir), f"{role}-{run}")
+      owner = f"{role}-{run}" + (f"-process_{jax.process_index()}" if whole_batch else "")
+      cache_dir = os.path.join(os.path.expanduser(data.cache_dir), owner)
     batch_size = config.train.batch_size
     if whole_batch:
       num_streams, streams = 1, range(1)
