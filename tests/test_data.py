@@ -309,7 +309,7 @@ def test_text_bos_truncation_and_padding(tmp_path):
   np.testing.assert_array_equal(batch["text_mask"][short_row], np.arange(MAX_TEXT) < 3)
 
 
-def test_two_processes_read_disjoint_samples_covering_an_epoch(tmp_path):
+def test_two_processes_read_disjoint_whole_shards_in_an_epoch(tmp_path):
   shards = _write_dataset(tmp_path, num_shards=5, per_shard=4)
   seen = []
   for index in range(2):
@@ -324,9 +324,11 @@ def test_two_processes_read_disjoint_samples_covering_an_epoch(tmp_path):
       seen.append(texts[:-1])
       assert state["process_index"] == index
   assert set(seen[0]).isdisjoint(seen[1])
-  every = seen[0] + seen[1]
-  assert sorted(every) == sorted(f"text of s{s}x{i}" for s in range(5) for i in range(4))
-  assert {len(seen[0]), len(seen[1])} == {8, 12}
+  # 5 shards over 2 streams: 2 shards each an epoch, the fifth left to another epoch.
+  assert len(seen[0]) == len(seen[1]) == 8
+  shards_read = {text.removeprefix("text of ").split("x")[0] for text in seen[0] + seen[1]}
+  assert len(shards_read) == 4
+  assert set(seen[0] + seen[1]) == {f"text of {s}x{i}" for s in shards_read for i in range(4)}
 
 
 def test_a_host_without_shards_is_an_error(tmp_path):
@@ -479,6 +481,32 @@ def test_stream_sets_give_the_same_global_batch_in_any_process_layout(tmp_path):
   # The positions of two processes restore onto one process holding both streams.
   with _stream_set(shards, range(2), state=merged) as restored:
     _assert_same_batches(_take(restored, 4), expected)
+
+
+@pytest.mark.parametrize("num_shards, streams", [(10, 8), (7, 2), (6, 3), (5, 5)])
+def test_every_stream_reads_as_many_distinct_shards_an_epoch_and_every_shard_in_time(num_shards, streams):
+  shards = [f"shard-{i}" for i in range(num_shards)]
+  read = set()
+  for epoch in range(30):
+    lists = [pipeline_lib.stream_shards(shards, 0, epoch, stream, streams) for stream in range(streams)]
+    assert {len(shard_list) for shard_list in lists} == {num_shards // streams}
+    in_epoch = [shard for shard_list in lists for shard in shard_list]
+    assert len(set(in_epoch)) == len(in_epoch) == num_shards - num_shards % streams
+    read.update(in_epoch)
+  assert read == set(shards)
+
+
+def test_streams_of_equal_shards_stay_in_one_epoch_when_shards_do_not_divide_evenly(tmp_path):
+  """10 shards of 8 samples over 8 streams: each stream reads one shard an epoch, so after 16 batches (16 samples
+  a stream) every stream has read epoch 0 and is at the end of epoch 1 (uncut, the two streams given two shards
+  were still in epoch 0 while the others reread its shards), and the first 8 batches hold 64 distinct samples."""
+  shards = _write_dataset(tmp_path, num_shards=10, per_shard=8)
+  with _stream_set(shards, range(8), num_streams=8, batch_size=8) as streams:
+    batches = _take(streams, 16)
+    epochs = {stream["epoch"] for stream in streams.state()["streams"].values()}
+  first_epoch = [text for batch in batches[:8] for text in _texts(batch)]
+  assert len(set(first_epoch)) == 64
+  assert epochs == {1}
 
 
 def test_stream_layout_errors_say_what_to_set(tmp_path):
