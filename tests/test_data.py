@@ -331,6 +331,19 @@ def test_two_processes_read_disjoint_whole_shards_in_an_epoch(tmp_path):
   assert set(seen[0] + seen[1]) == {f"text of {s}x{i}" for s in shards_read for i in range(4)}
 
 
+def test_a_position_inside_a_shard_cut_from_the_epoch_goes_on_with_the_next_epoch(tmp_path):
+  """Before the epoch's lists were cut to a multiple of the streams, a stream of 5 shards over 2 could be inside its
+  third shard of an epoch: restored now, it goes on with the next epoch."""
+  shards = _write_dataset(tmp_path, num_shards=5, per_shard=4)
+  with _pipeline(shards, batch_size=1, process_index=0, process_count=2) as pipeline:
+    state = dict(pipeline.state(), shard_cursor=2, sample_cursor=1)
+  with _pipeline(shards, batch_size=1, process_index=0, process_count=2, state=state) as restored:
+    first = _texts(next(restored))
+    assert restored.state()["epoch"] == 1
+  epoch_1 = pipeline_lib.stream_shards(shards, 0, 1, 0, 2)
+  assert first[0] in {sample.text for sample in _read(epoch_1[0])[0]}
+
+
 def test_a_host_without_shards_is_an_error(tmp_path):
   shards = _write_dataset(tmp_path, num_shards=1, per_shard=2)
   with pytest.raises(ValueError, match="process 1 would have none"):

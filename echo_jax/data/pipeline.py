@@ -94,6 +94,10 @@ class _Reader:
     self.samples = state.get("samples", 0)
     self.skipped: dict[str, int] = dict(state.get("skipped", {}))
     self._epoch_shards = self._shards_of_epoch(self.epoch)
+    if self.shard_cursor >= len(self._epoch_shards):
+      # A position inside a shard that the epoch's list no longer holds: taken before the lists were cut to a
+      # multiple of the streams. That epoch goes on with the next one, as if the shard had been cut then.
+      self.sample_cursor = 0
     self._order: list[Sample] | None = None
     self._crop_draws: np.ndarray | None = None
     self._events: list[SkipEvent] = []
