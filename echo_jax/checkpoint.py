@@ -395,7 +395,11 @@ def import_pickle(path: str, template: TrainState) -> tuple[TrainState, int]:
   missing = {"params", "opt_state", "step"} - set(payload)
   if missing:
     raise ValueError(f"{path} is not an Echo pickle checkpoint: missing {sorted(missing)}")
-  params = flax.serialization.from_state_dict(template.params, payload["params"])
+  try:
+    params = flax.serialization.from_state_dict(template.params, payload["params"])
+  except ValueError as error:  # flax's names no file, nor which parameters differ
+    differences = "; ".join(state_differences(payload["params"], template.params))
+    raise ValueError(f"{path}: its parameters are not those of the config: {differences or error}") from error
   opt_state = flax.serialization.from_state_dict(template.opt_state, payload["opt_state"])
   for (key, value), expected in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(template.params),
                                     strict=True):

@@ -262,7 +262,9 @@ def load_init_params(path: str, config: ml_collections.ConfigDict) -> Any:
   if path.endswith(".safetensors"):
     params = read_upstream(path, config, drop_blockwise=not config.model.blockwise)
   else:
-    _, params = load_params(path)
+    # A pickle file holds no config: it is read with this one's shapes. A directory is read with its own config.json,
+    # so that a mismatch is reported below, parameter by parameter.
+    _, params = load_params(path, config if storage.orbax_path(path).is_file() else None)
   differences = checkpoint.state_differences(params, expected, dtypes=True)
   if differences:
     hint = " (is model.blockwise the same as when it was saved?)" if any("the checkpoint but" in d or "missing" in d

@@ -1,5 +1,6 @@
 """Upstream weight import/export: the exact upstream layout, bitwise round trips, refusals, and fine-tuning start."""
 
+import functools
 import json
 import pathlib
 import subprocess
@@ -383,3 +384,42 @@ def test_import_writes_into_gs(tmp_path):
   assert not (tmp_path / "gs:").exists()
   local = convert.import_upstream(str(tmp_path / "model.safetensors"), config, str(tmp_path / "local"))
   assert_trees_equal(convert.load_init_params(str(converted), config), local)
+
+
+def test_a_relaunch_resumes_without_reading_its_init_weights_again(tmp_path):
+  """`--init_from` starts a new run; the same command relaunched after a preemption resumes the run's checkpoint,
+  even when those weights are gone (the entry script hands the Trainer this loader, called for a new run only)."""
+  config = load_config("tiny")
+  config.data.train_shards = write_synthetic_shards(tmp_path / "shards")
+  config.train.update(steps=2, ckpt_every=2, log_every=1)
+  tensors = write_upstream(tmp_path / "model.safetensors", config)
+  save_file({key: 0.3 * value for key, value in tensors.items()}, str(tmp_path / "model.safetensors"))
+  convert.import_upstream(str(tmp_path / "model.safetensors"), config, str(tmp_path / "w"))
+  run = tmp_path / "run"
+  Trainer(config, str(run), init_params=functools.partial(convert.load_init_params, str(tmp_path / "w"), config)).run()
+
+  config.train.steps = 4
+  gone = functools.partial(convert.load_init_params, str(tmp_path / "deleted"), config)
+  Trainer(config, str(run), init_params=gone).run()
+  events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+  assert [e["step"] for e in events if e["event"] == "init_params_ignored"] == [2]
+  assert [e["step"] for e in events if e["event"] == "checkpoint_restored"] == [2]
+  assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())[-1] == 4
+  # A new run with a wrong path fails before its compile, naming the path.
+  with pytest.raises(FileNotFoundError, match="deleted"):
+    Trainer(config, str(tmp_path / "other_run"), init_params=gone).run()
+  assert not list((tmp_path / "other_run").glob("checkpoints/*/"))
+
+
+def test_a_pickle_without_a_config_beside_it_is_read_with_the_training_config(tmp_path):
+  config = load_config("tiny")
+  state = jax.jit(lambda: create_train_state(Echo(model_config(config)), jax.random.key(3), config))()
+  checkpoint.export_pickle(state, samples_seen=0, path=str(tmp_path / "w.pkl"))
+  assert_trees_equal(convert.load_init_params(str(tmp_path / "w.pkl"), config), jax.tree.map(np.asarray, state.params))
+  wider = load_config("tiny")
+  wider.model.mlp_dim = 256
+  with pytest.raises(ValueError, match=r"w\.pkl: parameter \['blocks'\]\['mlp'\]\['w1'\]\['kernel'\] has shape"):
+    convert.load_init_params(str(tmp_path / "w.pkl"), wider)
+  other = config_for("tiny", not load_config("tiny").model.blockwise)  # other arrays, not only other shapes
+  with pytest.raises(ValueError, match=r"w\.pkl: its parameters are not those of the config: .*context_kv"):
+    convert.load_init_params(str(tmp_path / "w.pkl"), other)

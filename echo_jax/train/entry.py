@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import jax
@@ -51,6 +52,6 @@ def train_main(config: ml_collections.ConfigDict, workdir: str, *, init_from: st
           f"local_devices={jax.local_device_count()} devices={jax.device_count()}", flush=True)
     # Orbax narrates every save at INFO; the run directory's events.jsonl is the record users read.
     logging.set_verbosity(logging.WARNING)
-    init_params = convert.load_init_params(init_from, config) if init_from else None
+    init_params = functools.partial(convert.load_init_params, init_from, config) if init_from else None
     Trainer(config, workdir, hooks=sample_hooks(config), init_params=init_params, force=force,
             stop_requested=stop).run()

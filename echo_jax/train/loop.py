@@ -77,7 +77,9 @@ class Trainer:
   """Trains `config` into `workdir`, resuming from the newest complete checkpoint there if any.
 
   hooks: (every, fn) pairs; fn(StepInfo) runs on every process after each step that is a multiple of `every`.
-  init_params: parameters to start from instead of a random init (fresh optimizer state), e.g. imported weights.
+  init_params: parameters to start a new run from instead of a random init (fresh optimizer state), e.g. imported
+    weights, or a function returning them, called only when there is no checkpoint to resume (`--init_from`: a
+    relaunch after a preemption resumes even when those weights are no longer there).
   force: train even when the compiled step needs more than 90% of the accelerator's memory.
   stop_requested: when set (e.g. by `install_sigterm_handler`, which the entry script installs before anything else),
     the loop saves a checkpoint and stops: after the current step in a single process, at the next step all processes
@@ -85,7 +87,8 @@ class Trainer:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
-               hooks: tuple[tuple[int, Hook], ...] = (), init_params: Any = None, force: bool = False,
+               hooks: tuple[tuple[int, Hook], ...] = (), init_params: Any | Callable[[], Any] = None,
+               force: bool = False,
                stop_requested: threading.Event | None = None):
     self.config = config
     self.force = force
@@ -336,6 +339,12 @@ class Trainer:
       resume_step = self._resume_step(ckpt)
       if resume_step is not None:
         ckpt.check_state(resume_step, abstract_state)
+        if self.init_params is not None:
+          self.log.event("init_params_ignored", step=resume_step,
+                         message="the run resumes from its checkpoint; init_from applies to a new run only")
+          self.init_params = None
+      elif callable(self.init_params):
+        self.init_params = self.init_params()  # before the compile: a wrong path fails the launch in seconds
       # Only now: a launch refused for another model must not overwrite the record of the one its checkpoints hold.
       if self.is_main:
         write_config_json(config, self.workdir)
