@@ -702,6 +702,30 @@ def test_a_failed_background_save_stops_the_run_at_the_next_log_step(tiny_config
   assert max(losses_by_step(tmp_path / "run")) < 40  # stopped once the save ended, not at the next save
 
 
+def test_a_save_that_fails_while_still_running_at_the_next_save_is_reported_as_failed(tiny_config, tmp_path,
+                                                                                      monkeypatch):
+  """A failing save still in progress at every log step until the next save (a slow write, or a stop right after
+  it): the next save waits for it first and reports it as failed, instead of Orbax's save raising the raw error."""
+  tiny_config.train.update(steps=60, ckpt_every=20, log_every=1, eval_every=0)
+  real_wait = checkpoint.Checkpointer.wait
+  failed = []
+
+  def wait(self):
+    real_wait(self)
+    if self.manager.latest_step() == 20 and not failed:
+      failed.append(True)
+      raise ValueError("RESOURCE_EXHAUSTED: Failed writing: No space left on device [os_error_code='28']")
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "wait", wait)
+  monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "is_saving_in_progress", lambda self: True)
+  with pytest.raises(checkpoint.CheckpointSaveError, match=r"step \[20\].*No space left.*free space there"):
+    Trainer(tiny_config, str(tmp_path / "run")).run()
+  logged = events(tmp_path / "run")
+  assert [e["steps"] for e in logged if e["event"] == "checkpoint_failed"] == [[20]]
+  # Stopped at the save of step 40 (whose own metrics were still to be fetched), not at the run's end.
+  assert max(losses_by_step(tmp_path / "run")) in (39, 40)
+
+
 def test_a_restart_over_a_changed_shard_list_starts_a_fresh_epoch_order(tiny_config, tmp_path):
   """Shards added under the glob (a dataset still being uploaded) make the saved data position meaningless: the
   restart says so and goes on, instead of failing every relaunch."""

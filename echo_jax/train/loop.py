@@ -409,6 +409,9 @@ class Trainer:
           self._flush_skips(step)
           self._confirm_saves(ckpt)
         if final or step % train.ckpt_every == 0:
+          # Orbax's save waits for the save before it anyway; waited for here, that one's failure is reported as such
+          # (checkpoint_failed) and not raised raw from Orbax's save.
+          self._confirm_saves(ckpt, wait=True)
           positions = checkpoint.gather_per_process(pipeline.state())
           ckpt.save(step, state, positions, {"samples_seen": samples_seen, "process_count": jax.process_count(),
                                              "platform": jax.devices()[0].platform, "devices": jax.device_count(),
