@@ -114,6 +114,22 @@ def program_fields(config: ml_collections.ConfigDict) -> dict:
   return fields
 
 
+# The least value of each count the training loop divides by or counts down with: below it, a run failed only after
+# its compile (a ZeroDivisionError for log_every=0) or stopped with a false diagnosis (max_nonfinite=0).
+MINIMUMS = {"train.batch_size": 1, "train.steps": 1, "train.log_every": 1, "train.ckpt_every": 1,
+            "train.max_nonfinite": 1, "train.eval_every": 0, "train.eval_batches": 0, "train.keep_period": 0}
+
+
+def check_counts(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first field of `MINIMUMS` below its least value."""
+  for name, least in MINIMUMS.items():
+    section, field = name.split(".")
+    value = config[section][field]
+    if value < least:
+      raise ValueError(f"config.{name} must be at least {least}, got {value}: set --config.{name}=N with N >= {least}"
+                       + (" (0 turns it off)" if least == 0 else ""))
+
+
 def model_config(config: ml_collections.ConfigDict) -> EchoConfig:
   return EchoConfig(**config.model.to_dict())
 

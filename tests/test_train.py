@@ -934,3 +934,18 @@ def test_only_damage_to_the_steps_own_files_is_answered_with_setting_the_step_as
   assert f"({type(cause).__name__}: {str(cause)[:30]}" in message
   assert ("step is damaged: move" in message) == damaged
   assert ("left as it is" in message) == (not damaged)
+
+
+@pytest.mark.parametrize("field", ["log_every", "ckpt_every", "batch_size", "max_nonfinite", "steps"])
+def test_a_count_below_its_least_value_is_refused_before_anything_naming_the_field(tiny_config, tmp_path, field):
+  """Once, log_every=0 failed with a ZeroDivisionError after the compile; max_nonfinite=0 stopped the run blaming
+  non-finite losses that were finite."""
+  tiny_config.train[field] = 0
+  refusal = rf"config\.train\.{field} must be at least 1, got 0: set --config\.train\.{field}"
+  with pytest.raises(ValueError, match=refusal):
+    Trainer(tiny_config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+  tiny_config.train[field] = 1
+  tiny_config.train.eval_every = -1
+  with pytest.raises(ValueError, match=r"config\.train\.eval_every must be at least 0, got -1.*0 turns it off"):
+    Trainer(tiny_config, str(tmp_path / "run"))
