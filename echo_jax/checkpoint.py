@@ -113,6 +113,14 @@ class CheckpointRestoreError(RuntimeError):
 _DAMAGE_CODES = ("OUT_OF_RANGE", "DATA_LOSS", "NOT_FOUND", "FAILED_PRECONDITION")
 
 
+def _root_cause(error: BaseException) -> BaseException:
+  """The error at the root of `error`'s chain: Orbax wraps TensorStore's error, which names the file, in one that
+  does not."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  return error
+
+
 def _is_damage(cause: BaseException) -> bool:
   """Whether `cause` (the root of a failed restore) is damage to the checkpoint's own files, not a failure around
   them (storage unreachable, out of memory, a host lost)."""
@@ -321,9 +329,7 @@ class Checkpointer:
   def _unreadable(self, step: int, error: Exception) -> CheckpointRestoreError:
     """The error for a failure to read step `step`: its root cause, and only when that is damage to the step's own
     files the advice to set the step aside (for any other cause, that would throw good progress away)."""
-    cause = error
-    while cause.__cause__ is not None:  # Orbax wraps TensorStore's error, which names the file, in one that does not
-      cause = cause.__cause__
+    cause = _root_cause(error)
     message = f"restoring checkpoint step {step} from {self.directory} failed ({describe(cause)})"
     if not _is_damage(cause):
       return CheckpointRestoreError(
@@ -443,10 +449,21 @@ def _restore_params(directory: epath.Path, abstract_params: Any, nested: bool) -
 
 def _restore_step_params(step_dir: epath.Path, abstract_params: Any) -> Any:
   """The parameters of a training checkpoint's step directory, checked against the checksums saved with them (a
-  step saved before checksums were stored is not checked)."""
-  params = _restore_params(step_dir / "state", abstract_params, nested=True)
-  meta_dir = step_dir / "meta"
-  meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(meta_dir) if meta_dir.is_dir() else {}
+  step saved before checksums were stored is not checked). A failed read raises a ValueError naming the step and,
+  when its files are damaged, an earlier step to use instead."""
+  try:
+    params = _restore_params(step_dir / "state", abstract_params, nested=True)
+    meta_dir = step_dir / "meta"
+    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(meta_dir) if meta_dir.is_dir() else {}
+  except Exception as error:
+    cause = _root_cause(error)
+    message = f"reading the parameters of {step_dir} failed ({describe(cause)})"
+    if _is_damage(cause):
+      earlier = [int(p.name) for p in step_dir.parent.iterdir()
+                 if p.name.isdigit() and step_dir.name.isdigit() and int(p.name) < int(step_dir.name)]
+      instead = f"use an earlier step, e.g. {step_dir.parent / str(max(earlier))}" if earlier else "copy it again"
+      message += f". If the storage is reachable, the step is damaged: {instead}"
+    raise ValueError(message) from error
   verify_checksums(meta.get("checksums", {}), {"params": params}, where=f"{step_dir}: ",
                    advice=". This copy of the step is damaged: copy it again from the run, or use an earlier step")
   return params

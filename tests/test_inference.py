@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -136,7 +137,7 @@ def test_given_speaker_latents_are_cut_to_whole_patches(run_dir, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["empty text", "unreadable reference", "silent reference", "latent_dim mismatch",
-                                  "missing checkpoint"])
+                                  "missing checkpoint", "damaged checkpoint"])
 def test_bad_input_gives_clear_error_and_no_file(case, run_dir, reference_wav, tmp_path, cli, capsys):
   output = str(tmp_path / "out.wav")
   args = {"checkpoint": run_dir, "text": "Hello there.", "speaker_ref": reference_wav}
@@ -154,12 +155,24 @@ def test_bad_input_gives_clear_error_and_no_file(case, run_dir, reference_wav, t
     expected = "is silent"
   elif case == "latent_dim mismatch":
     codec, expected = FrameCodec(latent_dim=16), "latent_dim=8 but the codec"
+  elif case == "damaged checkpoint":  # its newest step's metadata cut short; an earlier step is intact
+    args["checkpoint"] = str(tmp_path / "run")
+    shutil.copytree(run_dir, args["checkpoint"])
+    steps = pathlib.Path(args["checkpoint"]) / "checkpoints"
+    shutil.copytree(steps / "3", steps / "1")
+    metadata = steps / "3" / "state" / "_METADATA"
+    metadata.write_bytes(metadata.read_bytes()[: metadata.stat().st_size // 2])
+    expected = f"reading the parameters of {steps / '3'} failed (JSONDecodeError"
+    expected_advice = f"the step is damaged: use an earlier step, e.g. {steps / '1'}"
   else:
     args["checkpoint"], expected = str(tmp_path / "nowhere"), "checkpoint not found"
   code = cli(*(f"--{k}={v}" for k, v in args.items()), f"--output={output}", "--steps=2", "--duration=0.4",
              codec=codec)
   assert code == 1
-  assert expected in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert expected in err
+  if case == "damaged checkpoint":
+    assert expected_advice in err
   assert os.listdir(tmp_path) == [name for name in os.listdir(tmp_path) if not name.startswith("out.wav")]
 
 
