@@ -4,8 +4,11 @@ When space is short it deletes, class by class in this order and oldest first wi
 
 1. stale partial downloads: `*.partial`, `*.part`, `*.incomplete` files untouched for `PARTIAL_MAX_AGE_S`;
 2. consumed shards: `*.tar` files with a sibling marker `<name>.tar.consumed` (or `<stem>.consumed`);
-3. unused Hugging Face cache revisions: every revision of a cached repo but its newest;
-4. old checkpoints: Orbax step directories under any `checkpoints/` beyond the newest `keep_checkpoints` complete
+3. stale shards: `*.tar` files in a stream directory of the trainer's shard cache (`<role>-<run>[-process_I]/stream_G`)
+   untouched for `STALE_SHARD_AGE_S`: fetched ahead by a launch that was killed and never relaunched (a relaunch
+   deletes them itself); a live stream reads what it fetches within minutes;
+4. unused Hugging Face cache revisions: every revision of a cached repo but its newest;
+5. old checkpoints: Orbax step directories under any `checkpoints/` beyond the newest `keep_checkpoints` complete
    ones.
 
 Checkpoint rules follow orbax-checkpoint 0.12.8: a save in progress lives in `<step>.orbax-checkpoint-tmp...` until
@@ -36,7 +39,10 @@ ORBAX_TMP_MARKER = ".orbax-checkpoint-tmp"
 ORBAX_COMMIT_FILE = "commit_success.txt"
 CHECKPOINTS_DIR = "checkpoints"
 _HF_REPO_DIR = re.compile(r"^(models|datasets|spaces)--")
-CLASS_ORDER = ("partial_download", "consumed_shard", "hf_revision", "checkpoint")
+STALE_SHARD_AGE_S = 24 * 3600.0
+# A stream directory of echo_jax's shard cache (echo_jax.train.loop.Trainer._pipeline names them).
+_SHARD_CACHE_STREAM = re.compile(r"(^|/)(train|eval)-[0-9a-f]{12}(-process_\d+)?/stream_\d+$")
+CLASS_ORDER = ("partial_download", "consumed_shard", "stale_shard", "hf_revision", "checkpoint")
 
 FreeBytes = Callable[[str], int]
 
@@ -134,6 +140,11 @@ def find_candidates(root: str, keep_checkpoints: int, now: float | None = None) 
         stat = os.lstat(path)
         found["consumed_shard"].append(
             Candidate("consumed_shard", path, stat.st_size, stat.st_mtime, lambda p=path: _remove(p)))
+      elif filename.endswith(".tar") and _SHARD_CACHE_STREAM.search(dirpath):
+        stat = os.lstat(path)
+        if now - stat.st_mtime > STALE_SHARD_AGE_S:
+          found["stale_shard"].append(
+              Candidate("stale_shard", path, stat.st_size, stat.st_mtime, lambda p=path: _remove(p)))
     if _is_hf_cache(dirpath, dirnames):
       found["hf_revision"].extend(_hf_candidates(dirpath))
     if os.path.basename(dirpath) == CHECKPOINTS_DIR:

@@ -22,7 +22,7 @@ import pytest
 from conftest import REPO, wait_for, write_synthetic_shards
 from fsspec.spec import AbstractFileSystem
 
-from echo_jax import aot
+from echo_jax import aot, watchdog
 from echo_jax.data import cache as cache_module
 from echo_jax.data.cache import CacheWriteError, ShardCache, is_local
 from echo_jax.data.pipeline import Pipeline, StreamSet
@@ -390,6 +390,38 @@ def test_processes_on_one_host_read_the_held_out_set_through_caches_of_their_own
     for _ in range(4):  # a whole pass, in turn, as the processes' threads may read
       assert_same([next(readers[0])], [next(readers[1])])
   assert not trainer._skips
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  with trainer._pipeline("train", urls, 0) as training:
+    next(training)
+  # The disk watchdog knows these directories for what they are (it deletes shards left in them for a day).
+  streams = [os.path.relpath(d, tmp_path / "cache") for d, _, _ in os.walk(tmp_path / "cache") if "stream_" in d]
+  assert len(streams) == 3 and all(watchdog._SHARD_CACHE_STREAM.search(d) for d in streams), streams
+
+
+def test_what_a_killed_launch_fetched_ahead_is_deleted_by_the_next_one(tmp_path):
+  """A launch killed (out of memory, or SIGKILL after a preemption's grace) never closes its cache: the shards it
+  fetched ahead stayed on the disk for good unless a relaunch happened to read those very shards. The next launch's
+  cache deletes them at its first fetch, and adopts the copies of the shards it is about to read."""
+  local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=5, per_shard=2))
+  urls = []
+  for path in local:
+    StallingFileSystem.FILES[os.path.basename(path)] = pathlib.Path(path).read_bytes()
+    urls.append(f"stalling://{os.path.basename(path)}")
+  killed = ShardCache(str(tmp_path / "cache"), prefetch=3)
+  killed.fetch(urls[0], upcoming=urls[1:4])
+  for url in urls[1:4]:
+    killed.fetch(url)  # complete: shards 0-3 are on the disk, none read
+  pathlib.Path(killed.local_path(urls[0]) + ".consumed").touch()  # killed between the marker and the deletion
+  opens = {url: len(StallingFileSystem.OPENS[url.removeprefix("stalling://")]) for url in urls[:4]}
+
+  relaunch = ShardCache(str(tmp_path / "cache"), prefetch=1)
+  path = relaunch.fetch(urls[3], upcoming=[urls[4]])
+  relaunch.fetch(urls[4])
+  assert cache_files(tmp_path / "cache") == sorted(os.path.basename(relaunch.local_path(u)) for u in urls[3:])
+  assert len(StallingFileSystem.OPENS["train-00003.tar"]) == opens[urls[3]]  # adopted, not fetched again
+  assert path == relaunch.local_path(urls[3])
+  relaunch.close()
+  assert cache_files(tmp_path / "cache") == []
 
 
 def test_a_failed_download_says_why_and_retries_wait_longer_each_time(tmp_path):

@@ -61,6 +61,13 @@ def tree(tmp_path):
       "consumed_old": _file(tmp_path / "shards" / "shard-0.tar", 20 * KB, OLD - 50),
       "consumed_new": _file(tmp_path / "shards" / "shard-1.tar", 20 * KB, OLD),
       "unconsumed": _file(tmp_path / "shards" / "shard-2.tar", 20 * KB, OLD - 500),
+      # The trainer's shard cache: shards fetched ahead a day ago by launches never relaunched, and one an hour ago.
+      "stale_eval": _file(tmp_path / "cache" / "eval-0123456789ab-process_1" / "stream_0" / "f00d-eval-0.tar", 10 * KB,
+                          time.time() - 3 * 86400),
+      "stale_train": _file(tmp_path / "cache" / "train-0123456789ab" / "stream_3" / "beef-shard-7.tar", 10 * KB,
+                           time.time() - 2 * 86400),
+      "fetched_ahead": _file(tmp_path / "cache" / "train-0123456789ab" / "stream_2" / "cafe-shard-8.tar", 10 * KB,
+                             OLD),
   }
   _file(tmp_path / "shards" / "shard-0.tar.consumed", 0)
   _file(tmp_path / "shards" / "shard-1.consumed", 0)
@@ -110,13 +117,15 @@ def test_frees_in_order_until_nothing_deletable_is_left(tree, caplog):
       ("partial_download", paths["old_part"]),
       ("consumed_shard", paths["consumed_old"]),
       ("consumed_shard", paths["consumed_new"]),
+      ("stale_shard", paths["stale_eval"]),
+      ("stale_shard", paths["stale_train"]),
       ("hf_revision", paths["hf_old"]),
       ("hf_revision", paths["hf_mid"]),
       ("checkpoint", paths["ckpt_100"]),
       ("checkpoint", paths["ckpt_200"]),
   ]
-  for key in ("fresh_partial", "unconsumed", "hf_new", "ckpt_300", "ckpt_400_tmp", "ckpt_500_uncommitted",
-              "tmp_inner_part"):
+  for key in ("fresh_partial", "unconsumed", "fetched_ahead", "hf_new", "ckpt_300", "ckpt_400_tmp",
+              "ckpt_500_uncommitted", "tmp_inner_part"):
     assert os.path.exists(paths[key]), key
   for _, path in deleted:
     assert not os.path.exists(path), path
@@ -157,7 +166,7 @@ def test_dry_run_deletes_nothing_and_logs_the_plan(tree, caplog):
   assert _snapshot(root) == before
   assert [d.path for d in report.deletions][-2:] == [paths["ckpt_100"], paths["ckpt_200"]]
   assert all(d.dry_run for d in report.deletions)
-  assert sum("dry run: would delete" in r.getMessage() for r in caplog.records) == len(report.deletions) == 8
+  assert sum("dry run: would delete" in r.getMessage() for r in caplog.records) == len(report.deletions) == 10
 
 
 def test_newest_complete_checkpoint_kept_even_with_keep_zero(tmp_path):

@@ -163,6 +163,7 @@ class ShardCache:
     self.failures: dict[str, str] = {}
     self._downloads: dict[str, _Download] = {}
     self._interrupted = threading.Event()
+    self._swept = False
 
   def local_path(self, url: str) -> str:
     """Where `url` is cached: its file name behind a hash of the URL, so equal names in two folders differ."""
@@ -189,8 +190,10 @@ class ShardCache:
     """
     if is_local(url):
       return url
-    download = self._ensure(url)
     remote_upcoming = [u for u in dict.fromkeys(upcoming) if u != url and not is_local(u)]
+    if not self._swept:
+      self._sweep(keep=[url, *remote_upcoming[: self.prefetch]])
+    download = self._ensure(url)
     for next_url in remote_upcoming[: self.prefetch]:
       self._ensure(next_url)
     while True:
@@ -223,6 +226,20 @@ class ShardCache:
         self._check_interrupted(url)
       download.done.clear()
       download.start()
+
+  def _sweep(self, keep: Sequence[str]) -> None:
+    """Deletes what an earlier launch that was killed (no `close`) left in the directory, except the copies of the
+    shards in `keep`, about to be read: its shards fetched ahead, partial downloads and consumed markers. The
+    directory is this stream's alone (one per run, role and stream), so nothing else of it is in use."""
+    self._swept = True
+    wanted = {self.local_path(url) for url in keep}
+    left = [entry.path for entry in os.scandir(self.directory) if entry.is_file() and entry.path not in wanted] \
+        if os.path.isdir(self.directory) else []
+    for path in left:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+    if left:
+      logging.info("deleted %d files an earlier launch left in %s", len(left), self.directory)
 
   def _check_interrupted(self, url: str) -> None:
     if self._interrupted.is_set():
