@@ -31,7 +31,8 @@ class _HubApi(stand_in.Handler):
   GET /api/datasets/ORG/NAME[/revision/REV]: the dataset's id and commit;
   GET /api/datasets/ORG/NAME/tree/REV[/PATH][?recursive=True]: the files and folders under PATH;
   GET /datasets/ORG/NAME/resolve/REV/PATH: the file's bytes, a Range of them if asked (401 for `denied` files);
-  GET /api/whoami-v2: the account of any token (`hf auth login` asks it), 401 without one."""
+  GET /api/whoami-v2: the account of any token (`hf auth login` asks it), 401 without one;
+  POST /api/datasets/ORG/NAME/paths-info/REV (form: paths=...): the entries of those paths that exist."""
 
   root: str
   hub: Server
@@ -69,16 +70,33 @@ class _HubApi(stand_in.Handler):
     else:
       self.reply(404, {"error": "Not found"})
 
+  def do_POST(self) -> None:
+    url = urllib.parse.urlparse(self.path)
+    self.hub.requests.append((url.path, self.headers.get("Authorization")))
+    parts = [urllib.parse.unquote(part) for part in url.path.strip("/").split("/")]
+    form = urllib.parse.parse_qs(self.rfile.read(int(self.headers.get("Content-Length", 0))).decode())
+    repo = "/".join(parts[2:4])
+    if parts[:2] != ["api", "datasets"] or parts[4:5] != ["paths-info"]:
+      self.reply(404, {"error": "Not found"})
+    elif not os.path.isdir(os.path.join(self.root, repo)):
+      self.reply(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+    else:
+      base = os.path.join(self.root, repo)
+      self.reply(200, [self._entry(base, os.path.join(base, path)) for path in form.get("paths", [])
+                       if os.path.exists(os.path.join(base, path))])
+
+  @staticmethod
+  def _entry(base: str, path: str) -> dict:
+    relative = os.path.relpath(path, base).replace(os.sep, "/")
+    oid = hashlib.sha1(relative.encode()).hexdigest()
+    return ({"type": "directory", "oid": oid, "path": relative} if os.path.isdir(path) else
+            {"type": "file", "oid": oid, "size": os.path.getsize(path), "path": relative})
+
   def _tree(self, repo: str, folder: str, recursive: bool) -> list[dict]:
     base = os.path.join(self.root, repo)
     entries = []
     for here, folders, files in os.walk(os.path.join(base, folder)):
-      for name in sorted(folders) + sorted(files):
-        path = os.path.join(here, name)
-        relative = os.path.relpath(path, base).replace(os.sep, "/")
-        oid = hashlib.sha1(relative.encode()).hexdigest()
-        entries.append({"type": "directory", "oid": oid, "path": relative} if os.path.isdir(path) else
-                       {"type": "file", "oid": oid, "size": os.path.getsize(path), "path": relative})
+      entries += [self._entry(base, os.path.join(here, name)) for name in sorted(folders) + sorted(files)]
       if not recursive:
         break
     return entries

@@ -424,6 +424,14 @@ def test_what_a_killed_launch_fetched_ahead_is_deleted_by_the_next_one(tmp_path)
   assert cache_files(tmp_path / "cache") == []
 
 
+def test_a_pattern_under_a_missing_hub_directory_is_named_in_the_error(tmp_path):
+  """huggingface_hub's filesystem raises its own FileNotFoundError, naming only a path, for such a pattern."""
+  (tmp_path / "hub" / "org" / "shards").mkdir(parents=True)
+  with fake_hub.registered(str(tmp_path / "hub")), pytest.raises(
+      FileNotFoundError, match=r"shard spec item 'hf://datasets/org/shards/nodir/\*\.tar' .*matches no file \("):
+    list_shards("hf://datasets/org/shards/nodir/*.tar")
+
+
 def test_a_failed_download_says_why_and_retries_wait_longer_each_time(tmp_path):
   local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=1, per_shard=4))
   StallingFileSystem.FILES["denied.tar"] = pathlib.Path(local[0]).read_bytes()

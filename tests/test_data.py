@@ -136,6 +136,8 @@ def test_list_shards(tmp_path):
   assert str(tmp_path / "e") not in list_shards(str(tmp_path / "*"))
   with pytest.raises(FileNotFoundError, match="matches no file"):
     list_shards(str(tmp_path / "e*"))
+  with pytest.raises(FileNotFoundError, match=r"no file: it is a directory; name its shards, e\.g\. .*e/\*\.tar"):
+    list_shards(str(tmp_path / "e") + "/")
 
 
 def test_fsspec_url_round_trip(tmp_path):

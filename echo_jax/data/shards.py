@@ -117,13 +117,18 @@ def list_shards(spec: str | Sequence[str]) -> list[str]:
   paths = set()
   for item in items:
     fs, fs_path = fsspec.core.url_to_fs(item)
-    is_pattern = glob.has_magic(fs_path)
-    if is_pattern:  # files only: a directory the pattern also matches would be an unreadable shard every epoch
-      matches = [path for path, info in fs.glob(fs_path, detail=True).items() if info.get("type") == "file"]
-    else:
-      matches = [fs_path] if fs.isfile(fs_path) else []
+    why = ""
+    try:
+      if glob.has_magic(fs_path):  # files only: a directory the pattern also matches would be an unreadable shard
+        matches = [path for path, info in fs.glob(fs_path, detail=True).items() if info.get("type") == "file"]
+      else:
+        matches = [fs_path] if fs.isfile(fs_path) else []
+        if not matches and fs.isdir(fs_path):
+          why = f": it is a directory; name its shards, e.g. {item.rstrip('/')}/*.tar"
+    except FileNotFoundError as error:  # some filesystems (hf://) raise for a pattern under a missing directory
+      matches, why = [], f" ({error})"
     if not matches:
-      raise FileNotFoundError(f"shard spec item {item!r} (from {spec!r}) matches no file")
+      raise FileNotFoundError(f"shard spec item {item!r} (from {spec!r}) matches no file{why}")
     local = "file" in fs.protocol
     paths.update(match if local else fs.unstrip_protocol(match) for match in matches)
   return sorted(paths)
