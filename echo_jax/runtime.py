@@ -10,9 +10,11 @@ ECHO_COORDINATOR (host:port), ECHO_NUM_PROCESSES and ECHO_PROCESS_ID. CPU proces
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import glob
 import os
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -89,6 +91,41 @@ def exit_at_once_on_error() -> Iterator[None]:
       # (exit 134, their own error unprinted). A few seconds let them print it and leave first.
       time.sleep(EXIT_DELAY_PROCESS_0_S)
     os._exit(1)
+
+
+class HangWatchdog:
+  """Ends a process that stops making progress: once `timeout` seconds pass without a `beat`, it logs `what` and
+  the stack of every thread (faulthandler) and exits 1, so that launch.sh reports the failure with those stacks
+  instead of a pod that bills hours while every host waits, e.g. in a collective for a host whose data read hangs
+  on a dead mount. A daemon thread; `stop` disarms it. (faulthandler.dump_traceback_later alone would exit without
+  saying why, and the exit on a failed process 0 must wait as `exit_at_once_on_error`'s does.)"""
+
+  def __init__(self, timeout: float, what: str):
+    self.timeout = timeout
+    self.what = what
+    self._last = time.monotonic()
+    self._stopped = threading.Event()
+    self._thread = threading.Thread(target=self._watch, name="hang_watchdog", daemon=True)
+    self._thread.start()
+
+  def beat(self) -> None:
+    self._last = time.monotonic()
+
+  def stop(self) -> None:
+    self._stopped.set()
+
+  def _watch(self) -> None:
+    while not self._stopped.wait(min(self.timeout / 4, 10.0)):
+      idle = time.monotonic() - self._last
+      if idle >= self.timeout:
+        logging.error("%s for %.0f s: the run is stuck, and exits. The stack of every thread follows.",
+                      self.what, idle)
+        sys.stderr.flush()
+        faulthandler.dump_traceback(all_threads=True)
+        sys.stderr.flush()
+        if jax.process_count() > 1 and jax.process_index() == 0:
+          time.sleep(EXIT_DELAY_PROCESS_0_S)  # as in exit_at_once_on_error
+        os._exit(1)
 
 
 def enable_compilation_cache(directory: str) -> bool:

@@ -4,10 +4,11 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import pytest
-from conftest import REPO, cpu_env, free_port
+from conftest import REPO, cpu_env, free_port, load_config, write_synthetic_shards
 
 from echo_jax import runtime
 
@@ -79,3 +80,59 @@ def test_hosts_failing_a_moment_apart_each_print_their_own_error():
   for index, (host, output) in enumerate(zip(hosts, outputs, strict=True)):
     assert host.returncode == 1, output[-3000:]
     assert f"RuntimeError: the own error of process {index}" in output, output[-3000:]
+
+
+WATCHDOG = textwrap.dedent("""
+    import time
+    from echo_jax import runtime
+    beaten = runtime.HangWatchdog(1.0, "nothing happened")
+    for _ in range(8):  # 2 s of beats, each within the timeout
+      time.sleep(0.25)
+      beaten.beat()
+    beaten.stop()
+    time.sleep(1.5)  # stopped: it no longer fires
+    print("survived", flush=True)
+    runtime.HangWatchdog(1.0, "nothing happened")
+    def stuck_here():
+      time.sleep(60)
+    stuck_here()
+""")
+
+
+def test_the_hang_watchdog_ends_a_stuck_process_with_every_stack_and_spares_a_live_one():
+  started = time.time()
+  process = subprocess.run([sys.executable, "-c", WATCHDOG], cwd=REPO, env=cpu_env(1), capture_output=True,
+                           text=True, timeout=60)
+  assert process.returncode == 1 and "survived" in process.stdout, process.stderr
+  assert "nothing happened for 1 s: the run is stuck, and exits" in process.stderr
+  assert "in stuck_here" in process.stderr  # faulthandler's stack of the main thread
+  assert time.time() - started < 30
+
+
+# A run whose data read hangs for good after 3 batches, with train.hang_timeout set to 3 s.
+STUCK_RUN = textwrap.dedent("""
+    import json, sys, threading
+    import ml_collections
+    from echo_jax.data import pipeline
+    from echo_jax.train.loop import Trainer
+    read = pipeline.StreamSet.__next__
+    calls = []
+    def next_or_hang(self):
+      calls.append(1)
+      if len(calls) > 3:
+        threading.Event().wait()  # a read on a dead mount
+      return read(self)
+    pipeline.StreamSet.__next__ = next_or_hang
+    Trainer(ml_collections.ConfigDict(json.loads(sys.argv[1])), sys.argv[2]).run()
+""")
+
+
+def test_a_run_whose_data_read_hangs_exits_with_its_stacks(tmp_path):
+  config = load_config("tiny")
+  config.data.train_shards = write_synthetic_shards(tmp_path / "shards")
+  config.train.update(steps=100, eval_every=0, log_every=1, hang_timeout=3.0)
+  process = subprocess.run([sys.executable, "-c", STUCK_RUN, config.to_json(), str(tmp_path / "run")], cwd=REPO,
+                           env=cpu_env(1), capture_output=True, text=True, timeout=240)
+  assert process.returncode == 1, process.stderr[-3000:]
+  assert "no training step finished (train.hang_timeout) for 3 s" in process.stderr
+  assert "in next_or_hang" in process.stderr

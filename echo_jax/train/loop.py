@@ -363,6 +363,8 @@ class Trainer:
       raise
     progress = tqdm(total=train.steps, initial=start_step, desc="train", disable=not self.is_main,
                     dynamic_ncols=True)
+    watchdog = runtime.HangWatchdog(train.hang_timeout, "no training step finished (train.hang_timeout)") \
+        if train.hang_timeout else None
     try:
       samples_seen = int(meta.get("samples_seen", start_step * train.batch_size))
       cfg = self.model.cfg
@@ -382,6 +384,8 @@ class Trainer:
       waited = 0.0
       step = start_step
       while step < train.steps:
+        if watchdog:
+          watchdog.beat()
         wait_start = time.time()
         batch = sharding.global_batch(next(pipeline), self.mesh)
         waited += time.time() - wait_start
@@ -429,13 +433,19 @@ class Trainer:
       if step == train.steps and jax.distributed.is_initialized():
         _ignore_late_sigterm()
     finally:
-      progress.close()
-      pipeline.close()
-      held_out.close()  # a run ending before its first evaluation
+      if watchdog:
+        watchdog.beat()  # the closes and the last save's wait get the whole timeout too
       try:
-        self._confirm_saves(ckpt, wait=True)
+        progress.close()
+        pipeline.close()
+        held_out.close()  # a run ending before its first evaluation
+        try:
+          self._confirm_saves(ckpt, wait=True)
+        finally:
+          ckpt.close()
       finally:
-        ckpt.close()
+        if watchdog:
+          watchdog.stop()
     return state
 
   def _compile_and_restore(self, global_shapes: dict[str, jax.ShapeDtypeStruct], abstract_state: TrainState,
