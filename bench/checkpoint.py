@@ -2,17 +2,17 @@
 
     JAX_PLATFORMS=cpu python bench/checkpoint.py [--config bench_100m] [--repeats 3] [--dir DIR] [--sharded]
 
-For each repeat and each setting of zstd compression (`Checkpointer(compression=...)`, `train.ckpt_compression`),
-into a fresh directory: `Checkpointer.save` (the part that blocks the training loop), then `wait()` (the whole
-save), then `restore` of the same step onto the same shardings. Beside it, in the same directory, a file of the
-same size is written (write + fsync) and read back. Reads usually come from the page cache for both, so the restore
-and the raw read are comparable to each other, not to the disk's cold read speed. A restore is bounded as the
-trainer's is (`train.ckpt_restore_gb`). Every float of the state gets random noise first: a fresh state's AdamW
-moments are zeros, which compress to nothing, and a trained state's do not. Prints a table (best of the repeats)
-and appends one JSON line to bench/results/checkpoint.jsonl. The first round's blocked time is also shown apart:
-a process's first save compiles what later saves reuse (with --sharded, the state laid out as the trainer lays it
-out, FSDP over every device, e.g. XLA_FLAGS=--xla_force_host_platform_device_count=8: Orbax's slicing programs for
-replicated arrays, when it splits their writes between replicas).
+For each setting of zstd compression (`Checkpointer(compression=...)`, `train.ckpt_compression`), one Checkpointer
+saves a step per repeat into one directory, as a run does: `Checkpointer.save` (the part that blocks the training
+loop), then `wait()` (the whole save), then `restore` of that step onto the same shardings. The first save is shown
+apart: a process's first save compiles what the later ones reuse (the checksum program, and with --sharded, the
+state laid out as the trainer lays it out over every device, e.g. XLA_FLAGS=--xla_force_host_platform_device_count=8,
+any slicing programs of Orbax's for replicated arrays); the other rows are the best of the later saves. Beside
+them, a file of the state's size is written (write + fsync) and read back. Reads usually come from the page cache
+for both, so the restore and the raw read are comparable to each other, not to the disk's cold read speed. A restore
+is bounded as the trainer's is (`train.ckpt_restore_gb`). Every float of the state gets random noise first: a fresh
+state's AdamW moments are zeros, which compress to nothing, and a trained state's do not. Prints a table and appends
+one JSON line to bench/results/checkpoint.jsonl.
 Target: blocked < 10% of the whole save.
 """
 
@@ -60,11 +60,8 @@ def directory_bytes(directory: str) -> int:
   return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(directory) for name in names)
 
 
-def checkpoint_round(directory: str, state: Any, abstract_state: Any, step: int, compression: bool,
-                     restore_gb: float | None) -> dict[str, float]:
-  """Save, wait and restore in `directory`; returns the seconds of each and the bytes on disk."""
-  checkpointer = Checkpointer(os.path.join(directory, "checkpoints"), keep=2, compression=compression,
-                              restore_gb=restore_gb)
+def checkpoint_round(checkpointer: Checkpointer, state: Any, abstract_state: Any, step: int) -> dict[str, float]:
+  """Save, wait and restore `step` with `checkpointer`; returns the seconds of each and the step's bytes on disk."""
   start = time.perf_counter()
   checkpointer.save(step, state, [{"epoch": 0, "shard": 0, "sample": 0}], {"benchmark": "checkpoint"})
   blocked = time.perf_counter() - start
@@ -74,24 +71,20 @@ def checkpoint_round(directory: str, state: Any, abstract_state: Any, step: int,
   restored, _, _ = checkpointer.restore(step, abstract_state)
   jax.block_until_ready(restored)
   restore = time.perf_counter() - start
-  checkpointer.close()
   if int(restored.step) != int(state.step):
     raise RuntimeError(f"restored step {int(restored.step)} differs from the saved {int(state.step)}")
-  return {"blocked_s": blocked, "save_s": whole, "restore_s": restore, "disk_bytes": directory_bytes(directory)}
+  return {"blocked_s": blocked, "save_s": whole, "restore_s": restore,
+          "disk_bytes": directory_bytes(os.fspath(checkpointer.directory / str(step)))}
 
 
-def one_round(directory: str, state: Any, abstract_state: Any, nbytes: int, step: int,
-              restore_gb: float | None) -> dict[str, Any]:
-  """A checkpoint round per compression setting, then raw write and read of as many bytes, all under `directory`."""
-  result = {}
-  for compression in (False, True):
-    name = "zstd" if compression else "plain"
-    result[name] = checkpoint_round(os.path.join(directory, name), state, abstract_state, step, compression,
-                                    restore_gb)
+def raw_round(directory: str, nbytes: int) -> dict[str, float]:
+  """Raw write + fsync and read back of `nbytes` in `directory`."""
   raw_path = os.path.join(directory, "raw.bin")
-  result["raw_write_fsync_s"] = raw_write(raw_path, nbytes)
-  result["raw_read_s"] = common.raw_read_seconds([raw_path], piece=CHUNK)
-  return result
+  try:
+    return {"raw_write_fsync_s": raw_write(raw_path, nbytes),
+            "raw_read_s": common.raw_read_seconds([raw_path], piece=CHUNK)}
+  finally:
+    os.remove(raw_path)
 
 
 def with_noise(state: Any) -> Any:
@@ -124,14 +117,22 @@ def main() -> None:
   nbytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
   restore_gb = restore_budget_gb(abstract_state, config.train.ckpt_restore_gb)  # as the trainer restores
 
-  rounds = []
-  for repeat in range(args.repeats):
-    directory = tempfile.mkdtemp(prefix="echo_ckpt_bench_", dir=args.dir)
-    try:
-      rounds.append({**one_round(directory, state, abstract_state, nbytes, step=repeat + 1, restore_gb=restore_gb),
-                     "load_average_1m": round(os.getloadavg()[0], 2)})
-    finally:
-      shutil.rmtree(directory, ignore_errors=True)
+  directory = tempfile.mkdtemp(prefix="echo_ckpt_bench_", dir=args.dir)
+  try:
+    settings = {name: Checkpointer(os.path.join(directory, name, "checkpoints"), keep=2, compression=compression,
+                                   restore_gb=restore_gb) for name, compression in (("plain", False), ("zstd", True))}
+    # Each setting's first save, apart: it compiles what the later ones reuse.
+    first = {name: checkpoint_round(checkpointer, state, abstract_state, step=1)
+             for name, checkpointer in settings.items()}
+    rounds = []
+    for repeat in range(args.repeats):
+      rounds.append({**{name: checkpoint_round(checkpointer, state, abstract_state, step=repeat + 2)
+                        for name, checkpointer in settings.items()},
+                     **raw_round(directory, nbytes), "load_average_1m": round(os.getloadavg()[0], 2)})
+    for checkpointer in settings.values():
+      checkpointer.close()
+  finally:
+    shutil.rmtree(directory, ignore_errors=True)
 
   best = {key: min(r[key] for r in rounds) for key in ("raw_write_fsync_s", "raw_read_s")}
   for name in ("plain", "zstd"):
@@ -151,14 +152,15 @@ def main() -> None:
         {"what": f"{label}: restore", "s": best[name]["restore_s"], "gb_s": gb / best[name]["restore_s"],
          "disk_gb": on_disk},
     ]
-  first_blocked = rounds[0]["plain"]["blocked_s"]
-  rows += [{"what": "first save of the process: training loop blocked", "s": first_blocked, "gb_s": gb / first_blocked},
+  first_blocked = first["plain"]["blocked_s"]
+  rows += [{"what": "default: first save of the process: training loop blocked", "s": first_blocked,
+            "gb_s": gb / first_blocked},
            {"what": "raw write + fsync", "s": best["raw_write_fsync_s"], "gb_s": gb / best["raw_write_fsync_s"]},
            {"what": "raw read", "s": best["raw_read_s"], "gb_s": gb / best["raw_read_s"]}]
   print(f"{args.config}: {count_params(state.params) / 1e6:.1f}M parameters, train state {nbytes / 1e6:.0f} MB "
         f"{'sharded over' if args.sharded else 'on 1 of'} {jax.device_count()} devices; "
         f"{machine['cpu_model']}, {machine['cores_usable']} cores, load average {machine['load_average_1m']}; "
-        f"best of {args.repeats}")
+        f"best of {args.repeats} saves after the first")
   print(common.format_table(rows, [("what", "", ""), ("s", "seconds", ".3f"), ("gb_s", "GB/s", ".2f"),
                                    ("disk_gb", "GB on disk", ".3f")]))
   print(f"default setting: blocked / whole save: {blocked_fraction:.1%} (target < {TARGET_BLOCKED_FRACTION:.0%}); "
@@ -167,7 +169,7 @@ def main() -> None:
   if not args.no_save:
     path = common.append_result("checkpoint", {
         "config": args.config, "params_m": round(count_params(state.params) / 1e6, 2), "state_bytes": nbytes,
-        "sharded_over": jax.device_count() if args.sharded else 1, "first_blocked_s": first_blocked,
+        "sharded_over": jax.device_count() if args.sharded else 1, "first": first,
         "repeats": args.repeats, "best": best, "rounds": rounds, "blocked_fraction": blocked_fraction,
         "target_blocked_fraction": TARGET_BLOCKED_FRACTION, "machine": machine})
     print(f"appended to {path}")
