@@ -414,8 +414,12 @@ def test_what_a_killed_launch_fetched_ahead_is_deleted_by_the_next_one(tmp_path)
   pathlib.Path(killed.local_path(urls[0]) + ".consumed").touch()  # killed between the marker and the deletion
   opens = {url: len(StallingFileSystem.OPENS[url.removeprefix("stalling://")]) for url in urls[:4]}
 
+  two_days_ago = time.time() - 2 * 86400
+  os.utime(killed.local_path(urls[3]), (two_days_ago, two_days_ago))
   relaunch = ShardCache(str(tmp_path / "cache"), prefetch=1)
   path = relaunch.fetch(urls[3], upcoming=[urls[4]])
+  # Adopted means in use: the disk watchdog's rule for shards left a day (stale_shard) must not take it now.
+  assert time.time() - os.path.getmtime(path) < 3600
   relaunch.fetch(urls[4])
   assert cache_files(tmp_path / "cache") == sorted(os.path.basename(relaunch.local_path(u)) for u in urls[3:])
   assert len(StallingFileSystem.OPENS["train-00003.tar"]) == opens[urls[3]]  # adopted, not fetched again

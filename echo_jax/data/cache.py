@@ -177,6 +177,7 @@ class ShardCache:
       download = _Download(url, self.local_path(url))
       self._downloads[url] = download
       if os.path.exists(download.path):  # Fetched by an earlier run that crashed before reading it.
+        os.utime(download.path)  # in use again: the disk watchdog deletes cached shards left untouched for a day
         download.done.set()
       else:
         download.start()
