@@ -122,6 +122,22 @@ def _walk(root: str) -> Iterator[tuple[str, list[str], list[str]]]:
     yield dirpath, dirnames, filenames
 
 
+# The kinds of file deletable only once untouched this long.
+_UNTOUCHED_FOR_S = {"partial_download": PARTIAL_MAX_AGE_S, "stale_shard": STALE_SHARD_AGE_S}
+
+
+def _file_kind(dirpath: str, filename: str, names: set[str]) -> str | None:
+  """The class of a file (one of CLASS_ORDER) that may be deleted, or None."""
+  if filename.endswith(PARTIAL_SUFFIXES):
+    return "partial_download"
+  if filename.endswith(".tar"):
+    if filename + CONSUMED_SUFFIX in names or filename[:-len(".tar")] + CONSUMED_SUFFIX in names:
+      return "consumed_shard"
+    if _SHARD_CACHE_STREAM.search(dirpath):
+      return "stale_shard"
+  return None
+
+
 def find_candidates(root: str, keep_checkpoints: int, now: float | None = None) -> list[Candidate]:
   """Everything deletable under `root`, in deletion order: by class, then oldest first."""
   now = time.time() if now is None else now
@@ -129,22 +145,17 @@ def find_candidates(root: str, keep_checkpoints: int, now: float | None = None) 
   for dirpath, dirnames, filenames in _walk(root):
     names = set(filenames)
     for filename in filenames:
+      kind = _file_kind(dirpath, filename, names)
+      if kind is None:
+        continue
       path = os.path.join(dirpath, filename)
-      if filename.endswith(PARTIAL_SUFFIXES):
+      try:
         stat = os.lstat(path)
-        if now - stat.st_mtime > PARTIAL_MAX_AGE_S:
-          found["partial_download"].append(
-              Candidate("partial_download", path, stat.st_size, stat.st_mtime, lambda p=path: _remove(p)))
-      elif filename.endswith(".tar") and (filename + CONSUMED_SUFFIX in names
-                                          or filename[:-len(".tar")] + CONSUMED_SUFFIX in names):
-        stat = os.lstat(path)
-        found["consumed_shard"].append(
-            Candidate("consumed_shard", path, stat.st_size, stat.st_mtime, lambda p=path: _remove(p)))
-      elif filename.endswith(".tar") and _SHARD_CACHE_STREAM.search(dirpath):
-        stat = os.lstat(path)
-        if now - stat.st_mtime > STALE_SHARD_AGE_S:
-          found["stale_shard"].append(
-              Candidate("stale_shard", path, stat.st_size, stat.st_mtime, lambda p=path: _remove(p)))
+      except FileNotFoundError:  # deleted since the walk listed it (the shard cache deletes what it has read)
+        continue
+      if kind in _UNTOUCHED_FOR_S and now - stat.st_mtime <= _UNTOUCHED_FOR_S[kind]:
+        continue
+      found[kind].append(Candidate(kind, path, stat.st_size, stat.st_mtime, lambda p=path: _remove(p)))
     if _is_hf_cache(dirpath, dirnames):
       found["hf_revision"].extend(_hf_candidates(dirpath))
     if os.path.basename(dirpath) == CHECKPOINTS_DIR:
@@ -238,7 +249,11 @@ def free_space_once(
         would_free += candidate.size
         logger.info("dry run: would delete %s %s (%s)", candidate.kind, candidate.path, format_bytes(candidate.size))
       else:
-        candidate.delete()
+        try:
+          candidate.delete()
+        except OSError as error:  # one file it may not delete must not keep it from every other
+          logger.error("could not delete %s %s: %s; going on with the next", candidate.kind, candidate.path, error)
+          continue
         free = free_bytes(probe)
         logger.info("deleted %s %s (%s)", candidate.kind, candidate.path, format_bytes(candidate.size))
       report.deletions.append(Deletion(candidate.kind, candidate.path, candidate.size, dry_run))

@@ -138,6 +138,25 @@ def test_frees_in_order_until_nothing_deletable_is_left(tree, caplog):
   assert any("DISK SPACE STILL LOW" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
 
 
+def test_a_file_it_may_not_delete_does_not_keep_it_from_the_others(tree, monkeypatch, caplog):
+  """One undeletable file (immutable, or owned by another user) made every pass fail before freeing anything."""
+  root, paths = tree
+  remove = watchdog._remove
+
+  def refused(path):
+    if path == paths["old_incomplete"]:
+      raise PermissionError(1, "Operation not permitted", path)
+    remove(path)
+
+  monkeypatch.setattr(watchdog, "_remove", refused)
+  caplog.set_level(logging.INFO, logger="echo_jax.watchdog")
+  report = watchdog.free_space_once([str(root)], min_free_bytes=10**9, keep_checkpoints=1,
+                                    free_bytes=_quota(root, 2 * 10**6))
+  assert os.path.exists(paths["old_incomplete"]) and not os.path.exists(paths["ckpt_100"])
+  assert paths["old_incomplete"] not in [d.path for d in report.deletions] and len(report.deletions) == 9
+  assert any(f"could not delete partial_download {paths['old_incomplete']}" in r.getMessage() for r in caplog.records)
+
+
 def test_stops_as_soon_as_enough_is_free(tree):
   root, paths = tree
   used = _used(root)
