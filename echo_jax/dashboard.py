@@ -102,8 +102,8 @@ class JsonlTail:
           carry = data
           continue
         carry = data[end:]
-        self.offset += end
         yield self._parse(data[:end])
+        self.offset += end  # once the caller has taken the lines in: if it fails, the next refresh reads them again
 
   def _parse(self, data: bytes) -> list[dict[str, Any]]:
     lines = data.split(b"\n")
@@ -183,6 +183,8 @@ def _layout_tables(records: Sequence[dict[str, Any]]) -> Iterator[tuple[tuple[st
   n = len(records)
   lengths = np.fromiter(map(len, records), dtype=np.intp, count=n)
   for length in np.unique(lengths).tolist():
+    if length == 0:  # `{}`: no values (and no key layout to read them by)
+      continue
     rows = np.arange(n) if lengths[0] == length and (lengths == length).all() else np.flatnonzero(lengths == length)
     group = records if rows.size == n else [records[i] for i in rows.tolist()]
     layout = tuple(group[0])
@@ -386,15 +388,23 @@ class RunState:
     result = []
     for step, dirname in sorted(step_dirs, reverse=True)[:max_steps]:
       items: dict[str, dict[str, Any]] = {}
-      for path in sorted(self._ls(f"{self.root}/samples/{dirname}")):
-        filename = posixpath.basename(path)
-        stem, ext = posixpath.splitext(filename)
-        if ext not in _SAMPLE_KINDS or not _SAFE_COMPONENT.match(filename):
+      try:
+        listed = sorted(self._ls(f"{self.root}/samples/{dirname}"))
+      except (FileNotFoundError, NotADirectoryError):  # deleted since the samples directory was listed
+        continue
+      for listed_path in listed:
+        filename = posixpath.basename(listed_path)
+        path = self._servable(f"samples/{dirname}/{filename}")  # what `open_sample` would serve, and only that
+        if path is None:
           continue
+        stem, ext = posixpath.splitext(filename)
         item = items.setdefault(stem, {"name": stem})
         if ext == ".txt":
-          with self.fs.open(path, "rb") as f:
-            item["text"] = f.read(MAX_SAMPLE_TEXT_BYTES).decode("utf-8", errors="replace")
+          try:
+            with self.fs.open(path, "rb") as f:
+              item["text"] = f.read(MAX_SAMPLE_TEXT_BYTES).decode("utf-8", errors="replace")
+          except FileNotFoundError:
+            continue
         else:
           item["audio" if ext == ".wav" else "image"] = f"samples/{dirname}/{filename}"
       result.append({"step": step, "items": list(items.values())})
@@ -480,22 +490,29 @@ class RunState:
     with self.lock:
       return list(self.samples)
 
-  def open_sample(self, relpath: str) -> tuple[bytes, str] | None:
-    """Bytes and content type of `samples/...` file `relpath`, or None if it is not a servable file."""
+  def _servable(self, relpath: str) -> str | None:
+    """The path to read `samples/...` file `relpath` at, or None if it is not a file the dashboard may show."""
     parts = relpath.split("/")
     if len(parts) < 2 or parts[0] != "samples" or not all(_SAFE_COMPONENT.match(p) for p in parts):
       return None
-    content_type = _SAMPLE_KINDS.get(posixpath.splitext(parts[-1])[1])
-    if content_type is None:
+    if posixpath.splitext(parts[-1])[1] not in _SAMPLE_KINDS:
       return None
     path = f"{self.root}/{relpath}"
     if _is_local(self.fs):
-      # A symlink inside the run directory may point anywhere; only files that really live inside are served.
+      # A symlink inside the run directory may point anywhere; only files that really live inside are shown.
       root = os.path.realpath(self.root)
       real = os.path.realpath(path)
       if not real.startswith(root + os.sep) or not os.path.isfile(real):
         return None
       path = real
+    return path
+
+  def open_sample(self, relpath: str) -> tuple[bytes, str] | None:
+    """Bytes and content type of `samples/...` file `relpath`, or None if it is not a servable file."""
+    path = self._servable(relpath)
+    if path is None:
+      return None
+    content_type = _SAMPLE_KINDS[posixpath.splitext(relpath)[1]]
     try:
       with self.fs.open(path, "rb") as f:
         return f.read(), content_type

@@ -189,6 +189,33 @@ def test_sample_files_allowed_only_in_samples(server):
   assert _raw_get(server, "/files/0/samples/step_5") == 404
 
 
+def test_sample_listing_shows_no_text_from_outside_the_run(tmp_path):
+  """The listing read the text of every `samples/step_N/*.txt`, symlinks to files or step directories outside the run
+  included, while `/files/` refused to serve them."""
+  run_dir = make_run(tmp_path)
+  (tmp_path / "outside").mkdir()
+  (tmp_path / "outside" / "secret.txt").write_text("TOP SECRET")
+  os.symlink(tmp_path / "outside" / "secret.txt", os.path.join(run_dir, "samples", "step_5", "leak.txt"))
+  os.symlink(tmp_path / "outside", os.path.join(run_dir, "samples", "step_20"))
+  os.symlink(tmp_path / "nowhere.txt", os.path.join(run_dir, "samples", "step_5", "dangling.txt"))
+  run = dashboard.RunState(run_dir, "r")
+  run.refresh()
+  listed = json.dumps(run.samples)
+  assert "TOP SECRET" not in listed and "leak" not in listed and "dangling" not in listed
+  assert [entry["step"] for entry in run.samples] == [20, 5]
+  assert [item["name"] for item in run.samples[1]["items"]] == ["s0"]  # the sample that lives in the run
+
+
+def test_an_empty_metrics_line_loses_no_other_line(tmp_path):
+  """`{}` once failed the whole chunk it came in, and the read had moved past it: those lines never showed."""
+  run_dir = make_run(tmp_path, steps=3)
+  with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+    f.write("{}\n" + _metric_line(3) + "\n")
+  run = dashboard.RunState(run_dir, "r")
+  run.refresh()
+  assert run.series(["loss"], 2000)["loss"]["step"].tolist() == [0, 1, 2, 3]
+
+
 def test_sample_paths_checked_on_remote_filesystems():
   """Off the local disk there is no realpath to check, so the path rules alone must hold."""
   import fsspec
