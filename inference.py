@@ -14,7 +14,7 @@ import sys
 
 from absl import app, flags
 
-from echo_jax import codecs, sampling, synthesis
+from echo_jax import codecs, sampling, storage, synthesis
 from echo_jax.codecs import audio as audio_lib
 
 FLAGS = flags.FLAGS
@@ -81,6 +81,10 @@ def run() -> synthesis.SynthesisResult:
   text = read_text()
   synthesis.split_and_normalize(text)  # an empty text fails before the checkpoint and codec are loaded
   sampler = sampler_from_flags()
+  try:
+    storage.check_writable(FLAGS.output)  # before the generation, not after it
+  except OSError as error:
+    raise synthesis.SynthesisError(f"cannot write --output {FLAGS.output}: {error}") from error
   codec = codecs.get_codec(FLAGS.codec, FLAGS.codec_weights) if FLAGS.codec else None
   synthesizer = synthesis.Synthesizer.from_checkpoint(FLAGS.checkpoint, codec, FLAGS.codec_weights)
   codec = synthesizer.codec
@@ -103,7 +107,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
     run()
-  except (synthesis.SynthesisError, ValueError, FileNotFoundError) as error:
+  except (synthesis.SynthesisError, ValueError, OSError) as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(1)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -67,6 +68,10 @@ class SamplerConfig:
   speaker_kv_min_t: float = 0.9
 
   def __post_init__(self):
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison below
+        raise ValueError(f"{field.name} must be a finite number, got {value}")
     if self.steps < 1:
       raise ValueError(f"steps must be at least 1, got {self.steps}")
     if self.cfg_mode not in CFG_MODES:
@@ -79,6 +84,8 @@ class SamplerConfig:
       raise ValueError(f"rescale_k must be positive, got {self.rescale_k}")
     if self.speaker_kv_max_layers is not None and self.speaker_kv_max_layers < 0:
       raise ValueError(f"speaker_kv_max_layers must be non-negative, got {self.speaker_kv_max_layers}")
+    if self.cfg_min_t > self.cfg_max_t:
+      raise ValueError(f"cfg_min_t={self.cfg_min_t} is above cfg_max_t={self.cfg_max_t}: guidance would never apply")
 
   @property
   def passes(self) -> int:

@@ -12,6 +12,8 @@ module's files, shards, and Orbax's directories (etils' epath reaches GCS throug
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import posixpath
 import uuid
@@ -54,16 +56,36 @@ def join(base: str, *names: str) -> str:
 
 
 def write_bytes(path: str, data: bytes) -> None:
-  """`data` as the file `path` (its directories made), never seen half-written."""
+  """`data` as the file `path` (its directories made), never seen half-written: a failed write leaves nothing."""
   if is_local(path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     partial = f"{path}.partial"
-    with open(partial, "wb") as f:
-      f.write(data)
-    os.replace(partial, path)
+    try:
+      with open(partial, "wb") as f:
+        f.write(data)
+      os.replace(partial, path)
+    except BaseException:
+      with contextlib.suppress(OSError):
+        os.remove(partial)
+      raise
     return
   fs, target = fsspec.core.url_to_fs(path)
   fs.pipe_file(target, data)
+
+
+def check_writable(path: str) -> None:
+  """Raises OSError saying why when `write_bytes` could not write the local file `path` (a directory there, or a
+  directory that cannot be made or written in), so that a long job fails before its work, not after. A remote path
+  is not checked: an object store answers at the write."""
+  if not is_local(path):
+    return
+  if os.path.isdir(path):
+    raise IsADirectoryError(errno.EISDIR, "is a directory: give a file name in it", path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  probe = f"{path}.partial"
+  with open(probe, "wb"):
+    pass
+  os.remove(probe)
 
 
 def _asked_now(path: str) -> tuple[fsspec.AbstractFileSystem, str]:

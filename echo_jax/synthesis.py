@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -146,8 +147,8 @@ class Synthesizer:
 
   def frames_for(self, duration: float) -> int:
     """Latent frames for `duration` seconds; warns beyond the length the model trained on."""
-    if duration <= 0:
-      raise SynthesisError(f"duration must be positive, got {duration}")
+    if not 0 < duration < math.inf:  # NaN fails this too
+      raise SynthesisError(f"duration must be a positive number of seconds, got {duration}")
     frames = max(1, int(round(duration * self.codec.frame_rate)))
     if frames > self.config.data.max_frames:
       log.warning("%d frames (%.1f s) is longer than the %d frames the model trained on; quality may suffer",

@@ -137,11 +137,12 @@ def test_given_speaker_latents_are_cut_to_whole_patches(run_dir, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["empty text", "unreadable reference", "silent reference", "latent_dim mismatch",
-                                  "missing checkpoint", "damaged checkpoint"])
+                                  "missing checkpoint", "damaged checkpoint", "output is a directory", "nan scale",
+                                  "infinite duration"])
 def test_bad_input_gives_clear_error_and_no_file(case, run_dir, reference_wav, tmp_path, cli, capsys):
   output = str(tmp_path / "out.wav")
   args = {"checkpoint": run_dir, "text": "Hello there.", "speaker_ref": reference_wav}
-  codec, expected = None, None
+  codec, expected, extra = None, None, []
   if case == "empty text":
     args["text"], expected = "   ", "text is empty"
   elif case == "unreadable reference":
@@ -164,15 +165,24 @@ def test_bad_input_gives_clear_error_and_no_file(case, run_dir, reference_wav, t
     metadata.write_bytes(metadata.read_bytes()[: metadata.stat().st_size // 2])
     expected = f"reading the parameters of {steps / '3'} failed (JSONDecodeError"
     expected_advice = f"the step is damaged: use an earlier step, e.g. {steps / '1'}"
+  elif case == "output is a directory":  # refused before the generation; it used to end in a traceback after it
+    output = str(tmp_path / "outdir")
+    os.mkdir(output)
+    expected = f"cannot write --output {output}: [Errno 21] is a directory: give a file name in it"
+  elif case == "nan scale":  # it wrote a wav of full-scale DC, exit 0
+    extra, expected = ["--cfg_scale=nan"], "cfg_scale must be a finite number, got nan"
+  elif case == "infinite duration":
+    extra, expected = ["--duration=inf"], "duration must be a positive number of seconds, got inf"
   else:
     args["checkpoint"], expected = str(tmp_path / "nowhere"), "checkpoint not found"
-  code = cli(*(f"--{k}={v}" for k, v in args.items()), f"--output={output}", "--steps=2", "--duration=0.4",
+  code = cli(*(f"--{k}={v}" for k, v in args.items()), f"--output={output}", "--steps=2", "--duration=0.4", *extra,
              codec=codec)
   assert code == 1
   err = capsys.readouterr().err
   assert expected in err
   if case == "damaged checkpoint":
     assert expected_advice in err
+  assert not [name for name in os.listdir(tmp_path) if name.endswith(".partial")]
   assert os.listdir(tmp_path) == [name for name in os.listdir(tmp_path) if not name.startswith("out.wav")]
 
 

@@ -109,7 +109,8 @@ def test_matches_slow_reference(setup, mode):
   if mode != "independent":
     return
   # The comparison is sensitive to each feature: without guidance, rescaling or forcing the result differs by > 0.1.
-  for change in ({"cfg_min_t": 2.0}, {"rescale_k": None, "rescale_sigma": None}, {"speaker_kv_scale": None}):
+  for change in ({"cfg_text": 0.0, "cfg_speaker": 0.0}, {"rescale_k": None, "rescale_sigma": None},
+                 {"speaker_kv_scale": None}):
     other = sampling.sample(params, cfg, SamplerConfig(**{**vars(sampler), **change}), key, **inputs, frames=FRAMES)
     assert np.max(np.abs(np.asarray(other) - slow)) > 0.1, change
 
@@ -208,3 +209,11 @@ def test_presets_and_config_validation(tmp_path):
     SamplerConfig(cfg_mode="both")
   with pytest.raises(ValueError, match="rescale_sigma"):
     SamplerConfig(rescale_k=1.0)
+  # NaN passes every range check; it made a wav of full-scale DC, and a run exit 0.
+  for field in ("cfg_scale", "truncation", "cfg_text", "speaker_kv_min_t"):
+    with pytest.raises(ValueError, match=f"{field} must be a finite number, got nan"):
+      SamplerConfig(**{field: float("nan")})
+  with pytest.raises(ValueError, match="rescale_k must be a finite number, got inf"):
+    SamplerConfig(rescale_k=float("inf"), rescale_sigma=3.0)
+  with pytest.raises(ValueError, match="cfg_min_t=0.9 is above cfg_max_t=0.1: guidance would never apply"):
+    SamplerConfig(cfg_min_t=0.9, cfg_max_t=0.1)

@@ -262,3 +262,15 @@ def test_the_dashboard_of_a_gs_run_sees_checkpoints_and_samples_that_come_later(
   state.refresh()
   assert state.listed_checkpoint_step == 4
   assert [(s["step"], s["items"][0]["text"].strip()) for s in state.samples] == [(4, "[S1] later"), (2, "[S1] early")]
+
+
+def test_a_local_write_that_fails_leaves_no_partial_file_and_the_check_says_why(tmp_path):
+  (tmp_path / "out.wav").mkdir()  # the rename onto a directory fails after the data is written
+  with pytest.raises(IsADirectoryError):
+    storage.write_bytes(str(tmp_path / "out.wav"), b"RIFF")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out.wav"]
+  with pytest.raises(IsADirectoryError, match="is a directory: give a file name in it"):
+    storage.check_writable(str(tmp_path / "out.wav"))
+  storage.check_writable(str(tmp_path / "new" / "x.wav"))  # its directory is made; nothing else is left
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out.wav"] and not any((tmp_path / "new").iterdir())
+  storage.check_writable("gs://bucket/x.wav")  # an object store is not asked beforehand

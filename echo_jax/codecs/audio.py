@@ -88,6 +88,8 @@ def write_wav(path: str, audio: np.ndarray, sample_rate: int) -> None:
   audio = np.asarray(audio, np.float32)
   if audio.ndim != 1:
     raise ValueError(f"write_wav takes mono audio [samples], got shape {audio.shape}")
+  if not np.isfinite(audio).all():  # clipped and cast, NaN would be written as full-scale noise
+    raise ValueError(f"the audio for {path} holds non-finite values (NaN or inf); nothing was written")
   wav = io.BytesIO()
   soundfile.write(wav, np.clip(audio, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
   storage.write_bytes(path, wav.getvalue())
