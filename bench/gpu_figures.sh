@@ -56,7 +56,8 @@ run train_1p3b 210 bench/train_step.py --configs echo_1p3b --batch_size 16 --ste
 run sampler_1p3b 140 bench/sampler.py --config echo_1p3b --frames 750 --steps 32 --modes independent --repeats 3
 run sampler_fish 140 bench/sampler.py --config echo_base_fish --frames 640 --frame_rate 21.53 --steps 32 \
   --modes independent --repeats 3
-run restart_1p3b 480 bench/restart.py --config echo_1p3b --set train.batch_size=16 --no_new_run --warm_repeats 2 \
+run restart_1p3b 480 bench/restart.py --config echo_1p3b --set train.batch_size=16 --set data.streams=1 \
+  --no_new_run --warm_repeats 2 \
   --restore_after_compile_too --profile
 run restore_1p3b 300 bench/restore.py --config echo_1p3b --restore_gb 0,8,4,2 --repeats 2
 for file in $results; do

@@ -19,5 +19,9 @@ def get_config():
                       speaker_dim=1024, speaker_layers=10, speaker_heads=8, speaker_mlp_dim=2816,
                       dtype="bfloat16", remat="dots_no_batch")
   config.train.batch_size = 256
+  # On a v4-64 the mesh follows the chips' torus: each host holds 4 blocks of 8 rows of the batch, which need streams
+  # of at most 8 rows (the trainer refuses fewer streams at its launch; `python -m echo_jax.aot` says so too). On one
+  # machine set --config.data.streams=1 (or any divisor of the batch).
+  config.data.streams = 32
   config.train.steps = 1_000_000
   return config

@@ -27,8 +27,9 @@ from typing import Any
 import jax
 import ml_collections
 
-from echo_jax import metrics, sharding
+from echo_jax import metrics, runtime, sharding
 from echo_jax.config import model_config
+from echo_jax.data.pipeline import batch_streams
 from echo_jax.model import Echo
 from echo_jax.train.state import count_params, example_inputs
 from echo_jax.train.step import StepFunctions, sharded_abstract_state
@@ -180,6 +181,9 @@ class AotReport:
   xla_flops: float = 0.0
   analytic_flops: float = 0.0  # metrics.train_flops_per_step: model FLOPs, remat not counted
   peak_flops: float = 0.0  # per device
+  # Why config.data.streams cannot fill some host's rows of the batch on this mesh, which the trainer refuses at its
+  # launch ("" when it can): on a slice the mesh follows the torus, and the hosts interleave along the batch.
+  data_streams: str = ""
 
   @property
   def total(self) -> int:
@@ -219,6 +223,7 @@ def compile_report(config: ml_collections.ConfigDict, topology: str, batch_size:
       analytic_flops=metrics.train_flops_per_step(model.cfg, batch_size, data.max_frames, data.max_text_len,
                                                   data.max_ref_frames),
       peak_flops=next(peak for name, peak in metrics.PEAK_FLOPS_PER_DEVICE.items() if kind.startswith(name)))
+  report.data_streams = streams_problem(config, mesh, batch_size)
   start = time.perf_counter()
   try:
     steps = StepFunctions.compile(model, config, mesh, example_inputs(config, batch_size),
@@ -233,6 +238,18 @@ def compile_report(config: ml_collections.ConfigDict, topology: str, batch_size:
     report.eval_total = MemoryUsage.of(steps.eval).total + sharding.bytes_per_device(abstract_state.opt_state)
     report.xla_flops = steps.train_flops * len(devices)
   return report
+
+
+def streams_problem(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, batch_size: int) -> str:
+  """Why config.data.streams cannot fill the batch rows that some host of `mesh` holds (`data.pipeline.batch_streams`
+  says what to set), or "" when it fills every host's."""
+  for process in sorted({device.process_index for device in mesh.devices.flat}):
+    try:
+      batch_streams(batch_size, config.data.streams,
+                    runtime.process_batch_rows(sharding.batch_sharding(mesh, 1), batch_size, process))
+    except ValueError as error:
+      return f"host {process}: {error}"
+  return ""
 
 
 def search_max_batch(fits: Callable[[int], bool], unit: int, cap: int) -> tuple[int, list[int]]:
@@ -299,6 +316,8 @@ def format_report(report: AotReport, mfu: float) -> str:
            f"({report.batch_size // (report.mesh['data'] * report.mesh['fsdp'])} per data-parallel device); "
            f"remat {report.remat}",
            f"  compile (train + eval)  {report.compile_seconds:10.1f} s"]
+  if report.data_streams:
+    lines.append(f"  THE TRAINER WOULD REFUSE THIS DATA LAYOUT: {report.data_streams}")
   if not report.fits_compiler:
     lines.append(f"  DOES NOT FIT: {report.error}")
     return "\n".join(lines)

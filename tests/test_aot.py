@@ -10,9 +10,10 @@ from types import SimpleNamespace
 
 import jax
 import pytest
+from conftest import load_config
 from jax.sharding import NamedSharding, PartitionSpec
 
-from echo_jax import aot, sharding
+from echo_jax import aot, runtime, sharding
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -71,6 +72,22 @@ def test_topologies_resolve_to_their_devices():
   assert devices[0].device_kind == "TPU v4"
   assert len(aot.topology_devices("v4-8")) == 4
   assert len(aot.topology_devices("v5e-16")) == 16
+
+
+def test_on_a_v4_64_each_host_holds_interleaved_rows_that_the_data_streams_must_fit():
+  """The mesh over a slice follows the chips' torus, so under FSDP over 32 chips each host holds 4 blocks of 8 rows
+  of 256: the trainer needs data.streams to cut the batch at 8 rows, and the AOT report says so for a config that
+  does not (before 2026-11-28 every host of a v4-64 was refused at its launch, after the compile)."""
+  config = load_config("tiny")
+  mesh = sharding.make_mesh(config.mesh.to_dict(), aot.topology_devices("v4-64"))
+  rows = sharding.batch_sharding(mesh, 1)
+  blocks = [runtime.process_batch_rows(rows, 256, process) for process in range(8)]
+  assert all(len(host) == 4 and all(stop - start == 8 for start, stop in host) for host in blocks)
+  assert sorted(row for host in blocks for start, stop in host for row in range(start, stop)) == list(range(256))
+  config.data.streams = 8  # a multiple of the host count, yet streams of 32 rows
+  assert "a multiple of 32 that divides train.batch_size=256" in aot.streams_problem(config, mesh, 256)
+  config.data.streams = 32
+  assert aot.streams_problem(config, mesh, 256) == ""
 
 
 def test_bad_topology_and_missing_libtpu_say_what_to_do(monkeypatch: pytest.MonkeyPatch):

@@ -527,9 +527,17 @@ def test_streams_of_equal_shards_stay_in_one_epoch_when_shards_do_not_divide_eve
 def test_stream_layout_errors_say_what_to_set(tmp_path):
   shards = _write_dataset(tmp_path, num_shards=4, per_shard=2)
   with pytest.raises(ValueError, match="not divisible by data.streams=3"):
-    pipeline_lib.stream_range(4, 3, (0, 4))
-  with pytest.raises(ValueError, match="set data.streams to a multiple of the process count"):
-    pipeline_lib.stream_range(8, 2, (0, 2))  # 4 processes, 2 streams
+    pipeline_lib.batch_streams(4, 3, [(0, 4)])
+  with pytest.raises(ValueError, match=r"rows \[0, 2\), .* set data.streams to a multiple of 4 that divides"):
+    pipeline_lib.batch_streams(8, 2, [(0, 2)])  # 4 processes, 2 streams
+  # A host of a v4-64 under FSDP over its 32 chips: 4 blocks of 8 rows of 256, hosts interleaved along the batch.
+  v4_host_0 = [(0, 8), (32, 40), (128, 136), (160, 168)]
+  assert pipeline_lib.batch_streams(256, 32, v4_host_0) == [0, 4, 16, 20]
+  assert pipeline_lib.batch_streams(256, 64, v4_host_0) == [0, 1, 8, 9, 32, 33, 40, 41]
+  with pytest.raises(ValueError, match=r"\[0, 8\), \[32, 40\), .* a multiple of 32 that divides"):
+    pipeline_lib.batch_streams(256, 8, v4_host_0)  # a multiple of the host count is not enough there
+  with pytest.raises(ValueError, match="not distinct ascending streams"):
+    _stream_set(shards, [1, 0])
   with pytest.raises(ValueError, match="at most the number of shards"):
     _stream_set(shards[:1], range(2))
   with _stream_set(shards, range(1), num_streams=4) as one_of_four:

@@ -83,8 +83,21 @@ WORKER = textwrap.dedent("""
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(3)  # a slow hook: the other process waits in the next step's collective
 
+    if os.environ.get("ECHO_TEST_INTERLEAVE"):
+      # A TPU slice's kind of mesh: it follows the torus, so the hosts interleave along the batch, here
+      # ECHO_TEST_INTERLEAVE devices of each at a time.
+      from echo_jax import sharding
+      make_mesh, run = sharding.make_mesh, int(os.environ["ECHO_TEST_INTERLEAVE"])
+
+      def interleaved(sizes, devices=None):
+        hosts = [[d for d in jax.devices() if d.process_index == p] for p in range(jax.process_count())]
+        return make_mesh(sizes, [d for i in range(0, len(hosts[0]), run) for host in hosts for d in host[i:i + run]])
+      sharding.make_mesh = interleaved
+
     hooks = ((1, after_step),)
-    state = RecordingTrainer(config, workdir, hooks=hooks, stop_requested=stop).run()
+    trainer = RecordingTrainer(config, workdir, hooks=hooks, stop_requested=stop)
+    print(f"batch_rows={trainer.batch_rows}", flush=True)
+    state = trainer.run()
     print(f"final_step={int(state.step.addressable_data(0))}", flush=True)
     if signal_at == -2 and jax.process_index() == 1:  # a SIGTERM once process 0 has begun to exit
       time.sleep(2)
@@ -94,10 +107,10 @@ WORKER = textwrap.dedent("""
 
 
 def start_hosts(config, workdir, *, processes=2, devices=4, texts="-", delay=0.0, signal_at=-1, port=None,
-                indices=None, gcs_url=None):
+                indices=None, gcs_url=None, interleave=0):
   """Starts `processes` simulated hosts of `devices` CPU devices each (those of `indices` only, when given, joining
-  the coordinator on `port`; reaching gs:// at the GCS stand-in's `gcs_url`, when given); returns the Popen
-  objects."""
+  the coordinator on `port`; reaching gs:// at the GCS stand-in's `gcs_url`, when given; with `interleave`, on a
+  mesh whose devices alternate between the hosts that many at a time); returns the Popen objects."""
   port = port or free_port()
   started = []
   for index in range(processes) if indices is None else indices:
@@ -105,6 +118,8 @@ def start_hosts(config, workdir, *, processes=2, devices=4, texts="-", delay=0.0
     if processes > 1:
       env.update(ECHO_COORDINATOR=f"127.0.0.1:{port}", ECHO_NUM_PROCESSES=str(processes),
                  ECHO_PROCESS_ID=str(index))
+    if interleave:
+      env["ECHO_TEST_INTERLEAVE"] = str(interleave)
     started.append(subprocess.Popen(
         [sys.executable, "-c", WORKER, config.to_json(), str(workdir), str(texts), str(delay), str(signal_at)],
         cwd=REPO, env=env,
@@ -220,6 +235,20 @@ def test_two_hosts_match_one_host_and_read_disjoint_samples(setup, two_host_run)
     assert len(set(rows[:epoch])) == epoch, rows[:epoch]
   assert set(first_epoch[0]).isdisjoint(first_epoch[1])
   assert len(set(first_epoch[0]) | set(first_epoch[1])) == PER_SHARD * NUM_SHARDS
+
+
+def test_hosts_interleaved_along_the_batch_match_one_host(setup):
+  """On a TPU slice the mesh follows the chips' torus and the hosts interleave along the batch (each host of a v4-64
+  holds 4 blocks of rows). Here the devices alternate two at a time, [p0 p0 p1 p1 p0 p0 p1 p1]: each process holds two
+  blocks of 2 rows of 8, filled by 2 of data.streams=4, and the losses are those of one process over 8 devices."""
+  root, config, _ = setup
+  config = copy.deepcopy(config)
+  config.data.streams = 4
+  config.train.update(steps=8, ckpt_every=8)
+  Trainer(config, str(root / "reference_4_streams")).run()
+  outputs = run_hosts(config, root / "interleaved", interleave=2)
+  assert "batch_rows=[(0, 2), (4, 6)]" in outputs[0] and "batch_rows=[(2, 4), (6, 8)]" in outputs[1], outputs[0]
+  assert_losses_match(losses_by_step(root / "interleaved"), losses_by_step(root / "reference_4_streams"), [4, 8])
 
 
 def test_sigterm_to_one_host_stops_both_at_one_step_and_resume_is_exact(setup, two_host_run):

@@ -15,6 +15,7 @@ checkpointed position restores onto any layout whose process count divides G.
 from __future__ import annotations
 
 import hashlib
+import math
 import queue
 import threading
 from collections.abc import Callable, Sequence
@@ -452,21 +453,24 @@ class Pipeline:
     self.close()
 
 
-def stream_range(batch_size: int, streams: int, rows: tuple[int, int]) -> range:
-  """The streams that fill global batch rows [start, stop); raises a ValueError saying what to set when the rows
-  are not a whole number of streams."""
+def batch_streams(batch_size: int, streams: int, blocks: Sequence[tuple[int, int]]) -> list[int]:
+  """The streams, ascending, that fill the global batch rows of `blocks` (a `runtime.process_batch_rows`); raises a
+  ValueError saying what to set when a block is not a whole number of streams."""
   if streams < 1:
     raise ValueError(f"data.streams must be positive, got {streams}")
   if batch_size % streams:
     raise ValueError(f"train.batch_size={batch_size} is not divisible by data.streams={streams}; set data.streams "
                      "to a divisor of the batch size (and a multiple of the process count)")
   rows_per_stream = batch_size // streams
-  start, stop = rows
-  if start % rows_per_stream or stop % rows_per_stream:
-    raise ValueError(f"this process holds global batch rows [{start}, {stop}), which is not a whole number of "
-                     f"the {streams} data streams of {rows_per_stream} rows; set data.streams to a multiple of the "
-                     "process count")
-  return range(start // rows_per_stream, stop // rows_per_stream)
+  bounds = [bound for block in blocks for bound in block]
+  if any(bound % rows_per_stream for bound in bounds):
+    # The streams must be cut where this process's blocks begin and end: at every multiple of `whole` rows.
+    multiple = batch_size // math.gcd(batch_size, *bounds)
+    held = ", ".join(f"[{start}, {stop})" for start, stop in blocks)
+    raise ValueError(f"this process holds global batch rows {held}, which are not a whole number of the {streams} "
+                     f"data streams of {rows_per_stream} rows; set data.streams to a multiple of {multiple} that "
+                     f"divides train.batch_size={batch_size}")
+  return [g for start, stop in blocks for g in range(start // rows_per_stream, stop // rows_per_stream)]
 
 
 def position_mismatch(position: dict[str, Any], shards: Sequence[str], seed: int) -> str:
@@ -491,18 +495,21 @@ def merge_stream_states(positions: Sequence[Any]) -> dict[str, Any] | None:
 
 
 class StreamSet:
-  """This process's rows of every global batch: the batches of streams `streams` of `num_streams`, stacked.
+  """This process's rows of every global batch: the batches of streams `streams` (ascending) of `num_streams`,
+  stacked: the rows in the order `jax.make_array_from_process_local_data` takes them.
 
   Each stream is a `Pipeline` (its own reader thread) of batch_size // num_streams rows, reading its shards
   through its own cache subdirectory `cache_dir/stream_{g}` (None: no cache). `state` is a `merge_stream_states`
   result or a `state()` of an earlier StreamSet; it must hold every stream this one reads.
   """
 
-  def __init__(self, *, shards: Sequence[str], batch_size: int, num_streams: int, streams: range,
+  def __init__(self, *, shards: Sequence[str], batch_size: int, num_streams: int, streams: Sequence[int],
                state: dict[str, Any] | None = None, cache_dir: str | None = None, shard_prefetch: int = 2,
                stall_timeout: float = 120.0, retries: int = 3, **pipeline_args: Any):
-    stream_range(batch_size, num_streams, (streams.start * batch_size // num_streams,
-                                           streams.stop * batch_size // num_streams))
+    rows = batch_size // max(num_streams, 1)
+    batch_streams(batch_size, num_streams, [(g * rows, (g + 1) * rows) for g in streams])
+    if list(streams) != sorted(set(streams)) or not all(0 <= g < num_streams for g in streams):
+      raise ValueError(f"streams {list(streams)} are not distinct ascending streams of data.streams={num_streams}")
     if len(shards) < num_streams:
       raise ValueError(f"{len(shards)} shards cannot give each of data.streams={num_streams} streams a shard; "
                        "set data.streams to at most the number of shards")

@@ -39,7 +39,7 @@ from echo_jax import aot, checkpoint, metrics, runtime, sharding, storage
 from echo_jax.background import InBackground
 from echo_jax.config import check_counts, model_config, write_config_json
 from echo_jax.data.cache import describe
-from echo_jax.data.pipeline import StreamSet, merge_stream_states, position_mismatch, stream_range
+from echo_jax.data.pipeline import StreamSet, batch_streams, merge_stream_states, position_mismatch
 from echo_jax.data.shards import list_shards
 from echo_jax.model import Echo
 from echo_jax.train.state import TrainState, count_params, create_train_state, example_inputs
@@ -100,6 +100,10 @@ class Trainer:
     self.log = metrics.RunLog(workdir, enabled=self.is_main)
     self.model = Echo(model_config(config))
     self.mesh = sharding.make_mesh(config.mesh.to_dict())
+    # The rows of every global batch that this process's devices hold, and the data streams that fill them: checked
+    # here, before the compile, since a data.streams that does not fit them would fail the launch only after it.
+    self.batch_rows = runtime.process_batch_rows(sharding.batch_sharding(self.mesh, 1), config.train.batch_size)
+    self.streams = batch_streams(config.train.batch_size, config.data.streams, self.batch_rows)
     self.stop_requested = stop_requested or threading.Event()
     self._skips: list[dict[str, Any]] = []
     self._skip_lock = threading.Lock()
@@ -163,11 +167,7 @@ class Trainer:
       owner = f"{role}-{run}" + (f"-process_{jax.process_index()}" if whole_batch else "")
       cache_dir = os.path.join(os.path.expanduser(data.cache_dir), owner)
     batch_size = config.train.batch_size
-    if whole_batch:
-      num_streams, streams = 1, range(1)
-    else:
-      num_streams = data.streams
-      streams = stream_range(batch_size, num_streams, self._batch_rows())
+    num_streams, streams = (1, [0]) if whole_batch else (data.streams, self.streams)
     return StreamSet(
         shards=shards, batch_size=batch_size, num_streams=num_streams, streams=streams, state=position,
         cache_dir=cache_dir, shard_prefetch=data.shard_prefetch,
@@ -176,10 +176,6 @@ class Trainer:
         pad_latent=load_pad_latent(data.pad_latent, config.model.latent_dim), seed=seed, prefetch=data.prefetch,
         on_skip=self._on_skip)
 
-  def _batch_rows(self) -> tuple[int, int]:
-    """The rows [start, stop) of every global batch that this process's devices hold."""
-    return runtime.process_batch_rows(sharding.batch_sharding(self.mesh, 1), self.config.train.batch_size)
-
   def _eval_batches(self, pipeline: StreamSet) -> list[dict[str, jax.Array]]:
     """The held-out batches, read once from `pipeline` (a `_pipeline(whole_batch=True)`) and reused, so every
     evaluation sees the same data.
@@ -187,8 +183,10 @@ class Trainer:
     Every process reads the whole batches through one stream and keeps its rows: a held-out set is small (often one
     shard), and split into the training's data.streams it would need as many shards; read this way it is also the
     same whatever data.streams and the process count are."""
-    start, stop = self._batch_rows()
-    return [sharding.global_batch({name: whole[start:stop] for name, whole in next(pipeline).items()}, self.mesh)
+    def own_rows(whole: np.ndarray) -> np.ndarray:
+      return np.concatenate([whole[start:stop] for start, stop in self.batch_rows])
+
+    return [sharding.global_batch({name: own_rows(whole) for name, whole in next(pipeline).items()}, self.mesh)
             for _ in range(self.config.train.eval_batches)]
 
   def _check_workdir(self) -> None:
