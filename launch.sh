@@ -45,6 +45,8 @@ readonly GCLOUD_TIMEOUT_S=${ECHO_GCLOUD_TIMEOUT_S:-300}
 readonly WORKER_VENV=echo_jax_venv
 readonly VENV_READY=.echo_jax_requirements
 readonly SETUP_TIMEOUT_S=${ECHO_SETUP_TIMEOUT_S:-1800}
+# The last line of a worker's session that ends with its trainer's exit status (exit_as_trainer).
+readonly TRAINER_EXITED="launch.sh: the trainer exited with status"
 readonly IMPORTS_CHECK="import echo_jax.train.entry, echo_jax.dashboard, echo_jax.synthesis, echo_jax.codecs.mel, \
 gcsfs, huggingface_hub.cli.hf"
 # This checkout (on a worker: its copy of the code).
@@ -174,7 +176,14 @@ worker_run() {
   tail -n +1 -f --pid="$pid" "$log" || true
   wait "$pid" || true  # the status below is the trainer's, written when the detached shell ends
   [[ -f $status ]] || { echo "launch.sh: the trainer on worker $worker ended without an exit status" >&2; exit 1; }
-  exit "$(cat "$status")"
+  exit_as_trainer "$(cat "$status")"
+}
+
+# Exits with the trainer's status STATUS, saying so first: ssh's own exit status for a dropped session is 255, so
+# launch.sh looks for this line to tell a trainer that exited 255 from a session to re-attach.
+exit_as_trainer() {
+  echo "$TRAINER_EXITED $1"
+  exit "$1"
 }
 
 # Runs on a TPU worker (launch.sh --setup calls itself there, with the copied code's tree_digest as $2): makes
@@ -217,7 +226,7 @@ worker_attach() {
   sleep 1  # the status is written just after the trainer exits
   kill "$tailer" 2>/dev/null || true
   [[ -f $status ]] || { echo "launch.sh: the trainer on worker $worker is gone without an exit status" >&2; exit 1; }
-  exit "$(cat "$status")"
+  exit_as_trainer "$(cat "$status")"
 }
 
 # The logs of started hosts are watched until all succeed or one fails.
@@ -286,8 +295,9 @@ reap_hosts() {
     kill -0 "${PIDS[$i]}" 2>/dev/null && continue
     status=0
     wait "${PIDS[$i]}" || status=$?
-    # ssh exits 255 when the connection drops (or keepalives go unanswered).
-    if [[ -n ${TPU:-} ]] && ((status == 255 && ${reattached[$i]:-0} < MAX_REATTACH)); then
+    # ssh exits 255 when the connection drops (or keepalives go unanswered); a trainer's own 255 says so first.
+    if [[ -n ${TPU:-} ]] && ((status == 255 && ${reattached[$i]:-0} < MAX_REATTACH)) &&
+      ! tail -n 3 "${LOGS[$i]}" 2>/dev/null | grep -qxF "$TRAINER_EXITED 255"; then
       reattached[$i]=$((${reattached[$i]:-0} + 1))
       echo "launch.sh: lost the ssh session to ${NAMES[$i]} (exit 255); its trainer runs on; re-attaching" \
         "(${reattached[$i]} of $MAX_REATTACH)" >&2

@@ -94,7 +94,7 @@ FAKE_PYTHON = textwrap.dedent("""\
         for ((i = 0; i < 400; i++)); do [[ -f $other/trainer_pid ]] && break; sleep 0.05; done
       done
       echo "Traceback: boom on worker $FAKE_WORKER"
-      exit 3
+      exit "${FAKE_FAIL_STATUS:-3}"
     fi
     for ((i = 0; i < ${FAKE_SECONDS:-0} * 10; i++)); do sleep 0.1; done
     echo "trained"
@@ -370,6 +370,16 @@ def test_a_failing_worker_fails_the_launch_fast_with_its_log_tail(fake_pod, bloc
     time.sleep(0.1)
   assert not pid_alive(pid)
   assert sum(1 for call in recorded_calls(tmp_path) if any("pkill" in a for a in call)) == 2
+
+
+def test_a_trainer_that_exits_255_is_a_failure_not_a_dropped_session(fake_pod):
+  """ssh's own status for a dropped session is 255, which launch.sh answers by re-attaching (5 times); a trainer that
+  exits 255 itself says so on the session's last line and fails the launch at once."""
+  tmp_path, env = fake_pod
+  env.update(FAKE_FAIL_WORKER="1", FAKE_FAIL_STATUS="255", FAKE_SECONDS="60")
+  result = launch_tpu(tmp_path, env, timeout=60)
+  assert result.returncode == 1, result.stdout + result.stderr
+  assert "worker 1 failed (exit 255)" in result.stderr and "re-attaching" not in result.stderr
 
 
 def test_a_host_failing_moments_after_another_is_shown_after_it(tmp_path):
