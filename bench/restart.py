@@ -20,7 +20,8 @@ first step's compute is the same work in every launch, so the second ratio is th
   .venv/bin/python bench/restart.py [--config demo] [--set train.batch_size=16 ...] [--no_new_run] [--profile]
       [--warm_repeats N] [--restore_after_compile_too]
 
-On a GPU (the machine's JAX with CUDA), e.g.: python bench/restart.py --config echo_1p3b --set train.batch_size=16
+On a GPU (the machine's JAX with CUDA), e.g.:
+  python bench/restart.py --config echo_1p3b --set train.batch_size=16 --set data.streams=1
 """
 
 from __future__ import annotations

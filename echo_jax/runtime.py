@@ -118,14 +118,16 @@ class HangWatchdog:
     while not self._stopped.wait(min(self.timeout / 4, 10.0)):
       idle = time.monotonic() - self._last
       if idle >= self.timeout:
-        logging.error("%s for %.0f s: the run is stuck, and exits. The stack of every thread follows.",
-                      self.what, idle)
-        sys.stderr.flush()
-        faulthandler.dump_traceback(all_threads=True)
-        sys.stderr.flush()
-        if jax.process_count() > 1 and jax.process_index() == 0:
-          time.sleep(EXIT_DELAY_PROCESS_0_S)  # as in exit_at_once_on_error
-        os._exit(1)
+        try:
+          logging.error("%s for %.0f s: the run is stuck, and exits. The stack of every thread follows.",
+                        self.what, idle)
+          sys.stderr.flush()
+          # To file descriptor 2: sys.stderr may be an object without one (a notebook, a capture).
+          faulthandler.dump_traceback(file=2, all_threads=True)
+          if jax.process_count() > 1 and jax.process_index() == 0:
+            time.sleep(EXIT_DELAY_PROCESS_0_S)  # as in exit_at_once_on_error
+        finally:
+          os._exit(1)  # whatever failed above: a stuck run must not outlive its watchdog
 
 
 def enable_compilation_cache(directory: str) -> bool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -126,6 +127,17 @@ def _walk(root: str) -> Iterator[tuple[str, list[str], list[str]]]:
 _UNTOUCHED_FOR_S = {"partial_download": PARTIAL_MAX_AGE_S, "stale_shard": STALE_SHARD_AGE_S}
 
 
+class _TouchedSinceListed(Exception):
+  """A file found untouched for long was touched before its deletion: in use again (a shard a relaunch adopted)."""
+
+
+def _remove_untouched(path: str, untouched_for: float) -> None:
+  """Deletes `path` unless it was touched in the last `untouched_for` seconds (then raises _TouchedSinceListed)."""
+  if time.time() - os.lstat(path).st_mtime <= untouched_for:
+    raise _TouchedSinceListed(path)
+  _remove(path)
+
+
 def _file_kind(dirpath: str, filename: str, names: set[str]) -> str | None:
   """The class of a file (one of CLASS_ORDER) that may be deleted, or None."""
   if filename.endswith(PARTIAL_SUFFIXES):
@@ -153,9 +165,13 @@ def find_candidates(root: str, keep_checkpoints: int, now: float | None = None) 
         stat = os.lstat(path)
       except FileNotFoundError:  # deleted since the walk listed it (the shard cache deletes what it has read)
         continue
-      if kind in _UNTOUCHED_FOR_S and now - stat.st_mtime <= _UNTOUCHED_FOR_S[kind]:
+      if kind not in _UNTOUCHED_FOR_S:
+        delete = functools.partial(_remove, path)
+      elif now - stat.st_mtime > _UNTOUCHED_FOR_S[kind]:
+        delete = functools.partial(_remove_untouched, path, _UNTOUCHED_FOR_S[kind])
+      else:
         continue
-      found[kind].append(Candidate(kind, path, stat.st_size, stat.st_mtime, lambda p=path: _remove(p)))
+      found[kind].append(Candidate(kind, path, stat.st_size, stat.st_mtime, delete))
     if _is_hf_cache(dirpath, dirnames):
       found["hf_revision"].extend(_hf_candidates(dirpath))
     if os.path.basename(dirpath) == CHECKPOINTS_DIR:
@@ -251,6 +267,9 @@ def free_space_once(
       else:
         try:
           candidate.delete()
+        except _TouchedSinceListed:
+          logger.info("kept %s %s: in use again since it was listed", candidate.kind, candidate.path)
+          continue
         except OSError as error:  # one file it may not delete must not keep it from every other
           logger.error("could not delete %s %s: %s; going on with the next", candidate.kind, candidate.path, error)
           continue

@@ -390,12 +390,16 @@ def test_processes_on_one_host_read_the_held_out_set_through_caches_of_their_own
     for _ in range(4):  # a whole pass, in turn, as the processes' threads may read
       assert_same([next(readers[0])], [next(readers[1])])
   assert not trainer._skips
-  monkeypatch.setattr(jax, "process_index", lambda: 0)
-  with trainer._pipeline("train", urls, 0) as training:
-    next(training)
+  # Processes that differ only along the tensor axis read the same training streams: caches of their own too.
+  for process in range(2):
+    monkeypatch.setattr(jax, "process_index", lambda process=process: process)
+    with trainer._pipeline("train", urls, 0) as training:
+      next(training)
   # The disk watchdog knows these directories for what they are (it deletes shards left in them for a day).
-  streams = [os.path.relpath(d, tmp_path / "cache") for d, _, _ in os.walk(tmp_path / "cache") if "stream_" in d]
-  assert len(streams) == 3 and all(watchdog._SHARD_CACHE_STREAM.search(d) for d in streams), streams
+  streams = sorted(os.path.relpath(d, tmp_path / "cache") for d, _, _ in os.walk(tmp_path / "cache") if "stream_" in d)
+  assert len(streams) == 4 and all(watchdog._SHARD_CACHE_STREAM.search(d) for d in streams), streams
+  assert [d.split("-")[0] + d.split("-")[-1] for d in streams] == [
+      "evalprocess_0/stream_0", "evalprocess_1/stream_0", "trainprocess_0/stream_0", "trainprocess_1/stream_0"]
 
 
 def test_what_a_killed_launch_fetched_ahead_is_deleted_by_the_next_one(tmp_path):

@@ -536,6 +536,8 @@ def test_stream_layout_errors_say_what_to_set(tmp_path):
   assert pipeline_lib.batch_streams(256, 64, v4_host_0) == [0, 1, 8, 9, 32, 33, 40, 41]
   with pytest.raises(ValueError, match=r"\[0, 8\), \[32, 40\), .* a multiple of 32 that divides"):
     pipeline_lib.batch_streams(256, 8, v4_host_0)  # a multiple of the host count is not enough there
+  with pytest.raises(ValueError, match="not divisible by data.streams=48; set data.streams to a multiple of 32"):
+    pipeline_lib.batch_streams(256, 48, v4_host_0)  # the advice is the blocks' too
   with pytest.raises(ValueError, match="not distinct ascending streams"):
     _stream_set(shards, [1, 0])
   with pytest.raises(ValueError, match="at most the number of shards"):

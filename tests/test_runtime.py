@@ -92,6 +92,8 @@ WATCHDOG = textwrap.dedent("""
     beaten.stop()
     time.sleep(1.5)  # stopped: it no longer fires
     print("survived", flush=True)
+    import io, sys
+    sys.stderr = io.StringIO()  # no file descriptor, as in a notebook: the stacks still reach the process's stderr
     runtime.HangWatchdog(1.0, "nothing happened")
     def stuck_here():
       time.sleep(60)
@@ -104,7 +106,6 @@ def test_the_hang_watchdog_ends_a_stuck_process_with_every_stack_and_spares_a_li
   process = subprocess.run([sys.executable, "-c", WATCHDOG], cwd=REPO, env=cpu_env(1), capture_output=True,
                            text=True, timeout=60)
   assert process.returncode == 1 and "survived" in process.stdout, process.stderr
-  assert "nothing happened for 1 s: the run is stuck, and exits" in process.stderr
   assert "in stuck_here" in process.stderr  # faulthandler's stack of the main thread
   assert time.time() - started < 30
 

@@ -560,7 +560,7 @@ def test_remote_shards_stream_through_a_cache_of_the_run_and_role(tiny_config, t
   assert max(losses_by_step(tmp_path / "run")) == 6 and sorted(eval_losses_by_step(tmp_path / "run")) == [0, 3, 6]
   assert not [e for e in events(tmp_path / "run") if e["event"] == "skipped_sample"]
   run = hashlib.sha256(str(tmp_path / "run").encode("utf-8")).hexdigest()[:12]
-  assert sorted(os.listdir(tmp_path / "cache")) == [f"eval-{run}-process_0", f"train-{run}"]
+  assert sorted(os.listdir(tmp_path / "cache")) == [f"eval-{run}-process_0", f"train-{run}-process_0"]
   leftovers = [os.path.join(folder, name) for folder, _, names in os.walk(tmp_path / "cache") for name in names]
   assert not leftovers
 

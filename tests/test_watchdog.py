@@ -157,6 +157,22 @@ def test_a_file_it_may_not_delete_does_not_keep_it_from_the_others(tree, monkeyp
   assert any(f"could not delete partial_download {paths['old_incomplete']}" in r.getMessage() for r in caplog.records)
 
 
+def test_a_stale_shard_adopted_after_the_listing_is_kept(tmp_path, monkeypatch, caplog):
+  """A relaunch adopts a shard its killed launch fetched ahead days ago (renewing its time) between the watchdog's
+  listing and its deletion: the deletion looks at the time again and keeps it."""
+  shard = _file(tmp_path / "cache" / "train-0123456789ab-process_0" / "stream_0" / "ab-shard-1.tar", 10 * KB,
+                time.time() - 2 * 86400)
+  listed = watchdog.find_candidates(str(tmp_path), keep_checkpoints=1)
+  assert [(c.kind, c.path) for c in listed] == [("stale_shard", shard)]
+  os.utime(shard)  # adopted
+  monkeypatch.setattr(watchdog, "find_candidates", lambda root, keep_checkpoints, now=None: listed)
+  caplog.set_level(logging.INFO, logger="echo_jax.watchdog")
+  report = watchdog.free_space_once([str(tmp_path)], min_free_bytes=10**9, keep_checkpoints=1,
+                                    free_bytes=_quota(tmp_path, 2 * 10**6))
+  assert os.path.exists(shard) and not report.deletions
+  assert f"kept stale_shard {shard}: in use again since it was listed" in caplog.text
+
+
 def test_stops_as_soon_as_enough_is_free(tree):
   root, paths = tree
   used = _used(root)

@@ -231,7 +231,7 @@ class ShardCache:
   def _sweep(self, keep: Sequence[str]) -> None:
     """Deletes what an earlier launch that was killed (no `close`) left in the directory, except the copies of the
     shards in `keep`, about to be read: its shards fetched ahead, partial downloads and consumed markers. The
-    directory is this stream's alone (one per run, role and stream), so nothing else of it is in use."""
+    directory must be this cache's alone (the trainer's: one per run, role, process and stream)."""
     self._swept = True
     wanted = {self.local_path(url) for url in keep}
     left = [entry.path for entry in os.scandir(self.directory) if entry.is_file() and entry.path not in wanted] \

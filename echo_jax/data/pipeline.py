@@ -458,18 +458,17 @@ def batch_streams(batch_size: int, streams: int, blocks: Sequence[tuple[int, int
   ValueError saying what to set when a block is not a whole number of streams."""
   if streams < 1:
     raise ValueError(f"data.streams must be positive, got {streams}")
-  if batch_size % streams:
-    raise ValueError(f"train.batch_size={batch_size} is not divisible by data.streams={streams}; set data.streams "
-                     "to a divisor of the batch size (and a multiple of the process count)")
-  rows_per_stream = batch_size // streams
+  # The streams must cut the batch where each of this process's blocks begins and ends.
   bounds = [bound for block in blocks for bound in block]
+  advice = (f"set data.streams to a multiple of {batch_size // math.gcd(batch_size, *bounds)} that divides "
+            f"train.batch_size={batch_size}")
+  if batch_size % streams:
+    raise ValueError(f"train.batch_size={batch_size} is not divisible by data.streams={streams}; {advice}")
+  rows_per_stream = batch_size // streams
   if any(bound % rows_per_stream for bound in bounds):
-    # The streams must be cut where this process's blocks begin and end: at every multiple of `whole` rows.
-    multiple = batch_size // math.gcd(batch_size, *bounds)
     held = ", ".join(f"[{start}, {stop})" for start, stop in blocks)
     raise ValueError(f"this process holds global batch rows {held}, which are not a whole number of the {streams} "
-                     f"data streams of {rows_per_stream} rows; set data.streams to a multiple of {multiple} that "
-                     f"divides train.batch_size={batch_size}")
+                     f"data streams of {rows_per_stream} rows; {advice}")
   return [g for start, stop in blocks for g in range(start // rows_per_stream, stop // rows_per_stream)]
 
 

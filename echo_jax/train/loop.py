@@ -157,15 +157,14 @@ class Trainer:
                 whole_batch: bool = False) -> StreamSet:
     """This process's rows of every global batch of `shards` (a `_shard_list`): the data streams its devices hold
     (DESIGN §5), or with `whole_batch` every row, from one stream. Its reader threads start at once. Remote shards go
-    through a cache directory of this run and `role` (train, eval) alone, and with `whole_batch` of this process
-    alone (every process reads that stream, and several may share a host): caches sharing one would adopt and
-    delete each other's files."""
+    through a cache directory of this run, `role` (train, eval) and process alone: several processes on one host
+    may read the same streams (the held-out one; those of processes that differ only along the tensor axis), and
+    caches sharing a directory would adopt and delete each other's files."""
     config, data = self.config, self.config.data
     cache_dir = None
     if data.cache_dir:
       run = hashlib.sha256(self.workdir.encode("utf-8")).hexdigest()[:12]
-      owner = f"{role}-{run}" + (f"-process_{jax.process_index()}" if whole_batch else "")
-      cache_dir = os.path.join(os.path.expanduser(data.cache_dir), owner)
+      cache_dir = os.path.join(os.path.expanduser(data.cache_dir), f"{role}-{run}-process_{jax.process_index()}")
     batch_size = config.train.batch_size
     num_streams, streams = (1, [0]) if whole_batch else (data.streams, self.streams)
     return StreamSet(
