@@ -398,15 +398,15 @@ class RunState:
         if path is None:
           continue
         stem, ext = posixpath.splitext(filename)
-        item = items.setdefault(stem, {"name": stem})
         if ext == ".txt":
           try:
             with self.fs.open(path, "rb") as f:
-              item["text"] = f.read(MAX_SAMPLE_TEXT_BYTES).decode("utf-8", errors="replace")
-          except FileNotFoundError:
+              entry = {"text": f.read(MAX_SAMPLE_TEXT_BYTES).decode("utf-8", errors="replace")}
+          except FileNotFoundError:  # deleted since it was listed
             continue
         else:
-          item["audio" if ext == ".wav" else "image"] = f"samples/{dirname}/{filename}"
+          entry = {"audio" if ext == ".wav" else "image": f"samples/{dirname}/{filename}"}
+        items.setdefault(stem, {"name": stem}).update(entry)
       result.append({"step": step, "items": list(items.values())})
     return result
 

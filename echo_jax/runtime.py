@@ -97,16 +97,17 @@ class HangWatchdog:
   """Ends a process that stops making progress: once `timeout` seconds pass without a `beat`, it logs `what` and
   the stack of every thread (faulthandler) and exits 1, so that launch.sh reports the failure with those stacks
   instead of a pod that bills hours while every host waits, e.g. in a collective for a host whose data read hangs
-  on a dead mount. A daemon thread; `stop` disarms it. (faulthandler.dump_traceback_later alone would exit without
-  saying why, and the exit on a failed process 0 must wait as `exit_at_once_on_error`'s does.)"""
+  on a dead mount. A daemon thread; `stop` disarms it, and a `timeout` of 0 starts none. (faulthandler's
+  dump_traceback_later alone would exit without saying why, and the exit on a failed process 0 must wait as
+  `exit_at_once_on_error`'s does.)"""
 
   def __init__(self, timeout: float, what: str):
     self.timeout = timeout
     self.what = what
     self._last = time.monotonic()
     self._stopped = threading.Event()
-    self._thread = threading.Thread(target=self._watch, name="hang_watchdog", daemon=True)
-    self._thread.start()
+    if timeout > 0:
+      threading.Thread(target=self._watch, name="hang_watchdog", daemon=True).start()
 
   def beat(self) -> None:
     self._last = time.monotonic()

@@ -58,8 +58,7 @@ def join(base: str, *names: str) -> str:
 def write_bytes(path: str, data: bytes) -> None:
   """`data` as the file `path` (its directories made), never seen half-written: a failed write leaves nothing."""
   if is_local(path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    partial = f"{path}.partial"
+    partial = _partial_of(path)
     try:
       with open(partial, "wb") as f:
         f.write(data)
@@ -81,11 +80,16 @@ def check_writable(path: str) -> None:
     return
   if os.path.isdir(path):
     raise IsADirectoryError(errno.EISDIR, "is a directory: give a file name in it", path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  probe = f"{path}.partial"
+  probe = _partial_of(path)
   with open(probe, "wb"):
     pass
   os.remove(probe)
+
+
+def _partial_of(path: str) -> str:
+  """Where `write_bytes` writes the local file `path` before renaming it (its directories made)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  return f"{path}.partial"
 
 
 def _asked_now(path: str) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -85,6 +85,7 @@ def test_hosts_failing_a_moment_apart_each_print_their_own_error():
 WATCHDOG = textwrap.dedent("""
     import time
     from echo_jax import runtime
+    runtime.HangWatchdog(0, "never armed")  # train.hang_timeout=0: no watchdog at all
     beaten = runtime.HangWatchdog(1.0, "nothing happened")
     for _ in range(8):  # 2 s of beats, each within the timeout
       time.sleep(0.25)

@@ -505,8 +505,7 @@ class StreamSet:
   def __init__(self, *, shards: Sequence[str], batch_size: int, num_streams: int, streams: Sequence[int],
                state: dict[str, Any] | None = None, cache_dir: str | None = None, shard_prefetch: int = 2,
                stall_timeout: float = 120.0, retries: int = 3, **pipeline_args: Any):
-    rows = batch_size // max(num_streams, 1)
-    batch_streams(batch_size, num_streams, [(g * rows, (g + 1) * rows) for g in streams])
+    batch_streams(batch_size, num_streams, [])  # the count alone: the streams' own rows are whole streams
     if list(streams) != sorted(set(streams)) or not all(0 <= g < num_streams for g in streams):
       raise ValueError(f"streams {list(streams)} are not distinct ascending streams of data.streams={num_streams}")
     if len(shards) < num_streams:

@@ -360,8 +360,7 @@ class Trainer:
       raise
     progress = tqdm(total=train.steps, initial=start_step, desc="train", disable=not self.is_main,
                     dynamic_ncols=True)
-    watchdog = runtime.HangWatchdog(train.hang_timeout, "no training step finished (train.hang_timeout)") \
-        if train.hang_timeout else None
+    watchdog = runtime.HangWatchdog(train.hang_timeout, "no training step finished (train.hang_timeout)")
     try:
       samples_seen = int(meta.get("samples_seen", start_step * train.batch_size))
       cfg = self.model.cfg
@@ -381,8 +380,7 @@ class Trainer:
       waited = 0.0
       step = start_step
       while step < train.steps:
-        if watchdog:
-          watchdog.beat()
+        watchdog.beat()
         wait_start = time.time()
         batch = sharding.global_batch(next(pipeline), self.mesh)
         waited += time.time() - wait_start
@@ -430,8 +428,7 @@ class Trainer:
       if step == train.steps and jax.distributed.is_initialized():
         _ignore_late_sigterm()
     finally:
-      if watchdog:
-        watchdog.beat()  # the closes and the last save's wait get the whole timeout too
+      watchdog.beat()  # the closes and the last save's wait get the whole timeout too
       try:
         progress.close()
         pipeline.close()
@@ -441,8 +438,7 @@ class Trainer:
         finally:
           ckpt.close()
       finally:
-        if watchdog:
-          watchdog.stop()
+        watchdog.stop()
     return state
 
   def _compile_and_restore(self, global_shapes: dict[str, jax.ShapeDtypeStruct], abstract_state: TrainState,
