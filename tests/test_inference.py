@@ -260,3 +260,12 @@ def test_weights_on_gs_are_read_where_they_are(run_dir, tmp_path):
   # The arrays came over HTTP, as from GCS: Orbax's array files of each Orbax form.
   assert {path.split("/")[1] for path in gcs.served if "ocdbt" in path or "/d/" in path} \
       == {"run", "converted"}
+
+
+def test_non_finite_audio_is_refused_and_nothing_is_written(tmp_path):
+  """Clipped and cast to 16 bits, NaN would be written as full-scale noise, a file that looks like speech output."""
+  from echo_jax.codecs import audio  # noqa: PLC0415
+
+  with pytest.raises(ValueError, match="holds non-finite values"):
+    audio.write_wav(str(tmp_path / "out.wav"), np.array([0.1, np.nan, 0.2], np.float32), 16000)
+  assert not list(tmp_path.iterdir())
