@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import posixpath
+import socket
+import time
 import uuid
 
 import fsspec
@@ -158,6 +161,10 @@ class RunDirectoryError(RuntimeError):
   all see the same files there."""
 
 
+class RunDirectoryInUseError(RunDirectoryError):
+  """Another trainer holds the run directory (`RunDirectoryClaim`): its run log is not this launch's to write."""
+
+
 def check_run_directory(directory: str, name: str) -> None:
   """Does with a file `name` in `directory` what a run does with its files there: creates one, replaces it
   (config.json at each launch; GCS counts a replacement as a deletion), appends to it (metrics.jsonl), reads it back
@@ -188,3 +195,49 @@ def check_run_directory(directory: str, name: str) -> None:
           "replaces, appends to, reads and deletes files there: check the path, and that this host's credentials "
           "may do all five (on GCS: roles/storage.objectUser on the bucket; objectCreator alone can neither "
           "replace nor delete)") from error
+
+
+class RunDirectoryClaim:
+  """Process `process`'s claim on the local run directory `directory`, held until `release()` or the process's end
+  (the kernel drops it even at a SIGKILL): a lock on the file `.trainer.{process}.lock` there, which records who
+  holds it.
+
+  Two trainers writing one run directory (a relaunch while the last launch's trainers still run: its launcher
+  killed, a second terminal) would overwrite each other's checkpoints and interleave their metrics. The second is
+  refused instead, naming the first. A remote run directory (gs://) is not claimed: an object store has no lock that
+  a killed trainer releases; there launch.sh stops the stale trainers before it starts new ones.
+  """
+
+  def __init__(self, directory: str, process: int):
+    self.path = join(directory, f".trainer.{process}.lock")
+    self._file = None
+    if not is_local(directory):
+      return
+    try:
+      os.makedirs(directory, exist_ok=True)
+      held = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 — held for the run; not truncated: the record stays
+    except OSError as error:
+      raise RunDirectoryError(f"cannot claim the run directory {directory} ({describe(error)})") from error
+    try:
+      fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      held.seek(0)
+      holder = held.read().strip() or "a process that has just claimed it"
+      held.close()
+      raise RunDirectoryInUseError(
+          f"the run directory {directory} is in use: process {process} of another trainer holds it ({holder}). "
+          "Two trainers writing one run directory would overwrite each other's checkpoints: stop that one "
+          "(locally: kill its pid; launch.sh stops stale trainers on a pod), or give another --workdir") from None
+    except BaseException:
+      held.close()
+      raise
+    held.truncate(0)
+    held.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+    held.flush()
+    self._file = held
+
+  def release(self) -> None:
+    """Ends the claim (the file stays: deleting it could let two later trainers lock different files)."""
+    if self._file is not None:
+      self._file.close()
+      self._file = None

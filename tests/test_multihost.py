@@ -378,3 +378,25 @@ def test_a_workdir_the_hosts_do_not_all_share_is_refused_before_training(setup):
            "process 2 wrote there (2 of 3 processes miss their neighbour's)" in output, output[-3000:]
   assert "on a pod the workdir must be on gs://" in outputs[0]
   assert not list((root / "unshared").rglob("checkpoints/*")) and not list((root / "unshared").rglob(".storage*"))
+
+
+def test_a_run_directory_a_stale_trainer_still_writes_is_refused_on_every_host(setup):
+  """A relaunch while one host's trainer of the last launch still runs there (its launcher killed): the new process
+  1 finds the run directory claimed, and every host refuses the launch with that reason before its compile, writing
+  nothing into the holder's run log."""
+  root, config, _ = setup
+  workdir = root / "claimed"
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import time; from echo_jax import storage; "
+       f"claim = storage.RunDirectoryClaim({str(workdir)!r}, 1); print('claimed', flush=True); time.sleep(600)"],
+      cwd=REPO, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "claimed"
+    outputs = failed(start_hosts(config, workdir))
+  finally:
+    holder.kill()
+    holder.wait()
+  in_use = f"the run directory {workdir} is in use: process 1 of another trainer holds it (pid {holder.pid} on "
+  assert f"RunDirectoryInUseError: {in_use}" in outputs[1], outputs[1][-3000:]
+  assert f"RunDirectoryInUseError: process 1 cannot use the run directory: {in_use}" in outputs[0], outputs[0][-3000:]
+  assert not (workdir / "checkpoints").exists() and not read_jsonl(workdir / "events.jsonl")

@@ -3,6 +3,7 @@ GCS's compose, never overwritten by a resumed run. GCS is stood in for by a loca
 (tests/fake_gcs.py) to the real clients: gcsfs, tensorstore and google-cloud-storage."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -274,3 +275,32 @@ def test_a_local_write_that_fails_leaves_no_partial_file_and_the_check_says_why(
   storage.check_writable(str(tmp_path / "new" / "x.wav"))  # its directory is made; nothing else is left
   assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out.wav"] and not any((tmp_path / "new").iterdir())
   storage.check_writable("gs://bucket/x.wav")  # an object store is not asked beforehand
+
+
+def test_a_second_trainer_on_a_local_run_directory_is_refused_until_the_first_has_ended(tiny_config, tmp_path):
+  """A relaunch while the last launch's trainer still ran (its launcher killed, a second terminal) trained beside it
+  into the same run directory: both saved checkpoints there and interleaved their metrics. It is now refused before
+  the compile, naming the holder, and the claim goes with the holder, even one killed by SIGKILL."""
+  workdir = tmp_path / "run"
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from echo_jax import storage; "
+       f"claim = storage.RunDirectoryClaim({str(workdir)!r}, 0); print('claimed', flush=True); time.sleep(600)"],
+      stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "claimed"
+    with pytest.raises(storage.RunDirectoryError, match=rf"the run directory {workdir} is in use: process 0 of "
+                                                        rf"another trainer holds it \(pid {holder.pid} on "):
+      Trainer(tiny_config, str(workdir)).run()
+    # Nothing written there: no config, no checkpoints, and no error in the holder's events.
+    assert not (workdir / "config.json").exists() and not (workdir / "checkpoints").exists()
+    assert events(workdir) == []
+    storage.RunDirectoryClaim(str(workdir), 1).release()  # another process index is another claim
+  finally:
+    holder.kill()
+    holder.wait()
+  claim = storage.RunDirectoryClaim(str(workdir), 0)
+  with pytest.raises(storage.RunDirectoryError, match=rf"pid {os.getpid()} on "):  # one process, claimed twice
+    storage.RunDirectoryClaim(str(workdir), 0)
+  claim.release()
+  storage.RunDirectoryClaim(str(workdir), 0).release()
+  storage.RunDirectoryClaim("gs://bucket/run", 0).release()  # an object store has no such lock: not claimed

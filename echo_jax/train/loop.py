@@ -110,6 +110,7 @@ class Trainer:
     self._unconfirmed_saves: list[int] = []
     self._eval_memory_checked = False
     self._stop_forwarded = False
+    self._claim: storage.RunDirectoryClaim | None = None  # taken by `_check_workdir`, held until `run` returns
 
   # Run directory ---------------------------------------------------------------------------------------------
 
@@ -190,7 +191,8 @@ class Trainer:
 
   def _check_workdir(self) -> None:
     """Before anything is saved: every process can do in the workdir what a run does there
-    (`storage.check_run_directory`), and sees what another one writes there. A collective.
+    (`storage.check_run_directory`), claims it (`storage.RunDirectoryClaim`: no other trainer writes it), and sees
+    what another one writes there. A collective.
 
     A workdir that is not one storage every host shares (a local path on a pod) would otherwise train: each host
     would write its part of every checkpoint where no other reads it, and no relaunch could restore one."""
@@ -202,6 +204,7 @@ class Trainer:
     token, failure = uuid.uuid4().hex, None
     try:
       storage.check_run_directory(self.workdir, f".storage_check.{index}.ops")
+      self._claim = storage.RunDirectoryClaim(self.workdir, index)
       if count > 1:
         try:
           storage.write_bytes(mark(index), token.encode())
@@ -209,13 +212,16 @@ class Trainer:
           raise storage.RunDirectoryError(f"cannot write {mark(index)} ({describe(error)})") from error
     except storage.RunDirectoryError as error:  # shared, so that every host fails with it instead of waiting
       failure = error
-    reports = checkpoint.gather_per_process({"token": token, "error": str(failure) if failure else None})
+    reports = checkpoint.gather_per_process({"token": token, "error": str(failure) if failure else None,
+                                             "in_use": isinstance(failure, storage.RunDirectoryInUseError)})
     if failure is not None:
       raise failure
-    refused = [(i, report["error"]) for i, report in enumerate(reports) if report["error"]]
+    refused = [(i, report) for i, report in enumerate(reports) if report["error"]]
     if refused:
       storage.remove_if_possible(mark(index))
-      raise storage.RunDirectoryError(f"process {refused[0][0]} cannot use the run directory: {refused[0][1]}")
+      first, report = refused[0]
+      error_class = storage.RunDirectoryInUseError if report["in_use"] else storage.RunDirectoryError
+      raise error_class(f"process {first} cannot use the run directory: {report['error']}")
     if count == 1:
       return
     # Each reads the mark of the next: storage that some hosts share and others do not breaks the ring somewhere.
@@ -315,6 +321,8 @@ class Trainer:
       raise
     finally:
       self.log.close()
+      if self._claim is not None:
+        self._claim.release()
 
   def _run(self) -> TrainState:
     if jax.distributed.is_initialized():
@@ -596,8 +604,8 @@ class Trainer:
 # Set once a joined run of this process has reached JAX's preemption sync point (see `_join_preemption_sync`).
 _preemption_sync_reached = threading.Event()
 
-# Errors whose own events (checkpoint_failed, error) the loop writes where it raises them.
-_LOGGED_ERRORS = (checkpoint.CheckpointSaveError, NonFiniteError)
+# Errors not written to the run's events: logged there already, or (in use) the run log is another trainer's.
+_LOGGED_ERRORS = (checkpoint.CheckpointSaveError, NonFiniteError, storage.RunDirectoryInUseError)
 
 
 class _HeldOut:
