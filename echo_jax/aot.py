@@ -8,7 +8,7 @@ much HBM each chip needs before a pod is paid for:
         [--mfu 0.4] [--json_out out.jsonl] [--config.model.remat=full]
 
 `check_memory` is the same check for the trainer: after compiling on the real devices it stops a run whose step
-needs more than 90% of a device's memory (a warning instead with `force=True`).
+needs more than 90% of a device's HBM (a warning instead with `force=True`), counted against the same figure.
 """
 
 from __future__ import annotations
@@ -117,16 +117,25 @@ def check_memory(compiled: Any, devices: Sequence[jax.Device], limit_fraction: f
   limit = device_memory_limit(devices)
   if limit is None:
     return None
+  # A TPU's HBM is the chip's, from the table the ahead-of-time check uses, so that a batch `--find_max_batch` finds
+  # fitting is one the trainer accepts. The runtime lets a device use a little less (bytes_limit: public threads
+  # show 30.75-31.75 GiB of a v4's 32): the bound itself where the chip is not in the table (a GPU), and a hard bound
+  # everywhere.
+  hbm = HBM_BYTES_PER_DEVICE.get(devices[0].device_kind)
+  allowed = min(limit_fraction * hbm, limit) if hbm else limit_fraction * limit
+  capacity = hbm or limit
   if compiled.memory_analysis() is None:  # nothing to check against: say so rather than refuse to train
     warnings.warn(f"this backend gives no memory analysis for the compiled {name}; the check that it fits in "
                   f"{limit_fraction:.0%} of device memory is skipped", RuntimeWarning, stacklevel=2)
     return None
   usage = MemoryUsage.of(compiled)
   needed = usage.total + resident
-  if needed > limit_fraction * limit:
+  if needed > allowed:
     beside = f", and {resident / GiB:.2f} GiB of optimizer state held beside it" if resident else ""
-    message = (f"the {name} needs {needed / GiB:.2f} GiB per device ({needed / limit:.0%} of the "
-               f"{limit / GiB:.2f} GiB limit; at most {limit_fraction:.0%} allowed): arguments "
+    of = f"the chip's {hbm / GiB:.0f} GiB of HBM" if hbm else f"the {limit / GiB:.2f} GiB the runtime allows"
+    over = f"; the runtime allows {limit / GiB:.2f} GiB" if hbm and allowed == limit else ""
+    message = (f"the {name} needs {needed / GiB:.2f} GiB per device ({needed / capacity:.0%} of {of}; at most "
+               f"{limit_fraction:.0%} allowed{over}): arguments "
                f"{usage.arguments / GiB:.2f} GiB, temporaries {usage.temporaries / GiB:.2f} GiB{beside}. Lower "
                "train.batch_size, use --config.model.remat=full, or shard over more devices; run "
                "`python -m echo_jax.aot --config <this config> --topology <this slice> --find_max_batch` to find "

@@ -109,8 +109,11 @@ class _FakeCompiled:
 
 
 class _FakeDevice:
+  def __init__(self, device_kind: str = "fake", bytes_limit: int = 1000):
+    self.device_kind, self.bytes_limit = device_kind, bytes_limit
+
   def memory_stats(self) -> dict:
-    return {"bytes_limit": 1000, "bytes_in_use": 0}
+    return {"bytes_limit": self.bytes_limit, "bytes_in_use": 0}
 
 
 def test_check_memory_raises_above_limit_and_warns_with_force():
@@ -123,6 +126,25 @@ def test_check_memory_raises_above_limit_and_warns_with_force():
     assert aot.check_memory(_FakeCompiled(temp_bytes=800), device, force=True).total == 910
   with pytest.raises(aot.MemoryLimitError):
     aot.check_memory(_FakeCompiled(temp_bytes=500), device, limit_fraction=0.5)  # 610 > 500
+
+
+def test_a_tpu_step_is_checked_against_the_chips_hbm_as_ahead_of_time_and_never_past_the_runtimes_limit():
+  """The ahead-of-time search (`--find_max_batch`) measures against the chip's 32 GiB, the runtime lets a v4 device
+  use a little less (bytes_limit): measured against that, batches the search found under 90% were refused at their
+  launch on the pod, after the compile (e.g. echo_840m's 736 at 28.64 GiB, 93% of a 30.75 GiB limit)."""
+  v4 = [_FakeDevice("TPU v4", bytes_limit=int(30.75 * aot.GiB))]
+
+  def step(gib: float) -> _FakeCompiled:
+    return _FakeCompiled(temp_bytes=int(gib * aot.GiB) - 110)
+
+  assert aot.check_memory(step(28.64), v4).total == int(28.64 * aot.GiB)
+  with pytest.raises(aot.MemoryLimitError, match=r"needs 28\.90 GiB per device \(90% of the chip's 32 GiB of HBM; "
+                                                 r"at most 90% allowed\)"):
+    aot.check_memory(step(28.9), v4)  # 90.3%
+  small = [_FakeDevice("TPU v4", bytes_limit=20 * aot.GiB)]  # a runtime that allows less than 90%: its limit holds
+  with pytest.raises(aot.MemoryLimitError, match=r"\(66% of the chip's 32 GiB of HBM; at most 90% allowed; the "
+                                                 r"runtime allows 20\.00 GiB\)"):
+    aot.check_memory(step(21), small)
 
 
 def test_check_memory_counts_what_stays_resident_beside_the_step():
