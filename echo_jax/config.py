@@ -73,6 +73,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Seconds without a finished step (a hung data read, collective or storage call) after which the run prints every
   # thread's stack and exits 1 (runtime.HangWatchdog), so launch.sh reports it; 0 = never.
   config.train.hang_timeout = 1800.0
+  # Seconds a launch may take to reach its first step (listing, workdir checks, restore, compile, first shards); past
+  # them it exits the same way: one host stuck there (a listing or a restore that never returns) holds every other
+  # in a collective. Above the longest cold compile (echo_1p3b for a v4-64: 76 s on a CPU); 0 = never.
+  config.train.setup_timeout = 3600.0
   config.train.cpu_peak_flops = 0.0  # per-device peak for MFU on CPU; 0 = measure a matmul at start
 
   config.mesh = ml_collections.ConfigDict()
@@ -101,7 +105,7 @@ HOST_ONLY_FIELDS = (
     "samples",
     "train.ckpt_compression", "train.ckpt_every", "train.ckpt_restore_gb", "train.cpu_peak_flops",
     "train.eval_batches", "train.eval_every", "train.keep_checkpoints", "train.keep_period", "train.log_every",
-    "train.max_nonfinite", "train.restore_beside_compile", "train.hang_timeout",
+    "train.max_nonfinite", "train.restore_beside_compile", "train.hang_timeout", "train.setup_timeout",
 )
 
 
@@ -121,7 +125,7 @@ def program_fields(config: ml_collections.ConfigDict) -> dict:
 # its compile (a ZeroDivisionError for log_every=0) or stopped with a false diagnosis (max_nonfinite=0).
 MINIMUMS = {"train.batch_size": 1, "train.steps": 1, "train.log_every": 1, "train.ckpt_every": 1,
             "train.max_nonfinite": 1, "train.eval_every": 0, "train.eval_batches": 0, "train.keep_period": 0,
-            "train.hang_timeout": 0}
+            "train.hang_timeout": 0, "train.setup_timeout": 0}
 
 
 def check_counts(config: ml_collections.ConfigDict) -> None:

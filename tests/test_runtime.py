@@ -129,6 +129,32 @@ STUCK_RUN = textwrap.dedent("""
 """)
 
 
+# A launch whose shard listing never returns (a gs:// or Hub listing stuck), with train.setup_timeout set to 3 s.
+STUCK_LAUNCH = textwrap.dedent("""
+    import json, sys, threading
+    import ml_collections
+    from echo_jax.train import loop
+    def list_or_hang(spec):
+      threading.Event().wait()
+    loop.list_shards = list_or_hang
+    loop.Trainer(ml_collections.ConfigDict(json.loads(sys.argv[1])), sys.argv[2]).run()
+""")
+
+
+def test_a_launch_stuck_before_its_first_step_exits_with_its_stacks(tmp_path):
+  """Before, nothing watched a launch until its first step: one host stuck listing or restoring held every host of
+  a pod in silence (seen with 2 processes, one of whose restores was made to hang: both still ran when killed at
+  480 s, with train.hang_timeout at 20 s)."""
+  config = load_config("tiny")
+  config.data.train_shards = write_synthetic_shards(tmp_path / "shards")
+  config.train.update(steps=100, eval_every=0, setup_timeout=3.0)
+  process = subprocess.run([sys.executable, "-c", STUCK_LAUNCH, config.to_json(), str(tmp_path / "run")], cwd=REPO,
+                           env=cpu_env(1), capture_output=True, text=True, timeout=240)
+  assert process.returncode == 1, process.stderr[-3000:]
+  assert "the launch did not reach its first step (train.setup_timeout) for 3 s" in process.stderr
+  assert "in list_or_hang" in process.stderr
+
+
 def test_a_run_whose_data_read_hangs_exits_with_its_stacks(tmp_path):
   config = load_config("tiny")
   config.data.train_shards = write_synthetic_shards(tmp_path / "shards")

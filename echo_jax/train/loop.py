@@ -309,7 +309,10 @@ class Trainer:
 
   def run(self) -> TrainState:
     """Trains to `train.steps` (or until a stop is requested); returns the final state. An error that stops the run
-    is also written to its events (for the dashboard), once."""
+    is also written to its events (for the dashboard), once. A launch that does not reach its first step within
+    `train.setup_timeout` exits like a stuck step (`runtime.HangWatchdog`)."""
+    self._setup_watchdog = runtime.HangWatchdog(self.config.train.setup_timeout,
+                                                "the launch did not reach its first step (train.setup_timeout)")
     try:
       return self._run()
     except checkpoint.CheckpointRestoreError as error:
@@ -320,6 +323,7 @@ class Trainer:
         self.log.event("error", message=f"the run stopped: {describe(error)}")
       raise
     finally:
+      self._setup_watchdog.stop()
       self.log.close()
       if self._claim is not None:
         self._claim.release()
@@ -368,6 +372,7 @@ class Trainer:
       raise
     progress = tqdm(total=train.steps, initial=start_step, desc="train", disable=not self.is_main,
                     dynamic_ncols=True)
+    self._setup_watchdog.stop()
     watchdog = runtime.HangWatchdog(train.hang_timeout, "no training step finished (train.hang_timeout)")
     try:
       samples_seen = int(meta.get("samples_seen", start_step * train.batch_size))
