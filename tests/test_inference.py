@@ -17,6 +17,7 @@ import pytest
 import soundfile
 from absl import flags
 from conftest import REPO, load_config, write_synthetic_shards
+from jax.experimental import multihost_utils
 from PIL import Image
 
 import inference
@@ -212,6 +213,26 @@ def test_training_sample_hook_writes_samples_and_survives_failure(run_dir, tmp_p
       StepInfo(step=8, state=types.SimpleNamespace(params=params), trainer=trainer))
   assert events[-1][0] == "sample_error" and "latent_dim" in events[-1][1]["message"]
   assert not (tmp_path / "samples" / "step_8").exists()
+
+
+def test_a_sample_hook_whose_gather_fails_stops_the_run(run_dir, tmp_path, monkeypatch):
+  """The gather of the parameters is a collective: a process that failed it and trained on met the others in
+  different collectives (seen with 2 FSDP processes: one aborted on a collective mismatch, the other trained on into
+  its hang watchdog, and the cause reached no log). It is raised, not logged as a sample error."""
+  config, params = load_params(run_dir)
+  events = []
+  trainer = types.SimpleNamespace(config=config, workdir=str(tmp_path), is_main=True,
+                                  log=types.SimpleNamespace(event=lambda name, **kw: events.append((name, kw))))
+
+  def gather_fails(tree, tiled=False):
+    raise MemoryError("the gathered parameters do not fit")
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "process_allgather", gather_fails)
+  hook = make_sample_hook(FrameCodec(), [SampleExample("Hello there.", None)], SamplerConfig(steps=3), duration=0.8)
+  with pytest.raises(MemoryError, match="do not fit"):
+    hook(StepInfo(step=7, state=types.SimpleNamespace(params=params), trainer=trainer))
+  assert events == [] and not (tmp_path / "samples").exists()
 
 
 def params_digest(params) -> dict[str, str]:

@@ -4,8 +4,9 @@
     samples/step_{N}/{i}.png   its spectrogram (PIL; no plotting library needed)
     samples/step_{N}/{i}.txt   the normalised text
 
-Process 0 generates; the other processes only take part in gathering the parameters. A failure is logged as a
-`sample_error` event and never stops training. Each file appears under its final name only when complete.
+Process 0 generates; the other processes only take part in gathering the parameters. A failure to generate or
+write is logged as a `sample_error` event and never stops training; a failure of the gather, a collective, does.
+Each file appears under its final name only when complete.
 """
 
 from __future__ import annotations
@@ -93,13 +94,15 @@ def make_sample_hook(codec: Codec, examples: Sequence[SampleExample], sampler: S
 
   def hook(info: StepInfo) -> None:
     trainer = info.trainer
+    # A collective: every process joins, only process 0 uses the result. Its failure is not caught: a process that
+    # failed it and trained on would meet the others in different collectives (a hang, or a mismatch).
+    if jax.process_count() > 1:
+      params = multihost_utils.process_allgather(info.state.params, tiled=True)
+    else:
+      params = jax.device_get(info.state.params)
+    if not trainer.is_main:
+      return
     try:
-      if jax.process_count() > 1:  # a collective: every process must join, only process 0 uses the result
-        params = multihost_utils.process_allgather(info.state.params, tiled=True)
-      else:
-        params = jax.device_get(info.state.params)
-      if not trainer.is_main:
-        return
       synthesizer = Synthesizer(trainer.config, params, codec)
       seconds = duration or trainer.config.data.max_frames / codec.frame_rate
       relative = f"samples/step_{info.step}"
