@@ -155,6 +155,13 @@ worker_run() {
     sleep 1
   fi
   check_copy "$copy_id"
+  local workdir
+  workdir=$(workdir_of "$@")
+  if [[ $workdir == /* && $(realpath -m "$workdir")/ == "$HERE"/* ]]; then
+    echo "launch.sh: $(hostname): --workdir=$workdir lies in the code directory $HERE, which every launch and" \
+      "--setup delete; give gs://BUCKET/PATH or a path outside it" >&2
+    exit 2
+  fi
   local log status
   worker_files "$worker"
   mkdir -p "$(dirname "$log")"
@@ -243,10 +250,10 @@ report_process0() {
         python=$(sed -n 's/^launch.sh: worker python: //p' "${LOGS[$i]}" | head -n 1)
         echo "launch.sh: dashboard: on that worker run"
         echo "  gcloud compute tpus tpu-vm ssh $TPU --zone $ZONE ${PROJECT:+--project $PROJECT }--worker=$worker" \
-          "--command='cd ~/$REMOTE_DIR && ${python:-python3} monitor.py ${WORKDIR:-WORKDIR} &" \
+          "--command='cd ~/$REMOTE_DIR && ${python:-python3} monitor.py $(printf '%q' "${WORKDIR:-WORKDIR}") &" \
           "cloudflared tunnel --url http://localhost:8080'"
       else
-        echo "launch.sh: dashboard: python monitor.py ${WORKDIR:-WORKDIR}, then open http://127.0.0.1:8080" \
+        echo "launch.sh: dashboard: python monitor.py $(printf '%q' "${WORKDIR:-WORKDIR}"), then open http://127.0.0.1:8080" \
           "(or: cloudflared tunnel --url http://localhost:8080)"
       fi
       PROCESS0_REPORTED=1
@@ -352,15 +359,29 @@ watch_hosts() {
   echo "launch.sh: all ${#PIDS[@]} hosts finished; logs in $LOGDIR"
 }
 
-# The --workdir among train_pretrain.py's arguments (quoted for a shell), for the dashboard command.
+# The --workdir among train_pretrain.py's arguments (empty when none is given).
 workdir_of() {
   while (($# > 0)); do
     case $1 in
-      --workdir=*) printf '%q' "${1#--workdir=}"; return ;;
-      --workdir) printf '%q' "${2:-}"; return ;;
+      --workdir=*) printf '%s' "${1#--workdir=}"; return ;;
+      --workdir) printf '%s' "${2:-}"; return ;;
     esac
     shift
   done
+}
+
+# Why a pod's trainers must not write into WORKDIR ("" when they may). They run in ~/REMOTE_DIR, which every launch
+# and --setup delete and copy again: a relative workdir (also one written ~/..., which no shell expands after
+# --workdir=) would lie there, and a relaunch would delete the run and train again from step 0.
+pod_workdir_problem() {
+  local workdir=$1
+  if [[ -z $workdir ]]; then
+    echo "no --workdir among the train_pretrain.py arguments (or an empty one)"
+  elif [[ $workdir != *://* && $workdir != /* ]]; then
+    echo "--workdir=$workdir is relative: the trainers run in ~/$REMOTE_DIR on the workers, which every launch and" \
+      "--setup delete, so a relaunch would delete the run; give gs://BUCKET/PATH (or an absolute path on storage" \
+      "every worker mounts)"
+  fi
 }
 
 # worker_session WORKER REMOTE_ARGS [SECONDS]: starts the ssh session that runs `launch.sh REMOTE_ARGS` on the
@@ -522,6 +543,11 @@ main() {
   else
     (($# > 0)) || die "no train_pretrain.py arguments after --"
     WORKDIR=$(workdir_of "$@")
+    if [[ $mode == tpu ]]; then
+      local problem
+      problem=$(pod_workdir_problem "$WORKDIR")
+      [[ -z $problem ]] || die "$problem"
+    fi
   fi
   mkdir -p "$LOGDIR"
   LOGDIR=$(cd "$LOGDIR" && pwd)

@@ -139,9 +139,13 @@ def fake_pod(tmp_path):
 
 
 def launch_tpu(tmp_path, env, timeout=120):
+  return launch_tpu_with(tmp_path, env, TRAIN_ARGS, timeout)
+
+
+def launch_tpu_with(tmp_path, env, train_args, timeout=120):
   return subprocess.run(
       ["bash", LAUNCH, "--tpu", "pod", "--zone", "us-central2-b", "--project", "proj", "--logdir",
-       str(tmp_path / "logs"), "--", *TRAIN_ARGS], env=env, capture_output=True, text=True, timeout=timeout)
+       str(tmp_path / "logs"), "--", *train_args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def setup_command(tmp_path):
@@ -450,6 +454,27 @@ def test_a_terminated_local_launch_stops_its_processes_before_it_exits(tmp_path)
   assert process.returncode == 143, stdout + stderr
   assert "killing them" in stderr
   assert not any(pid_alive(pid) for pid in pids)
+
+
+@pytest.mark.parametrize("workdir, problem", [("runs/pod", "is relative"), ("~/runs/pod", "is relative"),
+                                              ("", "no --workdir")])
+def test_a_pod_launch_refuses_a_workdir_in_the_code_directory_it_replaces(fake_pod, workdir, problem):
+  """The trainers run in ~/echo_jax_code, which every launch deletes and copies again: with --workdir=runs/pod (the
+  README's own example's form) a relaunch deleted the run and trained again from step 0, exiting 0 (found by review,
+  on one worker: the check that the hosts share the workdir needs two). Refused before any gcloud call."""
+  tmp_path, env = fake_pod
+  args = [arg if not arg.startswith("--workdir") else f"--workdir={workdir}" for arg in TRAIN_ARGS]
+  result = subprocess.run(["bash", LAUNCH, "--tpu", "pod", "--zone", "z", "--logdir", str(tmp_path / "logs"), "--",
+                           *args], env=env, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2 and problem in result.stderr, result.stdout + result.stderr
+  assert not (tmp_path / "calls").exists()
+  # An absolute path into a worker's code directory: that worker refuses it before its trainer starts.
+  inside = tmp_path / "worker_0" / "echo_jax_code" / "runs" / "pod"
+  args = [arg if not arg.startswith("--workdir") else f"--workdir={inside}" for arg in TRAIN_ARGS]
+  result = launch_tpu_with(tmp_path, env, args)
+  assert result.returncode == 1, result.stdout + result.stderr
+  assert f"--workdir={inside} lies in the code directory {tmp_path / 'worker_0' / 'echo_jax_code'}" in result.stderr
+  assert not (tmp_path / "worker_0" / "trainer_args").exists()
 
 
 def test_bad_arguments_are_errors(tmp_path):
