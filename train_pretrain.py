@@ -24,6 +24,12 @@ _FORCE = flags.DEFINE_bool(
     "force", False, "Train even if the compiled step needs more than 90% of the accelerator memory (risks OOM or "
     "silent HBM thrashing).")
 flags.mark_flags_as_required(["config", "workdir"])
+# Given but empty (an unset shell variable, `--workdir=$RUN`): the run would go to the current directory, or start
+# from random weights instead of fine-tuning, without a word.
+flags.register_validator("workdir", lambda value: value is None or bool(value.strip()),
+                         "--workdir is empty (an unset shell variable?): give the run directory")
+flags.register_validator("init_from", lambda value: value is None or bool(value.strip()),
+                         "--init_from is empty (an unset shell variable?): give the weights, or leave the flag out")
 
 
 def main(argv):

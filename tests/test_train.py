@@ -949,3 +949,15 @@ def test_a_count_below_its_least_value_is_refused_before_anything_naming_the_fie
   tiny_config.train.eval_every = -1
   with pytest.raises(ValueError, match=r"config\.train\.eval_every must be at least 0, got -1.*0 turns it off"):
     Trainer(tiny_config, str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("flag", ["--workdir=", "--init_from= "])
+def test_an_empty_workdir_or_init_from_is_refused_not_taken_as_not_given(tmp_path, flag):
+  """`--workdir=$RUN` with RUN unset trained into the current directory; `--init_from=$WEIGHTS` with it unset trained
+  from random weights instead of fine-tuning, with nothing said (found by review)."""
+  args = [flag] if flag.startswith("--workdir") else [f"--workdir={tmp_path / 'run'}", flag]
+  process = subprocess.run([sys.executable, str(REPO / "train_pretrain.py"), f"--config={REPO / 'configs' / 'tiny.py'}", *args],
+                           cwd=tmp_path, env=cpu_env(1), capture_output=True, text=True, timeout=120)
+  name = flag.split("=")[0]
+  assert process.returncode == 1 and f"{name} is empty (an unset shell variable?)" in process.stderr, process.stderr
+  assert not any(tmp_path.iterdir())
