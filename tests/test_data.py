@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 import time
 import zlib
@@ -449,6 +450,16 @@ def test_a_stream_gives_up_after_enough_barren_shards_in_a_row(tmp_path):
         pytest.raises(RuntimeError, match="read 16 shards in a row without one usable sample") as error):
     next(streams)
   assert "data.max_frames=12" in str(error.value)
+  # Named in the error itself: a run this stops before its first logged step writes no skip events (found by review).
+  assert re.search(r"the skips: too_long × \d+ \(e\.g\. long\d+ in shard-\d{3}\.tar\); the shards: ", str(error.value))
+
+
+def test_shards_of_another_latent_size_name_the_skip_reason_in_the_error(tmp_path):
+  wide = np.ones((6, DIM + 1), np.float16)
+  write_shard(str(tmp_path / "shard-0.tar"), [Sample(f"s{i}", wide, wide, {"text": "hi"}) for i in range(3)])
+  with (_stream_set([str(tmp_path / "shard-0.tar")], range(1), num_streams=1, batch_size=2) as streams,
+        pytest.raises(RuntimeError, match=r"the skips: bad_latent_dim × 3 \(e\.g\. s0 in shard-0\.tar\)")):
+    next(streams)
 
 
 def test_reader_thread_error_surfaces(tmp_path, monkeypatch):

@@ -14,8 +14,10 @@ checkpointed position restores onto any layout whose process count divides G.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import math
+import posixpath
 import queue
 import threading
 from collections.abc import Callable, Sequence
@@ -80,6 +82,20 @@ def _name_shards(shards: Sequence[str]) -> str:
   named = ", ".join(shards[:_NAMED_SHARDS])
   more = len(shards) - _NAMED_SHARDS
   return f"{named} (and {more} more)" if more > 0 else named
+
+
+def _name_skips(events: Sequence[SkipEvent]) -> str:
+  """The reasons of skip `events`, most frequent first, each with its count and first example."""
+  counts = collections.Counter(reason for reason, *_ in events)
+  first: dict[str, SkipEvent] = {}
+  for event in events:
+    first.setdefault(event[0], event)
+  named = []
+  for reason, count in counts.most_common():
+    _, key, shard, detail = first[reason]
+    example = f"{key} in {posixpath.basename(shard)}" if key else posixpath.basename(shard)
+    named.append(f"{reason} × {count} (e.g. {example}" + (f": {detail})" if detail else ")"))
+  return "; ".join(named)
 
 
 class _Reader:
@@ -178,10 +194,12 @@ class _Reader:
     barren = sorted(self._barren)
     failures = p.cache.failures if p.cache is not None else {}
     causes = "; ".join(f"{url}: {failures[url]}" for url in barren[:_NAMED_SHARDS] if url in failures)
+    # The skips are named here: a run this stops before its first logged step writes no skip events.
+    skips = _name_skips(self._events) or "none recorded (skipped before this launch's position)"
     raise RuntimeError(
         f"stream {p.process_index} read {len(barren)} shards in a row without one usable sample (each sample "
-        f"malformed or longer than data.max_frames={p.max_frames}, or the shard unreadable: the skip events say "
-        f"which); the shards: {_name_shards(barren)}" + (f". Download failures: {causes}" if causes else ""))
+        f"malformed or longer than data.max_frames={p.max_frames}, or the shard unreadable); the skips: {skips}; "
+        f"the shards: {_name_shards(barren)}" + (f". Download failures: {causes}" if causes else ""))
 
   def state(self) -> dict[str, Any]:
     p = self._p
