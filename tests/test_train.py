@@ -956,8 +956,8 @@ def test_an_empty_workdir_or_init_from_is_refused_not_taken_as_not_given(tmp_pat
   """`--workdir=$RUN` with RUN unset trained into the current directory; `--init_from=$WEIGHTS` with it unset trained
   from random weights instead of fine-tuning, with nothing said (found by review)."""
   args = [flag] if flag.startswith("--workdir") else [f"--workdir={tmp_path / 'run'}", flag]
-  process = subprocess.run([sys.executable, str(REPO / "train_pretrain.py"), f"--config={REPO / 'configs' / 'tiny.py'}", *args],
-                           cwd=tmp_path, env=cpu_env(1), capture_output=True, text=True, timeout=120)
+  command = [sys.executable, str(REPO / "train_pretrain.py"), f"--config={REPO / 'configs' / 'tiny.py'}", *args]
+  process = subprocess.run(command, cwd=tmp_path, env=cpu_env(1), capture_output=True, text=True, timeout=120)
   name = flag.split("=")[0]
   assert process.returncode == 1 and f"{name} is empty (an unset shell variable?)" in process.stderr, process.stderr
   assert not any(tmp_path.iterdir())
