@@ -748,8 +748,8 @@ class DashboardServer(http.server.ThreadingHTTPServer):
   daemon_threads = True
 
   def __init__(self, dashboard: Dashboard, address: tuple[str, int], handler: type[DashboardHandler]):
+    self.dashboard = dashboard  # first: a failed bind calls server_close from within super().__init__
     super().__init__(address, handler)
-    self.dashboard = dashboard
 
   def server_close(self) -> None:
     self.dashboard.stop()

@@ -6,12 +6,15 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
 
 import numpy as np
 import pytest
+from conftest import REPO
 from prometheus_client.parser import text_string_to_metric_families
 
 from echo_jax import dashboard
@@ -463,3 +466,21 @@ def test_answer_while_loading_is_partial_and_says_so(tmp_path, monkeypatch):
     release.set()
     srv.shutdown()
     srv.server_close()
+
+
+def test_monitor_on_a_taken_port_or_no_port_says_so_in_one_line(tmp_path):
+  """The port taken (make demo's own dashboard listens on 8080) ended in `AttributeError: 'DashboardServer' object
+  has no attribute 'dashboard'`, the cause buried in a chained traceback (found by review)."""
+  (tmp_path / "run").mkdir()
+  with socket.socket() as taken:
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    result = subprocess.run([sys.executable, str(REPO / "monitor.py"), str(tmp_path / "run"), "--port", str(port)],
+                            capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+  assert f"cannot listen on 127.0.0.1:{port} (Address already in use); pass --port N (0 picks a free one)" \
+         in result.stderr
+  result = subprocess.run([sys.executable, str(REPO / "monitor.py"), str(tmp_path / "run"), "--port", "99999"],
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2 and "99999 is not a port (0-65535" in result.stderr, result.stderr
