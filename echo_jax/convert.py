@@ -22,6 +22,7 @@ released file; upstream inference drops them unless it generates blockwise. Impo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -223,11 +224,19 @@ def check_pca_state(path: str, latent_dim: int) -> None:
     raise ValueError(f"{path}: latent_scale has shape {shapes['latent_scale']}, expected a scalar")
 
 
+# What a training run keeps in its directory, and an import's output directory never holds.
+RUN_FILES = ("checkpoints", "metrics.jsonl", "events.jsonl")
+
+
 def import_upstream(path: str, config: ml_collections.ConfigDict, out: str, *, pca: str | None = None,
                     drop_blockwise: bool = False) -> Any:
   """Converts an upstream safetensors file into a parameters-only checkpoint `out`, local or on gs://
   (`checkpoint.load_params` reads it), and copies the PCA state to out/pca_state.safetensors. Returns the float32
   parameters."""
+  run_files = [name for name in RUN_FILES if storage.exists(storage.join(out, name))]
+  if run_files:
+    raise ValueError(f"{out} is a run directory (it holds {', '.join(run_files)}): its config.json would be "
+                     "replaced; give a new directory")
   if pca is not None:
     check_pca_state(pca, config.model.latent_dim)
   params = read_upstream(path, config, drop_blockwise=drop_blockwise)
@@ -242,12 +251,18 @@ def export_upstream(checkpoint: str, out: str, dtype: str = "float32") -> ml_col
   """Writes the parameters of `checkpoint` (anything `load_params` reads) as an upstream safetensors file."""
   if dtype not in DTYPES:
     raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+  storage.check_writable(out)  # before the export's work, not after it
   config, params = load_params(checkpoint)
   tensors = to_upstream(jax.tree.map(np.asarray, params), DTYPES[dtype])
   partial = f"{out}.partial"
-  save_file({key: np.ascontiguousarray(value) for key, value in tensors.items()}, partial,
-            metadata={"format": "pt"})
-  os.replace(partial, out)
+  try:
+    save_file({key: np.ascontiguousarray(value) for key, value in tensors.items()}, partial,
+              metadata={"format": "pt"})
+    os.replace(partial, out)
+  except BaseException:
+    with contextlib.suppress(OSError):  # a half-written file of the model's size must not stay behind
+      os.remove(partial)
+    raise
   return config
 
 
@@ -316,5 +331,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 if __name__ == "__main__":
   try:
     main()
-  except ValueError as error:  # a bad file or flag: the message says what, a traceback would bury it
+  except (ValueError, OSError) as error:  # a bad file, path or flag: the message says what; a traceback buries it
     sys.exit(f"error: {error}")

@@ -423,3 +423,37 @@ def test_a_pickle_without_a_config_beside_it_is_read_with_the_training_config(tm
   other = config_for("tiny", not load_config("tiny").model.blockwise)  # other arrays, not only other shapes
   with pytest.raises(ValueError, match=r"w\.pkl: its parameters are not those of the config: .*context_kv"):
     convert.load_init_params(str(tmp_path / "w.pkl"), other)
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_work_and_leaves_nothing(tmp_path, monkeypatch):
+  """`export --out DIR` did the whole export, then failed and left DIR.partial, a file of the model's size, beside
+  DIR; `import --out RUN` replaced a training run's config.json (both found by review)."""
+  config = config_for("tiny", False)
+  save_params(random_params(config), config, str(tmp_path / "ours"))
+  (tmp_path / "out").mkdir()
+  loads = []
+  monkeypatch.setattr(convert, "load_params", lambda path: loads.append(path))
+  with pytest.raises(IsADirectoryError, match="is a directory: give a file name in it"):
+    convert.main(["export", str(tmp_path / "ours"), "--out", str(tmp_path / "out")])
+  assert loads == [] and sorted(p.name for p in tmp_path.iterdir()) == ["ours", "out"]
+  monkeypatch.undo()
+
+  def save_fails(tensors, path, metadata):
+    pathlib.Path(path).write_bytes(b"half")
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(convert, "save_file", save_fails)
+  with pytest.raises(OSError, match="No space left"):
+    convert.main(["export", str(tmp_path / "ours"), "--out", str(tmp_path / "model.safetensors")])
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "out"]
+  monkeypatch.undo()
+
+  run = tmp_path / "run"
+  (run / "checkpoints").mkdir(parents=True)
+  (run / "config.json").write_text("{}")
+  convert.main(["export", str(tmp_path / "ours"), "--out", str(tmp_path / "model.safetensors")])
+  with pytest.raises(ValueError, match=r"run is a run directory \(it holds checkpoints\): its config.json would be "
+                                       "replaced; give a new directory"):
+    convert.main(["import", str(tmp_path / "model.safetensors"), "--config", TINY_CONFIG, "--out", str(run)])
+  assert (run / "config.json").read_text() == "{}" and sorted(p.name for p in run.iterdir()) == [
+      "checkpoints", "config.json"]
