@@ -961,3 +961,20 @@ def test_an_empty_workdir_or_init_from_is_refused_not_taken_as_not_given(tmp_pat
   name = flag.split("=")[0]
   assert process.returncode == 1 and f"{name} is empty (an unset shell variable?)" in process.stderr, process.stderr
   assert not any(tmp_path.iterdir())
+
+
+def test_a_relaunch_with_nothing_left_to_train_says_so_without_compiling(tiny_config, tmp_path, monkeypatch):
+  """A relaunch at or past train.steps compiled the step (minutes on a pod), then exited 0 without a word; a
+  shortened train.steps (a typo) went unnoticed (found by review)."""
+  tiny_config.train.update(steps=4, eval_every=0)
+  Trainer(tiny_config, str(tmp_path / "run")).run()
+  config_json = (tmp_path / "run" / "config.json").read_text()
+  compiles = []
+  monkeypatch.setattr(StepFunctions, "compile", lambda *args, **kwargs: compiles.append(1))
+  tiny_config.train.steps = 3
+  state = Trainer(tiny_config, str(tmp_path / "run")).run()
+  assert int(state.step) == 4 and compiles == []
+  last = events(tmp_path / "run")[-1]
+  assert last["event"] == "nothing_to_train" and last["step"] == 4
+  assert "the run is at step 4 already and train.steps=3: nothing to train" in last["message"]
+  assert (tmp_path / "run" / "config.json").read_text() == config_json

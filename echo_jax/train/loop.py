@@ -355,6 +355,15 @@ class Trainer:
           self.init_params = None
       elif callable(self.init_params):
         self.init_params = self.init_params()  # before the compile: a wrong path fails the launch in seconds
+      if resume_step is not None and resume_step >= train.steps:  # no compile: on a pod it takes minutes
+        message = (f"the run is at step {resume_step} already and train.steps={train.steps}: nothing to train; "
+                   "raise --config.train.steps to go on")
+        logging.warning(message)
+        self.log.event("nothing_to_train", step=resume_step, message=message)
+        state = ckpt.restore(resume_step, abstract_state)[0]
+        held_out.close()
+        ckpt.close()
+        return state
       # Only now: a launch refused for another model must not overwrite the record of the one its checkpoints hold.
       if self.is_main:
         write_config_json(config, self.workdir)
