@@ -215,7 +215,9 @@ def compile_report(config: ml_collections.ConfigDict, topology: str, batch_size:
                    devices: Sequence[jax.Device] | None = None) -> AotReport:
   """Compiles the real train and eval steps of `config` for `topology` and reads XLA's memory and FLOP counts."""
   devices = list(devices) if devices is not None else topology_devices(topology)
-  batch_size = batch_size or config.train.batch_size
+  batch_size = config.train.batch_size if batch_size is None else batch_size
+  if batch_size <= 0:
+    raise ValueError(f"batch size must be positive, got {batch_size}")
   mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch_size % data_parallel:
@@ -386,6 +388,14 @@ def _define_flags() -> None:
   flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the implied step time.")
   flags.DEFINE_string("json_out", None, "Append the JSON record to this file (default: print it).")
   flags.mark_flags_as_required(["config"])
+  # Checked before any compile: each takes a minute or more, and a bad value was found only after it (or ignored).
+  flags.register_validator("batch_size", lambda value: value is None or value > 0, "--batch_size must be positive")
+  flags.register_validator("max_batch", lambda value: value > 0, "--max_batch must be positive")
+  for name in ("mfu", "limit_fraction"):
+    flags.register_validator(name, lambda value: 0 < value <= 1, f"--{name} must be in (0, 1]")
+  flags.register_validator("json_out", lambda value: value is None or (
+      os.path.isdir(os.path.dirname(os.path.abspath(value))) and not os.path.isdir(value)),
+      "--json_out must be a file in an existing directory")
 
 
 if __name__ == "__main__":

@@ -165,3 +165,18 @@ def test_bytes_per_device_counts_one_devices_shards():
 def test_check_memory_is_a_no_op_on_cpu():
   compiled = jax.jit(lambda x: x * 2).lower(jax.ShapeDtypeStruct((4,), "float32")).compile()
   assert aot.check_memory(compiled, jax.devices()) is None
+
+
+@pytest.mark.parametrize("flag, problem", [("--batch_size=0", "--batch_size must be positive"),
+                                           ("--mfu=0", "--mfu must be in (0, 1]"),
+                                           ("--limit_fraction=1.5", "--limit_fraction must be in (0, 1]"),
+                                           ("--json_out=/no/such/directory/aot.jsonl",
+                                            "--json_out must be a file in an existing directory")])
+def test_bad_cli_values_are_refused_before_any_compile(flag, problem):
+  """--batch_size 0 was taken for the config's batch, --mfu 0 ended in a ZeroDivisionError after the compile, and
+  an unwritable --json_out lost the record of a search of many compiles (found by review)."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  result = subprocess.run([sys.executable, "-m", "echo_jax.aot", "--config", str(REPO / "configs" / "tiny.py"),
+                           "--topology", "v4-8", flag], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1 and problem in result.stderr, result.stderr[-2000:]
+  assert "compile" not in result.stdout
