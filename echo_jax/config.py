@@ -128,14 +128,25 @@ MINIMUMS = {"train.batch_size": 1, "train.steps": 1, "train.log_every": 1, "trai
             "train.hang_timeout": 0, "train.setup_timeout": 0}
 
 
-def check_counts(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first field of `MINIMUMS` below its least value."""
+# What config.codec may name (echo_jax.codecs.get_codec; "none": no audio, for tests).
+CODECS = ("mel", "dacvae", "fish_pca", "none")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first field of `MINIMUMS` below its least value, a learning rate that is not
+  positive, a codec that no code speaks, or a model the model refuses: each trained on before (a negative lr ran
+  the loss up to thousands, an unknown codec failed only at the first sample or at inference)."""
   for name, least in MINIMUMS.items():
     section, field = name.split(".")
     value = config[section][field]
     if value < least:
       raise ValueError(f"config.{name} must be at least {least}, got {value}: set --config.{name}=N with N >= {least}"
                        + (" (0 turns it off)" if least == 0 else ""))
+  if not 0 < config.train.lr < float("inf"):
+    raise ValueError(f"config.train.lr must be positive, got {config.train.lr}")
+  if config.codec not in CODECS:
+    raise ValueError(f"config.codec={config.codec!r} is not one of {', '.join(CODECS)}")
+  model_config(config)  # the model's own checks (heads, remat, dtype)
 
 
 def model_config(config: ml_collections.ConfigDict) -> EchoConfig:

@@ -951,6 +951,20 @@ def test_a_count_below_its_least_value_is_refused_before_anything_naming_the_fie
     Trainer(tiny_config, str(tmp_path / "run"))
 
 
+@pytest.mark.parametrize("field, value, refusal", [
+    ("train.lr", -1.0, r"config\.train\.lr must be positive, got -1\.0"),
+    ("codec", "foo", r"config\.codec='foo' is not one of mel, dacvae, fish_pca, none"),
+    ("model.dtype", "float16", r"dtype='float16' is not float32 or bfloat16")])
+def test_a_value_no_run_can_use_is_refused_before_anything(tiny_config, tmp_path, field, value, refusal):
+  """A negative lr trained (the loss ran up to thousands), float16 trained without the loss scaling it needs, and
+  an unknown codec trained and failed only at inference (found by review)."""
+  *section, name = field.split(".")
+  (tiny_config[section[0]] if section else tiny_config)[name] = value
+  with pytest.raises(ValueError, match=refusal):
+    Trainer(tiny_config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("flag", ["--workdir=", "--init_from= "])
 def test_an_empty_workdir_or_init_from_is_refused_not_taken_as_not_given(tmp_path, flag):
   """`--workdir=$RUN` with RUN unset trained into the current directory; `--init_from=$WEIGHTS` with it unset trained

@@ -76,6 +76,8 @@ class EchoConfig:
         raise ValueError(f"{name}dim={dim} must split into {name}heads={heads} heads of even size")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+    if self.dtype not in ("float32", "bfloat16"):  # float16 would need loss scaling, which the train step has not
+      raise ValueError(f"dtype={self.dtype!r} is not float32 or bfloat16")
 
   @property
   def compute_dtype(self) -> jnp.dtype:

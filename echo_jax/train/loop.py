@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from echo_jax import aot, checkpoint, metrics, runtime, sharding, storage
 from echo_jax.background import InBackground
-from echo_jax.config import check_counts, model_config, write_config_json
+from echo_jax.config import check_config, model_config, write_config_json
 from echo_jax.data.cache import describe
 from echo_jax.data.pipeline import StreamSet, batch_streams, merge_stream_states, position_mismatch
 from echo_jax.data.shards import list_shards
@@ -90,7 +90,7 @@ class Trainer:
                hooks: tuple[tuple[int, Hook], ...] = (), init_params: Any | Callable[[], Any] = None,
                force: bool = False,
                stop_requested: threading.Event | None = None):
-    check_counts(config)  # before anything: a bad count would otherwise fail the launch after its compile
+    check_config(config)  # before anything: a bad value would otherwise fail the launch after its compile
     self.config = config
     self.force = force
     self.workdir = workdir
