@@ -10,14 +10,17 @@ Settings apply in this order: SamplerConfig defaults, then --preset, then every 
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from echo_jax import codecs, sampling, storage, synthesis
 from echo_jax.codecs import audio as audio_lib
 
 FLAGS = flags.FLAGS
+ERROR_SETTLE_S = 0.5
 flags.DEFINE_string("checkpoint", None, "run directory, checkpoints/<step> directory, params directory or .pkl")
 flags.DEFINE_string("text", None, "text to speak")
 flags.DEFINE_string("text_file", None, "UTF-8 file holding the text to speak (instead of --text)")
@@ -105,12 +108,26 @@ def run() -> synthesis.SynthesisResult:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # Orbax narrates every read at INFO: the result and errors are what counts
   try:
     run()
   except (synthesis.SynthesisError, ValueError, OSError) as error:
+    # A failed restore's other reads (tensorstore's) fail as its event loop closes, and print tracebacks from their
+    # threads ("Event loop is closed"): a moment lets them finish first, so that the error is printed after them.
+    time.sleep(ERROR_SETTLE_S)
     print(f"error: {error}", file=sys.stderr)
     sys.exit(1)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  try:
+    app.run(main)
+  except SystemExit as exit_:
+    if exit_.code in (0, None):
+      raise
+    # The error is printed. The reads of a failed restore that were still pending would print pages of "Event loop is
+    # closed" tracebacks at the interpreter's exit, burying it; they have nothing left to do, so nothing more is shown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    os._exit(exit_.code if isinstance(exit_.code, int) else 1)

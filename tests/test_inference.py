@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile
 from absl import flags
-from conftest import REPO, load_config, write_synthetic_shards
+from conftest import REPO, cpu_env, load_config, write_synthetic_shards
 from jax.experimental import multihost_utils
 from PIL import Image
 
@@ -290,3 +290,19 @@ def test_non_finite_audio_is_refused_and_nothing_is_written(tmp_path):
   with pytest.raises(ValueError, match="holds non-finite values"):
     audio.write_wav(str(tmp_path / "out.wav"), np.array([0.1, np.nan, 0.2], np.float32), 16000)
   assert not list(tmp_path.iterdir())
+
+
+def test_a_damaged_checkpoints_error_is_the_last_line_the_cli_prints(run_dir, tmp_path):
+  """The error was printed, then buried: the failed restore's pending reads printed tracebacks ending in
+  `RuntimeError: Event loop is closed` after it as the interpreter shut down (found by review: line 18 of 2,465)."""
+  damaged = tmp_path / "run"
+  shutil.copytree(run_dir, damaged)
+  for data in (damaged / "checkpoints" / "3" / "state" / "ocdbt.process_0" / "d").iterdir():  # the arrays' bytes
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+  result = subprocess.run([sys.executable, "inference.py", f"--checkpoint={damaged}", "--text=Hello.", "--codec=mel",
+                           f"--output={tmp_path / 'out.wav'}"], cwd=REPO, env=cpu_env(1), capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      f"error: reading the parameters of {damaged / 'checkpoints' / '3'} failed"), result.stderr[-3000:]
+  assert not (tmp_path / "out.wav").exists()
