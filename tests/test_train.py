@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, cpu_env, free_port, load_config, write_synthetic_shards
+from conftest import REPO, cpu_env, free_port, load_config, wait_for, write_synthetic_shards
 
 from echo_jax import aot, checkpoint, metrics, sharding
 from echo_jax.background import InBackground
@@ -992,3 +992,28 @@ def test_a_relaunch_with_nothing_left_to_train_says_so_without_compiling(tiny_co
   assert last["event"] == "nothing_to_train" and last["step"] == 4
   assert "the run is at step 4 already and train.steps=3: nothing to train" in last["message"]
   assert (tmp_path / "run" / "config.json").read_text() == config_json
+
+
+def test_ctrl_c_on_a_direct_run_saves_a_checkpoint_and_exits_0(tiny_config, tmp_path):
+  """Ctrl-C on `train_pretrain.py` printed a KeyboardInterrupt traceback and lost every step since the last
+  checkpoint (found by review). The first Ctrl-C now stops the run as SIGTERM does: a checkpoint after the step in
+  progress, then exit 0; the relaunch resumes from it."""
+  tiny_config.train.update(steps=100_000, log_every=1, ckpt_every=100_000, eval_every=0)
+  workdir = tmp_path / "run"
+  command = [sys.executable, str(REPO / "train_pretrain.py"), f"--config={REPO / 'configs' / 'tiny.py'}",
+             f"--workdir={workdir}", f"--config.data.train_shards={tiny_config.data.train_shards}",
+             *(f"--config.train.{key}={tiny_config.train[key]}" for key in ("steps", "log_every", "ckpt_every",
+                                                                           "eval_every"))]
+  process = subprocess.Popen(command, cwd=REPO, env=cpu_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+  try:
+    wait_for(lambda: (workdir / "metrics.jsonl").exists() and len(losses_by_step(workdir)) >= 3, timeout=120)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+  finally:
+    if process.poll() is None:
+      process.kill()
+  assert process.returncode == 0, stderr[-3000:]
+  assert "Ctrl-C: a checkpoint is saved after the step in progress" in stderr and "KeyboardInterrupt" not in stderr
+  stopped = [e for e in events(workdir) if e["event"] == "stopped"]
+  assert len(stopped) == 1 and (workdir / "checkpoints" / str(stopped[0]["step"])).is_dir()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import threading
 
 import jax
@@ -11,7 +12,7 @@ from absl import logging
 
 from echo_jax import codecs, convert, runtime
 from echo_jax.sampling import SamplerConfig
-from echo_jax.train.loop import Hook, Trainer, install_sigterm_handler
+from echo_jax.train.loop import Hook, Trainer, install_sigint_handler, install_sigterm_handler
 from echo_jax.train.samples import examples_from_shards, make_sample_hook
 
 
@@ -33,10 +34,13 @@ def join_hosts(coordinator_address: str | None = None, num_processes: int | None
   """Installs the SIGTERM handler, then joins the multi-host runtime (`runtime.initialize`); returns the event the
   Trainer stops at. In this order: a SIGTERM while the hosts join (which waits for all of them) must stop the run
   like any other, with a checkpoint and exit 0, not end it with 143, which launch.sh takes for a failure; once
-  joined, SIGTERM is JAX's preemption notice (see `install_sigterm_handler`)."""
+  joined, SIGTERM is JAX's preemption notice (see `install_sigterm_handler`). A run of one process that has not
+  joined stops at its first Ctrl-C with a checkpoint too (`install_sigint_handler`)."""
   stop = threading.Event()
   install_sigterm_handler(stop)
   runtime.initialize(coordinator_address, num_processes, process_id)
+  if not jax.distributed.is_initialized():
+    install_sigint_handler(stop)
   return stop
 
 
@@ -53,5 +57,8 @@ def train_main(config: ml_collections.ConfigDict, workdir: str, *, init_from: st
     # Orbax narrates every save at INFO; the run directory's events.jsonl is the record users read.
     logging.set_verbosity(logging.WARNING)
     init_params = functools.partial(convert.load_init_params, init_from, config) if init_from else None
-    Trainer(config, workdir, hooks=sample_hooks(config), init_params=init_params, force=force,
-            stop_requested=stop).run()
+    try:
+      Trainer(config, workdir, hooks=sample_hooks(config), init_params=init_params, force=force,
+              stop_requested=stop).run()
+    finally:
+      signal.signal(signal.SIGINT, signal.default_int_handler)  # what follows a run (the demo's speech) is Python's

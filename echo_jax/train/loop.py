@@ -21,6 +21,7 @@ import functools
 import hashlib
 import os
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -703,3 +704,23 @@ def install_sigterm_handler(stop: threading.Event) -> None:
     stop.set()
 
   signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def install_sigint_handler(stop: threading.Event) -> None:
+  """Ctrl-C on a run of one process that has not joined a distributed runtime: the first sets `stop`, as SIGTERM
+  does (the Trainer saves a checkpoint after its current step, or its first, and returns), and says so; a second
+  interrupts at once (KeyboardInterrupt, nothing saved). Before, Ctrl-C lost every step since the last checkpoint.
+  A joined run keeps Python's default: only JAX's preemption notice makes its hosts agree on a step to stop at
+  (launch.sh turns Ctrl-C into SIGTERM for every host)."""
+  if jax.distributed.is_initialized():
+    raise RuntimeError("install_sigint_handler is for runs of one process that have not joined a distributed runtime")
+
+  def on_sigint(signum: int, frame: Any) -> None:
+    if stop.is_set():
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      raise KeyboardInterrupt
+    stop.set()
+    print("\nCtrl-C: a checkpoint is saved after the step in progress, then the run stops; Ctrl-C again stops at "
+          "once, without it", file=sys.stderr, flush=True)
+
+  signal.signal(signal.SIGINT, on_sigint)
