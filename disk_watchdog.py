@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 
 from echo_jax import watchdog
 
@@ -25,8 +26,8 @@ def main() -> None:
   parser.add_argument("--dry-run", action="store_true", help="log what would be deleted, delete nothing")
   parser.add_argument("--once", action="store_true", help="check once and exit (exit code 1 if still short)")
   args = parser.parse_args()
-  if args.min_free_gb < 0 or args.interval <= 0 or args.keep_checkpoints < 0:
-    parser.error("--min-free-gb and --keep-checkpoints must be >= 0 and --interval > 0")
+  if not (0 <= args.min_free_gb < math.inf and 0 < args.interval < math.inf) or args.keep_checkpoints < 0:  # NaN too
+    parser.error("--min-free-gb and --keep-checkpoints must be >= 0 and --interval > 0, all finite numbers")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s disk_watchdog %(levelname)s %(message)s")
   try:
     report = watchdog.watch(args.paths, int(args.min_free_gb * 2**30), args.interval, args.keep_checkpoints,

@@ -191,6 +191,9 @@ def test_a_checkpoint_of_fish_latents_is_refused_with_the_reason():
   """Upstream's echo_base_fish (config.codec = "fish_pca") trains and exports here; no codec here can speak it."""
   with pytest.raises(ValueError, match=r"the fish_pca codec .* is not implemented here: .* not spoken"):
     codecs.get_codec("fish_pca")
+  # A test config's "none" was reported as an unknown codec, with no hint of --codec (found by review).
+  with pytest.raises(ValueError, match=r"names no codec \(codec='none'.*--codec mel or --codec dacvae"):
+    codecs.get_codec("none")
 
 
 def test_training_sample_hook_writes_samples_and_survives_failure(run_dir, tmp_path):

@@ -243,3 +243,12 @@ def test_cli_dry_run_once(tree):
   assert f"would delete checkpoint {paths['ckpt_100']}" in result.stderr
   assert "DISK SPACE STILL LOW" in result.stderr
   assert _snapshot(root) == before
+
+
+@pytest.mark.parametrize("flag, value", [("--min-free-gb", "nan"), ("--min-free-gb", "inf"), ("--interval", "nan")])
+def test_cli_refuses_a_threshold_that_is_not_a_finite_number(tmp_path, flag, value):
+  """--min-free-gb nan passed the range check and ended in a ValueError traceback (found by review)."""
+  script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "disk_watchdog.py")
+  result = subprocess.run([sys.executable, script, "--once", flag, value, str(tmp_path)], capture_output=True,
+                          text=True, timeout=60)
+  assert result.returncode == 2 and "all finite numbers" in result.stderr and "Traceback" not in result.stderr

@@ -49,4 +49,7 @@ def get_codec(name: str, weights: str | None = None) -> Codec:
     raise ValueError("the fish_pca codec (Fish-S1-DAC + PCA, the latents of upstream's echo_base_fish) is not "
                      "implemented here: such a checkpoint can be fine-tuned and exported (python -m echo_jax.convert "
                      "export) but not spoken; speak the exported file with upstream Echo")
+  if name == "none":
+    raise ValueError("the config names no codec (codec='none', as test configs do), so its latents cannot be spoken: "
+                     "pass the codec its shards were encoded with (inference: --codec mel or --codec dacvae)")
   raise ValueError(f"unknown codec {name!r}; known: 'mel', 'dacvae'")
