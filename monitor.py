@@ -20,7 +20,7 @@ def main() -> None:
   args = parser.parse_args()
   try:
     dashboard.serve(args.run_dirs, host=args.host, port=args.port)
-  except FileNotFoundError as error:
+  except (FileNotFoundError, dashboard.UnreachableRunError) as error:
     parser.error(str(error))
   except OSError as error:  # the bind: the port taken (make demo's dashboard listens on 8080), or no such address
     parser.error(f"cannot listen on {args.host}:{args.port} ({error.strerror or error}); pass --port N (0 picks a "

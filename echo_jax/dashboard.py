@@ -539,6 +539,10 @@ def _prometheus_escape(value: str) -> str:
   return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+class UnreachableRunError(RuntimeError):
+  """A run directory's storage did not answer (no network, no credentials): not the same as a missing directory."""
+
+
 class Dashboard:
   """The runs being watched and the answers of the JSON and Prometheus endpoints."""
 
@@ -547,7 +551,14 @@ class Dashboard:
       raise ValueError("at least one run directory is needed")
     for url in run_urls:
       fs, path = fsspec.core.url_to_fs(url)
-      if not fs.isdir(path):
+      try:  # not fs.isdir, which answers False for a storage it cannot reach as for a missing directory
+        is_dir = fs.info(path)["type"] == "directory"
+      except FileNotFoundError:
+        is_dir = False
+      except Exception as error:
+        raise UnreachableRunError(f"cannot read {url} ({type(error).__name__}: {error}): check the network and "
+                                  "the credentials") from error
+      if not is_dir:
         raise FileNotFoundError(f"run directory not found: {url}")
     self.runs = [RunState(url, name) for url, name in zip(run_urls, _run_names(run_urls), strict=True)]
     self._stop = threading.Event()

@@ -12,6 +12,8 @@ import threading
 import time
 import urllib.request
 
+import fsspec
+import fsspec.implementations.memory
 import numpy as np
 import pytest
 from conftest import REPO
@@ -91,6 +93,18 @@ def test_default_bind_is_loopback(tmp_path):
 def test_missing_run_dir_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="run directory not found"):
     dashboard.make_server([str(tmp_path / "nope")], port=0)
+
+
+def test_a_run_dir_whose_storage_does_not_answer_is_not_called_missing(monkeypatch):
+  """A gs:// run with no network was reported as "run directory not found" (fs.isdir answers False for any error;
+  found by review)."""
+  def unreachable(self, path, **kwargs):
+    raise ConnectionError("Cannot connect to host storage.googleapis.com:443")
+
+  monkeypatch.setattr(fsspec.implementations.memory.MemoryFileSystem, "info", unreachable)
+  with pytest.raises(dashboard.UnreachableRunError, match=r"cannot read memory://run \(ConnectionError: Cannot "
+                                                          r"connect to host .*check the network and the credentials"):
+    dashboard.make_server(["memory://run"], port=0)
 
 
 def test_api_returns_points_and_status(server):
