@@ -21,10 +21,10 @@ def main() -> None:
   try:
     dashboard.serve(args.run_dirs, host=args.host, port=args.port)
   except (FileNotFoundError, dashboard.UnreachableRunError) as error:
-    parser.error(str(error))
+    parser.exit(2, f"{parser.prog}: error: {error}\n")  # one line: the arguments were fine, their usage is no help
   except OSError as error:  # the bind: the port taken (make demo's dashboard listens on 8080), or no such address
-    parser.error(f"cannot listen on {args.host}:{args.port} ({error.strerror or error}); pass --port N (0 picks a "
-                 "free one) or another --host")
+    parser.exit(2, f"{parser.prog}: error: cannot listen on {args.host}:{args.port} ({error.strerror or error}); pass "
+                "--port N (0 picks a free one) or another --host\n")
 
 
 def port_number(text: str) -> int:

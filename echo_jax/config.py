@@ -124,8 +124,8 @@ def program_fields(config: ml_collections.ConfigDict) -> dict:
 # The least value of each count the training loop divides by or counts down with: below it, a run failed only after
 # its compile (a ZeroDivisionError for log_every=0) or stopped with a false diagnosis (max_nonfinite=0).
 MINIMUMS = {"train.batch_size": 1, "train.steps": 1, "train.log_every": 1, "train.ckpt_every": 1,
-            "train.max_nonfinite": 1, "train.eval_every": 0, "train.eval_batches": 0, "train.keep_period": 0,
-            "train.hang_timeout": 0, "train.setup_timeout": 0}
+            "train.keep_checkpoints": 1, "train.max_nonfinite": 1, "train.eval_every": 0, "train.eval_batches": 0,
+            "train.keep_period": 0, "train.hang_timeout": 0, "train.setup_timeout": 0}
 
 
 # What config.codec may name (echo_jax.codecs.get_codec; "none": no audio, for tests).

@@ -936,7 +936,8 @@ def test_only_damage_to_the_steps_own_files_is_answered_with_setting_the_step_as
   assert ("left as it is" in message) == (not damaged)
 
 
-@pytest.mark.parametrize("field", ["log_every", "ckpt_every", "batch_size", "max_nonfinite", "steps"])
+@pytest.mark.parametrize("field", ["log_every", "ckpt_every", "batch_size", "max_nonfinite", "steps",
+                                   "keep_checkpoints"])
 def test_a_count_below_its_least_value_is_refused_before_anything_naming_the_field(tiny_config, tmp_path, field):
   """Once, log_every=0 failed with a ZeroDivisionError after the compile; max_nonfinite=0 stopped the run blaming
   non-finite losses that were finite."""

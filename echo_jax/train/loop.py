@@ -444,7 +444,8 @@ class Trainer:
           if step % every == 0:
             hook(StepInfo(step=step, state=state, trainer=self))
         if stop:
-          self.log.event("stopped", step=step, message="stop requested (SIGTERM); saving a checkpoint, then exiting")
+          self.log.event("stopped", step=step,
+                         message="stop requested (SIGTERM or Ctrl-C); saving a checkpoint, then exiting")
           break
       if pending is not None:
         self._log_step(*pending, waited, consecutive_nonfinite, progress)
