@@ -258,6 +258,9 @@ def export_upstream(checkpoint: str, out: str, dtype: str = "float32") -> ml_col
   try:
     save_file({key: np.ascontiguousarray(value) for key, value in tensors.items()}, partial,
               metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(partial, 0o666 & ~umask)  # safetensors creates its file readable by its owner alone, unlike any other
     os.replace(partial, out)
   except BaseException:
     with contextlib.suppress(OSError):  # a half-written file of the model's size must not stay behind

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -452,6 +453,9 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_work_and_leaves_
   (run / "checkpoints").mkdir(parents=True)
   (run / "config.json").write_text("{}")
   convert.main(["export", str(tmp_path / "ours"), "--out", str(tmp_path / "model.safetensors")])
+  umask = os.umask(0)
+  os.umask(umask)
+  assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not safetensors' own 0600
   with pytest.raises(ValueError, match=r"run is a run directory \(it holds checkpoints\): its config.json would be "
                                        "replaced; give a new directory"):
     convert.main(["import", str(tmp_path / "model.safetensors"), "--config", TINY_CONFIG, "--out", str(run)])
