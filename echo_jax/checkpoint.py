@@ -8,7 +8,6 @@ crash or SIGKILL is never restored; the previous complete checkpoint is.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import time
 from collections.abc import Callable
@@ -384,10 +383,8 @@ def export_pickle(state: TrainState, samples_seen: int, path: str) -> None:
   }
   if jax.process_index() != 0:
     return
-  partial = f"{path}.partial"
-  with open(partial, "wb") as f:
+  with storage.whole_file(path) as partial, open(partial, "wb") as f:
     pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
-  os.replace(partial, path)
 
 
 def import_pickle(path: str, template: TrainState) -> tuple[TrainState, int]:

@@ -22,7 +22,6 @@ released file; upstream inference drops them unless it generates blockwise. Impo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
 import sys
@@ -254,18 +253,12 @@ def export_upstream(checkpoint: str, out: str, dtype: str = "float32") -> ml_col
   storage.check_writable(out)  # before the export's work, not after it
   config, params = load_params(checkpoint)
   tensors = to_upstream(jax.tree.map(np.asarray, params), DTYPES[dtype])
-  partial = f"{out}.partial"
-  try:
+  with storage.whole_file(out) as partial:  # a half-written file of the model's size must not stay behind
     save_file({key: np.ascontiguousarray(value) for key, value in tensors.items()}, partial,
               metadata={"format": "pt"})
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(partial, 0o666 & ~umask)  # safetensors creates its file readable by its owner alone, unlike any other
-    os.replace(partial, out)
-  except BaseException:
-    with contextlib.suppress(OSError):  # a half-written file of the model's size must not stay behind
-      os.remove(partial)
-    raise
   return config
 
 

@@ -20,6 +20,7 @@ import posixpath
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 
 import fsspec
 from absl import logging
@@ -58,18 +59,25 @@ def join(base: str, *names: str) -> str:
   return os.path.join(base, *names) if is_local(base) else posixpath.join(base, *names)
 
 
+@contextlib.contextmanager
+def whole_file(path: str) -> Iterator[str]:
+  """Yields where to write the local file `path` (beside it, its directories made); renamed to `path` when the block
+  ends, deleted when it raises: `path` is never seen half-written, and a failed write leaves nothing."""
+  partial = _partial_of(path)
+  try:
+    yield partial
+    os.replace(partial, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(partial)
+    raise
+
+
 def write_bytes(path: str, data: bytes) -> None:
   """`data` as the file `path` (its directories made), never seen half-written: a failed write leaves nothing."""
   if is_local(path):
-    partial = _partial_of(path)
-    try:
-      with open(partial, "wb") as f:
-        f.write(data)
-      os.replace(partial, path)
-    except BaseException:
-      with contextlib.suppress(OSError):
-        os.remove(partial)
-      raise
+    with whole_file(path) as partial, open(partial, "wb") as f:
+      f.write(data)
     return
   fs, target = fsspec.core.url_to_fs(path)
   fs.pipe_file(target, data)
@@ -90,7 +98,7 @@ def check_writable(path: str) -> None:
 
 
 def _partial_of(path: str) -> str:
-  """Where `write_bytes` writes the local file `path` before renaming it (its directories made)."""
+  """Where `whole_file` writes the local file `path` before renaming it (its directories made)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   return f"{path}.partial"
 

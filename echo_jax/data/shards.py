@@ -23,6 +23,8 @@ from typing import Any
 import fsspec
 import numpy as np
 
+from echo_jax import storage
+
 
 @contextlib.contextmanager
 def _hidden_module(name: str) -> Iterator[None]:
@@ -83,8 +85,7 @@ def write_shard(path: str, samples: Iterable[Sample]) -> int:
   (fixed mtime and owner), so the same samples always give an identical shard.
   """
   count = 0
-  partial = f"{path}.partial"
-  with open(partial, "wb") as stream:
+  with storage.whole_file(path) as partial, open(partial, "wb") as stream:
     writer = wds.TarWriter(stream, user="echo", group="echo", mtime=0.0, encoder=False)
     for sample in samples:
       if "." in sample.key or not sample.key:
@@ -99,7 +100,6 @@ def write_shard(path: str, samples: Iterable[Sample]) -> int:
       })
       count += 1
     writer.close()
-  os.replace(partial, path)
   return count
 
 
