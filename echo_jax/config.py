@@ -21,7 +21,7 @@ import os
 
 import ml_collections
 
-from echo_jax import storage
+from echo_jax import codecs, storage
 from echo_jax.model import EchoConfig
 
 
@@ -128,10 +128,6 @@ MINIMUMS = {"train.batch_size": 1, "train.steps": 1, "train.log_every": 1, "trai
             "train.keep_period": 0, "train.hang_timeout": 0, "train.setup_timeout": 0}
 
 
-# What config.codec may name (echo_jax.codecs.get_codec; "none": no audio, for tests).
-CODECS = ("mel", "dacvae", "fish_pca", "none")
-
-
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first field of `MINIMUMS` below its least value, a learning rate that is not
   positive, a codec that no code speaks, or a model the model refuses: each trained on before (a negative lr ran
@@ -144,8 +140,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                        + (" (0 turns it off)" if least == 0 else ""))
   if not 0 < config.train.lr < float("inf"):
     raise ValueError(f"config.train.lr must be positive, got {config.train.lr}")
-  if config.codec not in CODECS:
-    raise ValueError(f"config.codec={config.codec!r} is not one of {', '.join(CODECS)}")
+  if config.codec not in codecs.NAMES:
+    raise ValueError(f"config.codec={config.codec!r} is not one of {', '.join(codecs.NAMES)}")
   model_config(config)  # the model's own checks (heads, remat, dtype)
 
 

@@ -31,6 +31,11 @@ class Codec(Protocol):
   def pad_latent(self) -> np.ndarray: ...
 
 
+# Every name a config's `codec` may hold; only the first two can be spoken here ("fish_pca": upstream's latents;
+# "none": test configs, no audio).
+NAMES = ("mel", "dacvae", "fish_pca", "none")
+
+
 def get_codec(name: str, weights: str | None = None) -> Codec:
   """The codec a config names (`config.codec`): "mel" (no weights) or "dacvae" (converted weights file)."""
   if name == "mel":
