@@ -471,22 +471,29 @@ class Pipeline:
     self.close()
 
 
+def check_stream_count(batch_size: int, streams: int, multiple: int = 1) -> None:
+  """Raises a ValueError saying what to set unless `streams` is positive and divides `batch_size`; the advice asks
+  for a multiple of `multiple`."""
+  advice = f"set data.streams to a multiple of {multiple} that divides train.batch_size={batch_size}"
+  if streams < 1:
+    raise ValueError(f"data.streams must be positive, got {streams}; {advice}")
+  if batch_size % streams:
+    raise ValueError(f"train.batch_size={batch_size} is not divisible by data.streams={streams}; {advice}")
+
+
 def batch_streams(batch_size: int, streams: int, blocks: Sequence[tuple[int, int]]) -> list[int]:
   """The streams, ascending, that fill the global batch rows of `blocks` (a `runtime.process_batch_rows`); raises a
   ValueError saying what to set when a block is not a whole number of streams."""
-  if streams < 1:
-    raise ValueError(f"data.streams must be positive, got {streams}")
   # The streams must cut the batch where each of this process's blocks begins and ends.
   bounds = [bound for block in blocks for bound in block]
-  advice = (f"set data.streams to a multiple of {batch_size // math.gcd(batch_size, *bounds)} that divides "
-            f"train.batch_size={batch_size}")
-  if batch_size % streams:
-    raise ValueError(f"train.batch_size={batch_size} is not divisible by data.streams={streams}; {advice}")
+  multiple = batch_size // math.gcd(batch_size, *bounds)
+  check_stream_count(batch_size, streams, multiple)
   rows_per_stream = batch_size // streams
   if any(bound % rows_per_stream for bound in bounds):
     held = ", ".join(f"[{start}, {stop})" for start, stop in blocks)
     raise ValueError(f"this process holds global batch rows {held}, which are not a whole number of the {streams} "
-                     f"data streams of {rows_per_stream} rows; {advice}")
+                     f"data streams of {rows_per_stream} rows; set data.streams to a multiple of {multiple} that "
+                     f"divides train.batch_size={batch_size}")
   return [g for start, stop in blocks for g in range(start // rows_per_stream, stop // rows_per_stream)]
 
 
@@ -523,7 +530,7 @@ class StreamSet:
   def __init__(self, *, shards: Sequence[str], batch_size: int, num_streams: int, streams: Sequence[int],
                state: dict[str, Any] | None = None, cache_dir: str | None = None, shard_prefetch: int = 2,
                stall_timeout: float = 120.0, retries: int = 3, **pipeline_args: Any):
-    batch_streams(batch_size, num_streams, [])  # the count alone: the streams' own rows are whole streams
+    check_stream_count(batch_size, num_streams)
     if list(streams) != sorted(set(streams)) or not all(0 <= g < num_streams for g in streams):
       raise ValueError(f"streams {list(streams)} are not distinct ascending streams of data.streams={num_streams}")
     if len(shards) < num_streams:
