@@ -155,13 +155,9 @@ worker_run() {
     sleep 1
   fi
   check_copy "$copy_id"
-  local workdir
-  workdir=$(workdir_of "$@")
-  if [[ $workdir == /* && $(realpath -m "$workdir")/ == "$HERE"/* ]]; then
-    echo "launch.sh: $(hostname): --workdir=$workdir lies in the code directory $HERE, which every launch and" \
-      "--setup delete; give gs://BUCKET/PATH or a path outside it" >&2
-    exit 2
-  fi
+  local problem
+  problem=$(pod_workdir_problem "$(workdir_of "$@")" "$HERE")
+  [[ -z $problem ]] || { echo "launch.sh: $(hostname): $problem" >&2; exit 2; }
   local log status
   worker_files "$worker"
   mkdir -p "$(dirname "$log")"
@@ -370,17 +366,21 @@ workdir_of() {
   done
 }
 
-# Why a pod's trainers must not write into WORKDIR ("" when they may). They run in ~/REMOTE_DIR, which every launch
-# and --setup delete and copy again: a relative workdir (also one written ~/..., which no shell expands after
-# --workdir=) would lie there, and a relaunch would delete the run and train again from step 0.
+# pod_workdir_problem WORKDIR [CODE_DIR]: why a pod's trainers must not write into WORKDIR ("" when they may). They
+# run in ~/REMOTE_DIR, which every launch and --setup delete and copy again: a relative workdir (also one written
+# ~/..., which no shell expands after --workdir=) would lie there, and a relaunch would delete the run and train again
+# from step 0. On a worker, CODE_DIR (that directory) also catches an absolute path into it.
 pod_workdir_problem() {
-  local workdir=$1
+  local workdir=$1 code_dir=${2:-}
   if [[ -z $workdir ]]; then
     echo "no --workdir among the train_pretrain.py arguments (or an empty one)"
   elif [[ $workdir != *://* && $workdir != /* ]]; then
     echo "--workdir=$workdir is relative: the trainers run in ~/$REMOTE_DIR on the workers, which every launch and" \
       "--setup delete, so a relaunch would delete the run; give gs://BUCKET/PATH (or an absolute path on storage" \
       "every worker mounts)"
+  elif [[ -n $code_dir && $workdir == /* && $(realpath -m "$workdir")/ == "$code_dir"/* ]]; then
+    echo "--workdir=$workdir lies in the code directory $code_dir, which every launch and --setup delete; give" \
+      "gs://BUCKET/PATH or a path outside it"
   fi
 }
 
