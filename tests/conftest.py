@@ -16,9 +16,13 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " " + FAST_COMPILE
 
+import contextlib  # noqa: E402
 import pathlib  # noqa: E402
 import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
@@ -86,3 +90,19 @@ def tiny_config(tmp_path: pathlib.Path) -> ml_collections.ConfigDict:
   config.data.train_shards = write_synthetic_shards(tmp_path / "shards")
   config.data.eval_shards = write_synthetic_shards(tmp_path / "shards", num_shards=1, seed=1, prefix="eval")
   return config
+
+
+@contextlib.contextmanager
+def claimed_elsewhere(workdir: pathlib.Path, process: int) -> Iterator[int]:
+  """Another process (a stale trainer) holds process `process`'s claim on `workdir` (storage.RunDirectoryClaim)
+  inside the block; yields its pid. It is killed at the end, which releases the claim."""
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import time; from echo_jax import storage; "
+       f"claim = storage.RunDirectoryClaim({str(workdir)!r}, {process}); print('claimed', flush=True); "
+       "time.sleep(600)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "claimed"
+    yield holder.pid
+  finally:
+    holder.kill()
+    holder.wait()

@@ -196,11 +196,17 @@ def test_a_checkpoint_of_fish_latents_is_refused_with_the_reason():
     codecs.get_codec("none")
 
 
+def hook_trainer(config, workdir) -> tuple[types.SimpleNamespace, list]:
+  """What a sample hook reads of its Trainer (process 0's), and the events it logs there."""
+  events = []
+  trainer = types.SimpleNamespace(config=config, workdir=str(workdir), is_main=True,
+                                  log=types.SimpleNamespace(event=lambda name, **kw: events.append((name, kw))))
+  return trainer, events
+
+
 def test_training_sample_hook_writes_samples_and_survives_failure(run_dir, tmp_path):
   config, params = load_params(run_dir)
-  events = []
-  trainer = types.SimpleNamespace(config=config, workdir=str(tmp_path), is_main=True,
-                                  log=types.SimpleNamespace(event=lambda name, **kw: events.append((name, kw))))
+  trainer, events = hook_trainer(config, tmp_path)
   examples = [SampleExample("Hello there.", None),
               SampleExample("A second one.", np.ones((9, 8), np.float32))]  # any length, as in shards
   hook = make_sample_hook(FrameCodec(), examples, SamplerConfig(steps=3), duration=0.8)
@@ -223,9 +229,7 @@ def test_a_sample_hook_whose_gather_fails_stops_the_run(run_dir, tmp_path, monke
   different collectives (seen with 2 FSDP processes: one aborted on a collective mismatch, the other trained on into
   its hang watchdog, and the cause reached no log). It is raised, not logged as a sample error."""
   config, params = load_params(run_dir)
-  events = []
-  trainer = types.SimpleNamespace(config=config, workdir=str(tmp_path), is_main=True,
-                                  log=types.SimpleNamespace(event=lambda name, **kw: events.append((name, kw))))
+  trainer, events = hook_trainer(config, tmp_path)
 
   def gather_fails(tree, tiled=False):
     raise MemoryError("the gathered parameters do not fit")

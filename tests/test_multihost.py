@@ -19,7 +19,7 @@ import fake_gcs
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, cpu_env, free_port, load_config, write_synthetic_shards
+from conftest import REPO, claimed_elsewhere, cpu_env, free_port, load_config, write_synthetic_shards
 from test_train import losses_by_step, read_jsonl, write_malformed_shard
 
 from echo_jax.data.pipeline import stream_shards
@@ -386,17 +386,9 @@ def test_a_run_directory_a_stale_trainer_still_writes_is_refused_on_every_host(s
   nothing into the holder's run log."""
   root, config, _ = setup
   workdir = root / "claimed"
-  holder = subprocess.Popen(
-      [sys.executable, "-c", "import time; from echo_jax import storage; "
-       f"claim = storage.RunDirectoryClaim({str(workdir)!r}, 1); print('claimed', flush=True); time.sleep(600)"],
-      cwd=REPO, stdout=subprocess.PIPE, text=True)
-  try:
-    assert holder.stdout.readline().strip() == "claimed"
+  with claimed_elsewhere(workdir, 1) as holder:
     outputs = failed(start_hosts(config, workdir))
-  finally:
-    holder.kill()
-    holder.wait()
-  in_use = f"the run directory {workdir} is in use: process 1 of another trainer holds it (pid {holder.pid} on "
+  in_use = f"the run directory {workdir} is in use: process 1 of another trainer holds it (pid {holder} on "
   assert f"RunDirectoryInUseError: {in_use}" in outputs[1], outputs[1][-3000:]
   assert f"RunDirectoryInUseError: process 1 cannot use the run directory: {in_use}" in outputs[0], outputs[0][-3000:]
   assert not (workdir / "checkpoints").exists() and not read_jsonl(workdir / "events.jsonl")

@@ -13,7 +13,7 @@ import fake_gcs
 import fsspec
 import numpy as np
 import pytest
-from conftest import load_config, wait_for
+from conftest import claimed_elsewhere, load_config, wait_for
 from test_train import eval_losses_by_step, events, losses_by_step
 
 from echo_jax import dashboard, metrics, storage
@@ -282,22 +282,14 @@ def test_a_second_trainer_on_a_local_run_directory_is_refused_until_the_first_ha
   into the same run directory: both saved checkpoints there and interleaved their metrics. It is now refused before
   the compile, naming the holder, and the claim goes with the holder, even one killed by SIGKILL."""
   workdir = tmp_path / "run"
-  holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time; from echo_jax import storage; "
-       f"claim = storage.RunDirectoryClaim({str(workdir)!r}, 0); print('claimed', flush=True); time.sleep(600)"],
-      stdout=subprocess.PIPE, text=True)
-  try:
-    assert holder.stdout.readline().strip() == "claimed"
+  with claimed_elsewhere(workdir, 0) as holder:
     with pytest.raises(storage.RunDirectoryError, match=rf"the run directory {workdir} is in use: process 0 of "
-                                                        rf"another trainer holds it \(pid {holder.pid} on "):
+                                                        rf"another trainer holds it \(pid {holder} on "):
       Trainer(tiny_config, str(workdir)).run()
     # Nothing written there: no config, no checkpoints, and no error in the holder's events.
     assert not (workdir / "config.json").exists() and not (workdir / "checkpoints").exists()
     assert events(workdir) == []
     storage.RunDirectoryClaim(str(workdir), 1).release()  # another process index is another claim
-  finally:
-    holder.kill()
-    holder.wait()
   claim = storage.RunDirectoryClaim(str(workdir), 0)
   with pytest.raises(storage.RunDirectoryError, match=rf"pid {os.getpid()} on "):  # one process, claimed twice
     storage.RunDirectoryClaim(str(workdir), 0)

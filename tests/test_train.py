@@ -998,7 +998,7 @@ def test_a_relaunch_with_nothing_left_to_train_says_so_without_compiling(tiny_co
 def test_ctrl_c_on_a_direct_run_saves_a_checkpoint_and_exits_0(tiny_config, tmp_path):
   """Ctrl-C on `train_pretrain.py` printed a KeyboardInterrupt traceback and lost every step since the last
   checkpoint (found by review). The first Ctrl-C now stops the run as SIGTERM does: a checkpoint after the step in
-  progress, then exit 0; the relaunch resumes from it."""
+  progress, then exit 0."""
   tiny_config.train.update(steps=100_000, log_every=1, ckpt_every=100_000, eval_every=0)
   workdir = tmp_path / "run"
   command = [sys.executable, str(REPO / "train_pretrain.py"), f"--config={REPO / 'configs' / 'tiny.py'}",
