@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
+from typing import Any
 
 import ml_collections
 
@@ -163,3 +165,31 @@ def write_config_json(config: ml_collections.ConfigDict, directory: str) -> None
   """DIRECTORY/config.json (local or gs://), never half-written (`storage.write_bytes`)."""
   storage.write_bytes(storage.join(directory, "config.json"),
                       config.to_json_best_effort(indent=2, sort_keys=True).encode("utf-8"))
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def config_changes(config: ml_collections.ConfigDict, directory: str) -> dict[str, list]:
+  """The fields of `config` whose value differs from DIRECTORY/config.json (the config of the run's last launch),
+  as {"train.steps": [before, now]}; a field one of them lacks is null there. Empty when there is no config.json.
+  A relaunch overwrites config.json, so the trainer records these in its events: the run log keeps every launch's
+  changes, e.g. which steps ran with which learning rate."""
+  path = storage.join(directory, "config.json")
+  if not storage.exists(path):
+    return {}
+  try:
+    before = _flat(json.loads(storage.read_bytes(path)))
+  except ValueError as error:  # not JSON: the record is damaged, and the new launch's config replaces it
+    return {"config.json": [f"unreadable ({error})", "rewritten"]}
+  now = _flat(json.loads(config.to_json_best_effort()))
+  return {key: [before.get(key), now.get(key)] for key in sorted(before.keys() | now.keys())
+          if before.get(key) != now.get(key)}
+

@@ -26,7 +26,7 @@ from conftest import REPO, cpu_env, free_port, load_config, wait_for, write_synt
 
 from echo_jax import aot, checkpoint, metrics, sharding
 from echo_jax.background import InBackground
-from echo_jax.config import model_config
+from echo_jax.config import config_changes, model_config, write_config_json
 from echo_jax.data.shards import list_shards
 from echo_jax.metrics import train_flops_per_step
 from echo_jax.model import Echo
@@ -739,6 +739,27 @@ def test_a_restart_over_a_changed_shard_list_starts_a_fresh_epoch_order(tiny_con
   resets = [e for e in events(tmp_path / "run") if e["event"] == "data_position_reset"]
   assert len(resets) == 1 and "the shard list changed since the position was taken (2 shards then, 3 now" in \
       resets[0]["message"]
+  # config.json now holds the relaunch's config; the run log keeps what changed, and from which step.
+  changed = [e for e in events(tmp_path / "run") if e["event"] == "config_changed"]
+  assert [(e["step"], e["changes"]) for e in changed] == [(4, {"train.steps": [4, 6]})]
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 6
+
+
+def test_config_changes_name_each_changed_field_against_the_runs_config_json(tiny_config, tmp_path):
+  assert config_changes(tiny_config, str(tmp_path)) == {}  # a new run
+  write_config_json(tiny_config, str(tmp_path))
+  assert config_changes(tiny_config, str(tmp_path)) == {}
+  changed = copy.deepcopy(tiny_config)
+  changed.unlock()
+  changed.train.lr = 1e-3
+  changed.model.layers = tiny_config.model.layers + 1
+  changed.train.new_field = "x"
+  assert config_changes(changed, str(tmp_path)) == {
+      "model.layers": [tiny_config.model.layers, tiny_config.model.layers + 1],
+      "train.lr": [tiny_config.train.lr, 1e-3], "train.new_field": [None, "x"]}
+  (tmp_path / "config.json").write_text("{not json")
+  [(key, (before, now))] = config_changes(tiny_config, str(tmp_path)).items()
+  assert key == "config.json" and before.startswith("unreadable (") and now == "rewritten"
 
 
 def test_processes_that_see_different_checkpoints_are_refused(tiny_config, tmp_path, monkeypatch):

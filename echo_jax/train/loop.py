@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from echo_jax import aot, checkpoint, metrics, runtime, sharding, storage
 from echo_jax.background import InBackground
-from echo_jax.config import check_config, model_config, write_config_json
+from echo_jax.config import check_config, config_changes, model_config, write_config_json
 from echo_jax.data.cache import describe
 from echo_jax.data.pipeline import StreamSet, batch_streams, merge_stream_states, position_mismatch
 from echo_jax.data.shards import list_shards
@@ -367,6 +367,11 @@ class Trainer:
         return state
       # Only now: a launch refused for another model must not overwrite the record of the one its checkpoints hold.
       if self.is_main:
+        changes = config_changes(config, self.workdir)
+        if changes:
+          logging.warning("config changed since the run's last launch: %s",
+                          "; ".join(f"{key} {before!r} -> {now!r}" for key, (before, now) in changes.items()))
+          self.log.event("config_changed", step=resume_step or 0, changes=changes)
         write_config_json(config, self.workdir)
       # A new run evaluates before its first step: it reads the held-out batches while the train step compiles. A
       # restart's first evaluation is eval_every steps away: it reads them once its first step is logged (as it
