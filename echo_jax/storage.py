@@ -15,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import posixpath
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -205,21 +207,44 @@ def check_run_directory(directory: str, name: str) -> None:
           "replace nor delete)") from error
 
 
+# A remote run directory's lease (`RunDirectoryClaim`): renewed this often, and taken as abandoned by a trainer on
+# another machine once this long has passed since its last renewal.
+LEASE_FILE = ".trainer.lease"
+LEASE_RENEW_S = 60.0
+LEASE_EXPIRES_S = 300.0
+
+
 class RunDirectoryClaim:
-  """Process `process`'s claim on the local run directory `directory`, held until `release()` or the process's end
-  (the kernel drops it even at a SIGKILL): a lock on the file `.trainer.{process}.lock` there, which records who
-  holds it.
+  """A trainer's claim on its run directory, held until `release()`: no other trainer writes there meanwhile.
 
   Two trainers writing one run directory (a relaunch while the last launch's trainers still run: its launcher
-  killed, a second terminal) would overwrite each other's checkpoints and interleave their metrics. The second is
-  refused instead, naming the first. A remote run directory (gs://) is not claimed: an object store has no lock that
-  a killed trainer releases; there launch.sh stops the stale trainers before it starts new ones.
+  killed, a second terminal, the same command started on a second slice) would overwrite each other's checkpoints
+  and interleave their metrics. The second is refused instead, naming the first.
+
+  - A local directory: each process `process` locks the file `.trainer.{process}.lock` there, which records who holds
+    it; the kernel drops the lock when the process ends, even at a SIGKILL.
+  - A remote one (gs://): an object store has no lock that a killed trainer releases, so process 0 of a launch holds
+    a lease, the object `.trainer.lease` (who holds it, and when it was last renewed). A thread renews it every
+    `LEASE_RENEW_S`. A lease is live while its trainer's pid runs (a trainer on this machine) or while it was
+    renewed within `LEASE_EXPIRES_S` (a trainer elsewhere); a launch takes over a lease that is not (`took_over`
+    says whose). A trainer whose lease another launch took over (it could not renew it for that long) finds it so
+    at its next renewal and says so in `lost`: the Trainer then stops before its next save. Two launches that start
+    within a moment of each other over an expired lease can both take it over (the store replaces objects without
+    a condition here); the next renewal of one of them finds the other's lease, and that one stops.
   """
 
   def __init__(self, directory: str, process: int):
+    self.directory = directory
     self.path = join(directory, f".trainer.{process}.lock")
+    self.took_over: str | None = None
+    self.lost: str | None = None
     self._file = None
+    self._lease_id: str | None = None
+    self._renewing = threading.Event()
     if not is_local(directory):
+      self.path = join(directory, LEASE_FILE)
+      if process == 0:
+        self._take_lease()
       return
     try:
       os.makedirs(directory, exist_ok=True)
@@ -232,10 +257,8 @@ class RunDirectoryClaim:
       held.seek(0)
       holder = held.read().strip() or "a process that has just claimed it"
       held.close()
-      raise RunDirectoryInUseError(
-          f"the run directory {directory} is in use: process {process} of another trainer holds it ({holder}). "
-          "Two trainers writing one run directory would overwrite each other's checkpoints: stop that one "
-          "(locally: kill its pid; launch.sh stops stale trainers on a pod), or give another --workdir") from None
+      raise self._in_use(f"process {process} of another trainer holds it ({holder})",
+                         "locally: kill its pid; launch.sh stops stale trainers on a pod") from None
     except BaseException:
       held.close()
       raise
@@ -244,8 +267,95 @@ class RunDirectoryClaim:
     held.flush()
     self._file = held
 
+  def _in_use(self, holder: str, how_to_stop: str) -> RunDirectoryInUseError:
+    return RunDirectoryInUseError(
+        f"the run directory {self.directory} is in use: {holder}. Two trainers writing one run directory would "
+        f"overwrite each other's checkpoints: stop that one ({how_to_stop}), or give another --workdir")
+
+  def _lease_record(self, since: str) -> bytes:
+    return json.dumps({"id": self._lease_id, "host": socket.gethostname(), "pid": os.getpid(), "since": since,
+                       "renewed": time.time()}).encode()
+
+  def _take_lease(self) -> None:
+    self._lease_id, since = uuid.uuid4().hex, time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    try:
+      fs, target = _asked_now(self.path)
+      try:
+        fs.pipe_file(target, self._lease_record(since), mode="create")  # GCS: created only where there is none
+      except FileExistsError:
+        holder = _read_lease(self.path)
+        if holder is not None and _lease_is_live(holder):
+          raise self._in_use(f"another trainer holds its lease ({_describe_lease(holder)})",
+                             f"or, if it is gone, wait until {LEASE_EXPIRES_S:.0f} s have passed since its last "
+                             f"renewal, or delete {self.path}") from None
+        write_bytes(self.path, self._lease_record(since))
+        self.took_over = _describe_lease(holder) if holder is not None else f"an unreadable {self.path}"
+    except RunDirectoryError:
+      raise
+    except Exception as error:
+      raise RunDirectoryError(f"cannot claim the run directory {self.directory}: writing {self.path} failed "
+                              f"({describe(error)})") from error
+    threading.Thread(target=self._renew, args=(since,), name="run_directory_lease", daemon=True).start()
+
+  def _renew(self, since: str) -> None:
+    while not self._renewing.wait(LEASE_RENEW_S):
+      try:
+        holder = _read_lease(self.path)
+        if holder is None:  # deleted (by hand?): made again, unless another launch has just made its own
+          with contextlib.suppress(FileExistsError):
+            fs, target = _asked_now(self.path)
+            fs.pipe_file(target, self._lease_record(since), mode="create")
+          holder = _read_lease(self.path)
+        if holder is None or holder.get("id") != self._lease_id:
+          self.lost = (f"another trainer took over the run directory {self.directory} "
+                       f"({_describe_lease(holder) if holder else f'{self.path} is unreadable'})")
+          logging.error("%s: this trainer stops before its next save", self.lost)
+          return
+        write_bytes(self.path, self._lease_record(since))
+      except Exception as error:  # noqa: BLE001 — the store may answer again before the lease expires
+        logging.warning("could not renew the lease %s (%s); another launch may take the run directory over once "
+                        "%.0f s have passed since the last renewal", self.path, describe(error), LEASE_EXPIRES_S)
+
   def release(self) -> None:
-    """Ends the claim (the file stays: deleting it could let two later trainers lock different files)."""
+    """Ends the claim. A local lock file stays (deleting it could let two later trainers lock different files); a
+    lease still this trainer's is deleted, so that a relaunch elsewhere need not wait for it to expire."""
     if self._file is not None:
       self._file.close()
       self._file = None
+    if self._lease_id is not None:
+      self._renewing.set()
+      with contextlib.suppress(Exception):
+        if self.lost is None and (_read_lease(self.path) or {}).get("id") == self._lease_id:
+          remove_if_possible(self.path)
+      self._lease_id = None
+
+
+def _read_lease(path: str) -> dict | None:
+  """The lease record at `path`; None when there is none or it is unreadable (taken over then)."""
+  try:
+    record = json.loads(read_bytes(path))
+  except (FileNotFoundError, ValueError):
+    return None
+  return record if isinstance(record, dict) else None
+
+
+def _lease_is_live(holder: dict) -> bool:
+  if holder.get("host") == socket.gethostname():
+    pid = holder.get("pid")
+    if pid == os.getpid() or not isinstance(pid, int):
+      return False
+    try:
+      os.kill(pid, 0)
+    except ProcessLookupError:
+      return False
+    except PermissionError:  # another user's process
+      return True
+    return True
+  renewed = holder.get("renewed")
+  return isinstance(renewed, (int, float)) and time.time() - renewed < LEASE_EXPIRES_S
+
+
+def _describe_lease(holder: dict) -> str:
+  renewed = holder.get("renewed")
+  ago = f", last renewed {time.time() - renewed:.0f} s ago" if isinstance(renewed, (int, float)) else ""
+  return f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')}{ago}"

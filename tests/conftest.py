@@ -93,13 +93,14 @@ def tiny_config(tmp_path: pathlib.Path) -> ml_collections.ConfigDict:
 
 
 @contextlib.contextmanager
-def claimed_elsewhere(workdir: pathlib.Path, process: int) -> Iterator[int]:
+def claimed_elsewhere(workdir: pathlib.Path | str, process: int, env: dict[str, str] | None = None) -> Iterator[int]:
   """Another process (a stale trainer) holds process `process`'s claim on `workdir` (storage.RunDirectoryClaim)
-  inside the block; yields its pid. It is killed at the end, which releases the claim."""
+  inside the block; yields its pid. It is killed (SIGKILL) at the end, which releases a local claim; a remote one's
+  lease stays, naming a pid that no longer runs."""
   holder = subprocess.Popen(
       [sys.executable, "-c", "import time; from echo_jax import storage; "
        f"claim = storage.RunDirectoryClaim({str(workdir)!r}, {process}); print('claimed', flush=True); "
-       "time.sleep(600)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+       "time.sleep(600)"], cwd=REPO, stdout=subprocess.PIPE, text=True, env=env)
   try:
     assert holder.stdout.readline().strip() == "claimed"
     yield holder.pid

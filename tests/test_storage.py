@@ -295,4 +295,97 @@ def test_a_second_trainer_on_a_local_run_directory_is_refused_until_the_first_ha
     storage.RunDirectoryClaim(str(workdir), 0)
   claim.release()
   storage.RunDirectoryClaim(str(workdir), 0).release()
-  storage.RunDirectoryClaim("gs://bucket/run", 0).release()  # an object store has no such lock: not claimed
+
+
+def lease(bucket):
+  path = bucket / "run" / storage.LEASE_FILE
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def test_a_second_trainer_on_a_gs_run_directory_is_refused_while_the_first_holds_its_lease(tiny_config, bucket, gcs):
+  """An object store has no lock that a killed trainer releases: process 0 holds a lease there instead. A trainer on
+  this machine holds it while its pid runs; one killed by SIGKILL leaves a lease that the next launch takes over at
+  once, saying whose it was. Other processes of a launch take none."""
+  with claimed_elsewhere("gs://bucket/run", 0, env=fake_gcs.subprocess_env(gcs.url)) as holder:
+    # In a process of its own, as a launch: one not refused would train, with Orbax reaching the stand-in.
+    result = subprocess.run([sys.executable, "-c", TRAIN, tiny_config.to_json(), "0"], cwd=bucket, capture_output=True,
+                            text=True, timeout=300, env=fake_gcs.subprocess_env(gcs.url))
+    assert result.returncode == 1 and ("RunDirectoryInUseError: the run directory gs://bucket/run is in use: another "
+                                       f"trainer holds its lease (pid {holder} on ") in result.stderr, result.stderr
+    assert sorted(p.name for p in (bucket / "run").iterdir()) == [storage.LEASE_FILE]  # nothing of this launch's
+    storage.RunDirectoryClaim("gs://bucket/run", 1).release()
+  assert lease(bucket)["pid"] == holder  # SIGKILL: the lease stays
+  claim = storage.RunDirectoryClaim("gs://bucket/run", 0)
+  assert claim.took_over.startswith(f"pid {holder} on ") and lease(bucket)["pid"] == os.getpid()
+  claim.release()
+  assert lease(bucket) is None  # released: a relaunch elsewhere need not wait for it to expire
+
+
+def test_a_gs_lease_of_another_machine_holds_until_it_expires(bucket):
+  """A trainer on another machine (a second slice running the same command) is live while it renews its lease."""
+  (bucket / "run").mkdir()
+  other = {"id": "other", "host": "another-host", "pid": 1, "since": "then", "renewed": time.time() - 30}
+  (bucket / "run" / storage.LEASE_FILE).write_text(json.dumps(other))
+  with pytest.raises(storage.RunDirectoryInUseError, match=r"pid 1 on another-host, since then, last renewed 3\d s "
+                                                           r"ago\). .*wait until 300 s have passed since its last "
+                                                           r"renewal, or delete gs://bucket/run/.trainer.lease"):
+    storage.RunDirectoryClaim("gs://bucket/run", 0)
+  assert lease(bucket) == other
+  other["renewed"] = time.time() - storage.LEASE_EXPIRES_S - 1
+  (bucket / "run" / storage.LEASE_FILE).write_text(json.dumps(other))
+  claim = storage.RunDirectoryClaim("gs://bucket/run", 0)
+  assert claim.took_over.startswith("pid 1 on another-host, since then, last renewed 30") and claim.lost is None
+  claim.release()
+
+
+def test_a_gs_lease_is_renewed_made_again_when_deleted_and_lost_to_another_launch(bucket, monkeypatch):
+  monkeypatch.setattr(storage, "LEASE_RENEW_S", 0.05)
+  claim = storage.RunDirectoryClaim("gs://bucket/run", 0)
+  first = lease(bucket)["renewed"]
+  wait_for(lambda: lease(bucket) and lease(bucket)["renewed"] > first, timeout=10)
+  (bucket / "run" / storage.LEASE_FILE).unlink()  # by hand: made again, the trainer goes on
+  wait_for(lambda: lease(bucket) is not None, timeout=10)
+  assert claim.lost is None
+  taken = {**lease(bucket), "id": "another launch", "pid": 1, "host": "another-host"}
+  (bucket / "run" / storage.LEASE_FILE).write_text(json.dumps(taken))
+  wait_for(lambda: claim.lost is not None, timeout=10)
+  assert claim.lost.startswith("another trainer took over the run directory gs://bucket/run (pid 1 on another-host")
+  claim.release()
+  assert lease(bucket) == taken  # not this trainer's to delete
+
+
+TAKEN_OVER = textwrap.dedent("""\
+    import json, sys
+    import ml_collections
+    from echo_jax import storage
+    from echo_jax.train.loop import Trainer
+    storage.LEASE_RENEW_S = 0.05
+
+    def take_over(info):  # another launch takes the lease over while this one trains
+      path = "gs://bucket/run/" + storage.LEASE_FILE
+      record = json.loads(storage.read_bytes(path))
+      storage.write_bytes(path, json.dumps({**record, "id": "another launch", "host": "another-host"}).encode())
+      while info.trainer._claim.lost is None:
+        pass
+
+    Trainer(ml_collections.ConfigDict(json.loads(sys.argv[1])), "gs://bucket/run", hooks=((3, take_over),)).run()
+""")
+
+
+def test_a_trainer_whose_gs_lease_was_taken_over_stops_before_its_next_save(tiny_config, tmp_path):
+  """Both would otherwise save into one checkpoints/ directory (a trainer that could not renew its lease for
+  LEASE_EXPIRES_S, e.g. cut off from the store, and a relaunch elsewhere that took the run over)."""
+  root = tmp_path / "gcs"
+  (root / "bucket").mkdir(parents=True)
+  tiny_config.train.update(steps=6, ckpt_every=2, eval_every=0, log_every=1)
+  with fake_gcs.serve(str(root)) as gcs:
+    result = subprocess.run([sys.executable, "-c", TAKEN_OVER, tiny_config.to_json()], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env=fake_gcs.subprocess_env(gcs.url))
+  assert result.returncode == 1
+  assert ("RunDirectoryInUseError: another trainer took over the run directory gs://bucket/run (pid "
+          in result.stderr), result.stderr[-3000:]
+  assert "this trainer stopped without saving; the other one goes on" in result.stderr
+  run = root / "bucket" / "run"
+  assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2"]  # not 4
+  assert json.loads((run / storage.LEASE_FILE).read_text())["id"] == "another launch"
+  assert [e["event"] for e in events(run)] == ["start", "checkpoint_saved"]  # no error in the other's run log

@@ -223,6 +223,10 @@ class Trainer:
       first, report = refused[0]
       error_class = storage.RunDirectoryInUseError if report["in_use"] else storage.RunDirectoryError
       raise error_class(f"process {first} cannot use the run directory: {report['error']}")
+    if self._claim.took_over:
+      logging.warning("took over the lease of the run directory from a trainer that no longer renews it (%s)",
+                      self._claim.took_over)
+      self.log.event("lease_taken_over", holder=self._claim.took_over)
     if count == 1:
       return
     # Each reads the mark of the next: storage that some hosts share and others do not breaks the ring somewhere.
@@ -440,6 +444,7 @@ class Trainer:
           # Orbax's save waits for the save before it anyway; waited for here, that one's failure is reported as such
           # (checkpoint_failed) and not raised raw from Orbax's save.
           self._confirm_saves(ckpt, wait=True)
+          self._check_claim()
           positions = checkpoint.gather_per_process(pipeline.state())
           ckpt.save(step, state, positions, {"samples_seen": samples_seen, "process_count": jax.process_count(),
                                              "platform": jax.devices()[0].platform, "devices": jax.device_count(),
@@ -545,6 +550,13 @@ class Trainer:
     if self.stop_requested.is_set() and not self._stop_forwarded:
       os.kill(os.getpid(), signal.SIGTERM)  # to JAX's notifier, which now owns the signal
       self._stop_forwarded = True
+
+  def _check_claim(self) -> None:
+    """Before a save, on every process: a trainer whose remote run directory another launch has taken over (see
+    `storage.RunDirectoryClaim`) stops without saving over that launch's checkpoints. A collective."""
+    lost = [report for report in checkpoint.gather_per_process(self._claim.lost if self._claim else None) if report]
+    if lost:
+      raise storage.RunDirectoryInUseError(f"{lost[0]}: this trainer stopped without saving; the other one goes on")
 
   def _confirm_saves(self, ckpt: checkpoint.Checkpointer, wait: bool = False) -> None:
     """Writes `checkpoint_saved` for the saves that Orbax has finished in the background (all of them, waiting,
