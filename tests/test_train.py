@@ -726,19 +726,37 @@ def test_a_save_that_fails_while_still_running_at_the_next_save_is_reported_as_f
   assert max(losses_by_step(tmp_path / "run")) in (39, 40)
 
 
-def test_a_restart_over_a_changed_shard_list_starts_a_fresh_epoch_order(tiny_config, tmp_path):
+def test_a_restart_over_a_changed_shard_list_goes_on_in_the_next_epoch(tiny_config, tmp_path, monkeypatch):
   """Shards added under the glob (a dataset still being uploaded) make the saved data position meaningless: the
-  restart says so and goes on, instead of failing every relaunch."""
+  restart says so and goes on, instead of failing every relaunch, from the epoch after the one it was in. From epoch
+  0, it replayed the run's first batches (found by review; with the dataset moved to another bucket, the same count
+  of shards and the seed unchanged, sample for sample)."""
   tiny_config.train.update(steps=4, ckpt_every=4, log_every=1, eval_every=0)
   Trainer(tiny_config, str(tmp_path / "run")).run()
   write_synthetic_shards(tmp_path / "more", num_shards=1, seed=7)
   os.rename(tmp_path / "more" / "train-00000.tar", tmp_path / "shards" / "train-00002.tar")
+  saved = json.loads((tmp_path / "run" / "checkpoints" / "4" / "data" / "metadata").read_text())["process_0"]
+  epoch = 1 + max(stream["epoch"] for stream in saved["streams"].values())
   tiny_config.train.steps = 6
+  opened = []
+  original = Trainer._pipeline
+
+
+  def pipeline(self, role, shards, seed, position=None, **kwargs):
+    if role == "train":
+      opened.append(position)
+    return original(self, role, shards, seed, position, **kwargs)
+
+  monkeypatch.setattr(Trainer, "_pipeline", pipeline)
   Trainer(tiny_config, str(tmp_path / "run")).run()
   assert max(losses_by_step(tmp_path / "run")) == 6
   resets = [e for e in events(tmp_path / "run") if e["event"] == "data_position_reset"]
   assert len(resets) == 1 and "the shard list changed since the position was taken (2 shards then, 3 now" in \
+      resets[0]["message"] and f"goes on from the start of epoch {epoch}, a shuffle this run has not read" in \
       resets[0]["message"]
+  [position] = opened
+  assert {g: (stream["epoch"], stream.get("shard_cursor", 0)) for g, stream in position["streams"].items()} == \
+      {str(g): (epoch, 0) for g in range(tiny_config.data.streams)}
   # config.json now holds the relaunch's config; the run log keeps what changed, and from which step.
   changed = [e for e in events(tmp_path / "run") if e["event"] == "config_changed"]
   assert [(e["step"], e["changes"]) for e in changed] == [(4, {"train.steps": [4, 6]})]

@@ -507,6 +507,16 @@ def position_mismatch(position: dict[str, Any], shards: Sequence[str], seed: int
   return ""
 
 
+def fresh_position(shards: Sequence[str], seed: int, num_streams: int, epoch: int) -> dict[str, Any]:
+  """A StreamSet state that starts each of `num_streams` streams over `shards` at the beginning of `epoch`: where a
+  run whose position cannot continue (`position_mismatch`) goes on, in an epoch it has not begun. Starting it at
+  epoch 0 would replay, sample for sample, the order the run began with whenever the shards' count and the seed
+  are unchanged (the dataset moved to another bucket, or data.streams changed)."""
+  return {"version": STREAM_SET_VERSION,
+          "streams": {str(g): {"version": STATE_VERSION, **_identity(shards, seed, g, num_streams), "epoch": epoch}
+                      for g in range(num_streams)}}
+
+
 def merge_stream_states(positions: Sequence[Any]) -> dict[str, Any] | None:
   """One StreamSet state holding every stream of `positions` (each process's state); None when any is not a
   StreamSet state (a checkpoint from before streams existed)."""

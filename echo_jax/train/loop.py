@@ -40,7 +40,7 @@ from echo_jax import aot, checkpoint, metrics, runtime, sharding, storage
 from echo_jax.background import InBackground
 from echo_jax.config import check_config, config_changes, model_config, write_config_json
 from echo_jax.data.cache import describe
-from echo_jax.data.pipeline import StreamSet, batch_streams, merge_stream_states, position_mismatch
+from echo_jax.data.pipeline import StreamSet, batch_streams, fresh_position, merge_stream_states, position_mismatch
 from echo_jax.data.shards import list_shards
 from echo_jax.model import Echo
 from echo_jax.train.state import TrainState, count_params, create_train_state, example_inputs
@@ -267,8 +267,8 @@ class Trainer:
     """(state, this process's data position, the checkpoint's metadata): restored, imported or freshly initialised
     (no position, empty metadata), with the shapes and shardings of `abstract_state` (`sharded_abstract_state`);
     restored from step `latest` (a `_resume_step`) unless it is None. A position that cannot continue over
-    `train_shards` (other streams, shards or seed) is dropped, with an event: the data then restarts from a fresh
-    epoch order."""
+    `train_shards` (other streams, shards or seed) is dropped, with an event: the data then goes on from the start of
+    the epoch after the furthest one it had begun (`fresh_position`)."""
     for name in ckpt.incomplete:
       self.log.event("incomplete_checkpoint_ignored", directory=name,
                      message="an interrupted save was found and ignored; resuming from the last complete one")
@@ -285,9 +285,12 @@ class Trainer:
         # E.g. shards added under the glob while a dataset is still being uploaded.
         why = position_mismatch(position, train_shards, self.config.seed)
       if why:
+        epoch = 1 + max((int(stream.get("epoch", 0)) for stream in position["streams"].values()), default=0) \
+            if position is not None else 1
         self.log.event("data_position_reset", step=latest,
-                       message=f"{why}; the data restarts from a fresh epoch order")
-        position = None
+                       message=f"{why}; the data goes on from the start of epoch {epoch}, a shuffle this run has "
+                               "not read")
+        position = fresh_position(train_shards, self.config.seed, streams, epoch)
       self.log.event("checkpoint_restored", step=latest, seconds=round(restore_seconds, 3))
       return state, position, meta
     state_shardings = sharding.shardings_of(abstract_state)
