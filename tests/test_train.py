@@ -496,14 +496,26 @@ def test_relative_workdir(tmp_path, monkeypatch):
   assert checkpoint.load_params("runs/relative")[0].train.steps == 4
 
 
-@pytest.mark.parametrize("field", ["train_shards", "eval_shards"])
-def test_a_shard_spec_naming_nothing_fails_the_launch_before_the_compile(tiny_config, tmp_path, monkeypatch, field):
-  tiny_config.data[field] = str(tmp_path / "typo-*.tar")
+@pytest.mark.parametrize("setting, error, match", [
+    ({"train_shards": "typo-*.tar"}, FileNotFoundError, "typo"),
+    ({"eval_shards": "typo-*.tar"}, FileNotFoundError, "typo"),
+    ({"streams": 4}, ValueError, r"2 shards cannot give each of data.streams=4 streams a shard"),
+    ({"pad_latent": "missing.npy"}, FileNotFoundError, "missing.npy"),
+    ({"train_shards": "memory://echo-no-cache/*.tar"}, ValueError, r"remote shards \(memory://.*need a shard cache"),
+])
+def test_data_a_launch_cannot_read_fails_it_before_the_compile(tiny_config, tmp_path, monkeypatch, setting, error,
+                                                               match):
+  """Minutes of a pod's compile are not spent on a launch that cannot read its data. Too many streams, a missing pad
+  latent and remote shards without a cache failed only once the step had compiled (found by review)."""
+  fsspec.filesystem("memory").pipe("/echo-no-cache/a.tar", b"")
+  for field, value in setting.items():
+    tiny_config.data[field] = str(tmp_path / value) if field != "streams" and "://" not in value else value
+  tiny_config.data.cache_dir = ""
   compiled = []
   monkeypatch.setattr(StepFunctions, "compile", lambda *args, **kwargs: compiled.append(True))
-  with pytest.raises(FileNotFoundError, match="typo"):
+  with pytest.raises(error, match=match):
     Trainer(tiny_config, str(tmp_path / "run")).run()
-  assert not compiled  # minutes of a pod's compile are not spent on a launch that cannot read its data
+  assert not compiled
 
 
 SLOW_ORBAX_CLEANUP_ENTRY = """

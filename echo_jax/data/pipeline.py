@@ -471,6 +471,19 @@ class Pipeline:
     self.close()
 
 
+def check_shards(shards: Sequence[str], streams: int, cache_dir: str | None) -> None:
+  """Raises a ValueError saying what to set unless `shards` can feed `streams` streams through `cache_dir` (None: no
+  shard cache). The trainer asks it right after listing the shards, before the compile (minutes on a pod)."""
+  if len(shards) < streams:
+    raise ValueError(f"{len(shards)} shards cannot give each of data.streams={streams} streams a shard; "
+                     "set data.streams to at most the number of shards")
+  remote = [shard for shard in shards if not is_local(shard)]
+  if remote and not cache_dir:
+    # Read straight from the network, a stalled shard would block its reader (and the step) with no timeout.
+    raise ValueError(f"remote shards ({remote[0]}, ...) need a shard cache, which times out and retries stalled "
+                     "downloads: set data.cache_dir to a local directory")
+
+
 def check_stream_count(batch_size: int, streams: int, multiple: int = 1) -> None:
   """Raises a ValueError saying what to set unless `streams` is positive and divides `batch_size`; the advice asks
   for a multiple of `multiple`."""
@@ -543,14 +556,7 @@ class StreamSet:
     check_stream_count(batch_size, num_streams)
     if list(streams) != sorted(set(streams)) or not all(0 <= g < num_streams for g in streams):
       raise ValueError(f"streams {list(streams)} are not distinct ascending streams of data.streams={num_streams}")
-    if len(shards) < num_streams:
-      raise ValueError(f"{len(shards)} shards cannot give each of data.streams={num_streams} streams a shard; "
-                       "set data.streams to at most the number of shards")
-    remote = [shard for shard in shards if not is_local(shard)]
-    if remote and not cache_dir:
-      # Read straight from the network, a stalled shard would block its reader (and the step) with no timeout.
-      raise ValueError(f"remote shards ({remote[0]}, ...) need a shard cache, which times out and retries stalled "
-                       "downloads: set data.cache_dir to a local directory")
+    check_shards(shards, num_streams, cache_dir)
     positions = {}
     if state is not None:
       if state.get("version") != STREAM_SET_VERSION:

@@ -40,7 +40,14 @@ from echo_jax import aot, checkpoint, metrics, runtime, sharding, storage
 from echo_jax.background import InBackground
 from echo_jax.config import check_config, config_changes, model_config, write_config_json
 from echo_jax.data.cache import describe
-from echo_jax.data.pipeline import StreamSet, batch_streams, fresh_position, merge_stream_states, position_mismatch
+from echo_jax.data.pipeline import (
+  StreamSet,
+  batch_streams,
+  check_shards,
+  fresh_position,
+  merge_stream_states,
+  position_mismatch,
+)
 from echo_jax.data.shards import list_shards
 from echo_jax.model import Echo
 from echo_jax.train.state import TrainState, count_params, create_train_state, example_inputs
@@ -112,6 +119,7 @@ class Trainer:
     self._eval_memory_checked = False
     self._stop_forwarded = False
     self._claim: storage.RunDirectoryClaim | None = None  # taken by `_check_workdir`, held until `run` returns
+    self._pad: np.ndarray | None = None
 
   # Run directory ---------------------------------------------------------------------------------------------
 
@@ -163,19 +171,28 @@ class Trainer:
     may read the same streams (the held-out one; those of processes that differ only along the tensor axis), and
     caches sharing a directory would adopt and delete each other's files."""
     config, data = self.config, self.config.data
-    cache_dir = None
-    if data.cache_dir:
-      run = hashlib.sha256(self.workdir.encode("utf-8")).hexdigest()[:12]
-      cache_dir = os.path.join(os.path.expanduser(data.cache_dir), f"{role}-{run}-process_{jax.process_index()}")
     batch_size = config.train.batch_size
     num_streams, streams = (1, [0]) if whole_batch else (data.streams, self.streams)
     return StreamSet(
         shards=shards, batch_size=batch_size, num_streams=num_streams, streams=streams, state=position,
-        cache_dir=cache_dir, shard_prefetch=data.shard_prefetch,
+        cache_dir=self._cache_dir(role), shard_prefetch=data.shard_prefetch,
         stall_timeout=data.stall_timeout, retries=data.download_retries, latent_dim=config.model.latent_dim,
         max_text_len=data.max_text_len, max_frames=data.max_frames, max_ref_frames=data.max_ref_frames,
-        pad_latent=load_pad_latent(data.pad_latent, config.model.latent_dim), seed=seed, prefetch=data.prefetch,
-        on_skip=self._on_skip)
+        pad_latent=self._pad_latent(), seed=seed, prefetch=data.prefetch, on_skip=self._on_skip)
+
+  def _cache_dir(self, role: str) -> str | None:
+    """The shard cache of this run, `role` and process (see `_pipeline`); None when data.cache_dir is not set."""
+    if not self.config.data.cache_dir:
+      return None
+    run = hashlib.sha256(self.workdir.encode("utf-8")).hexdigest()[:12]
+    return os.path.join(os.path.expanduser(self.config.data.cache_dir),
+                        f"{role}-{run}-process_{jax.process_index()}")
+
+  def _pad_latent(self) -> np.ndarray:
+    """data.pad_latent, read once: by `_run` before the compile, so that a missing file fails the launch at once."""
+    if self._pad is None:
+      self._pad = load_pad_latent(self.config.data.pad_latent, self.config.model.latent_dim)
+    return self._pad
 
   def _eval_batches(self, pipeline: StreamSet) -> list[dict[str, jax.Array]]:
     """The held-out batches, read once from `pipeline` (a `_pipeline(whole_batch=True)`) and reused, so every
@@ -344,11 +361,17 @@ class Trainer:
     # After a launch that compiled the train step, the state's shapes and shardings are stored with it: no trace.
     abstract_state = (StepFunctions.cached_abstract_state(config, self.mesh, global_shapes)
                       or sharded_abstract_state(self.model, config, self.mesh))
-    # Listed first, so that a shard spec naming nothing fails the launch at once, before the compile.
+    # Listed and checked first, so that a shard spec naming nothing, too few shards for data.streams or a missing
+    # pad latent fail the launch at once, not after the compile.
     train_shards = self._shard_list(config.data.train_shards)
+    check_shards(train_shards, config.data.streams, self._cache_dir("train"))
     evaluates = bool(config.data.eval_shards) and train.eval_every > 0 and train.eval_batches > 0
-    held_out = _HeldOut(functools.partial(self._pipeline, "eval", self._shard_list(config.data.eval_shards),
-                                          seed=0, whole_batch=True) if evaluates else None, self._eval_batches)
+    eval_shards = self._shard_list(config.data.eval_shards) if evaluates else []
+    if evaluates:
+      check_shards(eval_shards, 1, self._cache_dir("eval"))
+    self._pad_latent()
+    held_out = _HeldOut(functools.partial(self._pipeline, "eval", eval_shards, seed=0, whole_batch=True)
+                        if evaluates else None, self._eval_batches)
     self._check_workdir()  # before the checkpoint manager, which makes directories there
     ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=train.keep_checkpoints,
                                    keep_period=train.keep_period, compression=train.ckpt_compression,
