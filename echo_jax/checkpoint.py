@@ -99,6 +99,10 @@ class ChecksumMismatch(ValueError):
   """Arrays restored from a checkpoint are not the arrays that were saved (a bit flipped on disk or in transit)."""
 
 
+# The items of every step: the train state, each process's data position, and the step's metadata (checksums...).
+ITEMS = ("state", "data", "meta")
+
+
 class CheckpointRestoreError(RuntimeError):
   """Checkpoint `step` does not hold this config's train state, or cannot be read."""
 
@@ -269,6 +273,12 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def newest_on_storage(self) -> int | None:
+    """The newest complete step that the storage holds now. Orbax's own list (`latest_step`) drops the steps its
+    keep policy will delete as soon as a save begins: after a failed save with keep_checkpoints=1 it named no step,
+    while the step before was still there, whole (found by review)."""
+    return max(ocp.utils.checkpoint_steps(self.directory), default=None)
+
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
@@ -290,7 +300,13 @@ class Checkpointer:
     """Raises CheckpointRestoreError when the state stored at `step` has other arrays (names, shapes) than
     `abstract_state`: a model or optimizer config changed between launches of one run. From the checkpoint's
     metadata alone, so it fails a launch in seconds, before the compile, and not with Orbax's advice to pad or
-    truncate the arrays. (A changed dtype passes: the restore casts.)"""
+    truncate the arrays. (A changed dtype passes: the restore casts.) A step without one of its items (state, data,
+    meta: a directory deleted, or emptied) is damage, named with the step to fall back to: Orbax's KeyError for it
+    was taken for a failure around the step, with the advice to relaunch, which could never help."""
+    step_directory = self.directory / str(step)
+    missing = [item for item in ITEMS if not (step_directory / item).exists()]
+    if missing:
+      raise self._unreadable(step, FileNotFoundError(f"{step_directory} has no {', '.join(missing)}"))
     try:
       stored = self.manager.item_metadata(step)["state"]
     except Exception as error:

@@ -595,9 +595,14 @@ class Trainer:
       # With nothing in flight this returns at once; it is what raises the error of a failed background save.
       ckpt.wait()
     except Exception as error:
-      message = (f"saving checkpoint step {steps} to {ckpt.directory} failed ({describe(error)}). The newest complete "
-                 f"checkpoint is step {ckpt.latest_step()}; free space there (or fix the storage), then relaunch to "
-                 "resume from it")
+      try:
+        newest = ckpt.newest_on_storage()
+        resume = f"The newest complete checkpoint is step {newest}" if newest is not None else \
+            "There is no complete checkpoint"
+      except Exception as listing_error:  # noqa: BLE001 — the storage may be what failed
+        resume = f"Which checkpoints are complete is not known (listing them failed too: {describe(listing_error)})"
+      message = (f"saving checkpoint step {steps} to {ckpt.directory} failed ({describe(error)}). {resume}; free "
+                 "space there (or fix the storage), then relaunch to resume from it")
       self.log.event("checkpoint_failed", steps=steps, message=message)
       raise checkpoint.CheckpointSaveError(message) from error
     saved = set(ckpt.all_steps())
