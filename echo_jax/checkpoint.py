@@ -265,10 +265,12 @@ class Checkpointer:
     return self._word_sums[layout]
 
   def _incomplete_saves(self) -> list[str]:
-    """Step directories left by an interrupted save (Orbax's temporary names), found before Orbax cleans them."""
+    """Step directories left by an interrupted save, found before Orbax cleans them: locally, under Orbax's temporary
+    names; on gs://, where Orbax writes a step in place, step directories without its completion mark."""
     if not self.directory.exists():
       return []
-    return sorted(p.name for p in self.directory.iterdir() if ".orbax-checkpoint-tmp" in p.name)
+    return sorted(path.name for path in self.directory.iterdir() if ".orbax-checkpoint-tmp" in path.name
+                  or (path.name.isdigit() and not ocp.step.is_checkpoint_finalized(path)))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

@@ -16,7 +16,7 @@ import pytest
 from conftest import claimed_elsewhere, load_config, wait_for
 from test_train import eval_losses_by_step, events, losses_by_step
 
-from echo_jax import dashboard, metrics, storage
+from echo_jax import checkpoint, dashboard, metrics, storage
 from echo_jax.config import write_config_json
 from echo_jax.train.loop import Trainer, load_pad_latent
 from echo_jax.train.samples import write_sample
@@ -389,3 +389,20 @@ def test_a_trainer_whose_gs_lease_was_taken_over_stops_before_its_next_save(tiny
   assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2"]  # not 4
   assert json.loads((run / storage.LEASE_FILE).read_text())["id"] == "another launch"
   assert [e["event"] for e in events(run)] == ["start", "checkpoint_saved"]  # no error in the other's run log
+
+
+def test_an_interrupted_save_on_gs_is_found_and_reported(bucket, gcs, monkeypatch):
+  """On gs:// Orbax writes a step in place and marks it complete with commit_success.txt at the end: a step
+  directory without it is an interrupted save. Only temporary names were looked for, so a pod's interrupted saves
+  went unreported (found by review)."""
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.url)  # Orbax asks google-cloud-storage for the bucket's settings
+  for step, files in (("10", ["_CHECKPOINT_METADATA", "commit_success.txt"]), ("20", ["_CHECKPOINT_METADATA"])):
+    (bucket / "run" / "checkpoints" / step).mkdir(parents=True)
+    for name in files:
+      (bucket / "run" / "checkpoints" / step / name).write_text("{}")
+  ckpt = checkpoint.Checkpointer("gs://bucket/run/checkpoints", keep=3)
+  try:
+    assert ckpt.incomplete == ["20"]
+  finally:
+    ckpt.close()
+
