@@ -6,6 +6,8 @@ import io
 import json
 import os
 import re
+import shutil
+import subprocess
 import tarfile
 import time
 import zlib
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 
 from echo_jax.data import pipeline as pipeline_lib
+from echo_jax.data import shards as shards_lib
 from echo_jax.data.pipeline import Pipeline
 from echo_jax.data.shards import Sample, iter_shard, list_shards, write_shard
 
@@ -213,9 +216,100 @@ def test_truncated_tar_keeps_earlier_samples(tmp_path, cut):
   truncated.write_bytes(data[:end])
   samples, skips = _read(str(truncated))
   assert [s.key for s in samples] == ["k0", "k1"]
-  # Cut data breaks the tar stream; a cut between members reads as the end of the archive, leaving k2 incomplete.
-  expected = "bad_tar" if cut == "in_data" else "missing_ref"
-  assert skips == [(expected, "k2", str(truncated))]
+  # Cut data breaks the tar stream; a cut between members leaves a tar without its end: either way k2 is cut short.
+  assert skips == [("bad_tar", "k2", str(truncated))]
+
+
+def _members_end(path) -> int:
+  """Where the members of the tar `path` end: its end-of-archive blocks begin there."""
+  with tarfile.open(path) as tar:
+    return max((info.offset_data + -(-info.size // 512) * 512 for info in tar), default=0)
+
+
+class _Unseekable(io.RawIOBase):
+  """`data` as a stream that cannot seek (as some fsspec filesystems' files)."""
+
+  def __init__(self, data: bytes):
+    self._data = io.BytesIO(data)
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, buffer) -> int:
+    return self._data.readinto(buffer)
+
+
+def _write_with(writer: str, path: str, samples: list[Sample]) -> None:
+  """Writes `samples` as a shard the way `writer` does: this project, webdataset, Python's tarfile, GNU tar."""
+  if writer == "write_shard":
+    write_shard(path, samples)
+    return
+  members = [member for sample in samples for member in _members(sample)]
+  if writer.startswith("tarfile"):
+    tar_format = {"tarfile_gnu": tarfile.GNU_FORMAT, "tarfile_pax": tarfile.PAX_FORMAT}[writer]
+    with tarfile.open(path, "w", format=tar_format) as tar:
+      for name, data in members:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+  elif writer.startswith("webdataset"):
+    with open(path, "wb") as stream:
+      tar_writer = shards_lib.wds.TarWriter(stream, encoder=False, compress=writer == "webdataset_gz")
+      for sample in samples:
+        tar_writer.write({"__key__": sample.key, **{name.split(".", 1)[1]: data for name, data in _members(sample)}})
+      tar_writer.close()
+  else:
+    source = os.path.join(os.path.dirname(path), "members")
+    os.makedirs(source)
+    for name, data in members:
+      with open(os.path.join(source, name), "wb") as member:
+        member.write(data)
+    names = os.path.join(os.path.dirname(path), "names")
+    with open(names, "w") as listing:
+      listing.writelines(f"{name}\n" for name, _ in members)
+    subprocess.run(["tar", "cf", path, "-C", source, "--files-from", names], check=True)
+
+
+@pytest.mark.parametrize("writer", ["write_shard", "webdataset", "webdataset_gz", "tarfile_gnu", "tarfile_pax",
+                                    "gnu_tar"])
+@pytest.mark.parametrize("count", [0, 1, 3])
+def test_complete_shards_of_any_writer_read_clean(tmp_path, writer, count):
+  if writer == "gnu_tar" and shutil.which("tar") is None:
+    pytest.skip("no tar command here")
+  samples = [_sample(f"k{i}", frames=40 + i) for i in range(count)]
+  path = tmp_path / "a.tar"
+  _write_with(writer, str(path), samples)
+  read, skips = _read(str(path))
+  assert [s.key for s in read] == [s.key for s in samples] and skips == []
+  if writer != "webdataset_gz":
+    # The first end-of-archive block is enough (writers add a second and pad to a record): no sample is lost.
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(path.read_bytes()[: _members_end(path) + 512])
+    read, skips = _read(str(cut))
+    assert [s.key for s in read] == [s.key for s in samples] and skips == []
+
+
+@pytest.mark.parametrize("cut", ["at_header", "in_header", "in_last_header_block", "after_last_member",
+                                 "garbage_header"])
+@pytest.mark.parametrize("seekable", [True, False])
+def test_tar_cut_between_samples_is_reported(tmp_path, cut, seekable):
+  """tarfile takes a missing, short or unreadable header for the end of the archive; a shard cut there must not
+  read as complete."""
+  full = tmp_path / "full.tar"
+  write_shard(str(full), [_sample(f"k{i}", frames=400) for i in range(4)])
+  data = full.read_bytes()
+  with tarfile.open(full) as tar:
+    header = tar.getmember("k2.json").offset  # sample k2's first header block (a pax header)
+  cuts = {"at_header": data[:header], "in_header": data[: header + 100], "in_last_header_block": data[: header + 511],
+          "after_last_member": data[: _members_end(full)],
+          "garbage_header": data[:header] + np.random.default_rng(0).bytes(512) + data[header + 512 :]}
+  truncated = tmp_path / "cut.tar"
+  truncated.write_bytes(cuts[cut])
+  if seekable:
+    assert [(reason, path) for reason, _, path in _read(str(truncated))[1]] == [("bad_tar", str(truncated))]
+  else:  # tarfile's stream mode, which iter_shard uses for a file that cannot seek
+    with pytest.raises(tarfile.ReadError, match="without its end-of-archive block"):
+      list(shards_lib._tar_members(_Unseekable(truncated.read_bytes())))
 
 
 def test_unreadable_and_garbage_shards_are_skipped(tmp_path):

@@ -57,6 +57,8 @@ _F16_EXPONENT_MASK = 0x7C00
 _F16_MAGNITUDE_MASK = 0x7FFF
 # A reference is patched by 4 frames in the speaker encoder (DESIGN §3); fewer frames give no patch at all.
 MIN_REF_FRAMES = 4
+# The block that ends a tar archive.
+_END_BLOCK = bytes(tarfile.BLOCKSIZE)
 
 
 @dataclasses.dataclass
@@ -288,10 +290,30 @@ def _tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
   webdataset's tariterators.tar_file_iterator does this over tarfile's stream mode ("r|*"), which reads in 10 KB
   pieces and measured about 130 us per member here; tarfile's seekable mode takes about 60 us, a third of the
   whole per-sample budget, so it is used whenever the stream can seek.
+
+  Raises tarfile.ReadError when the members end without the archive's end: tarfile takes a header block that is
+  short, missing or unreadable (anywhere but at the start) for the end too, so a shard cut between two members, or
+  inside a header, would otherwise read as complete with its tail silently gone.
   """
-  with tarfile.open(fileobj=stream, mode="r:*" if stream.seekable() else "r|*") as tar:
+  last_header = [b""]
+
+  class _Header(tarfile.TarInfo):
+    """Keeps the last header block read: the one that ended the members once `next` returns None. A class per
+    archive, since several threads read shards at once."""
+
+    @classmethod
+    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
+      last_header[0] = buf
+      return super().frombuf(buf, encoding, errors)
+
+  with tarfile.open(fileobj=stream, mode="r:*" if stream.seekable() else "r|*", tarinfo=_Header) as tar:
     while (info := tar.next()) is not None:
       # TarFile keeps every TarInfo it has seen; dropping them keeps memory flat over a long shard.
       tar.members = []
       if info.isreg():
         yield info.name, tar.extractfile(info).read()
+    # A complete archive ends with a zero block (writers add a second and pad to a 10240-byte record; those are
+    # not required: a cut after the first zero block loses nothing).
+    if last_header[0] != _END_BLOCK:
+      raise tarfile.ReadError(f"the archive stops at byte {tar.offset} without its end-of-archive block: it is "
+                              "truncated or corrupt")
