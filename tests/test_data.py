@@ -220,6 +220,23 @@ def test_truncated_tar_keeps_earlier_samples(tmp_path, cut):
   assert skips == [("bad_tar", "k2", str(truncated))]
 
 
+@pytest.mark.parametrize("cut", ["at_header", "in_pax_header", "in_pax_data", "garbage_header"])
+def test_tar_break_after_a_whole_sample_keeps_it(tmp_path, cut):
+  """A break right after a sample's last member is blamed on what follows; the whole sample before it is read."""
+  full = tmp_path / "full.tar"
+  write_shard(str(full), [_sample(f"k{i}", frames=400) for i in range(4)])
+  data = full.read_bytes()
+  with tarfile.open(full) as tar:
+    header = tar.getmember("k2.json").offset  # sample k2's first header block: a pax header, then its data
+  cuts = {"at_header": data[:header], "in_pax_header": data[: header + 100], "in_pax_data": data[: header + 1000],
+          "garbage_header": data[:header] + np.random.default_rng(0).bytes(512) + data[header + 512 :]}
+  truncated = tmp_path / "cut.tar"
+  truncated.write_bytes(cuts[cut])
+  samples, skips = _read(str(truncated))
+  assert [s.key for s in samples] == ["k0", "k1"]
+  assert skips == [("bad_tar", "", str(truncated))]
+
+
 def _members_end(path) -> int:
   """Where the members of the tar `path` end: its end-of-archive blocks begin there."""
   with tarfile.open(path) as tar:

@@ -244,7 +244,8 @@ def iter_shard(path: str, on_skip: SkipCallback, *, latent_dim: int | None = Non
   Arrays of the yielded samples are read-only float16 views of the member bytes. Every malformed sample is
   skipped and reported as `on_skip(reason, key, path)`, never raised. Reasons:
     unreadable_shard (key ""): the shard cannot be opened;
-    bad_tar: the tar is truncated or corrupt; the sample being read and the rest of the shard are skipped;
+    bad_tar: the tar is truncated or corrupt; the sample being read (key "" when the break follows a whole
+      sample, which is read) and the rest of the shard are skipped;
     bad_key: empty key or a key with a dot; unexpected_member / duplicate_member: a member that is not one of the
       three parts, or a part given twice; missing_npy / missing_ref / missing_json;
     bad_npy, bad_ndim, bad_dtype (not float16), bad_latent_dim (not `latent_dim`), empty_latent, non_finite — and
@@ -261,18 +262,24 @@ def iter_shard(path: str, on_skip: SkipCallback, *, latent_dim: int | None = Non
     members = _tar_members(stream)
     while True:
       try:
-        member = next(members, None)
+        member, broken = next(members, None), False
       except Exception:  # Whatever breaks the tar stream (truncation, bad header, bad gzip) ends this shard.
-        on_skip("bad_tar", key or "", path)
-        return
+        member, broken = None, True
       member_key, part = _split_member(member[0]) if member else (None, None)
-      if key is not None and member_key != key:  # Parts of a sample are adjacent: the previous one is complete.
+      if key is not None and member_key != key:  # Parts of a sample are adjacent: the previous one has ended.
+        # Cut short by a break, it is the sample blamed; whole (its parts were read to their ends), it is read.
+        if broken and len(parts) < len(_SUFFIXES):
+          on_skip("bad_tar", key, path)
+          return
         sample, reason = (None, problem) if problem else _make_sample(key, parts, latent_dim)
         if sample is None:
           on_skip(reason, key, path)
         else:
           yield sample
         parts, problem = {}, ""
+      if broken:
+        on_skip("bad_tar", "", path)
+        return
       if member is None:
         return
       key = member_key
