@@ -24,12 +24,14 @@ class Server:
   url: str  # for `register` and HF_ENDPOINT
   requests: list[tuple[str, str | None]]  # (the path asked for, its Authorization header)
   denied: set[str] = dataclasses.field(default_factory=set)  # files answered 401, as ORG/NAME/PATH
+  unavailable: int = 0  # how many of the next /api/datasets requests to answer 503 (a brief outage of the Hub)
 
 
 class _HubApi(stand_in.Handler):
   """What HfFileSystem asks of the Hub, over ROOT:
   GET /api/datasets/ORG/NAME[/revision/REV]: the dataset's id and commit;
   GET /api/datasets/ORG/NAME/tree/REV[/PATH][?recursive=True]: the files and folders under PATH;
+  (each answered 503 while the server's `unavailable` count lasts);
   GET /datasets/ORG/NAME/resolve/REV/PATH: the file's bytes, a Range of them if asked (401 for `denied` files);
   GET /api/whoami-v2: the account of any token (`hf auth login` asks it), 401 without one;
   POST /api/datasets/ORG/NAME/paths-info/REV (form: paths=...): the entries of those paths that exist."""
@@ -50,7 +52,10 @@ class _HubApi(stand_in.Handler):
         self.reply(401, {"error": "Invalid credentials in Authorization header"})
     elif parts[:2] == ["api", "datasets"] and len(parts) >= 4:
       repo, rest = "/".join(parts[2:4]), parts[4:]
-      if not os.path.isdir(os.path.join(self.root, repo)):
+      if self.hub.unavailable > 0:
+        self.hub.unavailable -= 1
+        self.reply(503, {"error": "Service Unavailable"})
+      elif not os.path.isdir(os.path.join(self.root, repo)):
         self.reply(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
       elif rest in ([], ["revision", "main"], ["revision", REVISION]):
         self.reply(200, {"id": repo, "sha": REVISION, "private": False})

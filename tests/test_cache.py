@@ -24,6 +24,7 @@ from fsspec.spec import AbstractFileSystem
 
 from echo_jax import aot, watchdog
 from echo_jax.data import cache as cache_module
+from echo_jax.data import shards as shards_module
 from echo_jax.data.cache import CacheWriteError, ShardCache, is_local
 from echo_jax.data.pipeline import Pipeline, StreamSet
 from echo_jax.data.shards import list_shards
@@ -438,6 +439,23 @@ def test_a_pattern_under_a_missing_hub_directory_is_named_in_the_error(tmp_path)
   with fake_hub.registered(str(tmp_path / "hub")), pytest.raises(
       FileNotFoundError, match=r"shard spec item 'hf://datasets/org/shards/nodir/\*\.tar' .*matches no file \("):
     list_shards("hf://datasets/org/shards/nodir/*.tar")
+
+
+def test_a_hub_outage_while_listing_is_retried_and_a_long_one_names_the_attempts(tmp_path, monkeypatch):
+  """huggingface_hub does not retry its listing's first request: a 503 from the Hub failed the launch."""
+  monkeypatch.setattr(shards_module, "LIST_RETRY_WAIT_S", 0.0)
+  repo = tmp_path / "hub" / "org" / "shards"
+  repo.mkdir(parents=True)
+  local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=2, per_shard=2))
+  for path in local:
+    shutil.copy(path, repo)
+  with fake_hub.registered(str(tmp_path / "hub")) as hub:
+    hub.unavailable = 100
+    with pytest.raises(OSError, match=r"could not list .*: 4 attempts failed, the last with .*503"):
+      list_shards("hf://datasets/org/shards/*.tar")
+    hub.unavailable = 2
+    listed = list_shards("hf://datasets/org/shards/*.tar")
+  assert [os.path.basename(url) for url in listed] == [os.path.basename(path) for path in local]
 
 
 def test_a_failed_download_says_why_and_retries_wait_longer_each_time(tmp_path):

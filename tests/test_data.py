@@ -13,9 +13,15 @@ import time
 import zlib
 from collections import Counter
 
+import aiohttp
 import fsspec
+import httpx
 import numpy as np
 import pytest
+import requests
+from fsspec.implementations.memory import MemoryFileSystem
+from gcsfs import retry as gcsfs_retry
+from huggingface_hub.errors import HfHubHTTPError
 
 from echo_jax.data import pipeline as pipeline_lib
 from echo_jax.data import shards as shards_lib
@@ -142,6 +148,88 @@ def test_list_shards(tmp_path):
     list_shards(str(tmp_path / "e*"))
   with pytest.raises(FileNotFoundError, match=r"no file: it is a directory; name its shards, e\.g\. .*e/\*\.tar"):
     list_shards(str(tmp_path / "e") + "/")
+
+
+class _FlakyListing(MemoryFileSystem):
+  """memory:// whose listings (glob, info) first raise the errors of ERRORS, one a call."""
+
+  protocol = "flakylisting"
+  ERRORS: list[BaseException] = []
+
+  @classmethod
+  def _strip_protocol(cls, path):
+    return super()._strip_protocol(path.replace("flakylisting://", "memory://"))
+
+  def _answer(self) -> None:
+    if self.ERRORS:
+      raise self.ERRORS.pop(0)
+
+  def glob(self, path, **kwargs):
+    self._answer()
+    return super().glob(path, **kwargs)
+
+  def info(self, path, **kwargs):
+    self._answer()
+    return super().info(path, **kwargs)
+
+
+def _status_error(status: int) -> Exception:
+  """huggingface_hub's error for an HTTP answer of `status` (it holds the response, as requests' errors do)."""
+  request = httpx.Request("GET", "https://huggingface.co/api/datasets/org/name")
+  return HfHubHTTPError(f"{status} answered", response=httpx.Response(status, request=request))
+
+
+TRANSIENT_LISTING_ERRORS = {
+    "connection_error": lambda: ConnectionError("503 Service Unavailable"),
+    "timeout": lambda: TimeoutError("timed out"),
+    "gcsfs_503": lambda: gcsfs_retry.HttpError({"code": 503, "message": "Backend Error"}),
+    "requests_connection": lambda: requests.exceptions.ConnectionError("connection reset"),
+    "aiohttp_disconnected": lambda: aiohttp.ServerDisconnectedError(),
+    "httpx_connect": lambda: httpx.ConnectError("connection refused"),
+    "hub_503": lambda: _status_error(503),
+    "hub_429": lambda: _status_error(429),
+}
+FINAL_LISTING_ERRORS = {
+    "permission": lambda: PermissionError("denied"),
+    "gcsfs_403": lambda: OSError("Forbidden: bucket\nno storage.objects.list permission"),
+    "gcsfs_400": lambda: gcsfs_retry.HttpError({"code": 400, "message": "Bad Request"}),
+    "hub_401": lambda: _status_error(401),
+    "value": lambda: ValueError("bad bucket name"),
+}
+
+
+@pytest.fixture
+def flaky_listing(tmp_path):
+  fsspec.register_implementation(_FlakyListing.protocol, _FlakyListing, clobber=True)
+  memory = fsspec.filesystem("memory")
+  for i in range(2):
+    memory.pipe_file(f"/{tmp_path.name}/train-{i}.tar", b"shard")
+  yield f"{_FlakyListing.protocol}://{tmp_path.name}"
+  _FlakyListing.ERRORS.clear()
+  memory.rm(f"/{tmp_path.name}", recursive=True)
+
+
+@pytest.mark.parametrize("error", TRANSIENT_LISTING_ERRORS)
+@pytest.mark.parametrize("item", ["train-*.tar", "train-1.tar"])
+def test_a_listing_that_fails_transiently_is_retried(flaky_listing, monkeypatch, error, item):
+  monkeypatch.setattr(shards_lib, "LIST_RETRY_WAIT_S", 0.0)
+  _FlakyListing.ERRORS[:] = [TRANSIENT_LISTING_ERRORS[error]() for _ in range(shards_lib.LIST_ATTEMPTS - 1)]
+  listed = list_shards(f"{flaky_listing}/{item}")
+  assert [path.rsplit("/", 1)[1] for path in listed] == (["train-1.tar"] if "1" in item else
+                                                         ["train-0.tar", "train-1.tar"])
+  _FlakyListing.ERRORS[:] = [TRANSIENT_LISTING_ERRORS[error]() for _ in range(shards_lib.LIST_ATTEMPTS)]
+  with pytest.raises(OSError, match=f"could not list shard spec item .*: {shards_lib.LIST_ATTEMPTS} attempts failed"):
+    list_shards(f"{flaky_listing}/{item}")
+
+
+@pytest.mark.parametrize("error", FINAL_LISTING_ERRORS)
+def test_a_listing_refused_fails_at_once(flaky_listing, monkeypatch, error):
+  """A refused permission or a bad request stays so: a retry would only delay the launch's error."""
+  monkeypatch.setattr(shards_lib, "LIST_RETRY_WAIT_S", 0.0)
+  _FlakyListing.ERRORS[:] = [FINAL_LISTING_ERRORS[error]() for _ in range(2)]
+  with pytest.raises(type(_FlakyListing.ERRORS[0])):
+    list_shards(f"{flaky_listing}/train-*.tar")
+  assert len(_FlakyListing.ERRORS) == 1
 
 
 def test_fsspec_url_round_trip(tmp_path):

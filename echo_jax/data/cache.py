@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import os
 import random
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -47,6 +48,48 @@ def describe(error: BaseException) -> str:
   such as the permission it denied, on the line after the URL), at most 500 characters (fsspec's errors name URLs,
   never tokens)."""
   return " ".join(line.strip() for line in f"{type(error).__name__}: {error}".splitlines() if line.strip())[:500]
+
+
+# HTTP statuses that a retry may get past: a request timeout, a rate limit, and the server's own failures (5xx).
+_TRANSIENT_STATUSES = (408, 429)
+# Module -> its exception classes for a connection lost, refused or timed out. Looked up only in modules already
+# imported: an error of a library that was never imported cannot have been raised.
+_TRANSPORT_ERRORS = {
+    "requests.exceptions": ("ConnectionError", "Timeout", "ChunkedEncodingError"),
+    "aiohttp": ("ClientConnectionError", "ClientPayloadError"),
+    "httpx": ("TransportError",),
+}
+
+
+def _http_status(error: BaseException) -> int | None:
+  """The HTTP status that `error` carries (gcsfs's HttpError.code, aiohttp's .status, requests' and httpx's
+  .response.status_code, which huggingface_hub's errors hold), or None."""
+  response = getattr(error, "response", None)
+  for status in (getattr(error, "code", None), getattr(error, "status", None), getattr(response, "status_code", None)):
+    if isinstance(status, int) or (isinstance(status, str) and status.isdigit()):
+      return int(status)
+  return None
+
+
+def is_transient(error: BaseException) -> bool:
+  """Whether a retry may get past `error`: a connection lost or refused, a timeout, HTTP 408, 429 or 5xx. A missing
+  file, a refused permission (gcsfs raises a plain OSError for a 403) or anything not known to pass is not."""
+  status = _http_status(error)
+  if status is not None:
+    return status >= 500 or status in _TRANSIENT_STATUSES
+  if isinstance(error, (ConnectionError, TimeoutError)):
+    return True
+  for module_name, names in _TRANSPORT_ERRORS.items():
+    module = sys.modules.get(module_name)
+    if module is not None and isinstance(error, tuple(getattr(module, name) for name in names)):
+      return True
+  return False
+
+
+def retry_wait_s(attempt: int, first_wait: float) -> float:
+  """Seconds to wait after failed attempt `attempt` (from 1): about first_wait * 2**(attempt-1), at most
+  MAX_RETRY_WAIT_S, jittered so that the hosts of a pod do not retry a rate-limited store in step."""
+  return min(first_wait * 2 ** (attempt - 1), MAX_RETRY_WAIT_S) * random.uniform(0.5, 1.0)
 
 
 class CacheWriteError(OSError):
@@ -220,7 +263,7 @@ class ShardCache:
         with contextlib.suppress(FileNotFoundError):
           os.remove(download.path + PARTIAL_SUFFIX)
         return None
-      wait = min(self.retry_wait * 2 ** (download.attempts - 1), MAX_RETRY_WAIT_S) * random.uniform(0.5, 1.0)
+      wait = retry_wait_s(download.attempts, self.retry_wait)
       logging.warning("download %d of %d of shard %s failed (%s); retrying in %.1f s", download.attempts,
                       self.retries, url, cause, wait)
       if self._interrupted.wait(wait):

@@ -17,13 +17,16 @@ import json
 import os
 import sys
 import tarfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import fsspec
 import numpy as np
+from absl import logging
 
 from echo_jax import storage
+from echo_jax.data.cache import describe, is_transient, retry_wait_s
 
 
 @contextlib.contextmanager
@@ -55,6 +58,10 @@ _SUFFIXES = ((".ref.npy", "ref"), (".npy", "latent"), (".json", "json"))
 # float16 values whose exponent bits are all ones, i.e. whose magnitude bits are at least 0x7C00, are inf or NaN.
 _F16_EXPONENT_MASK = 0x7C00
 _F16_MAGNITUDE_MASK = 0x7FFF
+# A shard listing that fails transiently is tried this often in all, the retries after about 1, 2 and 4 s
+# (`cache.retry_wait_s`): at most 7 s of waiting, enough for a store's brief outage, short for a launch.
+LIST_ATTEMPTS = 4
+LIST_RETRY_WAIT_S = 1.0
 # A reference is patched by 4 frames in the speaker encoder (DESIGN §3); fewer frames give no patch at all.
 MIN_REF_FRAMES = 4
 # The block that ends a tar archive.
@@ -110,7 +117,9 @@ def list_shards(spec: str | Sequence[str]) -> list[str]:
 
   `spec` is a comma-separated string or a sequence of items; each item is a path or a glob pattern, local or any
   fsspec URL (gs://, hf://, memory://, ...). Every item must name at least one existing file, so that a typo fails
-  at launch rather than as an epoch of skipped shards.
+  at launch rather than as an epoch of skipped shards. A listing that fails transiently (`cache.is_transient`: a
+  lost connection, a timeout, HTTP 408, 429 or 5xx) is tried LIST_ATTEMPTS times in all; any other failure, and an
+  item that matches no file, fails at once.
   """
   items = spec.split(",") if isinstance(spec, str) else list(spec)
   items = [item.strip() for item in items if item.strip()]
@@ -119,21 +128,42 @@ def list_shards(spec: str | Sequence[str]) -> list[str]:
   paths = set()
   for item in items:
     fs, fs_path = fsspec.core.url_to_fs(item)
-    why = ""
-    try:
-      if glob.has_magic(fs_path):  # files only: a directory the pattern also matches would be an unreadable shard
-        matches = [path for path, info in fs.glob(fs_path, detail=True).items() if info.get("type") == "file"]
-      else:
-        matches = [fs_path] if fs.isfile(fs_path) else []
-        if not matches and fs.isdir(fs_path):
-          why = f": it is a directory; name its shards, e.g. {item.rstrip('/')}/*.tar"
-    except FileNotFoundError as error:  # some filesystems (hf://) raise for a pattern under a missing directory
-      matches, why = [], f" ({error})"
+    for attempt in range(1, LIST_ATTEMPTS + 1):
+      try:
+        matches, why = _list_item(fs, fs_path, item)
+        break
+      except Exception as error:
+        if not is_transient(error):
+          raise
+        if attempt == LIST_ATTEMPTS:
+          raise OSError(f"could not list shard spec item {item!r} (from {spec!r}): {attempt} attempts failed, the "
+                        f"last with {describe(error)}; check that the store can be reached, then relaunch") from error
+        wait = retry_wait_s(attempt, LIST_RETRY_WAIT_S)
+        logging.warning("listing shard spec item %r failed (attempt %d of %d: %s); retrying in %.1f s", item,
+                        attempt, LIST_ATTEMPTS, describe(error), wait)
+        time.sleep(wait)
     if not matches:
       raise FileNotFoundError(f"shard spec item {item!r} (from {spec!r}) matches no file{why}")
     local = "file" in fs.protocol
     paths.update(match if local else fs.unstrip_protocol(match) for match in matches)
   return sorted(paths)
+
+
+def _list_item(fs: fsspec.AbstractFileSystem, fs_path: str, item: str) -> tuple[list[str], str]:
+  """The files that the spec item `item` (`fs_path` on `fs`) names, and when there are none, why (for the error)."""
+  if glob.has_magic(fs_path):
+    try:  # files only: a directory the pattern also matches would be an unreadable shard
+      return [path for path, info in fs.glob(fs_path, detail=True).items() if info.get("type") == "file"], ""
+    except FileNotFoundError as error:  # some filesystems (hf://) raise for a pattern under a missing directory
+      return [], f" ({error})"
+  # `info`, not `isfile`: fsspec's isfile answers False for any error, a lost connection too, which retries miss.
+  try:
+    kind = fs.info(fs_path)["type"]
+  except FileNotFoundError:
+    return [], ""
+  if kind == "directory":
+    return [], f": it is a directory; name its shards, e.g. {item.rstrip('/')}/*.tar"
+  return ([fs_path], "") if kind == "file" else ([], "")
 
 
 def _split_member(name: str) -> tuple[str, str | None]:
