@@ -25,6 +25,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from echo_jax.data import pipeline as pipeline_lib
 from echo_jax.data import shards as shards_lib
+from echo_jax.data.cache import ShardCache
 from echo_jax.data.pipeline import Pipeline
 from echo_jax.data.shards import Sample, iter_shard, list_shards, write_shard
 
@@ -587,6 +588,36 @@ def test_exact_resume_across_an_epoch_boundary(tmp_path, prefetch):
     _take(other, 2)
     other.restore(state)
     _assert_same_batches(_take(other, 5), expected)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_resumed_shard_that_cannot_be_read_again_is_reported(tmp_path, cached):
+  """The replay of a resumed shard reports nothing (its skips were reported before), but a shard that cannot be
+  read again loses the samples after the position: it is reported and counted, not passed over in silence."""
+  local = _write_dataset(tmp_path, num_shards=3, per_shard=10)
+  shards = local
+  if cached:  # a remote shard whose download fails (an object deleted, a token expired)
+    shards = [f"memory://{tmp_path.name}/{os.path.basename(path)}" for path in local]
+    for path, url in zip(local, shards, strict=True):
+      with open(path, "rb") as source, fsspec.open(url, "wb") as target:
+        target.write(source.read())
+  events = []
+  def make(state=None) -> Pipeline:
+    cache = ShardCache(str(tmp_path / "cache"), retries=1, retry_wait=0) if cached else None
+    return _pipeline(shards, prefetch=0, state=state, cache=cache, on_skip=lambda *e: events.append(e))
+  with make() as pipeline:
+    _take(pipeline, 2)
+    state = pipeline.state()
+  assert state["shard_cursor"] == 0 and state["sample_cursor"] == 6
+  current = pipeline_lib.stream_shards(shards, 0, state["epoch"], 0, 1)[0]
+  fsspec.core.url_to_fs(current)[0].rm(current)
+  with make(state) as pipeline:
+    next(pipeline)
+    assert pipeline.state()["skipped"] == {"unreadable_shard": 1}
+  assert [event[:3] for event in events] == [("unreadable_shard", "", current)]
+  assert "resumed after 6 of its samples; the rest of it is skipped" in events[0][3]
+  if cached:
+    fsspec.filesystem("memory").rm(f"/{tmp_path.name}", recursive=True)
 
 
 def test_state_is_the_consumer_position_not_the_prefetch_position(tmp_path):

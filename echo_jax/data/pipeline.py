@@ -148,6 +148,11 @@ class _Reader:
     def on_skip(reason: str, key: str, path: str, detail: str = "") -> None:
       if report:  # Named by the shard's URL, not by where the cache put it.
         self._skip(reason, key, shard, detail)
+      elif reason == "unreadable_shard":
+        # Not one of the replayed skips: a position inside the shard was taken from a read of it. The samples after
+        # the position cannot be counted without the shard, so the shard is named.
+        lost = f"resumed after {self.sample_cursor} of its samples; the rest of it is skipped"
+        self._skip(reason, key, shard, f"{detail}; {lost}" if detail else lost)
 
     if p.cache is None:
       samples = list(iter_shard(shard, on_skip, latent_dim=p.latent_dim))
@@ -166,7 +171,8 @@ class _Reader:
   def _next_sample(self) -> tuple[Sample, float]:
     """Returns the next valid sample and its crop draw in [0, 1), advancing shards and epochs as needed."""
     if self._order is None and self.sample_cursor > 0:
-      # A restored position inside a shard: that shard's skips were reported before the position was taken.
+      # A restored position inside a shard: that shard's skips were reported before the position was taken (all
+      # but a failure to read it again, which is new).
       self._load_shard(report=False)
     while self._order is None or self.sample_cursor >= len(self._order):
       if self._order is not None:
