@@ -129,6 +129,25 @@ def test_round_trip(tmp_path):
     assert got.meta == want.meta
 
 
+@pytest.mark.parametrize("url", ["memory://echo-test/remote/a.tar", "gs://bucket/a.tar",
+                                 "hf://datasets/org/name/a.tar"])
+def test_write_shard_refuses_a_remote_url(tmp_path, monkeypatch, url):
+  """It wrote a local file named like the URL (./memory:/echo-test/remote/a.tar), and nothing where the URL is."""
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ValueError, match=r"writes local files, not .*: write the shard to a local path, then copy"):
+    write_shard(url, [_sample("k0")])
+  assert list(tmp_path.iterdir()) == []
+  assert not fsspec.filesystem("memory").exists("/echo-test/remote")
+
+
+def test_write_shard_takes_a_file_url(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  path = tmp_path / "shards" / "a.tar"
+  assert write_shard(f"file://{path}", [_sample("k0")]) == 1
+  assert [s.key for s in _read(str(path))[0]] == ["k0"]
+  assert [entry.name for entry in tmp_path.iterdir()] == ["shards"]
+
+
 def test_list_shards(tmp_path):
   for name in ("b.tar", "a.tar", "c.txt"):
     (tmp_path / name).write_bytes(b"")

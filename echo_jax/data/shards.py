@@ -26,7 +26,7 @@ import numpy as np
 from absl import logging
 
 from echo_jax import storage
-from echo_jax.data.cache import describe, is_transient, retry_wait_s
+from echo_jax.data.cache import describe, is_local, is_transient, retry_wait_s
 
 
 @contextlib.contextmanager
@@ -87,12 +87,18 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 
 def write_shard(path: str, samples: Iterable[Sample]) -> int:
-  """Writes `samples` to the tar shard `path` and returns how many were written.
+  """Writes `samples` to the tar shard `path`, a local file (a path or a file:// URL), and returns how many were
+  written; a URL of another filesystem is refused with a ValueError.
 
   The shard appears under its name only when complete (written to a temporary name, then renamed), so a reader
   or a crashed writer never leaves a half-written shard that looks finished. The bytes depend only on the samples
   (fixed mtime and owner), so the same samples always give an identical shard.
   """
+  if not is_local(path):
+    # Not uploaded through fsspec: that is whole-or-nothing on some stores only; the stores' own copy tools are.
+    raise ValueError(f"write_shard writes local files, not {path!r}: write the shard to a local path, then copy it "
+                     "there (gcloud storage cp SHARD gs://BUCKET/...; hf upload --repo-type=dataset ORG/NAME SHARD)")
+  path = fsspec.core.strip_protocol(path)  # file:///data/a.tar is /data/a.tar, not ./file:/data/a.tar
   count = 0
   with storage.whole_file(path) as partial, open(partial, "wb") as stream:
     writer = wds.TarWriter(stream, user="echo", group="echo", mtime=0.0, encoder=False)
