@@ -31,7 +31,7 @@ from echo_jax.data.shards import list_shards
 from echo_jax.metrics import train_flops_per_step
 from echo_jax.model import Echo
 from echo_jax.train.loop import Trainer
-from echo_jax.train.state import abstract_train_state, create_train_state, example_inputs
+from echo_jax.train.state import abstract_train_state, create_train_state, example_inputs, learning_rate_schedule
 from echo_jax.train.step import StepFunctions, apply_model, sharded_abstract_state
 
 
@@ -775,6 +775,11 @@ def test_a_restart_over_a_changed_shard_list_goes_on_in_the_next_epoch(tiny_conf
   # config.json now holds the relaunch's config; the run log keeps what changed, and from which step.
   changed = [e for e in events(tmp_path / "run") if e["event"] == "config_changed"]
   assert [(e["step"], e["changes"]) for e in changed] == [(4, {"train.steps": [4, 6]})]
+  before = copy.deepcopy(tiny_config.train)
+  before.steps = 4
+  assert changed[0]["lr_at_step"] == pytest.approx([float(learning_rate_schedule(before)(4)),
+                                                    float(learning_rate_schedule(tiny_config.train)(4))])
+  assert changed[0]["lr_at_step"][0] < changed[0]["lr_at_step"][1]  # 0 at the old end; up again
   assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 6
 
 

@@ -50,7 +50,7 @@ from echo_jax.data.pipeline import (
 )
 from echo_jax.data.shards import list_shards
 from echo_jax.model import Echo
-from echo_jax.train.state import TrainState, count_params, create_train_state, example_inputs
+from echo_jax.train.state import TrainState, count_params, create_train_state, example_inputs, learning_rate_schedule
 from echo_jax.train.step import StepFunctions, sharded_abstract_state
 
 
@@ -388,7 +388,8 @@ class Trainer:
         self.init_params = self.init_params()  # before the compile: a wrong path fails the launch in seconds
       if resume_step is not None and resume_step >= train.steps:  # no compile: on a pod it takes minutes
         message = (f"the run is at step {resume_step} already and train.steps={train.steps}: nothing to train; "
-                   "raise --config.train.steps to go on")
+                   "raise --config.train.steps to go on (the learning-rate schedule, cosine to zero at train.steps, "
+                   "then stretches to the new total: the rate rises again; config_changed records by how much)")
         logging.warning(message)
         self.log.event("nothing_to_train", step=resume_step, message=message)
         state = ckpt.restore(resume_step, abstract_state)[0]
@@ -399,9 +400,14 @@ class Trainer:
       if self.is_main:
         changes = config_changes(config, self.workdir)
         if changes:
-          logging.warning("config changed since the run's last launch: %s",
-                          "; ".join(f"{key} {before!r} -> {now!r}" for key, (before, now) in changes.items()))
-          self.log.event("config_changed", step=resume_step or 0, changes=changes)
+          described = "; ".join(f"{key} {before!r} -> {now!r}" for key, (before, now) in changes.items())
+          lr = _learning_rates_at(resume_step or 0, train, changes)
+          if lr:
+            described += (f". The learning rate at step {resume_step or 0} goes from {lr[0]:.3g} to {lr[1]:.3g}: "
+                          "the schedule (warmup, then cosine to zero at train.steps) follows the new values")
+          logging.warning("config changed since the run's last launch: %s", described)
+          self.log.event("config_changed", step=resume_step or 0, changes=changes,
+                         **({"lr_at_step": lr} if lr else {}))
         write_config_json(config, self.workdir)
       # A new run evaluates before its first step: it reads the held-out batches while the train step compiles. A
       # restart's first evaluation is eval_every steps away: it reads them once its first step is logged (as it
@@ -663,6 +669,18 @@ class Trainer:
       for name, value in losses.items():
         totals[name] = totals.get(name, 0.0) + float(value) / len(batches)
     self.log.metrics.write({"step": step, "time": time.time(), **totals})
+
+
+def _learning_rates_at(step: int, train: ml_collections.ConfigDict, changes: dict[str, list]) -> list[float] | None:
+  """[before, now]: the learning rate at `step` under the schedule of the run's last launch and under `train`'s,
+  when `changes` (a `config_changes`) touches the schedule; else None. A relaunch with more train.steps stretches
+  the cosine: a run near its end goes on at a far higher rate."""
+  fields = {key.removeprefix("train."): before for key, (before, _) in changes.items()
+            if key in ("train.steps", "train.lr", "train.warmup_frac")}
+  if not fields or any(value is None for value in fields.values()):
+    return None
+  before = ml_collections.ConfigDict({**train.to_dict(), **fields})
+  return [float(learning_rate_schedule(before)(step)), float(learning_rate_schedule(train)(step))]
 
 
 # Set once a joined run of this process has reached JAX's preemption sync point (see `_join_preemption_sync`).
