@@ -46,6 +46,15 @@ def _to_json(value: Any) -> Any:
   return value
 
 
+def _ends_a_line(path: str) -> bool:
+  """Whether the local file `path` is empty or ends with a newline."""
+  with open(path, "rb") as f:
+    if f.seek(0, os.SEEK_END) == 0:
+      return True
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) == b"\n"
+
+
 class JsonlWriter:
   """Appends one JSON object per call to a file, thread-safe. A local file gets each line at once (flushed); a file
   on remote storage (gs://) gets the lines of the last `sync_seconds` in one append, from a thread, and the rest at
@@ -62,6 +71,11 @@ class JsonlWriter:
     if is_local(path):
       os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
       self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 — held open for the run, closed in close()
+      if not _ends_a_line(path):
+        # The last run's last line was cut off (a full disk, a kill mid-write): this run's first line starts a line of
+        # its own instead of being glued onto it, which would lose both to a reader.
+        self._file.write("\n")
+        self._file.flush()
       return
     try:  # a resumed run appends to the lines of the runs before it
       self._size, self._new = storage.size(path), False  # the object's size after this writer's last append

@@ -406,3 +406,22 @@ def test_an_interrupted_save_on_gs_is_found_and_reported(bucket, gcs, monkeypatc
   finally:
     ckpt.close()
 
+
+
+def test_a_local_run_log_whose_last_line_was_cut_off_gets_the_next_line_on_its_own(tmp_path):
+  """A full disk (or a kill mid-write) cut a metrics line short; the relaunch's first line was glued onto it, and a
+  reader lost both (found by review)."""
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"n": 1}\n{"n": 2, "lo')
+  writer = metrics.JsonlWriter(str(path))
+  writer.write({"n": 3})
+  writer.close()
+  assert path.read_text().splitlines() == ['{"n": 1}', '{"n": 2, "lo', '{"n": 3}']
+  writer = metrics.JsonlWriter(str(path))  # a whole last line: nothing added
+  writer.write({"n": 4})
+  writer.close()
+  assert path.read_text().splitlines()[-2:] == ['{"n": 3}', '{"n": 4}']
+  empty = metrics.JsonlWriter(str(tmp_path / "new.jsonl"))
+  empty.write({"n": 1})
+  empty.close()
+  assert (tmp_path / "new.jsonl").read_text() == '{"n": 1}\n'
