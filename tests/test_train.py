@@ -783,6 +783,22 @@ def test_a_restart_over_a_changed_shard_list_goes_on_in_the_next_epoch(tiny_conf
   assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 6
 
 
+def test_checkpoints_deleted_by_the_keep_policy_are_recorded(tiny_config, tmp_path):
+  """Orbax applies a launch's keep policy to every step there: a relaunch without the keep_period of the launches
+  before deleted the checkpoints they had kept for good, and nothing said so (found by review)."""
+  tiny_config.train.update(steps=6, ckpt_every=2, log_every=2, eval_every=0, keep_checkpoints=1, keep_period=4)
+  Trainer(tiny_config, str(tmp_path / "run")).run()
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["4", "6"]
+  tiny_config.train.update(steps=8, keep_period=0)
+  Trainer(tiny_config, str(tmp_path / "run")).run()
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["8"]
+  deleted = [(e["steps"], e["message"]) for e in events(tmp_path / "run") if e["event"] == "checkpoints_deleted"]
+  assert deleted == [([2], "deleted by the keep policy (train.keep_checkpoints=1, train.keep_period=4)"),
+                     ([4, 6], "deleted by the keep policy (train.keep_checkpoints=1, train.keep_period=0)")]
+  changed = [e["changes"] for e in events(tmp_path / "run") if e["event"] == "config_changed"]
+  assert changed[0]["train.keep_period"] == [4, 0]
+
+
 def test_config_changes_name_each_changed_field_against_the_runs_config_json(tiny_config, tmp_path):
   assert config_changes(tiny_config, str(tmp_path)) == {}  # a new run
   write_config_json(tiny_config, str(tmp_path))

@@ -116,6 +116,7 @@ class Trainer:
     self._skips: list[dict[str, Any]] = []
     self._skip_lock = threading.Lock()
     self._unconfirmed_saves: list[int] = []
+    self._kept_steps: set[int] = set()  # the checkpoints on storage at the last confirmed save (or the launch)
     self._eval_memory_checked = False
     self._stop_forwarded = False
     self._claim: storage.RunDirectoryClaim | None = None  # taken by `_check_workdir`, held until `run` returns
@@ -417,6 +418,7 @@ class Trainer:
         held_out.start()
       steps, compile_seconds, state, start_step, meta, pipeline = self._compile_and_restore(
           global_shapes, abstract_state, ckpt, resume_step, train_shards)
+      self._kept_steps = set(ckpt.all_steps())
     except BaseException:
       held_out.close()
       ckpt.close_after_failure()  # a launch failing here must not exit under the manager's clean-up thread
@@ -615,6 +617,14 @@ class Trainer:
     for step in steps:
       if step in saved:
         self.log.event("checkpoint_saved", step=step)
+    deleted = sorted(self._kept_steps - saved)
+    if deleted:
+      # Orbax applies this launch's policy to every step there, those an earlier launch's keep_period kept included.
+      train = self.config.train
+      self.log.event("checkpoints_deleted", steps=deleted,
+                     message=f"deleted by the keep policy (train.keep_checkpoints={train.keep_checkpoints}, "
+                             f"train.keep_period={train.keep_period})")
+    self._kept_steps = saved
 
   def _log_step(self, step: int, device_metrics: dict[str, jax.Array], timing: dict[str, float], data_wait: float,
                 consecutive_nonfinite: int, progress: tqdm) -> tuple[int, float]:
