@@ -145,6 +145,9 @@ class _Reader:
   def _load_shard(self, report: bool) -> None:
     p = self._p
     shard = self._epoch_shards[self.shard_cursor]
+    # The shard before is let go first: it stayed in memory while this one was read, and streams of equal shards
+    # cross into their next shards together, so every stream of a host held two decoded shards at once.
+    self._order = self._crop_draws = None
     def on_skip(reason: str, key: str, path: str, detail: str = "") -> None:
       if report:  # Named by the shard's URL, not by where the cache put it.
         self._skip(reason, key, shard, detail)
