@@ -45,7 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.cache_dir = "~/.cache/echo_jax/shards"  # for remote (gs://, hf://) shards; "" = local shards only
   config.data.shard_prefetch = 2  # remote shards fetched ahead per stream
   config.data.stall_timeout = 120.0  # seconds without download progress before a retry
-  config.data.download_retries = 3
+  # Attempts per shard. Eight ride out an outage of the store (a Hub rate-limit window, a GCS blip) of a minute or
+  # two per shard (waits of about 1, 2, 4 ... 60 s); with three, a 40 s outage ran through 16 shards in a row and
+  # stopped the run (found by review).
+  config.data.download_retries = 8
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 256  # global, over all hosts
