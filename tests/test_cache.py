@@ -36,14 +36,16 @@ RELEASE = threading.Event()  # Set at teardown, so that stalled reads of abandon
 
 class StallingFileSystem(AbstractFileSystem):
   """`stalling://name`: serves bytes from `FILES`; the first `STALLS[name]` opens of a file hang on read; an open of
-  a name in `OPEN_GATES` waits until its event is set; opening a name in `DENIED` raises PermissionError; the first
-  `CUT_SHORT[name]` opens end halfway through the file. Every open's time is in `OPENS[name]`."""
+  a name in `OPEN_GATES` waits until its event is set; opening a name in `DENIED` raises PermissionError, and one in
+  `UNAVAILABLE` ConnectionError; the first `CUT_SHORT[name]` opens end halfway through the file. Every open's time is
+  in `OPENS[name]`."""
 
   protocol = "stalling"
   FILES: dict[str, bytes] = {}
   STALLS: dict[str, int] = {}
   OPEN_GATES: dict[str, threading.Event] = {}
   DENIED: set[str] = set()
+  UNAVAILABLE: set[str] = set()
   CUT_SHORT: dict[str, int] = {}
   OPENS: dict[str, list[float]] = {}
 
@@ -52,6 +54,8 @@ class StallingFileSystem(AbstractFileSystem):
     self.OPENS.setdefault(name, []).append(time.monotonic())
     if name in self.DENIED:
       raise PermissionError(f"401 Unauthorized for {name}: is the token expired?")
+    if name in self.UNAVAILABLE:
+      raise ConnectionError(f"503 Service Unavailable for {name}")
     if name in self.OPEN_GATES:
       self.OPEN_GATES[name].wait(30)
     if self.STALLS.get(name, 0) > 0:
@@ -94,6 +98,7 @@ def stalling_filesystem():
   StallingFileSystem.STALLS.clear()
   StallingFileSystem.OPEN_GATES.clear()
   StallingFileSystem.DENIED.clear()
+  StallingFileSystem.UNAVAILABLE.clear()
   StallingFileSystem.CUT_SHORT.clear()
   StallingFileSystem.OPENS.clear()
 
@@ -196,10 +201,12 @@ def test_hf_reads_carry_the_token_and_a_refusal_is_reported_without_it(tmp_path,
   with fake_hub.registered(str(tmp_path / "hub")) as hub, caplog.at_level(logging.DEBUG):
     hub.denied.add(f"org/shards/{os.path.basename(local[1])}")
     urls = list_shards("hf://datasets/org/shards/*.tar")
-    cache = ShardCache(str(tmp_path / "cache"), retries=2, retry_wait=0.01)
+    cache = ShardCache(str(tmp_path / "cache"), retries=5, retry_wait=0.01)
     assert pathlib.Path(cache.fetch(urls[0])).read_bytes() == pathlib.Path(local[0]).read_bytes()
     assert cache.fetch(urls[1]) is None
   assert "401" in cache.failures[urls[1]] and os.path.basename(local[1]) in caplog.text
+  # No retry gets past a refusal: given up at once, not after data.download_retries attempts and their waits.
+  assert f"giving up on shard {urls[1]} after 1 attempts" in caplog.text
   assert hub.requests and {token for _, token in hub.requests} == {f"Bearer {HF_TOKEN}"}
   assert HF_TOKEN not in caplog.text and HF_TOKEN not in repr(cache.failures)
 
@@ -458,23 +465,27 @@ def test_a_hub_outage_while_listing_is_retried_and_a_long_one_names_the_attempts
   assert [os.path.basename(url) for url in listed] == [os.path.basename(path) for path in local]
 
 
-def test_a_failed_download_says_why_and_retries_wait_longer_each_time(tmp_path):
+@pytest.mark.parametrize("name, cause, attempts", [
+    ("unavailable.tar", "ConnectionError: 503 Service Unavailable for unavailable.tar", 3),
+    # No retry gets past a refusal (an expired token): given up at once (found by review).
+    ("denied.tar", "PermissionError: 401 Unauthorized for denied.tar: is the token expired?", 1)])
+def test_a_failed_download_says_why_and_retries_wait_longer_each_time(tmp_path, name, cause, attempts):
   local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=1, per_shard=4))
-  StallingFileSystem.FILES["denied.tar"] = pathlib.Path(local[0]).read_bytes()
-  StallingFileSystem.DENIED.add("denied.tar")
-  url = "stalling://denied.tar"
+  StallingFileSystem.FILES[name] = pathlib.Path(local[0]).read_bytes()
+  (StallingFileSystem.DENIED if name == "denied.tar" else StallingFileSystem.UNAVAILABLE).add(name)
+  url = f"stalling://{name}"
   events = []
   cache = ShardCache(str(tmp_path / "cache"), retries=3, retry_wait=0.2)
-  failure = r"without one usable sample.*Download failures: stalling://denied\.tar: PermissionError: 401 Unauthorized"
+  failure = rf"without one usable sample.*Download failures: stalling://{name}: {cause[:30]}"
   with (make_pipeline([url], cache=cache, on_skip=lambda *event: events.append(event)) as pipeline,
         pytest.raises(RuntimeError, match=failure)):
     next(pipeline)
   # The skip, with its cause, reaches the caller before the error that ended the reader.
-  assert events == [("unreadable_shard", "", url,
-                     "download failed: PermissionError: 401 Unauthorized for denied.tar: is the token expired?")]
-  opens = StallingFileSystem.OPENS["denied.tar"]
+  assert events == [("unreadable_shard", "", url, f"download failed: {cause}")]
+  opens = StallingFileSystem.OPENS[name]
   gaps = [b - a for a, b in zip(opens, opens[1:], strict=False)]
-  assert len(opens) == 3 and gaps[0] >= 0.1 and gaps[1] >= 0.2, gaps  # about 0.2 s, then 0.4 s (jittered by half)
+  assert len(opens) == attempts
+  assert attempts == 1 or (gaps[0] >= 0.1 and gaps[1] >= 0.2), gaps  # about 0.2 s, then 0.4 s (jittered by half)
 
 
 def test_a_download_that_ends_early_is_retried_not_presented_as_complete(tmp_path):
@@ -542,3 +553,18 @@ def test_the_sample_examples_skip_a_stalled_remote_shard(tmp_path):
 def test_bad_cache_arguments_are_errors(tmp_path):
   with pytest.raises(ValueError, match="download_retries"):
     ShardCache(str(tmp_path), retries=0)
+
+
+class _HttpError(Exception):
+  def __init__(self, code):
+    super().__init__(f"HTTP {code}")
+    self.code = code
+
+
+@pytest.mark.parametrize("error, permanent", [
+    (FileNotFoundError("gone"), True), (PermissionError("401 Unauthorized"), True), (_HttpError(403), True),
+    (_HttpError(404), True), (_HttpError(429), False), (_HttpError(503), False), (ConnectionError("reset"), False),
+    (OSError("the download ended after 10 of its 20 bytes"), False), (ValueError("unknown"), False)])
+def test_only_errors_no_retry_can_pass_are_permanent(error, permanent):
+  assert cache_module.is_permanent(error) is permanent
+

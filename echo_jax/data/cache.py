@@ -86,6 +86,21 @@ def is_transient(error: BaseException) -> bool:
   return False
 
 
+# HTTP statuses that no retry gets past: a bad request, no credentials, no permission, nothing there.
+_PERMANENT_STATUSES = (400, 401, 403, 404, 410)
+
+
+def is_permanent(error: BaseException) -> bool:
+  """Whether no retry can get past `error`: a missing file, a refused permission, HTTP 400, 401, 403, 404 or 410.
+  The shard cache gives up on such a shard at once: with data.download_retries attempts and their waits (about 1-2
+  minutes with the default 8), a missing or forbidden shard (an expired token: every one) held the pod's steps.
+  Anything else (a connection lost, a download cut short, an unknown error) may pass on a retry."""
+  status = _http_status(error)
+  if status is not None:
+    return status in _PERMANENT_STATUSES
+  return isinstance(error, (FileNotFoundError, PermissionError))
+
+
 def retry_wait_s(attempt: int, first_wait: float) -> float:
   """Seconds to wait after failed attempt `attempt` (from 1): about first_wait * 2**(attempt-1), at most
   MAX_RETRY_WAIT_S, jittered so that the hosts of a pod do not retry a rate-limited store in step."""
@@ -256,7 +271,7 @@ class ShardCache:
         raise CacheWriteError(f"{download.error} (in {self.directory}); free space there or "
                               "point data.cache_dir at a disk with room for data.shard_prefetch + 1 shards per "
                               "data stream") from download.error
-      if download.attempts >= self.retries:
+      if download.attempts >= self.retries or (download.error is not None and is_permanent(download.error)):
         logging.warning("giving up on shard %s after %d attempts; last: %s", url, download.attempts, cause)
         self.failures[url] = cause
         self._downloads.pop(url, None)
