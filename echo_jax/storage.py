@@ -212,6 +212,7 @@ def check_run_directory(directory: str, name: str) -> None:
 LEASE_FILE = ".trainer.lease"
 LEASE_RENEW_S = 60.0
 LEASE_EXPIRES_S = 300.0
+LEASE_RELEASE_WAIT_S = 10.0  # for a renewal under way when the claim is released
 
 
 class RunDirectoryClaim:
@@ -241,6 +242,7 @@ class RunDirectoryClaim:
     self._file = None
     self._lease_id: str | None = None
     self._renewing = threading.Event()
+    self._renewer: threading.Thread | None = None
     if not is_local(directory):
       self.path = join(directory, LEASE_FILE)
       if process == 0:
@@ -274,7 +276,7 @@ class RunDirectoryClaim:
 
   def _lease_record(self, since: str) -> bytes:
     return json.dumps({"id": self._lease_id, "host": socket.gethostname(), "pid": os.getpid(), "since": since,
-                       "renewed": time.time()}).encode()
+                       "renewed": time.time(), "machine": _machine(), "started": _process_start(os.getpid())}).encode()
 
   def _take_lease(self) -> None:
     self._lease_id, since = uuid.uuid4().hex, time.strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -295,7 +297,8 @@ class RunDirectoryClaim:
     except Exception as error:
       raise RunDirectoryError(f"cannot claim the run directory {self.directory}: writing {self.path} failed "
                               f"({describe(error)})") from error
-    threading.Thread(target=self._renew, args=(since,), name="run_directory_lease", daemon=True).start()
+    self._renewer = threading.Thread(target=self._renew, args=(since,), name="run_directory_lease", daemon=True)
+    self._renewer.start()
 
   def _renew(self, since: str) -> None:
     while not self._renewing.wait(LEASE_RENEW_S):
@@ -324,6 +327,8 @@ class RunDirectoryClaim:
       self._file = None
     if self._lease_id is not None:
       self._renewing.set()
+      if self._renewer is not None:  # a renewal under way would make the lease again once it is deleted
+        self._renewer.join(timeout=LEASE_RELEASE_WAIT_S)
       with contextlib.suppress(Exception):
         if self.lost is None and (_read_lease(self.path) or {}).get("id") == self._lease_id:
           remove_if_possible(self.path)
@@ -340,19 +345,34 @@ def _read_lease(path: str) -> dict | None:
 
 
 def _lease_is_live(holder: dict) -> bool:
-  if holder.get("host") == socket.gethostname():
-    pid = holder.get("pid")
-    if pid == os.getpid() or not isinstance(pid, int):
-      return False
-    try:
-      os.kill(pid, 0)
-    except ProcessLookupError:
-      return False
-    except PermissionError:  # another user's process
-      return True
-    return True
+  """Whether the trainer of the lease record `holder` still runs: asked of the kernel when it ran on this one (same
+  boot, same pid namespace: its pid, with the start time recorded, so that a pid used again since does not count),
+  else whether it renewed the lease within LEASE_EXPIRES_S. The hostname alone proves neither: a machine started
+  again, or a container of another pid namespace, can have this one's."""
+  machine = _machine()
+  if machine is not None and holder.get("machine") == machine:
+    pid, started = holder.get("pid"), holder.get("started")
+    return isinstance(pid, int) and pid != os.getpid() and started is not None and _process_start(pid) == started
   renewed = holder.get("renewed")
   return isinstance(renewed, (int, float)) and time.time() - renewed < LEASE_EXPIRES_S
+
+
+def _machine() -> str | None:
+  """This kernel's boot and this process's pid namespace, where a pid names one process; None where unknown."""
+  try:
+    with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+      return f"{f.read().strip()}/{os.readlink('/proc/self/ns/pid')}"
+  except OSError:
+    return None
+
+
+def _process_start(pid: int) -> int | None:
+  """When process `pid` started (clock ticks since boot, from /proc), or None when it does not run (or unknown)."""
+  try:
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+      return int(f.read().rsplit(")", 1)[1].split()[19])  # field 22; the name before it may hold spaces
+  except (OSError, IndexError, ValueError):
+    return None
 
 
 def _describe_lease(holder: dict) -> str:

@@ -471,14 +471,16 @@ class Trainer:
           self._evaluate(steps, state, held_out.result(), step)
         stop = self._should_stop(step - start_step)
         final = stop or step == train.steps
-        if step % train.log_every == 0 or final:
+        logs, saves = step % train.log_every == 0 or final, final or step % train.ckpt_every == 0
+        if logs or saves:
+          self._check_claim()
+        if logs:
           self._flush_skips(step)
           self._confirm_saves(ckpt)
-        if final or step % train.ckpt_every == 0:
+        if saves:
           # Orbax's save waits for the save before it anyway; waited for here, that one's failure is reported as such
           # (checkpoint_failed) and not raised raw from Orbax's save.
           self._confirm_saves(ckpt, wait=True)
-          self._check_claim()
           positions = checkpoint.gather_per_process(pipeline.state())
           ckpt.save(step, state, positions, {"samples_seen": samples_seen, "process_count": jax.process_count(),
                                              "platform": jax.devices()[0].platform, "devices": jax.device_count(),
@@ -586,8 +588,9 @@ class Trainer:
       self._stop_forwarded = True
 
   def _check_claim(self) -> None:
-    """Before a save, on every process: a trainer whose remote run directory another launch has taken over (see
-    `storage.RunDirectoryClaim`) stops without saving over that launch's checkpoints. A collective."""
+    """At each log step and before each save, on every process: a trainer whose remote run directory another launch
+    has taken over (see `storage.RunDirectoryClaim`) stops, without saving over that launch's checkpoints or
+    writing on into its run log (until the next save, which can be thousands of steps away). A collective."""
     lost = [report for report in checkpoint.gather_per_process(self._claim.lost if self._claim else None) if report]
     if lost:
       raise storage.RunDirectoryInUseError(f"{lost[0]}: this trainer stopped without saving; the other one goes on")
