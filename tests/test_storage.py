@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import fake_gcs
@@ -451,3 +452,22 @@ def test_a_local_run_log_whose_last_line_was_cut_off_gets_the_next_line_on_its_o
   empty.write({"n": 1})
   empty.close()
   assert (tmp_path / "new.jsonl").read_text() == '{"n": 1}\n'
+
+
+def test_a_released_gs_lease_is_not_made_again_by_a_renewal_under_way(bucket, monkeypatch):
+  """A renewal whose upload was under way at the release landed after the delete: the lease stayed, and a relaunch
+  elsewhere was refused for LEASE_EXPIRES_S (found by review)."""
+  monkeypatch.setattr(storage, "LEASE_RENEW_S", 0.05)
+  claim = storage.RunDirectoryClaim("gs://bucket/run", 0)
+  real_write, renewing = storage.write_bytes, threading.Event()
+
+  def slow_write(path, data):
+    renewing.set()
+    time.sleep(1.0)
+    real_write(path, data)
+
+  monkeypatch.setattr(storage, "write_bytes", slow_write)
+  assert renewing.wait(10)
+  claim.release()
+  time.sleep(1.5)
+  assert lease(bucket) is None
