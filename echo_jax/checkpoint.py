@@ -7,6 +7,7 @@ crash or SIGKILL is never restored; the previous complete checkpoint is.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import pickle
 import time
@@ -269,8 +270,13 @@ class Checkpointer:
     names; on gs://, where Orbax writes a step in place, step directories without its completion mark."""
     if not self.directory.exists():
       return []
-    return sorted(path.name for path in self.directory.iterdir() if ".orbax-checkpoint-tmp" in path.name
-                  or (path.name.isdigit() and not ocp.step.is_checkpoint_finalized(path)))
+    paths = list(self.directory.iterdir())
+    steps = [path for path in paths if path.name.isdigit()]
+    # A request per step on gs://, at every launch of every host: asked together.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+      finalized = list(pool.map(ocp.step.is_checkpoint_finalized, steps))
+    return sorted([path.name for path in paths if ".orbax-checkpoint-tmp" in path.name]
+                  + [path.name for path, done in zip(steps, finalized, strict=True) if not done])
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

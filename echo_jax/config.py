@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 from typing import Any
 
@@ -189,10 +190,16 @@ def config_changes(config: ml_collections.ConfigDict, directory: str) -> dict[st
   if not storage.exists(path):
     return {}
   try:
-    before = _flat(json.loads(storage.read_bytes(path)))
-  except ValueError as error:  # not JSON: the record is damaged, and the new launch's config replaces it
+    record = json.loads(storage.read_bytes(path))
+    if not isinstance(record, dict):
+      raise ValueError(f"a JSON {type(record).__name__}, not an object")
+  except ValueError as error:  # not a config: the record is damaged, and the new launch's config replaces it
     return {"config.json": [f"unreadable ({error})", "rewritten"]}
-  now = _flat(json.loads(config.to_json_best_effort()))
+  before, now = _flat(record), _flat(json.loads(config.to_json_best_effort()))
   return {key: [before.get(key), now.get(key)] for key in sorted(before.keys() | now.keys())
-          if before.get(key) != now.get(key)}
+          if not _same(before.get(key), now.get(key))}
+
+
+def _same(a: Any, b: Any) -> bool:
+  return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
 

@@ -811,9 +811,14 @@ def test_config_changes_name_each_changed_field_against_the_runs_config_json(tin
   assert config_changes(changed, str(tmp_path)) == {
       "model.layers": [tiny_config.model.layers, tiny_config.model.layers + 1],
       "train.lr": [tiny_config.train.lr, 1e-3], "train.new_field": [None, "x"]}
-  (tmp_path / "config.json").write_text("{not json")
-  [(key, (before, now))] = config_changes(tiny_config, str(tmp_path)).items()
-  assert key == "config.json" and before.startswith("unreadable (") and now == "rewritten"
+  nan = copy.deepcopy(tiny_config)
+  nan.train.cpu_peak_flops = float("nan")
+  write_config_json(nan, str(tmp_path))
+  assert config_changes(nan, str(tmp_path)) == {}  # NaN is NaN: no change at every launch (found by review)
+  for damaged in ("{not json", "null", "[]"):  # "null" and "[]" crashed the launch (found by review)
+    (tmp_path / "config.json").write_text(damaged)
+    [(key, (before, now))] = config_changes(tiny_config, str(tmp_path)).items()
+    assert key == "config.json" and before.startswith("unreadable (") and now == "rewritten"
 
 
 def test_processes_that_see_different_checkpoints_are_refused(tiny_config, tmp_path, monkeypatch):
