@@ -134,10 +134,15 @@ def test_an_append_whose_answer_is_lost_is_not_appended_twice(bucket, monkeypatc
   assert lines(path) == [0, 1, 2]
 
 
-def test_a_pad_latent_on_gs_is_read_there(bucket):
+def test_a_pad_latent_on_gs_is_read_there_and_one_not_finite_is_refused(bucket):
+  """A NaN in the pad latent, which pads every short target, would make the losses NaN and be blamed on the data."""
   np.save(bucket / "pad.npy", np.arange(8, dtype=np.float16))
   assert storage.exists("gs://bucket/pad.npy") and not storage.exists("gs://bucket/none.npy")
   np.testing.assert_array_equal(load_pad_latent("gs://bucket/pad.npy", 8), np.arange(8, dtype=np.float32))
+  with fsspec.open("gs://bucket/nan.npy", "wb") as f:
+    np.save(f, np.array([0.0, np.nan] * 4, np.float16))
+  with pytest.raises(ValueError, match=r"pad latent gs://bucket/nan.npy holds NaN or infinite values"):
+    load_pad_latent("gs://bucket/nan.npy", 8)
 
 
 def test_config_and_samples_are_written_into_a_gs_run_directory(bucket):

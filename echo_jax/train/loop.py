@@ -78,6 +78,8 @@ def load_pad_latent(path: str, latent_dim: int) -> np.ndarray:
     pad = np.load(f).astype(np.float32).reshape(-1)
   if pad.shape != (latent_dim,):
     raise ValueError(f"pad latent {path} has {pad.size} values, the model's latent_dim is {latent_dim}")
+  if not np.isfinite(pad).all():  # it pads every short target: the losses would go NaN, blamed on the data
+    raise ValueError(f"pad latent {path} holds NaN or infinite values: encode silence with the codec again")
   return pad
 
 
