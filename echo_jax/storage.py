@@ -241,6 +241,7 @@ class RunDirectoryClaim:
     self.lost: str | None = None
     self._file = None
     self._lease_id: str | None = None
+    self._holder: dict = {}  # the lease's fields but its renewal time (`_take_lease`)
     self._renewing = threading.Event()
     self._renewer: threading.Thread | None = None
     if not is_local(directory):
@@ -274,47 +275,54 @@ class RunDirectoryClaim:
         f"the run directory {self.directory} is in use: {holder}. Two trainers writing one run directory would "
         f"overwrite each other's checkpoints: stop that one ({how_to_stop}), or give another --workdir")
 
-  def _lease_record(self, since: str) -> bytes:
-    return json.dumps({"id": self._lease_id, "host": socket.gethostname(), "pid": os.getpid(), "since": since,
-                       "renewed": time.time(), "machine": _machine(), "started": _process_start(os.getpid())}).encode()
+  def _lease_record(self) -> bytes:
+    """This trainer's lease, renewed now: `_holder` (fixed for the process) and the time."""
+    return json.dumps({**self._holder, "renewed": time.time()}).encode()
+
+  def _create_lease(self) -> None:
+    """Writes this trainer's lease where there is none; FileExistsError when there is (on GCS, decided by the store:
+    of two launches creating it at once, one fails)."""
+    fs, target = _asked_now(self.path)
+    fs.pipe_file(target, self._lease_record(), mode="create")
 
   def _take_lease(self) -> None:
-    self._lease_id, since = uuid.uuid4().hex, time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    self._lease_id = uuid.uuid4().hex
+    self._holder = {"id": self._lease_id, "host": socket.gethostname(), "pid": os.getpid(),
+                    "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": _machine(),
+                    "started": _process_start(os.getpid())}
     try:
-      fs, target = _asked_now(self.path)
       try:
-        fs.pipe_file(target, self._lease_record(since), mode="create")  # GCS: created only where there is none
+        self._create_lease()
       except FileExistsError:
         holder = _read_lease(self.path)
         if holder is not None and _lease_is_live(holder):
           raise self._in_use(f"another trainer holds its lease ({_describe_lease(holder)})",
                              f"or, if it is gone, wait until {LEASE_EXPIRES_S:.0f} s have passed since its last "
                              f"renewal, or delete {self.path}") from None
-        write_bytes(self.path, self._lease_record(since))
+        write_bytes(self.path, self._lease_record())
         self.took_over = _describe_lease(holder) if holder is not None else f"an unreadable {self.path}"
     except RunDirectoryError:
       raise
     except Exception as error:
       raise RunDirectoryError(f"cannot claim the run directory {self.directory}: writing {self.path} failed "
                               f"({describe(error)})") from error
-    self._renewer = threading.Thread(target=self._renew, args=(since,), name="run_directory_lease", daemon=True)
+    self._renewer = threading.Thread(target=self._renew, name="run_directory_lease", daemon=True)
     self._renewer.start()
 
-  def _renew(self, since: str) -> None:
+  def _renew(self) -> None:
     while not self._renewing.wait(LEASE_RENEW_S):
       try:
         holder = _read_lease(self.path)
         if holder is None:  # deleted (by hand?): made again, unless another launch has just made its own
           with contextlib.suppress(FileExistsError):
-            fs, target = _asked_now(self.path)
-            fs.pipe_file(target, self._lease_record(since), mode="create")
+            self._create_lease()
           holder = _read_lease(self.path)
         if holder is None or holder.get("id") != self._lease_id:
           self.lost = (f"another trainer took over the run directory {self.directory} "
                        f"({_describe_lease(holder) if holder else f'{self.path} is unreadable'})")
-          logging.error("%s: this trainer stops before its next save", self.lost)
+          logging.error("%s: this trainer stops at its next log step", self.lost)
           return
-        write_bytes(self.path, self._lease_record(since))
+        write_bytes(self.path, self._lease_record())
       except Exception as error:  # noqa: BLE001 — the store may answer again before the lease expires
         logging.warning("could not renew the lease %s (%s); another launch may take the run directory over once "
                         "%.0f s have passed since the last renewal", self.path, describe(error), LEASE_EXPIRES_S)
