@@ -39,7 +39,7 @@ from tqdm import tqdm
 from echo_jax import aot, checkpoint, metrics, runtime, sharding, storage
 from echo_jax.background import InBackground
 from echo_jax.config import check_config, config_changes, model_config, write_config_json
-from echo_jax.data.cache import describe
+from echo_jax.data.cache import describe, is_local
 from echo_jax.data.pipeline import (
   StreamSet,
   batch_streams,
@@ -592,7 +592,10 @@ class Trainer:
   def _check_claim(self) -> None:
     """At each log step and before each save, on every process: a trainer whose remote run directory another launch
     has taken over (see `storage.RunDirectoryClaim`) stops, without saving over that launch's checkpoints or
-    writing on into its run log (until the next save, which can be thousands of steps away). A collective."""
+    writing on into its run log (until the next save, which can be thousands of steps away). A collective, but for a
+    local workdir (the same on every host): its claim is a lock the kernel holds, which no one takes over."""
+    if is_local(self.workdir):
+      return
     lost = [report for report in checkpoint.gather_per_process(self._claim.lost if self._claim else None) if report]
     if lost:
       raise storage.RunDirectoryInUseError(f"{lost[0]}: this trainer stopped without saving; the other one goes on")
