@@ -23,6 +23,7 @@ import os
 from typing import Any
 
 import ml_collections
+from flax import traverse_util
 
 from echo_jax import codecs, storage
 from echo_jax.model import EchoConfig
@@ -171,31 +172,21 @@ def write_config_json(config: ml_collections.ConfigDict, directory: str) -> None
                       config.to_json_best_effort(indent=2, sort_keys=True).encode("utf-8"))
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flat(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
-
-
 def config_changes(config: ml_collections.ConfigDict, directory: str) -> dict[str, list]:
   """The fields of `config` whose value differs from DIRECTORY/config.json (the config of the run's last launch),
   as {"train.steps": [before, now]}; a field one of them lacks is null there. Empty when there is no config.json.
   A relaunch overwrites config.json, so the trainer records these in its events: the run log keeps every launch's
   changes, e.g. which steps ran with which learning rate."""
-  path = storage.join(directory, "config.json")
-  if not storage.exists(path):
-    return {}
   try:
-    record = json.loads(storage.read_bytes(path))
+    record = json.loads(storage.read_bytes(storage.join(directory, "config.json")))
     if not isinstance(record, dict):
       raise ValueError(f"a JSON {type(record).__name__}, not an object")
+  except FileNotFoundError:
+    return {}
   except ValueError as error:  # not a config: the record is damaged, and the new launch's config replaces it
     return {"config.json": [f"unreadable ({error})", "rewritten"]}
-  before, now = _flat(record), _flat(json.loads(config.to_json_best_effort()))
+  before, now = (traverse_util.flatten_dict(tree, sep=".")
+                 for tree in (record, json.loads(config.to_json_best_effort())))
   return {key: [before.get(key), now.get(key)] for key in sorted(before.keys() | now.keys())
           if not _same(before.get(key), now.get(key))}
 
