@@ -493,10 +493,14 @@ def check_shards(shards: Sequence[str], streams: int, cache_dir: str | None) -> 
                      "downloads: set data.cache_dir to a local directory")
 
 
+def _streams_advice(batch_size: int, multiple: int) -> str:
+  return f"set data.streams to a multiple of {multiple} that divides train.batch_size={batch_size}"
+
+
 def check_stream_count(batch_size: int, streams: int, multiple: int = 1) -> None:
   """Raises a ValueError saying what to set unless `streams` is positive and divides `batch_size`; the advice asks
   for a multiple of `multiple`."""
-  advice = f"set data.streams to a multiple of {multiple} that divides train.batch_size={batch_size}"
+  advice = _streams_advice(batch_size, multiple)
   if streams < 1:
     raise ValueError(f"data.streams must be positive, got {streams}; {advice}")
   if batch_size % streams:
@@ -514,8 +518,7 @@ def batch_streams(batch_size: int, streams: int, blocks: Sequence[tuple[int, int
   if any(bound % rows_per_stream for bound in bounds):
     held = ", ".join(f"[{start}, {stop})" for start, stop in blocks)
     raise ValueError(f"this process holds global batch rows {held}, which are not a whole number of the {streams} "
-                     f"data streams of {rows_per_stream} rows; set data.streams to a multiple of {multiple} that "
-                     f"divides train.batch_size={batch_size}")
+                     f"data streams of {rows_per_stream} rows; {_streams_advice(batch_size, multiple)}")
   return [g for start, stop in blocks for g in range(start // rows_per_stream, stop // rows_per_stream)]
 
 
@@ -529,11 +532,14 @@ def position_mismatch(position: dict[str, Any], shards: Sequence[str], seed: int
   return ""
 
 
-def fresh_position(shards: Sequence[str], seed: int, num_streams: int, epoch: int) -> dict[str, Any]:
-  """A StreamSet state that starts each of `num_streams` streams over `shards` at the beginning of `epoch`: where a
-  run whose position cannot continue (`position_mismatch`) goes on, in an epoch it has not begun. Starting it at
-  epoch 0 would replay, sample for sample, the order the run began with whenever the shards' count and the seed
-  are unchanged (the dataset moved to another bucket, or data.streams changed)."""
+def fresh_position(shards: Sequence[str], seed: int, num_streams: int, after: dict[str, Any] | None) -> dict[str, Any]:
+  """A StreamSet state that starts each of `num_streams` streams over `shards` at the beginning of the epoch after
+  the furthest one begun in `after` (a position that cannot continue: `position_mismatch`; None when there is none
+  to read, e.g. from before streams existed: epoch 1): where such a run goes on, in an epoch it has not begun.
+  Starting it at epoch 0 would replay, sample for sample, the order the run began with whenever the shards' count
+  and the seed are unchanged (the dataset moved to another bucket, or data.streams changed)."""
+  epoch = 1 + max((int(stream.get("epoch", 0)) for stream in after["streams"].values()), default=0) \
+      if after is not None else 1
   return {"version": STREAM_SET_VERSION,
           "streams": {str(g): {"version": STATE_VERSION, **_identity(shards, seed, g, num_streams), "epoch": epoch}
                       for g in range(num_streams)}}

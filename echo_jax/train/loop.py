@@ -305,12 +305,11 @@ class Trainer:
         # E.g. shards added under the glob while a dataset is still being uploaded.
         why = position_mismatch(position, train_shards, self.config.seed)
       if why:
-        epoch = 1 + max((int(stream.get("epoch", 0)) for stream in position["streams"].values()), default=0) \
-            if position is not None else 1
+        position = fresh_position(train_shards, self.config.seed, streams, after=position)
+        epoch = position["streams"]["0"]["epoch"]
         self.log.event("data_position_reset", step=latest,
                        message=f"{why}; the data goes on from the start of epoch {epoch}, a shuffle this run has "
                                "not read")
-        position = fresh_position(train_shards, self.config.seed, streams, epoch)
       self.log.event("checkpoint_restored", step=latest, seconds=round(restore_seconds, 3))
       return state, position, meta
     state_shardings = sharding.shardings_of(abstract_state)
