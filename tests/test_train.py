@@ -799,6 +799,32 @@ def test_checkpoints_deleted_by_the_keep_policy_are_recorded(tiny_config, tmp_pa
   assert changed[0]["train.keep_period"] == [4, 0]
 
 
+def test_a_launch_refused_at_the_memory_check_leaves_config_json_as_it_was(tiny_config, tmp_path, monkeypatch):
+  """config.json records the config the run trained with: a relaunch with a larger batch that the memory check
+  refuses must not overwrite it, or the next relaunch with the run's own config reports a change that never
+  trained (found by review: it was written before the compile and the restore)."""
+  tiny_config.train.update(steps=2, ckpt_every=2, log_every=1, eval_every=0)
+  Trainer(tiny_config, str(tmp_path / "run")).run()
+  record = (tmp_path / "run" / "config.json").read_text()
+  bigger = copy.deepcopy(tiny_config)
+  bigger.train.update(steps=4, batch_size=2 * tiny_config.train.batch_size)
+
+  def refuse(compiled, devices, **kwargs):
+    raise aot.MemoryLimitError("the train step needs more than 90% of the device memory")
+
+  with monkeypatch.context() as patch:
+    patch.setattr(aot, "check_memory", refuse)
+    with pytest.raises(aot.MemoryLimitError):
+      Trainer(bigger, str(tmp_path / "run")).run()
+  assert (tmp_path / "run" / "config.json").read_text() == record
+  assert not [e for e in events(tmp_path / "run") if e["event"] == "config_changed"]
+  tiny_config.train.steps = 4
+  Trainer(tiny_config, str(tmp_path / "run")).run()
+  assert [e["changes"] for e in events(tmp_path / "run") if e["event"] == "config_changed"] == [
+      {"train.steps": [2, 4]}]
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 4
+
+
 def test_config_changes_name_each_changed_field_against_the_runs_config_json(tiny_config, tmp_path):
   assert config_changes(tiny_config, str(tmp_path)) == {}  # a new run
   write_config_json(tiny_config, str(tmp_path))

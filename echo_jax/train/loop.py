@@ -398,19 +398,6 @@ class Trainer:
         held_out.close()
         ckpt.close()
         return state
-      # Only now: a launch refused for another model must not overwrite the record of the one its checkpoints hold.
-      if self.is_main:
-        changes = config_changes(config, self.workdir)
-        if changes:
-          described = "; ".join(f"{key} {before!r} -> {now!r}" for key, (before, now) in changes.items())
-          lr = _learning_rates_at(resume_step or 0, train, changes)
-          if lr:
-            described += (f". The learning rate at step {resume_step or 0} goes from {lr[0]:.3g} to {lr[1]:.3g}: "
-                          "the schedule (warmup, then cosine to zero at train.steps) follows the new values")
-          logging.warning("config changed since the run's last launch: %s", described)
-          self.log.event("config_changed", step=resume_step or 0, changes=changes,
-                         **({"lr_at_step": lr} if lr else {}))
-        write_config_json(config, self.workdir)
       # A new run evaluates before its first step: it reads the held-out batches while the train step compiles. A
       # restart's first evaluation is eval_every steps away: it reads them once its first step is logged (as it
       # compiles the eval step then), so that its first step waits neither for them nor for the CPU and the bandwidth
@@ -429,6 +416,7 @@ class Trainer:
     self._setup_watchdog.stop()
     watchdog = runtime.HangWatchdog(train.hang_timeout, "no training step finished (train.hang_timeout)")
     try:
+      self._record_config(resume_step)
       samples_seen = int(meta.get("samples_seen", start_step * train.batch_size))
       cfg = self.model.cfg
       flops_per_step = metrics.train_flops_per_step(cfg, train.batch_size, config.data.max_frames,
@@ -511,6 +499,26 @@ class Trainer:
       finally:
         watchdog.stop()
     return state
+
+  def _record_config(self, resume_step: int | None) -> None:
+    """Process 0 writes the launch's config to config.json, and what changed since the last launch to the events.
+
+    Only once the state is restored and the step compiled and within memory: a launch refused for another model, a
+    step over the memory limit or a checkpoint that cannot be read must not overwrite the record of the config the
+    run's checkpoints were trained with (its relaunch with that config then reported a change that never trained)."""
+    if not self.is_main:
+      return
+    config, train = self.config, self.config.train
+    changes = config_changes(config, self.workdir)
+    if changes:
+      described = "; ".join(f"{key} {before!r} -> {now!r}" for key, (before, now) in changes.items())
+      lr = _learning_rates_at(resume_step or 0, train, changes)
+      if lr:
+        described += (f". The learning rate at step {resume_step or 0} goes from {lr[0]:.3g} to {lr[1]:.3g}: "
+                      "the schedule (warmup, then cosine to zero at train.steps) follows the new values")
+      logging.warning("config changed since the run's last launch: %s", described)
+      self.log.event("config_changed", step=resume_step or 0, changes=changes, **({"lr_at_step": lr} if lr else {}))
+    write_config_json(config, self.workdir)
 
   def _compile_and_restore(self, global_shapes: dict[str, jax.ShapeDtypeStruct], abstract_state: TrainState,
                            ckpt: checkpoint.Checkpointer, resume_step: int | None, train_shards: list[str],
