@@ -186,6 +186,29 @@ def test_remote_shards_stream_through_the_cache_and_consumed_shards_leave(tmp_pa
   assert not os.path.exists(path)
 
 
+@pytest.mark.parametrize("store", ["gs", "hf"])
+def test_a_remote_shard_is_read_in_few_large_requests(tmp_path, store):
+  """gcsfs and huggingface_hub read a file in 5 MB ranged requests unless told a block size: about 200 requests per
+  GB of shards, per host and stream. The Hub limits those (its "resolvers") per account and 5-minute window across
+  every host of a pod (5,000 for a free account: at 5 MB, some 80 MB/s for the whole pod, near what a large run
+  reads), so a download asks for DOWNLOAD_BLOCK_BYTES at a time (found by review)."""
+  data = np.random.default_rng(0).bytes(cache_module.DOWNLOAD_BLOCK_BYTES + (3 << 20))  # two blocks' worth
+  if store == "gs":
+    (tmp_path / "gcs" / "bucket").mkdir(parents=True)
+    serving, url = fake_gcs.registered(str(tmp_path / "gcs")), "gs://bucket/big.tar"
+  else:
+    (tmp_path / "hub" / "org" / "shards").mkdir(parents=True)
+    (tmp_path / "hub" / "org" / "shards" / "big.tar").write_bytes(data)
+    serving, url = fake_hub.registered(str(tmp_path / "hub")), "hf://datasets/org/shards/big.tar"
+  with serving as server:
+    if store == "gs":
+      fsspec.filesystem("gs").pipe(url, data)
+    path = ShardCache(str(tmp_path / "cache")).fetch(url)
+    content = server.served if store == "gs" else [p for p, _ in server.requests if "/resolve/" in p]
+  assert pathlib.Path(path).read_bytes() == data
+  assert len(content) == 2, content  # 6 in blocks of 5 MB
+
+
 HF_TOKEN = "hf_TestTokenThatMustNeverBeLogged"
 
 

@@ -31,6 +31,12 @@ import fsspec
 from absl import logging
 
 CHUNK_BYTES = 1 << 20
+# Bytes asked for per request. gcsfs's and huggingface_hub's files read 5 MB ranges by default: some 200 requests per
+# GB of shards, per host and stream, and the Hub limits those per account and 5-minute window across every host of a
+# pod (5,000 for a free account). A download holds one block in memory (prefetch + 1 per stream); a stalled block is
+# seen as no progress for stall_timeout like any other read. huggingface_hub's streaming file (block_size=0) would
+# take one request per shard, but its version pinned here opens a new request for each read after the first.
+DOWNLOAD_BLOCK_BYTES = 32 << 20
 PARTIAL_SUFFIX = ".partial"
 CONSUMED_SUFFIX = ".consumed"
 # The wait before a shard's n-th retry is about retry_wait * 2**(n-1) seconds, at most this.
@@ -163,7 +169,7 @@ class _Download:
   def _run(self, attempt_id: int) -> None:
     partial = self.path + PARTIAL_SUFFIX
     try:
-      with fsspec.open(self.url, "rb") as source:
+      with fsspec.open(self.url, "rb", block_size=DOWNLOAD_BLOCK_BYTES) as source:
         # Opening the source can take long; an attempt abandoned meanwhile must not then create (or truncate) the
         # file that its successor writes or that the cache has already cleaned up. Checked and opened under the
         # lock that `abandon` and `start` take.
