@@ -825,6 +825,32 @@ def test_a_launch_refused_at_the_memory_check_leaves_config_json_as_it_was(tiny_
   assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 4
 
 
+def test_processes_that_read_different_held_out_batches_skip_evaluation(tiny_config, tmp_path, monkeypatch):
+  """Each process reads the whole held-out batches and keeps its rows; one that could not download a held-out shard
+  the others read holds other samples, and the eval loss mixed rows of different batches without a word (found by
+  review). Compared at the first evaluation: here a second process (stood in for) read other batches, so evaluation
+  is off for the launch, said once, and training goes on."""
+  tiny_config.train.update(steps=4, eval_every=2, log_every=1, ckpt_every=1000)
+  real_gather, gathered = checkpoint.gather_per_process, []
+
+  def two_processes(obj):  # a second process whose held-out digest differs
+    gathered.append(obj)
+    return real_gather(obj) + (["0" * 16] if isinstance(obj, str) else [])
+
+  monkeypatch.setattr(checkpoint, "gather_per_process", two_processes)
+  Trainer(tiny_config, str(tmp_path / "run")).run()
+  [digest] = [obj for obj in gathered if isinstance(obj, str)]  # compared once, at the step-0 evaluation
+  assert len(digest) == 16 and digest != "0" * 16
+  assert max(losses_by_step(tmp_path / "run")) == 4 and not eval_losses_by_step(tmp_path / "run")
+  skipped = [e for e in events(tmp_path / "run") if e["event"] == "eval_skipped"]
+  assert [e["step"] for e in skipped] == [0] and skipped[0]["message"].startswith(
+      f"the processes read different held-out batches (digests by process: {digest}, {'0' * 16})")
+  # The same data read again gives the same digest: the comparison does not refuse processes that agree.
+  monkeypatch.setattr(checkpoint, "gather_per_process", real_gather)
+  Trainer(tiny_config, str(tmp_path / "again")).run()
+  assert sorted(eval_losses_by_step(tmp_path / "again")) == [0, 2, 4]
+
+
 def test_config_changes_name_each_changed_field_against_the_runs_config_json(tiny_config, tmp_path):
   assert config_changes(tiny_config, str(tmp_path)) == {}  # a new run
   write_config_json(tiny_config, str(tmp_path))

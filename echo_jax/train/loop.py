@@ -197,9 +197,9 @@ class Trainer:
       self._pad = load_pad_latent(self.config.data.pad_latent, self.config.model.latent_dim)
     return self._pad
 
-  def _eval_batches(self, pipeline: StreamSet) -> list[dict[str, jax.Array]]:
+  def _eval_batches(self, pipeline: StreamSet) -> _HeldOutBatches:
     """The held-out batches, read once from `pipeline` (a `_pipeline(whole_batch=True)`) and reused, so every
-    evaluation sees the same data.
+    evaluation sees the same data, with a digest of the whole batches this process read.
 
     Every process reads the whole batches through one stream and keeps its rows: a held-out set is small (often one
     shard), and split into the training's data.streams it would need as many shards; read this way it is also the
@@ -207,8 +207,31 @@ class Trainer:
     def own_rows(whole: np.ndarray) -> np.ndarray:
       return np.concatenate([whole[start:stop] for start, stop in self.batch_rows])
 
-    return [sharding.global_batch({name: own_rows(whole) for name, whole in next(pipeline).items()}, self.mesh)
-            for _ in range(self.config.train.eval_batches)]
+    digest, batches = hashlib.sha256(), []
+    for _ in range(self.config.train.eval_batches):
+      whole = next(pipeline)
+      for name in sorted(whole):
+        digest.update(name.encode("utf-8"))
+        digest.update(np.ascontiguousarray(whole[name]).tobytes())
+      batches.append(sharding.global_batch({name: own_rows(array) for name, array in whole.items()}, self.mesh))
+    return _HeldOutBatches(batches, digest.hexdigest()[:16])
+
+  def _held_out_agrees(self, held: _HeldOutBatches, step: int) -> bool:
+    """Whether every process read the same whole held-out batches (a collective, at the launch's first evaluation).
+
+    Each process reads them itself and keeps its rows: one that could not download a held-out shard the others read
+    (given up after data.download_retries) goes on to the next and holds other samples, and the eval loss would mix
+    rows of different batches, some samples twice and others never, with no sign of it. Evaluation is then off for
+    this launch (`eval_skipped`); training goes on."""
+    digests = checkpoint.gather_per_process(held.digest)
+    if len(set(digests)) == 1:
+      return True
+    message = ("the processes read different held-out batches (digests by process: " + ", ".join(digests) + "): one "
+               "could not read a held-out shard that the others read (see the skipped_sample events and each host's "
+               "log); evaluation is off until the next launch, which reads them again")
+    logging.warning(message)
+    self.log.event("eval_skipped", step=step, message=message)
+    return False
 
   def _check_workdir(self) -> None:
     """Before anything is saved: every process can do in the workdir what a run does there
@@ -685,14 +708,17 @@ class Trainer:
       self._eval_memory_checked = True
     return eval_step
 
-  def _evaluate(self, steps: StepFunctions, state: TrainState, batches: list[dict[str, jax.Array]],
-                step: int) -> None:
+  def _evaluate(self, steps: StepFunctions, state: TrainState, held: _HeldOutBatches, step: int) -> None:
+    if held.agreed is None:
+      held.agreed = self._held_out_agrees(held, step)
+    if not held.agreed:
+      return
     eval_step = self._check_eval_memory(steps)
     totals: dict[str, float] = {}
-    for index, batch in enumerate(batches):
+    for index, batch in enumerate(held.batches):
       losses = jax.device_get(eval_step(state.params, batch, jax.random.key(index)))
       for name, value in losses.items():
-        totals[name] = totals.get(name, 0.0) + float(value) / len(batches)
+        totals[name] = totals.get(name, 0.0) + float(value) / len(held.batches)
     self.log.metrics.write({"step": step, "time": time.time(), **totals})
 
 
@@ -713,6 +739,13 @@ _preemption_sync_reached = threading.Event()
 
 # Errors not written to the run's events: logged there already, or (in use) the run log is another trainer's.
 _LOGGED_ERRORS = (checkpoint.CheckpointSaveError, NonFiniteError, storage.RunDirectoryInUseError)
+
+
+@dataclasses.dataclass
+class _HeldOutBatches:
+  batches: list[dict[str, jax.Array]]  # this process's rows of each held-out batch
+  digest: str  # of the whole batches it read, compared across processes at the first evaluation
+  agreed: bool | None = None  # whether every process's digest was the same; None until compared
 
 
 class _HeldOut:
