@@ -3,6 +3,7 @@ after use, retries of stalled and failed downloads, and errors that say why."""
 
 import contextlib
 import errno
+import functools
 import io
 import logging
 import os
@@ -48,6 +49,9 @@ class StallingFileSystem(AbstractFileSystem):
   UNAVAILABLE: set[str] = set()
   CUT_SHORT: dict[str, int] = {}
   OPENS: dict[str, list[float]] = {}
+  SERVED: dict[str, list[int]] = {}  # bytes read from each open of a file, in order
+  # The first open of a name here serves half the file, then hangs until the event is set, then returns junk.
+  HALF_THEN_HANG: dict[str, threading.Event] = {}
 
   def _open(self, path, mode="rb", **kwargs):
     name = self._strip_protocol(path)
@@ -61,10 +65,19 @@ class StallingFileSystem(AbstractFileSystem):
     if self.STALLS.get(name, 0) > 0:
       self.STALLS[name] -= 1
       return _StalledFile()
+    if name in self.HALF_THEN_HANG and len(self.OPENS[name]) == 1:
+      return _HalfThenHangingFile(self.FILES[name], self.HALF_THEN_HANG[name])
     if self.CUT_SHORT.get(name, 0) > 0:  # announces the whole size, then ends halfway
       self.CUT_SHORT[name] -= 1
-      return _SizedFile(self.FILES[name][: len(self.FILES[name]) // 2], size=len(self.FILES[name]))
-    return _SizedFile(self.FILES[name], size=len(self.FILES[name]))
+      return _SizedFile(self.FILES[name][: len(self.FILES[name]) // 2], len(self.FILES[name]), self._served(name))
+    return _SizedFile(self.FILES[name], len(self.FILES[name]), self._served(name))
+
+  def _served(self, name):
+    self.SERVED.setdefault(name, []).append(0)
+    return functools.partial(self._count, name, len(self.SERVED[name]) - 1)
+
+  def _count(self, name, index, size):
+    self.SERVED[name][index] += size
 
   def info(self, path, **kwargs):
     name = self._strip_protocol(path)
@@ -72,11 +85,31 @@ class StallingFileSystem(AbstractFileSystem):
 
 
 class _SizedFile(io.BytesIO):
-  """What fsspec's buffered files are in this respect: they know the size the filesystem announced."""
+  """What fsspec's buffered files are in this respect: they know the size the filesystem announced. Each read's
+  length goes to `served`."""
 
-  def __init__(self, data, size):
+  def __init__(self, data, size, served):
     super().__init__(data)
     self.size = size
+    self._served = served
+
+  def read(self, size=-1):
+    data = super().read(size)
+    self._served(len(data))
+    return data
+
+
+class _HalfThenHangingFile(io.BytesIO):
+  def __init__(self, data, release):
+    super().__init__(data[: len(data) // 2])
+    self.size, self._release = len(data), release
+
+  def read(self, size=-1):
+    data = super().read(size)
+    if data:
+      return data
+    self._release.wait(30)
+    return b"junk of an abandoned attempt"
 
 
 class _StalledFile(io.RawIOBase):
@@ -101,6 +134,8 @@ def stalling_filesystem():
   StallingFileSystem.UNAVAILABLE.clear()
   StallingFileSystem.CUT_SHORT.clear()
   StallingFileSystem.OPENS.clear()
+  StallingFileSystem.SERVED.clear()
+  StallingFileSystem.HALF_THEN_HANG.clear()
 
 
 def make_pipeline(shards, cache=None, **overrides):
@@ -207,6 +242,30 @@ def test_a_remote_shard_is_read_in_few_large_requests(tmp_path, store):
     content = server.served if store == "gs" else [p for p, _ in server.requests if "/resolve/" in p]
   assert pathlib.Path(path).read_bytes() == data
   assert len(content) == 2, content  # 6 in blocks of 5 MB
+
+
+@pytest.mark.parametrize("store", ["gs", "hf"])
+def test_a_retry_goes_on_from_the_bytes_already_there_through_gcsfs_and_huggingface_hub(tmp_path, store):
+  """What a retry does after an attempt cut off partway, through the real clients: it seeks past the bytes in
+  `.partial` and reads only the rest."""
+  data = np.random.default_rng(1).bytes(3 << 20)
+  if store == "gs":
+    (tmp_path / "gcs" / "bucket").mkdir(parents=True)
+    serving, url = fake_gcs.registered(str(tmp_path / "gcs")), "gs://bucket/shard.tar"
+  else:
+    (tmp_path / "hub" / "org" / "shards").mkdir(parents=True)
+    (tmp_path / "hub" / "org" / "shards" / "shard.tar").write_bytes(data)
+    serving, url = fake_hub.registered(str(tmp_path / "hub")), "hf://datasets/org/shards/shard.tar"
+  with serving:
+    if store == "gs":
+      fsspec.filesystem("gs").pipe(url, data)
+    download = cache_module._Download(url, str(tmp_path / "shard.tar"))
+    # Zeros in place of the first bytes, to show which bytes the retry read: the rest only.
+    (tmp_path / "shard.tar.partial").write_bytes(bytes(1234567))
+    download.start()
+    assert download.done.wait(30) and download.error is None, download.error
+  assert (tmp_path / "shard.tar").read_bytes() == bytes(1234567) + data[1234567:]
+  assert not (tmp_path / "shard.tar.partial").exists()
 
 
 HF_TOKEN = "hf_TestTokenThatMustNeverBeLogged"
@@ -511,7 +570,23 @@ def test_a_failed_download_says_why_and_retries_wait_longer_each_time(tmp_path, 
   assert attempts == 1 or (gaps[0] >= 0.1 and gaps[1] >= 0.2), gaps  # about 0.2 s, then 0.4 s (jittered by half)
 
 
+def test_a_download_that_stalls_halfway_goes_on_from_there_and_its_late_bytes_are_dropped(tmp_path):
+  """The retry of a stalled download goes on from the bytes the stalled attempt wrote; that attempt's thread, still
+  blocked in its read, may return later with bytes of its own, which must touch neither the shard nor its copy."""
+  local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=1, per_shard=4))
+  data = StallingFileSystem.FILES["half.tar"] = pathlib.Path(local[0]).read_bytes()
+  released = StallingFileSystem.HALF_THEN_HANG["half.tar"] = threading.Event()
+  cache = ShardCache(str(tmp_path / "cache"), stall_timeout=0.3, retries=2, retry_wait=0)
+  path = cache.fetch("stalling://half.tar")
+  assert pathlib.Path(path).read_bytes() == data
+  assert StallingFileSystem.SERVED["half.tar"] == [len(data) - len(data) // 2]  # the retry read the second half
+  released.set()  # the stalled attempt returns its junk now
+  time.sleep(0.3)
+  assert pathlib.Path(path).read_bytes() == data and cache_files(tmp_path / "cache") == [os.path.basename(path)]
+
+
 def test_a_download_that_ends_early_is_retried_not_presented_as_complete(tmp_path):
+  """Retried from where it ended: a retry of a GB shard cut off near its end fetched the whole GB again."""
   local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=1, per_shard=4))
   StallingFileSystem.FILES["cut.tar"] = pathlib.Path(local[0]).read_bytes()
   StallingFileSystem.CUT_SHORT["cut.tar"] = 1
@@ -519,6 +594,8 @@ def test_a_download_that_ends_early_is_retried_not_presented_as_complete(tmp_pat
   path = cache.fetch("stalling://cut.tar")
   assert pathlib.Path(path).read_bytes() == StallingFileSystem.FILES["cut.tar"]
   assert len(StallingFileSystem.OPENS["cut.tar"]) == 2
+  size = len(StallingFileSystem.FILES["cut.tar"])
+  assert StallingFileSystem.SERVED["cut.tar"] == [size // 2, size - size // 2]  # the second went on from the first
   StallingFileSystem.CUT_SHORT["short.tar"] = 5
   StallingFileSystem.FILES["short.tar"] = b"x" * 1000
   assert cache.fetch("stalling://short.tar") is None

@@ -6,8 +6,8 @@ on a command line or in a log) and any other filesystem take the same path. Loca
 
 A remote shard is downloaded to `<name>.partial` and renamed to `<name>` when complete, so a half-written file
 never looks finished. A download that fails, or makes no progress for `stall_timeout` seconds, is abandoned and
-retried after a growing, jittered wait (so that the hosts of a pod do not retry a rate-limited Hub in step); each
-failed attempt is logged with its cause. After `retries` failed attempts the shard is reported unreadable and the
+retried after a growing, jittered wait (so that the hosts of a pod do not retry a rate-limited Hub in step), from
+the bytes the attempts before it wrote; each failed attempt is logged with its cause. After `retries` failed attempts the shard is reported unreadable and the
 reader goes on without it. A failure to write the cache itself (a full or read-only disk) is no fault of the shard:
 it stops the reader with an error naming the directory. Once read, a shard is marked `<name>.consumed` and deleted,
 so the disk watchdog can also clean up after a crash between the two steps.
@@ -127,7 +127,10 @@ def _cache_writes() -> Iterator[None]:
 
 
 class _Download:
-  """One shard's download: attempts run in daemon threads, since a stalled network read cannot be interrupted."""
+  """One shard's download: attempts run in daemon threads, since a stalled network read cannot be interrupted.
+
+  An attempt goes on from where the one before it stopped (the bytes in `.partial`): a connection lost or stalled at
+  900 MB of a GB shard costs the last 100 MB again, not the whole shard, with each retry."""
 
   def __init__(self, url: str, path: str):
     self.url = url
@@ -141,21 +144,19 @@ class _Download:
     self._target = None  # the current attempt's open `.partial`, closed by `abandon`
 
   def start(self) -> None:
-    """Starts a fresh attempt; any earlier attempt is abandoned and can no longer touch the files."""
+    """Starts a fresh attempt; any earlier attempt has been abandoned (`abandon`) and no longer touches the files."""
     with self._lock:
       self._attempt_id += 1
       self.attempts += 1
       self.error = None
       self.progress_time = time.monotonic()
-      with contextlib.suppress(FileNotFoundError):
-        # An abandoned attempt keeps writing to its unlinked file, never to the new one.
-        os.remove(self.path + PARTIAL_SUFFIX)
       attempt_id = self._attempt_id
     threading.Thread(target=self._run, args=(attempt_id,), name="echo-shard-download", daemon=True).start()
 
   def abandon(self) -> None:
-    """The current attempt may no longer touch the files. Its `.partial` is closed here: its thread may stay blocked
-    in a network read for long, and an open handle would keep the unlinked file's disk space."""
+    """The current attempt may no longer touch the files: its `.partial` is closed here, under the lock its writes
+    take, so that the file holds whole chunks of it for the next attempt to go on from, and no open handle is left
+    by a thread that may stay blocked in a network read for long."""
     with self._lock:
       self._attempt_id += 1
       target, self._target = self._target, None
@@ -170,23 +171,32 @@ class _Download:
     partial = self.path + PARTIAL_SUFFIX
     try:
       with fsspec.open(self.url, "rb", block_size=DOWNLOAD_BLOCK_BYTES) as source:
-        # Opening the source can take long; an attempt abandoned meanwhile must not then create (or truncate) the
-        # file that its successor writes or that the cache has already cleaned up. Checked and opened under the
-        # lock that `abandon` and `start` take.
+        # Opening the source can take long; an attempt abandoned meanwhile must not then open the file that its
+        # successor writes or that the cache has already cleaned up. Checked and opened under the lock that
+        # `abandon` and `start` take.
         with self._lock:
           if not self._current(attempt_id):
             return
           with _cache_writes():
-            target = self._target = open(partial, "wb")  # noqa: SIM115 — closed below, or by `abandon`
+            target = self._target = open(partial, "ab")  # noqa: SIM115 — closed below, or by `abandon`
         # The size the filesystem announced (fsspec's buffered files know it): a connection that ends early must
         # not leave a truncated shard renamed as complete.
-        expected, written = getattr(source, "size", None), 0
+        expected = getattr(source, "size", None)
+        offset = target.tell()
+        if offset and isinstance(expected, int) and offset > expected:  # the object changed: start it again
+          with _cache_writes():
+            target.truncate(0)
+            offset = target.seek(0)
+        if offset:
+          source.seek(offset)
+        written = offset
         with target:
           while chunk := source.read(CHUNK_BYTES):
-            if not self._current(attempt_id):
-              return
-            with _cache_writes():
-              target.write(chunk)
+            with self._lock:
+              if not self._current(attempt_id):
+                return
+              with _cache_writes():
+                target.write(chunk)
             written += len(chunk)
             self.progress_time = time.monotonic()
         if isinstance(expected, int) and written != expected:
