@@ -6,10 +6,19 @@ simulation names the runtime with --coordinator_address/--num_processes/--proces
 ECHO_NUM_PROCESSES, ECHO_PROCESS_ID; `launch.sh --local N` sets them).
 """
 
-from absl import app, flags
-from ml_collections import config_flags
+import signal
+import threading
 
-from echo_jax.train.entry import train_main
+# Set by a SIGTERM that comes during the imports below (seconds on a pod): by default it would end the launch with
+# 143, which launch.sh takes for a failure. The trainer's handler takes the signal over (`entry.join_hosts`) and
+# stops the run at this event like at any other SIGTERM: a checkpoint after the first step, exit 0.
+_STOP = threading.Event()
+signal.signal(signal.SIGTERM, lambda signum, frame: _STOP.set())
+
+from absl import app, flags  # noqa: E402 — after the handler: see _STOP
+from ml_collections import config_flags  # noqa: E402
+
+from echo_jax.train.entry import train_main  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local path or gs://).")
@@ -35,7 +44,7 @@ flags.register_validator("init_from", lambda value: value is None or bool(value.
 def main(argv):
   del argv
   train_main(_CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value, coordinator_address=_COORDINATOR.value,
-             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value, force=_FORCE.value)
+             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value, force=_FORCE.value, stop=_STOP)
 
 
 if __name__ == "__main__":

@@ -625,6 +625,46 @@ def test_sigterm_asks_for_a_stop_and_a_second_one_ends_the_process():
   assert "stop requested: True" in result.stdout and "still running" not in result.stdout
 
 
+# Run at the interpreter's start (as sitecustomize): the first import of echo_jax.train.entry, which the script does
+# after its own first lines, says so in a file and waits, so that a test can signal the process during its imports.
+_HOLD_IMPORTS = """\
+import os, sys, time
+class _Hold:
+  def find_spec(self, name, path=None, target=None):
+    if name == "echo_jax.train.entry":
+      sys.meta_path.remove(self)
+      open(os.environ["ECHO_TEST_IMPORTING"], "w").close()
+      time.sleep(2)
+sys.meta_path.insert(0, _Hold())
+"""
+
+
+def test_a_sigterm_during_train_pretrain_imports_stops_the_run_with_a_checkpoint(tmp_path):
+  """A SIGTERM in the seconds train_pretrain.py spends importing (before the trainer's handler exists) ended the
+  launch with 143, which launch.sh takes for a failure (found by review). Now it stops the run as one a moment later
+  does: a checkpoint after the first step, exit 0."""
+  shards = write_synthetic_shards(tmp_path / "shards", num_shards=2)
+  (tmp_path / "site").mkdir()
+  (tmp_path / "site" / "sitecustomize.py").write_text(_HOLD_IMPORTS)
+  env = cpu_env()
+  env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path / "site"), env.get("PYTHONPATH")])),
+             ECHO_TEST_IMPORTING=str(tmp_path / "importing"))
+  process = subprocess.Popen(
+      [sys.executable, "train_pretrain.py", "--config=configs/tiny.py", f"--config.data.train_shards={shards}",
+       "--config.data.eval_shards=", "--config.train.steps=50", "--config.train.eval_every=0",
+       "--config.samples.every=0", f"--workdir={tmp_path / 'run'}"],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    wait_for(lambda: process.poll() is not None or (tmp_path / "importing").exists(), timeout=60)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+  finally:
+    process.kill()
+  assert process.returncode == 0, output[-4000:]
+  assert max(losses_by_step(tmp_path / "run")) == 1 and (tmp_path / "run" / "checkpoints" / "1").is_dir()
+  assert [e["step"] for e in events(tmp_path / "run") if e["event"] == "stopped"] == [1]
+
+
 def test_the_sigterm_handler_is_refused_once_the_hosts_have_joined():
   """After jax.distributed.initialize, SIGTERM belongs to JAX's preemption notifier, which the Trainer follows in a
   joined run: a handler installed then would hide the signal from it, so that no host ever stopped."""

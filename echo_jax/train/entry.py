@@ -30,13 +30,14 @@ def sample_hooks(config: ml_collections.ConfigDict) -> tuple[tuple[int, Hook], .
 
 
 def join_hosts(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> threading.Event:
+               process_id: int | None = None, stop: threading.Event | None = None) -> threading.Event:
   """Installs the SIGTERM handler, then joins the multi-host runtime (`runtime.initialize`); returns the event the
-  Trainer stops at. In this order: a SIGTERM while the hosts join (which waits for all of them) must stop the run
-  like any other, with a checkpoint and exit 0, not end it with 143, which launch.sh takes for a failure; once
-  joined, SIGTERM is JAX's preemption notice (see `install_sigterm_handler`). A run of one process that has not
-  joined stops at its first Ctrl-C with a checkpoint too (`install_sigint_handler`)."""
-  stop = threading.Event()
+  Trainer stops at: `stop` when given (a SIGTERM during train_pretrain.py's imports sets it), else a new one. In this
+  order: a SIGTERM while the hosts join (which waits for all of them) must stop the run like any other, with a
+  checkpoint and exit 0, not end it with 143, which launch.sh takes for a failure; once joined, SIGTERM is JAX's
+  preemption notice (see `install_sigterm_handler`). A run of one process that has not joined stops at its first
+  Ctrl-C with a checkpoint too (`install_sigint_handler`)."""
+  stop = stop or threading.Event()
   install_sigterm_handler(stop)
   runtime.initialize(coordinator_address, num_processes, process_id)
   if not jax.distributed.is_initialized():
@@ -46,9 +47,9 @@ def join_hosts(coordinator_address: str | None = None, num_processes: int | None
 
 def train_main(config: ml_collections.ConfigDict, workdir: str, *, init_from: str | None = None,
                coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, force: bool = False) -> None:
-  """Joins the multi-host runtime (`join_hosts`), then trains `config` into `workdir`."""
-  stop = join_hosts(coordinator_address, num_processes, process_id)
+               process_id: int | None = None, force: bool = False, stop: threading.Event | None = None) -> None:
+  """Joins the multi-host runtime (`join_hosts`, given `stop`), then trains `config` into `workdir`."""
+  stop = join_hosts(coordinator_address, num_processes, process_id, stop)
   with runtime.exit_at_once_on_error():
     runtime.enable_compilation_cache(config.compile_cache_dir)
     # launch.sh finds the worker that hosts process 0 (the dashboard's run log and the events) by this line.
