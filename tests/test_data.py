@@ -660,6 +660,24 @@ def test_restoring_a_foreign_state_is_an_error(tmp_path):
     _pipeline(shards, process_count=2, state=state)
 
 
+def test_a_position_fits_the_same_hf_shards_at_another_revision_and_not_other_shards():
+  """`list_shards` names the commit an hf:// listing read in its URLs, and a relaunch lists the dataset's newest
+  one: a position must not depend on it (a README edit to the dataset would reset every run reading it), while
+  shards added or renamed still change the shard list."""
+  def listing(revision, names=("train-0.tar", "train-1.tar", "train-2.tar")):
+    return [f"hf://datasets/org/name{revision}/{name}" for name in names]
+
+  position = pipeline_lib.fresh_position(listing("@" + "a" * 40), seed=0, num_streams=2, after=None)
+  for revision in ("@" + "b" * 40, "", "@main", "@refs/pr/1", "@refs%2Fpr%2F1"):
+    assert pipeline_lib.position_mismatch(position, listing(revision), 0) == "", revision
+  assert "the shard list changed" in pipeline_lib.position_mismatch(
+      position, listing("@" + "b" * 40, ("train-0.tar", "train-1.tar", "train-2.tar", "train-3.tar")), 0)
+  assert "the shard list changed" in pipeline_lib.position_mismatch(
+      position, listing("@" + "b" * 40, ("train-0.tar", "train-1.tar", "train-9.tar")), 0)
+  assert "the shard list changed" in pipeline_lib.position_mismatch(
+      position, [url.replace("org/name", "org/other") for url in listing("@" + "a" * 40)], 0)
+
+
 def test_prefetch_does_not_change_the_sequence(tmp_path):
   shards = _write_dataset(tmp_path, num_shards=3, per_shard=5)
   with _pipeline(shards, prefetch=0) as direct, _pipeline(shards, prefetch=3) as prefetched:

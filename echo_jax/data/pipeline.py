@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from echo_jax.data.cache import ShardCache, is_local
-from echo_jax.data.shards import MIN_REF_FRAMES, Sample, iter_shard
+from echo_jax.data.shards import MIN_REF_FRAMES, Sample, iter_shard, without_revision
 
 STATE_VERSION = 1
 STREAM_SET_VERSION = 1
@@ -48,7 +48,10 @@ SkipEvent = tuple[str, str, str, str]  # (reason, sample key, shard, detail: why
 
 
 def _fingerprint(shards: Sequence[str]) -> str:
-  return hashlib.sha256("\n".join(shards).encode("utf-8")).hexdigest()[:16]
+  # Without the commit that an hf:// listing pins (`list_shards`): a relaunch lists the dataset's newest commit, and
+  # one that changed no shard (a README edit) must not send the run to another epoch. Shards added, removed or
+  # renamed still change it.
+  return hashlib.sha256("\n".join(without_revision(shard) for shard in shards).encode("utf-8")).hexdigest()[:16]
 
 
 def _identity(shards: Sequence[str], seed: int, stream: int, streams: int) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import glob
 import io
 import json
 import os
+import re
 import sys
 import tarfile
 import time
@@ -66,6 +67,9 @@ LIST_RETRY_WAIT_S = 1.0
 MIN_REF_FRAMES = 4
 # The block that ends a tar archive.
 _END_BLOCK = bytes(tarfile.BLOCKSIZE)
+# An hf:// URL's repository (with its type's prefix: datasets/ORG/NAME) and the revision after its "@", a branch, tag
+# or commit, or one of the Hub's refs/pr/N and refs/convert/NAME, which keep their slashes (as in huggingface_hub).
+_HF_REVISION = re.compile(r"^(hf://(?:(?:datasets|spaces)/)?[^/@]+/[^/@]+)@(refs/pr/\d+|refs/convert/\w+|[^/]+)")
 
 
 @dataclasses.dataclass
@@ -153,6 +157,12 @@ def list_shards(spec: str | Sequence[str]) -> list[str]:
     local = "file" in fs.protocol
     paths.update(match if local else fs.unstrip_protocol(match) for match in matches)
   return sorted(paths)
+
+
+def without_revision(path: str) -> str:
+  """`path` without the revision of an hf:// URL (hf://datasets/ORG/NAME@REV/PATH is hf://datasets/ORG/NAME/PATH);
+  any other path as it is. What names a shard across launches, which list the same dataset at different commits."""
+  return _HF_REVISION.sub(r"\1", path, count=1)
 
 
 def _list_item(fs: fsspec.AbstractFileSystem, fs_path: str, item: str) -> tuple[list[str], str]:
