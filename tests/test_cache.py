@@ -547,6 +547,98 @@ def test_a_hub_outage_while_listing_is_retried_and_a_long_one_names_the_attempts
   assert [os.path.basename(url) for url in listed] == [os.path.basename(path) for path in local]
 
 
+def test_an_hf_listing_reads_the_commit_it_was_listed_at_whatever_is_committed_after(tmp_path):
+  """hf:// URLs named no revision: every download read main as it was then, minutes to days after the listing, so
+  a commit during a run changed what the run read (a deleted shard became a 404 and was skipped, one uploaded again
+  was read new). A listing names main's commit in its URLs, which read that commit's files after later commits; a
+  relisting names the newer commit."""
+  root, repo = str(tmp_path / "hub"), tmp_path / "hub" / "org" / "shards"
+  repo.mkdir(parents=True)
+  local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=3, per_shard=2))
+  for path in local:
+    shutil.copy(path, repo)
+  names = [os.path.basename(path) for path in local]
+  with fake_hub.registered(root):
+    urls = list_shards("hf://datasets/org/shards/*.tar")
+    newer = fake_hub.commit(root, "org/shards", {names[0]: None, names[1]: b"uploaded again", "train-9.tar": b"new"})
+    cache = ShardCache(str(tmp_path / "cache"), retries=1)
+    fetched = [cache.fetch(url) for url in urls]
+    assert [path and pathlib.Path(path).read_bytes() for path in fetched] == [
+        pathlib.Path(path).read_bytes() for path in local]
+    relisted = list_shards("hf://datasets/org/shards/*.tar")
+    assert pathlib.Path(cache.fetch(relisted[0])).read_bytes() == b"uploaded again"
+  assert urls == [f"hf://datasets/org/shards@{fake_hub.REVISION}/{name}" for name in names]
+  assert relisted == [f"hf://datasets/org/shards@{newer}/{name}" for name in [*names[1:], "train-9.tar"]]
+
+
+def test_an_hf_item_naming_a_revision_is_listed_at_its_commit_and_one_the_hub_lacks_is_named(tmp_path):
+  """A tag, a branch (main) or a commit after the repository's "@" is listed at the commit it names then; items
+  naming one repository and revision are resolved once, so that a commit between two of them cannot list a shard
+  twice. A revision or repository that does not exist fails the listing with what to check."""
+  root, repo = str(tmp_path / "hub"), tmp_path / "hub" / "org" / "shards"
+  repo.mkdir(parents=True)
+  local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=2, per_shard=2))
+  for path in local:
+    shutil.copy(path, repo)
+  names = [os.path.basename(path) for path in local]
+  first = fake_hub.head(root, "org/shards")
+  fake_hub.tag(root, "org/shards", "v1")
+  second = fake_hub.commit(root, "org/shards", {names[0]: None})
+  at_first = [f"hf://datasets/org/shards@{first}/{name}" for name in names]
+  with fake_hub.registered(root):
+    assert list_shards(f"hf://datasets/org/shards@v1/*.tar,hf://datasets/org/shards@v1/{names[1]}") == at_first
+    assert list_shards(f"hf://datasets/org/shards@{first}/*.tar") == at_first
+    assert list_shards("hf://datasets/org/shards@main/*.tar") == [f"hf://datasets/org/shards@{second}/{names[1]}"]
+    with pytest.raises(FileNotFoundError, match=r"shard spec item 'hf://datasets/org/shards@v2/\*\.tar' .*names "
+                       r"revision 'v2' of hf://datasets/org/shards, which the Hub does not have \(.*; name one of"):
+      list_shards("hf://datasets/org/shards@v2/*.tar")
+    with pytest.raises(FileNotFoundError, match=r"names a repository that the Hub does not have or that this login "
+                       r"may not read \(.*RepositoryNotFoundError.*; check the name"):
+      list_shards("hf://datasets/org/missing/*.tar")
+
+
+def test_a_hub_outage_while_resolving_the_commit_of_a_listing_is_retried(tmp_path, monkeypatch):
+  """The commit that main names is asked for at each listing, by the request that 503s here (huggingface_hub asks
+  nothing else again of a repository it has seen in this process, and keeps the files of a commit it listed)."""
+  monkeypatch.setattr(shards_module, "LIST_RETRY_WAIT_S", 0.0)
+  repo = tmp_path / "hub" / "org" / "shards"
+  repo.mkdir(parents=True)
+  for path in list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=2, per_shard=2)):
+    shutil.copy(path, repo)
+  with fake_hub.registered(str(tmp_path / "hub")) as hub:
+    listed = list_shards("hf://datasets/org/shards/*.tar")
+    hub.unavailable, before = 3, len(hub.requests)
+    assert list_shards("hf://datasets/org/shards/*.tar") == listed
+  assert [path for path, _ in hub.requests[before:]] == ["/api/datasets/org/shards/revision/main"] * 4
+
+
+def test_a_relisting_at_a_newer_hub_commit_keeps_the_data_position_and_an_added_shard_resets_it(tmp_path):
+  """A relaunch lists main again and its URLs name main's newest commit. One that changed no shard (a README edit)
+  must not reset the data position, which would send every restart after it to another epoch; a shard added still
+  does."""
+  root, repo = str(tmp_path / "hub"), tmp_path / "hub" / "org" / "shards"
+  repo.mkdir(parents=True)
+  local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=3, per_shard=4))
+  for path in local:
+    shutil.copy(path, repo)
+  cache = ShardCache(str(tmp_path / "cache"))
+  with fake_hub.registered(root):
+    urls = list_shards("hf://datasets/org/shards/*.tar")
+    with make_pipeline(urls, cache=cache) as pipeline:
+      take(pipeline, 2)
+      state = pipeline.state()
+      after = take(pipeline, 3)
+    readme = fake_hub.commit(root, "org/shards", {"README.md": b"# Echo shards\n"})
+    relisted = list_shards("hf://datasets/org/shards/*.tar")
+    assert all(f"@{readme}/" in url for url in relisted)
+    with make_pipeline(relisted, cache=cache, state=state) as resumed:
+      assert_same(take(resumed, 3), after)
+    fake_hub.commit(root, "org/shards", {"train-00003.tar": pathlib.Path(local[0]).read_bytes()})
+    grown = list_shards("hf://datasets/org/shards/*.tar")
+  with pytest.raises(ValueError, match=r"the shard list changed since the position was taken \(3 shards then, 4 now"):
+    make_pipeline(grown, state=state)
+
+
 @pytest.mark.parametrize("name, cause, attempts", [
     ("unavailable.tar", "ConnectionError: 503 Service Unavailable for unavailable.tar", 3),
     # No retry gets past a refusal (an expired token): given up at once (found by review).

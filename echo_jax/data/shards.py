@@ -19,6 +19,7 @@ import re
 import sys
 import tarfile
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -67,6 +68,8 @@ LIST_RETRY_WAIT_S = 1.0
 MIN_REF_FRAMES = 4
 # The block that ends a tar archive.
 _END_BLOCK = bytes(tarfile.BLOCKSIZE)
+# A Hub commit as huggingface_hub writes it: a listing at one is pinned already.
+_HUB_COMMIT = re.compile(r"[0-9a-f]{40}")
 # An hf:// URL's repository (with its type's prefix: datasets/ORG/NAME) and the revision after its "@", a branch, tag
 # or commit, or one of the Hub's refs/pr/N and refs/convert/NAME, which keep their slashes (as in huggingface_hub).
 _HF_REVISION = re.compile(r"^(hf://(?:(?:datasets|spaces)/)?[^/@]+/[^/@]+)@(refs/pr/\d+|refs/convert/\w+|[^/]+)")
@@ -130,17 +133,25 @@ def list_shards(spec: str | Sequence[str]) -> list[str]:
   at launch rather than as an epoch of skipped shards. A listing that fails transiently (`cache.is_transient`: a
   lost connection, a timeout, HTTP 408, 429 or 5xx) is tried LIST_ATTEMPTS times in all; any other failure, and an
   item that matches no file, fails at once.
+
+  An hf:// item is listed at the commit its revision names now (its @REVISION, a branch, tag or commit; main when
+  it has none), resolved once per repository and revision in a listing, and its URLs name that commit
+  (hf://datasets/ORG/NAME@SHA/PATH): every later read of them reads that snapshot, whatever is committed to the
+  dataset meanwhile. The order is that of the URLs without their revision (`without_revision`), so that a listing at
+  a newer commit of the same files gives the same list but for the commit.
   """
   items = spec.split(",") if isinstance(spec, str) else list(spec)
   items = [item.strip() for item in items if item.strip()]
   if not items:
     raise ValueError(f"shard spec {spec!r} names no shards")
   paths = set()
+  commits: dict[tuple[str, str, str], str] = {}  # (repo type, repo, revision) -> its commit
   for item in items:
     fs, fs_path = fsspec.core.url_to_fs(item)
     for attempt in range(1, LIST_ATTEMPTS + 1):
       try:
-        matches, why = _list_item(fs, fs_path, item)
+        at = _at_commit(fs, fs_path, item, spec, commits) if fsspec.utils.get_protocol(item) == "hf" else fs_path
+        matches, why = _list_item(fs, at, item)
         break
       except Exception as error:
         if not is_transient(error):
@@ -156,13 +167,48 @@ def list_shards(spec: str | Sequence[str]) -> list[str]:
       raise FileNotFoundError(f"shard spec item {item!r} (from {spec!r}) matches no file{why}")
     local = "file" in fs.protocol
     paths.update(match if local else fs.unstrip_protocol(match) for match in matches)
-  return sorted(paths)
+  for (_, repo, revision), sha in sorted(commits.items()):
+    logging.info("listed the shards of %s at its commit %s (revision %s)", repo, sha, revision)
+  return sorted(paths, key=lambda path: (without_revision(path), path))
 
 
 def without_revision(path: str) -> str:
   """`path` without the revision of an hf:// URL (hf://datasets/ORG/NAME@REV/PATH is hf://datasets/ORG/NAME/PATH);
   any other path as it is. What names a shard across launches, which list the same dataset at different commits."""
   return _HF_REVISION.sub(r"\1", path, count=1)
+
+
+def _at_commit(fs: fsspec.AbstractFileSystem, fs_path: str, item: str, spec: str | Sequence[str],
+               commits: dict[tuple[str, str, str], str]) -> str:
+  """`fs_path` of the hf:// item `item` (on `fs`, huggingface_hub's HfFileSystem) at the commit its revision names
+  now, which `commits` keeps for the rest of the listing: a branch or tag moves with each commit to the dataset."""
+  from huggingface_hub import HfApi
+  from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+  from huggingface_hub.hf_file_system import HfFileSystemResolvedPath
+
+  try:
+    resolved = fs.resolve_path(fs_path)  # it asks the Hub whether the repository and the revision exist
+    key = (resolved.repo_type, resolved.repo_id, resolved.revision)
+    if key not in commits:
+      commits[key] = (resolved.revision if _HUB_COMMIT.fullmatch(resolved.revision) else
+                      HfApi(endpoint=fs.endpoint, token=fs.token).repo_info(
+                          resolved.repo_id, repo_type=resolved.repo_type, revision=resolved.revision).sha)
+  except (FileNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as error:
+    # resolve_path raises a FileNotFoundError that names the path alone, with the Hub's error as its cause.
+    cause = error.__cause__ if isinstance(error.__cause__, RepositoryNotFoundError | RevisionNotFoundError) else error
+    named = _HF_REVISION.match(item)
+    if isinstance(cause, RevisionNotFoundError) and named:
+      raise FileNotFoundError(
+          f"shard spec item {item!r} (from {spec!r}) names revision {urllib.parse.unquote(named.group(2))!r} of "
+          f"{named.group(1)}, which the Hub does not have ({describe(cause)}); name one of its branches, tags or "
+          "commits after the '@', or none for main") from error
+    if isinstance(cause, RepositoryNotFoundError):
+      raise FileNotFoundError(
+          f"shard spec item {item!r} (from {spec!r}) names a repository that the Hub does not have or that this "
+          f"login may not read ({describe(cause)}); check the name (hf://datasets/ORG/NAME/... for a dataset) and "
+          "the token (HF_TOKEN or `hf auth login`)") from error
+    raise
+  return HfFileSystemResolvedPath(resolved.repo_type, resolved.repo_id, commits[key], resolved.path_in_repo).unresolve()
 
 
 def _list_item(fs: fsspec.AbstractFileSystem, fs_path: str, item: str) -> tuple[list[str], str]:
