@@ -823,6 +823,30 @@ def test_a_restart_over_a_changed_shard_list_goes_on_in_the_next_epoch(tiny_conf
   assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 6
 
 
+def test_a_launch_records_the_hub_commit_of_its_shards_and_a_commit_of_no_shard_keeps_the_position(tiny_config,
+                                                                                                    tmp_path):
+  """Each launch lists hf:// shards at the dataset's commit of then, and writes which one to the run's events
+  (`shards_listed`): nothing recorded what a run trained on. A relaunch after a commit that changed no shard (a
+  README edit) lists a newer commit and goes on from its data position, not from another epoch."""
+  root, repo = str(tmp_path / "hub"), tmp_path / "hub" / "org" / "echo"
+  repo.mkdir(parents=True)
+  for path in list_shards(tiny_config.data.train_shards):
+    shutil.copy(path, repo)
+  spec = "hf://datasets/org/echo/*.tar"
+  tiny_config.data.update(train_shards=spec, eval_shards="", cache_dir=str(tmp_path / "cache"))
+  tiny_config.train.update(steps=2, ckpt_every=2, log_every=1, eval_every=0)
+  with fake_hub.registered(root):
+    Trainer(tiny_config, str(tmp_path / "run")).run()
+    readme = fake_hub.commit(root, "org/echo", {"README.md": b"# Echo shards\n"})
+    tiny_config.train.steps = 4
+    Trainer(tiny_config, str(tmp_path / "run")).run()
+  assert max(losses_by_step(tmp_path / "run")) == 4
+  logged = events(tmp_path / "run")
+  assert [(e["spec"], e["shards"], e["revisions"]) for e in logged if e["event"] == "shards_listed"] == [
+      (spec, 2, [f"hf://datasets/org/echo@{fake_hub.REVISION}"]), (spec, 2, [f"hf://datasets/org/echo@{readme}"])]
+  assert not [e for e in logged if e["event"] == "data_position_reset"]
+
+
 def test_checkpoints_deleted_by_the_keep_policy_are_recorded(tiny_config, tmp_path):
   """Orbax applies a launch's keep policy to every step there: a relaunch without the keep_period of the launches
   before deleted the checkpoints they had kept for good, and nothing said so (found by review)."""

@@ -178,6 +178,12 @@ def without_revision(path: str) -> str:
   return _HF_REVISION.sub(r"\1", path, count=1)
 
 
+def hf_revisions(paths: Sequence[str]) -> list[str]:
+  """The repositories with the revision that the hf:// URLs among `paths` name (hf://datasets/ORG/NAME@SHA for a
+  `list_shards` listing), sorted."""
+  return sorted({match.group(0) for path in paths if (match := _HF_REVISION.match(path))})
+
+
 def _at_commit(fs: fsspec.AbstractFileSystem, fs_path: str, item: str, spec: str | Sequence[str],
                commits: dict[tuple[str, str, str], str]) -> str:
   """`fs_path` of the hf:// item `item` (on `fs`, huggingface_hub's HfFileSystem) at the commit its revision names

@@ -48,7 +48,7 @@ from echo_jax.data.pipeline import (
   merge_stream_states,
   position_mismatch,
 )
-from echo_jax.data.shards import list_shards
+from echo_jax.data.shards import hf_revisions, list_shards
 from echo_jax.model import Echo
 from echo_jax.train.state import TrainState, count_params, create_train_state, example_inputs, learning_rate_schedule
 from echo_jax.train.step import StepFunctions, sharded_abstract_state
@@ -123,6 +123,7 @@ class Trainer:
     self._stop_forwarded = False
     self._claim: storage.RunDirectoryClaim | None = None  # taken by `_check_workdir`, held until `run` returns
     self._pad: np.ndarray | None = None
+    self._listings: list[dict[str, Any]] = []  # the hf:// commits each listing read, for `shards_listed`
 
   # Run directory ---------------------------------------------------------------------------------------------
 
@@ -164,6 +165,8 @@ class Trainer:
       raise failure
     if "error" in shared:
       raise RuntimeError(f"process 0 could not list the shards {spec!r}: {shared['error']}")
+    if revisions := hf_revisions(shared["shards"]):
+      self._listings.append({"spec": spec, "shards": len(shared["shards"]), "revisions": revisions})
     return shared["shards"]
 
   def _pipeline(self, role: str, shards: list[str], seed: int, position: Any = None, *,
@@ -398,6 +401,8 @@ class Trainer:
     held_out = _HeldOut(functools.partial(self._pipeline, "eval", eval_shards, seed=0, whole_batch=True)
                         if evaluates else None, self._eval_batches)
     self._check_workdir()  # before the checkpoint manager, which makes directories there
+    while self._listings:  # not before: the events of a workdir in use are another trainer's
+      self.log.event("shards_listed", **self._listings.pop(0))
     ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=train.keep_checkpoints,
                                    keep_period=train.keep_period, compression=train.ckpt_compression,
                                    restore_gb=checkpoint.restore_budget_gb(abstract_state, train.ckpt_restore_gb))
