@@ -14,7 +14,6 @@ import functools
 import glob
 import io
 import json
-import os
 import re
 import sys
 import tarfile
