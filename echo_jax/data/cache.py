@@ -8,9 +8,9 @@ A remote shard is downloaded to `<name>.partial` and renamed to `<name>` when co
 looks finished. A download that fails, or makes no progress for `stall_timeout` seconds, is abandoned and retried
 after a growing, jittered wait (so that the hosts of a pod do not retry a rate-limited Hub in step), from the bytes
 the attempts before it wrote; each failed attempt is logged with its cause. After `retries` failed attempts the
-shard is reported unreadable and the reader goes on without it. A failure to write the cache itself (a full or read-
-only disk) is no fault of the shard: it stops the reader with an error naming the directory. Once read, a shard is
-marked `<name>.consumed` and deleted, so the disk watchdog can also clean up after a crash between the two steps.
+shard is reported unreadable and the reader goes on without it. A failure to write the cache itself (a full or
+read-only disk) is no fault of the shard: it stops the reader with an error naming the directory. Once read, a shard
+is marked `<name>.consumed` and deleted, so the disk watchdog can also clean up after a crash between the two steps.
 
 fsspec's own caching filesystems ("filecache", "blockcache") keep what they fetched and neither prefetch nor
 time out a stalled read, which is why this module exists.
