@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import math
 import os
 import pathlib
 import re
 import shutil
+import time
 import urllib.parse
 from collections.abc import Iterator
 
@@ -36,6 +38,8 @@ class Server:
   requests: list[tuple[str, str | None]]  # (the path asked for, its Authorization header)
   denied: set[str] = dataclasses.field(default_factory=set)  # files answered 401, as ORG/NAME/PATH
   unavailable: int = 0  # how many of the next /api/datasets requests to answer 503 (a brief outage of the Hub)
+  # Until this time.monotonic(), file requests are answered 429 with the Hub's RateLimit header (its window's reset).
+  rate_limited_until: float = 0.0
 
 
 class _HubApi(stand_in.Handler):
@@ -44,7 +48,8 @@ class _HubApi(stand_in.Handler):
   GET /api/datasets/ORG/NAME[/revision/REV]: the dataset's id and the commit of REV (main when none);
   GET /api/datasets/ORG/NAME/tree/REV[/PATH][?recursive=True]: the files and folders under PATH;
   (each answered 503 while the server's `unavailable` count lasts);
-  GET /datasets/ORG/NAME/resolve/REV/PATH: the file's bytes, a Range of them if asked (401 for `denied` files);
+  GET /datasets/ORG/NAME/resolve/REV/PATH: the file's bytes, a Range of them if asked (401 for `denied` files; 429
+    with the seconds to the window's reset in its RateLimit header while `rate_limited_until` lasts);
   GET /api/whoami-v2: the account of any token (`hf auth login` asks it), 401 without one;
   POST /api/datasets/ORG/NAME/paths-info/REV (form: paths=...): the entries of those paths that exist."""
 
@@ -81,7 +86,9 @@ class _HubApi(stand_in.Handler):
         self.reply(404, {"error": "Not found"})
     elif parts[:1] == ["datasets"] and parts[3:4] == ["resolve"] and len(parts) >= 6:
       repo, name = "/".join(parts[1:3]), "/".join(parts[5:])
-      if f"{repo}/{name}" in self.hub.denied:
+      if (left := self.hub.rate_limited_until - time.monotonic()) > 0:
+        self.reply(429, {"error": "Too Many Requests"}, {"RateLimit": f'"resolvers";r=0;t={math.ceil(left)}'})
+      elif f"{repo}/{name}" in self.hub.denied:
         self.reply(401, {"error": "Invalid credentials"})
       elif at := self._at(repo, parts[4]):
         path = os.path.join(at[1], name)

@@ -268,6 +268,23 @@ def test_a_retry_goes_on_from_the_bytes_already_there_through_gcsfs_and_huggingf
   assert not (tmp_path / "shard.tar.partial").exists()
 
 
+def test_a_download_rate_limited_by_the_hub_waits_for_the_reset_it_names(tmp_path):
+  """The Hub answers 429 with the seconds to its window's reset (RateLimit: ...;t=N): the retry waits that long,
+  not the cache's own short waits, which (about two minutes over data.download_retries) would give up on shards a
+  minute or more before the limit lifts (their samples skipped)."""
+  (tmp_path / "hub" / "org" / "shards").mkdir(parents=True)
+  (tmp_path / "hub" / "org" / "shards" / "a.tar").write_bytes(b"shard bytes")
+  with fake_hub.registered(str(tmp_path / "hub")) as hub:
+    url = list_shards("hf://datasets/org/shards/a.tar")[0]
+    hub.rate_limited_until = time.monotonic() + 1.5
+    start = time.monotonic()
+    path = ShardCache(str(tmp_path / "cache"), retries=2, retry_wait=0.01).fetch(url)
+    waited = time.monotonic() - start
+  assert path is not None and pathlib.Path(path).read_bytes() == b"shard bytes"
+  assert 1.5 <= waited < 10, waited
+  assert cache_module.rate_limit_wait_s(ConnectionError("no status")) is None
+
+
 HF_TOKEN = "hf_TestTokenThatMustNeverBeLogged"
 
 

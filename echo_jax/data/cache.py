@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -107,10 +108,33 @@ def is_permanent(error: BaseException) -> bool:
   return isinstance(error, (FileNotFoundError, PermissionError))
 
 
-def retry_wait_s(attempt: int, first_wait: float) -> float:
+def retry_wait_s(attempt: int, first_wait: float, error: BaseException | None = None) -> float:
   """Seconds to wait after failed attempt `attempt` (from 1): about first_wait * 2**(attempt-1), at most
-  MAX_RETRY_WAIT_S, jittered so that the hosts of a pod do not retry a rate-limited store in step."""
-  return min(first_wait * 2 ** (attempt - 1), MAX_RETRY_WAIT_S) * random.uniform(0.5, 1.0)
+  MAX_RETRY_WAIT_S, jittered so that the hosts of a pod do not retry a rate-limited store in step; or longer, up to
+  MAX_RATE_LIMIT_WAIT_S, when `error` is a rate limit that says when it lifts (`rate_limit_wait_s`)."""
+  wait = min(first_wait * 2 ** (attempt - 1), MAX_RETRY_WAIT_S) * random.uniform(0.5, 1.0)
+  asked = rate_limit_wait_s(error) if error is not None else None
+  return wait if asked is None else min(max(wait, asked * random.uniform(1.0, 1.2)), MAX_RATE_LIMIT_WAIT_S)
+
+
+# The Hub counts requests in 5-minute windows: a rate limit lifts within that.
+MAX_RATE_LIMIT_WAIT_S = 330.0
+_RATE_LIMIT_RESET = re.compile(r"(?:^|;)\s*t=(\d+)")
+
+
+def rate_limit_wait_s(error: BaseException) -> float | None:
+  """The seconds a rate-limited store asked to wait with its HTTP 429 (`Retry-After`, or the `t=` of the IETF draft's
+  `RateLimit` header, which the Hub sends: the seconds until its window resets), or None. The default waits add up
+  to about two minutes over data.download_retries: a pod over the Hub's per-account limit would give up on shards,
+  their samples skipped, a minute or more before the limit lifts."""
+  if _http_status(error) != 429:
+    return None
+  headers = getattr(getattr(error, "response", None), "headers", None) or {}
+  retry_after = str(headers.get("Retry-After", "")).strip()
+  if retry_after.isdigit():
+    return float(retry_after)
+  reset = _RATE_LIMIT_RESET.search(str(headers.get("RateLimit", "")))
+  return float(reset.group(1)) if reset else None
 
 
 class CacheWriteError(OSError):
@@ -294,7 +318,7 @@ class ShardCache:
         with contextlib.suppress(FileNotFoundError):
           os.remove(download.path + PARTIAL_SUFFIX)
         return None
-      wait = retry_wait_s(download.attempts, self.retry_wait)
+      wait = retry_wait_s(download.attempts, self.retry_wait, download.error)
       logging.warning("download %d of %d of shard %s failed (%s); retrying in %.1f s", download.attempts,
                       self.retries, url, cause, wait)
       if self._interrupted.wait(wait):

@@ -158,7 +158,7 @@ def list_shards(spec: str | Sequence[str]) -> list[str]:
         if attempt == LIST_ATTEMPTS:
           raise OSError(f"could not list shard spec item {item!r} (from {spec!r}): {attempt} attempts failed, the "
                         f"last with {describe(error)}; check that the store can be reached, then relaunch") from error
-        wait = retry_wait_s(attempt, LIST_RETRY_WAIT_S)
+        wait = retry_wait_s(attempt, LIST_RETRY_WAIT_S, error)
         logging.warning("listing shard spec item %r failed (attempt %d of %d: %s); retrying in %.1f s", item,
                         attempt, LIST_ATTEMPTS, describe(error), wait)
         time.sleep(wait)
