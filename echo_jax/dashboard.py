@@ -131,12 +131,17 @@ class JsonlTail:
 
 
 class MetricColumns:
-  """Numeric metric columns, one row per metrics line; a key missing from a line is NaN in that row."""
+  """Numeric metric columns, one row per metrics line; a key missing from a line is NaN in that row.
+
+  A non-finite value (the trainer writes NaN and infinity as the strings "nan", "inf", "-inf": JSON has neither) is
+  NaN in its column too, so that every reader of the columns sees finite values only, and is kept aside, with its
+  row, in `nonfinite`: a NaN loss must be shown as one, not hidden behind the last finite loss."""
 
   def __init__(self):
     self.rows = 0
     self._chunks: dict[str, list[np.ndarray]] = {}
     self._merged: dict[str, np.ndarray] = {}
+    self._nonfinite: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
 
   def append(self, records: Sequence[dict[str, Any]]) -> None:
     """Adds one row per record; non-numeric values are ignored."""
@@ -144,9 +149,15 @@ class MetricColumns:
       return
     n = len(records)
     fresh: dict[str, np.ndarray] = {}
-    for layout, rows, table in _layout_tables(records):
+    for layout, rows, table, nonfinite in _layout_tables(records):
+      if nonfinite.any():
+        for j in np.flatnonzero(nonfinite.any(axis=0)).tolist():
+          marked = nonfinite[:, j]
+          self._nonfinite.setdefault(layout[j], []).append((rows[marked] + self.rows, table[marked, j]))
+        table = np.where(nonfinite, np.nan, table)
       for j, key in enumerate(layout):
-        if np.isnan(table[:, j]).all():
+        # A key logged with non-finite values only is still a key of the run: its chart marks where they are.
+        if np.isnan(table[:, j]).all() and not nonfinite[:, j].any():
           continue
         if key not in fresh:
           fresh[key] = np.full(n, np.nan)
@@ -163,6 +174,20 @@ class MetricColumns:
   def names(self) -> list[str]:
     return sorted(self._chunks)
 
+  def nonfinite(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, values) of the non-finite values logged for `key`, in row order."""
+    chunks = self._nonfinite.get(key)
+    if not chunks:
+      return np.zeros(0, np.intp), np.zeros(0)
+    if len(chunks) > 1:
+      chunks[:] = [(np.concatenate([r for r, _ in chunks]), np.concatenate([v for _, v in chunks]))]
+    return chunks[0]
+
+  def nonfinite_rows(self) -> int:
+    """How many rows hold a non-finite value of any key."""
+    rows = [self.nonfinite(key)[0] for key in list(self._nonfinite)]
+    return int(np.unique(np.concatenate(rows)).size) if rows else 0
+
   def column(self, key: str) -> np.ndarray:
     """The whole column (NaN where absent); all-NaN if the key never appeared."""
     chunks = self._chunks.get(key)
@@ -173,8 +198,10 @@ class MetricColumns:
     return chunks[0] if chunks else np.full(0, np.nan)
 
 
-def _layout_tables(records: Sequence[dict[str, Any]]) -> Iterator[tuple[tuple[str, ...], np.ndarray, np.ndarray]]:
-  """(key layout, row indices, [rows, keys] float64 table) for each group of records that share their keys.
+def _layout_tables(records: Sequence[dict[str, Any]]) -> Iterator[tuple[tuple[str, ...], np.ndarray, np.ndarray,
+                                                                         np.ndarray]]:
+  """(key layout, row indices, [rows, keys] float64 table, [rows, keys] mask of the non-finite values logged) for
+  each group of records that share their keys.
 
   Metrics lines mostly share a few key sets; converting each set's rows in one numpy call is several times faster
   than gathering every key record by record. Records are first grouped by their number of keys, which is cheap;
@@ -193,33 +220,59 @@ def _layout_tables(records: Sequence[dict[str, Any]]) -> Iterator[tuple[tuple[st
     except KeyError:
       table = None
     if table is not None:
-      yield layout, rows, table
+      yield layout, rows, *table
       continue
     codes: dict[tuple[str, ...], int] = {}
     group_codes = np.array([codes.setdefault(tuple(r), len(codes)) for r in group])
     for exact, code in codes.items():
       members = np.flatnonzero(group_codes == code)
-      yield exact, rows[members], _numeric_table([group[i] for i in members.tolist()], exact)
+      yield exact, rows[members], *_numeric_table([group[i] for i in members.tolist()], exact)
 
 
-def _numeric_table(records: Sequence[dict[str, Any]], layout: tuple[str, ...]) -> np.ndarray:
-  """[len(records), len(layout)] float64 values of `layout`'s keys; KeyError if a record lacks one of them."""
+def _numeric_table(records: Sequence[dict[str, Any]], layout: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+  """([len(records), len(layout)] float64 values of `layout`'s keys, mask of the non-finite values among them);
+  KeyError if a record lacks one of them."""
   getter = operator.itemgetter(*layout)
   rows = map(getter, records)
   # With one key the getter returns the value itself rather than a 1-tuple.
   values = itertools.chain.from_iterable(rows) if len(layout) > 1 else rows
+  shape = (len(records), len(layout))
   try:
-    return np.fromiter(values, dtype=np.float64, count=len(records) * len(layout)).reshape(len(records), len(layout))
+    table = np.fromiter(values, dtype=np.float64, count=shape[0] * shape[1]).reshape(shape)
+    nonfinite = ~np.isfinite(table)
+    # A JSON number is finite; NaN or infinity here comes from a string such as "nan" (a value logged non-finite) or
+    # from a null (a value not logged), which numpy reads as NaN too.
+    for i, j in zip(*np.nonzero(nonfinite), strict=True):
+      nonfinite[i, j] = _is_nonfinite(records[i][layout[j]])
+    return table, nonfinite
   except (TypeError, ValueError):
     # Some value is not a number (a string, a list): convert value by value, non-numbers becoming NaN.
-    return np.array([[_as_float(r[k]) for k in layout] for r in records], dtype=np.float64).reshape(
-        len(records), len(layout))
+    table = np.array([[_as_float(r[k]) for k in layout] for r in records], dtype=np.float64).reshape(shape)
+    nonfinite = np.array([[_is_nonfinite(r[k]) for k in layout] for r in records], dtype=bool).reshape(shape)
+    return table, nonfinite
 
 
 def _as_float(value: Any) -> float:
+  if _is_nonfinite(value):
+    return float(value)
   if isinstance(value, bool) or not isinstance(value, int | float):
     return math.nan
   return float(value)
+
+
+def _is_nonfinite(value: Any) -> bool:
+  """Whether `value` is a non-finite number as a JSON line holds one: a string such as "nan", "inf" or "-inf"."""
+  if not isinstance(value, str):
+    return False
+  try:
+    return not math.isfinite(float(value))
+  except ValueError:
+    return False
+
+
+def _nonfinite_name(value: float) -> str:
+  """"nan", "inf" or "-inf", as the trainer writes the value in metrics.jsonl."""
+  return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
 
 
 def _not_superseded(steps: np.ndarray) -> np.ndarray:
@@ -258,12 +311,13 @@ def _json_bytes(payload: Any) -> bytes:
   return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").encode()
 
 
-def _last_finite(column: np.ndarray, window: int = 4096) -> float | None:
-  """The last finite value of `column`; looks at the tail first because the latest line nearly always has it."""
-  for part in (column[-window:], column):
-    finite = np.flatnonzero(np.isfinite(part))
+def _last_finite_row(column: np.ndarray, window: int = 4096) -> int | None:
+  """The row of the last finite value of `column`; looks at the tail first because the latest line nearly always
+  has it."""
+  for start in (max(0, column.size - window), 0):
+    finite = np.flatnonzero(np.isfinite(column[start:]))
     if finite.size:
-      return float(part[finite[-1]])
+      return start + int(finite[-1])
   return None
 
 
@@ -423,11 +477,14 @@ class RunState:
       return {"run": self.name, "rows": self.columns.rows, "loading": loading, "series": series}
 
   def _one_series(self, key: str, max_points: int) -> dict[str, Any]:
+    """{"step", "time", "value"} of the finite points, downsampled, and under "nonfinite" the latest `max_points`
+    steps at which `key` was logged non-finite ({"step", "time", "value": "nan", "inf" or "-inf"})."""
     cache_key = (key, max_points)
     rows = self.columns.rows
     cached = self._series_cache.get(cache_key)
     if cached and cached[0] == (rows, len(self.skipped)):
       return cached[1]
+    nonfinite_rows, nonfinite_values = np.zeros(0, np.intp), np.zeros(0)
     if key == "skipped_samples":
       rows_so_far = list(self.skipped)
       steps, times = self.columns.column("step"), self.columns.column("time")
@@ -438,10 +495,19 @@ class RunState:
       step, wall, value = table[:, 0], table[:, 1], table[:, 2]
     else:
       step, wall, value = self.columns.column("step"), self.columns.column("time"), self.columns.column(key)
-    keep = np.flatnonzero(np.isfinite(value) & np.isfinite(step))
+      nonfinite_rows, nonfinite_values = self.columns.nonfinite(key)
+    logged = np.isfinite(value)
+    logged[nonfinite_rows] = True
+    keep = np.flatnonzero(logged & np.isfinite(step))
+    # Finite and non-finite points together: a relaunch's finite value replaces a non-finite one of the stopped run.
     keep = keep[_not_superseded(step[keep])]
+    marked = np.isin(nonfinite_rows, keep[~np.isfinite(value[keep])])
+    nonfinite_rows, nonfinite_values = nonfinite_rows[marked][-max_points:], nonfinite_values[marked][-max_points:]
+    keep = keep[np.isfinite(value[keep])]
     picks = keep[downsample_indices(keep.size, value[keep], max_points)]
-    result = {"step": step[picks], "time": wall[picks], "value": value[picks]}
+    result = {"step": step[picks], "time": wall[picks], "value": value[picks],
+              "nonfinite": {"step": step[nonfinite_rows], "time": wall[nonfinite_rows],
+                            "value": [_nonfinite_name(v) for v in nonfinite_values.tolist()]}}
     self._series_cache[cache_key] = ((rows, len(self.skipped)), result)
     return result
 
@@ -452,16 +518,28 @@ class RunState:
       # The recent lines decide the rate and staleness; looking only at the tail keeps this cheap for long runs.
       step, wall = columns.column("step")[-4096:], columns.column("time")[-4096:]
       timed = np.flatnonzero(np.isfinite(step) & np.isfinite(wall))
-      latest = {}
+      # The latest value logged for each key: a number, or "nan", "inf" or "-inf" when that value was not finite
+      # (its step in `nonfinite`): the last finite value instead would hide a diverged run.
+      latest: dict[str, float | str] = {}
+      finite: dict[str, float] = {}
+      nonfinite: dict[str, float | None] = {}
+      all_steps = columns.column("step")
       for key in columns.names():
-        value = _last_finite(columns.column(key))
-        if value is not None:
-          latest[key] = value
+        column = columns.column(key)
+        row = _last_finite_row(column)
+        if row is not None:
+          latest[key] = finite[key] = float(column[row])
+        nonfinite_rows, nonfinite_values = columns.nonfinite(key)
+        if nonfinite_rows.size and (row is None or nonfinite_rows[-1] > row):
+          latest[key] = _nonfinite_name(float(nonfinite_values[-1]))
+          at = float(all_steps[nonfinite_rows[-1]])
+          nonfinite[key] = at if math.isfinite(at) else None
       result: dict[str, Any] = {
           "name": self.name, "url": self.url, "rows": columns.rows, "loading": not self.loaded.is_set(),
           "error": self.error, "keys": columns.names(),
-          "latest": latest, "step": latest.get("step"), "total_steps": latest.get("total_steps"),
-          "samples_seen": latest.get("samples_seen"), "skipped_samples": self.skipped[-1][2] if self.skipped else 0,
+          "latest": latest, "nonfinite": nonfinite, "nonfinite_lines": columns.nonfinite_rows(),
+          "step": finite.get("step"), "total_steps": finite.get("total_steps"),
+          "samples_seen": finite.get("samples_seen"), "skipped_samples": self.skipped[-1][2] if self.skipped else 0,
           "last_checkpoint": self.last_checkpoint, "listed_checkpoint_step": self.listed_checkpoint_step,
           "bad_lines": self.metrics_tail.bad_lines, "steps_per_sec": None, "eta_seconds": None,
           "last_metric_time": None, "seconds_since_metric": None, "stale": True,
@@ -475,7 +553,7 @@ class RunState:
         typical = float(np.median(intervals)) if intervals.size else 0.0
         result["stale"] = now - last_time > max(MIN_STALE_S, STALE_INTERVALS * typical)
         span = wall[recent[-1]] - wall[recent[0]]
-        rate = (step[recent[-1]] - step[recent[0]]) / span if span > 0 else latest.get("steps_per_sec")
+        rate = (step[recent[-1]] - step[recent[0]]) / span if span > 0 else finite.get("steps_per_sec")
         if rate and rate > 0:
           result["steps_per_sec"] = float(rate)
           if result["total_steps"] is not None and result["step"] is not None:
@@ -537,6 +615,15 @@ def _run_names(urls: Sequence[str]) -> list[str]:
 
 def _prometheus_escape(value: str) -> str:
   return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _prometheus_value(value: float) -> str:
+  """`value` as the Prometheus text format spells it: NaN, +Inf and -Inf for the non-finite ones."""
+  if math.isnan(value):
+    return "NaN"
+  if math.isinf(value):
+    return "+Inf" if value > 0 else "-Inf"
+  return repr(value)
 
 
 class UnreachableRunError(RuntimeError):
@@ -624,7 +711,9 @@ class Dashboard:
     families: dict[str, list[tuple[str, float]]] = {}
     for run in self.runs:
       status = run.status(now)
+      # float() reads "nan", "inf" and "-inf" too: a diverged run's loss is exported as NaN, for an alert to see.
       values = {f"echo_{_PROM_NAME_BAD.sub('_', key)}": value for key, value in status["latest"].items()}
+      values["echo_nonfinite_lines_total"] = status["nonfinite_lines"]
       values["echo_skipped_samples_total"] = status["skipped_samples"]
       values["echo_stale"] = float(status["stale"])
       for key in ("seconds_since_metric", "eta_seconds", "steps_per_sec"):
@@ -638,7 +727,8 @@ class Dashboard:
     lines = []
     for name in sorted(families):
       lines.append(f"# TYPE {name} gauge")
-      lines.extend(f'{name}{{run="{_prometheus_escape(run)}"}} {value!r}' for run, value in families[name])
+      lines.extend(f'{name}{{run="{_prometheus_escape(run)}"}} {_prometheus_value(value)}'
+                   for run, value in families[name])
     return "\n".join(lines) + "\n"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
@@ -19,7 +20,7 @@ import pytest
 from conftest import REPO
 from prometheus_client.parser import text_string_to_metric_families
 
-from echo_jax import dashboard
+from echo_jax import dashboard, metrics
 
 SCRIPT = "<script>alert(1)</script>"
 
@@ -313,6 +314,52 @@ def test_a_resumed_run_replaces_the_steps_it_logged_again(tmp_path):
   assert loss["step"].tolist() == [0, 1, 2, 3, 4, 5, 6]
   assert loss["value"].tolist()[4:] == [14.0, 15.0, 16.0]
   assert run.series(["eval_loss"], 2000)["eval_loss"]["step"].tolist() == [3]
+
+
+def test_nonfinite_values_are_reported_as_such_not_as_the_last_finite_one(tmp_path):
+  """The trainer writes NaN and infinity as "nan", "inf" and "-inf". The dashboard took them for missing values:
+  the status and /metrics showed the last finite loss of a diverged run (an alert on a NaN loss never fired) and the
+  charts ended silently at the last finite step (found by review)."""
+  run_dir = tmp_path / "diverged"
+  writer = metrics.JsonlWriter(str(run_dir / "metrics.jsonl"))
+  for step in range(1, 12):
+    writer.write({"step": step, "time": 1.7e9 + step, "loss": 1.0 / step if step <= 10 else math.nan,
+                  "grad_norm": 0.5 if step <= 10 else math.inf, "total_steps": 100})
+  # A null, which numpy reads as NaN too, is a value not logged, not a non-finite one.
+  writer.write({"step": 12, "time": 1.7e9 + 12, "loss": math.nan, "grad_norm": math.inf, "mfu": None})
+  # A line with a value that is no number at all is read value by value: its "-inf" must still count.
+  writer.write({"step": 13, "time": 1.7e9 + 13, "loss": math.nan, "grad_norm": -math.inf, "note": "diverged"})
+  writer.close()
+  run = dashboard.RunState(str(run_dir), "diverged")
+  run.refresh()
+  status = run.status(now=1.7e9 + 14)
+  assert status["latest"]["loss"] == "nan" and status["latest"]["grad_norm"] == "-inf"
+  assert status["nonfinite"] == {"loss": 13.0, "grad_norm": 13.0}
+  assert status["step"] == 13 and status["total_steps"] == 100 and status["nonfinite_lines"] == 3
+  loss = run.series(["loss"], 2000)["loss"]
+  assert loss["step"].tolist() == list(range(1, 11))  # the finite points, as before
+  assert loss["nonfinite"]["step"].tolist() == [11, 12, 13] and loss["nonfinite"]["value"] == ["nan"] * 3
+  assert run.series(["grad_norm"], 2000)["grad_norm"]["nonfinite"]["value"] == ["inf", "inf", "-inf"]
+  run_dir.joinpath("events.jsonl").write_text("")
+  board = dashboard.Dashboard([str(run_dir)])
+  board.runs[0] = run
+  board.runs[0].loaded.set()
+  text = board.prometheus_text()
+  assert 'echo_loss{run="diverged"} NaN' in text and 'echo_grad_norm{run="diverged"} -Inf' in text
+  families = {f.name: f for f in text_string_to_metric_families(text)}
+  assert math.isnan(families["echo_loss"].samples[0].value)
+  assert families["echo_nonfinite_lines_total"].samples[0].value == 3
+
+  # A relaunch resumed from step 10 logs steps 11-13 again, finite: they replace the stopped run's, as any point.
+  with open(run_dir / "metrics.jsonl", "a") as f:
+    for step in (11, 12, 13):
+      f.write(json.dumps({"step": step, "time": 1.8e9 + step, "loss": 0.05, "grad_norm": math.inf if step == 12
+                          else 0.4}).replace("Infinity", '"inf"') + "\n")
+  run.refresh()
+  status = run.status(now=1.8e9 + 14)
+  assert status["latest"]["loss"] == 0.05 and status["latest"]["grad_norm"] == 0.4 and status["nonfinite"] == {}
+  assert run.series(["loss"], 2000)["loss"]["nonfinite"]["step"].tolist() == []
+  assert run.series(["grad_norm"], 2000)["grad_norm"]["nonfinite"]["step"].tolist() == [12]
 
 
 def test_downsample_keeps_extremes_and_ends():

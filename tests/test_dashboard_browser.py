@@ -121,3 +121,47 @@ def test_page_charts_live_data(tmp_path):
     srv.server_close()
   assert not problems, problems
   assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+
+
+def _open_page(tmp_path, run_dir: str, check) -> None:
+  """Serves `run_dir`, opens the page in Chromium and runs `check(page)`; fails on any console or page error."""
+  srv = dashboard.make_server([run_dir], port=0)
+  threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+  problems: list[str] = []
+  try:
+    with sync_api.sync_playwright() as p:
+      browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+      page = browser.new_page(viewport={"width": 1400, "height": 1800})
+      page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+      page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+      page.goto(f"http://127.0.0.1:{srv.server_address[1]}/")
+      check(page)
+      page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+      browser.close()
+  finally:
+    srv.shutdown()
+    srv.server_close()
+  assert not problems, problems
+
+
+def test_page_marks_nonfinite_values(tmp_path):
+  """A run whose loss went NaN and grad norm infinite: the status card says so and the charts mark those steps (they
+  used to end at the last finite point, and the card showed the last finite loss)."""
+  run = tmp_path / "diverged"
+  run.mkdir()
+  t0 = time.time() - 10
+  lines = [_line(i, t0 + 0.2 * i) for i in range(30)]
+  lines += [json.dumps({"step": i, "time": t0 + 0.2 * i, "loss": "nan", "grad_norm": "inf", "total_steps": 10_000})
+            for i in (30, 31)]
+  (run / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+
+  def check(page):
+    _wait_for(lambda: _attr(page, "#chart-loss", "data-nonfinite") == 2, 10, "the loss chart's non-finite marks")
+    # 30 finite steps, raw and smoothed.
+    assert _attr(page, "#chart-loss", "data-points") == 60 and _attr(page, "#chart-grad_norm", "data-nonfinite") == 2
+    assert page.locator("#chart-loss canvas").count() == 1
+    assert "the last diverged loss nan at step 31" in page.locator("#chart-loss .nonfinite-note").inner_text()
+    alert = page.locator("#run-0 .alert").inner_text()
+    assert "grad_norm inf at step 31" in alert and "loss nan at step 31" in alert, alert
+
+  _open_page(tmp_path, str(run), check)

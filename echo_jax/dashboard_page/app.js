@@ -43,6 +43,7 @@
   }
 
   function fmtNumber(v) {
+    if (typeof v === 'string') return v;  // 'nan', 'inf' or '-inf': the latest value logged was not finite
     if (v === null || v === undefined || !Number.isFinite(v)) return '–';
     const a = Math.abs(v);
     if (a !== 0 && (a >= 1e6 || a < 1e-3)) return v.toExponential(3);
@@ -112,6 +113,56 @@
     return Array.from(keys);
   }
 
+  // Where the keys of a chart were logged non-finite: {x, value, label}. uPlot cannot draw NaN or infinity, so the
+  // chart marks these steps with vertical lines instead of leaving a silent gap.
+  function collectNonfinite(def) {
+    const marks = [];
+    for (const run of state.runs) {
+      const data = state.series[run.index] || {};
+      for (const key of chartKeys(def, run.keys)) {
+        const nf = data[key] && data[key].nonfinite;
+        if (!nf) continue;
+        const xs = state.xMode === 'step' ? nf.step : nf.time;
+        xs.forEach((x, i) => marks.push({x, value: nf.value[i], step: nf.step[i], label: `${run.name} ${key}`}));
+      }
+    }
+    return marks;
+  }
+
+  function drawNonfinite(entry) {
+    return (u) => {
+      const ctx = u.ctx;
+      const [lo, hi] = [u.scales.x.min, u.scales.x.max];
+      ctx.save();
+      ctx.strokeStyle = '#cf222e';
+      ctx.fillStyle = '#cf222e';
+      ctx.lineWidth = Math.max(1, devicePixelRatio);
+      ctx.setLineDash([4 * devicePixelRatio, 3 * devicePixelRatio]);
+      ctx.font = `${11 * devicePixelRatio}px system-ui, sans-serif`;
+      ctx.textBaseline = 'top';
+      let lastLabelX = -Infinity;
+      for (const mark of entry.marks) {
+        if (!(mark.x >= lo && mark.x <= hi)) continue;
+        const x = Math.round(u.valToPos(mark.x, 'x', true));
+        ctx.beginPath();
+        ctx.moveTo(x, u.bbox.top);
+        ctx.lineTo(x, u.bbox.top + u.bbox.height);
+        ctx.stroke();
+        if (x - lastLabelX > 30 * devicePixelRatio) {  // one label per cluster of marks, so they stay readable
+          ctx.fillText(mark.value, x + 2 * devicePixelRatio, u.bbox.top + 2 * devicePixelRatio);
+          lastLabelX = x;
+        }
+      }
+      ctx.restore();
+    };
+  }
+
+  function nonfiniteSummary(marks) {
+    const last = marks.reduce((a, m) => (a === null || m.step > a.step ? m : a), null);
+    return `${marks.length} non-finite value${marks.length > 1 ? 's' : ''} (dashed red lines), ` +
+           `the last ${last.label} ${last.value} at step ${fmtNumber(last.step)}`;
+  }
+
   function collectSeries(def) {
     const out = [];
     const multiRun = state.runs.length > 1;
@@ -155,10 +206,13 @@
       box.appendChild(el('h2', null, def.title));
       const empty = el('div', 'empty', 'No data yet.');
       box.appendChild(empty);
+      const nonfinite = el('div', 'nonfinite-note');
+      nonfinite.hidden = true;
+      box.appendChild(nonfinite);
       const holder = el('div');
       box.appendChild(holder);
       $('charts').appendChild(box);
-      entry = state.charts[def.id] = {box, empty, holder, plot: null, signature: ''};
+      entry = state.charts[def.id] = {box, empty, nonfinite, holder, plot: null, signature: '', marks: []};
     }
     return entry;
   }
@@ -171,8 +225,10 @@
     let lo = Infinity, hi = -Infinity;
     for (const byKey of Object.values(state.series)) {
       for (const s of Object.values(byKey)) {
-        const xs = state.xMode === 'step' ? s.step : s.time;
-        for (const x of xs) { if (x < lo) lo = x; if (x > hi) hi = x; }
+        for (const part of [s, s.nonfinite || {step: [], time: []}]) {  // a run's last steps may all be non-finite
+          const xs = state.xMode === 'step' ? part.step : part.time;
+          for (const x of xs) { if (x < lo) lo = x; if (x > hi) hi = x; }
+        }
       }
     }
     if (!Number.isFinite(lo)) { lo = 0; hi = 1; }
@@ -184,9 +240,14 @@
     const entry = chartBox(def);
     const series = collectSeries(def);
     const points = series.reduce((n, s) => n + s.ys.filter((v) => v !== null).length, 0);
+    entry.marks = collectNonfinite(def);
     entry.box.dataset.points = String(points);
+    entry.box.dataset.nonfinite = String(entry.marks.length);
     entry.box.dataset.lastX = series.length ? String(Math.max(...series.map((s) => s.xs[s.xs.length - 1]))) : '';
     entry.empty.hidden = points > 0;
+    entry.empty.textContent = entry.marks.length ? 'No finite value yet.' : 'No data yet.';
+    entry.nonfinite.hidden = !entry.marks.length;
+    if (entry.marks.length) entry.nonfinite.textContent = nonfiniteSummary(entry.marks);
     if (!points) {
       if (entry.plot) { entry.plot.destroy(); entry.plot = null; entry.signature = ''; }
       return;
@@ -219,6 +280,7 @@
       legend: {live: true},
       // No drag-to-zoom: the next live update would reset it, which is more confusing than no zoom.
       cursor: {drag: {x: false, y: false}},
+      hooks: {draw: [drawNonfinite(entry)]},
     };
     entry.holder.replaceChildren();
     entry.plot = new uPlot(opts, joined, entry.holder);
@@ -243,6 +305,11 @@
       title.appendChild(el('span', null, run.name));
       title.appendChild(el('span', 'badge', run.loading ? 'loading…' : (run.stale ? 'STALE' : 'live')));
       card.appendChild(title);
+      const nonfinite = Object.keys(run.nonfinite || {}).sort();
+      if (nonfinite.length) {
+        card.appendChild(el('div', 'alert nonfinite', 'Latest value not finite: ' + nonfinite.map(
+            (key) => `${key} ${run.latest[key]} at step ${fmtNumber(run.nonfinite[key])}`).join('; ')));
+      }
       const dl = el('dl');
       const total = run.total_steps ? ` / ${fmtNumber(run.total_steps)}` : '';
       statusField(dl, 'Step', `${fmtNumber(run.step)}${total}`);
@@ -262,6 +329,7 @@
                                                                        : `${fmtDuration(run.seconds_since_metric)} ago`);
       statusField(dl, 'Skipped samples', fmtNumber(run.skipped_samples));
       statusField(dl, 'Loss', fmtNumber(run.latest.loss));
+      statusField(dl, 'Non-finite lines', fmtNumber(run.nonfinite_lines));
       statusField(dl, 'Bad lines', fmtNumber(run.bad_lines));
       card.appendChild(dl);
       strip.appendChild(card);
