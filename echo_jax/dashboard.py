@@ -1,6 +1,7 @@
 """Live training dashboard (DESIGN §10): reads run directories and serves a self-contained page plus a JSON API.
 
-A run directory (DESIGN §7) holds `metrics.jsonl`, `events.jsonl`, `checkpoints/` and `samples/step_<N>/`. Files
+A run directory (DESIGN §7) holds `metrics.jsonl`, `events.jsonl`, `checkpoints/`, `samples/step_<N>/` and, for each
+process that stopped with an error, `errors/process_<I>.json`. Files
 are read through fsspec, so a run on gs:// works like a local one, and incrementally: each refresh reads only the
 bytes appended since the last one, so a long, growing `metrics.jsonl` stays cheap. Long histories are downsampled
 on the server (min and max per bucket, so spikes survive) before they are sent.
@@ -44,6 +45,8 @@ LISTING_INTERVAL_S = 5.0
 # Events are few except skipped samples, which can be many; the table only needs the recent ones.
 MAX_EVENTS_KEPT = 1000
 MAX_SAMPLE_TEXT_BYTES = 4096
+# An error file holds one message of at most metrics.ERROR_MESSAGE_CHARS characters; anything larger is not one.
+MAX_ERROR_FILE_BYTES = 64 << 10
 # A chunk of this many bytes is parsed at once: large enough to amortise the per-chunk work, small enough that the
 # parsed dicts of one chunk never dominate memory.
 READ_CHUNK_BYTES = 16 << 20
@@ -54,6 +57,7 @@ MIN_STALE_S = 60.0
 _SAMPLE_KINDS = {".wav": "audio/wav", ".png": "image/png", ".txt": "text/plain; charset=utf-8"}
 _SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_ERROR_FILE = re.compile(r"^process_(\d+)\.json$")
 _PROM_NAME_BAD = re.compile(r"[^a-zA-Z0-9_]")
 _PAGE_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                ".css": "text/css; charset=utf-8"}
@@ -373,6 +377,8 @@ class RunState:
     self.last_checkpoint: dict[str, Any] | None = None
     self.listed_checkpoint_step: int | None = None
     self.samples: list[dict[str, Any]] = []
+    self.process_errors: list[dict[str, Any]] = []
+    self.last_start_time: float | None = None  # of the newest `start` event: a launch that got as far as training
     self._listed_at = -math.inf
     self._series_cache: dict[tuple[str, int], tuple[int, dict[str, Any]]] = {}
 
@@ -393,14 +399,15 @@ class RunState:
             self.events.clear()
             self.skipped.clear()
             self.last_checkpoint = None
+            self.last_start_time = None
             self.events_tail.reset = False
           self._add_events(records)
       now = time.monotonic()
       if now - self._listed_at >= LISTING_INTERVAL_S:
         self._listed_at = now
-        checkpoint_step, samples = self._list_checkpoint_step(), self._list_samples()
+        checkpoint_step, samples, errors = self._list_checkpoint_step(), self._list_samples(), self._read_errors()
         with self.lock:
-          self.listed_checkpoint_step, self.samples = checkpoint_step, samples
+          self.listed_checkpoint_step, self.samples, self.process_errors = checkpoint_step, samples, errors
     self.loaded.set()
 
   def _add_events(self, records: Sequence[dict[str, Any]]) -> None:
@@ -414,6 +421,8 @@ class RunState:
         self.skipped.append((_as_float(record.get("step")), _as_float(record.get("time")), total))
       elif event == "checkpoint_saved":
         self.last_checkpoint = {"step": record.get("step"), "time": record.get("time")}
+      elif event == "start" and math.isfinite(_as_float(record.get("time"))):
+        self.last_start_time = _as_float(record.get("time"))
 
   def _ls(self, path: str) -> list[str]:
     """What `path` holds now: gcsfs (like other fsspec filesystems of object stores) would otherwise answer from the
@@ -428,6 +437,40 @@ class RunState:
       return None
     steps = [int(n) for n in names if n.isdigit()]
     return max(steps) if steps else None
+
+  def _read_errors(self) -> list[dict[str, Any]]:
+    """The errors that stopped processes of the run (`errors/process_<I>.json`, one per process: its latest),
+    oldest first: on a pod the first process to fail usually holds the cause, the others failing on losing it. A file
+    that cannot be read or parsed is shown as an error saying so (last: it has no time)."""
+    try:
+      listed = self._ls(f"{self.root}/errors")
+    except (FileNotFoundError, NotADirectoryError):
+      return []
+    found = []
+    for path in listed:
+      match = _ERROR_FILE.match(posixpath.basename(path.rstrip("/")))
+      if not match:
+        continue
+      entry: dict[str, Any] = {"process": int(match.group(1)), "time": None, "host": None, "pid": None, "step": None}
+      try:
+        with self.fs.open(path, "rb") as f:
+          record = orjson.loads(f.read(MAX_ERROR_FILE_BYTES + 1))
+        if not isinstance(record, dict):
+          raise ValueError(f"not a JSON object: {type(record).__name__}")
+      except FileNotFoundError:  # deleted since it was listed
+        continue
+      except (OSError, ValueError) as error:  # orjson.JSONDecodeError is a ValueError
+        entry["message"] = (f"errors/{posixpath.basename(path)} could not be read ({type(error).__name__}: "
+                            f"{error}); read it in the run directory")
+        found.append(entry)
+        continue
+      for key, kind in (("time", float), ("step", float), ("pid", float), ("host", str), ("message", str)):
+        value = record.get(key)
+        if isinstance(value, kind) or (kind is float and isinstance(value, int) and not isinstance(value, bool)):
+          entry[key] = value
+      entry.setdefault("message", "")
+      found.append(entry)
+    return sorted(found, key=lambda e: (e["time"] is None, e["time"] or 0.0, e["process"]))
 
   def _list_samples(self, max_steps: int = 3) -> list[dict[str, Any]]:
     try:
@@ -543,7 +586,10 @@ class RunState:
           "last_checkpoint": self.last_checkpoint, "listed_checkpoint_step": self.listed_checkpoint_step,
           "bad_lines": self.metrics_tail.bad_lines, "steps_per_sec": None, "eta_seconds": None,
           "last_metric_time": None, "seconds_since_metric": None, "stale": True,
+          # An error older than the newest `start` event is of a launch before the one that got to training since.
+          "process_errors": [{**e, "earlier_launch": self._before_last_start(e["time"])} for e in self.process_errors],
       }
+      result["failed_processes"] = sum(not e["earlier_launch"] for e in result["process_errors"])
       if timed.size:
         last_time = float(wall[timed[-1]])
         result["last_metric_time"] = last_time
@@ -559,6 +605,9 @@ class RunState:
           if result["total_steps"] is not None and result["step"] is not None:
             result["eta_seconds"] = max(0.0, (result["total_steps"] - result["step"]) / rate)
       return result
+
+  def _before_last_start(self, when: float | None) -> bool:
+    return when is not None and self.last_start_time is not None and when < self.last_start_time
 
   def recent_events(self, limit: int) -> list[dict[str, Any]]:
     with self.lock:
@@ -716,6 +765,7 @@ class Dashboard:
       values["echo_nonfinite_lines_total"] = status["nonfinite_lines"]
       values["echo_skipped_samples_total"] = status["skipped_samples"]
       values["echo_stale"] = float(status["stale"])
+      values["echo_failed_processes"] = status["failed_processes"]
       for key in ("seconds_since_metric", "eta_seconds", "steps_per_sec"):
         if status[key] is not None:
           values[f"echo_run_{key}"] = status[key]

@@ -2,7 +2,8 @@
 
 JSONL is always written, one object per line: locally flushed at once (the dashboard and `tail -f` see it then), on
 gs:// appended every few seconds.
-Only process 0 writes; other processes get writers that drop everything.
+Only process 0 writes them; other processes get writers that drop everything. An error that stops a process is
+written by that process, whichever it is, to a file of its own (`record_process_error`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import threading
 import time
 from typing import Any
@@ -171,6 +173,53 @@ class RunLog:
   def close(self) -> None:
     self.metrics.close()
     self.events.close()
+
+
+ERRORS_DIR = "errors"
+# A process that stops with an error waits at most this long for its error file: the storage may be what failed, and
+# the error must still reach its log (and launch.sh) soon.
+ERROR_WRITE_TIMEOUT_S = 20.0
+# The whole message, advice included: describe's usual 500 characters can cut off what a damaged checkpoint's error
+# says to do ("move ... out of ...") after the cause it quotes.
+ERROR_MESSAGE_CHARS = 4000
+
+
+def process_error_path(workdir: str, process: int) -> str:
+  return storage.join(workdir, ERRORS_DIR, f"process_{process}.json")
+
+
+def record_process_error(workdir: str, error: BaseException, step: int | None = None) -> None:
+  """Writes `error`, the one that stopped this process, to `errors/process_<I>.json` of the run directory, whole (see
+  `storage.write_bytes`), replacing this process's error of an earlier launch: {"time", "process", "host", "pid",
+  "step" (None when not known), "message"}. Only process 0 writes events.jsonl, so without it the error of another
+  process, often the cause of process 0's own, reached no file of the run.
+
+  Best effort: a failed write is logged, and one not done within `ERROR_WRITE_TIMEOUT_S` is given up on, so that the
+  caller goes on to raise `error` at once."""
+  try:
+    process = jax.process_index()
+    path = process_error_path(workdir, process)
+    data = json.dumps({"time": time.time(), "process": process, "host": socket.gethostname(), "pid": os.getpid(),
+                       "step": step, "message": describe(error, ERROR_MESSAGE_CHARS)}, ensure_ascii=False).encode()
+  except Exception as failure:  # noqa: BLE001 — must not replace the error being reported
+    logging.error("could not record the error that stopped this process (%s)", describe(failure))
+    return
+  failures: list[BaseException] = []
+
+  def write() -> None:
+    try:
+      storage.write_bytes(path, data)
+    except Exception as failure:  # noqa: BLE001 — reported below, by the caller's thread
+      failures.append(failure)
+
+  thread = threading.Thread(target=write, name="process_error", daemon=True)  # daemon: a hung write ends with us
+  thread.start()
+  thread.join(ERROR_WRITE_TIMEOUT_S)
+  if thread.is_alive():
+    logging.error("writing %s took over %.0f s; given up: this error is in this process's log only", path,
+                  ERROR_WRITE_TIMEOUT_S)
+  elif failures:
+    logging.error("could not write %s (%s): this error is in this process's log only", path, describe(failures[0]))
 
 
 def _encoder_flops(tokens: int, dim: int, mlp: int, layers: int) -> float:

@@ -362,6 +362,47 @@ def test_nonfinite_values_are_reported_as_such_not_as_the_last_finite_one(tmp_pa
   assert run.series(["grad_norm"], 2000)["grad_norm"]["nonfinite"]["step"].tolist() == [12]
 
 
+def test_every_processs_error_is_shown_and_those_of_earlier_launches_are_set_apart(tmp_path, monkeypatch):
+  """Only process 0 writes events.jsonl: the error of process 1 (a damaged file of its part of the checkpoint) never
+  reached the dashboard, which showed process 0's consequence of it (a lost peer) and its advice (found by review).
+  Each process now writes its own errors/process_<I>.json; the dashboard shows them all, oldest first, and sets apart
+  those older than the latest launch that got as far as training (its `start` event)."""
+  monkeypatch.setattr(dashboard, "LISTING_INTERVAL_S", 0.0)
+  run_dir = make_run(tmp_path)  # its `start` event is at 1.7e9
+  errors = tmp_path / "run" / "errors"
+  errors.mkdir()
+  (errors / "process_0.json").write_text(json.dumps(
+      {"time": 1.7e9 + 50, "process": 0, "host": "host-a", "pid": 11, "step": 2,
+       "message": "CheckpointRestoreError: ... Gloo AllGather failed: Connection closed by peer"}))
+  (errors / "process_1.json").write_text(json.dumps(
+      {"time": 1.7e9 + 49, "process": 1, "host": "host-b", "pid": 12, "step": 2,
+       "message": f"CheckpointRestoreError: ... OUT_OF_RANGE ... the step is damaged: move it aside {SCRIPT}"}))
+  (errors / "process_2.json").write_text(json.dumps(  # a launch before the one of the `start` event
+      {"time": 1.7e9 - 100, "process": 2, "host": "host-c", "pid": 13, "step": None, "message": "older"}))
+  (errors / "process_3.json").write_text("{cut sho")
+  (errors / "notes.txt").write_text("not an error file")
+  board = dashboard.Dashboard([run_dir])
+  board.runs[0].refresh()
+  board.runs[0].loaded.set()
+  status = board.runs_payload()["runs"][0]
+  shown = [(e["process"], e["host"], e["step"], e["earlier_launch"]) for e in status["process_errors"]]
+  assert shown == [(2, "host-c", None, True), (1, "host-b", 2, False), (0, "host-a", 2, False),
+                   (3, None, None, False)]
+  assert "OUT_OF_RANGE" in status["process_errors"][1]["message"] and status["process_errors"][1]["time"] == 1.7e9 + 49
+  assert status["process_errors"][3]["message"].startswith("errors/process_3.json could not be read (JSONDecodeError")
+  assert status["failed_processes"] == 3
+  families = {f.name: f for f in text_string_to_metric_families(board.prometheus_text())}
+  assert families["echo_failed_processes"].samples[0].value == 3
+  # A relaunch that got as far as training: the errors before it are of earlier launches.
+  with open(tmp_path / "run" / "events.jsonl", "a") as f:
+    f.write(json.dumps({"time": 1.7e9 + 60, "event": "start", "step": 5}) + "\n")
+  (errors / "process_3.json").unlink()
+  board.runs[0].refresh()
+  status = board.runs_payload()["runs"][0]
+  assert [e["earlier_launch"] for e in status["process_errors"]] == [True, True, True]
+  assert status["failed_processes"] == 0
+
+
 def test_downsample_keeps_extremes_and_ends():
   values = np.sin(np.linspace(0, 50, 100_000))
   values[12_345] = 99.0

@@ -165,3 +165,28 @@ def test_page_marks_nonfinite_values(tmp_path):
     assert "grad_norm inf at step 31" in alert and "loss nan at step 31" in alert, alert
 
   _open_page(tmp_path, str(run), check)
+
+
+def test_page_shows_the_error_of_every_process_that_stopped(tmp_path):
+  """Each process's own error (errors/process_<I>.json) is on the run's card, as text; one older than the latest
+  launch's start is set apart, folded."""
+  run_dir = _make_run(tmp_path)
+  errors = tmp_path / "live" / "errors"
+  errors.mkdir()
+  now = time.time()
+  (errors / "process_1.json").write_text(json.dumps(
+      {"time": now, "process": 1, "host": "host-b", "pid": 12, "step": 2,
+       "message": f"CheckpointRestoreError: OUT_OF_RANGE; the step is damaged {XSS_TEXT}"}))
+  (errors / "process_0.json").write_text(json.dumps(
+      {"time": now - 3600, "process": 0, "host": "host-a", "pid": 11, "step": None, "message": "an old failure"}))
+
+  def check(page):
+    _wait_for(lambda: page.locator("#run-0 .process-errors").count() == 1, 10, "the process errors")
+    assert page.locator("#run-0 .badge").inner_text() == "FAILED"
+    shown = page.locator("#run-0 .process-errors").inner_text()
+    assert "process 1 (host-b) stopped" in shown and ", step 2" in shown and XSS_TEXT in shown, shown
+    assert "an old failure" not in shown
+    assert page.locator("#run-0 .earlier-errors summary").inner_text() == "1 error of launches before the latest start"
+    assert page.evaluate("window.__xss") is None
+
+  _open_page(tmp_path, run_dir, check)

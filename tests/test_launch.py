@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import REPO, cpu_env, wait_for, write_synthetic_shards
 
+from echo_jax import dashboard
 from echo_jax.config import load_config_file
 from echo_jax.train.loop import Trainer
 
@@ -575,7 +576,9 @@ def test_local_two_processes_train_the_tiny_config(tmp_path):
 def test_a_restore_failing_on_one_host_fails_the_launch_with_its_error_not_after_the_shutdown_barrier(tmp_path):
   """Process 1 cannot read its part of an FSDP checkpoint while process 0 waits for it inside Orbax's restore.
   Before, process 1 raised and then waited at exit in JAX's distributed shutdown (5 minutes) for process 0, which
-  never got there; both then aborted with stack dumps that launch.sh showed instead of the error."""
+  never got there; both then aborted with stack dumps that launch.sh showed instead of the error. Process 1's error
+  also reaches the run directory and its dashboard: only process 0 writes events.jsonl, which held process 0's lost
+  peer and its advice to relaunch as it is, not process 1's damaged file (found by review)."""
   workdir = tmp_path / "run"
   steps = ("--config.train.ckpt_every=2", "--config.train.log_every=1")
   result, logs = launch_tiny_locally(tmp_path, workdir, "--config.train.steps=2", *steps, mesh="data=1, fsdp=-1",
@@ -592,6 +595,13 @@ def test_a_restore_failing_on_one_host_fails_the_launch_with_its_error_not_after
   assert "CheckpointRestoreError: restoring checkpoint step 2" in first_tail
   assert "OUT_OF_RANGE" in first_tail and "the step is damaged" in first_tail
   assert "Shutdown barrier" not in logs
+  own = json.loads((workdir / "errors" / "process_1.json").read_text())
+  assert (own["process"], own["step"]) == (1, 2) and own["time"] > start, own
+  assert "OUT_OF_RANGE" in own["message"] and f"move {workdir / 'checkpoints' / '2'} out of" in own["message"], own
+  run = dashboard.RunState(str(workdir), "run")
+  run.refresh()
+  shown = {e["process"]: e for e in run.status(time.time())["process_errors"]}
+  assert not shown[1]["earlier_launch"] and shown[1]["message"] == own["message"], shown
 
 
 def local_trainer_pid(workdir, process_id):

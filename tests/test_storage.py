@@ -272,6 +272,47 @@ def test_the_dashboard_of_a_gs_run_sees_checkpoints_and_samples_that_come_later(
   assert [(s["step"], s["items"][0]["text"].strip()) for s in state.samples] == [(4, "[S1] later"), (2, "[S1] early")]
 
 
+def test_a_process_error_reaches_a_gs_run_directory_and_its_dashboard(bucket, monkeypatch):
+  """The error file of a process is written whole into a gs:// run directory, and a dashboard that has listed
+  `errors/` before sees the error a later launch writes there."""
+  monkeypatch.setattr(dashboard, "LISTING_INTERVAL_S", 0.0)
+  (bucket / "run").mkdir()
+  state = dashboard.RunState("gs://bucket/run", "pod")
+  state.refresh()
+  assert state.status(time.time())["process_errors"] == []
+  metrics.record_process_error("gs://bucket/run", ValueError("OUT_OF_RANGE: Error reading\nthe shard"), step=2)
+  written = json.loads((bucket / "run" / "errors" / "process_0.json").read_text())
+  assert written["message"] == "ValueError: OUT_OF_RANGE: Error reading the shard" and written["step"] == 2
+  state.refresh()
+  assert [(e["process"], e["message"]) for e in state.status(time.time())["process_errors"]] == [
+      (0, "ValueError: OUT_OF_RANGE: Error reading the shard")]
+  metrics.record_process_error("gs://bucket/run", RuntimeError("relaunched, failed again"))
+  state.refresh()
+  assert [(e["message"], e["step"]) for e in state.status(time.time())["process_errors"]] == [
+      ("RuntimeError: relaunched, failed again", None)]
+
+
+def test_an_error_file_that_cannot_be_written_is_given_up_on_and_says_so(tmp_path, monkeypatch, caplog):
+  """The error file is the process's last word: a write that fails, or hangs on storage that no longer answers, must
+  neither raise in place of the error it reports nor hold the process's exit."""
+  (tmp_path / "run").write_text("a file where the run directory should be")
+  metrics.record_process_error(str(tmp_path / "run"), ValueError("the original error"))
+  assert "could not write " in caplog.text and "this error is in this process's log only" in caplog.text
+  caplog.clear()
+  release = threading.Event()
+  monkeypatch.setattr(metrics, "ERROR_WRITE_TIMEOUT_S", 0.2)
+  monkeypatch.setattr(storage, "write_bytes", lambda path, data: release.wait(30))
+  started = time.monotonic()
+  metrics.record_process_error(str(tmp_path / "other"), ValueError("the original error"))
+  assert time.monotonic() - started < 5 and "took over 0 s; given up" in caplog.text
+  release.set()
+  long = ValueError("x" * 600 + " the advice at its end")
+  monkeypatch.undo()
+  metrics.record_process_error(str(tmp_path / "third"), long)
+  message = json.loads((tmp_path / "third" / "errors" / "process_0.json").read_text())["message"]
+  assert message.endswith("the advice at its end")  # describe's usual 500 characters would have cut it off
+
+
 def test_a_local_write_that_fails_leaves_no_partial_file_and_the_check_says_why(tmp_path):
   (tmp_path / "out.wav").mkdir()  # the rename onto a directory fails after the data is written
   with pytest.raises(IsADirectoryError):
@@ -293,9 +334,9 @@ def test_a_second_trainer_on_a_local_run_directory_is_refused_until_the_first_ha
     with pytest.raises(storage.RunDirectoryError, match=rf"the run directory {workdir} is in use: process 0 of "
                                                         rf"another trainer holds it \(pid {holder} on "):
       Trainer(tiny_config, str(workdir)).run()
-    # Nothing written there: no config, no checkpoints, and no error in the holder's events.
+    # Nothing written there: no config, no checkpoints, and no error in the holder's events or error files.
     assert not (workdir / "config.json").exists() and not (workdir / "checkpoints").exists()
-    assert events(workdir) == []
+    assert events(workdir) == [] and not (workdir / "errors").exists()
     storage.RunDirectoryClaim(str(workdir), 1).release()  # another process index is another claim
   claim = storage.RunDirectoryClaim(str(workdir), 0)
   with pytest.raises(storage.RunDirectoryError, match=rf"pid {os.getpid()} on "):  # one process, claimed twice

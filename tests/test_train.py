@@ -9,6 +9,7 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -555,6 +556,26 @@ def test_a_launch_that_fails_at_its_start_ends_with_its_own_error(tmp_path, fail
         "2 has no data, meta" in last, result.stderr[-3000:]
   else:
     assert last.startswith("FileNotFoundError: shard spec item"), result.stderr[-3000:]
+
+
+def test_the_error_that_stops_a_process_is_written_to_a_file_of_its_own(tiny_config, tmp_path, monkeypatch):
+  """Only process 0 writes events.jsonl, so the error of any other process reached no file of the run (found by
+  review). Each process writes its own to errors/process_<I>.json; a write that fails leaves the error raised as it
+  was."""
+  tiny_config.data.train_shards = str(tmp_path / "typo-*.tar")
+  with pytest.raises(FileNotFoundError, match="shard spec item"):
+    Trainer(tiny_config, str(tmp_path / "run")).run()
+  record = json.loads((tmp_path / "run" / "errors" / "process_0.json").read_text())
+  assert record["message"].startswith("FileNotFoundError: shard spec item") and record["step"] is None
+  assert (record["process"], record["host"], record["pid"]) == (0, socket.gethostname(), os.getpid())
+  assert time.time() - 60 < record["time"] <= time.time()
+
+  def unwritable(path, data):
+    raise PermissionError(f"403 {path}")
+
+  monkeypatch.setattr(metrics.storage, "write_bytes", unwritable)
+  with pytest.raises(FileNotFoundError, match="shard spec item"):
+    Trainer(tiny_config, str(tmp_path / "run2")).run()
 
 
 def test_remote_shards_stream_through_a_cache_of_the_run_and_role(tiny_config, tmp_path):

@@ -294,17 +294,57 @@
     dl.appendChild(field);
   }
 
+  function processError(e) {
+    const where = e.host ? `process ${e.process} (${e.host})` : `process ${e.process}`;
+    const step = e.step === null || e.step === undefined ? '' : `, step ${fmtNumber(e.step)}`;
+    const item = el('li');
+    item.appendChild(el('div', 'error-head', `${where} stopped ${fmtTime(e.time)}${step}`));
+    item.appendChild(el('div', 'error-message', e.message));
+    return item;
+  }
+
+  // The errors that stopped processes, each written by the process itself: on a pod the first to fail usually holds
+  // the cause, and the others' errors (a lost peer in a collective) are its consequences.
+  function renderProcessErrors(card, run) {
+    const errors = run.process_errors || [];
+    const current = errors.filter((e) => !e.earlier_launch);
+    const earlier = errors.filter((e) => e.earlier_launch);
+    if (current.length) {
+      const box = el('div', 'alert process-errors');
+      box.appendChild(el('div', null, current.length > 1
+          ? `${current.length} processes stopped with an error, in the order they stopped (the first usually holds ` +
+            'the cause):'
+          : '1 process stopped with an error:'));
+      const list = el('ul');
+      for (const e of current) list.appendChild(processError(e));
+      box.appendChild(list);
+      card.appendChild(box);
+    }
+    if (earlier.length) {
+      const details = el('details', 'earlier-errors');
+      details.appendChild(el('summary', null, `${earlier.length} error${earlier.length > 1 ? 's' : ''} of launches ` +
+                                              'before the latest start'));
+      const list = el('ul');
+      for (const e of earlier) list.appendChild(processError(e));
+      details.appendChild(list);
+      card.appendChild(details);
+    }
+  }
+
   function renderStatus(now) {
     const strip = $('status');
     strip.replaceChildren();
     for (const run of state.runs) {
-      const card = el('div', run.stale ? 'run-card stale' : 'run-card');
+      const failed = run.failed_processes > 0;
+      const card = el('div', `run-card${run.stale || failed ? ' stale' : ''}`);
       card.id = `run-${run.index}`;
       card.style.setProperty('--run-color', RUN_COLORS[run.index % RUN_COLORS.length]);
       const title = el('div', 'title');
       title.appendChild(el('span', null, run.name));
-      title.appendChild(el('span', 'badge', run.loading ? 'loading…' : (run.stale ? 'STALE' : 'live')));
+      title.appendChild(el('span', 'badge',
+                           run.loading ? 'loading…' : (failed ? 'FAILED' : (run.stale ? 'STALE' : 'live'))));
       card.appendChild(title);
+      renderProcessErrors(card, run);
       const nonfinite = Object.keys(run.nonfinite || {}).sort();
       if (nonfinite.length) {
         card.appendChild(el('div', 'alert nonfinite', 'Latest value not finite: ' + nonfinite.map(

@@ -50,11 +50,11 @@ def is_local(url: str) -> bool:
   return fsspec.utils.get_protocol(url) in ("file", "local")
 
 
-def describe(error: BaseException) -> str:
+def describe(error: BaseException, limit: int = 500) -> str:
   """`error` in one line, for logs and events: its type and message, its lines joined (gcsfs puts GCS's own reason,
-  such as the permission it denied, on the line after the URL), at most 500 characters (fsspec's errors name URLs,
-  never tokens)."""
-  return " ".join(line.strip() for line in f"{type(error).__name__}: {error}".splitlines() if line.strip())[:500]
+  such as the permission it denied, on the line after the URL), at most `limit` characters (fsspec's errors name
+  URLs, never tokens)."""
+  return " ".join(line.strip() for line in f"{type(error).__name__}: {error}".splitlines() if line.strip())[:limit]
 
 
 # HTTP statuses that a retry may get past: a request timeout, a rate limit, and the server's own failures (5xx).

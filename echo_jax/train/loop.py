@@ -362,7 +362,8 @@ class Trainer:
 
   def run(self) -> TrainState:
     """Trains to `train.steps` (or until a stop is requested); returns the final state. An error that stops the run
-    is also written to its events (for the dashboard), once. A launch that does not reach its first step within
+    is also written to its events (for the dashboard), once, and by every process to a file of its own
+    (`metrics.record_process_error`). A launch that does not reach its first step within
     `train.setup_timeout` exits like a stuck step (`runtime.HangWatchdog`)."""
     self._setup_watchdog = runtime.HangWatchdog(self.config.train.setup_timeout,
                                                 "the launch did not reach its first step (train.setup_timeout)")
@@ -370,10 +371,13 @@ class Trainer:
       return self._run()
     except checkpoint.CheckpointRestoreError as error:
       self.log.event("checkpoint_restore_failed", step=error.step, message=str(error))
+      metrics.record_process_error(self.workdir, error, error.step)
       raise
     except Exception as error:
       if not isinstance(error, _LOGGED_ERRORS):
         self.log.event("error", message=f"the run stopped: {describe(error)}")
+      if not isinstance(error, storage.RunDirectoryInUseError):  # the directory is another trainer's: left alone
+        metrics.record_process_error(self.workdir, error)
       raise
     finally:
       self._setup_watchdog.stop()
