@@ -1,10 +1,13 @@
 """Keeps every watched filesystem from filling up (DESIGN §10); run it on every host next to the trainer.
 
-  python disk_watchdog.py --min-free-gb 20 --interval 60 --keep-checkpoints 2 runs/ ~/.cache/huggingface data/
+  python disk_watchdog.py --min-free-gb 20 --interval 60 --keep-checkpoints 2 runs/ ~/.cache/huggingface \
+      ~/.cache/echo_jax data/
   python disk_watchdog.py --once --dry-run runs/     # show what would go, delete nothing
 
-Deletes, in order and oldest first: stale partial downloads, consumed shards, unused Hugging Face cache revisions,
-checkpoints beyond the newest kept ones. Never the newest complete checkpoint, never a save in progress.
+Deletes, in order and oldest first: stale partial downloads, consumed shards, stale shards of the trainer's shard
+cache, unused Hugging Face cache revisions, compilation-cache entries not used for a week, checkpoints beyond the
+newest kept ones, and last among those the run's keep_period milestones. Never the newest complete checkpoint, never
+a save in progress.
 """
 
 from __future__ import annotations

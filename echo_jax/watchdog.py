@@ -8,8 +8,18 @@ When space is short it deletes, class by class in this order and oldest first wi
    untouched for `STALE_SHARD_AGE_S`: fetched ahead by a launch that was killed and never relaunched (a relaunch
    deletes them itself); a live stream reads what it fetches within minutes;
 4. unused Hugging Face cache revisions: every revision of a cached repo but its newest;
-5. old checkpoints: Orbax step directories under any `checkpoints/` beyond the newest `keep_checkpoints` complete
-   ones.
+5. compilation-cache entries not used for `COMPILE_CACHE_UNUSED_S` (a week): JAX's persistent compilation cache
+   (`<key>-cache`, with its `<key>-atime` when JAX's own eviction is on) and echo_jax's compiled steps
+   (`echo_executables/<key>.executable` with its `.inputs`), each entry's files together. Neither cache evicts by
+   itself (JAX's `jax_compilation_cache_max_size` is unlimited by default) and every code or config change adds
+   entries. A hit only reads an entry's files (JAX also rewrites `<key>-atime` when its eviction is on), so "used"
+   is the latest access or modification time of the entry's files: Linux updates a file's access time on a read at
+   most once a day under the default `relatime` mount option, and never under `noatime`, where an entry counts as
+   used when written;
+6. old checkpoints: Orbax step directories under any `checkpoints/` beyond the newest `keep_checkpoints` complete
+   ones, oldest first;
+7. among those, last, the `keep_period` milestones (steps that are a multiple of the run's `train.keep_period`,
+   read from the `config.json` beside `checkpoints/`): the run keeps them on purpose, beyond the newest ones.
 
 Checkpoint rules follow orbax-checkpoint 0.12.8: a save in progress lives in `<step>.orbax-checkpoint-tmp...` until
 it is renamed, and a finished step directory holds `commit_success.txt` (written on every filesystem; on gs:// it
@@ -22,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import os
 import re
@@ -43,7 +54,18 @@ _HF_REPO_DIR = re.compile(r"^(models|datasets|spaces)--")
 STALE_SHARD_AGE_S = 24 * 3600.0
 # A stream directory of echo_jax's shard cache (echo_jax.train.loop.Trainer._pipeline names them).
 _SHARD_CACHE_STREAM = re.compile(r"(^|/)(train|eval)-[0-9a-f]{12}(-process_\d+)?/stream_\d+$")
-CLASS_ORDER = ("partial_download", "consumed_shard", "stale_shard", "hf_revision", "checkpoint")
+# A week: every launch of a run reads its steps' entries, so one that no launch read for a week is most likely of code
+# or a config no longer run; access times have a day's resolution (relatime), far below it.
+COMPILE_CACHE_UNUSED_S = 7 * 24 * 3600.0
+# A file of JAX's persistent compilation cache (jax 0.10.2's LRUCache: `<module>-<sha256>-cache`, `...-atime`).
+_JAX_CACHE_FILE = re.compile(r"^(?P<key>.+-[0-9a-f]{64})-(cache|atime)$")
+# A file of echo_jax.executable_cache (its SUBDIRECTORY; named here so the watchdog need not import JAX): an
+# executable, its inputs, or either one being written.
+EXECUTABLES_DIR = "echo_executables"
+_EXECUTABLE_FILE = re.compile(r"^(?P<key>[0-9a-f]{64})\.(executable|inputs)(\.tmp-[0-9a-f]{32})?$")
+RUN_CONFIG = "config.json"
+CLASS_ORDER = ("partial_download", "consumed_shard", "stale_shard", "hf_revision", "compile_cache", "checkpoint",
+               "milestone_checkpoint")
 
 FreeBytes = Callable[[str], int]
 
@@ -60,7 +82,7 @@ class Candidate:
   kind: str  # one of CLASS_ORDER
   path: str
   size: int  # bytes it frees (an estimate for HF revisions, whose blobs may be shared)
-  age_key: float  # smaller is older: mtime, or the step for checkpoints
+  age_key: float  # smaller is older: mtime, the last use for compilation-cache entries, or the step for checkpoints
   delete: Callable[[], None]
 
 
@@ -138,6 +160,53 @@ def _remove_untouched(path: str, untouched_for: float) -> None:
   _remove(path)
 
 
+def _last_used(paths: Sequence[str]) -> float | None:
+  """The latest access or modification time of the files `paths` that exist (None when none does)."""
+  times = []
+  for path in paths:
+    with contextlib.suppress(FileNotFoundError):
+      stat = os.lstat(path)
+      times.append(max(stat.st_atime, stat.st_mtime))
+  return max(times, default=None)
+
+
+def _remove_unused(paths: Sequence[str], unused_for: float) -> None:
+  """Deletes the files of one compilation-cache entry unless one of them was used in the last `unused_for` seconds
+  (then raises _TouchedSinceListed): a launch may have loaded the entry since it was listed."""
+  last = _last_used(paths)
+  if last is not None and time.time() - last <= unused_for:
+    raise _TouchedSinceListed(paths[0])
+  for path in paths:
+    _remove(path)
+
+
+def _compile_cache_key(dirpath: str, filename: str) -> str | None:
+  """The entry of JAX's compilation cache or of echo_jax's executable cache that `filename` belongs to, or None."""
+  if os.path.basename(dirpath) == EXECUTABLES_DIR:
+    match = _EXECUTABLE_FILE.match(filename)
+  else:
+    match = _JAX_CACHE_FILE.match(filename)
+  return os.path.join(dirpath, match.group("key")) if match else None
+
+
+def _compile_cache_candidates(entries: dict[str, list[str]], now: float) -> list[Candidate]:
+  """One candidate per entry (its files, by key) not used for `COMPILE_CACHE_UNUSED_S`."""
+  candidates = []
+  for files in entries.values():
+    last = _last_used(files)
+    if last is None or now - last <= COMPILE_CACHE_UNUSED_S:
+      continue
+    # Logged as its -cache or .executable file, the one that holds the program.
+    files = sorted(files, key=lambda f: (not f.endswith(("-cache", ".executable")), f))
+    size = 0
+    for path in files:
+      with contextlib.suppress(FileNotFoundError):
+        size += os.lstat(path).st_size
+    candidates.append(Candidate("compile_cache", files[0], size, last,
+                                functools.partial(_remove_unused, files, COMPILE_CACHE_UNUSED_S)))
+  return candidates
+
+
 def _file_kind(dirpath: str, filename: str, names: set[str]) -> str | None:
   """The class of a file (one of CLASS_ORDER) that may be deleted, or None."""
   if filename.endswith(PARTIAL_SUFFIXES):
@@ -156,7 +225,12 @@ def find_candidates(root: str, keep_checkpoints: int, now: float | None = None) 
   found: dict[str, list[Candidate]] = {kind: [] for kind in CLASS_ORDER}
   for dirpath, dirnames, filenames in _walk(root):
     names = set(filenames)
+    compile_cache: dict[str, list[str]] = {}
     for filename in filenames:
+      key = _compile_cache_key(dirpath, filename)
+      if key is not None:
+        compile_cache.setdefault(key, []).append(os.path.join(dirpath, filename))
+        continue
       kind = _file_kind(dirpath, filename, names)
       if kind is None:
         continue
@@ -172,10 +246,12 @@ def find_candidates(root: str, keep_checkpoints: int, now: float | None = None) 
       else:
         continue
       found[kind].append(Candidate(kind, path, stat.st_size, stat.st_mtime, delete))
+    found["compile_cache"].extend(_compile_cache_candidates(compile_cache, now))
     if _is_hf_cache(dirpath, dirnames):
       found["hf_revision"].extend(_hf_candidates(dirpath))
     if os.path.basename(dirpath) == CHECKPOINTS_DIR:
-      found["checkpoint"].extend(_checkpoint_candidates(dirpath, dirnames, keep_checkpoints))
+      for candidate in _checkpoint_candidates(dirpath, dirnames, keep_checkpoints):
+        found[candidate.kind].append(candidate)
       # Step directories hold only checkpoint files: walking their (many) array chunks would find nothing.
       dirnames[:] = [d for d in dirnames if not d.isdigit()]
   return [c for kind in CLASS_ORDER for c in sorted(found[kind], key=lambda c: c.age_key)]
@@ -201,6 +277,24 @@ def _delete_hf_revision(cache_dir: str, commit_hash: str) -> None:
   huggingface_hub.scan_cache_dir(cache_dir).delete_revisions(commit_hash).execute()
 
 
+def _keep_period(run_dir: str) -> int:
+  """The run's `train.keep_period` from its config.json (0, i.e. no milestones, when there is none)."""
+  path = os.path.join(run_dir, RUN_CONFIG)
+  try:
+    with open(path, encoding="utf-8") as f:
+      period = json.load(f)["train"].get("keep_period", 0)
+    if isinstance(period, bool) or not isinstance(period, int):
+      raise TypeError(f"train.keep_period is {period!r}, not an integer")
+  except FileNotFoundError:
+    return 0
+  except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+    logger.warning("cannot read train.keep_period from %s (%s: %s): its run's keep_period milestones are deleted "
+                   "like any other checkpoint; fix the file to have them kept longest", path, type(error).__name__,
+                   error)
+    return 0
+  return max(0, period)
+
+
 def _checkpoint_candidates(directory: str, names: Sequence[str], keep: int) -> list[Candidate]:
   complete = []
   for name in names:
@@ -210,7 +304,9 @@ def _checkpoint_candidates(directory: str, names: Sequence[str], keep: int) -> l
   complete.sort()
   # The newest complete checkpoint is the only way back after a crash, so it is kept even when keep is 0.
   deletable = complete[:-max(1, keep)]
-  return [Candidate("checkpoint", path, _tree_size(path), step, lambda p=path: _remove(p)) for step, path in deletable]
+  period = _keep_period(os.path.dirname(directory)) if deletable else 0
+  return [Candidate("milestone_checkpoint" if period and step % period == 0 else "checkpoint", path, _tree_size(path),
+                    step, lambda p=path: _remove(p)) for step, path in deletable]
 
 
 def _filesystem_groups(paths: Sequence[str]) -> list[list[str]]:

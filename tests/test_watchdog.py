@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -252,3 +253,101 @@ def test_cli_refuses_a_threshold_that_is_not_a_finite_number(tmp_path, flag, val
   result = subprocess.run([sys.executable, script, "--once", flag, value, str(tmp_path)], capture_output=True,
                           text=True, timeout=60)
   assert result.returncode == 2 and "all finite numbers" in result.stderr and "Traceback" not in result.stderr
+
+
+DAY = 86400.0
+KEYS = [f"{i:x}" * 64 for i in range(1, 8)]  # sha256-like keys, one per entry
+
+
+def _used_at(path, atime: float, mtime: float) -> str:
+  os.utime(path, (atime, mtime))
+  return str(path)
+
+
+def test_compilation_cache_entries_unused_for_a_week_go_before_checkpoints(tmp_path, caplog):
+  """The default compile_cache_dir (~/.cache/echo_jax/xla) holds JAX's persistent compilation cache and echo_jax's
+  compiled steps; neither evicts and every code change adds entries, which the watchdog never deleted: it went on to
+  the checkpoints instead (found by review). An entry is used when a launch reads its files (their access time, as
+  the default relatime mount updates it) or JAX rewrites its -atime file."""
+  xla = tmp_path / "home" / ".cache" / "echo_jax" / "xla"
+  now = time.time()
+  old = now - 10 * DAY
+  paths = {
+      "jax_unused": _used_at(_file(xla / f"jit_train_step-{KEYS[0]}-cache", 30 * KB), old, old),
+      "jax_read_today": _used_at(_file(xla / f"jit_eval_step-{KEYS[1]}-cache", 30 * KB), now - 3600, old),
+      # JAX's own LRU eviction on: a hit rewrites the entry's -atime file.
+      "jax_lru_hit": _used_at(_file(xla / f"jit_step-{KEYS[2]}-cache", 30 * KB), old, old),
+      "jax_lru_atime": _file(xla / f"jit_step-{KEYS[2]}-atime", 8, now - 3600),
+      "exe_unused": _used_at(_file(xla / "echo_executables" / f"{KEYS[3]}.executable", 30 * KB), old + DAY, old),
+      "exe_unused_inputs": _used_at(_file(xla / "echo_executables" / f"{KEYS[3]}.inputs", KB), old, old),
+      "exe_loaded_today": _used_at(_file(xla / "echo_executables" / f"{KEYS[4]}.executable", 30 * KB), now - 60, old),
+      "not_cache_files": _file(xla / "notes-cache", KB, old),
+      "jax_lock": _file(xla / ".lockfile", 0, old),
+  }
+  ckpt = tmp_path / "runs" / "r" / "checkpoints"
+  old_ckpt, newest = _checkpoint(ckpt, "100", 50 * KB, complete=True), _checkpoint(ckpt, "200", 50 * KB, complete=True)
+  caplog.set_level(logging.INFO, logger="echo_jax.watchdog")
+  report = watchdog.free_space_once([str(tmp_path)], min_free_bytes=10**9, keep_checkpoints=1,
+                                    free_bytes=_quota(tmp_path, 2 * 10**6))
+  assert [(d.kind, d.path) for d in report.deletions] == [
+      ("compile_cache", paths["jax_unused"]),
+      ("compile_cache", paths["exe_unused"]),
+      ("checkpoint", old_ckpt),
+  ]
+  assert [d.size for d in report.deletions[:2]] == [30 * KB, 31 * KB]  # the executable with its inputs
+  for key in ("jax_unused", "exe_unused", "exe_unused_inputs"):
+    assert not os.path.exists(paths[key]), key
+  for key in ("jax_read_today", "jax_lru_hit", "jax_lru_atime", "exe_loaded_today", "not_cache_files", "jax_lock"):
+    assert os.path.exists(paths[key]), key
+  assert os.path.exists(newest)
+  assert f"deleted compile_cache {paths['jax_unused']} (30.00 KB)" in caplog.text
+
+
+def test_a_compilation_cache_entry_loaded_after_the_listing_is_kept(tmp_path, monkeypatch, caplog):
+  """A launch loads a week-old compiled step between the watchdog's listing and its deletion: the deletion looks at
+  the entry's times again and keeps it."""
+  folder = tmp_path / "xla" / "echo_executables"
+  old = time.time() - 10 * DAY
+  executable = _used_at(_file(folder / f"{KEYS[0]}.executable", 10 * KB), old, old)
+  inputs = _used_at(_file(folder / f"{KEYS[0]}.inputs", KB), old, old)
+  listed = watchdog.find_candidates(str(tmp_path), keep_checkpoints=1)
+  assert [(c.kind, c.path) for c in listed] == [("compile_cache", executable)]
+  os.utime(inputs, (time.time(), old))  # read by load_inputs
+  monkeypatch.setattr(watchdog, "find_candidates", lambda root, keep_checkpoints, now=None: listed)
+  caplog.set_level(logging.INFO, logger="echo_jax.watchdog")
+  report = watchdog.free_space_once([str(tmp_path)], min_free_bytes=10**9, keep_checkpoints=1,
+                                    free_bytes=_quota(tmp_path, 2 * 10**6))
+  assert os.path.exists(executable) and os.path.exists(inputs) and not report.deletions
+  assert f"kept compile_cache {executable}: in use again since it was listed" in caplog.text
+
+
+def test_keep_period_milestones_are_the_last_checkpoints_to_go(tmp_path, caplog):
+  """Checkpoints went oldest first, so the keep_period milestones, kept by the run beyond its newest checkpoints,
+  were the first casualties (found by review). They now go after every other checkpoint; the newest kept ones, a
+  milestone among them included, still never go."""
+  run = tmp_path / "runs" / "r"
+  ckpt = run / "checkpoints"
+  steps = {s: _checkpoint(ckpt, str(s), KB, complete=True) for s in (1000, 1500, 2000, 2500, 3000)}
+  (run / "config.json").write_text(json.dumps({"train": {"keep_period": 1000, "keep_checkpoints": 3}}))
+  # Another run without a config.json: oldest first, as before.
+  plain = {s: _checkpoint(tmp_path / "runs" / "plain" / "checkpoints", str(s), KB, complete=True)
+           for s in (10, 20, 30)}
+  report = watchdog.free_space_once([str(tmp_path)], min_free_bytes=10**9, keep_checkpoints=2,
+                                    free_bytes=_quota(tmp_path, 10**6))
+  assert [(d.kind, d.path) for d in report.deletions] == [
+      ("checkpoint", plain[10]),
+      ("checkpoint", steps[1500]),
+      ("milestone_checkpoint", steps[1000]),
+      ("milestone_checkpoint", steps[2000]),
+  ]
+  assert all(os.path.exists(p) for p in (steps[2500], steps[3000], plain[20], plain[30]))
+  # A config.json that cannot be read: said so, and its checkpoints go oldest first.
+  for s in (4000, 4500, 5000):
+    _checkpoint(ckpt, str(s), KB, complete=True)
+  (run / "config.json").write_text("{cut sh")
+  caplog.set_level(logging.INFO, logger="echo_jax.watchdog")
+  report = watchdog.free_space_once([str(tmp_path)], min_free_bytes=10**9, keep_checkpoints=2,
+                                    free_bytes=_quota(tmp_path, 10**6))
+  assert [(d.kind, os.path.basename(d.path)) for d in report.deletions] == [
+      ("checkpoint", "2500"), ("checkpoint", "3000"), ("checkpoint", "4000")]
+  assert f"cannot read train.keep_period from {run / 'config.json'} (JSONDecodeError" in caplog.text
