@@ -392,3 +392,4 @@ def test_a_run_directory_a_stale_trainer_still_writes_is_refused_on_every_host(s
   assert f"RunDirectoryInUseError: {in_use}" in outputs[1], outputs[1][-3000:]
   assert f"RunDirectoryInUseError: process 1 cannot use the run directory: {in_use}" in outputs[0], outputs[0][-3000:]
   assert not (workdir / "checkpoints").exists() and not read_jsonl(workdir / "events.jsonl")
+  assert not (workdir / "errors").exists()  # no error file of the refused processes beside the holder's

@@ -3,13 +3,14 @@ and its last checkpoint holds finite parameters."""
 
 import json
 import os
+import time
 
 import jax
 import numpy as np
 import pytest
 from conftest import load_config, write_synthetic_shards
 
-from echo_jax import checkpoint
+from echo_jax import checkpoint, dashboard
 from echo_jax.train import loop
 
 
@@ -63,3 +64,11 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
                                                          strict=True))
   assert changed  # steps 6 and 7 were real updates, so the guard did not freeze training early
   assert os.path.exists(workdir / "checkpoints" / "10")
+  # The dashboard, reading the trainer's own lines, shows the loss as NaN from step 8, not step 7's finite loss, and
+  # the stop's error from the process's own error file.
+  run = dashboard.RunState(str(workdir), "run")
+  run.refresh()
+  status = run.status(time.time())
+  assert status["latest"]["loss"] == "nan" and status["nonfinite"]["loss"] == 10, status["latest"]
+  assert run.series(["loss"], 2000)["loss"]["nonfinite"]["step"].tolist() == [8, 9, 10]
+  assert [e["message"][:39] for e in status["process_errors"]] == ["NonFiniteError: stopping: 3 consecutive"]
