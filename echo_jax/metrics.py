@@ -184,10 +184,6 @@ ERROR_WRITE_TIMEOUT_S = 20.0
 ERROR_MESSAGE_CHARS = 4000
 
 
-def process_error_path(workdir: str, process: int) -> str:
-  return storage.join(workdir, ERRORS_DIR, f"process_{process}.json")
-
-
 def record_process_error(workdir: str, error: BaseException, step: int | None = None) -> None:
   """Writes `error`, the one that stopped this process, to `errors/process_<I>.json` of the run directory, whole (see
   `storage.write_bytes`), replacing this process's error of an earlier launch: {"time", "process", "host", "pid",
@@ -198,7 +194,7 @@ def record_process_error(workdir: str, error: BaseException, step: int | None = 
   caller goes on to raise `error` at once."""
   try:
     process = jax.process_index()
-    path = process_error_path(workdir, process)
+    path = storage.join(workdir, ERRORS_DIR, f"process_{process}.json")
     data = json.dumps({"time": time.time(), "process": process, "host": socket.gethostname(), "pid": os.getpid(),
                        "step": step, "message": describe(error, ERROR_MESSAGE_CHARS)}, ensure_ascii=False).encode()
   except Exception as failure:  # noqa: BLE001 — must not replace the error being reported
