@@ -25,7 +25,8 @@
 # old trainer holds the TPU or writes the workdir beside the new one. After a host has failed no save is possible
 # (it needs every host) and the others are blocked in a collective with it, where no signal handler runs: they get
 # ECHO_FAILED_STOP_GRACE_S (default 10) seconds before the kill. Every gcloud call but the trainers' own ssh
-# sessions has a time limit (ECHO_GCLOUD_TIMEOUT_S beyond its own work, default 300 s). A session that drops (ssh
+# sessions has a time limit (ECHO_GCLOUD_TIMEOUT_S beyond its own work, default 300 s); one that fails stops the
+# launch (exit 2) with what failed and what to check. A session that drops (ssh
 # exit 255) is re-attached to the worker's log, up to MAX_REATTACH times: its trainer runs on detached.
 # The workdir must be storage every host shares (gs:// on a pod).
 
@@ -282,7 +283,8 @@ stop_all() {
   if [[ -n ${TPU:-} ]]; then
     # The local ssh sessions only follow the logs; the detached trainers are stopped on the workers.
     kill "${PIDS[@]}" 2>/dev/null || true
-    stop_remote_trainers "$1" || true
+    stop_remote_trainers "$1" ||
+      echo "launch.sh: the trainers may still run; stop them by hand: $(remote_stop_command)" >&2
   else
     stop_pids "$1" "${PIDS[@]}"
   fi
@@ -407,12 +409,43 @@ gcloud_tpu() {
   "${limit[@]}" gcloud compute tpus tpu-vm "$@" --zone "$ZONE" ${PROJECT:+--project "$PROJECT"}
 }
 
+# tpu_command VERB: how a gcloud command on this launch's TPU starts, for a user to run by hand.
+tpu_command() {
+  printf 'gcloud compute tpus tpu-vm %s %q --zone %q' "$1" "$TPU" "$ZONE"
+  [[ -z $PROJECT ]] || printf ' --project %q' "$PROJECT"
+}
+
+# on_all_workers WHAT SECONDS VERB ARGS...: gcloud_tpu SECONDS VERB ARGS..., a call on every worker; when it fails
+# or runs out of time, says what failed, on which TPU, and what to do, then returns its status (the caller decides
+# whether the launch goes on). Under set -e a bare `timeout` ended the launch with 124 and no word.
+on_all_workers() {
+  local what=$1 seconds=$2 status=0
+  shift 2
+  gcloud_tpu "$seconds" "$@" || status=$?
+  ((status == 0)) && return 0
+  if ((status == 124 || status == 137)); then
+    echo "launch.sh: $what on every worker of TPU $TPU in $ZONE did not end within its $seconds s" \
+      "(ECHO_GCLOUD_TIMEOUT_S, default 300, beyond the call's own work)" >&2
+  else
+    echo "launch.sh: $what on every worker of TPU $TPU in $ZONE failed (gcloud exited $status; its error is above)" >&2
+  fi
+  echo "launch.sh: check that the TPU is READY ($(tpu_command describe)) and that every worker answers ssh" \
+    "($(tpu_command ssh) --worker=all --command=true), then launch again" >&2
+  return "$status"
+}
+
 # stop_remote_trainers GRACE: SIGTERM to every worker's trainer, up to GRACE seconds to save and exit, then SIGKILL.
+# Says so when the call fails (see on_all_workers), and returns its status.
 stop_remote_trainers() {
   local grace=$1 pattern
   pattern=$(trainer_pattern "$REMOTE_DIR")
-  gcloud_tpu $((grace + GCLOUD_TIMEOUT_S)) ssh "$TPU" --worker=all \
-    --command="$(declare -f stop_trainers); stop_trainers '$pattern' $grace"
+  on_all_workers "stopping the trainers (SIGTERM, then SIGKILL)" $((grace + GCLOUD_TIMEOUT_S)) ssh "$TPU" \
+    --worker=all --command="$(declare -f stop_trainers); stop_trainers '$pattern' $grace"
+}
+
+# The command that stops every worker's trainer by hand (each saves a checkpoint first).
+remote_stop_command() {
+  echo "$(tpu_command ssh) --worker=all --command=\"pkill -TERM -f '$(trainer_pattern "$REMOTE_DIR")'\""
 }
 
 # pod_workers: the number of workers of TPU $TPU.
@@ -430,8 +463,9 @@ pod_workers() {
 # copy_code: stops the workers' trainers, then replaces their copy of the code with this checkout's, whose tree_digest
 # becomes COPY_ID (see check_copy).
 copy_code() {
-  stop_remote_trainers "$STOP_GRACE_S"
-  gcloud_tpu "$GCLOUD_TIMEOUT_S" ssh "$TPU" --worker=all --command="rm -rf ~/$REMOTE_DIR"
+  stop_remote_trainers "$STOP_GRACE_S" || exit 2
+  on_all_workers "removing the old code (rm -rf ~/$REMOTE_DIR)" "$GCLOUD_TIMEOUT_S" ssh "$TPU" --worker=all \
+    --command="rm -rf ~/$REMOTE_DIR" || exit 2
   local stage
   stage=$(mktemp -d)
   mkdir "$stage/$REMOTE_DIR"
@@ -442,7 +476,8 @@ copy_code() {
   done
   find "$stage" -name __pycache__ -type d -prune -exec rm -rf {} +
   COPY_ID=$(tree_digest "$stage/$REMOTE_DIR")
-  gcloud_tpu "$GCLOUD_TIMEOUT_S" scp --recurse "$stage/$REMOTE_DIR" "$TPU:$REMOTE_DIR" --worker=all
+  on_all_workers "copying the code (scp to ~/$REMOTE_DIR)" "$GCLOUD_TIMEOUT_S" scp --recurse "$stage/$REMOTE_DIR" \
+    "$TPU:$REMOTE_DIR" --worker=all || { rm -rf "$stage"; exit 2; }
   rm -rf "$stage"
 }
 

@@ -51,6 +51,11 @@ FAKE_GCLOUD = textwrap.dedent("""\
        [[ -n ${FAKE_SKIP_RM:-} && $command == "rm -rf"* ]]; then
       exit 0
     fi
+    # FAKE_HANG_CALL: the call on all workers whose command starts with it (or whose verb it is) never answers.
+    if [[ -n ${FAKE_HANG_CALL:-} && $worker == all && ($command == "$FAKE_HANG_CALL"* || $verb == "$FAKE_HANG_CALL") ]]
+    then
+      sleep 120
+    fi
     workers=$worker
     [[ $worker == all ]] && workers="0 1"
     status=0
@@ -286,6 +291,22 @@ def test_a_gcloud_call_that_hangs_fails_the_launch(fake_pod):
   result = launch_tpu(tmp_path, env, timeout=60)
   assert result.returncode == 2, result.stdout + result.stderr
   assert "could not describe TPU pod in us-central2-b: gcloud failed or took over 1 s" in result.stderr
+
+
+@pytest.mark.parametrize("call, what", [("stop_trainers", "stopping the trainers (SIGTERM, then SIGKILL)"),
+                                        ("rm -rf", "removing the old code (rm -rf ~/echo_jax_code)"),
+                                        ("scp", "copying the code (scp to ~/echo_jax_code)")])
+def test_a_control_call_on_all_workers_that_hangs_fails_the_launch_saying_which(fake_pod, call, what):
+  """Found by review: these calls ended the launch with timeout's bare exit 124 and no word."""
+  tmp_path, env = fake_pod
+  env.update(FAKE_HANG_CALL=call, ECHO_GCLOUD_TIMEOUT_S="1", ECHO_STOP_GRACE_S="1")
+  start = time.time()
+  result = launch_tpu(tmp_path, env, timeout=60)
+  assert result.returncode == 2 and time.time() - start < 30, result.stdout + result.stderr
+  assert (f"launch.sh: {what} on every worker of TPU pod in us-central2-b did not end within its" in result.stderr
+          and "ECHO_GCLOUD_TIMEOUT_S" in result.stderr), result.stderr
+  assert "gcloud compute tpus tpu-vm describe pod --zone us-central2-b --project proj" in result.stderr
+  assert not (tmp_path / "worker_0" / "trainer_args").exists()
 
 
 def stale_trainers(tmp_path, env):
