@@ -357,15 +357,35 @@ watch_hosts() {
   echo "launch.sh: all ${#PIDS[@]} hosts finished; logs in $LOGDIR"
 }
 
-# The --workdir among train_pretrain.py's arguments (empty when none is given).
-workdir_of() {
+# The --workdir values among train_pretrain.py's arguments, each ended by a NUL, in every form absl reads: with one
+# dash or two, the value after `=` or in the next argument; none after `--`, where absl stops.
+workdirs_of() {
   while (($# > 0)); do
     case $1 in
-      --workdir=*) printf '%s' "${1#--workdir=}"; return ;;
-      --workdir) printf '%s' "${2:-}"; return ;;
+      --) return ;;
+      --workdir=* | -workdir=*) printf '%s\0' "${1#*=}" ;;
+      --workdir | -workdir) printf '%s\0' "${2:-}"; shift ;;
     esac
     shift
   done
+}
+
+# The --workdir the trainer uses: absl takes the last one given (empty when none is).
+workdir_of() {
+  local -a workdirs
+  mapfile -d '' -t workdirs < <(workdirs_of "$@")
+  ((${#workdirs[@]} == 0)) || printf '%s' "${workdirs[-1]}"
+}
+
+# Why train_pretrain.py's arguments must not be launched for their --workdir ("" when they may): given more than
+# once, the trainer would use the last one, whatever a reader of the command (or a check of the first) takes.
+repeated_workdir_problem() {
+  local -a workdirs
+  mapfile -d '' -t workdirs < <(workdirs_of "$@")
+  ((${#workdirs[@]} <= 1)) && return 0
+  local listed
+  printf -v listed '%s, ' "${workdirs[@]}"
+  echo "--workdir is given ${#workdirs[@]} times (${listed%, }): train_pretrain.py would use the last; give it once"
 }
 
 # pod_workdir_problem WORKDIR [CODE_DIR]: why a pod's trainers must not write into WORKDIR ("" when they may). They
@@ -577,6 +597,9 @@ main() {
     (($# == 0)) || die "--setup takes no train_pretrain.py arguments"
   else
     (($# > 0)) || die "no train_pretrain.py arguments after --"
+    local repeated
+    repeated=$(repeated_workdir_problem "$@")
+    [[ -z $repeated ]] || die "$repeated"
     WORKDIR=$(workdir_of "$@")
     if [[ $mode == tpu ]]; then
       local problem

@@ -499,6 +499,33 @@ def test_a_pod_launch_refuses_a_workdir_in_the_code_directory_it_replaces(fake_p
   assert not (tmp_path / "worker_0" / "trainer_args").exists()
 
 
+@pytest.mark.parametrize("workdirs", [["--workdir=gs://bucket/run", "--workdir=runs/pod"],
+                                      ["--workdir=gs://bucket/run", "--workdir", "runs/pod"],
+                                      ["--workdir=gs://bucket/run", "-workdir=runs/pod"]])
+def test_a_launch_refuses_a_repeated_workdir(fake_pod, workdirs):
+  """absl takes the last --workdir (also `--workdir X` and `-workdir=X`), where the pod's guard looked at the first:
+  a relative second one trained into the code directory that the next launch deletes (found by review)."""
+  tmp_path, env = fake_pod
+  args = ["--config=configs/tiny.py", *workdirs]
+  result = launch_tpu_with(tmp_path, env, args)
+  assert result.returncode == 2, result.stdout + result.stderr
+  assert "--workdir is given 2 times (gs://bucket/run, runs/pod): train_pretrain.py would use the last" in result.stderr
+  assert not (tmp_path / "calls").exists()
+  local = subprocess.run(["bash", LAUNCH, "--local", "1", "--logdir", str(tmp_path / "logs"), "--", *args], env=env,
+                         capture_output=True, text=True, timeout=60)
+  assert local.returncode == 2 and "--workdir is given 2 times" in local.stderr, local.stderr
+
+
+def test_a_pod_launch_takes_the_workdir_in_every_form_absl_reads(fake_pod):
+  """`--workdir X` and `-workdir=X` are absl's too: the guard sees them, and the dashboard command names them."""
+  tmp_path, env = fake_pod
+  result = launch_tpu_with(tmp_path, env, ["--config=configs/tiny.py", "-workdir=runs/pod"])
+  assert result.returncode == 2 and "--workdir=runs/pod is relative" in result.stderr, result.stderr
+  result = launch_tpu_with(tmp_path, env, ["--config=configs/tiny.py", "--workdir", "gs://bucket/run two"])
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert r"monitor.py gs://bucket/run\ two" in result.stdout
+
+
 def test_bad_arguments_are_errors(tmp_path):
   result = subprocess.run(["bash", LAUNCH, "--local", "zero", "--", "--x"], capture_output=True, text=True,
                           cwd=tmp_path)
