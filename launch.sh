@@ -233,6 +233,11 @@ worker_attach() {
   exit_as_trainer "$(cat "$status")"
 }
 
+# shell_quote TEXT: TEXT as one word for a shell, in single quotes (its own single quotes written '\'').
+shell_quote() {
+  printf "'%s'" "${1//\'/\'\\\'\'}"
+}
+
 # The logs of started hosts are watched until all succeed or one fails.
 declare -a PIDS=() LOGS=() NAMES=()
 PROCESS0_REPORTED=0
@@ -243,15 +248,19 @@ report_process0() {
     if grep -q '^process_index=0 ' "${LOGS[$i]}" 2>/dev/null; then
       echo "launch.sh: process 0 (run log, events, dashboard) runs on ${NAMES[$i]}"
       if [[ -n ${TPU:-} ]]; then
-        local worker=${NAMES[$i]#worker } python
+        local worker=${NAMES[$i]#worker } python monitor
         python=$(sed -n 's/^launch.sh: worker python: //p' "${LOGS[$i]}" | head -n 1)
-        echo "launch.sh: dashboard: on that worker run"
-        echo "  gcloud compute tpus tpu-vm ssh $TPU --zone $ZONE ${PROJECT:+--project $PROJECT }--worker=$worker" \
-          "--command='cd ~/$REMOTE_DIR && ${python:-python3} monitor.py $(printf '%q' "${WORKDIR:-WORKDIR}") &" \
-          "cloudflared tunnel --url http://localhost:8080'"
+        monitor="cd ~/$REMOTE_DIR && $(printf '%q' "${python:-python3}") monitor.py $(printf '%q' "${WORKDIR:-WORKDIR}")"
+        # monitor.py listens on the worker's loopback only: ssh forwards it here, where it stays private.
+        echo "launch.sh: dashboard: run here, then open http://localhost:8080"
+        echo "  $(tpu_command ssh) --worker=$worker --command=$(shell_quote "$monitor") -- -L 8080:localhost:8080"
+        echo "launch.sh: or, at a public URL that anyone who has it can open (cloudflared must be installed on that" \
+          "worker; --setup does not install it):"
+        echo "  $(tpu_command ssh) --worker=$worker" \
+          "--command=$(shell_quote "$monitor & cloudflared tunnel --url http://localhost:8080")"
       else
         echo "launch.sh: dashboard: python monitor.py $(printf '%q' "${WORKDIR:-WORKDIR}"), then open http://127.0.0.1:8080" \
-          "(or: cloudflared tunnel --url http://localhost:8080)"
+          "(or, at a public URL that anyone who has it can open: cloudflared tunnel --url http://localhost:8080)"
       fi
       PROCESS0_REPORTED=1
       return

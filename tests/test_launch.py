@@ -4,6 +4,7 @@ fast when a host fails, and `--local 2` training the tiny config end to end."""
 import json
 import os
 import pathlib
+import shlex
 import signal
 import subprocess
 import sys
@@ -194,6 +195,28 @@ def test_pod_launch_makes_the_right_gcloud_calls(fake_pod):
   assert "process 0 (run log, events, dashboard) runs on worker 1" in result.stdout
   assert "--worker=1" in result.stdout and "cloudflared tunnel --url http://localhost:8080" in result.stdout
   assert r"python3 monitor.py gs://bucket/run\ one" in result.stdout  # no --setup: the workers' python3
+
+
+def test_the_dashboard_commands_quote_the_workdir_and_one_keeps_the_page_private(fake_pod):
+  """The cloudflared tunnel publishes the page (metrics, held-out audio) at a public URL, and cloudflared is not
+  installed by --setup: an ssh port-forward is printed first. A workdir with a quote broke the printed command."""
+  tmp_path, env = fake_pod
+  workdir = "gs://bucket/it's one"
+  result = launch_tpu_with(tmp_path, env, ["--config=configs/tiny.py", f"--workdir={workdir}"])
+  assert result.returncode == 0, result.stdout + result.stderr
+  commands = [shlex.split(line) for line in result.stdout.splitlines() if line.startswith("  gcloud ")]
+  assert len(commands) == 2, result.stdout
+  private, public = commands
+  for command in commands:
+    assert command[:9] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod", "--zone", "us-central2-b",
+                           "--project"] and "--worker=1" in command, command
+  remote = shlex.split(private[private.index("--worker=1") + 1].removeprefix("--command="))
+  assert remote == ["cd", "~/echo_jax_code", "&&", "python3", "monitor.py", workdir], remote
+  assert private[-3:] == ["--", "-L", "8080:localhost:8080"]
+  remote = shlex.split(public[-1].removeprefix("--command="))
+  assert remote == ["cd", "~/echo_jax_code", "&&", "python3", "monitor.py", workdir, "&", "cloudflared", "tunnel",
+                    "--url", "http://localhost:8080"], remote
+  assert "public URL" in result.stdout and "cloudflared must be installed on that worker" in result.stdout
 
 
 def test_setup_makes_every_workers_environment_and_the_trainers_run_from_it(fake_pod):
