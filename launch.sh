@@ -18,6 +18,7 @@
 #   all workers need not report a worker they failed on).
 # --local N: N processes on this machine, joined through a coordinator on 127.0.0.1 (logs LOGDIR/process_I.log).
 #   Give each process its devices with XLA_FLAGS=--xla_force_host_platform_device_count=K.
+# A launch moves each earlier log aside (LOG.1, the last launch's, to LOG.5), here and on the workers.
 # Either way: prints which host runs process 0 (it writes the run log) and how to open the dashboard, and fails
 # fast: when any host fails, the others are stopped and the failing host's log tail is printed.
 # Stopping a trainer (a stale one, all on Ctrl-C) sends SIGTERM, which makes it save a checkpoint at its next
@@ -34,6 +35,8 @@ set -euo pipefail
 
 readonly STALE_PATTERN_SUFFIX="/train_pretrain.py"
 readonly TAIL_LINES=40
+# How many earlier launches' logs are kept beside each log (LOG.1, the last launch's, to LOG.KEPT_LOGS).
+readonly KEPT_LOGS=5
 readonly MAX_REATTACH=5
 # After a host fails, how long others may take to fail too (those that lost it in a collective) and be shown with it.
 readonly FAILURE_GRACE_S=2
@@ -131,6 +134,17 @@ worker_python() {
   python_of "$venv"
 }
 
+# new_log LOG: moves the earlier launches' LOG to LOG.1 (the last one), LOG.2 …, up to KEPT_LOGS of them, then
+# makes LOG empty: a relaunch after a failure must not erase the failure's log.
+new_log() {
+  local i
+  for ((i = KEPT_LOGS; i > 1; i--)); do
+    if [[ -e $1.$((i - 1)) ]]; then mv -f "$1.$((i - 1))" "$1.$i"; fi
+  done
+  if [[ -e $1 ]]; then mv -f "$1" "$1.1"; fi
+  : > "$1"
+}
+
 # On a TPU worker: sets log and status (the trainer's exit status, written when it ends) of worker $1.
 # The caller declares them local.
 worker_files() {
@@ -165,7 +179,7 @@ worker_run() {
   rm -f "$status"
   # Created here, not by the detached shell's redirection: tail gives up at once on a file that does not exist yet,
   # and the worker would then report a failure while its trainer runs on.
-  : > "$log"
+  new_log "$log"
   local python
   python=$(worker_python) || exit 1
   echo "launch.sh: worker python: $python" >> "$log"  # for the dashboard command (report_process0)
@@ -521,7 +535,7 @@ setup_tpu() {
     "libtpu); logs in $LOGDIR/setup_worker_I.log"
   for ((worker = 0; worker < workers; worker++)); do
     LOGS+=("$LOGDIR/setup_worker_$worker.log")
-    : > "${LOGS[-1]}"
+    new_log "${LOGS[-1]}"
     worker_session "$worker" "--worker-setup $(printf '%q' "$python") $COPY_ID" $((SETUP_TIMEOUT_S + GCLOUD_TIMEOUT_S))
   done
   for worker in "${!PIDS[@]}"; do
@@ -544,7 +558,7 @@ launch_tpu() {
   for ((worker = 0; worker < workers; worker++)); do
     LOGS+=("$LOGDIR/worker_$worker.log")
     NAMES+=("worker $worker")
-    : > "${LOGS[-1]}"
+    new_log "${LOGS[-1]}"
     worker_session "$worker" "--worker-run $worker $COPY_ID --$args"
   done
   echo "launch.sh: started $workers workers; logs here in $LOGDIR, on each worker in ~/echo_jax_logs"
@@ -560,8 +574,9 @@ launch_local() {
   for ((i = 0; i < count; i++)); do
     LOGS+=("$LOGDIR/process_$i.log")
     NAMES+=("process $i")
+    new_log "${LOGS[-1]}"
     ECHO_COORDINATOR="127.0.0.1:$port" ECHO_NUM_PROCESSES=$count ECHO_PROCESS_ID=$i \
-      "$python" -u "$HERE/train_pretrain.py" "$@" > "${LOGS[-1]}" 2>&1 < /dev/null &
+      "$python" -u "$HERE/train_pretrain.py" "$@" >> "${LOGS[-1]}" 2>&1 < /dev/null &
     PIDS+=($!)
   done
   echo "launch.sh: started $count local processes (coordinator 127.0.0.1:$port); logs in $LOGDIR"

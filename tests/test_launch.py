@@ -308,6 +308,35 @@ def test_a_dropped_ssh_session_is_reattached_and_the_run_goes_on(fake_pod):
   assert len(attaches) == 1 and "--worker=1" in attaches[0]
 
 
+def test_a_relaunch_keeps_the_previous_launchs_logs_here_and_on_the_workers(fake_pod):
+  """A relaunch after a failure erased the failed launch's logs, here and on the workers (found by review): they are
+  kept as worker_I.log.1 (the previous launch) to .5, and so are the set-up's and --local's."""
+  tmp_path, env = fake_pod
+  logs = tmp_path / "logs"
+  failed = launch_tpu(tmp_path, dict(env, FAKE_FAIL_WORKER="1", FAKE_SECONDS="5"))
+  assert failed.returncode == 1, failed.stdout + failed.stderr
+  for attempt in range(6):
+    assert launch_tpu(tmp_path, env).returncode == 0
+    for log in (logs / "worker_1.log", tmp_path / "worker_1" / "echo_jax_logs" / "worker_1.log"):
+      assert "trained" in log.read_text() and "boom" not in log.read_text()
+      kept = log.with_name(f"worker_1.log.{attempt + 1}")
+      assert attempt == 5 or "boom on worker 1" in kept.read_text(), (attempt, log)
+      assert not log.with_name("worker_1.log.6").exists()
+  write_executable(tmp_path / "bin" / "python3.11", FAKE_PYTHON_3_11)
+  assert subprocess.run(setup_command(tmp_path), env=dict(env, ECHO_WORKER_PYTHON="python3.99"),
+                        capture_output=True).returncode != 0
+  assert subprocess.run(setup_command(tmp_path), env=env, capture_output=True).returncode == 0
+  assert "has no Python 3.11" in (logs / "setup_worker_0.log.1").read_text()
+  assert "has no Python 3.11" not in (logs / "setup_worker_0.log").read_text()
+  fake = tmp_path / "fake_python"
+  write_executable(fake, '#!/usr/bin/env bash\n[[ $1 == -c ]] && exec "$REAL_PYTHON" "$@"; echo "run $FAKE_RUN"\n')
+  for run in (1, 2):
+    local = subprocess.run(["bash", LAUNCH, "--local", "1", "--logdir", str(logs), "--", "--workdir=x"],
+                           env=dict(env, PYTHON=str(fake), FAKE_RUN=str(run)), capture_output=True, timeout=60)
+    assert local.returncode == 0
+  assert (logs / "process_0.log").read_text() == "run 2\n" and (logs / "process_0.log.1").read_text() == "run 1\n"
+
+
 def test_a_gcloud_call_that_hangs_fails_the_launch(fake_pod):
   tmp_path, env = fake_pod
   env.update(FAKE_HANG="1", ECHO_GCLOUD_TIMEOUT_S="1")
