@@ -27,8 +27,11 @@
 # (it needs every host) and the others are blocked in a collective with it, where no signal handler runs: they get
 # ECHO_FAILED_STOP_GRACE_S (default 10) seconds before the kill. Every gcloud call but the trainers' own ssh
 # sessions has a time limit (ECHO_GCLOUD_TIMEOUT_S beyond its own work, default 300 s); one that fails stops the
-# launch (exit 2) with what failed and what to check. A session that drops (ssh
-# exit 255) is re-attached to the worker's log, up to MAX_REATTACH times: its trainer runs on detached.
+# launch (exit 2) with what failed and what to check. A session that drops (ssh exit 255; for a re-attach, any failure
+# without the worker's word on its trainer) is re-attached to the worker's log from the first byte not received: its
+# trainer runs on detached. The waits before re-attaching double (ECHO_REATTACH_WAIT_S, default 10 s, at first); after
+# MAX_REATTACH drops in a row (a session that held ECHO_REATTACH_STEADY_S, default 300 s, ends a row) launch.sh stops
+# following the run, leaves every trainer running, says how to follow and stop them, and exits 69.
 # The workdir must be storage every host shares (gs:// on a pod).
 
 set -euo pipefail
@@ -37,7 +40,14 @@ readonly STALE_PATTERN_SUFFIX="/train_pretrain.py"
 readonly TAIL_LINES=40
 # How many earlier launches' logs are kept beside each log (LOG.1, the last launch's, to LOG.KEPT_LOGS).
 readonly KEPT_LOGS=5
+# A dropped ssh session to a worker (its trainer runs on, detached) is re-attached after REATTACH_WAIT_S seconds, a
+# wait that doubles at each drop in a row (a network fault takes a while to clear), up to MAX_REATTACH times; a
+# session that held REATTACH_STEADY_S seconds ends the row. Past that, the launch stops following the run, exiting
+# EXIT_OUT_OF_REACH, and stops no trainer.
 readonly MAX_REATTACH=5
+readonly REATTACH_WAIT_S=${ECHO_REATTACH_WAIT_S:-10}
+readonly REATTACH_STEADY_S=${ECHO_REATTACH_STEADY_S:-300}
+readonly EXIT_OUT_OF_REACH=69
 # After a host fails, how long others may take to fail too (those that lost it in a collective) and be shown with it.
 readonly FAILURE_GRACE_S=2
 readonly STOP_GRACE_S=${ECHO_STOP_GRACE_S:-180}
@@ -51,6 +61,8 @@ readonly VENV_READY=.echo_jax_requirements
 readonly SETUP_TIMEOUT_S=${ECHO_SETUP_TIMEOUT_S:-1800}
 # The last line of a worker's session that ends with its trainer's exit status (exit_as_trainer).
 readonly TRAINER_EXITED="launch.sh: the trainer exited with status"
+# What a worker's session says instead when the trainer ended and left no exit status.
+readonly TRAINER_GONE="launch.sh: the trainer ended without an exit status"
 readonly IMPORTS_CHECK="import echo_jax.train.entry, echo_jax.dashboard, echo_jax.synthesis, echo_jax.codecs.mel, \
 gcsfs, huggingface_hub.cli.hf"
 # This checkout (on a worker: its copy of the code).
@@ -193,7 +205,7 @@ worker_run() {
   local pid=$!
   tail -n +1 -f --pid="$pid" "$log" || true
   wait "$pid" || true  # the status below is the trainer's, written when the detached shell ends
-  [[ -f $status ]] || { echo "launch.sh: the trainer on worker $worker ended without an exit status" >&2; exit 1; }
+  [[ -f $status ]] || { echo "$TRAINER_GONE (worker $worker)" >&2; exit 1; }
   exit_as_trainer "$(cat "$status")"
 }
 
@@ -230,20 +242,21 @@ worker_setup() {
   exit 0
 }
 
-# Runs on a TPU worker when launch.sh lost its ssh session to `worker_run` there: follows the log from its end until
-# the detached trainer exits, then exits with its status.
+# Runs on a TPU worker when launch.sh lost its ssh session to `worker_run` there: follows the log from byte OFFSET
+# on (the first one launch.sh did not receive: what was written while it was away is neither lost nor sent twice)
+# until the detached trainer exits, then exits with its status.
 worker_attach() {
-  local worker=$1
+  local worker=$1 offset=$2
   local log status
   worker_files "$worker"
-  tail -n 0 -f "$log" &
+  tail -c +$((offset + 1)) -f "$log" &
   local tailer=$!
   while [[ ! -f $status ]] && pgrep -f "$(trainer_pattern "${HERE#/}")" > /dev/null; do
     sleep 1
   done
   sleep 1  # the status is written just after the trainer exits
   kill "$tailer" 2>/dev/null || true
-  [[ -f $status ]] || { echo "launch.sh: the trainer on worker $worker is gone without an exit status" >&2; exit 1; }
+  [[ -f $status ]] || { echo "$TRAINER_GONE (worker $worker)" >&2; exit 1; }
   exit_as_trainer "$(cat "$status")"
 }
 
@@ -252,8 +265,9 @@ shell_quote() {
   printf "'%s'" "${1//\'/\'\\\'\'}"
 }
 
-# The logs of started hosts are watched until all succeed or one fails.
-declare -a PIDS=() LOGS=() NAMES=()
+# The logs of started hosts are watched until all succeed or one fails. A pod's worker sessions also have the time
+# they started (SECONDS) and the bytes of the worker's log received so far (see worker_session).
+declare -a PIDS=() LOGS=() NAMES=() SESSION_START=() RECEIVED=()
 PROCESS0_REPORTED=0
 
 report_process0() {
@@ -301,11 +315,32 @@ stop_pids() {
   wait "$@" 2>/dev/null || true  # gone, not merely signalled, when launch.sh exits
 }
 
+# tree_of PID: PID and the processes under it, parents first; not those in another session than launch.sh's: a
+# process that detached itself (setsid, as a worker's trainer does) is meant to outlive its parent.
+tree_of() {
+  local child
+  echo "$1"
+  for child in $(pgrep -P "$1" -s 0 || true); do
+    tree_of "$child"
+  done
+}
+
+# stop_following: ends the ssh sessions that follow the workers, with gcloud and ssh under them (killing the session's
+# shell alone left them running), the shell first: it would report its pipeline's end. Uses watch_hosts' locals.
+stop_following() {
+  local i
+  local -a tree=()
+  for i in "${!PIDS[@]}"; do
+    [[ -n ${finished[$i]:-} || -n ${reattach_at[$i]:-} ]] || mapfile -t -O "${#tree[@]}" tree < <(tree_of "${PIDS[$i]}")
+  done
+  ((${#tree[@]} == 0)) || kill "${tree[@]}" 2>/dev/null || true
+}
+
 # stop_all GRACE: stops every host's trainer (see stop_pids).
 stop_all() {
   if [[ -n ${TPU:-} ]]; then
     # The local ssh sessions only follow the logs; the detached trainers are stopped on the workers.
-    kill "${PIDS[@]}" 2>/dev/null || true
+    stop_following
     stop_remote_trainers "$1" ||
       echo "launch.sh: the trainers may still run; stop them by hand: $(remote_stop_command)" >&2
   else
@@ -314,28 +349,76 @@ stop_all() {
 }
 
 # Reaps the hosts that have ended since the last call: `running` counts down, each failure is appended to `failed`
-# as INDEX:STATUS. A dropped ssh session (exit 255) is re-attached instead (the trainer runs on, detached).
-# Uses watch_hosts' locals.
+# as INDEX:STATUS. A worker's session cut off (session_cut_off) is re-attached instead, once its wait is over (the
+# trainer runs on, detached). Uses watch_hosts' locals.
 reap_hosts() {
-  local i status
+  local i status received
   for i in "${!PIDS[@]}"; do
     [[ -n ${finished[$i]:-} ]] && continue
+    if [[ -n ${reattach_at[$i]:-} ]]; then
+      ((SECONDS >= reattach_at[$i])) || continue
+      unset "reattach_at[$i]"
+      worker_session "$i" "--worker-attach $i ${RECEIVED[$i]}"
+      continue
+    fi
     kill -0 "${PIDS[$i]}" 2>/dev/null && continue
     status=0
     wait "${PIDS[$i]}" || status=$?
-    # ssh exits 255 when the connection drops (or keepalives go unanswered); a trainer's own 255 says so first.
-    if [[ -n ${TPU:-} ]] && ((status == 255 && ${reattached[$i]:-0} < MAX_REATTACH)) &&
-      ! tail -n 3 "${LOGS[$i]}" 2>/dev/null | grep -qxF "$TRAINER_EXITED 255"; then
-      reattached[$i]=$((${reattached[$i]:-0} + 1))
-      echo "launch.sh: lost the ssh session to ${NAMES[$i]} (exit 255); its trainer runs on; re-attaching" \
-        "(${reattached[$i]} of $MAX_REATTACH)" >&2
-      worker_session "$i" "--worker-attach $i"
-      continue
+    if [[ -n ${TPU:-} ]]; then
+      received=$(cat "$SESSIONS_DIR/received_$i" 2>/dev/null || true)
+      RECEIVED[i]=$((RECEIVED[i] + ${received:-0}))
+      if session_cut_off "$i" "$status"; then
+        schedule_reattach "$i" "$status"
+        continue
+      fi
     fi
     finished[$i]=1
     running=$((running - 1))
     ((status == 0)) || failed+=("$i:$status")
   done
+}
+
+# session_cut_off WORKER STATUS: whether the session to WORKER ended with STATUS but without the worker's word on its
+# trainer (TRAINER_EXITED or TRAINER_GONE), which a trainer's own 255 comes with: ssh exits 255 when the connection
+# drops (or keepalives go unanswered), and a re-attach also fails with gcloud's own 1 while the TPU's API is out of
+# reach. A first session's other failures are the worker's (a refused copy or workdir).
+session_cut_off() {
+  (($2 != 0)) || return 1
+  (($2 == 255)) || [[ -n ${reattach_count[$1]:-} ]] || return 1
+  ! tail -n 3 "${LOGS[$1]}" 2>/dev/null | grep -q -e "^$TRAINER_EXITED [0-9]*\$" -e "^$TRAINER_GONE"
+}
+
+# schedule_reattach WORKER STATUS: sets when WORKER's session is started again (see MAX_REATTACH), or gives the
+# worker up (out_of_reach). Uses watch_hosts' locals.
+schedule_reattach() {
+  local worker=$1 wait
+  if ((SECONDS - SESSION_START[worker] >= REATTACH_STEADY_S)); then
+    reattach_count[$worker]=0
+  fi
+  ((${reattach_count[$worker]:-0} < MAX_REATTACH)) || out_of_reach "$worker"
+  reattach_count[$worker]=$((${reattach_count[$worker]:-0} + 1))
+  wait=$((REATTACH_WAIT_S << (reattach_count[$worker] - 1)))
+  echo "launch.sh: lost the ssh session to ${NAMES[$worker]} (exit $2); its trainer runs on; re-attaching in" \
+    "$wait s (${reattach_count[$worker]} of $MAX_REATTACH)" >&2
+  reattach_at[$worker]=$((SECONDS + wait))
+}
+
+# out_of_reach WORKER: the session to WORKER was cut off once more than MAX_REATTACH allows. Its trainer runs detached
+# and, as far as anyone knows, trains on with the others: stopping them now would be a failed host's stop (no save is
+# possible without it, so they are killed) and throw away every step since the last checkpoint, for what may be a
+# fault of the network between here and the worker. Says how to follow and stop them, then stops following the run.
+out_of_reach() {
+  local worker=${NAMES[$1]#worker }
+  echo "launch.sh: lost the ssh session to worker $worker $((MAX_REATTACH + 1)) times in a row; its trainer may still" \
+    "run there, detached, and the other workers' with it; launch.sh stops following the run and stops no trainer" \
+    "(exit $EXIT_OUT_OF_REACH)." >&2
+  echo "launch.sh: worker $worker's log: $(tpu_command ssh) --worker=$worker" \
+    "--command='tail -n $TAIL_LINES -f ~/echo_jax_logs/worker_$worker.log'" >&2
+  echo "launch.sh: the run's progress: the dashboard (its command is above), or events.jsonl in the workdir" >&2
+  echo "launch.sh: to stop every trainer (each saves a checkpoint first): $(remote_stop_command); relaunching the" \
+    "same command stops them so too, then resumes the run" >&2
+  stop_following
+  exit "$EXIT_OUT_OF_REACH"
 }
 
 # The INDEX:STATUS arguments, ordered by when host INDEX's log was last written.
@@ -355,7 +438,8 @@ show_log_tail() {
 watch_hosts() {
   local running=${#PIDS[@]} failure
   local -a failed=()
-  declare -A finished=() reattached=()
+  # Per host: whether it ended, its sessions cut off in a row (set once one was), when its re-attach is due.
+  declare -A finished=() reattach_count=() reattach_at=()
   trap 'echo "launch.sh: interrupted; stopping every host" >&2; stop_all "$STOP_GRACE_S"; exit 130' INT
   trap 'echo "launch.sh: terminated; stopping every host" >&2; stop_all "$STOP_GRACE_S"; exit 143' TERM
   while ((running > 0)); do
@@ -431,14 +515,22 @@ pod_workdir_problem() {
 
 # worker_session WORKER REMOTE_ARGS [SECONDS]: starts the ssh session that runs `launch.sh REMOTE_ARGS` on the
 # worker, in the background, its output appended to LOGS[WORKER] here, killed after SECONDS (default: no limit); its
-# pid becomes PIDS[WORKER]. Keepalives: a worker that stops answering ends the session (exit 255) instead of leaving
-# the launch waiting on it forever. The worker gets this launch's ECHO_STOP_GRACE_S (ssh passes no environment).
+# pid becomes PIDS[WORKER], and the time it started SESSION_START[WORKER]. Its stdout is the worker's log as the
+# worker's tail sends it (the worker's own messages go to stderr): its bytes are counted into
+# SESSIONS_DIR/received_WORKER, so that a re-attach goes on from the first byte not received. Keepalives: a worker
+# that stops answering ends the session (exit 255) instead of leaving the launch waiting on it forever. The worker
+# gets this launch's ECHO_STOP_GRACE_S (ssh passes no environment).
 worker_session() {
   local worker=$1 remote_args=$2 seconds=${3:-0}
-  gcloud_tpu "$seconds" ssh "$TPU" --worker="$worker" --ssh-flag=-oServerAliveInterval=15 \
-    --ssh-flag=-oServerAliveCountMax=8 \
-    --command="ECHO_STOP_GRACE_S=$STOP_GRACE_S bash ~/$REMOTE_DIR/launch.sh $remote_args" >> "${LOGS[$worker]}" 2>&1 &
+  # shellcheck disable=SC2094  # both append to the log; nothing in the pipeline reads it
+  {
+    gcloud_tpu "$seconds" ssh "$TPU" --worker="$worker" --ssh-flag=-oServerAliveInterval=15 \
+      --ssh-flag=-oServerAliveCountMax=8 \
+      --command="ECHO_STOP_GRACE_S=$STOP_GRACE_S bash ~/$REMOTE_DIR/launch.sh $remote_args" 2>> "${LOGS[$worker]}" |
+      tee -a "${LOGS[$worker]}" | wc -c > "$SESSIONS_DIR/received_$worker" || exit "${PIPESTATUS[0]}"
+  } &
   PIDS[worker]=$!
+  SESSION_START[worker]=$SECONDS
 }
 
 # gcloud_tpu SECONDS VERB ARGS...: `gcloud compute tpus tpu-vm VERB ARGS...` in this launch's zone and project,
@@ -559,6 +651,7 @@ launch_tpu() {
     LOGS+=("$LOGDIR/worker_$worker.log")
     NAMES+=("worker $worker")
     new_log "${LOGS[-1]}"
+    RECEIVED[worker]=0
     worker_session "$worker" "--worker-run $worker $COPY_ID --$args"
   done
   echo "launch.sh: started $workers workers; logs here in $LOGDIR, on each worker in ~/echo_jax_logs"
@@ -600,7 +693,7 @@ main() {
         shift 3
         [[ ${1:-} == -- ]] && shift
         worker_run "$worker" "$copy_id" "$@" ;;
-      --worker-attach) worker_attach "${2:?}" ;;
+      --worker-attach) worker_attach "${2:?}" "${3:?}" ;;
       --worker-setup) worker_setup "${2:?}" "${3:?}" ;;
       --) shift; break ;;
       -h|--help) usage ;;
@@ -608,8 +701,10 @@ main() {
     esac
   done
   [[ -n $mode ]] || usage
-  [[ $STOP_GRACE_S =~ ^[0-9]+$ && $FAILED_STOP_GRACE_S =~ ^[0-9]+$ ]] ||
-    die "ECHO_STOP_GRACE_S and ECHO_FAILED_STOP_GRACE_S must be whole numbers of seconds"
+  local seconds
+  for seconds in STOP_GRACE_S FAILED_STOP_GRACE_S REATTACH_WAIT_S REATTACH_STEADY_S; do
+    [[ ${!seconds} =~ ^[0-9]+$ ]] || die "ECHO_$seconds must be a whole number of seconds, not '${!seconds}'"
+  done
   if [[ $mode == tpu ]]; then
     [[ -n $ZONE ]] || die "--tpu needs --zone"
     [[ $REMOTE_DIR =~ ^[A-Za-z0-9_.-]+$ ]] || die "--remote_dir must be a plain directory name under ~"
@@ -633,6 +728,10 @@ main() {
   fi
   mkdir -p "$LOGDIR"
   LOGDIR=$(cd "$LOGDIR" && pwd)
+  if [[ $mode == tpu ]]; then
+    SESSIONS_DIR=$(mktemp -d)
+    trap 'rm -rf "$SESSIONS_DIR"' EXIT
+  fi
   if [[ -n $setup ]]; then
     setup_tpu
   elif [[ $mode == tpu ]]; then

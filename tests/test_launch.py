@@ -63,13 +63,31 @@ FAKE_GCLOUD = textwrap.dedent("""\
     for w in $workers; do
       home="$FAKE_ROOT/worker_$w"
       mkdir -p "$home"
-      # FAKE_DROP_WORKER: that worker's first trainer session drops (ssh exit 255) while its command runs on.
-      if [[ $command == *--worker-run* && $w == "${FAKE_DROP_WORKER:-}" && ! -f $FAKE_ROOT/dropped ]]; then
-        touch "$FAKE_ROOT/dropped"
-        (cd "$home" && HOME="$home" FAKE_WORKER=$w env -u ECHO_STOP_GRACE_S -u ECHO_FAILED_STOP_GRACE_S \
-          setsid bash -c "$command" > /dev/null 2>&1 &)
-        sleep 1
-        exit 255
+      # FAKE_DROP_WORKER: that worker's first FAKE_DROPS (default 1) trainer sessions (its start, then re-attaches)
+      # drop while its command runs on: what the command writes reaches launch.sh for FAKE_DROP_AFTER seconds
+      # (default 1), then nothing more for FAKE_DEAD_S seconds (default 0: ssh's keepalives notice a dead connection
+      # late), then ssh exits 255. Before those, FAKE_UNREACHABLE re-attaches to it fail at once, as they do while the
+      # network is down, with FAKE_UNREACHABLE_STATUS: 255 (default) as ssh's, 1 as gcloud's own failure to reach the
+      # TPU's API. Each drop is counted in FAKE_ROOT/drops.
+      if [[ $w == "${FAKE_DROP_WORKER:-}" && ($command == *--worker-run* || $command == *--worker-attach*) ]]; then
+        touch "$FAKE_ROOT/drops" "$FAKE_ROOT/unreachable"
+        if [[ $command == *--worker-attach* && $(wc -l < "$FAKE_ROOT/unreachable") -lt ${FAKE_UNREACHABLE:-0} ]]
+        then
+          echo >> "$FAKE_ROOT/unreachable"
+          echo "ERROR: worker $w: Network is unreachable" >&2
+          exit "${FAKE_UNREACHABLE_STATUS:-255}"
+        fi
+        if [[ $(wc -l < "$FAKE_ROOT/drops") -lt ${FAKE_DROPS:-1} ]]; then
+          echo >> "$FAKE_ROOT/drops"
+          received=$(mktemp "$FAKE_ROOT/session.XXXXXX")
+          (cd "$home" && HOME="$home" FAKE_WORKER=$w env -u ECHO_STOP_GRACE_S -u ECHO_FAILED_STOP_GRACE_S \
+            setsid bash -c "$command" &) > "$received"
+          tail -f "$received" &
+          sleep "${FAKE_DROP_AFTER:-1}"
+          kill $!
+          sleep "${FAKE_DEAD_S:-0}"
+          exit 255
+        fi
       fi
       if [[ $verb == scp ]]; then
         cp -r "$source" "$home/$destination"
@@ -86,7 +104,8 @@ FAKE_GCLOUD = textwrap.dedent("""\
 
 # Stands in for python3 on the workers: records its arguments and pid, says which process it is (worker 1 hosts
 # process 0, as the real pod may have it), fails on FAKE_FAIL_WORKER once every other worker's trainer is running
-# (so that the test sees them stopped), and otherwise runs FAKE_SECONDS. Like the real trainer, a SIGTERM makes it
+# (so that the test sees them stopped) and it has written a line every 0.1 s for FAKE_FAIL_AFTER seconds, and
+# otherwise runs FAKE_SECONDS. Like the real trainer, a SIGTERM makes it
 # save (half a second) and exit 0; with FAKE_IGNORE_TERM=1 it ignores SIGTERM, as a trainer stuck in a collective
 # never reaches the step where it would stop.
 FAKE_PYTHON = textwrap.dedent("""\
@@ -100,6 +119,7 @@ FAKE_PYTHON = textwrap.dedent("""\
       for other in "$FAKE_ROOT"/worker_*; do
         for ((i = 0; i < 400; i++)); do [[ -f $other/trainer_pid ]] && break; sleep 0.05; done
       done
+      for ((i = 0; i < ${FAKE_FAIL_AFTER:-0} * 10; i++)); do echo "tick $i"; sleep 0.1; done
       echo "Traceback: boom on worker $FAKE_WORKER"
       exit "${FAKE_FAIL_STATUS:-3}"
     fi
@@ -301,7 +321,8 @@ def test_a_dropped_ssh_session_is_reattached_and_the_run_goes_on(fake_pod):
   env.update(FAKE_SECONDS="4", FAKE_DROP_WORKER="1")
   result = launch_tpu(tmp_path, env, timeout=60)
   assert result.returncode == 0, result.stdout + result.stderr
-  assert "lost the ssh session to worker 1 (exit 255); its trainer runs on; re-attaching (1 of 5)" in result.stderr
+  assert ("lost the ssh session to worker 1 (exit 255); its trainer runs on; re-attaching in 10 s (1 of 5)"
+          in result.stderr)
   assert not [call for call in recorded_calls(tmp_path) if any("pkill -KILL" in arg for arg in call)][1:]
   assert "trained" in (tmp_path / "logs" / "worker_1.log").read_text()  # followed to its end after the drop
   attaches = [call for call in recorded_calls(tmp_path) if any("--worker-attach 1" in arg for arg in call)]
@@ -335,6 +356,83 @@ def test_a_relaunch_keeps_the_previous_launchs_logs_here_and_on_the_workers(fake
                            env=dict(env, PYTHON=str(fake), FAKE_RUN=str(run)), capture_output=True, timeout=60)
     assert local.returncode == 0
   assert (logs / "process_0.log").read_text() == "run 2\n" and (logs / "process_0.log.1").read_text() == "run 1\n"
+
+
+def test_a_reattach_goes_on_from_the_first_byte_not_received(fake_pod):
+  """Worker 1's session drops mid-stream, after a second in which nothing more came through, and its trainer fails
+  before the re-attach: every line reaches the log here once, in order, and the failure is reported with the
+  trainer's status and traceback. The re-attach followed the log from its end: what was written while the session
+  was down (here, the traceback) never reached this machine nor the failure report (found by review)."""
+  tmp_path, env = fake_pod
+  env.update(FAKE_DROP_WORKER="1", FAKE_DEAD_S="1", FAKE_FAIL_WORKER="1", FAKE_FAIL_AFTER="2", FAKE_SECONDS="60",
+             ECHO_REATTACH_WAIT_S="2", ECHO_FAILED_STOP_GRACE_S="1")
+  start = time.time()
+  result = launch_tpu(tmp_path, env, timeout=60)
+  assert result.returncode == 1 and time.time() - start < 20, result.stdout + result.stderr
+  assert "worker 1 failed (exit 3)" in result.stderr and "boom on worker 1" in result.stderr
+  log = (tmp_path / "logs" / "worker_1.log").read_text()
+  remote = (tmp_path / "worker_1" / "echo_jax_logs" / "worker_1.log").read_text().splitlines()
+  assert [line for line in log.splitlines() if line in remote] == remote, log
+  assert [line for line in remote if line.startswith("tick")] == [f"tick {i}" for i in range(20)]
+
+
+def test_short_drops_far_apart_do_not_use_up_the_reattaches(fake_pod):
+  """Six drops, each after a session that held longer than ECHO_REATTACH_STEADY_S: the budget of 5 re-attaches is
+  for drops in a row, not for the run (a few short drops made launch.sh stop a healthy pod run, found by review)."""
+  tmp_path, env = fake_pod
+  env.update(FAKE_DROP_WORKER="1", FAKE_DROPS="6", FAKE_DROP_AFTER="2", FAKE_SECONDS="22", ECHO_REATTACH_WAIT_S="1",
+             ECHO_REATTACH_STEADY_S="1")
+  result = launch_tpu(tmp_path, env, timeout=90)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert result.stderr.count("re-attaching in 1 s (1 of 5)") == 6, result.stderr
+  assert "trained" in (tmp_path / "logs" / "worker_1.log").read_text()
+
+
+def test_a_reattach_that_gcloud_fails_is_tried_again_after_a_wait(fake_pod):
+  """While the network is down, gcloud fails before ssh starts (exit 1: it cannot reach the TPU's API): a re-attach
+  that fails so, without the worker's word on its trainer, is tried again, after growing waits."""
+  tmp_path, env = fake_pod
+  env.update(FAKE_DROP_WORKER="1", FAKE_UNREACHABLE="2", FAKE_UNREACHABLE_STATUS="1", FAKE_SECONDS="10",
+             ECHO_REATTACH_WAIT_S="1")
+  result = launch_tpu(tmp_path, env, timeout=60)
+  assert result.returncode == 0, result.stdout + result.stderr
+  for message in ("(exit 255); its trainer runs on; re-attaching in 1 s (1 of 5)",
+                  "(exit 1); its trainer runs on; re-attaching in 2 s (2 of 5)",
+                  "(exit 1); its trainer runs on; re-attaching in 4 s (3 of 5)"):
+    assert f"lost the ssh session to worker 1 {message}" in result.stderr, result.stderr
+  assert "trained" in (tmp_path / "logs" / "worker_1.log").read_text()
+
+
+def test_a_worker_out_of_reach_is_left_running_and_the_launch_says_how_to_follow_it(fake_pod):
+  """The network to worker 1 stays down: after 5 re-attaches with growing waits, launch.sh stops following the run,
+  says where worker 1's log is and how to stop the trainers, and exits 69 without stopping any: they run detached
+  and are healthy as far as anyone knows. Before, it stopped every trainer with the failed-host grace, 10 s, and
+  killed them (a 1.3B save takes longer: hours of training lost; found by review)."""
+  tmp_path, env = fake_pod
+  env.update(FAKE_DROP_WORKER="1", FAKE_UNREACHABLE="100", FAKE_SECONDS="120", ECHO_REATTACH_WAIT_S="1")
+  start = time.time()
+  result = launch_tpu(tmp_path, env, timeout=90)
+  trainers = [int((tmp_path / f"worker_{w}" / "trainer_pid").read_text()) for w in (0, 1)]
+  try:
+    assert result.returncode == 69, result.stdout + result.stderr
+    assert 31 <= time.time() - start < 60  # waits of 1, 2, 4, 8 and 16 s
+    for attempt, wait in enumerate((1, 2, 4, 8, 16), 1):
+      assert f"re-attaching in {wait} s ({attempt} of 5)" in result.stderr
+    assert "lost the ssh session to worker 1 6 times in a row" in result.stderr, result.stderr
+    assert "its trainer may still run there" in result.stderr
+    assert ("gcloud compute tpus tpu-vm ssh pod --zone us-central2-b --project proj --worker=1 "
+            "--command='tail -n 40 -f ~/echo_jax_logs/worker_1.log'") in result.stderr
+    assert ("gcloud compute tpus tpu-vm ssh pod --zone us-central2-b --project proj --worker=all "
+            "--command=\"pkill -TERM -f '[/]echo_jax_code/train_pretrain.py'\"") in result.stderr
+    assert "Terminated" not in result.stderr
+    assert all(pid_alive(pid) for pid in trainers)
+    assert sum(1 for call in recorded_calls(tmp_path) if any("pkill" in a for a in call)) == 1  # the launch's own
+    # Nothing of launch.sh's follows the run on: worker 0's session is gone, here and (with its ssh) there.
+    assert subprocess.run(["pgrep", "-f", f"{tmp_path}/bin/gcloud .* --worker=0"]).returncode == 1
+    assert subprocess.run(["pgrep", "-f", f"tail -n \\+1 -f --pid=[0-9]+ {tmp_path}/worker_0/"]).returncode == 1
+  finally:
+    for pid in trainers:
+      os.kill(pid, signal.SIGKILL)
 
 
 def test_a_gcloud_call_that_hangs_fails_the_launch(fake_pod):
