@@ -16,7 +16,8 @@
 #   there, so a dropped ssh connection does not stop it; its output is also streamed to LOGDIR/worker_I.log here.
 #   That session first checks that the worker runs this launch's copy of the code and no stale trainer (the calls on
 #   all workers need not report a worker they failed on).
-# --local N: N processes on this machine, joined through a coordinator on 127.0.0.1 (logs LOGDIR/process_I.log).
+# --local N: N processes on this machine, joined through a coordinator on 127.0.0.1 (logs LOGDIR/process_I.log),
+#   each in a session of its own: Ctrl-C and a closing terminal's SIGHUP reach launch.sh alone, which stops them.
 #   Give each process its devices with XLA_FLAGS=--xla_force_host_platform_device_count=K.
 # A launch moves each earlier log aside (LOG.1, the last launch's, to LOG.5), here and on the workers.
 # Either way: prints which host runs process 0 (it writes the run log) and how to open the dashboard, and fails
@@ -442,6 +443,11 @@ watch_hosts() {
   declare -A finished=() reattach_count=() reattach_at=()
   trap 'echo "launch.sh: interrupted; stopping every host" >&2; stop_all "$STOP_GRACE_S"; exit 130' INT
   trap 'echo "launch.sh: terminated; stopping every host" >&2; stop_all "$STOP_GRACE_S"; exit 143' TERM
+  if [[ -z ${TPU:-} ]]; then
+    # The local trainers, in sessions of their own, do not get a closing terminal's SIGHUP. (A pod's trainers run
+    # on, detached, when the launching machine goes away.)
+    trap 'echo "launch.sh: hung up; stopping every host" >&2; stop_all "$STOP_GRACE_S"; exit 129' HUP
+  fi
   while ((running > 0)); do
     reap_hosts
     if ((${#failed[@]} > 0)); then
@@ -668,8 +674,11 @@ launch_local() {
     LOGS+=("$LOGDIR/process_$i.log")
     NAMES+=("process $i")
     new_log "${LOGS[-1]}"
+    # In a session of its own: Ctrl-C sends SIGINT to the terminal's whole foreground process group, and a trainer
+    # in launch.sh's took it for its stop, then launch.sh's SIGTERM for a second one, and exited without saving. Now
+    # only launch.sh hears it, and hands each trainer one SIGTERM (setsid execs the trainer: its pid is $!).
     ECHO_COORDINATOR="127.0.0.1:$port" ECHO_NUM_PROCESSES=$count ECHO_PROCESS_ID=$i \
-      "$python" -u "$HERE/train_pretrain.py" "$@" >> "${LOGS[-1]}" 2>&1 < /dev/null &
+      setsid "$python" -u "$HERE/train_pretrain.py" "$@" >> "${LOGS[-1]}" 2>&1 < /dev/null &
     PIDS+=($!)
   done
   echo "launch.sh: started $count local processes (coordinator 127.0.0.1:$port); logs in $LOGDIR"

@@ -628,6 +628,55 @@ def test_a_terminated_local_launch_stops_its_processes_before_it_exits(tmp_path)
   assert not any(pid_alive(pid) for pid in pids)
 
 
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGHUP, 129)])
+def test_ctrl_c_reaches_only_launch_sh_which_stops_each_local_trainer_once(tmp_path, signum, status):
+  """Ctrl-C sends SIGINT to the terminal's whole foreground process group, and the trainers shared launch.sh's: a
+  single-process trainer took the SIGINT for its stop and launch.sh's SIGTERM right after it for a second one, and
+  exited without saving (found by review). They now run in sessions of their own, and launch.sh hands each of them
+  one SIGTERM. A terminal that closes (SIGHUP to the same group), which they no longer hear either, stops them so."""
+  # In Python: a background job of bash starts with SIGINT ignored, which a bash trap cannot undo and the trainer's
+  # handler does.
+  trainer = tmp_path / "trainer.py"
+  trainer.write_text(textwrap.dedent("""\
+      import os, pathlib, signal, sys, time
+      root, process = pathlib.Path(os.environ["FAKE_ROOT"]), os.environ["ECHO_PROCESS_ID"]
+
+      def note(name):
+        with open(root / f"signals_{process}", "a") as signals:
+          signals.write(name + "\\n")
+
+      def save_and_exit(signum, frame):
+        note("TERM")
+        time.sleep(0.5)
+        note("saved")
+        sys.exit(0)
+
+      signal.signal(signal.SIGINT, lambda signum, frame: note("INT"))
+      signal.signal(signal.SIGHUP, lambda signum, frame: note("HUP"))
+      signal.signal(signal.SIGTERM, save_and_exit)
+      (root / f"pid_{process}").write_text(str(os.getpid()))
+      time.sleep(60)
+  """))
+  fake = tmp_path / "fake_python"
+  write_executable(fake, f'#!/usr/bin/env bash\n[[ $1 == -c ]] || exec {sys.executable} {trainer}\nexec python3 "$@"\n')
+  env = dict(os.environ, PYTHON=str(fake), FAKE_ROOT=str(tmp_path))
+  process = subprocess.Popen(["bash", LAUNCH, "--local", "2", "--logdir", str(tmp_path / "logs"), "--", "--x=1"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+  wait_for(lambda: all((tmp_path / f"pid_{i}").exists() for i in (0, 1)))
+  pids = [int((tmp_path / f"pid_{i}").read_text()) for i in (0, 1)]
+  try:
+    os.killpg(process.pid, signum)
+    stdout, stderr = process.communicate(timeout=30)
+    assert process.returncode == status, stdout + stderr
+    for i in (0, 1):
+      assert (tmp_path / f"signals_{i}").read_text().split() == ["TERM", "saved"]
+    assert not any(pid_alive(pid) for pid in pids)
+  finally:
+    for pid in filter(pid_alive, pids):
+      os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("workdir, problem", [("runs/pod", "is relative"), ("~/runs/pod", "is relative"),
                                               ("", "no --workdir")])
 def test_a_pod_launch_refuses_a_workdir_in_the_code_directory_it_replaces(fake_pod, workdir, problem):
@@ -693,10 +742,11 @@ def test_shellcheck_is_clean():
   assert result.returncode == 0, result.stdout
 
 
-def start_tiny_locally(tmp_path, workdir, *args, mesh="data=-1, fsdp=1", devices=4):
-  """Starts `launch.sh --local 2` of configs/tiny.py with 2 data streams (a multiple of the process count) on 4
-  shards under tmp_path (no evaluation unless `args` ask for it: one held-out shard is there), `devices` CPU devices
-  per process; returns the launch's Popen and its log directory."""
+def start_tiny_locally(tmp_path, workdir, *args, mesh="data=-1, fsdp=1", devices=4, processes=2, new_session=False):
+  """Starts `launch.sh --local {processes}` of configs/tiny.py with 2 data streams (a multiple of the process count)
+  on 4 shards under tmp_path (no evaluation unless `args` ask for it: one held-out shard is there), `devices` CPU
+  devices per process, launch.sh in a session of its own with `new_session` (its process group then stands for a
+  terminal's foreground job); returns the launch's Popen and its log directory."""
   shards = write_synthetic_shards(tmp_path / "shards", num_shards=4)
   eval_shards = write_synthetic_shards(tmp_path / "shards", num_shards=1, seed=1, prefix="eval")
   config_file = tmp_path / "two_streams.py"
@@ -718,10 +768,10 @@ def start_tiny_locally(tmp_path, workdir, *args, mesh="data=-1, fsdp=1", devices
   env.pop("PYTHON", None)
   logdir = tmp_path / f"logs_{time.time_ns()}"
   launch = subprocess.Popen(
-      ["bash", LAUNCH, "--local", "2", "--logdir", str(logdir), "--", f"--config={config_file}",
+      ["bash", LAUNCH, "--local", str(processes), "--logdir", str(logdir), "--", f"--config={config_file}",
        f"--config.data.train_shards={shards}", f"--config.data.eval_shards={eval_shards}",
        "--config.train.eval_every=0", f"--workdir={workdir}", *args],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=new_session)
   return launch, logdir
 
 
@@ -800,6 +850,36 @@ def test_a_restore_failing_on_one_host_fails_the_launch_with_its_error_not_after
   run.refresh()
   shown = {e["process"]: e for e in run.status(time.time())["process_errors"]}
   assert not shown[1]["earlier_launch"] and shown[1]["message"] == own["message"], shown
+
+
+def stopped_steps(workdir):
+  """The steps of the run's `stopped` events."""
+  events = pathlib.Path(workdir) / "events.jsonl"
+  return [json.loads(line)["step"] for line in events.read_text().splitlines()
+          if json.loads(line)["event"] == "stopped"]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_ctrl_c_on_a_local_launch_saves_a_checkpoint(tmp_path, processes):
+  """Ctrl-C on `launch.sh --local N` of the real trainer, i.e. SIGINT to launch.sh's process group: each trainer
+  gets one SIGTERM, saves at the step it stops at, and launch.sh exits 130. Before, the trainers got the SIGINT too:
+  `--local 1`'s took it for its stop and launch.sh's SIGTERM for a second one, and died without saving (found by
+  review). `--local 2`'s joined trainers install no SIGINT handler and kept bash's SIGINT-ignored background jobs'
+  disposition: they saved before too."""
+  workdir = tmp_path / "run"
+  events = workdir / "events.jsonl"
+  far = ("--config.train.steps=1000000", "--config.train.log_every=1000000", "--config.train.ckpt_every=1000000")
+  launch, _ = start_tiny_locally(tmp_path, workdir, *far, devices=2, processes=processes, new_session=True)
+  try:
+    wait_for(lambda: events.exists() and '"event": "start"' in events.read_text(), timeout=240)
+    time.sleep(1)  # some steps
+    os.killpg(launch.pid, signal.SIGINT)
+    _, stderr = launch.communicate(timeout=120)
+    assert launch.returncode == 130, stderr[-4000:]
+    stop = stopped_steps(workdir)
+    assert len(stop) == 1 and stop[0] > 0 and (workdir / "checkpoints" / str(stop[0])).is_dir(), stderr[-4000:]
+  finally:
+    stop_launch(launch)
 
 
 def local_trainer_pid(workdir, process_id):
