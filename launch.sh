@@ -34,6 +34,8 @@
 # MAX_REATTACH drops in a row (a session that held ECHO_REATTACH_STEADY_S, default 300 s, ends a row) launch.sh stops
 # following the run, leaves every trainer running, says how to follow and stop them, and exits 69.
 # The workdir must be storage every host shares (gs:// on a pod).
+# Exit status: 0 the run finished; 75 every host exited 0 but the run stopped short (a SIGTERM; relaunch to resume);
+# 1 a host failed; 2 refused, or a gcloud call failed; 69 a worker out of reach; 130, 143, 129 Ctrl-C, SIGTERM, SIGHUP.
 
 set -euo pipefail
 
@@ -49,6 +51,10 @@ readonly MAX_REATTACH=5
 readonly REATTACH_WAIT_S=${ECHO_REATTACH_WAIT_S:-10}
 readonly REATTACH_STEADY_S=${ECHO_REATTACH_STEADY_S:-300}
 readonly EXIT_OUT_OF_REACH=69
+# launch.sh's exit status when every host exited 0 but the run stopped before train.steps (a SIGTERM: maintenance,
+# preemption, a stop by hand), by the line a stopped trainer prints (STOPPED_SHORT): a relaunch resumes it.
+readonly EXIT_STOPPED=75
+readonly STOPPED_SHORT="^stopped at step [0-9]+ of [0-9]+; relaunch to resume\$"
 # After a host fails, how long others may take to fail too (those that lost it in a collective) and be shown with it.
 readonly FAILURE_GRACE_S=2
 readonly STOP_GRACE_S=${ECHO_STOP_GRACE_S:-180}
@@ -467,6 +473,12 @@ watch_hosts() {
     sleep 0.5
   done
   ((PROCESS0_REPORTED)) || report_process0
+  local stopped
+  stopped=$(grep -h -m 1 -E "$STOPPED_SHORT" "${LOGS[@]}" | head -n 1 || true)
+  if [[ -n $stopped ]]; then
+    echo "launch.sh: $stopped (every host saved a checkpoint there and exited 0); logs in $LOGDIR" >&2
+    exit "$EXIT_STOPPED"
+  fi
   echo "launch.sh: all ${#PIDS[@]} hosts finished; logs in $LOGDIR"
 }
 

@@ -105,12 +105,18 @@ FAKE_GCLOUD = textwrap.dedent("""\
 # Stands in for python3 on the workers: records its arguments and pid, says which process it is (worker 1 hosts
 # process 0, as the real pod may have it), fails on FAKE_FAIL_WORKER once every other worker's trainer is running
 # (so that the test sees them stopped) and it has written a line every 0.1 s for FAKE_FAIL_AFTER seconds, and
-# otherwise runs FAKE_SECONDS. Like the real trainer, a SIGTERM makes it
-# save (half a second) and exit 0; with FAKE_IGNORE_TERM=1 it ignores SIGTERM, as a trainer stuck in a collective
+# otherwise runs FAKE_SECONDS. Like the real trainer, a SIGTERM makes it save (half a second), say at which step of
+# train.steps it stopped, and exit 0; with FAKE_IGNORE_TERM=1 it ignores SIGTERM, as a trainer stuck in a collective
 # never reaches the step where it would stop.
 FAKE_PYTHON = textwrap.dedent("""\
     #!/usr/bin/env bash
-    stop() { echo "stop requested; saving"; sleep 0.5; echo "saved; exit 0"; exit 0; }
+    stop() {
+      echo "stop requested; saving"
+      sleep 0.5
+      echo "stopped at step 3 of 5; relaunch to resume"
+      echo "saved; exit 0"
+      exit 0
+    }
     if [[ ${FAKE_IGNORE_TERM:-} == 1 ]]; then trap '' TERM; else trap stop TERM; fi
     printf '%s\\n' "$@" > "$HOME/trainer_args"
     echo $$ > "$HOME/trainer_pid"
@@ -297,9 +303,11 @@ def test_setup_without_python_3_11_on_the_workers_says_what_to_install(fake_pod)
   assert not (tmp_path / "worker_0" / "echo_jax_venv").exists()
 
 
-def test_a_trainer_stopped_by_sigterm_saves_and_the_launch_succeeds(fake_pod):
+def test_a_trainer_stopped_by_sigterm_saves_and_the_launch_says_to_relaunch(fake_pod):
   """The trainers' SIGTERM (maintenance, or a stop by the stale-trainer pattern) is a clean stop: the shells that
-  wait for them on the workers must not be matched and killed by that pattern, or the launch reports a failure."""
+  wait for them on the workers must not be matched and killed by that pattern, or the launch reports a failure. The
+  trainers exit 0, and launch.sh exits 75, saying at which step the run stopped: it reported "all 2 hosts finished"
+  and exited 0, as for a finished run, and a loop that relaunches until success stopped there (found by review)."""
   tmp_path, env = fake_pod
   env.update(FAKE_SECONDS="60")
   process = subprocess.Popen(
@@ -310,10 +318,11 @@ def test_a_trainer_stopped_by_sigterm_saves_and_the_launch_succeeds(fake_pod):
   subprocess.run(["pkill", "-TERM", "-f", f"[{str(tmp_path)[0]}]{str(tmp_path)[1:]}/worker_./echo_jax_code/train_"
                   "pretrain.py"], check=True)
   stdout, stderr = process.communicate(timeout=60)
-  assert process.returncode == 0, stdout + stderr
-  assert "all 2 hosts finished" in stdout
+  assert process.returncode == 75, stdout + stderr
+  assert "launch.sh: stopped at step 3 of 5; relaunch to resume" in stderr and "hosts finished" not in stdout
   for worker in (0, 1):
-    assert "saved; exit 0" in (tmp_path / "logs" / f"worker_{worker}.log").read_text()
+    log = (tmp_path / "logs" / f"worker_{worker}.log").read_text()
+    assert "saved; exit 0" in log and "the trainer exited with status 0" in log
 
 
 def test_a_dropped_ssh_session_is_reattached_and_the_run_goes_on(fake_pod):
@@ -896,18 +905,15 @@ def local_trainer_pid(workdir, process_id):
   return None
 
 
-def test_sigterm_to_one_local_trainer_stops_both_at_one_step_and_the_launch_succeeds(tmp_path):
+def test_sigterm_to_one_local_trainer_stops_both_at_one_step_and_the_launch_says_to_relaunch(tmp_path):
   """A preempted host of a real launch (train_pretrain.py): SIGTERM to process 1 alone makes both processes save at
-  one step and exit 0, mid-run and again during a relaunch's start-up (restore, compile). The flags put every other
-  save and log far away, so only the stop can write the checkpoint. Before, JAX's preemption notifier took SIGTERM
-  over once the hosts had joined, and the trainers ignored it: the run went on until killed."""
+  one step and exit 0, mid-run and again during a relaunch's start-up (restore, compile), and launch.sh exit 75 with
+  the step (it exited 0 as for a finished run). The flags put every other save and log far away, so only the stop
+  can write the checkpoint. Before, JAX's preemption notifier took SIGTERM over once the hosts had joined, and the
+  trainers ignored it: the run went on until killed."""
   workdir = tmp_path / "run"
   events = workdir / "events.jsonl"
   far = ("--config.train.steps=1000000", "--config.train.log_every=1000000", "--config.train.ckpt_every=1000000")
-
-  def stopped_steps():
-    return [json.loads(line)["step"] for line in events.read_text().splitlines()
-            if json.loads(line)["event"] == "stopped"]
 
   def joined(logdir):
     log = logdir / "process_1.log"
@@ -921,17 +927,19 @@ def test_sigterm_to_one_local_trainer_stops_both_at_one_step_and_the_launch_succ
     time.sleep(1)  # some steps
     os.kill(local_trainer_pid(workdir, 1), signal.SIGTERM)
     _, stderr = launch.communicate(timeout=60)
-    assert launch.returncode == 0, stderr[-4000:]
-    stop = stopped_steps()
+    assert launch.returncode == 75, stderr[-4000:]
+    stop = stopped_steps(workdir)
     assert len(stop) == 1 and stop[0] > 0 and (workdir / "checkpoints" / str(stop[0])).is_dir(), stop
+    assert f"launch.sh: stopped at step {stop[0]} of 1000000; relaunch to resume" in stderr
 
     relaunch, logdir = start_tiny_locally(tmp_path, workdir, *far, devices=2)
     started.append(relaunch)
     wait_for(lambda: joined(logdir), timeout=120)
     os.kill(local_trainer_pid(workdir, 1), signal.SIGTERM)  # it is restoring and compiling now
     _, stderr = relaunch.communicate(timeout=120)
-    assert relaunch.returncode == 0, stderr[-4000:]
-    assert stopped_steps() == [stop[0], stop[0] + 1]
+    assert relaunch.returncode == 75, stderr[-4000:]
+    assert stopped_steps(workdir) == [stop[0], stop[0] + 1]
+    assert f"launch.sh: stopped at step {stop[0] + 1} of 1000000; relaunch to resume" in stderr
     assert (workdir / "checkpoints" / str(stop[0] + 1)).is_dir()
   finally:
     for process in started:

@@ -1237,7 +1237,7 @@ def test_ctrl_c_on_a_direct_run_saves_a_checkpoint_and_exits_0(tiny_config, tmp_
   try:
     wait_for(lambda: (workdir / "metrics.jsonl").exists() and len(losses_by_step(workdir)) >= 3, timeout=120)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+    stdout, stderr = process.communicate(timeout=120)
   finally:
     if process.poll() is None:
       process.kill()
@@ -1245,3 +1245,5 @@ def test_ctrl_c_on_a_direct_run_saves_a_checkpoint_and_exits_0(tiny_config, tmp_
   assert "Ctrl-C: a checkpoint is saved after the step in progress" in stderr and "KeyboardInterrupt" not in stderr
   stopped = [e for e in events(workdir) if e["event"] == "stopped"]
   assert len(stopped) == 1 and (workdir / "checkpoints" / str(stopped[0]["step"])).is_dir()
+  # What launch.sh tells a stopped run from a finished one by (both exit 0).
+  assert f"stopped at step {stopped[0]['step']} of 100000; relaunch to resume\n" in stdout

@@ -513,6 +513,9 @@ class Trainer:
         if stop:
           self.log.event("stopped", step=step,
                          message="stop requested (SIGTERM or Ctrl-C); saving a checkpoint, then exiting")
+          if step < train.steps:
+            # On every process: the process exits 0 as a finished run does, and launch.sh tells them apart by it.
+            print(f"stopped at step {step} of {train.steps}; relaunch to resume", flush=True)
           break
       if pending is not None:
         self._log_step(*pending, waited, consecutive_nonfinite, progress)
