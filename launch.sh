@@ -285,7 +285,8 @@ report_process0() {
       if [[ -n ${TPU:-} ]]; then
         local worker=${NAMES[$i]#worker } python monitor
         python=$(sed -n 's/^launch.sh: worker python: //p' "${LOGS[$i]}" | head -n 1)
-        monitor="cd ~/$REMOTE_DIR && $(printf '%q' "${python:-python3}") monitor.py $(printf '%q' "${WORKDIR:-WORKDIR}")"
+        monitor="cd ~/$REMOTE_DIR && $(printf '%q' "${python:-python3}") monitor.py"
+        monitor+=" $(printf '%q' "${WORKDIR:-WORKDIR}")"
         # monitor.py listens on the worker's loopback only: ssh forwards it here, where it stays private.
         echo "launch.sh: dashboard: run here, then open http://localhost:8080"
         echo "  $(tpu_command ssh) --worker=$worker --command=$(shell_quote "$monitor") -- -L 8080:localhost:8080"
@@ -421,7 +422,7 @@ out_of_reach() {
     "(exit $EXIT_OUT_OF_REACH)." >&2
   echo "launch.sh: worker $worker's log: $(tpu_command ssh) --worker=$worker" \
     "--command='tail -n $TAIL_LINES -f ~/echo_jax_logs/worker_$worker.log'" >&2
-  echo "launch.sh: the run's progress: the dashboard (its command is above), or events.jsonl in the workdir" >&2
+  echo "launch.sh: the run's progress: the dashboard (monitor.py), or events.jsonl and metrics.jsonl in the workdir" >&2
   echo "launch.sh: to stop every trainer (each saves a checkpoint first): $(remote_stop_command); relaunching the" \
     "same command stops them so too, then resumes the run" >&2
   stop_following
