@@ -440,7 +440,7 @@ def test_a_worker_out_of_reach_is_left_running_and_the_launch_says_how_to_follow
     assert subprocess.run(["pgrep", "-f", f"{tmp_path}/bin/gcloud .* --worker=0"]).returncode == 1
     assert subprocess.run(["pgrep", "-f", f"tail -n \\+1 -f --pid=[0-9]+ {tmp_path}/worker_0/"]).returncode == 1
   finally:
-    for pid in trainers:
+    for pid in filter(pid_alive, trainers):
       os.kill(pid, signal.SIGKILL)
 
 
