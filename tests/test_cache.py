@@ -221,6 +221,22 @@ def test_remote_shards_stream_through_the_cache_and_consumed_shards_leave(tmp_pa
   assert not os.path.exists(path)
 
 
+@contextlib.contextmanager
+def remote_file(tmp_path, store, name, data):
+  """(the stand-in's server, the URL of `data` stored as `name` there) while inside: on the GCS stand-in (gs://) or
+  the Hub's (hf://, listed at its commit as list_shards does)."""
+  if store == "gs":
+    (tmp_path / "gcs" / "bucket").mkdir(parents=True)
+    with fake_gcs.registered(str(tmp_path / "gcs")) as server:
+      fsspec.filesystem("gs").pipe(f"gs://bucket/{name}", data)
+      yield server, f"gs://bucket/{name}"
+  else:
+    (tmp_path / "hub" / "org" / "shards").mkdir(parents=True)
+    (tmp_path / "hub" / "org" / "shards" / name).write_bytes(data)
+    with fake_hub.registered(str(tmp_path / "hub")) as server:
+      yield server, list_shards(f"hf://datasets/org/shards/{name}")[0]
+
+
 @pytest.mark.parametrize("store", ["gs", "hf"])
 def test_a_remote_shard_is_read_in_few_large_requests(tmp_path, store):
   """gcsfs and huggingface_hub read a file in 5 MB ranged requests unless told a block size: about 200 requests per
@@ -228,16 +244,7 @@ def test_a_remote_shard_is_read_in_few_large_requests(tmp_path, store):
   every host of a pod (5,000 for a free account: at 5 MB, some 80 MB/s for the whole pod, near what a large run
   reads), so a download asks for DOWNLOAD_BLOCK_BYTES at a time (found by review)."""
   data = np.random.default_rng(0).bytes(cache_module.DOWNLOAD_BLOCK_BYTES + (3 << 20))  # two blocks' worth
-  if store == "gs":
-    (tmp_path / "gcs" / "bucket").mkdir(parents=True)
-    serving, url = fake_gcs.registered(str(tmp_path / "gcs")), "gs://bucket/big.tar"
-  else:
-    (tmp_path / "hub" / "org" / "shards").mkdir(parents=True)
-    (tmp_path / "hub" / "org" / "shards" / "big.tar").write_bytes(data)
-    serving, url = fake_hub.registered(str(tmp_path / "hub")), "hf://datasets/org/shards/big.tar"
-  with serving as server:
-    if store == "gs":
-      fsspec.filesystem("gs").pipe(url, data)
+  with remote_file(tmp_path, store, "big.tar", data) as (server, url):
     path = ShardCache(str(tmp_path / "cache")).fetch(url)
     content = server.served if store == "gs" else [p for p, _ in server.requests if "/resolve/" in p]
   assert pathlib.Path(path).read_bytes() == data
@@ -249,16 +256,7 @@ def test_a_retry_goes_on_from_the_bytes_already_there_through_gcsfs_and_huggingf
   """What a retry does after an attempt cut off partway, through the real clients: it seeks past the bytes in
   `.partial` and reads only the rest."""
   data = np.random.default_rng(1).bytes(3 << 20)
-  if store == "gs":
-    (tmp_path / "gcs" / "bucket").mkdir(parents=True)
-    serving, url = fake_gcs.registered(str(tmp_path / "gcs")), "gs://bucket/shard.tar"
-  else:
-    (tmp_path / "hub" / "org" / "shards").mkdir(parents=True)
-    (tmp_path / "hub" / "org" / "shards" / "shard.tar").write_bytes(data)
-    serving, url = fake_hub.registered(str(tmp_path / "hub")), "hf://datasets/org/shards/shard.tar"
-  with serving:
-    if store == "gs":
-      fsspec.filesystem("gs").pipe(url, data)
+  with remote_file(tmp_path, store, "shard.tar", data) as (_, url):
     download = cache_module._Download(url, str(tmp_path / "shard.tar"))
     # Zeros in place of the first bytes, to show which bytes the retry read: the rest only.
     (tmp_path / "shard.tar.partial").write_bytes(bytes(1234567))
@@ -285,6 +283,17 @@ def test_a_download_rate_limited_by_the_hub_waits_for_the_reset_it_names(tmp_pat
   assert cache_module.rate_limit_wait_s(ConnectionError("no status")) is None
 
 
+def hub_dataset(tmp_path, num_shards, per_shard):
+  """Synthetic shards as the files of the Hub stand-in's dataset org/shards (tmp_path/hub); returns their local
+  copies, whose names the dataset's files have."""
+  repo = tmp_path / "hub" / "org" / "shards"
+  repo.mkdir(parents=True)
+  local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=num_shards, per_shard=per_shard))
+  for path in local:
+    shutil.copy(path, repo)
+  return local
+
+
 HF_TOKEN = "hf_TestTokenThatMustNeverBeLogged"
 
 
@@ -292,11 +301,7 @@ def test_hf_reads_carry_the_token_and_a_refusal_is_reported_without_it(tmp_path,
   """hf:// shards are read with the token of HF_TOKEN (or the saved login), which every request to the Hub carries;
   a shard the Hub refuses (401: an expired token) is given up on with that cause, and the token is in no message."""
   monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
-  repo = tmp_path / "hub" / "org" / "shards"
-  repo.mkdir(parents=True)
-  local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=2, per_shard=4))
-  for path in local:
-    shutil.copy(path, repo)
+  local = hub_dataset(tmp_path, num_shards=2, per_shard=4)
   with fake_hub.registered(str(tmp_path / "hub")) as hub, caplog.at_level(logging.DEBUG):
     hub.denied.add(f"org/shards/{os.path.basename(local[1])}")
     urls = list_shards("hf://datasets/org/shards/*.tar")
@@ -324,11 +329,7 @@ def test_hf_auth_login_on_a_worker_gives_its_runs_the_token(tmp_path):
   """The README's set-up for hf:// on a pod: `hf auth login` once on each worker, with the CLI that the requirements
   install (its `click` included, which typer no longer brings), then every run's reads carry the saved token."""
   token = "hf_TestLoginTokenOfAWorker"
-  repo = tmp_path / "hub" / "org" / "shards"
-  repo.mkdir(parents=True)
-  local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=2, per_shard=2))
-  for path in local:
-    shutil.copy(path, repo)
+  local = hub_dataset(tmp_path, num_shards=2, per_shard=2)
   home = tmp_path / "hf_home"
   home.mkdir()
   (home / ".check_for_update_done").touch()  # the CLI asks PyPI for a newer huggingface_hub at most once a day
@@ -550,11 +551,7 @@ def test_a_pattern_under_a_missing_hub_directory_is_named_in_the_error(tmp_path)
 def test_a_hub_outage_while_listing_is_retried_and_a_long_one_names_the_attempts(tmp_path, monkeypatch):
   """huggingface_hub does not retry its listing's first request: a 503 from the Hub failed the launch."""
   monkeypatch.setattr(shards_module, "LIST_RETRY_WAIT_S", 0.0)
-  repo = tmp_path / "hub" / "org" / "shards"
-  repo.mkdir(parents=True)
-  local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=2, per_shard=2))
-  for path in local:
-    shutil.copy(path, repo)
+  local = hub_dataset(tmp_path, num_shards=2, per_shard=2)
   with fake_hub.registered(str(tmp_path / "hub")) as hub:
     hub.unavailable = 100
     with pytest.raises(OSError, match=r"could not list .*: 4 attempts failed, the last with .*503"):
@@ -569,11 +566,8 @@ def test_an_hf_listing_reads_the_commit_it_was_listed_at_whatever_is_committed_a
   a commit during a run changed what the run read (a deleted shard became a 404 and was skipped, one uploaded again
   was read new). A listing names main's commit in its URLs, which read that commit's files after later commits; a
   relisting names the newer commit."""
-  root, repo = str(tmp_path / "hub"), tmp_path / "hub" / "org" / "shards"
-  repo.mkdir(parents=True)
-  local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=3, per_shard=2))
-  for path in local:
-    shutil.copy(path, repo)
+  root = str(tmp_path / "hub")
+  local = hub_dataset(tmp_path, num_shards=3, per_shard=2)
   names = [os.path.basename(path) for path in local]
   with fake_hub.registered(root):
     urls = list_shards("hf://datasets/org/shards/*.tar")
@@ -592,11 +586,8 @@ def test_an_hf_item_naming_a_revision_is_listed_at_its_commit_and_one_the_hub_la
   """A tag, a branch (main) or a commit after the repository's "@" is listed at the commit it names then; items
   naming one repository and revision are resolved once, so that a commit between two of them cannot list a shard
   twice. A revision or repository that does not exist fails the listing with what to check."""
-  root, repo = str(tmp_path / "hub"), tmp_path / "hub" / "org" / "shards"
-  repo.mkdir(parents=True)
-  local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=2, per_shard=2))
-  for path in local:
-    shutil.copy(path, repo)
+  root = str(tmp_path / "hub")
+  local = hub_dataset(tmp_path, num_shards=2, per_shard=2)
   names = [os.path.basename(path) for path in local]
   first = fake_hub.head(root, "org/shards")
   fake_hub.tag(root, "org/shards", "v1")
@@ -618,10 +609,7 @@ def test_a_hub_outage_while_resolving_the_commit_of_a_listing_is_retried(tmp_pat
   """The commit that main names is asked for at each listing, by the request that 503s here (huggingface_hub asks
   nothing else again of a repository it has seen in this process, and keeps the files of a commit it listed)."""
   monkeypatch.setattr(shards_module, "LIST_RETRY_WAIT_S", 0.0)
-  repo = tmp_path / "hub" / "org" / "shards"
-  repo.mkdir(parents=True)
-  for path in list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=2, per_shard=2)):
-    shutil.copy(path, repo)
+  hub_dataset(tmp_path, num_shards=2, per_shard=2)
   with fake_hub.registered(str(tmp_path / "hub")) as hub:
     listed = list_shards("hf://datasets/org/shards/*.tar")
     hub.unavailable, before = 3, len(hub.requests)
@@ -633,11 +621,8 @@ def test_a_relisting_at_a_newer_hub_commit_keeps_the_data_position_and_an_added_
   """A relaunch lists main again and its URLs name main's newest commit. One that changed no shard (a README edit)
   must not reset the data position, which would send every restart after it to another epoch; a shard added still
   does."""
-  root, repo = str(tmp_path / "hub"), tmp_path / "hub" / "org" / "shards"
-  repo.mkdir(parents=True)
-  local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=3, per_shard=4))
-  for path in local:
-    shutil.copy(path, repo)
+  root = str(tmp_path / "hub")
+  local = hub_dataset(tmp_path, num_shards=3, per_shard=4)
   cache = ShardCache(str(tmp_path / "cache"))
   with fake_hub.registered(root):
     urls = list_shards("hf://datasets/org/shards/*.tar")

@@ -73,8 +73,6 @@ def _attr(page, selector: str, name: str) -> float:
 
 def test_page_charts_live_data(tmp_path):
   run_dir = _make_run(tmp_path)
-  srv = dashboard.make_server([run_dir], port=0)
-  threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
   stop = threading.Event()
 
   def append_metrics():
@@ -84,42 +82,33 @@ def test_page_charts_live_data(tmp_path):
         f.write(_line(step, time.time()) + "\n")
       step += 1
 
+  def check(page):
+    _wait_for(lambda: _attr(page, "#chart-loss", "data-points") >= 50, 10, "the loss chart's first points")
+    first_x = _attr(page, "#chart-loss", "data-last-x")
+    assert page.locator("#chart-loss canvas").count() == 1
+    _wait_for(lambda: _attr(page, "#chart-loss", "data-last-x") > first_x, 5, "a new point on the loss chart")
+    for chart in ("eval", "lr", "grad_norm", "throughput", "mfu", "data_wait", "skipped"):
+      assert int(page.get_attribute(f"#chart-{chart}", "data-points")) > 0, chart
+    assert page.locator("#run-0 .badge").inner_text() == "live"
+    assert "stale" not in page.get_attribute("#run-0", "class")
+    # Markup from the run shows up as text and never runs.
+    _wait_for(lambda: page.locator(".sample-text").count() == 1, 5, "the sample text")
+    assert page.locator(".sample-text").inner_text() == XSS_TEXT
+    assert XSS_TEXT in page.locator("#events").inner_text()
+    assert page.evaluate("window.__xss") is None
+    assert page.locator("#samples script, #events script, #samples img[src='x']").count() == 0
+    page.check("#log-scale")
+    page.select_option("#x-axis", "time")
+    page.wait_for_timeout(1600)
+    assert int(page.get_attribute("#chart-loss", "data-points")) >= 50
+
   writer = threading.Thread(target=append_metrics, daemon=True)
   writer.start()
-  problems: list[str] = []
   try:
-    with sync_api.sync_playwright() as p:
-      browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-      page = browser.new_page(viewport={"width": 1400, "height": 1800})
-      page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
-      page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-      page.goto(f"http://127.0.0.1:{srv.server_address[1]}/")
-      _wait_for(lambda: _attr(page, "#chart-loss", "data-points") >= 50, 10, "the loss chart's first points")
-      first_x = _attr(page, "#chart-loss", "data-last-x")
-      assert page.locator("#chart-loss canvas").count() == 1
-      _wait_for(lambda: _attr(page, "#chart-loss", "data-last-x") > first_x, 5, "a new point on the loss chart")
-      for chart in ("eval", "lr", "grad_norm", "throughput", "mfu", "data_wait", "skipped"):
-        assert int(page.get_attribute(f"#chart-{chart}", "data-points")) > 0, chart
-      assert page.locator("#run-0 .badge").inner_text() == "live"
-      assert "stale" not in page.get_attribute("#run-0", "class")
-      # Markup from the run shows up as text and never runs.
-      _wait_for(lambda: page.locator(".sample-text").count() == 1, 5, "the sample text")
-      assert page.locator(".sample-text").inner_text() == XSS_TEXT
-      assert XSS_TEXT in page.locator("#events").inner_text()
-      assert page.evaluate("window.__xss") is None
-      assert page.locator("#samples script, #events script, #samples img[src='x']").count() == 0
-      page.check("#log-scale")
-      page.select_option("#x-axis", "time")
-      page.wait_for_timeout(1600)
-      assert int(page.get_attribute("#chart-loss", "data-points")) >= 50
-      page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
-      browser.close()
+    _open_page(tmp_path, run_dir, check)
   finally:
     stop.set()
     writer.join()
-    srv.shutdown()
-    srv.server_close()
-  assert not problems, problems
   assert (tmp_path / "dashboard.png").stat().st_size > 10_000
 
 
