@@ -443,11 +443,10 @@ show_log_tail() {
   tail -n "$TAIL_LINES" "$2" >&2 || true
 }
 
-watch_hosts() {
-  local running=${#PIDS[@]} failure
-  local -a failed=()
-  # Per host: whether it ended, its sessions cut off in a row (set once one was), when its re-attach is due.
-  declare -A finished=() reattach_count=() reattach_at=()
+# stop_hosts_on_signals: Ctrl-C, SIGTERM and (for --local) SIGHUP stop every host started so far (PIDS), then exit.
+# Set before the first host starts: the local trainers run in sessions of their own, so a signal that came before
+# the traps (while the others started) ended launch.sh and left them running, with no one to stop them.
+stop_hosts_on_signals() {
   trap 'echo "launch.sh: interrupted; stopping every host" >&2; stop_all "$STOP_GRACE_S"; exit 130' INT
   trap 'echo "launch.sh: terminated; stopping every host" >&2; stop_all "$STOP_GRACE_S"; exit 143' TERM
   if [[ -z ${TPU:-} ]]; then
@@ -455,6 +454,13 @@ watch_hosts() {
     # on, detached, when the launching machine goes away.)
     trap 'echo "launch.sh: hung up; stopping every host" >&2; stop_all "$STOP_GRACE_S"; exit 129' HUP
   fi
+}
+
+watch_hosts() {
+  local running=${#PIDS[@]} failure
+  local -a failed=()
+  # Per host: whether it ended, its sessions cut off in a row (set once one was), when its re-attach is due.
+  declare -A finished=() reattach_count=() reattach_at=()
   while ((running > 0)); do
     reap_hosts
     if ((${#failed[@]} > 0)); then
@@ -666,6 +672,7 @@ launch_tpu() {
 
   local args worker
   args=$(printf ' %q' "$@")
+  stop_hosts_on_signals
   for ((worker = 0; worker < workers; worker++)); do
     LOGS+=("$LOGDIR/worker_$worker.log")
     NAMES+=("worker $worker")
@@ -683,6 +690,7 @@ launch_local() {
   local port python i
   python=$(python_of "$HERE/.venv")
   port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  stop_hosts_on_signals
   for ((i = 0; i < count; i++)); do
     LOGS+=("$LOGDIR/process_$i.log")
     NAMES+=("process $i")
