@@ -123,7 +123,6 @@ class Trainer:
     self._stop_forwarded = False
     self._claim: storage.RunDirectoryClaim | None = None  # taken by `_check_workdir`, held until `run` returns
     self._pad: np.ndarray | None = None
-    self._listings: list[dict[str, Any]] = []  # the hf:// commits each listing read, for `shards_listed`
 
   # Run directory ---------------------------------------------------------------------------------------------
 
@@ -165,8 +164,6 @@ class Trainer:
       raise failure
     if "error" in shared:
       raise RuntimeError(f"process 0 could not list the shards {spec!r}: {shared['error']}")
-    if revisions := hf_revisions(shared["shards"]):
-      self._listings.append({"spec": spec, "shards": len(shared["shards"]), "revisions": revisions})
     return shared["shards"]
 
   def _pipeline(self, role: str, shards: list[str], seed: int, position: Any = None, *,
@@ -405,8 +402,10 @@ class Trainer:
     held_out = _HeldOut(functools.partial(self._pipeline, "eval", eval_shards, seed=0, whole_batch=True)
                         if evaluates else None, self._eval_batches)
     self._check_workdir()  # before the checkpoint manager, which makes directories there
-    while self._listings:  # not before: the events of a workdir in use are another trainer's
-      self.log.event("shards_listed", **self._listings.pop(0))
+    # Not before: the events of a workdir in use are another trainer's. The commits are those the URLs name.
+    for spec, shards in ((config.data.train_shards, train_shards), (config.data.eval_shards, eval_shards)):
+      if revisions := hf_revisions(shards):
+        self.log.event("shards_listed", spec=spec, shards=len(shards), revisions=revisions)
     ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=train.keep_checkpoints,
                                    keep_period=train.keep_period, compression=train.ckpt_compression,
                                    restore_gb=checkpoint.restore_budget_gb(abstract_state, train.ckpt_restore_gb))
