@@ -931,9 +931,22 @@ def test_processes_that_read_different_held_out_batches_skip_evaluation(tiny_con
   assert [e["step"] for e in skipped] == [0] and skipped[0]["message"].startswith(
       f"the processes read different held-out batches (digests by process: {digest}, {'0' * 16})")
   # The same data read again gives the same digest: the comparison does not refuse processes that agree.
-  monkeypatch.setattr(checkpoint, "gather_per_process", real_gather)
+  def one_process(obj):
+    gathered.append(obj)
+    return real_gather(obj)
+
+  gathered.clear()
+  monkeypatch.setattr(checkpoint, "gather_per_process", one_process)
   Trainer(tiny_config, str(tmp_path / "again")).run()
   assert sorted(eval_losses_by_step(tmp_path / "again")) == [0, 2, 4]
+  assert [obj for obj in gathered if isinstance(obj, str)] == [digest]
+  # Other held-out samples give another digest: it is of the batches read, not a constant.
+  gathered.clear()
+  tiny_config.data.eval_shards = write_synthetic_shards(tmp_path / "other", num_shards=1, seed=2, prefix="eval")
+  tiny_config.train.update(steps=1, eval_every=1)
+  Trainer(tiny_config, str(tmp_path / "other_run")).run()
+  [other] = [obj for obj in gathered if isinstance(obj, str)]
+  assert other != digest
 
 
 def test_config_changes_name_each_changed_field_against_the_runs_config_json(tiny_config, tmp_path):
