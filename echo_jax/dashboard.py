@@ -32,6 +32,8 @@ import fsspec
 import numpy as np
 import orjson
 
+from echo_jax import storage
+
 PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard_page")
 MAX_POINTS = 2000
 # How often the background thread of each run looks for appended lines (a stat of two files).
@@ -57,7 +59,6 @@ MIN_STALE_S = 60.0
 _SAMPLE_KINDS = {".wav": "audio/wav", ".png": "image/png", ".txt": "text/plain; charset=utf-8"}
 _SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-_ERROR_FILE = re.compile(r"^process_(\d+)\.json$")
 _PROM_NAME_BAD = re.compile(r"[^a-zA-Z0-9_]")
 _PAGE_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                ".css": "text/css; charset=utf-8"}
@@ -443,12 +444,12 @@ class RunState:
     oldest first: on a pod the first process to fail usually holds the cause, the others failing on losing it. A file
     that cannot be read or parsed is shown as an error saying so (last: it has no time)."""
     try:
-      listed = self._ls(f"{self.root}/errors")
+      listed = self._ls(f"{self.root}/{storage.ERRORS_DIR}")
     except (FileNotFoundError, NotADirectoryError):
       return []
     found = []
     for path in listed:
-      match = _ERROR_FILE.match(posixpath.basename(path.rstrip("/")))
+      match = storage.PROCESS_ERROR_FILE.match(posixpath.basename(path.rstrip("/")))
       if not match:
         continue
       entry: dict[str, Any] = {"process": int(match.group(1)), "time": None, "host": None, "pid": None, "step": None}

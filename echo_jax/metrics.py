@@ -175,7 +175,6 @@ class RunLog:
     self.events.close()
 
 
-ERRORS_DIR = "errors"
 # A process that stops with an error waits at most this long for its error file: the storage may be what failed, and
 # the error must still reach its log (and launch.sh) soon.
 ERROR_WRITE_TIMEOUT_S = 20.0
@@ -194,7 +193,7 @@ def record_process_error(workdir: str, error: BaseException, step: int | None = 
   caller goes on to raise `error` at once."""
   try:
     process = jax.process_index()
-    path = storage.join(workdir, ERRORS_DIR, f"process_{process}.json")
+    path = storage.process_error_path(workdir, process)
     data = json.dumps({"time": time.time(), "process": process, "host": socket.gethostname(), "pid": os.getpid(),
                        "step": step, "message": describe(error, ERROR_MESSAGE_CHARS)}, ensure_ascii=False).encode()
   except Exception as failure:  # noqa: BLE001 — must not replace the error being reported

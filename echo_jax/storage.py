@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import posixpath
+import re
 import socket
 import threading
 import time
@@ -205,6 +206,16 @@ def check_run_directory(directory: str, name: str) -> None:
           "replaces, appends to, reads and deletes files there: check the path, and that this host's credentials "
           "may do all five (on GCS: roles/storage.objectUser on the bucket; objectCreator alone can neither "
           "replace nor delete)") from error
+
+
+# Where process I of a run writes the error that stopped it (`metrics.record_process_error`), which the dashboard
+# reads: only process 0 writes events.jsonl.
+ERRORS_DIR = "errors"
+PROCESS_ERROR_FILE = re.compile(r"^process_(\d+)\.json$")
+
+
+def process_error_path(directory: str, process: int) -> str:
+  return join(directory, ERRORS_DIR, f"process_{process}.json")
 
 
 # A remote run directory's lease (`RunDirectoryClaim`): renewed this often, and taken as abandoned by a trainer on
