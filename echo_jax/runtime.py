@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 from absl import logging
@@ -26,6 +26,9 @@ ENV_COORDINATOR = "ECHO_COORDINATOR"
 ENV_NUM_PROCESSES = "ECHO_NUM_PROCESSES"
 ENV_PROCESS_ID = "ECHO_PROCESS_ID"
 EXIT_DELAY_PROCESS_0_S = 3.0
+# How long a stuck process waits for `HangWatchdog.report` before it exits: over metrics.ERROR_WRITE_TIMEOUT_S, the
+# time its error file is given, with room for the event.
+REPORT_TIMEOUT_S = 30.0
 
 
 def _on_tpu_vm() -> bool:
@@ -93,17 +96,25 @@ def exit_at_once_on_error() -> Iterator[None]:
     os._exit(1)
 
 
+class RunStuckError(RuntimeError):
+  """What a process that `HangWatchdog` ended reports: it made no progress for the watchdog's timeout."""
+
+
 class HangWatchdog:
   """Ends a process that stops making progress: once `timeout` seconds pass without a `beat`, it logs `what` and
-  the stack of every thread (faulthandler) and exits 1, so that launch.sh reports the failure with those stacks
-  instead of a pod that bills hours while every host waits, e.g. in a collective for a host whose data read hangs
-  on a dead mount. A daemon thread; `stop` disarms it, and a `timeout` of 0 starts none. (faulthandler's
-  dump_traceback_later alone would exit without saying why, and the exit on a failed process 0 must wait as
-  `exit_at_once_on_error`'s does.)"""
+  the stack of every thread (faulthandler), hands `report` a one-line account of it, and exits 1, so that launch.sh
+  reports the failure with those stacks instead of a pod that bills hours while every host waits, e.g. in a
+  collective for a host whose data read hangs on a dead mount. A daemon thread; `stop` disarms it, and a `timeout`
+  of 0 starts none. (faulthandler's dump_traceback_later alone would exit without saying why, and the exit on a
+  failed process 0 must wait as `exit_at_once_on_error`'s does.)
 
-  def __init__(self, timeout: float, what: str):
+  `report` (e.g. writing the run's error files, for the dashboard) runs on a thread of its own and is given
+  `REPORT_TIMEOUT_S`: what hangs may be the storage it writes to, and the process must still exit."""
+
+  def __init__(self, timeout: float, what: str, report: Callable[[str], None] | None = None):
     self.timeout = timeout
     self.what = what
+    self.report = report
     self._last = time.monotonic()
     self._stopped = threading.Event()
     if timeout > 0:
@@ -125,10 +136,30 @@ class HangWatchdog:
           sys.stderr.flush()
           # To file descriptor 2: sys.stderr may be an object without one (a notebook, a capture).
           faulthandler.dump_traceback(file=2, all_threads=True)
+          self._report(f"{self.what} for {idle:.0f} s: the process was stuck and exited (1); the stack of every "
+                       "thread is in its log")
           if jax.process_count() > 1 and jax.process_index() == 0:
             time.sleep(EXIT_DELAY_PROCESS_0_S)  # as in exit_at_once_on_error
         finally:
           os._exit(1)  # whatever failed above: a stuck run must not outlive its watchdog
+
+
+  def _report(self, message: str) -> None:
+    if self.report is None:
+      return
+
+    def report() -> None:
+      try:
+        self.report(message)
+      except Exception:  # noqa: BLE001 — the exit must follow all the same
+        logging.exception("could not report the stuck run")
+
+    thread = threading.Thread(target=report, name="hang_report", daemon=True)
+    thread.start()
+    thread.join(REPORT_TIMEOUT_S)
+    if thread.is_alive():
+      logging.error("reporting the stuck run took over %.0f s; given up: it is in this process's log only",
+                    REPORT_TIMEOUT_S)
 
 
 def enable_compilation_cache(directory: str) -> bool:

@@ -72,3 +72,4 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
   assert status["latest"]["loss"] == "nan" and status["nonfinite"]["loss"] == 10, status["latest"]
   assert run.series(["loss"], 2000)["loss"]["nonfinite"]["step"].tolist() == [8, 9, 10]
   assert [e["message"][:39] for e in status["process_errors"]] == ["NonFiniteError: stopping: 3 consecutive"]
+  assert status["process_errors"][0]["step"] == 10  # the step that stopped it (before: not known, null)

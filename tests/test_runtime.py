@@ -1,5 +1,6 @@
 """Process set-up (echo_jax.runtime): the persistent compilation cache is used where it is safe; errors."""
 
+import json
 import os
 import subprocess
 import sys
@@ -153,6 +154,7 @@ def test_a_launch_stuck_before_its_first_step_exits_with_its_stacks(tmp_path):
   assert process.returncode == 1, process.stderr[-3000:]
   assert "the launch did not reach its first step (train.setup_timeout) for 3 s" in process.stderr
   assert "in list_or_hang" in process.stderr
+  assert_reported_stuck(tmp_path / "run", "the launch did not reach its first step", step=None)
 
 
 def test_a_run_whose_data_read_hangs_exits_with_its_stacks(tmp_path):
@@ -164,3 +166,14 @@ def test_a_run_whose_data_read_hangs_exits_with_its_stacks(tmp_path):
   assert process.returncode == 1, process.stderr[-3000:]
   assert "no training step finished (train.hang_timeout) for 3 s" in process.stderr
   assert "in next_or_hang" in process.stderr
+  assert_reported_stuck(tmp_path / "run", "no training step finished", step=3)
+
+
+def assert_reported_stuck(workdir, what: str, step: int | None) -> None:
+  """A stuck process leaves what stopped it where the dashboard looks, as an error does: its error file and the
+  run's events. Before, only its log had it."""
+  error = json.loads((workdir / "errors" / "process_0.json").read_text())
+  assert error["message"].startswith(f"RunStuckError: {what}") and error["step"] == step, error
+  events = [json.loads(line) for line in (workdir / "events.jsonl").read_text().splitlines() if line.strip()]
+  stopped = [event for event in events if event["event"] == "error"]
+  assert len(stopped) == 1 and what in stopped[0]["message"] and stopped[0]["step"] == step, events

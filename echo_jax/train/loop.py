@@ -55,7 +55,11 @@ from echo_jax.train.step import StepFunctions, sharded_abstract_state
 
 
 class NonFiniteError(RuntimeError):
-  """Raised when too many consecutive steps had a non-finite loss or gradient norm."""
+  """Raised when too many consecutive steps had a non-finite loss or gradient norm, the last of them `step`."""
+
+  def __init__(self, step: int, message: str):
+    super().__init__(message)
+    self.step = step
 
 
 @dataclasses.dataclass
@@ -123,6 +127,7 @@ class Trainer:
     self._stop_forwarded = False
     self._claim: storage.RunDirectoryClaim | None = None  # taken by `_check_workdir`, held until `run` returns
     self._pad: np.ndarray | None = None
+    self._step: int | None = None  # the step the run has reached, once restored: for the report of what stopped it
 
   # Run directory ---------------------------------------------------------------------------------------------
 
@@ -363,24 +368,32 @@ class Trainer:
     (`metrics.record_process_error`). A launch that does not reach its first step within
     `train.setup_timeout` exits like a stuck step (`runtime.HangWatchdog`)."""
     self._setup_watchdog = runtime.HangWatchdog(self.config.train.setup_timeout,
-                                                "the launch did not reach its first step (train.setup_timeout)")
+                                                "the launch did not reach its first step (train.setup_timeout)",
+                                                self._report_stuck)
     try:
       return self._run()
-    except checkpoint.CheckpointRestoreError as error:
-      self.log.event("checkpoint_restore_failed", step=error.step, message=str(error))
-      metrics.record_process_error(self.workdir, error, error.step)
-      raise
     except Exception as error:
-      if not isinstance(error, _LOGGED_ERRORS):
-        self.log.event("error", message=f"the run stopped: {describe(error)}")
+      step = getattr(error, "step", self._step)  # an error's own step (the checkpoint it failed to restore...)
+      if isinstance(error, checkpoint.CheckpointRestoreError):
+        self.log.event("checkpoint_restore_failed", step=step, message=str(error))
+      elif not isinstance(error, _LOGGED_ERRORS):
+        self.log.event("error", step=step, message=f"the run stopped: {describe(error)}")
       if not isinstance(error, storage.RunDirectoryInUseError):  # the directory is another trainer's: left alone
-        metrics.record_process_error(self.workdir, error)
+        metrics.record_process_error(self.workdir, error, step)
       raise
     finally:
       self._setup_watchdog.stop()
       self.log.close()
       if self._claim is not None:
         self._claim.release()
+
+  def _report_stuck(self, message: str) -> None:
+    """What a process ended by a hang watchdog leaves of it in the run directory, as an error that stops the run does:
+    the event (process 0) and this process's error file. The watchdog then exits the process without closing the
+    log, so it is closed here: on gs:// its lines are otherwise pending until the next sync, which never comes."""
+    self.log.event("error", step=self._step, message=f"the run stopped: {message}")
+    self.log.close()
+    metrics.record_process_error(self.workdir, runtime.RunStuckError(message), self._step)
 
   def _run(self) -> TrainState:
     if jax.distributed.is_initialized():
@@ -445,7 +458,8 @@ class Trainer:
     progress = tqdm(total=train.steps, initial=start_step, desc="train", disable=not self.is_main,
                     dynamic_ncols=True)
     self._setup_watchdog.stop()
-    watchdog = runtime.HangWatchdog(train.hang_timeout, "no training step finished (train.hang_timeout)")
+    watchdog = runtime.HangWatchdog(train.hang_timeout, "no training step finished (train.hang_timeout)",
+                                    self._report_stuck)
     try:
       self._record_config(resume_step)
       samples_seen = int(meta.get("samples_seen", start_step * train.batch_size))
@@ -472,6 +486,7 @@ class Trainer:
         waited += time.time() - wait_start
         state, step_metrics = steps.train(state, batch)
         step += 1
+        self._step = step
         samples_seen += train.batch_size
         if pending is not None:  # step N+1 is queued: now fetching step N's metrics costs the device nothing
           consecutive_nonfinite, finished = self._log_step(*pending, waited, consecutive_nonfinite, progress)
@@ -587,6 +602,7 @@ class Trainer:
           initial, opened = start_initial()
         state, _, meta = initial.result()
         start_step = int(jax.device_get(state.step))
+        self._step = start_step
       except BaseException:
         if opened is not None:
           opened.add_done_callback(_close_pipeline)  # its reader threads would outlive the failed launch
@@ -705,7 +721,7 @@ class Trainer:
                  f"{os.path.join(self.workdir, 'checkpoints')} hold finite weights. Check the data (events.jsonl) "
                  "or lower train.lr, then restart to resume from the last checkpoint.")
       self.log.event("error", step=step, message=message)
-      raise NonFiniteError(message)
+      raise NonFiniteError(step, message)
     return consecutive_nonfinite, finished
 
   def _check_eval_memory(self, steps: StepFunctions) -> Any:
