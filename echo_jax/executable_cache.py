@@ -138,14 +138,29 @@ def load(key: str, mesh: jax.sharding.Mesh) -> jax.stages.Compiled | None:
     return None
   try:
     payload, in_tree, out_tree = pickle.loads(paths[0].read_bytes())
-    return serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
-                                                     execution_devices=list(mesh.devices.flat))
+    compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
+                                                         execution_devices=list(mesh.devices.flat))
+    _mark_used(paths)
+    return compiled
   except FileNotFoundError:  # nothing stored: one request to find out, not an `exists` and then a read
     return None
   except Exception as error:  # noqa: BLE001 — any failure to load means: compile instead
     logging.warning("compiled step %s could not be loaded (%s: %s); compiling it again", paths[0],
                     type(error).__name__, error)
     return None
+
+
+def _mark_used(paths: tuple[epath.Path, ...]) -> None:
+  """Sets the modification time of an entry's local files to now. The disk watchdog deletes entries unused for a
+  week (`watchdog.COMPILE_CACHE_UNUSED_S`) and a read updates a file's access time at most once a day (`relatime`),
+  or never (`noatime`): without this, an entry that every launch loads would count as unused a week after it was
+  written, and its deletion would cost the next launch its compile. (A remote cache is not watched: left alone.)"""
+  for path in paths:
+    if "://" not in str(path):
+      try:
+        os.utime(path)
+      except OSError as error:  # read-only, or deleted since: the entry was still loaded
+        logging.info("could not mark %s used (%s)", path, error)
 
 
 def _write(path: epath.Path, content: bytes) -> None:

@@ -12,10 +12,11 @@ When space is short it deletes, class by class in this order and oldest first wi
    (`<key>-cache`, with its `<key>-atime` when JAX's own eviction is on) and echo_jax's compiled steps
    (`echo_executables/<key>.executable` with its `.inputs`), each entry's files together. Neither cache evicts by
    itself (JAX's `jax_compilation_cache_max_size` is unlimited by default) and every code or config change adds
-   entries. A hit only reads an entry's files (JAX also rewrites `<key>-atime` when its eviction is on), so "used"
-   is the latest access or modification time of the entry's files: Linux updates a file's access time on a read at
-   most once a day under the default `relatime` mount option, and never under `noatime`, where an entry counts as
-   used when written;
+   entries. "Used" is the latest access or modification time of the entry's files. echo_jax's executable cache sets
+   an entry's modification time whenever a launch loads it; a hit in JAX's cache only reads its files (JAX rewrites
+   `<key>-atime` only when its eviction is on), and Linux updates a file's access time on a read at most once a day
+   under the default `relatime` mount option and never under `noatime`, where such an entry counts as used when
+   written (the train step, the costly one, is in echo_jax's cache once a launch compiled it);
 6. old checkpoints: Orbax step directories under any `checkpoints/` beyond the newest `keep_checkpoints` complete
    ones, oldest first;
 7. among those, last, the `keep_period` milestones (steps that are a multiple of the run's `train.keep_period`,

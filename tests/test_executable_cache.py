@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import fake_gcs
 import jax
@@ -19,7 +20,7 @@ from conftest import REPO, cpu_env, load_config, write_synthetic_shards
 from etils import epath
 from test_train import eval_losses_by_step, losses_by_step
 
-from echo_jax import executable_cache, sharding
+from echo_jax import executable_cache, sharding, watchdog
 from echo_jax.config import HOST_ONLY_FIELDS, model_config
 from echo_jax.model import Echo
 from echo_jax.train import step
@@ -205,6 +206,26 @@ def test_a_damaged_executable_is_reported_and_compiled_again(cache_dir, caplog):
   assert executable_cache.load_inputs("somekey", mesh) == inputs
   assert executable_cache.compile_cached("somekey", lower, mesh, inputs) is not None and lowered == [True]
   assert sorted(os.listdir(cache_dir)) == ["somekey.executable", "somekey.inputs"]
+
+
+def test_a_loaded_entry_is_marked_used_for_the_disk_watchdog(tmp_path, monkeypatch):
+  """The watchdog deletes entries unused for a week, judged by their files' times. A load only reads them, and under
+  `noatime` (or within a day under `relatime`) a read leaves them alone: an entry every launch loaded counted as
+  unused a week after it was written. Before, its files kept their old times here."""
+  cache_dir = tmp_path / "xla" / executable_cache.SUBDIRECTORY  # where the watchdog looks for its entries
+  monkeypatch.setattr(executable_cache, "directory", lambda: epath.Path(cache_dir))
+  inputs = jax.ShapeDtypeStruct((3,), jnp.float32)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  key = "7" * 64
+  executable_cache.compile_cached(key, lambda: jax.jit(lambda x: x * 3 - 1).lower(inputs), mesh, inputs)
+  files = [cache_dir / f"{key}.executable", cache_dir / f"{key}.inputs"]
+  written_long_ago = time.time() - 10 * 24 * 3600
+  for path in files:
+    os.utime(path, (written_long_ago, written_long_ago))
+  assert [c.path for c in watchdog.find_candidates(str(tmp_path), keep_checkpoints=1)] == [str(files[0])]
+  assert executable_cache.load(key, mesh)(jnp.arange(3.0)).tolist() == [-1.0, 2.0, 5.0]
+  assert all(time.time() - path.stat().st_mtime < 60 for path in files)
+  assert watchdog.find_candidates(str(tmp_path), keep_checkpoints=1) == []
 
 
 def test_the_key_follows_the_step_the_config_and_the_inputs(cache_dir):
