@@ -154,28 +154,30 @@ class _TouchedSinceListed(Exception):
   """A file found untouched for long was touched before its deletion: in use again (a shard a relaunch adopted)."""
 
 
-def _remove_untouched(path: str, untouched_for: float) -> None:
-  """Deletes `path` unless it was touched in the last `untouched_for` seconds (then raises _TouchedSinceListed)."""
-  if time.time() - os.lstat(path).st_mtime <= untouched_for:
-    raise _TouchedSinceListed(path)
-  _remove(path)
+def _modified(stat: os.stat_result) -> float:
+  return stat.st_mtime
 
 
-def _last_used(paths: Sequence[str]) -> float | None:
-  """The latest access or modification time of the files `paths` that exist (None when none does)."""
+def _accessed_or_modified(stat: os.stat_result) -> float:
+  return max(stat.st_atime, stat.st_mtime)
+
+
+def _last_used(paths: Sequence[str], when: Callable[[os.stat_result], float] = _accessed_or_modified) -> float | None:
+  """The latest time `when` gives of the files `paths` that exist (None when none does)."""
   times = []
   for path in paths:
     with contextlib.suppress(FileNotFoundError):
-      stat = os.lstat(path)
-      times.append(max(stat.st_atime, stat.st_mtime))
+      times.append(when(os.lstat(path)))
   return max(times, default=None)
 
 
-def _remove_unused(paths: Sequence[str], unused_for: float) -> None:
-  """Deletes the files of one compilation-cache entry unless one of them was used in the last `unused_for` seconds
-  (then raises _TouchedSinceListed): a launch may have loaded the entry since it was listed."""
-  last = _last_used(paths)
-  if last is not None and time.time() - last <= unused_for:
+def _remove_unless_used(paths: Sequence[str], within: float,
+                        when: Callable[[os.stat_result], float] = _accessed_or_modified) -> None:
+  """Deletes the files `paths` (of one candidate) unless one of them was used in the last `within` seconds, by the
+  time `when` gives (then raises _TouchedSinceListed): in use again since it was listed (a shard a relaunch adopted,
+  a compilation-cache entry a launch loaded)."""
+  last = _last_used(paths, when)
+  if last is not None and time.time() - last <= within:
     raise _TouchedSinceListed(paths[0])
   for path in paths:
     _remove(path)
@@ -204,7 +206,7 @@ def _compile_cache_candidates(entries: dict[str, list[str]], now: float) -> list
       with contextlib.suppress(FileNotFoundError):
         size += os.lstat(path).st_size
     candidates.append(Candidate("compile_cache", files[0], size, last,
-                                functools.partial(_remove_unused, files, COMPILE_CACHE_UNUSED_S)))
+                                functools.partial(_remove_unless_used, files, COMPILE_CACHE_UNUSED_S)))
   return candidates
 
 
@@ -243,7 +245,7 @@ def find_candidates(root: str, keep_checkpoints: int, now: float | None = None) 
       if kind not in _UNTOUCHED_FOR_S:
         delete = functools.partial(_remove, path)
       elif now - stat.st_mtime > _UNTOUCHED_FOR_S[kind]:
-        delete = functools.partial(_remove_untouched, path, _UNTOUCHED_FOR_S[kind])
+        delete = functools.partial(_remove_unless_used, [path], _UNTOUCHED_FOR_S[kind], _modified)
       else:
         continue
       found[kind].append(Candidate(kind, path, stat.st_size, stat.st_mtime, delete))
