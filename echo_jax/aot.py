@@ -216,13 +216,8 @@ def compile_report(config: ml_collections.ConfigDict, topology: str, batch_size:
   """Compiles the real train and eval steps of `config` for `topology` and reads XLA's memory and FLOP counts."""
   devices = list(devices) if devices is not None else topology_devices(topology)
   batch_size = config.train.batch_size if batch_size is None else batch_size
-  if batch_size <= 0:
-    raise ValueError(f"batch size must be positive, got {batch_size}")
   mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
-  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-  if batch_size % data_parallel:
-    raise ValueError(f"batch size {batch_size} is not a multiple of the {data_parallel} data-parallel devices "
-                     f"of mesh {dict(mesh.shape)}")
+  sharding.check_batch_size(mesh, batch_size)
   model = Echo(model_config(config))
   abstract_state = sharded_abstract_state(model, config, mesh)  # traced once, for the report and the compile
   kind = devices[0].device_kind

@@ -112,6 +112,16 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
+def check_batch_size(mesh: Mesh, batch_size: int) -> None:
+  """Raises ValueError unless `batch_size` is a positive multiple of the devices the batch is split over (data ×
+  fsdp): JAX's own error for it names a sharding and tiling factors, not the config field to change."""
+  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size <= 0 or batch_size % data_parallel:
+    raise ValueError(f"batch size {batch_size} is not a positive multiple of the {data_parallel} data-parallel "
+                     f"devices of mesh {dict(mesh.shape)} (data × fsdp): set --config.train.batch_size to a multiple "
+                     f"of {data_parallel}, or give config.mesh fewer data or fsdp devices")
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 

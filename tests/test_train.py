@@ -1195,7 +1195,10 @@ def test_a_count_below_its_least_value_is_refused_before_anything_naming_the_fie
 @pytest.mark.parametrize("field, value, refusal", [
     ("train.lr", -1.0, r"config\.train\.lr must be positive, got -1\.0"),
     ("codec", "foo", r"config\.codec='foo' is not one of mel, dacvae, fish_pca, none"),
-    ("model.dtype", "float16", r"dtype='float16' is not float32 or bfloat16")])
+    ("model.dtype", "float16", r"dtype='float16' is not float32 or bfloat16"),
+    # JAX's IndivisibleError named a sharding and its tiling factors, not the field.
+    ("train.batch_size", 12, r"batch size 12 is not a positive multiple of the 8 data-parallel devices .*"
+                             r"set --config\.train\.batch_size to a multiple of 8")])
 def test_a_value_no_run_can_use_is_refused_before_anything(tiny_config, tmp_path, field, value, refusal):
   """A negative lr trained (the loss ran up to thousands), float16 trained without the loss scaling it needs, and
   an unknown codec trained and failed only at inference (found by review)."""

@@ -111,13 +111,14 @@ class Trainer:
     self.hooks = list(hooks)
     self.init_params = init_params
     self.is_main = jax.process_index() == 0
-    self.log = metrics.RunLog(workdir, enabled=self.is_main)
     self.model = Echo(model_config(config))
     self.mesh = sharding.make_mesh(config.mesh.to_dict())
+    sharding.check_batch_size(self.mesh, config.train.batch_size)
     # The rows of every global batch that this process's devices hold, and the data streams that fill them: checked
     # here, before the compile, since a data.streams that does not fit them would fail the launch only after it.
     self.batch_rows = runtime.process_batch_rows(sharding.batch_sharding(self.mesh, 1), config.train.batch_size)
     self.streams = batch_streams(config.train.batch_size, config.data.streams, self.batch_rows)
+    self.log = metrics.RunLog(workdir, enabled=self.is_main)  # after the checks: a refused config leaves no file
     self.stop_requested = stop_requested or threading.Event()
     self._skips: list[dict[str, Any]] = []
     self._skip_lock = threading.Lock()
