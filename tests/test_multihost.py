@@ -393,3 +393,47 @@ def test_a_run_directory_a_stale_trainer_still_writes_is_refused_on_every_host(s
   assert f"RunDirectoryInUseError: process 1 cannot use the run directory: {in_use}" in outputs[0], outputs[0][-3000:]
   assert not (workdir / "checkpoints").exists() and not read_jsonl(workdir / "events.jsonl")
   assert not (workdir / "errors").exists()  # no error file of the refused processes beside the holder's
+
+
+# One of 2 hosts × 2 devices: places a host array on a sharding over both hosts' devices, as the trainer places
+# --init_from's weights, counting the collectives that device_put would make; prints its shards and that count.
+PLACE = textwrap.dedent("""
+    import json
+    import jax, numpy as np
+    from jax.experimental import multihost_utils
+    from echo_jax import sharding
+    from echo_jax.train.entry import join_hosts
+    from echo_jax.train.loop import place_host_arrays
+    join_hosts()
+    gathers = []
+    real_assert_equal = multihost_utils.assert_equal
+    def counting(*args, **kwargs):
+      gathers.append(1)
+      return real_assert_equal(*args, **kwargs)
+    multihost_utils.assert_equal = counting
+    mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    arrays = {"w": np.arange(24, dtype=np.float32).reshape(8, 3), "b": np.arange(3, dtype=np.float32)}
+    where = {"w": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp")),
+             "b": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())}
+    placed = place_host_arrays(arrays, where)
+    right = all(np.array_equal(np.asarray(shard.data), arrays[name][shard.index])
+                for name in arrays for shard in placed[name].addressable_shards)
+    print(json.dumps({"gathers": len(gathers), "right": right, "global": placed["w"].shape == (8, 3)}))
+""")
+
+
+def test_init_from_weights_are_placed_without_a_gather_per_array():
+  """jax.device_put of a numpy array onto a sharding over several processes checks that every process holds the
+  same value: a collective per array gathering it whole onto every device (P × its size; out of memory for a large
+  model on a large slice). Before, --init_from's weights went through it: 2 gathers here."""
+  port = free_port()
+  hosts = []
+  for index in range(2):
+    env = cpu_env(2)
+    env.update(ECHO_COORDINATOR=f"127.0.0.1:{port}", ECHO_NUM_PROCESSES="2", ECHO_PROCESS_ID=str(index))
+    hosts.append(subprocess.Popen([sys.executable, "-c", PLACE], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  for host in hosts:
+    output = host.communicate(timeout=TIMEOUT_S)[0]
+    assert host.returncode == 0, output[-3000:]
+    assert json.loads(output.splitlines()[-1]) == {"gathers": 0, "right": True, "global": True}, output[-3000:]

@@ -345,8 +345,7 @@ class Trainer:
     init = jax.jit(lambda key: create_train_state(self.model, key, self.config), out_shardings=state_shardings)
     state = init(jax.random.key(self.config.seed))
     if self.init_params is not None:
-      params = jax.device_put(self.init_params, state_shardings.params)
-      state = state.replace(params=params)
+      state = state.replace(params=place_host_arrays(self.init_params, state_shardings.params))
     return state, None, {}
 
   def _peak_flops(self, meta: dict[str, Any]) -> float:
@@ -766,6 +765,15 @@ def _learning_rates_at(step: int, train: ml_collections.ConfigDict, changes: dic
 _preemption_sync_reached = threading.Event()
 
 # Errors not written to the run's events: logged there already, or (in use) the run log is another trainer's.
+def place_host_arrays(arrays: Any, shardings: Any) -> Any:
+  """Global arrays with `shardings` from the same host (numpy) arrays on every process, each process copying only the
+  shards its devices hold. (`jax.device_put` of a numpy array onto a sharding over several processes first checks
+  that every process holds the same value: a collective per array that gathers the whole array onto every device,
+  P times its size in memory the launch's check does not count — out of memory on a large slice for a large model.)"""
+  return jax.tree.map(lambda array, where: jax.make_array_from_callback(array.shape, where, array.__getitem__),
+                      arrays, shardings)
+
+
 _LOGGED_ERRORS = (checkpoint.CheckpointSaveError, NonFiniteError, storage.RunDirectoryInUseError)
 
 
