@@ -920,11 +920,11 @@ def test_processes_that_read_different_held_out_batches_skip_evaluation(tiny_con
 
   def two_processes(obj):  # a second process whose held-out digest differs
     gathered.append(obj)
-    return real_gather(obj) + (["0" * 16] if isinstance(obj, str) else [])
+    return real_gather(obj) + ([{"digest": "0" * 16, "error": None}] if held_out_report(obj) else [])
 
   monkeypatch.setattr(checkpoint, "gather_per_process", two_processes)
   Trainer(tiny_config, str(tmp_path / "run")).run()
-  [digest] = [obj for obj in gathered if isinstance(obj, str)]  # compared once, at the step-0 evaluation
+  [digest] = [obj["digest"] for obj in gathered if held_out_report(obj)]  # compared once, at the step-0 evaluation
   assert len(digest) == 16 and digest != "0" * 16
   assert max(losses_by_step(tmp_path / "run")) == 4 and not eval_losses_by_step(tmp_path / "run")
   skipped = [e for e in events(tmp_path / "run") if e["event"] == "eval_skipped"]
@@ -939,14 +939,36 @@ def test_processes_that_read_different_held_out_batches_skip_evaluation(tiny_con
   monkeypatch.setattr(checkpoint, "gather_per_process", one_process)
   Trainer(tiny_config, str(tmp_path / "again")).run()
   assert sorted(eval_losses_by_step(tmp_path / "again")) == [0, 2, 4]
-  assert [obj for obj in gathered if isinstance(obj, str)] == [digest]
+  assert [obj["digest"] for obj in gathered if held_out_report(obj)] == [digest]
   # Other held-out samples give another digest: it is of the batches read, not a constant.
   gathered.clear()
   tiny_config.data.eval_shards = write_synthetic_shards(tmp_path / "other", num_shards=1, seed=2, prefix="eval")
   tiny_config.train.update(steps=1, eval_every=1)
   Trainer(tiny_config, str(tmp_path / "other_run")).run()
-  [other] = [obj for obj in gathered if isinstance(obj, str)]
+  [other] = [obj["digest"] for obj in gathered if held_out_report(obj)]
   assert other != digest
+
+
+def held_out_report(obj) -> bool:
+  """Whether a `gather_per_process` payload is a process's report of its held-out read."""
+  return isinstance(obj, dict) and obj.keys() == {"digest", "error"}
+
+
+def test_held_out_data_that_cannot_be_read_turns_evaluation_off_and_training_goes_on(tiny_config, tmp_path):
+  """A single held-out shard (the demo's case) that a process cannot read (given up after data.download_retries, or
+  no usable sample in it) raised out of the first evaluation and stopped the run: a new run at step 0, a resumed one
+  at its first evaluation, and on a pod every host (found by review)."""
+  (tmp_path / "eval").mkdir()
+  (tmp_path / "eval" / "eval-000000.tar").write_bytes(b"not a tar file at all" * 100)
+  tiny_config.data.eval_shards = str(tmp_path / "eval" / "eval-000000.tar")
+  tiny_config.train.update(steps=4, eval_every=2, log_every=1, ckpt_every=1000)
+  Trainer(tiny_config, str(tmp_path / "run")).run()
+  assert max(losses_by_step(tmp_path / "run")) == 4 and not eval_losses_by_step(tmp_path / "run")
+  skipped = [e for e in events(tmp_path / "run") if e["event"] == "eval_skipped"]
+  assert [e["step"] for e in skipped] == [0], skipped
+  message = skipped[0]["message"]
+  assert message.startswith("process 0 could not read the held-out batches (RuntimeError: "), message
+  assert "stream 0 read 1 shards in a row without one usable sample" in message, message
 
 
 def test_config_changes_name_each_changed_field_against_the_runs_config_json(tiny_config, tmp_path):

@@ -228,13 +228,21 @@ class Trainer:
     Each process reads them itself and keeps its rows: one that could not download a held-out shard the others read
     (given up after data.download_retries) goes on to the next and holds other samples, and the eval loss would mix
     rows of different batches, some samples twice and others never, with no sign of it. Evaluation is then off for
-    this launch (`eval_skipped`); training goes on."""
-    digests = checkpoint.gather_per_process(held.digest)
-    if len(set(digests)) == 1:
+    this launch (`eval_skipped`); training goes on. So it is when a process could not read them at all (a single
+    held-out shard it could not download, or that holds no usable sample)."""
+    reports = checkpoint.gather_per_process({"digest": held.digest, "error": held.error})
+    failed = [(process, report["error"]) for process, report in enumerate(reports) if report["error"]]
+    if failed:
+      message = (f"process {failed[0][0]} could not read the held-out batches ({failed[0][1]})"
+                 + (f", nor could {len(failed) - 1} other processes" if len(failed) > 1 else "")
+                 + "; evaluation is off until the next launch, which reads them again")
+    elif len({report["digest"] for report in reports}) == 1:
       return True
-    message = ("the processes read different held-out batches (digests by process: " + ", ".join(digests) + "): one "
-               "could not read a held-out shard that the others read (see the skipped_sample events and each host's "
-               "log); evaluation is off until the next launch, which reads them again")
+    else:
+      message = ("the processes read different held-out batches (digests by process: "
+                 + ", ".join(report["digest"] for report in reports) + "): one could not read a held-out shard that "
+                 "the others read (see the skipped_sample events and each host's log); evaluation is off until the "
+                 "next launch, which reads them again")
     logging.warning(message)
     self.log.event("eval_skipped", step=step, message=message)
     return False
@@ -764,7 +772,6 @@ def _learning_rates_at(step: int, train: ml_collections.ConfigDict, changes: dic
 # Set once a joined run of this process has reached JAX's preemption sync point (see `_join_preemption_sync`).
 _preemption_sync_reached = threading.Event()
 
-# Errors not written to the run's events: logged there already, or (in use) the run log is another trainer's.
 def place_host_arrays(arrays: Any, shardings: Any) -> Any:
   """Global arrays with `shardings` from the same host (numpy) arrays on every process, each process copying only the
   shards its devices hold. (`jax.device_put` of a numpy array onto a sharding over several processes first checks
@@ -774,6 +781,7 @@ def place_host_arrays(arrays: Any, shardings: Any) -> Any:
                       arrays, shardings)
 
 
+# Errors not written to the run's events: logged there already, or (in use) the run log is another trainer's.
 _LOGGED_ERRORS = (checkpoint.CheckpointSaveError, NonFiniteError, storage.RunDirectoryInUseError)
 
 
@@ -782,6 +790,7 @@ class _HeldOutBatches:
   batches: list[dict[str, jax.Array]]  # this process's rows of each held-out batch
   digest: str  # of the whole batches it read, compared across processes at the first evaluation
   agreed: bool | None = None  # whether every process's digest was the same; None until compared
+  error: str | None = None  # why this process could not read them (then `batches` is empty)
 
 
 class _HeldOut:
@@ -795,6 +804,7 @@ class _HeldOut:
     self._pipeline: StreamSet | None = None
     self._closed = False
     self._reading = InBackground("held_out", self._open_and_read)
+    self._failed: _HeldOutBatches | None = None
 
   def _open_and_read(self) -> Any:
     pipeline = self._open()
@@ -808,8 +818,16 @@ class _HeldOut:
   def start(self) -> None:
     self._reading.start()
 
-  def result(self) -> Any:
-    return self._reading.result()
+  def result(self) -> _HeldOutBatches:
+    """The batches read, or none and why when the read failed (the same object at every call): held-out data that
+    cannot be read turns evaluation off (`Trainer._held_out_agrees`) and must not stop the training."""
+    if self._failed is not None:
+      return self._failed
+    try:
+      return self._reading.result()
+    except Exception as error:  # noqa: BLE001 — reported as eval_skipped at the first evaluation
+      self._failed = _HeldOutBatches([], "", error=describe(error))
+      return self._failed
 
   def close(self) -> None:
     """Ends the read; an error in doing so is logged, not raised: it must not hide the error of a failed launch, nor
