@@ -1285,3 +1285,33 @@ def test_ctrl_c_on_a_direct_run_saves_a_checkpoint_and_exits_0(tiny_config, tmp_
   assert len(stopped) == 1 and (workdir / "checkpoints" / str(stopped[0]["step"])).is_dir()
   # What launch.sh tells a stopped run from a finished one by (both exit 0).
   assert f"stopped at step {stopped[0]['step']} of 100000; relaunch to resume\n" in stdout
+
+
+def test_a_stop_saves_before_that_steps_evaluation_and_hooks_and_skips_them(tiny_config, tmp_path, capsys):
+  """A preemption has a grace period before the kill: the step it stops at saves at once. Before, an evaluation or
+  a sample hook due at that step ran first (on a restart the eval step's compile too), and the line telling
+  launch.sh that the run stopped short was printed before its checkpoint was written (found by review)."""
+  tiny_config.train.update(steps=6, eval_every=3, log_every=1, ckpt_every=1000)
+  stop, hooked = threading.Event(), []
+
+  def hook(info):
+    hooked.append(info.step)
+    if info.step == 2:
+      stop.set()  # seen after step 3: the run stops there, a step due for evaluation and for this hook
+
+  Trainer(tiny_config, str(tmp_path / "run"), hooks=((1, hook),), stop_requested=stop).run()
+  assert hooked == [1, 2] and sorted(eval_losses_by_step(tmp_path / "run")) == [0]
+  assert checkpoint.Checkpointer(str(tmp_path / "run" / "checkpoints"), keep=3).all_steps() == [3]
+  assert "stopped at step 3 of 6; relaunch to resume" in capsys.readouterr().out
+  # The last step is no stop short of the end: its evaluation and hooks run as in any finished run.
+  stop.clear()
+  hooked.clear()
+
+  def stop_at_the_end(info):
+    hooked.append(info.step)
+    if info.step == 5:
+      stop.set()
+
+  Trainer(tiny_config, str(tmp_path / "run"), hooks=((1, stop_at_the_end),), stop_requested=stop).run()
+  assert hooked == [4, 5, 6] and sorted(eval_losses_by_step(tmp_path / "run")) == [0, 6]
+  assert "stopped at step" not in capsys.readouterr().out

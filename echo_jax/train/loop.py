@@ -510,9 +510,12 @@ class Trainer:
             self._check_eval_memory(steps)
         pending = (step, step_metrics, {"since": finished, "samples_seen": samples_seen, "flops": flops_per_step,
                                         "peak": peak})
-        if evaluates and step % train.eval_every == 0:
-          self._evaluate(steps, state, held_out.result(), step)
         stop = self._should_stop(step - start_step)
+        # A stop before the last step (a preemption, with a grace period before the kill) saves at once: this step's
+        # evaluation and hooks (samples) would delay the save, and the run exits after it.
+        stopping_short = stop and step < train.steps
+        if evaluates and step % train.eval_every == 0 and not stopping_short:
+          self._evaluate(steps, state, held_out.result(), step)
         final = stop or step == train.steps
         logs, saves = step % train.log_every == 0 or final, final or step % train.ckpt_every == 0
         if logs or saves:
@@ -530,14 +533,11 @@ class Trainer:
                                              "peak_flops": peak})
           self._unconfirmed_saves.append(step)
         for every, hook in self.hooks:
-          if step % every == 0:
+          if step % every == 0 and not stopping_short:
             hook(StepInfo(step=step, state=state, trainer=self))
         if stop:
           self.log.event("stopped", step=step,
                          message="stop requested (SIGTERM or Ctrl-C); saving a checkpoint, then exiting")
-          if step < train.steps:
-            # On every process: the process exits 0 as a finished run does, and launch.sh tells them apart by it.
-            print(f"stopped at step {step} of {train.steps}; relaunch to resume", flush=True)
           break
       if pending is not None:
         self._log_step(*pending, waited, consecutive_nonfinite, progress)
@@ -546,15 +546,23 @@ class Trainer:
     finally:
       watchdog.beat()  # the closes and the last save's wait get the whole timeout too
       try:
-        progress.close()
-        pipeline.close()
-        held_out.close()  # a run ending before its first evaluation
+        # The checkpoints first: a failure to close the data (a cache file that cannot be deleted) must not skip the
+        # wait for the last save, which a multi-process run's exit on that error would then cut short.
         try:
           self._confirm_saves(ckpt, wait=True)
         finally:
           ckpt.close()
       finally:
-        watchdog.stop()
+        try:
+          progress.close()
+          pipeline.close()
+          held_out.close()  # a run ending before its first evaluation
+        finally:
+          watchdog.stop()
+    if step < train.steps:
+      # Once its checkpoint is saved, on every process: the process exits 0 as a finished run does, and launch.sh
+      # tells them apart by this line.
+      print(f"stopped at step {step} of {train.steps}; relaunch to resume", flush=True)
     return state
 
   def _record_config(self, resume_step: int | None) -> None:
