@@ -26,6 +26,7 @@ from echo_jax.checkpoint import export_pickle, load_params, save_params, write_c
 from echo_jax.config import model_config
 from echo_jax.model import Echo
 from echo_jax.sampling import SamplerConfig
+from echo_jax.train import samples
 from echo_jax.train.loop import StepInfo, Trainer
 from echo_jax.train.samples import SampleExample, make_sample_hook
 from echo_jax.train.state import create_train_state
@@ -240,6 +241,38 @@ def test_a_sample_hook_whose_gather_fails_stops_the_run(run_dir, tmp_path, monke
   with pytest.raises(MemoryError, match="do not fit"):
     hook(StepInfo(step=7, state=types.SimpleNamespace(params=params), trainer=trainer))
   assert events == [] and not (tmp_path / "samples").exists()
+
+
+def test_the_sample_hook_gathers_the_parameters_one_array_at_a_time(run_dir, tmp_path, monkeypatch):
+  """process_allgather of the whole tree held every gathered array on every process until the last one came, and
+  left the bound on the device's extra memory to how JAX maps a tree. Each call now gathers one array, every process
+  makes the same calls in the same order, and process 0 speaks with what a gather of the whole tree gives."""
+  config, params = load_params(run_dir)
+  gathered, synthesized = [], []
+
+  def gather(tree, tiled=False):  # what the gather gives in one process
+    gathered.append([leaf.shape for leaf in jax.tree.leaves(tree)])
+    return jax.device_get(tree)
+
+  def recording_synthesizer(config, params, codec):
+    synthesized.append(params)
+    return synthesis.Synthesizer(config, params, codec)
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "process_allgather", gather)
+  monkeypatch.setattr(samples, "Synthesizer", recording_synthesizer)
+  for is_main in (False, True):
+    trainer, events = hook_trainer(config, tmp_path)
+    trainer.is_main = is_main
+    gathered.clear()
+    hook = make_sample_hook(FrameCodec(), [SampleExample("Hello there.", None)], SamplerConfig(steps=3), duration=0.8)
+    hook(StepInfo(step=7, state=types.SimpleNamespace(params=params), trainer=trainer))
+    assert gathered == [[leaf.shape] for leaf in jax.tree.leaves(params)], is_main
+  assert [name for name, _ in events] == ["samples_written"] and len(synthesized) == 1
+  whole = jax.device_get(params)
+  assert jax.tree.structure(synthesized[0]) == jax.tree.structure(whole)
+  for used, expected in zip(jax.tree.leaves(synthesized[0]), jax.tree.leaves(whole), strict=True):
+    np.testing.assert_array_equal(used, expected)
 
 
 def params_digest(params) -> dict[str, str]:
