@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import types
 
 import fake_gcs
@@ -26,7 +27,7 @@ from echo_jax.checkpoint import export_pickle, load_params, save_params, write_c
 from echo_jax.config import model_config
 from echo_jax.model import Echo
 from echo_jax.sampling import SamplerConfig
-from echo_jax.train import samples
+from echo_jax.train import entry, samples
 from echo_jax.train.loop import StepInfo, Trainer
 from echo_jax.train.samples import SampleExample, make_sample_hook
 from echo_jax.train.state import create_train_state
@@ -273,6 +274,55 @@ def test_the_sample_hook_gathers_the_parameters_one_array_at_a_time(run_dir, tmp
   assert jax.tree.structure(synthesized[0]) == jax.tree.structure(whole)
   for used, expected in zip(jax.tree.leaves(synthesized[0]), jax.tree.leaves(whole), strict=True):
     np.testing.assert_array_equal(used, expected)
+
+
+def test_held_out_examples_that_cannot_be_read_are_a_sample_error_and_training_goes_on(tiny_config, tmp_path,
+                                                                                        monkeypatch):
+  """The held-out examples were read as the hook was made, before the Trainer existed: a listing that failed ended
+  the launch. Now they are read in the background; a failed read is a sample_error at the sample step, training goes
+  on, and the next sample step reads them again (here the held-out shard exists by then)."""
+  config = tiny_config
+  held_out = tmp_path / "held_out"
+  config.data.eval_shards = str(held_out / "eval-*.tar")  # nothing there yet
+  config.codec = "mel"  # stands for any codec: get_codec gives the test's
+  config.samples.update(every=2, count=2, steps=2)
+  config.train.update(steps=4, eval_every=0, ckpt_every=4)
+  monkeypatch.setattr(codecs, "get_codec", lambda name, weights=None: FrameCodec())
+
+  def write_held_out(info):
+    if info.step == 2:
+      write_synthetic_shards(held_out, num_shards=1, seed=1, prefix="eval")
+
+  Trainer(config, str(tmp_path / "run"), hooks=(*entry.sample_hooks(config), (2, write_held_out))).run()
+  log = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+  reports = [(e["event"], e["step"], e.get("message", "")) for e in log if e["event"].startswith("sample")]
+  assert [report[:2] for report in reports] == [("sample_error", 2), ("samples_written", 4)], reports
+  assert "reading the held-out examples failed" in reports[0][2] and "matches no file" in reports[0][2], reports[0]
+  assert sorted(os.listdir(tmp_path / "run" / "samples")) == ["step_4"]
+  assert [e["step"] for e in log if e["event"] == "checkpoint_saved"] == [4]
+
+
+def test_held_out_examples_are_read_once_waited_for_a_bounded_time_and_read_again_after_a_failure():
+  """A sample step must not wait without end on a read that stalls (the other processes wait for process 0 in the
+  next step's collective, under the hang watchdog), and one failed read must not end the samples of the launch."""
+  release, reads = threading.Event(), []
+  example = SampleExample("Hello there.", None)
+
+  def read():
+    reads.append(len(reads))
+    if len(reads) == 1:
+      raise OSError("429 Too Many Requests")
+    release.wait()
+    return [example]
+
+  examples = samples.HeldOutExamples(read)
+  examples.start()
+  with pytest.raises(RuntimeError, match="reading the held-out examples failed: OSError: 429 Too Many Requests"):
+    examples.result(5)
+  with pytest.raises(TimeoutError, match="still being read after 0.1 s"):
+    examples.result(0.1)  # the read that this call started again
+  release.set()
+  assert examples.result(5) == [example] and examples.result(0) == [example] and reads == [0, 1]
 
 
 def params_digest(params) -> dict[str, str]:

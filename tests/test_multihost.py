@@ -95,10 +95,33 @@ WORKER = textwrap.dedent("""
       sharding.make_mesh = interleaved
 
     hooks = ((1, after_step),)
+    calls_path = os.environ.get("ECHO_TEST_SAMPLE_CALLS")
+    if calls_path:
+      # The training samples' hook as train_main makes it, recording what this process does for it: its listings and
+      # reads of the held-out shards, and the leaves of each of its tiled gathers (a run makes no other).
+      from jax.experimental import multihost_utils
+      from echo_jax.train import entry, samples
+      calls = []
+
+      def recorded(name, fn, arguments):
+        def call(*args, **kwargs):
+          calls.append([name, arguments(*args, **kwargs)])
+          return fn(*args, **kwargs)
+        return call
+
+      samples.list_shards = recorded("list_shards", samples.list_shards, lambda spec: spec)
+      samples.iter_shard = recorded("iter_shard", samples.iter_shard, lambda path, *_, **__: os.path.basename(path))
+      multihost_utils.process_allgather = recorded(
+          "gather", multihost_utils.process_allgather, lambda tree, tiled=False: len(jax.tree.leaves(tree)) if tiled
+          else None)
+      hooks += entry.sample_hooks(config)
     trainer = RecordingTrainer(config, workdir, hooks=hooks, stop_requested=stop)
     print(f"batch_rows={trainer.batch_rows}", flush=True)
     state = trainer.run()
     print(f"final_step={int(state.step.addressable_data(0))}", flush=True)
+    if calls_path:
+      with open(f"{calls_path}.{jax.process_index()}", "w") as f:
+        json.dump(calls, f)
     if signal_at == -2 and jax.process_index() == 1:  # a SIGTERM once process 0 has begun to exit
       time.sleep(2)
       os.kill(os.getpid(), signal.SIGTERM)
@@ -107,10 +130,11 @@ WORKER = textwrap.dedent("""
 
 
 def start_hosts(config, workdir, *, processes=2, devices=4, texts="-", delay=0.0, signal_at=-1, port=None,
-                indices=None, gcs_url=None, interleave=0):
+                indices=None, gcs_url=None, interleave=0, sample_calls=None):
   """Starts `processes` simulated hosts of `devices` CPU devices each (those of `indices` only, when given, joining
   the coordinator on `port`; reaching gs:// at the GCS stand-in's `gcs_url`, when given; with `interleave`, on a
-  mesh whose devices alternate between the hosts that many at a time); returns the Popen objects."""
+  mesh whose devices alternate between the hosts that many at a time; with `sample_calls`, with the training samples'
+  hook, each host writing what it did for it to `{sample_calls}.{process}`); returns the Popen objects."""
   port = port or free_port()
   started = []
   for index in range(processes) if indices is None else indices:
@@ -120,6 +144,8 @@ def start_hosts(config, workdir, *, processes=2, devices=4, texts="-", delay=0.0
                  ECHO_PROCESS_ID=str(index))
     if interleave:
       env["ECHO_TEST_INTERLEAVE"] = str(interleave)
+    if sample_calls:
+      env["ECHO_TEST_SAMPLE_CALLS"] = str(sample_calls)
     started.append(subprocess.Popen(
         [sys.executable, "-c", WORKER, config.to_json(), str(workdir), str(texts), str(delay), str(signal_at)],
         cwd=REPO, env=env,
@@ -362,6 +388,32 @@ def test_a_listing_that_fails_on_process_0_fails_every_host_with_its_error(setup
   outputs = failed(start_hosts(config, root / "typo"))
   assert "typo-*.tar" in outputs[0] and "matches no file" in outputs[0], outputs[0][-3000:]
   assert "process 0 could not list the shards" in outputs[1] and "matches no file" in outputs[1], outputs[1][-3000:]
+
+
+def test_only_process_0_reads_the_held_out_examples_and_the_parameters_are_gathered_one_array_at_a_time(tmp_path):
+  """Every host read the samples' held-out examples at its launch, on a pod 8 times the listings (which the Hub
+  rate-limits) and downloads, for samples that only process 0 generates; and the gather of the parameters took the
+  whole tree at once. Here process 1 lists and reads nothing for them, both gather the same arrays one per call, and
+  process 0 writes the samples (mel codec: no weights, 128-d latents)."""
+  shards = write_synthetic_shards(tmp_path / "shards", num_shards=2, per_shard=4, latent_dim=128)
+  config = make_config(shards, tmp_path / "cache")
+  config.model.latent_dim = 128
+  config.data.eval_shards = write_synthetic_shards(tmp_path / "shards", num_shards=1, latent_dim=128, seed=1,
+                                                   prefix="eval")
+  config.codec = "mel"
+  config.samples.update(every=2, count=2, steps=2)
+  config.train.update(steps=2, ckpt_every=2)
+  run_hosts(config, tmp_path / "run", sample_calls=tmp_path / "calls")
+  calls = [json.loads((tmp_path / f"calls.{process}").read_text()) for process in range(2)]
+  for_examples = [[call for call in process_calls if call[0] != "gather"] for process_calls in calls]
+  assert for_examples == [[["list_shards", config.data.eval_shards], ["iter_shard", "eval-00000.tar"]], []]
+  gathers = [[call[1] for call in process_calls if call[0] == "gather" and call[1] is not None]
+             for process_calls in calls]
+  assert gathers[0] == gathers[1] and len(gathers[0]) > 1 and set(gathers[0]) == {1}, gathers
+  assert sorted(os.listdir(tmp_path / "run" / "samples" / "step_2")) == [
+      "0.png", "0.txt", "0.wav", "1.png", "1.txt", "1.wav"]
+  log = read_jsonl(tmp_path / "run" / "events.jsonl")
+  assert [(e["event"], e["step"]) for e in log if e["event"].startswith("sample")] == [("samples_written", 2)]
 
 
 def test_a_workdir_the_hosts_do_not_all_share_is_refused_before_training(setup):

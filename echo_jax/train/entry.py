@@ -13,19 +13,29 @@ from absl import logging
 from echo_jax import codecs, convert, runtime
 from echo_jax.sampling import SamplerConfig
 from echo_jax.train.loop import Hook, Trainer, install_sigint_handler, install_sigterm_handler
-from echo_jax.train.samples import examples_from_shards, make_sample_hook
+from echo_jax.train.samples import HeldOutExamples, examples_from_shards, make_sample_hook
 
 
 def sample_hooks(config: ml_collections.ConfigDict) -> tuple[tuple[int, Hook], ...]:
-  """The speech-samples hook, when the config asks for samples and has a codec and held-out shards."""
+  """The speech-samples hook, when the config asks for samples and has a codec and held-out shards.
+
+  Process 0, which alone generates samples, starts reading their held-out examples here, in the background: the
+  launch's set-up (listing, restore, compile) goes on meanwhile, and its first sample step waits for what is left (a
+  failed read is a sample_error there). Read here in the launch's path on every host, a listing or download that
+  failed would end that host's launch alone (the others waiting for it in a collective), one that hung would hang it
+  before the set-up watchdog (train.setup_timeout) is armed, and a pod would make 8 times the requests (the Hub
+  rate-limits them)."""
   if config.samples.every <= 0:
     return ()
   if config.codec == "none" or not config.data.eval_shards:
     raise ValueError("samples.every > 0 needs a codec (config.codec) and held-out shards (config.data.eval_shards); "
                      "set --config.samples.every=0 to train without samples")
   codec = codecs.get_codec(config.codec, config.codec_weights or None)
-  examples = examples_from_shards(config.data.eval_shards, config.samples.count, config.model.latent_dim,
-                                  stall_timeout=config.data.stall_timeout, retries=config.data.download_retries)
+  examples = HeldOutExamples(functools.partial(
+      examples_from_shards, config.data.eval_shards, config.samples.count, config.model.latent_dim,
+      stall_timeout=config.data.stall_timeout, retries=config.data.download_retries))
+  if jax.process_index() == 0:
+    examples.start()
   return ((config.samples.every, make_sample_hook(codec, examples, SamplerConfig(steps=config.samples.steps))),)
 
 

@@ -4,17 +4,20 @@
     samples/step_{N}/{i}.png   its spectrogram (PIL; no plotting library needed)
     samples/step_{N}/{i}.txt   the normalised text
 
-Process 0 generates; the other processes only take part in gathering the parameters. A failure to generate or
-write is logged as a `sample_error` event and never stops training; a failure of the gather, a collective, does.
-Each file appears under its final name only when complete.
+Process 0 generates; the other processes only take part in gathering the parameters. Process 0 alone reads the
+held-out examples too (`HeldOutExamples`), in the background from the launch on. A failure to read the examples, to
+generate or to write is logged as a `sample_error` event and never stops training; the next sample step tries again. A
+failure of the gather, a collective, stops it. Each file appears under its final name only when complete.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import queue
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -26,7 +29,7 @@ from PIL import Image
 from echo_jax import storage
 from echo_jax.codecs import Codec
 from echo_jax.codecs import audio as audio_lib
-from echo_jax.data.cache import ShardCache
+from echo_jax.data.cache import ShardCache, describe
 from echo_jax.data.shards import iter_shard, list_shards
 from echo_jax.sampling import SamplerConfig
 from echo_jax.synthesis import Synthesizer
@@ -34,6 +37,10 @@ from echo_jax.train.loop import Hook, StepInfo
 
 SPECTROGRAM_HEIGHT = 256
 DYNAMIC_RANGE_DB = 80.0
+# The most a sample step waits for held-out examples still being read. The other processes wait meanwhile in the next
+# step's collective, and the hang watchdog (train.hang_timeout) counts it; a read of a shard that stalls can take
+# data.download_retries × data.stall_timeout (16 minutes by default).
+EXAMPLES_WAIT = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +70,49 @@ def examples_from_shards(shards: str, count: int, latent_dim: int, *, stall_time
     finally:
       cache.close()
   return examples
+
+
+class HeldOutExamples:
+  """`read()` (e.g. `examples_from_shards` of the held-out shards), once, in a thread of its own that `start` (or the
+  first `result`) starts. Process 0 starts it at the launch, so that its first sample step finds the examples read;
+  the other processes, which generate nothing, never start it. Meant for one thread to start and wait on."""
+
+  def __init__(self, read: Callable[[], list[SampleExample]]):
+    self._read = read
+    self._examples: list[SampleExample] | None = None
+    self._outcome: queue.SimpleQueue | None = None  # of the read under way: (examples, None) or (None, its error)
+
+  def start(self) -> None:
+    if self._examples is not None or self._outcome is not None:
+      return
+    outcome = self._outcome = queue.SimpleQueue()
+
+    def read() -> None:
+      try:
+        outcome.put((self._read(), None))
+      except Exception as error:  # noqa: BLE001 - raised by `result`, in the sample step
+        outcome.put((None, error))
+
+    # A daemon: a read stalled in a listing or a download must not hold the exit of a process (Python waits for its
+    # other threads) whose run ended, or failed, without needing it.
+    threading.Thread(target=read, name="sample_examples", daemon=True).start()
+
+  def result(self, timeout: float) -> list[SampleExample]:
+    """The examples, waiting up to `timeout` seconds for the read; raises its error, or TimeoutError when it is still
+    under way (it goes on: the next call waits for it again). A read that failed is started again by the next call,
+    so that a passing failure (the Hub's rate limit) costs one sample step, as a failure to generate does."""
+    if self._examples is None:
+      self.start()
+      try:
+        examples, error = self._outcome.get(timeout=timeout)
+      except queue.Empty:
+        raise TimeoutError(f"the held-out examples were still being read after {timeout:g} s; the next sample step "
+                           "waits for them again") from None
+      self._outcome = None
+      if error is not None:
+        raise RuntimeError(f"reading the held-out examples failed: {describe(error)}") from error
+      self._examples = examples
+    return self._examples
 
 
 def gather_params(params: Any, *, keep: bool) -> Any:
@@ -108,9 +158,10 @@ def write_sample(directory: str, index: int, text: str, audio: np.ndarray, sampl
   storage.write_bytes(storage.join(directory, f"{index}.txt"), (text + "\n").encode("utf-8"))
 
 
-def make_sample_hook(codec: Codec, examples: Sequence[SampleExample], sampler: SamplerConfig | None = None,
-                     duration: float | None = None, seed: int = 0) -> Hook:
-  """A Trainer hook writing samples of `examples` to `samples/step_{N}/`; use as `hooks=((every, hook),)`.
+def make_sample_hook(codec: Codec, examples: Sequence[SampleExample] | HeldOutExamples,
+                     sampler: SamplerConfig | None = None, duration: float | None = None, seed: int = 0) -> Hook:
+  """A Trainer hook writing samples of `examples` to `samples/step_{N}/`; use as `hooks=((every, hook),)`. Only
+  process 0 reads `examples` (a `HeldOutExamples` there is waited for up to EXAMPLES_WAIT seconds).
 
   duration: seconds generated per text; by default the longest target the config trains on.
   """
@@ -127,14 +178,15 @@ def make_sample_hook(codec: Codec, examples: Sequence[SampleExample], sampler: S
     if not trainer.is_main:
       return
     try:
+      listed = examples.result(EXAMPLES_WAIT) if isinstance(examples, HeldOutExamples) else examples
       synthesizer = Synthesizer(trainer.config, params, codec)
       seconds = duration or trainer.config.data.max_frames / codec.frame_rate
       relative = f"samples/step_{info.step}"
-      for index, example in enumerate(examples):
+      for index, example in enumerate(listed):
         result = synthesizer.synthesize(example.text, example.speaker, sampler, seconds, seed + index)
         write_sample(storage.join(trainer.workdir, relative), index, " ".join(result.chunks), result.audio,
                      result.sample_rate)
-      trainer.log.event("samples_written", step=info.step, directory=relative, count=len(examples))
+      trainer.log.event("samples_written", step=info.step, directory=relative, count=len(listed))
     except Exception as error:  # noqa: BLE001 - samples are a by-product; training must go on
       trainer.log.event("sample_error", step=info.step, message=f"{type(error).__name__}: {error}")
 
