@@ -86,7 +86,9 @@ def gather_per_process(obj: Any) -> list[Any]:
     return [obj]
   encoded = np.frombuffer(json.dumps(obj).encode("utf-8"), np.uint8)
   lengths = multihost_utils.process_allgather(np.array([encoded.size], np.int32))
-  padded = np.zeros(int(lengths.max()), np.uint8)
+  # Padded to a power of two: each new length would compile another all-gather (jit specialises on shapes), and the
+  # data positions gathered at every save change length often; this keeps it to a few per run.
+  padded = np.zeros(1 << max(int(lengths.max()) - 1, 0).bit_length(), np.uint8)
   padded[:encoded.size] = encoded
   gathered = multihost_utils.process_allgather(padded)
   return [json.loads(bytes(row[:n]).decode("utf-8")) for row, n in zip(gathered, lengths.reshape(-1), strict=True)]

@@ -132,3 +132,22 @@ def test_small_replicated_arrays_are_saved_whole_without_a_compile_per_device(tm
   ckpt.close()
   for name in state:
     np.testing.assert_array_equal(restored[name], state[name])
+
+
+def test_gather_per_process_pads_to_few_shapes_and_returns_each_object(monkeypatch):
+  """Each shape of its all-gather is a compile (jit specialises on shapes), and the data positions it gathers at every
+  save change length often: padded to their exact length, a long run compiled one all-gather after another."""
+  shapes = []
+
+  def two_processes(array):  # what process_allgather gives when both processes hold `array`
+    shapes.append(array.shape)
+    return np.stack([array, array])
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(checkpoint.multihost_utils, "process_allgather", two_processes)
+  objects = [{"cursor": 10 ** digits, "text": "é" * digits} for digits in range(1, 40)]
+  for obj in objects:
+    assert checkpoint.gather_per_process(obj) == [obj, obj]
+  padded = {shape for shape in shapes if shape != (1,)}  # the lengths' own gather is one shape
+  # 39 lengths from 32 to 500 bytes: 5 powers of two (39 shapes before).
+  assert padded == {(32,), (64,), (128,), (256,), (512,)}, padded
