@@ -14,6 +14,8 @@ import contextlib
 import dataclasses
 import json
 import os
+import threading
+import time
 import urllib.parse
 import uuid
 from collections.abc import Iterator
@@ -36,6 +38,11 @@ class Server:
   # IAM permissions the caller lacks, as GCS checks them: storage.objects.create for every write, and
   # storage.objects.delete for a DELETE and for a write that replaces an object (a compose onto one included).
   denied: set[str] = dataclasses.field(default_factory=set)
+  # The last generation given: a write's time in ns, made to grow (a file's own mtime may not, within a clock tick,
+  # and a conditional write would then pass on a generation that another write had replaced); and the lock under
+  # which a write checks its precondition and writes.
+  generation: int = 0
+  writing: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
 
 class _JsonApi(stand_in.Handler):
@@ -48,7 +55,9 @@ class _JsonApi(stand_in.Handler):
   yet); uploadType=resumable: the same in a session of chunks (gcsfs's writes through open()); POST
   /storage/v1/b/B/o/O/compose: O becomes its sources' bytes in order; POST /storage/v1/b/B/o/O/rewriteTo/b/B2/o/O2:
   a copy; POST /storage/v1/b/B/o/O/moveTo/o/O2: a move; DELETE /storage/v1/b/B/o/O. An object's generation is its file's
-  mtime. A write or delete that needs a permission of `Server.denied` is answered 403, with GCS's wording."""
+  mtime, which each write sets above every generation given before (GCS's generations only grow), and a write checks
+  its precondition and writes at once. A write or delete that needs a permission of `Server.denied` is answered 403,
+  with GCS's wording."""
 
   root: str
   gcs: Server  # (`server` is the handler's HTTP server)
@@ -198,19 +207,22 @@ class _JsonApi(stand_in.Handler):
   def _write(self, bucket: str, name: str, data: bytes, generation_match: str | None, rewrite: bool = False) -> bool:
     """Writes the object and answers with its metadata (for a copy, `rewrite`: in a finished rewrite's answer), or
     answers why not; says whether it wrote."""
-    path, metadata = self._object(bucket, name)
-    if (self._refused("storage.objects.create", bucket, name)
-        or (metadata and self._refused("storage.objects.delete", bucket, name))):
-      return False
-    if generation_match is not None and generation_match != (metadata["generation"] if metadata else "0"):
-      self.reply(412)
-      return False
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    partial = os.path.join(self.root, f".upload-{uuid.uuid4().hex}")  # outside every bucket: never listed
-    with open(partial, "wb") as f:
-      f.write(data)
-    os.replace(partial, path)  # GCS shows an object whole or not at all
-    metadata = self._object(bucket, name)[1]
+    with self.gcs.writing:
+      path, metadata = self._object(bucket, name)
+      if (self._refused("storage.objects.create", bucket, name)
+          or (metadata and self._refused("storage.objects.delete", bucket, name))):
+        return False
+      if generation_match is not None and generation_match != (metadata["generation"] if metadata else "0"):
+        self.reply(412)
+        return False
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      partial = os.path.join(self.root, f".upload-{uuid.uuid4().hex}")  # outside every bucket: never listed
+      with open(partial, "wb") as f:
+        f.write(data)
+      self.gcs.generation = max(time.time_ns(), self.gcs.generation + 1)
+      os.utime(partial, ns=(self.gcs.generation, self.gcs.generation))
+      os.replace(partial, path)  # GCS shows an object whole or not at all
+      metadata = self._object(bucket, name)[1]
     self.reply(200, {"kind": "storage#rewriteResponse", "done": True, "resource": metadata} if rewrite else metadata)
     return True
 
