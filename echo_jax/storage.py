@@ -20,6 +20,7 @@ import os
 import posixpath
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -224,6 +225,9 @@ LEASE_FILE = ".trainer.lease"
 LEASE_RENEW_S = 60.0
 LEASE_EXPIRES_S = 300.0
 LEASE_RELEASE_WAIT_S = 10.0  # for a renewal under way when the claim is released
+# A launch's tries at taking over a lease that is not live: one fails only when another write came between its read
+# and its write (another launch taking it over), whose lease the next finds live.
+LEASE_TAKE_TRIES = 3
 
 
 class RunDirectoryClaim:
@@ -240,9 +244,12 @@ class RunDirectoryClaim:
     `LEASE_RENEW_S`. A lease is live while its trainer's pid runs (a trainer on this machine) or while it was
     renewed within `LEASE_EXPIRES_S` (a trainer elsewhere); a launch takes over a lease that is not (`took_over`
     says whose). A trainer whose lease another launch took over (it could not renew it for that long) finds it so
-    at its next renewal and says so in `lost`: the Trainer then stops before its next save. Two launches that start
-    within a moment of each other over an expired lease can both take it over (the store replaces objects without
-    a condition here); the next renewal of one of them finds the other's lease, and that one stops.
+    at its next renewal and says so in `lost`: the Trainer then stops before its next save. The lease is replaced
+    (taken over, or renewed) only if its object is still the one read, by its generation (GCS's precondition,
+    decided by the store): of two launches that take over one expired lease at once, one gets it and the other is
+    refused, naming it; a renewal never overwrites a lease that another launch took after it was read, and finds it
+    lost. (On a store that gives no generations, another fsspec filesystem, both launches can take it over; the next
+    renewal of one of them finds the other's lease, and that one stops.)
   """
 
   def __init__(self, directory: str, process: int):
@@ -302,16 +309,7 @@ class RunDirectoryClaim:
                     "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": _machine(),
                     "started": _process_start(os.getpid())}
     try:
-      try:
-        self._create_lease()
-      except FileExistsError:
-        holder = _read_lease(self.path)
-        if holder is not None and _lease_is_live(holder):
-          raise self._in_use(f"another trainer holds its lease ({_describe_lease(holder)})",
-                             f"or, if it is gone, wait until {LEASE_EXPIRES_S:.0f} s have passed since its last "
-                             f"renewal, or delete {self.path}") from None
-        write_bytes(self.path, self._lease_record())
-        self.took_over = _describe_lease(holder) if holder is not None else f"an unreadable {self.path}"
+      self._claim_lease()
     except RunDirectoryError:
       raise
     except Exception as error:
@@ -320,20 +318,55 @@ class RunDirectoryClaim:
     self._renewer = threading.Thread(target=self._renew, name="run_directory_lease", daemon=True)
     self._renewer.start()
 
+  def _claim_lease(self) -> None:
+    """Creates this trainer's lease, or replaces one that is not live; RunDirectoryInUseError when one is (of two
+    launches taking over one lease at once, the second finds the first's live at its next try)."""
+    replacing = None  # whose lease the last try replaced, for `took_over`
+    for _ in range(LEASE_TAKE_TRIES):
+      try:
+        self._create_lease()
+        return
+      except FileExistsError:
+        pass
+      holder, generation = _read_lease(self.path)
+      if holder is not None and holder.get("id") == self._lease_id:  # the last try's went through (`_replace_lease`)
+        self.took_over = replacing
+        return
+      if holder is not None and _lease_is_live(holder):
+        raise self._in_use(f"another trainer holds its lease ({_describe_lease(holder)})",
+                           f"or, if it is gone, wait until {LEASE_EXPIRES_S:.0f} s have passed since its last "
+                           f"renewal, or delete {self.path}")
+      replacing = _describe_lease(holder) if holder is not None else f"an unreadable {self.path}"
+      try:
+        _replace_lease(self.path, self._lease_record(), generation)
+      except FileExistsError:
+        continue
+      self.took_over = replacing
+      return
+    raise RunDirectoryError(f"cannot claim the run directory {self.directory}: {self.path} was written between the "
+                            f"read and the write of each of {LEASE_TAKE_TRIES} tries to take it over")
+
   def _renew(self) -> None:
     while not self._renewing.wait(LEASE_RENEW_S):
       try:
-        holder = _read_lease(self.path)
+        holder, generation = _read_lease(self.path)
         if holder is None:  # deleted (by hand?): made again, unless another launch has just made its own
           with contextlib.suppress(FileExistsError):
             self._create_lease()
-          holder = _read_lease(self.path)
-        if holder is None or holder.get("id") != self._lease_id:
-          self.lost = (f"another trainer took over the run directory {self.directory} "
-                       f"({_describe_lease(holder) if holder else f'{self.path} is unreadable'})")
-          logging.error("%s: this trainer stops at its next log step", self.lost)
-          return
-        write_bytes(self.path, self._lease_record())
+          holder, generation = _read_lease(self.path)
+        if holder is not None and holder.get("id") == self._lease_id:
+          try:
+            _replace_lease(self.path, self._lease_record(), generation)
+            continue
+          except FileExistsError:  # written since it was read: by another launch that took it over, most likely
+            holder, _ = _read_lease(self.path)
+            # Deleted: made again at the next renewal. This trainer's: see `_replace_lease`.
+            if holder is None or holder.get("id") == self._lease_id:
+              continue
+        self.lost = (f"another trainer took over the run directory {self.directory} "
+                     f"({_describe_lease(holder) if holder else f'{self.path} is unreadable'})")
+        logging.error("%s: this trainer stops at its next log step", self.lost)
+        return
       except Exception as error:  # noqa: BLE001 — the store may answer again before the lease expires
         logging.warning("could not renew the lease %s (%s); another launch may take the run directory over once "
                         "%.0f s have passed since the last renewal", self.path, describe(error), LEASE_EXPIRES_S)
@@ -349,18 +382,55 @@ class RunDirectoryClaim:
       if self._renewer is not None:  # a renewal under way would make the lease again once it is deleted
         self._renewer.join(timeout=LEASE_RELEASE_WAIT_S)
       with contextlib.suppress(Exception):
-        if self.lost is None and (_read_lease(self.path) or {}).get("id") == self._lease_id:
+        if self.lost is None and (_read_lease(self.path)[0] or {}).get("id") == self._lease_id:
           remove_if_possible(self.path)
       self._lease_id = None
 
 
-def _read_lease(path: str) -> dict | None:
-  """The lease record at `path`; None when there is none or it is unreadable (taken over then)."""
+def _read_lease(path: str) -> tuple[dict | None, str | None]:
+  """(the lease record at `path`, None when there is none or it is unreadable (taken over then); the generation of
+  its object, for `_replace_lease`: "0" where there is none, None where the store gives no generation)."""
+  fs, target = _asked_now(path)
+  gcs = _is_gcs(fs)
   try:
-    record = json.loads(read_bytes(path))
-  except (FileNotFoundError, ValueError):
-    return None
-  return record if isinstance(record, dict) else None
+    # The generation before the bytes: a lease written between the two then fails the replacement conditioned on it,
+    # instead of being replaced on the word of the bytes before it.
+    generation = fs.info(target)["generation"] if gcs else None
+    data = fs.cat_file(target)
+  except FileNotFoundError:
+    return None, ("0" if gcs else None)
+  try:
+    record = json.loads(data)
+  except ValueError:
+    return None, generation
+  return (record if isinstance(record, dict) else None), generation
+
+
+def _replace_lease(path: str, data: bytes, generation: str | None) -> None:
+  """Writes `data` as the lease `path` if its object is still of `generation`, as `_read_lease` found it ("0": there
+  is none); FileExistsError when another write came between, decided by the store: of two launches replacing the
+  lease they read, one fails. (FileExistsError too where this write went through but its answer was lost: gcsfs's
+  retry finds the generation changed. The caller reads whose the lease is now.)
+
+  GCS's precondition ifGenerationMatch, which gcsfs's writes set only to 0 (mode="create"): this upload, a media
+  upload of GCS's JSON API, is asked through gcsfs's session (its credentials, endpoint and retries), which raises
+  the store's 412 as FileExistsError. Where the store gives no generation (another fsspec filesystem: `generation`
+  None), the lease is replaced without a condition: two launches taking over one expired lease at once can both
+  take it, and the next renewal of one of them finds the other's lease."""
+  if generation is None:
+    write_bytes(path, data)
+    return
+  fs, target = fsspec.core.url_to_fs(path)
+  bucket, key, _ = fs.split_path(target)
+  fs.call("POST", f"{fs._location}/upload/storage/v1/b/{{}}/o", bucket, uploadType="media", name=key,
+          ifGenerationMatch=generation, data=data, headers={"Content-Type": "application/json"})
+
+
+def _is_gcs(fs: fsspec.AbstractFileSystem) -> bool:
+  """Whether `fs` is gcsfs's, whose objects have generations that a write can be conditioned on (`_replace_lease`);
+  gcsfs is imported already where it is, and is not imported for another filesystem."""
+  core = sys.modules.get("gcsfs.core")
+  return core is not None and isinstance(fs, core.GCSFileSystem)
 
 
 def _lease_is_live(holder: dict) -> bool:

@@ -2,6 +2,7 @@
 GCS's compose, never overwritten by a resumed run. GCS is stood in for by a local directory served over HTTP
 (tests/fake_gcs.py) to the real clients: gcsfs, tensorstore and google-cloud-storage."""
 
+import contextlib
 import json
 import os
 import socket
@@ -424,6 +425,80 @@ def test_a_gs_lease_is_renewed_made_again_when_deleted_and_lost_to_another_launc
   assert lease(bucket) == taken  # not this trainer's to delete
 
 
+def test_of_two_launches_taking_over_one_expired_gs_lease_at_once_the_store_lets_one(bucket, gcs, monkeypatch):
+  """Both read the expired lease before either wrote: both replaced it (GCS replaced it without a condition), and
+  both trained into the run directory until a renewal found the other's lease. The replacement is conditioned on
+  the generation read: the store lets the first, and the second is refused, naming it."""
+  (bucket / "run").mkdir()
+  expired = {"id": "expired", "host": "another-host", "pid": 1, "since": "then",
+             "renewed": time.time() - storage.LEASE_EXPIRES_S - 1}
+  (bucket / "run" / storage.LEASE_FILE).write_text(json.dumps(expired))
+  real_read, other_launch, others = storage._read_lease, contextlib.ExitStack(), []
+
+  def read_then_another_launch_takes_it_over(path):  # this launch has read the expired lease, and not yet written
+    read = real_read(path)
+    monkeypatch.setattr(storage, "_read_lease", real_read)
+    others.append(other_launch.enter_context(
+        claimed_elsewhere("gs://bucket/run", 0, env=fake_gcs.subprocess_env(gcs.url))))
+    return read
+
+  monkeypatch.setattr(storage, "_read_lease", read_then_another_launch_takes_it_over)
+  with other_launch:
+    with pytest.raises(storage.RunDirectoryInUseError) as refused:
+      storage.RunDirectoryClaim("gs://bucket/run", 0)
+    assert (f"is in use: another trainer holds its lease (pid {others[0]} on {socket.gethostname()}, since "
+            in str(refused.value)), refused.value
+    assert lease(bucket)["pid"] == others[0]
+
+
+def test_a_gs_lease_renewal_does_not_overwrite_a_lease_another_launch_took_since_it_read_it(bucket, monkeypatch):
+  """A renewal that read its own lease, then wrote after another launch took the lease over, replaced that launch's
+  lease: both trained on until the other's renewal. Its write is conditioned on the generation read: it fails, and
+  the trainer finds its lease lost."""
+  monkeypatch.setattr(storage, "LEASE_RENEW_S", 0.05)
+  claim = storage.RunDirectoryClaim("gs://bucket/run", 0)
+  real_read = storage._read_lease
+  taken = {"id": "another launch", "host": "another-host", "pid": 1, "since": "now", "renewed": time.time()}
+
+  def read_then_another_launch_takes_it_over(path):  # this renewal has read its own lease, and not yet written
+    read = real_read(path)
+    monkeypatch.setattr(storage, "_read_lease", real_read)
+    storage.write_bytes(path, json.dumps(taken).encode())
+    return read
+
+  monkeypatch.setattr(storage, "_read_lease", read_then_another_launch_takes_it_over)
+  wait_for(lambda: claim.lost is not None, timeout=10)
+  assert claim.lost.startswith("another trainer took over the run directory gs://bucket/run (pid 1 on another-host")
+  assert lease(bucket) == taken
+  claim.release()
+  assert lease(bucket) == taken
+
+
+def test_a_gs_lease_write_whose_answer_was_lost_is_found_to_be_this_trainers(bucket, monkeypatch):
+  """gcsfs retries a request whose answer was lost: a lease write that went through is retried, and the store
+  refuses the retry (the generation it was conditioned on is gone). The launch still holds the lease it took over,
+  and a renewal does not take its own lease for another launch's."""
+  monkeypatch.setattr(storage, "LEASE_RENEW_S", 0.05)
+  (bucket / "run").mkdir()
+  expired = {"id": "expired", "host": "another-host", "pid": 1, "since": "then",
+             "renewed": time.time() - storage.LEASE_EXPIRES_S - 1}
+  (bucket / "run" / storage.LEASE_FILE).write_text(json.dumps(expired))
+  real_replace, answers_lost = storage._replace_lease, []
+
+  def replace_and_lose_the_answer(path, data, generation):
+    real_replace(path, data, generation)
+    answers_lost.append(path)
+    raise FileExistsError(path)
+
+  monkeypatch.setattr(storage, "_replace_lease", replace_and_lose_the_answer)
+  claim = storage.RunDirectoryClaim("gs://bucket/run", 0)
+  assert claim.took_over.startswith("pid 1 on another-host, since then") and lease(bucket)["pid"] == os.getpid()
+  wait_for(lambda: len(answers_lost) >= 3, timeout=10)  # the take-over and two renewals
+  assert claim.lost is None
+  claim.release()
+  assert lease(bucket) is None
+
+
 TAKEN_OVER = textwrap.dedent("""\
     import json, sys
     import ml_collections
@@ -505,14 +580,14 @@ def test_a_released_gs_lease_is_not_made_again_by_a_renewal_under_way(bucket, mo
   elsewhere was refused for LEASE_EXPIRES_S (found by review)."""
   monkeypatch.setattr(storage, "LEASE_RENEW_S", 0.05)
   claim = storage.RunDirectoryClaim("gs://bucket/run", 0)
-  real_write, renewing = storage.write_bytes, threading.Event()
+  real_replace, renewing = storage._replace_lease, threading.Event()
 
-  def slow_write(path, data):
+  def slow_replace(path, data, generation):
     renewing.set()
     time.sleep(1.0)
-    real_write(path, data)
+    real_replace(path, data, generation)
 
-  monkeypatch.setattr(storage, "write_bytes", slow_write)
+  monkeypatch.setattr(storage, "_replace_lease", slow_replace)
   assert renewing.wait(10)
   claim.release()
   time.sleep(1.5)
