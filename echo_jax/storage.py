@@ -422,6 +422,7 @@ def _replace_lease(path: str, data: bytes, generation: str | None) -> None:
     return
   fs, target = fsspec.core.url_to_fs(path)
   bucket, key, _ = fs.split_path(target)
+  # `_location` is private: the endpoint gcsfs's own uploads are sent to (gcsfs 2026.7.0, pinned in constraints.txt).
   fs.call("POST", f"{fs._location}/upload/storage/v1/b/{{}}/o", bucket, uploadType="media", name=key,
           ifGenerationMatch=generation, data=data, headers={"Content-Type": "application/json"})
 
