@@ -251,13 +251,65 @@ def test_a_remote_shard_is_read_in_few_large_requests(tmp_path, store):
   assert len(content) == 2, content  # 6 in blocks of 5 MB
 
 
+class _SlowFile(fsspec.spec.AbstractBufferedFile):
+  """A store's file whose every request takes its bytes at `_SlowStore.RATE`, answered whole (as gcsfs and
+  huggingface_hub answer), and is recorded."""
+
+  def _fetch_range(self, start, end):
+    end = min(end, self.size)
+    self.fs.requests.append((start, end))
+    time.sleep((end - start) / _SlowStore.RATE)
+    return _SlowStore.DATA[start:end]
+
+
+class _SlowStore(fsspec.AbstractFileSystem):
+  protocol = "slowstore"
+  RATE = 4 << 20  # bytes/s: slow, never stalled
+  DATA = np.random.default_rng(3).bytes(12 << 20)  # 3 s at RATE
+  requests: list = []
+
+  def __init__(self, block_size=None, **kwargs):  # as gcsfs and HfFileSystem take it: the files' default
+    super().__init__(**kwargs)
+    self.block_size = block_size or 5 << 20
+
+  def info(self, path, **kwargs):
+    return {"name": path, "size": len(self.DATA), "type": "file"}
+
+  def _open(self, path, mode="rb", block_size=None, **kwargs):
+    return _SlowFile(self, path, mode, block_size=block_size or self.block_size, size=len(self.DATA), **kwargs)
+
+
+def test_a_slow_link_that_never_stalls_gets_its_shard(tmp_path, monkeypatch):
+  """A request's answer arrives whole: asking for a 32 MiB block per request, a link slower than 32 MiB per
+  stall_timeout showed no progress on any attempt, each retry asked for the same block again, and no shard arrived
+  (found by review). Here 12 MiB at 4 MiB/s with a 2 s stall_timeout: the blocks follow the link's rate."""
+  fsspec.register_implementation(_SlowStore.protocol, _SlowStore, clobber=True)
+  monkeypatch.setattr(_SlowStore, "requests", [])
+  cache = ShardCache(str(tmp_path / "cache"), prefetch=0, stall_timeout=2.0, retries=2, retry_wait=0.01)
+  path = cache.fetch("slowstore://bucket/shard.tar")
+  assert path is not None, (cache.failures, _SlowStore.requests)
+  assert pathlib.Path(path).read_bytes() == _SlowStore.DATA
+  starts = [start for start, _ in _SlowStore.requests]
+  assert starts == sorted(set(starts)), _SlowStore.requests  # one attempt: no range asked twice
+  assert all(end - start <= 4 << 20 for start, end in _SlowStore.requests), _SlowStore.requests
+  cache.close()
+
+
+def test_blocks_follow_the_link_rate_within_their_bounds():
+  """A block is what the last one's rate brings in an eighth of stall_timeout, from 1 MiB to 32 MiB."""
+  assert cache_module.next_block_bytes(4 << 20, 1.0, 120.0) == cache_module.DOWNLOAD_BLOCK_BYTES  # 60 MiB wanted
+  assert cache_module.next_block_bytes(4 << 20, 1.0, 8.0) == 4 << 20
+  assert cache_module.next_block_bytes(1 << 20, 60.0, 120.0) == cache_module.CHUNK_BYTES  # 256 KiB wanted
+  assert cache_module.next_block_bytes(4 << 20, 0.0, 120.0) == cache_module.DOWNLOAD_BLOCK_BYTES
+
+
 @pytest.mark.parametrize("store", ["gs", "hf"])
 def test_a_retry_goes_on_from_the_bytes_already_there_through_gcsfs_and_huggingface_hub(tmp_path, store):
   """What a retry does after an attempt cut off partway, through the real clients: it seeks past the bytes in
   `.partial` and reads only the rest."""
   data = np.random.default_rng(1).bytes(3 << 20)
   with remote_file(tmp_path, store, "shard.tar", data) as (_, url):
-    download = cache_module._Download(url, str(tmp_path / "shard.tar"))
+    download = cache_module._Download(url, str(tmp_path / "shard.tar"), stall_timeout=120.0)
     # Zeros in place of the first bytes, to show which bytes the retry read: the rest only.
     (tmp_path / "shard.tar.partial").write_bytes(bytes(1234567))
     download.start()

@@ -32,16 +32,30 @@ import fsspec
 from absl import logging
 
 CHUNK_BYTES = 1 << 20
-# Bytes asked for per request. gcsfs's and huggingface_hub's files read 5 MB ranges by default: some 200 requests per
-# GB of shards, per host and stream, and the Hub limits those per account and 5-minute window across every host of a
-# pod (5,000 for a free account). A download holds one block in memory (prefetch + 1 per stream); a stalled block is
-# seen as no progress for stall_timeout like any other read. huggingface_hub's streaming file (block_size=0) would
-# take one request per shard, but its version pinned here opens a new request for each read after the first.
+# The most bytes asked for per request. gcsfs's and huggingface_hub's files read 5 MB ranges by default: some 200
+# requests per GB of shards, per host and stream, and the Hub limits those per account and 5-minute window across
+# every host of a pod (5,000 for a free account). A download holds one block in memory (prefetch + 1 per stream).
+# huggingface_hub's streaming file (block_size=0) would take one request per shard, but its version pinned here opens
+# a new request for each read after the first.
 DOWNLOAD_BLOCK_BYTES = 32 << 20
+# A request's answer arrives whole (gcsfs and huggingface_hub read the body before returning any of it), so a download
+# shows progress once per block: a block that takes longer than stall_timeout on a slow but live link was abandoned,
+# retried from the same offset with the same block, and never arrived (below 32 MiB per 120 s, 2.3 Mbit/s, no shard
+# did). So the first request of an attempt asks for FIRST_BLOCK_BYTES, and each next one for what the last one's rate
+# brings in BLOCK_TIME_FRACTION of stall_timeout, between CHUNK_BYTES and DOWNLOAD_BLOCK_BYTES: a fast link still
+# asks for 32 MiB per request, and a link has to be 8 times slower than its last block to stall.
+FIRST_BLOCK_BYTES = 4 << 20
+BLOCK_TIME_FRACTION = 1 / 8
 PARTIAL_SUFFIX = ".partial"
 CONSUMED_SUFFIX = ".consumed"
 # The wait before a shard's n-th retry is about retry_wait * 2**(n-1) seconds, at most this.
 MAX_RETRY_WAIT_S = 60.0
+
+
+def next_block_bytes(received: int, seconds: float, stall_timeout: float) -> int:
+  """The bytes to ask for next, after a block of `received` bytes took `seconds` (see FIRST_BLOCK_BYTES)."""
+  wanted = received / max(seconds, 1e-3) * stall_timeout * BLOCK_TIME_FRACTION
+  return int(min(DOWNLOAD_BLOCK_BYTES, max(CHUNK_BYTES, wanted)))
 
 
 def is_local(url: str) -> bool:
@@ -156,9 +170,10 @@ class _Download:
   An attempt goes on from where the one before it stopped (the bytes in `.partial`): a connection lost or stalled at
   900 MB of a GB shard costs the last 100 MB again, not the whole shard, with each retry."""
 
-  def __init__(self, url: str, path: str):
+  def __init__(self, url: str, path: str, stall_timeout: float):
     self.url = url
     self.path = path
+    self.stall_timeout = stall_timeout  # sizes the requests (`next_block_bytes`); the cache's waiter enforces it
     self.done = threading.Event()
     self.error: BaseException | None = None
     self.attempts = 0
@@ -194,7 +209,10 @@ class _Download:
   def _run(self, attempt_id: int) -> None:
     partial = self.path + PARTIAL_SUFFIX
     try:
-      with fsspec.open(self.url, "rb", block_size=DOWNLOAD_BLOCK_BYTES) as source:
+      # No read-ahead cache ("none"): each read is one request for the bytes it asks, so the loop below sizes them.
+      # (Given to `fs.open`: `fsspec.open` hands its keywords to the filesystem's constructor instead.)
+      fs, path = fsspec.core.url_to_fs(self.url)
+      with fs.open(path, "rb", cache_type="none") as source:
         # Opening the source can take long; an attempt abandoned meanwhile must not then open the file that its
         # successor writes or that the cache has already cleaned up. Checked and opened under the lock that
         # `abandon` and `start` take.
@@ -213,9 +231,13 @@ class _Download:
             offset = target.seek(0)
         if offset:
           source.seek(offset)
-        written = offset
+        written, block = offset, FIRST_BLOCK_BYTES
         with target:
-          while chunk := source.read(CHUNK_BYTES):
+          while True:
+            asked = time.monotonic()
+            chunk = source.read(block if not isinstance(expected, int) else min(block, expected - written))
+            if not chunk:
+              break
             with self._lock:
               if not self._current(attempt_id):
                 return
@@ -223,6 +245,7 @@ class _Download:
                 target.write(chunk)
             written += len(chunk)
             self.progress_time = time.monotonic()
+            block = next_block_bytes(len(chunk), self.progress_time - asked, self.stall_timeout)
         if isinstance(expected, int) and written != expected:
           raise OSError(f"the download ended after {written} of its {expected} bytes")
       with self._lock:
@@ -272,7 +295,7 @@ class ShardCache:
     download = self._downloads.get(url)
     if download is None:
       os.makedirs(self.directory, exist_ok=True)
-      download = _Download(url, self.local_path(url))
+      download = _Download(url, self.local_path(url), self.stall_timeout)
       self._downloads[url] = download
       if os.path.exists(download.path):  # Fetched by an earlier run that crashed before reading it.
         os.utime(download.path)  # in use again: the disk watchdog deletes cached shards left untouched for a day
