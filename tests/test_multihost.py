@@ -358,8 +358,10 @@ def test_a_sigterm_after_the_last_step_does_not_hold_the_exit(setup):
   config = make_config(config.data.train_shards, root / "cache_late")
   config.train.steps = 4
   started = time.time()
-  outputs = finish(start_hosts(config, root / "late_sigterm", signal_at=-2), timeout=90)
-  assert final_steps(outputs) == [4, 4] and time.time() - started < 90
+  # Under the barrier's 3 minutes with room for a loaded machine (at 90 s it timed out in a CI run of twice the usual
+  # length).
+  outputs = finish(start_hosts(config, root / "late_sigterm", signal_at=-2), timeout=150)
+  assert final_steps(outputs) == [4, 4] and time.time() - started < 150
   assert "SIGTERM after the last step" in outputs[1]
 
 
