@@ -56,8 +56,8 @@ class _JsonApi(stand_in.Handler):
   /storage/v1/b/B/o/O/compose: O becomes its sources' bytes in order; POST /storage/v1/b/B/o/O/rewriteTo/b/B2/o/O2:
   a copy; POST /storage/v1/b/B/o/O/moveTo/o/O2: a move; DELETE /storage/v1/b/B/o/O. An object's generation is its file's
   mtime, which each write sets above every generation given before (GCS's generations only grow), and a write checks
-  its precondition and writes at once. A write or delete that needs a permission of `Server.denied` is answered 403,
-  with GCS's wording."""
+  its precondition and writes at once. A write, a delete or a read of an object's bytes that needs a permission of
+  `Server.denied` is answered 403, with GCS's wording."""
 
   root: str
   gcs: Server  # (`server` is the handler's HTTP server)
@@ -116,6 +116,8 @@ class _JsonApi(stand_in.Handler):
       path, metadata = self._object(bucket, parts[2])
       if metadata is None:
         self.reply(404)
+      elif query.get("alt") == ["media"] and self._refused("storage.objects.get", bucket, parts[2]):
+        return
       elif query.get("alt") != ["media"]:
         self.reply(200, metadata)
       else:

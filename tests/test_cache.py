@@ -814,3 +814,17 @@ class _HttpError(Exception):
 def test_only_errors_no_retry_can_pass_are_permanent(error, permanent):
   assert cache_module.is_permanent(error) is permanent
 
+
+def test_a_shard_gcs_refuses_to_read_is_given_up_at_once(tmp_path):
+  """gcsfs raises a 403 as a plain OSError("Forbidden: ..."), without its status: it was retried
+  data.download_retries times (about 90 s of waits per shard with the default 8), e.g. for an account that may list
+  the bucket (the launch passes) but not read its objects (found by review)."""
+  with remote_file(tmp_path, "gs", "shard.tar", b"shard bytes") as (server, url):
+    server.denied.add("storage.objects.get")
+    cache = ShardCache(str(tmp_path / "cache"), retries=8, retry_wait=0.5)
+    start = time.monotonic()
+    assert cache.fetch(url) is None
+    assert time.monotonic() - start < 5
+  assert cache.failures[url].startswith("OSError: Forbidden: ") and "storage.objects.get" in cache.failures[url]
+  assert cache_module.is_permanent(ValueError("Bad Request: gs://b/o invalid")) is True
+

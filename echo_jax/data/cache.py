@@ -82,19 +82,28 @@ _TRANSPORT_ERRORS = {
 }
 
 
+# gcsfs (2026.7.0, gcsfs/retry.py) raises some statuses as plain errors that carry none, told by their message's start:
+# a 403 as OSError("Forbidden: ..."), a 400 that says "invalid" as ValueError("Bad Request: ...").
+_GCSFS_STATUS_MESSAGES = ((OSError, "Forbidden: ", 403), (ValueError, "Bad Request: ", 400))
+
+
 def _http_status(error: BaseException) -> int | None:
   """The HTTP status that `error` carries (gcsfs's HttpError.code, aiohttp's .status, requests' and httpx's
-  .response.status_code, which huggingface_hub's errors hold), or None."""
+  .response.status_code, which huggingface_hub's errors hold, or gcsfs's message for the errors it raises without
+  one), or None."""
   response = getattr(error, "response", None)
   for status in (getattr(error, "code", None), getattr(error, "status", None), getattr(response, "status_code", None)):
     if isinstance(status, int) or (isinstance(status, str) and status.isdigit()):
       return int(status)
+  for kind, start, status in _GCSFS_STATUS_MESSAGES:
+    if type(error) is kind and str(error).startswith(start):
+      return status
   return None
 
 
 def is_transient(error: BaseException) -> bool:
   """Whether a retry may get past `error`: a connection lost or refused, a timeout, HTTP 408, 429 or 5xx. A missing
-  file, a refused permission (gcsfs raises a plain OSError for a 403) or anything not known to pass is not."""
+  file, a refused permission or anything not known to pass is not."""
   status = _http_status(error)
   if status is not None:
     return status >= 500 or status in _TRANSIENT_STATUSES
