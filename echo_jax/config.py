@@ -137,8 +137,9 @@ MINIMUMS = {"train.batch_size": 1, "train.steps": 1, "train.log_every": 1, "trai
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first field of `MINIMUMS` below its least value, a learning rate that is not
-  positive, a codec that no code speaks, or a model the model refuses: each trained on before (a negative lr ran
-  the loss up to thousands, an unknown codec failed only at the first sample or at inference)."""
+  positive, a codec that no code speaks, a shard cache that is not local, or a model the model refuses: each trained
+  on before (a negative lr ran the loss up to thousands, an unknown codec failed only at the first sample or at
+  inference)."""
   for name, least in MINIMUMS.items():
     section, field = name.split(".")
     value = config[section][field]
@@ -149,6 +150,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.train.lr must be positive, got {config.train.lr}")
   if config.codec not in codecs.NAMES:
     raise ValueError(f"config.codec={config.codec!r} is not one of {', '.join(codecs.NAMES)}")
+  if config.data.cache_dir and not storage.is_local(config.data.cache_dir):
+    # Joined as a local path, gs://b/c made a directory ./gs:/b/c and filled it.
+    raise ValueError(f"config.data.cache_dir={config.data.cache_dir!r} is not on this machine: the shard cache is a "
+                     "local disk that downloads go to (each host's own); give a local directory")
   model_config(config)  # the model's own checks (heads, remat, dtype)
 
 

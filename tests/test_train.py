@@ -1221,6 +1221,8 @@ def test_a_count_below_its_least_value_is_refused_before_anything_naming_the_fie
     ("train.lr", -1.0, r"config\.train\.lr must be positive, got -1\.0"),
     ("codec", "foo", r"config\.codec='foo' is not one of mel, dacvae, fish_pca, none"),
     ("model.dtype", "float16", r"dtype='float16' is not float32 or bfloat16"),
+    # Taken as a local path: ./gs:/bucket/cache was made and filled.
+    ("data.cache_dir", "gs://bucket/cache", r"config\.data\.cache_dir='gs://bucket/cache' is not on this machine"),
     # JAX's IndivisibleError named a sharding and its tiling factors, not the field.
     ("train.batch_size", 12, r"batch size 12 is not a positive multiple of the 8 data-parallel devices .*"
                              r"set --config\.train\.batch_size to a multiple of 8")])
