@@ -1320,3 +1320,29 @@ def test_a_stop_saves_before_that_steps_evaluation_and_hooks_and_skips_them(tiny
   Trainer(tiny_config, str(tmp_path / "run"), hooks=((1, stop_at_the_end),), stop_requested=stop).run()
   assert hooked == [4, 5, 6] and sorted(eval_losses_by_step(tmp_path / "run")) == [0, 6]
   assert "stopped at step" not in capsys.readouterr().out
+
+
+def test_a_launch_failing_once_its_data_is_open_closes_the_data(tiny_config, tmp_path, monkeypatch):
+  """The training data opens beside the compile; a failure after that and before training (the listing of the
+  checkpoints) left it open, its reader threads reading and downloading on (found by review)."""
+  closed, listings = [], []
+  real_pipeline, real_all_steps = Trainer._pipeline, checkpoint.Checkpointer.all_steps
+
+  def recording(self, role, *args, **kwargs):
+    pipeline = real_pipeline(self, role, *args, **kwargs)
+    real_close = pipeline.close
+    pipeline.close = lambda: (closed.append(role), real_close())
+    return pipeline
+
+  def failing_after_the_first(self):
+    listings.append(1)
+    if len(listings) > 1:  # the first is the launch's resume step, before the data opens
+      raise OSError("the checkpoints could not be listed")
+    return real_all_steps(self)
+
+  monkeypatch.setattr(Trainer, "_pipeline", recording)
+  monkeypatch.setattr(checkpoint.Checkpointer, "all_steps", failing_after_the_first)
+  tiny_config.train.update(steps=2, eval_every=0)
+  with pytest.raises(OSError, match="could not be listed"):
+    Trainer(tiny_config, str(tmp_path / "run")).run()
+  assert closed == ["train"]

@@ -430,6 +430,7 @@ class Trainer:
     ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=train.keep_checkpoints,
                                    keep_period=train.keep_period, compression=train.ckpt_compression,
                                    restore_gb=checkpoint.restore_budget_gb(abstract_state, train.ckpt_restore_gb))
+    pipeline = None
     try:
       resume_step = self._resume_step(ckpt)
       if resume_step is not None:
@@ -460,6 +461,8 @@ class Trainer:
           global_shapes, abstract_state, ckpt, resume_step, train_shards)
       self._kept_steps = set(ckpt.all_steps())
     except BaseException:
+      if pipeline is not None:  # opened, then the listing of the checkpoints failed: its reader threads would stay
+        pipeline.close()
       held_out.close()
       ckpt.close_after_failure()  # a launch failing here must not exit under the manager's clean-up thread
       raise
