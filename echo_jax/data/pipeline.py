@@ -454,7 +454,7 @@ class Pipeline:
 
   def state(self) -> dict[str, Any]:
     """The position right after the last batch returned by `__next__` (JSON-serialisable)."""
-    return dict(self._state, skipped=dict(self._state["skipped"]))
+    return dict(self._state, skipped=dict(self._state.get("skipped", {})))  # none yet at a `fresh_position`
 
   def restore(self, state: dict[str, Any]) -> None:
     """Moves to `state`, so the next batch is the one that followed it when it was taken."""
