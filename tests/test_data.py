@@ -723,6 +723,19 @@ def test_a_stream_gives_up_after_enough_barren_shards_in_a_row(tmp_path):
   assert re.search(r"the skips: too_long × \d+ \(e\.g\. long\d+ in shard-\d{3}\.tar\); the shards: ", str(error.value))
 
 
+def test_a_large_dataset_of_the_wrong_kind_stops_after_16_shards_not_its_epoch_share(tmp_path):
+  """200 shards over 4 streams: each stream's epoch share is 50 shards, all of another latent size. It gave up only
+  after 50, downloading shard after shard on a pod until the hang watchdog ended the run without naming why (found
+  by review); shards read and found useless count against 16."""
+  wide = np.ones((6, DIM + 1), np.float16)
+  for i in range(200):
+    write_shard(str(tmp_path / f"shard-{i:03d}.tar"), [Sample(f"w{i}", wide, wide, {"text": "hi"})])
+  shards = sorted(str(path) for path in tmp_path.glob("*.tar"))
+  with (_stream_set(shards, range(1), num_streams=4, batch_size=4) as streams,
+        pytest.raises(RuntimeError, match="read 16 shards in a row without one usable sample.* bad_latent_dim")):
+    next(streams)
+
+
 def test_shards_of_another_latent_size_name_the_skip_reason_in_the_error(tmp_path):
   wide = np.ones((6, DIM + 1), np.float16)
   write_shard(str(tmp_path / "shard-0.tar"), [Sample(f"s{i}", wide, wide, {"text": "hi"}) for i in range(3)])

@@ -38,9 +38,13 @@ _F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.flo
 _SHARD_ORDER, _SAMPLE_ORDER = 0, 1
 # How many shard names an error message lists before it only counts the rest.
 _NAMED_SHARDS = 8
-# A stream gives up when this many distinct shards in a row (or every shard, or its share of an epoch if more) have
-# not given it one usable sample. Not after one epoch of its own: with few shards per stream (4 shards over 4
-# streams), one bad or unreachable shard would fill a stream's whole epoch and stop a pod whose data is mostly good.
+# A stream gives up when this many distinct shards in a row (or every shard) were read and held no usable sample, or
+# when as many (or its share of an epoch, if more) gave none, counting shards it could not download. Not after one
+# epoch of its own: with few shards per stream (4 shards over 4 streams), one bad or unreachable shard would fill a
+# stream's whole epoch and stop a pod whose data is mostly good. Shards read and found useless are not given the
+# epoch's share: on a large dataset (hundreds of shards per stream) data of the wrong kind (another latent size) was
+# downloaded shard after shard until the hang watchdog ended the run without naming why; shards not downloaded
+# (an outage of the store) are.
 _BARREN_SHARDS = 16
 
 Batch = dict[str, np.ndarray]
@@ -200,11 +204,12 @@ class _Reader:
   def _check_not_barren(self) -> None:
     """Raises once the shards read since the last usable sample are all there are, or enough (`_BARREN_SHARDS`)."""
     p = self._p
-    limit = min(len(p.shards), max(_BARREN_SHARDS, len(p.shards) // p.process_count))
-    if len(self._barren) < limit:
+    failures = p.cache.failures if p.cache is not None else {}
+    read = sum(1 for url in self._barren if url not in failures)
+    if (len(self._barren) < min(len(p.shards), max(_BARREN_SHARDS, len(p.shards) // p.process_count))
+        and read < min(len(p.shards), _BARREN_SHARDS)):
       return
     barren = sorted(self._barren)
-    failures = p.cache.failures if p.cache is not None else {}
     causes = "; ".join(f"{url}: {failures[url]}" for url in barren[:_NAMED_SHARDS] if url in failures)
     # The skips are named here: a run this stops before its first logged step writes no skip events.
     skips = _name_skips(self._events) or "none recorded (skipped before this launch's position)"
