@@ -748,14 +748,42 @@ def test_a_download_that_ends_early_is_retried_not_presented_as_complete(tmp_pat
   assert cache.failures["stalling://short.tar"] == "OSError: the download ended after 500 of its 1000 bytes"
 
 
-def test_a_cache_that_cannot_be_written_stops_the_reader_with_an_error_naming_it(tmp_path, monkeypatch):
-  """A full disk is not the shards' fault: skipping them as unreadable would train on part of the data."""
+class _FullAtFlush:
+  """A file of a disk that fills up as its buffered bytes are written (at a flush, or the flush of its close)."""
+
+  def __init__(self, *args, **kwargs):
+    self._file = open(*args, **kwargs)  # noqa: SIM115 — closed by close()
+
+  def __getattr__(self, name):
+    return getattr(self._file, name)
+
+  def flush(self):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  def close(self):
+    try:
+      self.flush()
+    finally:
+      self._file.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+@pytest.mark.parametrize("fails_at", ["open", "flush"])
+def test_a_cache_that_cannot_be_written_stops_the_reader_with_an_error_naming_it(tmp_path, monkeypatch, fails_at):
+  """A full disk is not the shards' fault: skipping them as unreadable would train on part of the data. Found when
+  the last buffered bytes were written (at the file's close), it was taken for the download's error, retried, and the
+  shard skipped (found by review)."""
   StallingFileSystem.FILES["a.tar"] = b"x" * 100
 
   def full_disk(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
-  monkeypatch.setattr(cache_module, "open", full_disk, raising=False)
+  monkeypatch.setattr(cache_module, "open", full_disk if fails_at == "open" else _FullAtFlush, raising=False)
   cache = ShardCache(str(tmp_path / "cache"), retry_wait=0)
   with pytest.raises(CacheWriteError, match=r"No space left on device.*cache.*data\.cache_dir"):
     cache.fetch("stalling://a.tar")

@@ -241,7 +241,7 @@ class _Download:
         if offset:
           source.seek(offset)
         written, block = offset, FIRST_BLOCK_BYTES
-        with target:
+        try:
           while True:
             asked = time.monotonic()
             chunk = source.read(block if not isinstance(expected, int) else min(block, expected - written))
@@ -255,6 +255,16 @@ class _Download:
             written += len(chunk)
             self.progress_time = time.monotonic()
             block = next_block_bytes(len(chunk), self.progress_time - asked, self.stall_timeout)
+          # The tail still buffered: a full disk found when it is written is the cache's error, not the download's
+          # (at the file's close it was retried, then the shard skipped).
+          with self._lock:
+            if not self._current(attempt_id):
+              return
+            with _cache_writes():
+              target.flush()
+        finally:
+          with _cache_writes():  # the close writes what is still buffered
+            target.close()
         if isinstance(expected, int) and written != expected:
           raise OSError(f"the download ended after {written} of its {expected} bytes")
       with self._lock:
