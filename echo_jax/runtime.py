@@ -143,7 +143,6 @@ class HangWatchdog:
         finally:
           os._exit(1)  # whatever failed above: a stuck run must not outlive its watchdog
 
-
   def _report(self, message: str) -> None:
     if self.report is None:
       return
@@ -169,12 +168,18 @@ def enable_compilation_cache(directory: str) -> bool:
   An empty `directory` leaves the cache off, and so does a CPU run over more than one device: with jax 0.10.2,
   XLA:CPU programs with cross-device collectives that are loaded back from the cache can deadlock (devices stop at
   different collectives; seen with the eval step on 8 host-platform devices), so such runs always compile.
+
+  Off means off, also when JAX_COMPILATION_CACHE_DIR is set in the environment, which JAX reads by itself (and
+  echo_jax's executable cache follows JAX's setting): before, a CPU run over several devices still used both caches
+  there, and an empty compile_cache_dir (the switch for a suspected stale cache) turned neither off.
   """
   if not directory:
+    jax.config.update("jax_enable_compilation_cache", False)
     return False
   if jax.devices()[0].platform == "cpu" and jax.device_count() > 1:
     logging.warning("persistent compilation cache left off: XLA:CPU programs with collectives over %d devices can "
                     "deadlock when loaded back from it; each launch compiles", jax.device_count())
+    jax.config.update("jax_enable_compilation_cache", False)
     return False
   if "://" not in directory:
     directory = os.path.expanduser(directory)

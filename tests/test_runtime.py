@@ -52,6 +52,21 @@ def test_compilation_cache_serves_a_relaunch_on_one_device(tmp_path):
   assert os.listdir(tmp_path / "xla")
 
 
+@pytest.mark.parametrize("directory, devices", [("", 1), ("xla", 2)])
+def test_the_caches_left_off_stay_off_when_the_environment_names_a_directory(tmp_path, directory, devices):
+  """JAX reads JAX_COMPILATION_CACHE_DIR by itself, and echo_jax's executable cache follows JAX's setting: an empty
+  compile_cache_dir, and a CPU run over several devices (whose programs can deadlock loaded back), used both caches
+  all the same (found by review)."""
+  env = {**cpu_env(devices), "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "from_env")}
+  script = SINGLE_DEVICE + "from echo_jax import executable_cache\nprint('executables', executable_cache.directory())\n"
+  process = subprocess.run([sys.executable, "-c", script, str(tmp_path / directory) if directory else ""], cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=120)
+  assert process.returncode == 0, process.stderr[-3000:]
+  output = dict(line.split(" ", 1) for line in process.stdout.splitlines())
+  assert output["enabled"] == "False" and output["executables"] == "None", output
+  assert not (tmp_path / "from_env").exists() and not (tmp_path / "xla").exists()
+
+
 def test_a_single_process_run_raises_its_error_as_usual():
   """Only a multi-process run exits at once on an error (tested with two hosts in test_launch.py): a single process
   keeps the exception, its traceback and its normal exit."""
