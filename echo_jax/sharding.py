@@ -72,7 +72,14 @@ def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(sizes, len(devices))
   if devices[0].platform == "tpu":
-    device_array = mesh_utils.create_device_mesh(shape, devices)
+    try:
+      device_array = mesh_utils.create_device_mesh(shape, devices)
+    except NotImplementedError as error:  # JAX's advice names an argument that no config field sets
+      raise ValueError(
+          f"config.mesh {dict(zip(MESH_AXES, shape, strict=True))} does not fit the torus of these {len(devices)} "
+          "TPU chips: each of data, fsdp and tensor must be a product of some of the slice's axis sizes (JAX: "
+          f"{str(error).split('. If you want', 1)[0]}). Change config.mesh, e.g. --config.mesh.data=1 "
+          "--config.mesh.tensor=1 (FSDP over every chip)") from error
   else:
     device_array = np.asarray(devices).reshape(shape)
   return Mesh(device_array, MESH_AXES)

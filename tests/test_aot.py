@@ -74,6 +74,14 @@ def test_topologies_resolve_to_their_devices():
   assert len(aot.topology_devices("v5e-16")) == 16
 
 
+def test_a_mesh_that_does_not_fit_the_slices_torus_says_which_field_to_change():
+  """JAX's NotImplementedError advised allow_split_physical_axes, an argument no config field sets, and reached the
+  trainer raw only once the pod was up (found by review)."""
+  with pytest.raises(ValueError, match=r"config\.mesh \{'data': 2, 'fsdp': 8, 'tensor': 2\} does not fit the torus "
+                                       r"of these 32 TPU chips.*Change config\.mesh"):
+    sharding.make_mesh({"data": 2, "fsdp": -1, "tensor": 2}, aot.topology_devices("v4-64"))
+
+
 def test_on_a_v4_64_each_host_holds_interleaved_rows_that_the_data_streams_must_fit():
   """The mesh over a slice follows the chips' torus, so under FSDP over 32 chips each host holds 4 blocks of 8 rows
   of 256: the trainer needs data.streams to cut the batch at 8 rows, and the AOT report says so for a config that
