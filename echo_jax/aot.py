@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from echo_jax import metrics, runtime, sharding
+from echo_jax import executable_cache, metrics, runtime, sharding
 from echo_jax.config import model_config
 from echo_jax.data.pipeline import batch_streams
 from echo_jax.model import Echo
@@ -90,7 +90,7 @@ class MemoryUsage:
 
   @classmethod
   def of(cls, compiled: Any) -> MemoryUsage:
-    stats = compiled.memory_analysis()
+    stats = executable_cache.memory_analysis(compiled)
     if stats is None:
       raise ValueError("this backend gives no memory analysis for the compiled step")
     return cls(arguments=stats.argument_size_in_bytes, outputs=stats.output_size_in_bytes,
@@ -124,7 +124,7 @@ def check_memory(compiled: Any, devices: Sequence[jax.Device], limit_fraction: f
   hbm = HBM_BYTES_PER_DEVICE.get(devices[0].device_kind)
   allowed = min(limit_fraction * hbm, limit) if hbm else limit_fraction * limit
   capacity = hbm or limit
-  if compiled.memory_analysis() is None:  # nothing to check against: say so rather than refuse to train
+  if executable_cache.memory_analysis(compiled) is None:  # nothing to check against: say so, not refuse to train
     warnings.warn(f"this backend gives no memory analysis for the compiled {name}; the check that it fits in "
                   f"{limit_fraction:.0%} of device memory is skipped", RuntimeWarning, stacklevel=2)
     return None

@@ -25,7 +25,9 @@ import json
 import os
 import pickle
 import threading
+import types
 import uuid
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +40,10 @@ from jax.experimental import serialize_executable
 from echo_jax.config import program_fields
 
 SUBDIRECTORY = "echo_executables"
+# XLA's memory analysis of a stored executable, kept with it (see `memory_analysis`).
+_MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+                  "generated_code_size_in_bytes")
+_loaded_memory: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loaded executable -> its stored analysis
 # Distributions whose version can change a compiled program: JAX, its TPU and GPU back ends, and what traces the
 # model. Named, not found by scanning every installed distribution (that takes 0.2 s of a 3 s warm restart).
 _LIBRARIES = ("jax", "jaxlib", "libtpu", "libtpu-nightly", "jax-cuda12-plugin", "jax-cuda12-pjrt",
@@ -137,9 +143,11 @@ def load(key: str, mesh: jax.sharding.Mesh) -> jax.stages.Compiled | None:
   if paths is None:
     return None
   try:
-    payload, in_tree, out_tree = pickle.loads(paths[0].read_bytes())
+    payload, in_tree, out_tree, memory = pickle.loads(paths[0].read_bytes())
     compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
                                                          execution_devices=list(mesh.devices.flat))
+    if memory is not None:
+      _loaded_memory[compiled] = memory
     _mark_used(paths)
     return compiled
   except FileNotFoundError:  # nothing stored: one request to find out, not an `exists` and then a read
@@ -148,6 +156,17 @@ def load(key: str, mesh: jax.sharding.Mesh) -> jax.stages.Compiled | None:
     logging.warning("compiled step %s could not be loaded (%s: %s); compiling it again", paths[0],
                     type(error).__name__, error)
     return None
+
+
+def memory_analysis(compiled: jax.stages.Compiled) -> Any | None:
+  """XLA's memory analysis of `compiled` (`Compiled.memory_analysis()`), or, for an executable loaded from this cache
+  whose backend gives none for a loaded one, the analysis stored with it when it was compiled; None when neither is
+  known. (Whether libtpu analyses a deserialized executable is not known here: with no analysis the launch's memory
+  check would be skipped at every warm restart, a step refused at its cold launch included.)"""
+  stats = compiled.memory_analysis()
+  if stats is None and compiled in _loaded_memory:
+    return types.SimpleNamespace(**_loaded_memory[compiled])
+  return stats
 
 
 def _mark_used(paths: tuple[epath.Path, ...]) -> None:
@@ -186,7 +205,9 @@ def store(key: str, compiled: jax.stages.Compiled, inputs: Any) -> None:
   try:
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     _write(paths[1], pickle.dumps((treedef, layout)))
-    _write(paths[0], pickle.dumps(serialize_executable.serialize(compiled)))
+    stats = compiled.memory_analysis()
+    memory = None if stats is None else {name: int(getattr(stats, name)) for name in _MEMORY_FIELDS}
+    _write(paths[0], pickle.dumps((*serialize_executable.serialize(compiled), memory)))
   except Exception as error:  # noqa: BLE001 — the cache is an optimisation; a full disk must not stop training
     logging.warning("compiled step not stored in %s (%s: %s)", paths[0].parent, type(error).__name__, error)
 

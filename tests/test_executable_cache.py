@@ -20,7 +20,7 @@ from conftest import REPO, cpu_env, load_config, write_synthetic_shards
 from etils import epath
 from test_train import eval_losses_by_step, losses_by_step
 
-from echo_jax import executable_cache, sharding, watchdog
+from echo_jax import aot, executable_cache, sharding, watchdog
 from echo_jax.config import HOST_ONLY_FIELDS, model_config
 from echo_jax.model import Echo
 from echo_jax.train import step
@@ -206,6 +206,33 @@ def test_a_damaged_executable_is_reported_and_compiled_again(cache_dir, caplog):
   assert executable_cache.load_inputs("somekey", mesh) == inputs
   assert executable_cache.compile_cached("somekey", lower, mesh, inputs) is not None and lowered == [True]
   assert sorted(os.listdir(cache_dir)) == ["somekey.executable", "somekey.inputs"]
+
+
+class _Device:  # a device whose runtime allows `bytes_limit` bytes
+  device_kind = "an accelerator not in the HBM table"
+
+  def __init__(self, bytes_limit):
+    self.bytes_limit = bytes_limit
+
+  def memory_stats(self):
+    return {"bytes_limit": self.bytes_limit}
+
+
+def test_a_loaded_step_is_checked_against_memory_with_the_analysis_stored_beside_it(cache_dir):
+  """Where a backend gives no memory analysis for a deserialized executable, the launch's memory check was skipped
+  (a warning) at every warm restart, a step that its cold launch refused included, since the step is stored before
+  the check (found by review; whether libtpu does is not known here). The analysis is stored with the executable."""
+  inputs = jax.ShapeDtypeStruct((256, 256), jnp.float32)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  compiled = executable_cache.compile_cached("memkey", lambda: jax.jit(lambda x: x @ x + 1).lower(inputs), mesh,
+                                             inputs)
+  loaded = executable_cache.load("memkey", mesh)
+  loaded.memory_analysis = lambda: None  # as a backend without analysis of a loaded executable answers
+  assert aot.MemoryUsage.of(loaded) == aot.MemoryUsage.of(compiled)
+  needed = aot.MemoryUsage.of(compiled).total
+  with pytest.raises(aot.MemoryLimitError):
+    aot.check_memory(loaded, [_Device(needed)])  # over 90% of the runtime's limit
+  assert aot.check_memory(loaded, [_Device(2 * needed)]).total == needed
 
 
 def test_a_loaded_entry_is_marked_used_for_the_disk_watchdog(tmp_path, monkeypatch):
