@@ -1318,8 +1318,12 @@ def test_a_stop_saves_before_that_steps_evaluation_and_hooks_and_skips_them(tiny
       stop.set()
 
   Trainer(tiny_config, str(tmp_path / "run"), hooks=((1, stop_at_the_end),), stop_requested=stop).run()
-  assert hooked == [4, 5, 6] and sorted(eval_losses_by_step(tmp_path / "run")) == [0, 6]
-  assert "stopped at step" not in capsys.readouterr().out
+  assert hooked == [4, 5, 6] and "stopped at step" not in capsys.readouterr().out
+  # The relaunch evaluates the state saved at step 3 before its first step: the loss the stopped launch skipped.
+  tiny_config.train.update(steps=6, eval_every=3, log_every=1, ckpt_every=1000)
+  Trainer(tiny_config, str(tmp_path / "reference")).run()
+  assert eval_losses_by_step(tmp_path / "run") == eval_losses_by_step(tmp_path / "reference")
+  assert sorted(eval_losses_by_step(tmp_path / "run")) == [0, 3, 6]
 
 
 def test_a_launch_failing_once_its_data_is_open_closes_the_data(tiny_config, tmp_path, monkeypatch):

@@ -481,8 +481,10 @@ class Trainer:
       self.log.event("start", step=start_step, params=count_params(abstract_state.params),
                      devices=jax.device_count(), processes=jax.process_count(), mesh=dict(self.mesh.shape),
                      compile_seconds=round(compile_seconds, 2), flops_per_step=flops_per_step, peak_flops=peak)
-      if evaluates and start_step == 0:  # the baseline that later evaluations are compared with
-        self._evaluate(steps, state, held_out.result(), 0)
+      # Step 0's: the baseline that later evaluations are compared with. A stop's: skipped by the launch that stopped
+      # there (see below), evaluated now on the state it saved, which gives what that launch would have.
+      if evaluates and (start_step == 0 or meta.get("eval_pending")):
+        self._evaluate(steps, state, held_out.result(), start_step)
       consecutive_nonfinite = 0
       pending = None  # (step, device metrics, host timings) of the step whose metrics are not yet logged
       # When the previous step finished (seen when its metrics were fetched); the first step is timed from here.
@@ -515,9 +517,11 @@ class Trainer:
                                         "peak": peak})
         stop = self._should_stop(step - start_step)
         # A stop before the last step (a preemption, with a grace period before the kill) saves at once: this step's
-        # evaluation and hooks (samples) would delay the save, and the run exits after it.
+        # evaluation and hooks (samples) would delay the save, and the run exits after it. Its evaluation is left to
+        # the relaunch (`eval_pending` in the checkpoint's metadata).
         stopping_short = stop and step < train.steps
-        if evaluates and step % train.eval_every == 0 and not stopping_short:
+        eval_due = evaluates and step % train.eval_every == 0
+        if eval_due and not stopping_short:
           self._evaluate(steps, state, held_out.result(), step)
         final = stop or step == train.steps
         logs, saves = step % train.log_every == 0 or final, final or step % train.ckpt_every == 0
@@ -533,7 +537,7 @@ class Trainer:
           positions = checkpoint.gather_per_process(pipeline.state())
           ckpt.save(step, state, positions, {"samples_seen": samples_seen, "process_count": jax.process_count(),
                                              "platform": jax.devices()[0].platform, "devices": jax.device_count(),
-                                             "peak_flops": peak})
+                                             "peak_flops": peak, "eval_pending": eval_due and stopping_short})
           self._unconfirmed_saves.append(step)
         for every, hook in self.hooks:
           if step % every == 0 and not stopping_short:
