@@ -3,28 +3,39 @@
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 from collections.abc import Callable
 from typing import Any
 
 
 class InBackground:
   """`fn()` computed once, in a thread of its own that `start` starts; `result` waits for it (starting it if nothing
-  has). Meant for one thread to start and wait on."""
+  has). Meant for one thread to start and wait on. A `daemon` thread does not hold the process's exit: for work that
+  may stall on the network and that a finished or failed run no longer needs."""
 
-  def __init__(self, name: str, fn: Callable[[], Any]):
-    self._name, self._fn = name, fn
+  def __init__(self, name: str, fn: Callable[[], Any], *, daemon: bool = False):
+    self._name, self._fn, self._daemon = name, fn, daemon
     self._future: concurrent.futures.Future | None = None
 
   def start(self) -> None:
-    if self._future is None:
-      thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
-      self._future = thread.submit(self._fn)
-      thread.shutdown(wait=False)  # the submitted work still runs; no more comes
+    if self._future is not None:
+      return
+    future = self._future = concurrent.futures.Future()
+
+    def run() -> None:
+      future.set_running_or_notify_cancel()
+      try:
+        future.set_result(self._fn())
+      except BaseException as error:  # noqa: BLE001 — handed to whoever waits in `result`
+        future.set_exception(error)
+
+    threading.Thread(target=run, name=self._name, daemon=self._daemon).start()
 
   def done(self) -> bool:
     """Whether it has been started and has finished (or failed: `result` raises its error)."""
     return self._future is not None and self._future.done()
 
-  def result(self) -> Any:
+  def result(self, timeout: float | None = None) -> Any:
+    """`fn()`'s value or error; TimeoutError when `timeout` seconds pass first (it goes on running)."""
     self.start()
-    return self._future.result()
+    return self._future.result(timeout)

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import queue
 import tempfile
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,6 +25,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from echo_jax import storage
+from echo_jax.background import InBackground
 from echo_jax.codecs import Codec
 from echo_jax.codecs import audio as audio_lib
 from echo_jax.data.cache import ShardCache, describe
@@ -73,46 +72,30 @@ def examples_from_shards(shards: str, count: int, latent_dim: int, *, stall_time
 
 
 class HeldOutExamples:
-  """`read()` (e.g. `examples_from_shards` of the held-out shards), once, in a thread of its own that `start` (or the
-  first `result`) starts. Process 0 starts it at the launch, so that its first sample step finds the examples read;
-  the other processes, which generate nothing, never start it. Meant for one thread to start and wait on."""
+  """`read()` (e.g. `examples_from_shards` of the held-out shards), once, in a daemon thread of its own
+  (`background.InBackground`) that `start` (or the first `result`) starts. Process 0 starts it at the launch, so that
+  its first sample step finds the examples read; the other processes, which generate nothing, never start it. A daemon:
+  a read stalled in a listing or a download must not hold the exit of a process whose run ended without needing it."""
 
   def __init__(self, read: Callable[[], list[SampleExample]]):
     self._read = read
-    self._examples: list[SampleExample] | None = None
-    self._outcome: queue.SimpleQueue | None = None  # of the read under way: (examples, None) or (None, its error)
+    self._reading = InBackground("sample_examples", read, daemon=True)
 
   def start(self) -> None:
-    if self._examples is not None or self._outcome is not None:
-      return
-    outcome = self._outcome = queue.SimpleQueue()
-
-    def read() -> None:
-      try:
-        outcome.put((self._read(), None))
-      except Exception as error:  # noqa: BLE001 - raised by `result`, in the sample step
-        outcome.put((None, error))
-
-    # A daemon: a read stalled in a listing or a download must not hold the exit of a process (Python waits for its
-    # other threads) whose run ended, or failed, without needing it.
-    threading.Thread(target=read, name="sample_examples", daemon=True).start()
+    self._reading.start()
 
   def result(self, timeout: float) -> list[SampleExample]:
     """The examples, waiting up to `timeout` seconds for the read; raises its error, or TimeoutError when it is still
     under way (it goes on: the next call waits for it again). A read that failed is started again by the next call,
     so that a passing failure (the Hub's rate limit) costs one sample step, as a failure to generate does."""
-    if self._examples is None:
-      self.start()
-      try:
-        examples, error = self._outcome.get(timeout=timeout)
-      except queue.Empty:
+    try:
+      return self._reading.result(timeout)
+    except Exception as error:
+      if not self._reading.done():  # not the read's own error (which may be a TimeoutError of the network's)
         raise TimeoutError(f"the held-out examples were still being read after {timeout:g} s; the next sample step "
                            "waits for them again") from None
-      self._outcome = None
-      if error is not None:
-        raise RuntimeError(f"reading the held-out examples failed: {describe(error)}") from error
-      self._examples = examples
-    return self._examples
+      self._reading = InBackground("sample_examples", self._read, daemon=True)
+      raise RuntimeError(f"reading the held-out examples failed: {describe(error)}") from error
 
 
 def gather_params(params: Any, *, keep: bool) -> Any:
