@@ -39,3 +39,12 @@ class InBackground:
     """`fn()`'s value or error; TimeoutError when `timeout` seconds pass first (it goes on running)."""
     self.start()
     return self._future.result(timeout)
+
+
+def finishes_within(seconds: float, fn: Callable[[], Any], name: str) -> bool:
+  """Runs `fn()` in a daemon thread (so that a call hung on dead storage ends with the process) and waits for it at
+  most `seconds`; whether it finished by then. Its errors are `fn`'s to handle."""
+  thread = threading.Thread(target=fn, name=name, daemon=True)
+  thread.start()
+  thread.join(seconds)
+  return not thread.is_alive()

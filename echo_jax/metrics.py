@@ -22,6 +22,7 @@ import numpy as np
 from absl import logging
 
 from echo_jax import storage
+from echo_jax.background import finishes_within
 from echo_jax.data.cache import describe, is_local
 from echo_jax.model import EchoConfig
 
@@ -207,10 +208,7 @@ def record_process_error(workdir: str, error: BaseException, step: int | None = 
     except Exception as failure:  # noqa: BLE001 — reported below, by the caller's thread
       failures.append(failure)
 
-  thread = threading.Thread(target=write, name="process_error", daemon=True)  # daemon: a hung write ends with us
-  thread.start()
-  thread.join(ERROR_WRITE_TIMEOUT_S)
-  if thread.is_alive():
+  if not finishes_within(ERROR_WRITE_TIMEOUT_S, write, "process_error"):
     logging.error("writing %s took over %.0f s; given up: this error is in this process's log only", path,
                   ERROR_WRITE_TIMEOUT_S)
   elif failures:

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 import jax
 from absl import logging
 
+from echo_jax.background import finishes_within
+
 ENV_COORDINATOR = "ECHO_COORDINATOR"
 ENV_NUM_PROCESSES = "ECHO_NUM_PROCESSES"
 ENV_PROCESS_ID = "ECHO_PROCESS_ID"
@@ -153,10 +155,7 @@ class HangWatchdog:
       except Exception:  # noqa: BLE001 — the exit must follow all the same
         logging.exception("could not report the stuck run")
 
-    thread = threading.Thread(target=report, name="hang_report", daemon=True)
-    thread.start()
-    thread.join(REPORT_TIMEOUT_S)
-    if thread.is_alive():
+    if not finishes_within(REPORT_TIMEOUT_S, report, "hang_report"):
       logging.error("reporting the stuck run took over %.0f s; given up: it is in this process's log only",
                     REPORT_TIMEOUT_S)
 
