@@ -124,11 +124,12 @@ def check_memory(compiled: Any, devices: Sequence[jax.Device], limit_fraction: f
   hbm = HBM_BYTES_PER_DEVICE.get(devices[0].device_kind)
   allowed = min(limit_fraction * hbm, limit) if hbm else limit_fraction * limit
   capacity = hbm or limit
-  if executable_cache.memory_analysis(compiled) is None:  # nothing to check against: say so, not refuse to train
+  try:
+    usage = MemoryUsage.of(compiled)
+  except ValueError:  # nothing to check against: say so rather than refuse to train
     warnings.warn(f"this backend gives no memory analysis for the compiled {name}; the check that it fits in "
                   f"{limit_fraction:.0%} of device memory is skipped", RuntimeWarning, stacklevel=2)
     return None
-  usage = MemoryUsage.of(compiled)
   needed = usage.total + resident
   if needed > allowed:
     beside = f", and {resident / GiB:.2f} GiB of optimizer state held beside it" if resident else ""
