@@ -188,3 +188,13 @@ def test_bad_cli_values_are_refused_before_any_compile(flag, problem):
                            "--topology", "v4-8", flag], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 1 and problem in result.stderr, result.stderr[-2000:]
   assert "compile" not in result.stdout
+
+
+def test_a_step_without_memory_analysis_is_trained_with_a_warning():
+  """Nothing to check against: said, and the check skipped rather than the run refused."""
+  class NoAnalysis:
+    def memory_analysis(self):
+      return None
+
+  with pytest.warns(RuntimeWarning, match="no memory analysis for the compiled train step; the check .* is skipped"):
+    assert aot.check_memory(NoAnalysis(), [_FakeDevice()]) is None
