@@ -159,3 +159,51 @@ def test_blockwise_prefix_visibility():
   changed = prefix.at[:, 8:].add(1.0)
   np.testing.assert_allclose(run(changed, 8), run(prefix, 8), rtol=1e-5, atol=1e-5)
   assert not np.allclose(run(changed, 12), run(prefix, 12), atol=1e-4)
+
+
+def test_the_model_can_be_traced_from_two_threads_at_once(monkeypatch):
+  """The trainer traces the train step while a thread traces the state's initialisation (and the eval step while the
+  sample hook traces the sampler). Flax creates Module classes during a trace, editing their base classes' dataclass
+  fields in place while the other thread may be reading them: seen once as "dictionary changed size during
+  iteration" from a launch. Reading the fields slowly here (as a loaded machine would) makes that overlap likely on
+  every run: several of the 16 traces failed in each try before traces of the model took turns."""
+  import dataclasses
+  import threading
+  import time
+  import types
+
+  from flax.linen import kw_only_dataclasses, transforms
+
+  class SlowFieldReads(types.ModuleType):
+    def __getattr__(self, name):
+      return getattr(dataclasses, name)
+
+    @staticmethod
+    def fields(cls_or_instance):
+      return tuple(f for f in cls_or_instance.__dataclass_fields__.values()
+                   if not time.sleep(0.002) and f._field_type is dataclasses._FIELD)
+
+  slow = SlowFieldReads("dataclasses")
+  monkeypatch.setattr(transforms, "dataclasses", slow)
+  monkeypatch.setattr(kw_only_dataclasses, "dataclasses", slow)
+  model, params, inputs, _ = tiny_model_and_inputs()
+  config = load_config("tiny")
+  traces = {
+      "init": lambda: jax.eval_shape(lambda: init_params(model, jax.random.key(0), config)),
+      "apply": lambda: jax.eval_shape(lambda p: model.apply({"params": p}, **inputs), params),
+  }
+  errors = []
+
+  def trace_repeatedly(trace):
+    for _ in range(8):
+      try:
+        trace()
+      except Exception as error:  # noqa: BLE001 - every failure is collected and shown
+        errors.append(repr(error))
+
+  threads = [threading.Thread(target=trace_repeatedly, args=(trace,)) for trace in traces.values()]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  assert not errors

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from typing import Any
 
 import flax.linen as nn
@@ -40,6 +41,14 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+# Held while the model runs in Python, i.e. while it is traced. Flax creates Module classes during a trace (each
+# nn.scan and nn.remat call in `scan_layers`), and creating one edits its base classes' dataclass fields in place
+# (flax.linen.kw_only_dataclasses) while another thread's trace may be iterating them: "dictionary changed size during
+# iteration". The trainer traces the train step, the state's initialisation and the eval step in threads of their
+# own, and the sample hook traces the sampler beside the eval step's compile. Tracing holds the GIL anyway, so the
+# lock costs no parallelism; XLA's compilation, which runs after the trace, does not take it.
+_TRACING = threading.RLock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,4 +381,15 @@ class Echo(nn.Module):
   def __call__(self, x_t: jax.Array, t: jax.Array, text: jax.Array, text_mask: jax.Array, speaker: jax.Array,
                speaker_mask: jax.Array, prefix: jax.Array | None = None, start_pos: jax.Array | int = 0) -> jax.Array:
     return self.decode(x_t, t, self.encode_context(text, text_mask, speaker, speaker_mask, prefix), start_pos)
+
+  # One thread at a time runs the model (`_TRACING`): `init` and `apply` are the ways in that echo-jax uses.
+  @nn.nowrap
+  def init(self, *args: Any, **kwargs: Any) -> Any:
+    with _TRACING:
+      return super().init(*args, **kwargs)
+
+  @nn.nowrap
+  def apply(self, *args: Any, **kwargs: Any) -> Any:
+    with _TRACING:
+      return super().apply(*args, **kwargs)
 
