@@ -1,6 +1,6 @@
 """Text (+ a reference voice) to speech with a trained Echo checkpoint: the library behind `inference.py`.
 
-    text ─► split into chunks (≤ 300 chars, sentence > clause > word) ─► normalise each ─► bytes
+    text ─► chunks (≤ 300 chars, ≤ max_text_len bytes normalised, sentence > clause > word) ─► bytes
     reference audio ─► mono, codec rate, peak-limited, ≤ 5 min ─► codec.encode ─► speaker latents
     all chunks as one batch ─► sampling.sample ─► per chunk: crop at the end of speech ─► codec.decode ─► concatenate
 
@@ -35,8 +35,6 @@ MAX_CHUNK_CHARS = 300
 MAX_REFERENCE_SECONDS = 300.0
 # A reference whose peak is below -80 dBFS holds no voice to clone (digital silence or a broken recording).
 SILENT_PEAK = 1e-4
-# Room that normalisation may add to a chunk: the "[S1] " speaker tag.
-SPEAKER_TAG_CHARS = 5
 PRESETS_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "presets",
                             "sampler_presets.json")
 
@@ -75,11 +73,16 @@ def load_preset(name: str, path: str = PRESETS_PATH) -> SamplerConfig:
   return presets[name]
 
 
-def split_and_normalize(text: str, max_chars: int = MAX_CHUNK_CHARS) -> list[str]:
-  """Long text -> normalised chunks of at most `max_chars` characters before normalisation."""
+def split_and_normalize(text: str, max_text_len: int = text_lib.MAX_TEXT_LEN) -> list[str]:
+  """Long text -> normalised chunks of at most `MAX_CHUNK_CHARS` characters before normalisation and `max_text_len`
+  tokens after (`text.chunk_text`: a turn running over a chunk boundary keeps its speaker)."""
   if not isinstance(text, str) or not text.strip():
     raise SynthesisError("text is empty: nothing to say")
-  return [text_lib.normalize_text(chunk) for chunk in text_lib.split_text(text, max_chars)]
+  try:
+    return text_lib.chunk_text(text, max_text_len, MAX_CHUNK_CHARS)
+  except ValueError as error:
+    raise SynthesisError(f"the model's text length ({max_text_len} tokens) is too short for this text: "
+                         f"{error}") from error
 
 
 class Synthesizer:
@@ -115,11 +118,6 @@ class Synthesizer:
       log.warning("pad latent %s of the training config is not here; using the codec's silence latent", path)
       return np.asarray(self.codec.pad_latent, np.float32)
     return load_pad_latent(path, self.cfg.latent_dim)
-
-  @property
-  def max_chunk_chars(self) -> int:
-    """Chunk size that fits the model's text length (BOS and the speaker tag included)."""
-    return max(1, min(MAX_CHUNK_CHARS, self.config.data.max_text_len - 1 - SPEAKER_TAG_CHARS))
 
   def reference_latents(self, path: str) -> np.ndarray:
     """Speaker latents [Ts, D] (Ts a multiple of the patch size) of an audio file, capped at 5 minutes."""
@@ -195,7 +193,7 @@ class Synthesizer:
     """
     start = time.time()
     sampler = sampler or SamplerConfig()
-    chunks = split_and_normalize(text, self.max_chunk_chars)
+    chunks = split_and_normalize(text, self.config.data.max_text_len)
     frames = self.frames_for(duration)
     if speaker is not None:
       speaker = np.asarray(speaker, np.float32)

@@ -7,13 +7,15 @@
 space and the ends stripped, which upstream does only when chunking; the demo corpus and inference both use this
 function, so training text matches inference text.
 
-Long text is split into chunks first and each chunk is normalised afterwards (as upstream does), so every chunk gets
-its own speaker tag.
+Long text is split into chunks and each chunk is normalised on its own (as upstream does), so every chunk gets a
+speaker tag; unlike upstream, a chunk that does not begin with one continues the speaker of the chunk before it (whose
+last tag it is given) instead of being given "[S1]" (`chunk_text`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -35,6 +37,7 @@ _WHITESPACE = re.compile(r"\s+")
 _SENTENCE_END = frozenset(".!?")
 _CLAUSE_END = frozenset(",;:")
 _CLOSERS = frozenset("\"')]}”’")
+_SPEAKER_TAG = re.compile(r"\[S\d+\]")
 
 
 def normalize_text(text: str) -> str:
@@ -92,23 +95,68 @@ def _last_boundary(window: str) -> int | None:
   return sentence or clause or space
 
 
-def split_text(text: str, max_chars: int = 300) -> list[str]:
-  """Splits `text` into chunks of at most `max_chars` characters, for generating long text chunk by chunk.
+def _longest_fitting(text: str, max_chars: int, fits: Callable[[str], bool]) -> int:
+  """The longest prefix length n <= max_chars of `text` with fits(text[:n]), by bisection (a normalised prefix only
+  grows with the prefix, but for the speaker tag, which a prefix naming a speaker does without: see `chunk_text`)."""
+  low, high = 0, min(len(text), max_chars)
+  while low < high:
+    middle = (low + high + 1) // 2
+    if fits(text[:middle]):
+      low = middle
+    else:
+      high = middle - 1
+  return low
+
+
+def iter_chunks(text: str, max_chars: int = 300, fits: Callable[[str], bool] | None = None) -> Iterator[str]:
+  """Splits `text` into chunks of at most `max_chars` characters and, given `fits`, each one that `fits` accepts, for
+  generating long text chunk by chunk. The chunks are cut one at a time, as they are asked for: `fits` may change
+  with the chunks before (`chunk_text`).
 
   Whitespace is collapsed first. Each chunk ends at the last sentence end (".", "!", "?", optionally followed by a
   closing quote or bracket) that fits, else the last clause end (",", ";", ":"), else the last space; a word longer
-  than `max_chars` is cut hard. No chunk is empty, and joining the chunks with spaces gives back the collapsed text,
-  except where a word had to be cut.
+  than a chunk is cut hard. No chunk is empty, and joining the chunks with spaces gives back the collapsed text,
+  except where a word had to be cut. ValueError when `fits` accepts not even one character.
   """
   if max_chars <= 0:
     raise ValueError(f"max_chars must be positive, got {max_chars}")
+  fits = fits or (lambda chunk: True)
   remaining = _WHITESPACE.sub(" ", text).strip()
-  chunks = []
-  while len(remaining) > max_chars:
+  while remaining:
+    if len(remaining) <= max_chars and fits(remaining):
+      yield remaining
+      return
+    limit = _longest_fitting(remaining, max_chars, fits)
+    if limit == 0:
+      raise ValueError(f"not even one character of {remaining[:40]!r} fits a chunk")
     # The window includes the character just past the limit: a space there is a boundary that fits.
-    cut = _last_boundary(remaining[: max_chars + 1]) or max_chars
-    chunks.append(remaining[:cut].rstrip())
+    cut = _last_boundary(remaining[: limit + 1]) or limit
+    if not fits(remaining[:cut].rstrip()):  # shorter than one that fits, yet longer normalised: cut at the limit
+      cut = limit
+    yield remaining[:cut].rstrip()
     remaining = remaining[cut:].lstrip()
-  if remaining:
-    chunks.append(remaining)
+
+
+def chunk_text(text: str, max_len: int = MAX_TEXT_LEN, max_chars: int = 300) -> list[str]:
+  """Long text -> normalised chunks for the model: each at most `max_chars` characters before normalisation and, once
+  normalised, at most `max_len` tokens with its BOS (UTF-8 bytes: a character of Chinese text takes 3, and
+  normalisation lengthens "…" and "—"), split as `iter_chunks` does.
+
+  A chunk that does not begin with a speaker tag (or "(") continues the speaker of the chunk before it: it is given
+  that chunk's last tag ("[S2]"), so that a turn running over a chunk boundary keeps its speaker; the first chunk is
+  normalised as `normalize_text` does alone. ValueError when `max_len` leaves no room for a character."""
+  chunks: list[str] = []
+
+  def normalized(piece: str) -> str:
+    tags = _SPEAKER_TAG.findall(chunks[-1]) if chunks else []
+    if tags and not piece.startswith(("[", "(")):
+      piece = f"{tags[-1]} {piece}"
+    return normalize_text(piece)
+
+  def fits(piece: str) -> bool:
+    return text_bytes_fit(normalized(piece), max_len)
+
+  # Cut lazily: whether the next chunk fits depends on the tag that the one before leaves in force.
+  for piece in iter_chunks(text, max_chars, fits):
+    chunks.append(normalized(piece))
   return chunks

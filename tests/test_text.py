@@ -3,7 +3,11 @@
 import numpy as np
 import pytest
 
-from echo_jax.text import MAX_TEXT_LEN, encode_text, normalize_text, split_text, text_bytes_fit
+from echo_jax.text import MAX_TEXT_LEN, chunk_text, encode_text, iter_chunks, normalize_text, text_bytes_fit
+
+
+def split_text(text, max_chars=300):
+  return list(iter_chunks(text, max_chars))
 
 
 @pytest.mark.parametrize(
@@ -113,3 +117,30 @@ def test_split_text_long_passage_recovers_words():
   assert _words(" ".join(chunks)) == _words(text)
   # Every chunk but the last ends at a sentence or clause boundary when one was available in its window.
   assert all(chunk[-1] in ".!?," for chunk in chunks[:-1])
+
+
+def test_chunks_fit_the_model_in_bytes_not_characters():
+  """A character of Chinese text is 3 UTF-8 bytes, and normalisation lengthens "…" to "...": chunks measured in
+  characters were cut by up to 15% at the model's text length, silently (found by review)."""
+  text = "今天天气很好，我们去公园散步吧。" * 40 + " Wait… what — really… " * 20
+  chunks = chunk_text(text, max_len=MAX_TEXT_LEN)
+  assert all(text_bytes_fit(chunk, MAX_TEXT_LEN) for chunk in chunks)
+  assert max(len(chunk.encode()) for chunk in chunks) > MAX_TEXT_LEN - 40  # filled, not cut needlessly short
+  spoken = "".join(chunk.removeprefix("[S1] ") for chunk in chunks).replace(" ", "")
+  assert spoken == normalize_text(text).removeprefix("[S1] ").replace(" ", "")
+  assert all(text_bytes_fit(chunk, 32) for chunk in chunk_text("東京 réalité… " * 30, max_len=32))
+
+
+def test_a_turn_running_over_a_chunk_boundary_keeps_its_speaker():
+  text = "[S1] How was the trip? [S2] " + "It was long, and the roads were wet. " * 12
+  chunks = chunk_text(text, max_len=MAX_TEXT_LEN, max_chars=120)
+  assert chunks[0].startswith("[S1] How was the trip? [S2] It was long")
+  assert len(chunks) > 2 and all(chunk.startswith("[S2] It was long") for chunk in chunks[1:])
+  # The first chunk without a tag gets "[S1]", as upstream; "(" opens a chunk of its own.
+  assert chunk_text("Hello there.")[0] == "[S1] Hello there."
+  assert chunk_text("(laughs) Hello.") == ["(laughs) Hello."]
+
+
+def test_a_text_length_with_no_room_for_a_character_is_refused():
+  with pytest.raises(ValueError, match="not even one character"):
+    chunk_text("Hello there.", max_len=6)  # BOS and "[S1] " take 6 tokens
