@@ -240,6 +240,16 @@ def test_bad_safetensors_refused_naming_key(tmp_path, state_dict, change):
     dv.load_dacvae(path)
 
 
+def test_a_damaged_weights_file_is_refused_with_what_to_do(tmp_path, weights_file):
+  """safetensors' own error is neither an OSError nor a ValueError: inference printed it as a traceback (found by
+  review)."""
+  whole = weights_file.read_bytes()
+  for name, data in (("cut.safetensors", whole[: len(whole) // 2]), ("garbage.safetensors", b"not safetensors" * 4)):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(ValueError, match=f"{name} is not a readable safetensors file .*convert the weights again"):
+      dv.load_dacvae(tmp_path / name)
+
+
 # --- the codec --------------------------------------------------------------------------------------------------
 
 

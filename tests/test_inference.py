@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import pathlib
+import pickle
 import shutil
 import subprocess
 import sys
@@ -153,8 +154,9 @@ def test_each_chunk_fits_the_models_text_length_in_bytes(run_dir, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["empty text", "unreadable reference", "silent reference", "latent_dim mismatch",
-                                  "missing checkpoint", "damaged checkpoint", "output is a directory", "nan scale",
-                                  "infinite duration"])
+                                  "missing checkpoint", "damaged checkpoint", "damaged converted parameters",
+                                  "cut-short pickle", "parameters of another config", "output is a directory",
+                                  "nan scale", "infinite duration"])
 def test_bad_input_gives_clear_error_and_no_file(case, run_dir, reference_wav, tmp_path, cli, capsys):
   output = str(tmp_path / "out.wav")
   args = {"checkpoint": run_dir, "text": "Hello there.", "speaker_ref": reference_wav}
@@ -180,7 +182,29 @@ def test_bad_input_gives_clear_error_and_no_file(case, run_dir, reference_wav, t
     metadata = steps / "3" / "state" / "_METADATA"
     metadata.write_bytes(metadata.read_bytes()[: metadata.stat().st_size // 2])
     expected = f"reading the parameters of {steps / '3'} failed (JSONDecodeError"
-    expected_advice = f"the step is damaged: use an earlier step, e.g. {steps / '1'}"
+    expected_advice = f"the files are damaged: use an earlier step, e.g. {steps / '1'}"
+  elif case in ("damaged converted parameters", "parameters of another config"):
+    # A converted directory's damage ended in a traceback and Orbax's bare error; another config's shapes in Orbax's
+    # advice to pad or truncate the arrays (found by review).
+    config, params = load_params(run_dir)
+    args["checkpoint"] = str(tmp_path / "converted")
+    save_params(params, config, args["checkpoint"])
+    if case == "damaged converted parameters":
+      for data in (tmp_path / "converted" / "params" / "ocdbt.process_0" / "d").iterdir():
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+      expected = f"reading the parameters of {tmp_path / 'converted' / 'params'} failed"
+      expected_advice = "the files are damaged: copy or convert them again"
+    else:
+      config.model.mlp_dim *= 2
+      write_config_json(config, args["checkpoint"])
+      expected = f"the parameters in {tmp_path / 'converted' / 'params'} are not those of the model config: "
+  elif case == "cut-short pickle":  # an UnpicklingError's traceback before
+    config, params = load_params(run_dir)
+    args["checkpoint"] = str(tmp_path / "model.pkl")
+    write_config_json(config, str(tmp_path))
+    whole = pickle.dumps({"params": jax.tree.map(np.asarray, params), "opt_state": {}, "step": 3})
+    pathlib.Path(args["checkpoint"]).write_bytes(whole[: len(whole) // 2])
+    expected = f"{args['checkpoint']} is not a readable pickle"
   elif case == "output is a directory":  # refused before the generation; it used to end in a traceback after it
     output = str(tmp_path / "outdir")
     os.mkdir(output)
@@ -196,7 +220,7 @@ def test_bad_input_gives_clear_error_and_no_file(case, run_dir, reference_wav, t
   assert code == 1
   err = capsys.readouterr().err
   assert expected in err
-  if case == "damaged checkpoint":
+  if case in ("damaged checkpoint", "damaged converted parameters"):
     assert expected_advice in err
   assert not [name for name in os.listdir(tmp_path) if name.endswith(".partial")]
   assert os.listdir(tmp_path) == [name for name in os.listdir(tmp_path) if not name.startswith("out.wav")]

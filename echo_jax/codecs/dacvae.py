@@ -215,15 +215,19 @@ def check_shapes(arrays: Mapping[str, Any], expected: Mapping[str, tuple[int, ..
 
 def load_dacvae(path: str | os.PathLike) -> tuple[DacvaeConfig, dict[str, np.ndarray]]:
   """Loads a safetensors file written by `dacvae_convert`: (config, folded float32 params)."""
-  from safetensors import safe_open
+  from safetensors import SafetensorError, safe_open
   from safetensors.numpy import load_file
 
-  with safe_open(os.fspath(path), framework="numpy") as f:
-    metadata = f.metadata() or {}
-  if CONFIG_METADATA_KEY not in metadata:
-    raise ValueError(f"{path}: no {CONFIG_METADATA_KEY!r} metadata; write it with echo_jax.codecs.dacvae_convert")
-  config = DacvaeConfig.from_json(metadata[CONFIG_METADATA_KEY])
-  params = load_file(os.fspath(path))
+  try:
+    with safe_open(os.fspath(path), framework="numpy") as f:
+      metadata = f.metadata() or {}
+    if CONFIG_METADATA_KEY not in metadata:
+      raise ValueError(f"{path}: no {CONFIG_METADATA_KEY!r} metadata; write it with echo_jax.codecs.dacvae_convert")
+    config = DacvaeConfig.from_json(metadata[CONFIG_METADATA_KEY])
+    params = load_file(os.fspath(path))
+  except SafetensorError as error:  # not an OSError nor a ValueError: a traceback, not the CLI's error line
+    raise ValueError(f"{path} is not a readable safetensors file ({error}): the file is damaged or cut short; "
+                     "convert the weights again with echo_jax.codecs.dacvae_convert") from error
   check_shapes(params, param_shapes(config), str(path))
   return config, params
 
