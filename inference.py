@@ -71,7 +71,7 @@ def read_text() -> str:
   if FLAGS.text is not None:
     return FLAGS.text
   try:
-    with open(FLAGS.text_file, encoding="utf-8") as f:
+    with open(FLAGS.text_file, encoding="utf-8-sig") as f:  # a byte-order mark (Windows editors) is not text
       return f.read()
   except (OSError, UnicodeDecodeError) as error:
     raise synthesis.SynthesisError(f"cannot read --text_file {FLAGS.text_file}: {error}") from error
@@ -92,7 +92,7 @@ def run() -> synthesis.SynthesisResult:
   synthesizer = synthesis.Synthesizer.from_checkpoint(FLAGS.checkpoint, codec, FLAGS.codec_weights)
   codec = synthesizer.codec
   speaker = synthesizer.reference_latents(FLAGS.speaker_ref) if FLAGS.speaker_ref else None
-  duration = FLAGS.duration or synthesizer.default_duration()
+  duration = synthesizer.default_duration() if FLAGS.duration is None else FLAGS.duration  # 0 is refused
   frames = synthesizer.frames_for(duration)
   print(f"sampler: {sampler}")
   print(f"latent frames per chunk: {frames} ({duration:.1f} s at {codec.frame_rate:g} frames/s)")

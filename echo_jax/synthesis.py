@@ -2,7 +2,7 @@
 
     text ─► chunks (≤ 300 chars, ≤ max_text_len bytes normalised, sentence > clause > word) ─► bytes
     reference audio ─► mono, codec rate, peak-limited, ≤ 5 min ─► codec.encode ─► speaker latents
-    all chunks as one batch ─► sampling.sample ─► per chunk: crop at the end of speech ─► codec.decode ─► concatenate
+    chunks in batches of ≤ 8 ─► sampling.sample ─► per chunk: crop at the end of speech ─► codec.decode ─► concatenate
 
 Every bad input (empty text, unreadable or silent reference, a codec whose latent size differs from the checkpoint's)
 raises `SynthesisError` before anything is written.
@@ -33,6 +33,10 @@ from echo_jax.train.loop import load_pad_latent
 
 MAX_CHUNK_CHARS = 300
 MAX_REFERENCE_SECONDS = 300.0
+# Chunks generated at once. The memory of a generation grows with its batch: each chunk holds its own copy of every
+# layer's context K/V (0.4 GB for echo_1p3b with a 5-minute reference, three times that under independent guidance),
+# so a whole chapter in one batch ran out of memory (found by review).
+MAX_BATCH_CHUNKS = 8
 # A reference whose peak is below -80 dBFS holds no voice to clone (digital silence or a broken recording).
 SILENT_PEAK = 1e-4
 PRESETS_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "presets",
@@ -158,13 +162,30 @@ class Synthesizer:
       self._progress.update(1)
 
   def generate_latents(self, chunks: Sequence[str], speaker: np.ndarray | None, sampler: SamplerConfig,
-                       frames: int, seed: int, progress: bool = False) -> np.ndarray:
-    """Latents [len(chunks), frames, D] for normalised chunks, all in one batch, with one speaker (or none)."""
+                       frames: int, seed: int, progress: bool = False,
+                       max_batch: int = MAX_BATCH_CHUNKS) -> np.ndarray:
+    """Latents [len(chunks), frames, D] for normalised chunks with one speaker (or none), generated in batches of at
+    most `max_batch` chunks: batch b with the key `fold_in(key(seed), b)`."""
     max_len = self.config.data.max_text_len
     for chunk in chunks:
       if not text_lib.text_bytes_fit(chunk, max_len):
         log.warning("chunk of %d bytes is cut to the model's %d text tokens: %r", len(chunk.encode()), max_len, chunk)
-    encoded = [text_lib.encode_text(chunk, max_len) for chunk in chunks]
+    starts = range(0, len(chunks), max_batch)
+    self._progress = tqdm(total=sampler.steps * len(starts), desc="sampling", disable=not progress,
+                          dynamic_ncols=True)
+    try:
+      return np.concatenate([
+          self._generate_batch(chunks[start:start + max_batch], speaker, sampler, frames,
+                               jax.random.fold_in(jax.random.key(seed), index), progress)
+          for index, start in enumerate(starts)])
+    finally:
+      self._progress.close()
+      self._progress = None
+
+  def _generate_batch(self, chunks: Sequence[str], speaker: np.ndarray | None, sampler: SamplerConfig, frames: int,
+                      key: jax.Array, progress: bool) -> np.ndarray:
+    """Latents [len(chunks), frames, D], the chunks as one batch."""
+    encoded = [text_lib.encode_text(chunk, self.config.data.max_text_len) for chunk in chunks]
     text = np.stack([ids for ids, _ in encoded])
     text_mask = np.stack([mask for _, mask in encoded])
     batch = len(chunks)
@@ -174,20 +195,15 @@ class Synthesizer:
     else:
       speaker_latents = np.broadcast_to(speaker, (batch, *speaker.shape))
       speaker_mask = np.ones((batch, speaker.shape[0]), bool)
-    self._progress = tqdm(total=sampler.steps, desc="sampling", disable=not progress, dynamic_ncols=True)
-    try:
-      latents = sampling.sample(self.params, self.cfg, sampler, jax.random.key(seed), text, text_mask,
-                                speaker_latents, speaker_mask, frames, on_step=self._on_step if progress else None)
-      latents = np.asarray(jax.device_get(latents))
-      jax.effects_barrier()
-    finally:
-      self._progress.close()
-      self._progress = None
+    latents = sampling.sample(self.params, self.cfg, sampler, key, text, text_mask, speaker_latents, speaker_mask,
+                              frames, on_step=self._on_step if progress else None)
+    latents = np.asarray(jax.device_get(latents))
+    jax.effects_barrier()
     return latents
 
   def synthesize(self, text: str, speaker: np.ndarray | None = None, sampler: SamplerConfig | None = None,
                  duration: float = 15.0, seed: int = 42, progress: bool = False) -> SynthesisResult:
-    """Speech for `text` (split, normalised, generated as one batch, cropped at each end of speech, concatenated).
+    """Speech for `text` (split, normalised, generated in batches, cropped at each end of speech, concatenated).
 
     speaker: reference latents [Ts, D] (`reference_latents`), or None for no reference.
     """
@@ -207,6 +223,9 @@ class Synthesizer:
       if end == 0:
         raise SynthesisError(f"the model generated only silence for chunk {index} ({chunks[index]!r}); try another "
                              "seed or a stronger text guidance")
+      if end == frames:  # no silence at its end: the window ran out mid-speech
+        log.warning("chunk %d (%r) did not end in silence within %.1f s: its speech may be cut off; give a longer "
+                    "--duration", index, chunks[index], frames / self.codec.frame_rate)
       cropped.append(chunk_latents[:end])
       pieces.append(np.asarray(self.codec.decode(chunk_latents[:end]), np.float32))
     return SynthesisResult(audio=np.concatenate(pieces), sample_rate=self.codec.sample_rate, chunks=chunks,

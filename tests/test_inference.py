@@ -113,6 +113,15 @@ def test_writes_wav_of_plausible_length(run_dir, reference_wav, tmp_path, cli, c
   assert not [name for name in os.listdir(tmp_path) if name.endswith(".partial")]
 
 
+def test_a_text_files_byte_order_mark_is_not_spoken(run_dir, tmp_path, cli, capsys):
+  """Windows editors start UTF-8 files with one; it was fed to the model as three bytes of text (found by review)."""
+  text_file = tmp_path / "story.txt"
+  text_file.write_bytes("Hello there.".encode("utf-8-sig"))
+  assert cli(f"--checkpoint={run_dir}", f"--text_file={text_file}", f"--output={tmp_path / 'out.wav'}", "--steps=2",
+             "--duration=0.4") == 0
+  assert "chunk 0: '[S1] Hello there.'" in capsys.readouterr().out
+
+
 def test_speech_is_cropped_at_its_end(run_dir, monkeypatch):
   synthesizer = synthesis.Synthesizer.from_checkpoint(run_dir, FrameCodec())
   latents = np.zeros((2, 20, 8), np.float32)
@@ -126,6 +135,37 @@ def test_speech_is_cropped_at_its_end(run_dir, monkeypatch):
   latents[1] = 0.0
   with pytest.raises(synthesis.SynthesisError, match="only silence for chunk 1"):
     synthesizer.synthesize("One two three four five six, seven eight nine ten.", duration=0.8)
+
+
+def test_speech_that_runs_to_the_end_of_the_window_is_warned_of(run_dir, monkeypatch, caplog):
+  """It was accepted without a word: speech cut off mid-word by too short a --duration (found by review)."""
+  synthesizer = synthesis.Synthesizer.from_checkpoint(run_dir, FrameCodec())
+  latents = np.zeros((2, 20, 8), np.float32)
+  latents[0, :12] = 1.0
+  latents[1, :] = -1.0  # never settles onto the pad latent
+  monkeypatch.setattr(synthesis.Synthesizer, "generate_latents", lambda self, chunks, *args, **kw: latents)
+  result = synthesizer.synthesize("One two three four five six, seven eight nine ten.", duration=0.8)
+  assert [piece.shape[0] for piece in result.latents] == [12, 20]
+  cut = [r.getMessage() for r in caplog.records if "did not end in silence" in r.getMessage()]
+  assert len(cut) == 1 and cut[0].startswith("chunk 1 (") and "give a longer --duration" in cut[0]
+
+
+def test_chunks_are_generated_in_bounded_batches(run_dir, monkeypatch):
+  """Every chunk of a text was one batch, whose memory grows with it (a chapter ran out of memory; found by review)."""
+  synthesizer = synthesis.Synthesizer.from_checkpoint(run_dir, FrameCodec())
+  batches = []
+
+  def sample(params, cfg, sampler, key, text, *args, **kwargs):
+    batches.append((text.shape[0], int(jax.random.key_data(key).sum())))
+    return np.full((text.shape[0], 20, 8), len(batches), np.float32)
+
+  monkeypatch.setattr(synthesis.sampling, "sample", sample)
+  chunks = [f"[S1] chunk {i}." for i in range(5)]
+  latents = synthesizer.generate_latents(chunks, None, SamplerConfig(steps=2), 20, seed=7, max_batch=2)
+  assert [size for size, _ in batches] == [2, 2, 1]
+  assert len({key for _, key in batches}) == 3  # a key of its own per batch
+  assert latents.shape == (5, 20, 8) and latents[:, 0, 0].tolist() == [1, 1, 2, 2, 3]
+  assert synthesis.MAX_BATCH_CHUNKS == 8
 
 
 def test_given_speaker_latents_are_cut_to_whole_patches(run_dir, monkeypatch):
@@ -156,7 +196,7 @@ def test_each_chunk_fits_the_models_text_length_in_bytes(run_dir, monkeypatch):
 @pytest.mark.parametrize("case", ["empty text", "unreadable reference", "silent reference", "latent_dim mismatch",
                                   "missing checkpoint", "damaged checkpoint", "damaged converted parameters",
                                   "cut-short pickle", "parameters of another config", "output is a directory",
-                                  "nan scale", "infinite duration"])
+                                  "nan scale", "infinite duration", "zero duration"])
 def test_bad_input_gives_clear_error_and_no_file(case, run_dir, reference_wav, tmp_path, cli, capsys):
   output = str(tmp_path / "out.wav")
   args = {"checkpoint": run_dir, "text": "Hello there.", "speaker_ref": reference_wav}
@@ -213,6 +253,8 @@ def test_bad_input_gives_clear_error_and_no_file(case, run_dir, reference_wav, t
     extra, expected = ["--cfg_scale=nan"], "cfg_scale must be a finite number, got nan"
   elif case == "infinite duration":
     extra, expected = ["--duration=inf"], "duration must be a positive number of seconds, got inf"
+  elif case == "zero duration":  # it was taken for no --duration: the default
+    extra, expected = ["--duration=0"], "duration must be a positive number of seconds, got 0.0"
   else:
     args["checkpoint"], expected = str(tmp_path / "nowhere"), "checkpoint not found"
   code = cli(*(f"--{k}={v}" for k, v in args.items()), f"--output={output}", "--steps=2", "--duration=0.4", *extra,
