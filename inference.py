@@ -65,6 +65,9 @@ def sampler_from_flags() -> sampling.SamplerConfig:
   return sampling.SamplerConfig(**settings)
 
 
+PATH_FLAGS = ("checkpoint", "text_file", "speaker_ref", "output", "codec_weights")
+
+
 def read_text() -> str:
   if (FLAGS.text is None) == (FLAGS.text_file is None):
     raise synthesis.SynthesisError("give exactly one of --text and --text_file")
@@ -81,6 +84,9 @@ def run() -> synthesis.SynthesisResult:
   """Everything `main` does; raises SynthesisError (or ValueError) on bad input before writing anything."""
   if not FLAGS.checkpoint:
     raise synthesis.SynthesisError("--checkpoint is required")
+  for name in PATH_FLAGS:  # a shell leaves `--output=~/out.wav` as it is
+    if FLAGS[name].value:
+      FLAGS[name].value = storage.expand_home(FLAGS[name].value)
   text = read_text()
   synthesis.split_and_normalize(text)  # an empty text fails before the checkpoint and codec are loaded
   sampler = sampler_from_flags()

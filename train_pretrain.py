@@ -1,4 +1,7 @@
-"""Train Echo: `python train_pretrain.py --config=configs/tiny.py --config.train.steps=100 --workdir=runs/x`.
+"""Train Echo: `python train_pretrain.py --config=configs/demo.py --config.train.steps=100 --workdir=runs/x`.
+
+configs/demo.py trains on data/demo (`make demo-data` builds it); other configs name their shards with
+--config.data.train_shards (a glob, gs://BUCKET/train-*.tar or hf://datasets/ORG/NAME/train-*.tar).
 
 Resumes from the newest complete checkpoint in --workdir. On a pod, run the same command on every host
 (launch.sh does); SIGTERM saves a checkpoint on all hosts at the same step and exits 0. A local multi-host

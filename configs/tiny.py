@@ -1,5 +1,7 @@
 """A tiny Echo for tests: 0.22M parameters, 8-d latents, 32 frames. Trains in seconds on a CPU.
 
+    python -c "import pathlib, sys; sys.path.insert(0, 'tests'); from conftest import write_synthetic_shards; \
+        write_synthetic_shards(pathlib.Path('data/tiny'))"  # 8 random samples, as the tests make them
     python train_pretrain.py --config=configs/tiny.py --config.data.train_shards='data/tiny/*.tar' \
         --config.train.steps=100 --workdir=runs/tiny
 """

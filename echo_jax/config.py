@@ -26,6 +26,7 @@ import ml_collections
 from flax import traverse_util
 
 from echo_jax import codecs, storage
+from echo_jax.data.shards import MIN_REF_FRAMES
 from echo_jax.model import EchoConfig
 
 
@@ -128,33 +129,98 @@ def program_fields(config: ml_collections.ConfigDict) -> dict:
   return fields
 
 
-# The least value of each count the training loop divides by or counts down with: below it, a run failed only after
-# its compile (a ZeroDivisionError for log_every=0) or stopped with a false diagnosis (max_nonfinite=0).
-MINIMUMS = {"train.batch_size": 1, "train.steps": 1, "train.log_every": 1, "train.ckpt_every": 1,
-            "train.keep_checkpoints": 1, "train.max_nonfinite": 1, "train.eval_every": 0, "train.eval_batches": 0,
-            "train.keep_period": 0, "train.hang_timeout": 0, "train.setup_timeout": 0}
+@dataclasses.dataclass(frozen=True)
+class Bound:
+  """The interval a config number must lie in: from `least` to `most`, each end included unless it is `open_*`;
+  `zero` says what 0 means where it is allowed and special."""
+
+  least: float
+  most: float = math.inf
+  open_least: bool = False
+  open_most: bool = False
+  zero: str = ""
+
+  def holds(self, value: float) -> bool:  # NaN holds no bound
+    above = value > self.least if self.open_least else value >= self.least
+    below = value < self.most if self.open_most else value <= self.most
+    return above and below
+
+  def __str__(self) -> str:
+    if self.most == math.inf:
+      return f"{'above' if self.open_least else 'at least'} {self.least:g}"
+    return f"in {'(' if self.open_least else '['}{self.least:g}, {self.most:g}{')' if self.open_most else ']'}"
+
+
+# The interval of each number a run reads. Outside it, a run failed only after its compile (a ZeroDivisionError for
+# log_every=0, a data setting checked as the data opened), stopped with a false diagnosis (max_nonfinite=0), or
+# trained wrongly without a word: a dropout of 10 dropped every text and speaker, b2=1 made the first update NaN
+# (Adam's bias correction divides by 1 - b2) and saved it, warmup_frac=5 never reached the peak rate (found by review).
+BOUNDS = {
+    "seed": Bound(0),
+    "data.max_text_len": Bound(2),  # the BOS byte and at least one of text
+    "data.max_frames": Bound(1),
+    "data.max_ref_frames": Bound(MIN_REF_FRAMES),
+    "data.prefetch": Bound(0),
+    "data.streams": Bound(1),
+    "data.shard_prefetch": Bound(0),
+    "data.stall_timeout": Bound(0, open_least=True),
+    "data.download_retries": Bound(1),
+    "train.batch_size": Bound(1),
+    "train.steps": Bound(1),
+    "train.lr": Bound(0, open_least=True, open_most=True),
+    "train.warmup_frac": Bound(0, 1),
+    "train.b1": Bound(0, 1, open_most=True),
+    "train.b2": Bound(0, 1, open_most=True),
+    "train.weight_decay": Bound(0),
+    "train.grad_clip": Bound(0, zero="0 turns clipping off"),
+    "train.text_dropout": Bound(0, 1),
+    "train.speaker_dropout": Bound(0, 1),
+    "train.log_every": Bound(1),
+    "train.eval_every": Bound(0, zero="0 turns it off"),
+    "train.eval_batches": Bound(0, zero="0 turns it off"),
+    "train.ckpt_every": Bound(1),
+    "train.keep_checkpoints": Bound(1),
+    "train.keep_period": Bound(0, zero="0 turns it off"),
+    "train.ckpt_restore_gb": Bound(0, zero="0 is Orbax's 96 GB"),
+    "train.max_nonfinite": Bound(1),
+    "train.hang_timeout": Bound(0, zero="0 turns it off"),
+    "train.setup_timeout": Bound(0, zero="0 turns it off"),
+    "train.cpu_peak_flops": Bound(0, zero="0 measures it"),
+    "samples.every": Bound(0, zero="0 turns it off"),
+    "samples.count": Bound(1),
+    "samples.steps": Bound(1),
+}
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first field of `MINIMUMS` below its least value, a learning rate that is not
-  positive, a codec that no code speaks, a shard cache that is not local, or a model the model refuses: each trained
-  on before (a negative lr ran the loss up to thousands, an unknown codec failed only at the first sample or at
-  inference)."""
-  for name, least in MINIMUMS.items():
-    section, field = name.split(".")
-    value = config[section][field]
-    if value < least:
-      raise ValueError(f"config.{name} must be at least {least}, got {value}: set --config.{name}=N with N >= {least}"
-                       + (" (0 turns it off)" if least == 0 else ""))
-  if not 0 < config.train.lr < float("inf"):
-    raise ValueError(f"config.train.lr must be positive, got {config.train.lr}")
+  """Raises ValueError naming the first field outside its `BOUNDS`, a data.max_ref_frames the speaker patches do not
+  divide, no training shards, a codec that no code speaks, a shard cache that is not local, or a model the model
+  refuses (config.model.*): each trained on, or failed only after the compile, before (a negative lr ran the loss up
+  to thousands, an unknown codec failed only at the first sample or at inference)."""
+  for name, bound in BOUNDS.items():
+    value = config
+    for part in name.split("."):
+      value = value[part]
+    if not bound.holds(value):
+      raise ValueError(f"config.{name} must be {bound}, got {value}: give --config.{name} a value {bound}"
+                       + (f" ({bound.zero})" if bound.zero else ""))
+  if config.data.max_ref_frames % MIN_REF_FRAMES:
+    raise ValueError(f"config.data.max_ref_frames={config.data.max_ref_frames} is not a multiple of "
+                     f"{MIN_REF_FRAMES}, the frames of a speaker patch")
+  if not config.data.train_shards.strip():
+    raise ValueError("config.data.train_shards is empty: give the training shards, e.g. "
+                     "--config.data.train_shards='data/demo/train-*.tar' (a glob, a gs:// glob or "
+                     "hf://datasets/ORG/NAME/...; make the demo's with `make demo-data`)")
   if config.codec not in codecs.NAMES:
     raise ValueError(f"config.codec={config.codec!r} is not one of {', '.join(codecs.NAMES)}")
   if config.data.cache_dir and not storage.is_local(config.data.cache_dir):
     # Joined as a local path, gs://b/c made a directory ./gs:/b/c and filled it.
     raise ValueError(f"config.data.cache_dir={config.data.cache_dir!r} is not on this machine: the shard cache is a "
                      "local disk that downloads go to (each host's own); give a local directory")
-  model_config(config)  # the model's own checks (heads, remat, dtype)
+  try:
+    model_config(config)  # the model's own checks (sizes, heads, remat, dtype)
+  except ValueError as error:  # its messages begin with the field
+    raise ValueError(f"config.model.{error}") from error
 
 
 def model_config(config: ml_collections.ConfigDict) -> EchoConfig:

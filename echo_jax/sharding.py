@@ -45,6 +45,10 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 def mesh_shape(sizes: dict[str, int], device_count: int) -> tuple[int, ...]:
   """Resolves one `-1` in the mesh sizes to the remaining devices; checks the product."""
   shape = [sizes[axis] for axis in MESH_AXES]
+  for axis, size in zip(MESH_AXES, shape, strict=True):
+    if size != -1 and size < 1:  # 0 divided by zero further on
+      raise ValueError(f"config.mesh.{axis}={size}: a mesh axis is a positive number of devices, or -1 for the "
+                       "devices the other axes leave")
   if shape.count(-1) > 1:
     raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, shape, strict=True))}")
   known = math.prod(s for s in shape if s != -1)

@@ -52,10 +52,17 @@ def choose_gcs_client() -> None:
       fsspec.register_implementation(protocol, GCSFileSystem, clobber=True)
 
 
+def expand_home(path: str) -> str:
+  """`path` with a leading `~` expanded where it is local. A shell leaves `--workdir=~/runs/x` as it is; fsspec
+  expands it and open() and os.makedirs do not, so a run wrote half its files under a directory named `~` in the
+  current one and failed checking the other half (found by review)."""
+  return os.path.expanduser(path) if is_local(path) else path
+
+
 def orbax_path(path: str) -> epath.Path:
   """`path` as Orbax (and etils' epath, which it uses) takes it: a URL (gs://...) as it is, a local path made
-  absolute (Orbax refuses relative ones)."""
-  return epath.Path(path if "://" in path else os.path.abspath(path))
+  absolute (Orbax refuses relative ones), `~` expanded."""
+  return epath.Path(path if "://" in path else os.path.abspath(os.path.expanduser(path)))
 
 
 def join(base: str, *names: str) -> str:

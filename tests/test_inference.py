@@ -355,6 +355,14 @@ def test_the_sample_hook_gathers_the_parameters_one_array_at_a_time(run_dir, tmp
     np.testing.assert_array_equal(used, expected)
 
 
+def test_samples_from_a_codec_of_another_latent_size_are_refused_at_the_launch(tiny_config):
+  """Every sample step failed on it, reported in events.jsonl only, the console silent (found by review)."""
+  tiny_config.codec = "mel"  # 128-d latents; the tiny model's are 8-d
+  tiny_config.samples.every = 1
+  with pytest.raises(ValueError, match=r"config\.codec='mel' makes 128-d latents but the model's are 8-d"):
+    entry.sample_hooks(tiny_config)
+
+
 def test_held_out_examples_that_cannot_be_read_are_a_sample_error_and_training_goes_on(tiny_config, tmp_path,
                                                                                         monkeypatch):
   """The held-out examples were read as the hook was made, before the Trainer existed: a listing that failed ended

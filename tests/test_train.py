@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from conftest import REPO, cpu_env, free_port, load_config, wait_for, write_synthetic_shards
 
-from echo_jax import aot, checkpoint, metrics, sharding
+from echo_jax import aot, checkpoint, metrics, sharding, storage
 from echo_jax.background import InBackground
 from echo_jax.config import config_changes, model_config, write_config_json
 from echo_jax.data.shards import list_shards
@@ -495,6 +495,26 @@ def test_relative_workdir(tmp_path, monkeypatch):
   Trainer(config, "runs/relative").run()
   assert checkpoint.Checkpointer("runs/relative/checkpoints", keep=3).all_steps() == [2, 4]
   assert checkpoint.load_params("runs/relative")[0].train.steps == 4
+
+
+def test_a_workdir_starting_with_a_tilde_is_in_the_home_directory(tmp_path, monkeypatch):
+  """A shell leaves `--workdir=~/runs/x` as it is: half the run's files went to a directory named `~` in the current
+  one, and the run failed blaming the credentials (found by review)."""
+  config = load_config("tiny")
+  config.data.train_shards = write_synthetic_shards(tmp_path / "shards")
+  config.train.update(steps=2, ckpt_every=2, eval_every=0)
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  monkeypatch.chdir(tmp_path)
+  Trainer(config, "~/runs/x").run()
+  assert checkpoint.Checkpointer(str(tmp_path / "home" / "runs" / "x" / "checkpoints"), keep=3).all_steps() == [2]
+  assert not (tmp_path / "~").exists()
+
+
+def test_a_workdir_that_is_a_file_is_refused_naming_it(tiny_config, tmp_path):
+  (tmp_path / "run").write_text("notes")
+  with pytest.raises(storage.RunDirectoryError, match=f"the run directory {tmp_path / 'run'} is a file"):
+    Trainer(tiny_config, str(tmp_path / "run"))
+  assert (tmp_path / "run").read_text() == "notes"
 
 
 @pytest.mark.parametrize("setting, error, match", [
@@ -1207,7 +1227,7 @@ def test_a_count_below_its_least_value_is_refused_before_anything_naming_the_fie
   """Once, log_every=0 failed with a ZeroDivisionError after the compile; max_nonfinite=0 stopped the run blaming
   non-finite losses that were finite."""
   tiny_config.train[field] = 0
-  refusal = rf"config\.train\.{field} must be at least 1, got 0: set --config\.train\.{field}"
+  refusal = rf"config\.train\.{field} must be at least 1, got 0: give --config\.train\.{field} a value at least 1"
   with pytest.raises(ValueError, match=refusal):
     Trainer(tiny_config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
@@ -1218,7 +1238,22 @@ def test_a_count_below_its_least_value_is_refused_before_anything_naming_the_fie
 
 
 @pytest.mark.parametrize("field, value, refusal", [
-    ("train.lr", -1.0, r"config\.train\.lr must be positive, got -1\.0"),
+    ("train.lr", -1.0, r"config\.train\.lr must be above 0, got -1\.0"),
+    # b2=1 made the first update NaN (Adam's bias correction divides by 1 - b2), which was saved in every checkpoint;
+    # a dropout of 10 dropped every text and speaker; warmup_frac=5 never reached the peak rate; the data's own
+    # settings failed only after the compile (found by review).
+    ("train.b2", 1.0, r"config\.train\.b2 must be in \[0, 1\), got 1\.0"),
+    ("train.text_dropout", 10.0, r"config\.train\.text_dropout must be in \[0, 1\], got 10\.0"),
+    ("train.warmup_frac", 5.0, r"config\.train\.warmup_frac must be in \[0, 1\], got 5\.0"),
+    ("train.weight_decay", -1.0, r"config\.train\.weight_decay must be at least 0, got -1\.0"),
+    ("seed", -1, r"config\.seed must be at least 0, got -1"),
+    ("data.stall_timeout", 0.0, r"config\.data\.stall_timeout must be above 0, got 0\.0"),
+    ("data.max_text_len", 1, r"config\.data\.max_text_len must be at least 2, got 1"),
+    ("data.train_shards", "", r"config\.data\.train_shards is empty: give the training shards"),
+    # 0 divided by zero deep in Flax or in the mesh; 0 layers trained a step and failed at the first save.
+    ("model.layers", 0, r"config\.model\.layers=0 must be positive"),
+    ("model.heads", 0, r"config\.model\.heads=0 must be positive"),
+    ("mesh.data", 0, r"config\.mesh\.data=0: a mesh axis is a positive number of devices, or -1"),
     ("codec", "foo", r"config\.codec='foo' is not one of mel, dacvae, fish_pca, none"),
     ("model.dtype", "float16", r"dtype='float16' is not float32 or bfloat16"),
     # Taken as a local path: ./gs:/bucket/cache was made and filled.

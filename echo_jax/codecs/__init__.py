@@ -46,7 +46,7 @@ def get_codec(name: str, weights: str | None = None) -> Codec:
     if not weights:
       raise ValueError("the dacvae codec needs its weights: convert the published weights.pth with "
                        "`python -m echo_jax.codecs.dacvae_convert weights.pth --out dacvae.safetensors` and pass "
-                       "that file (--codec_weights)")
+                       "that file (inference: --codec_weights; training: --config.codec_weights)")
     from echo_jax.codecs.dacvae import DacvaeCodec  # noqa: PLC0415
 
     return DacvaeCodec(weights)

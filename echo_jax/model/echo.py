@@ -79,6 +79,10 @@ class EchoConfig:
   remat: str = "none"  # one of REMAT_POLICIES
 
   def __post_init__(self):
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if isinstance(value, (int, float)) and not isinstance(value, bool) and not value > 0:  # NaN fails too
+        raise ValueError(f"{field.name}={value} must be positive")  # 0 failed deep in Flax, dividing by zero
     for name, dim, heads in (("", self.dim, self.heads), ("text_", self.text_dim, self.text_heads),
                              ("speaker_", self.speaker_dim, self.speaker_heads)):
       if dim % heads or (dim // heads) % 2:

@@ -31,6 +31,10 @@ def sample_hooks(config: ml_collections.ConfigDict) -> tuple[tuple[int, Hook], .
     raise ValueError("samples.every > 0 needs a codec (config.codec) and held-out shards (config.data.eval_shards); "
                      "set --config.samples.every=0 to train without samples")
   codec = codecs.get_codec(config.codec, config.codec_weights or None)
+  if codec.latent_dim != config.model.latent_dim:  # each sample step failed on it, in events.jsonl alone
+    raise ValueError(f"config.codec={config.codec!r} makes {codec.latent_dim}-d latents but the model's are "
+                     f"{config.model.latent_dim}-d (config.model.latent_dim): samples could never be spoken; name the "
+                     "codec the shards were encoded with, or set --config.samples.every=0")
   examples = HeldOutExamples(functools.partial(
       examples_from_shards, config.data.eval_shards, config.samples.count, config.model.latent_dim,
       stall_timeout=config.data.stall_timeout, retries=config.data.download_retries))

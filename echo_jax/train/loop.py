@@ -107,7 +107,9 @@ class Trainer:
     check_config(config)  # before anything: a bad value would otherwise fail the launch after its compile
     self.config = config
     self.force = force
-    self.workdir = workdir
+    self.workdir = workdir = storage.expand_home(workdir)
+    if is_local(workdir) and os.path.exists(workdir) and not os.path.isdir(workdir):
+      raise storage.RunDirectoryError(f"the run directory {workdir} is a file: give a directory, new or a run's")
     self.hooks = list(hooks)
     self.init_params = init_params
     self.is_main = jax.process_index() == 0
@@ -739,10 +741,11 @@ class Trainer:
           "mfu": timing["flops"] / step_time / timing["peak"], "total_steps": train.steps,
       })
     if consecutive_nonfinite >= train.max_nonfinite:
-      message = (f"stopping: {consecutive_nonfinite} consecutive steps had a non-finite loss or gradient norm "
-                 f"(last at step {step}); parameters were not updated by them, and the checkpoints in "
-                 f"{os.path.join(self.workdir, 'checkpoints')} hold finite weights. Check the data (events.jsonl) "
-                 "or lower train.lr, then restart to resume from the last checkpoint.")
+      saved = (f"the checkpoints in {os.path.join(self.workdir, 'checkpoints')} hold finite weights"
+               if self._kept_steps else "no checkpoint was saved yet")
+      message = (f"stopping: {consecutive_nonfinite} consecutive steps had a non-finite loss, gradient norm or "
+                 f"update (last at step {step}); parameters were not updated by them, and {saved}. Check the data "
+                 "(events.jsonl) or lower train.lr, then restart to resume from the last checkpoint.")
       self.log.event("error", step=step, message=message)
       raise NonFiniteError(step, message)
     return consecutive_nonfinite, finished
