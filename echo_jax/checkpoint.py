@@ -478,7 +478,9 @@ def _restore_params(directory: epath.Path, abstract_params: Any, nested: bool, d
   checkpointer = ocp.PyTreeCheckpointer()
   where = directory.parent if nested else directory
   try:
-    stored = checkpointer.metadata(directory).item_metadata
+    # The handler's metadata, not the checkpointer's: that one also looks for a step's metadata file, which a step's
+    # item directory has not, and logs a warning of it.
+    stored = ocp.PyTreeCheckpointHandler().metadata(directory)
     differences = state_differences(stored["params"] if nested else stored, abstract_params) if stored else []
     if not differences:
       restored = checkpointer.restore(

@@ -224,8 +224,8 @@ class Synthesizer:
         raise SynthesisError(f"the model generated only silence for chunk {index} ({chunks[index]!r}); try another "
                              "seed or a stronger text guidance")
       if end == frames:  # no silence at its end: the window ran out mid-speech
-        log.warning("chunk %d (%r) did not end in silence within %.1f s: its speech may be cut off; give a longer "
-                    "--duration", index, chunks[index], frames / self.codec.frame_rate)
+        log.warning("chunk %d (%r) did not end in silence within %.1f s: its speech may be cut off; give it a "
+                    "longer duration (inference.py --duration)", index, chunks[index], frames / self.codec.frame_rate)
       cropped.append(chunk_latents[:end])
       pieces.append(np.asarray(self.codec.decode(chunk_latents[:end]), np.float32))
     return SynthesisResult(audio=np.concatenate(pieces), sample_rate=self.codec.sample_rate, chunks=chunks,
