@@ -5,9 +5,9 @@
   python disk_watchdog.py --once --dry-run runs/     # show what would go, delete nothing
 
 Deletes, in order and oldest first: stale partial downloads, consumed shards, stale shards of the trainer's shard
-cache, unused Hugging Face cache revisions, compilation-cache entries not used for a week, checkpoints beyond the
-newest kept ones, and last among those the run's keep_period milestones. Never the newest complete checkpoint, never
-a save in progress.
+cache, saves abandoned for 6 hours, unused Hugging Face cache revisions, compilation-cache entries not used for a
+week, checkpoints beyond the newest kept ones, and last among those the run's keep_period milestones. Never the
+newest complete checkpoint, never a save in progress. Local filesystems only.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """Disk watchdog (DESIGN §10): keeps free space on each watched filesystem above a threshold.
 
+Local filesystems only: a gs:// path is not a directory to `check_paths`, and a bucket has no free space to run out of.
+
 When space is short it deletes, class by class in this order and oldest first within a class, until enough is free:
 
 1. stale partial downloads: `*.partial`, `*.part`, `*.incomplete` files untouched for `PARTIAL_MAX_AGE_S`;
@@ -7,8 +9,11 @@ When space is short it deletes, class by class in this order and oldest first wi
 3. stale shards: `*.tar` files in a stream directory of the trainer's shard cache (`<role>-<run>[-process_I]/stream_G`)
    untouched for `STALE_SHARD_AGE_S`: fetched ahead by a launch that was killed and never relaunched (a relaunch
    deletes them itself); a live stream reads what it fetches within minutes;
-4. unused Hugging Face cache revisions: every revision of a cached repo but its newest;
-5. compilation-cache entries not used for `COMPILE_CACHE_UNUSED_S` (a week): JAX's persistent compilation cache
+4. abandoned saves: Orbax's temporary save directories (`<step>.orbax-checkpoint-tmp...`) with nothing in them
+   written for `ABANDONED_SAVE_AGE_S`: left by a launch killed mid-save (often by the full disk this watchdog guards
+   against), which Orbax deletes only when the run is relaunched;
+5. unused Hugging Face cache revisions: every revision of a cached repo but its newest;
+6. compilation-cache entries not used for `COMPILE_CACHE_UNUSED_S` (a week): JAX's persistent compilation cache
    (`<key>-cache`, with its `<key>-atime` when JAX's own eviction is on) and echo_jax's compiled steps
    (`echo_executables/<key>.executable` with its `.inputs`), each entry's files together. Neither cache evicts by
    itself (JAX's `jax_compilation_cache_max_size` is unlimited by default) and every code or config change adds
@@ -17,15 +22,16 @@ When space is short it deletes, class by class in this order and oldest first wi
    `<key>-atime` only when its eviction is on), and Linux updates a file's access time on a read at most once a day
    under the default `relatime` mount option and never under `noatime`, where such an entry counts as used when
    written (the train step, the costly one, is in echo_jax's cache once a launch compiled it);
-6. old checkpoints: Orbax step directories under any `checkpoints/` beyond the newest `keep_checkpoints` complete
+7. old checkpoints: Orbax step directories under any `checkpoints/` beyond the newest `keep_checkpoints` complete
    ones, oldest first;
-7. among those, last, the `keep_period` milestones (steps that are a multiple of the run's `train.keep_period`,
+8. among those, last, the `keep_period` milestones (steps that are a multiple of the run's `train.keep_period`,
    read from the `config.json` beside `checkpoints/`): the run keeps them on purpose, beyond the newest ones.
 
 Checkpoint rules follow orbax-checkpoint 0.12.8: a save in progress lives in `<step>.orbax-checkpoint-tmp...` until
 it is renamed, and a finished step directory holds `commit_success.txt` (written on every filesystem; on gs:// it
-is the only completion mark). A step directory without it, or a temporary one, is a save in progress: never
-deleted, never counted as complete. The newest complete checkpoint is never deleted, whatever `keep_checkpoints`.
+is the only completion mark). A step directory without it, or a temporary one, is never counted as complete; the
+first is a save in progress and never deleted, and so is the second until it is abandoned (class 4). The newest
+complete checkpoint is never deleted, whatever `keep_checkpoints`.
 """
 
 from __future__ import annotations
@@ -55,6 +61,10 @@ _HF_REPO_DIR = re.compile(r"^(models|datasets|spaces)--")
 STALE_SHARD_AGE_S = 24 * 3600.0
 # A stream directory of echo_jax's shard cache (echo_jax.train.loop.Trainer._pipeline names them).
 _SHARD_CACHE_STREAM = re.compile(r"(^|/)(train|eval)-[0-9a-f]{12}(-process_\d+)?/stream_\d+$")
+# Orbax fails an async save whose background part (the writes, the hosts' barriers, the commit) runs past 20 minutes
+# (AsyncOptions.timeout_secs, which echo_jax leaves at its default), and a save writes its files throughout: a
+# temporary save directory with nothing written for hours is no save in progress but one whose launch died.
+ABANDONED_SAVE_AGE_S = 6 * 3600.0
 # A week: every launch of a run reads its steps' entries, so one that no launch read for a week is most likely of code
 # or a config no longer run; access times have a day's resolution (relatime), far below it.
 COMPILE_CACHE_UNUSED_S = 7 * 24 * 3600.0
@@ -65,8 +75,8 @@ _JAX_CACHE_FILE = re.compile(r"^(?P<key>.+-[0-9a-f]{64})-(cache|atime)$")
 EXECUTABLES_DIR = "echo_executables"
 _EXECUTABLE_FILE = re.compile(r"^(?P<key>[0-9a-f]{64})\.(executable|inputs)(\.tmp-[0-9a-f]{32})?$")
 RUN_CONFIG = "config.json"
-CLASS_ORDER = ("partial_download", "consumed_shard", "stale_shard", "hf_revision", "compile_cache", "checkpoint",
-               "milestone_checkpoint")
+CLASS_ORDER = ("partial_download", "consumed_shard", "stale_shard", "abandoned_save", "hf_revision", "compile_cache",
+               "checkpoint", "milestone_checkpoint")
 
 FreeBytes = Callable[[str], int]
 
@@ -83,7 +93,9 @@ class Candidate:
   kind: str  # one of CLASS_ORDER
   path: str
   size: int  # bytes it frees (an estimate for HF revisions, whose blobs may be shared)
-  age_key: float  # smaller is older: mtime, the last use for compilation-cache entries, or the step for checkpoints
+  # Smaller is older: mtime, the newest write for abandoned saves, the last use for compilation-cache entries, or the
+  # step for checkpoints.
+  age_key: float
   delete: Callable[[], None]
 
 
@@ -131,7 +143,7 @@ def _remove(path: str) -> None:
       os.unlink(path)
 
 
-def _is_checkpoint_in_progress(name: str) -> bool:
+def _is_temporary_save(name: str) -> bool:
   return ORBAX_TMP_MARKER in name
 
 
@@ -139,11 +151,13 @@ def _is_hf_cache(path: str, names: Sequence[str]) -> bool:
   return any(_HF_REPO_DIR.match(n) and os.path.isdir(os.path.join(path, n)) for n in names)
 
 
-def _walk(root: str) -> Iterator[tuple[str, list[str], list[str]]]:
-  """os.walk without following symlinks and without entering saves in progress."""
+def _walk(root: str) -> Iterator[tuple[str, list[str], list[str], list[str]]]:
+  """os.walk without following symlinks and without entering Orbax's temporary save directories, which it yields
+  apart, as a fourth item: their files are a save's, in progress or abandoned, and go only with the whole directory."""
   for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = [d for d in dirnames if not _is_checkpoint_in_progress(d)]
-    yield dirpath, dirnames, filenames
+    saves = [d for d in dirnames if _is_temporary_save(d)]
+    dirnames[:] = [d for d in dirnames if not _is_temporary_save(d)]
+    yield dirpath, dirnames, filenames, saves
 
 
 # The kinds of file deletable only once untouched this long.
@@ -181,6 +195,41 @@ def _remove_unless_used(paths: Sequence[str], within: float,
     raise _TouchedSinceListed(paths[0])
   for path in paths:
     _remove(path)
+
+
+def _newest_write(directory: str) -> float | None:
+  """The latest modification time of `directory` and of everything in it (None when it is gone)."""
+  times = []
+  for dirpath, dirnames, filenames in os.walk(directory):
+    last = _last_used([dirpath] + [os.path.join(dirpath, n) for n in dirnames + filenames], _modified)
+    if last is not None:
+      times.append(last)
+  return max(times, default=None)
+
+
+def _remove_abandoned_save(path: str) -> None:
+  """Deletes the temporary save directory `path` unless something in it was written in the last
+  `ABANDONED_SAVE_AGE_S` (then raises _TouchedSinceListed): Orbax names it `<step>.orbax-checkpoint-tmp`, so a
+  relaunch that cleaned the old one and saves the same step again writes under the name that was listed."""
+  last = _newest_write(path)
+  if last is not None and time.time() - last <= ABANDONED_SAVE_AGE_S:
+    raise _TouchedSinceListed(path)
+  _remove(path)
+
+
+def _abandoned_save_candidates(directory: str, saves: Sequence[str], now: float) -> list[Candidate]:
+  """The temporary save directories `saves` in `directory` with nothing written for `ABANDONED_SAVE_AGE_S`."""
+  candidates = []
+  for name in saves:
+    path = os.path.join(directory, name)
+    if os.path.islink(path):  # deleting a link frees nothing
+      continue
+    last = _newest_write(path)
+    if last is None or now - last <= ABANDONED_SAVE_AGE_S:
+      continue
+    candidates.append(Candidate("abandoned_save", path, _tree_size(path), last,
+                                functools.partial(_remove_abandoned_save, path)))
+  return candidates
 
 
 def _compile_cache_key(dirpath: str, filename: str) -> str | None:
@@ -226,7 +275,8 @@ def find_candidates(root: str, keep_checkpoints: int, now: float | None = None) 
   """Everything deletable under `root`, in deletion order: by class, then oldest first."""
   now = time.time() if now is None else now
   found: dict[str, list[Candidate]] = {kind: [] for kind in CLASS_ORDER}
-  for dirpath, dirnames, filenames in _walk(root):
+  for dirpath, dirnames, filenames, saves in _walk(root):
+    found["abandoned_save"].extend(_abandoned_save_candidates(dirpath, saves, now))
     names = set(filenames)
     compile_cache: dict[str, list[str]] = {}
     for filename in filenames:

@@ -351,3 +351,54 @@ def test_keep_period_milestones_are_the_last_checkpoints_to_go(tmp_path, caplog)
   assert [(d.kind, os.path.basename(d.path)) for d in report.deletions] == [
       ("checkpoint", "2500"), ("checkpoint", "3000"), ("checkpoint", "4000")]
   assert f"cannot read train.keep_period from {run / 'config.json'} (JSONDecodeError" in caplog.text
+
+
+def _age(path, mtime: float) -> str:
+  """Sets the times of `path` and of everything in it to `mtime`, as a save that stopped writing then leaves them."""
+  for dirpath, dirnames, filenames in os.walk(path, topdown=False):
+    for name in dirnames + filenames:
+      os.utime(os.path.join(dirpath, name), (mtime, mtime))
+  os.utime(path, (mtime, mtime))
+  return str(path)
+
+
+def test_an_abandoned_save_goes_before_any_complete_checkpoint(tmp_path, caplog):
+  """A save killed part-way (by the full disk itself, often) left its temporary directory, which the watchdog never
+  deleted whatever its age: it deleted complete checkpoints instead (found by review). A temporary directory with
+  nothing written for ABANDONED_SAVE_AGE_S now goes before them; one written since, a save in progress, stays."""
+  ckpt = tmp_path / "runs" / "r" / "checkpoints"
+  old, newest = _checkpoint(ckpt, "100", 50 * KB, complete=True), _checkpoint(ckpt, "200", 50 * KB, complete=True)
+  long_ago = time.time() - watchdog.ABANDONED_SAVE_AGE_S - 3600
+  abandoned = _age(_checkpoint(ckpt, "300.orbax-checkpoint-tmp", 60 * KB, complete=False), long_ago)
+  # A save in progress: its metadata written long ago (a clock that was wrong, a copied file), an array chunk now.
+  saving = _age(_checkpoint(ckpt, "400.orbax-checkpoint-tmp", 60 * KB, complete=False), long_ago)
+  _file(ckpt / "400.orbax-checkpoint-tmp" / "default" / "d" / "chunk-2", KB)
+  caplog.set_level(logging.INFO, logger="echo_jax.watchdog")
+  # A full disk that the abandoned save alone frees enough of.
+  report = watchdog.free_space_once([str(tmp_path)], min_free_bytes=50 * KB,
+                                    free_bytes=_quota(tmp_path, _used(tmp_path)))
+  assert [(d.kind, d.path, d.size) for d in report.deletions] == [("abandoned_save", abandoned, 60 * KB + 10)]
+  assert not os.path.exists(abandoned) and os.path.exists(old) and report.still_short == []
+  assert f"deleted abandoned_save {abandoned} (60.01 KB)" in caplog.text
+  report = watchdog.free_space_once([str(tmp_path)], min_free_bytes=10**9, keep_checkpoints=0,
+                                    free_bytes=_quota(tmp_path, 10**6))
+  assert [(d.kind, d.path) for d in report.deletions] == [("checkpoint", old)]
+  assert os.path.exists(newest) and os.path.exists(saving)
+
+
+def test_an_abandoned_save_written_again_after_the_listing_is_kept(tmp_path, monkeypatch, caplog):
+  """Orbax names a temporary save `<step>.orbax-checkpoint-tmp`: a relaunch that cleaned the abandoned one and saves
+  the same step again between the watchdog's listing and its deletion writes under the listed name. The deletion
+  looks at the times again and keeps it."""
+  ckpt = tmp_path / "checkpoints"
+  save = _age(_checkpoint(ckpt, "300.orbax-checkpoint-tmp", 10 * KB, complete=False),
+              time.time() - watchdog.ABANDONED_SAVE_AGE_S - 3600)
+  listed = watchdog.find_candidates(str(tmp_path), keep_checkpoints=1)
+  assert [(c.kind, c.path) for c in listed] == [("abandoned_save", save)]
+  _file(ckpt / "300.orbax-checkpoint-tmp" / "default" / "d" / "chunk", 10 * KB)  # the relaunch's save
+  monkeypatch.setattr(watchdog, "find_candidates", lambda root, keep_checkpoints, now=None: listed)
+  caplog.set_level(logging.INFO, logger="echo_jax.watchdog")
+  report = watchdog.free_space_once([str(tmp_path)], min_free_bytes=10**9, keep_checkpoints=1,
+                                    free_bytes=_quota(tmp_path, 2 * 10**6))
+  assert os.path.exists(save) and not report.deletions
+  assert f"kept abandoned_save {save}: in use again since it was listed" in caplog.text
