@@ -378,6 +378,24 @@ def check_paths(paths: Sequence[str]) -> list[str]:
   return [os.path.abspath(p) for p in paths]
 
 
+def _present(paths: Sequence[str], gone: set[str]) -> list[str]:
+  """The watched `paths` that are directories now. One that disappeared since the start (a run directory removed to
+  start over) is skipped, with a warning on the first pass it is missing only (`gone` holds those already warned
+  of), so that the others are still cleaned; one that comes back is watched again."""
+  present = []
+  for path in paths:
+    if os.path.isdir(path):
+      if path in gone:
+        gone.remove(path)
+        logger.info("%s is back: watching it again", path)
+      present.append(path)
+    elif path not in gone:
+      gone.add(path)
+      logger.warning("%s is gone (not a directory any more): skipping it until it comes back; the other paths are "
+                     "still watched", path)
+  return present
+
+
 def free_space_once(
     paths: Sequence[str],
     min_free_bytes: int,
@@ -445,12 +463,14 @@ def watch(
   """Runs `free_space_once` every `interval_s` seconds (or once); returns the last pass's report.
 
   An error in one pass (a file vanishing mid-scan, a corrupt cache) is logged and the next pass runs anyway: the
-  watchdog must outlive anything that goes wrong on the disk it guards.
+  watchdog must outlive anything that goes wrong on the disk it guards. The paths must exist at the start; one that
+  disappears later is skipped until it comes back (see `_present`).
   """
   paths = check_paths(paths)
+  gone: set[str] = set()
   while True:
     try:
-      report = free_space_once(paths, min_free_bytes, keep_checkpoints, dry_run, free_bytes)
+      report = free_space_once(_present(paths, gone), min_free_bytes, keep_checkpoints, dry_run, free_bytes)
     except Exception as error:  # any failure of one pass must not stop the next
       if once:
         raise

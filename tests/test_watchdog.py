@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -402,3 +403,37 @@ def test_an_abandoned_save_written_again_after_the_listing_is_kept(tmp_path, mon
                                     free_bytes=_quota(tmp_path, 2 * 10**6))
   assert os.path.exists(save) and not report.deletions
   assert f"kept abandoned_save {save}: in use again since it was listed" in caplog.text
+
+
+class _Stop(Exception):
+  pass
+
+
+def test_a_watched_path_that_disappears_is_skipped_and_the_others_still_cleaned(tmp_path, monkeypatch, caplog):
+  """`rm -rf runs/demo` to start over while the watchdog ran made every later pass fail on the missing path, so
+  nothing was freed anywhere from then on (found by review). The missing path is now skipped, with one warning, and
+  watched again once it is back."""
+  run, data = tmp_path / "runs" / "demo", tmp_path / "data"
+  _file(run / "x.part", KB, OLD)
+  _file(data / "0.part", KB, OLD)
+  left: list[list[str]] = []  # what each pass left under data/
+
+  def next_pass(seconds: float) -> None:
+    left.append(os.listdir(data))
+    if len(left) == 1:
+      shutil.rmtree(run)
+    if len(left) in (1, 2):  # each for the next pass to delete, with the run's directory gone
+      _file(data / f"{len(left)}.part", KB, OLD)
+    if len(left) == 3:
+      _file(run / "y.part", KB, OLD)  # the run started over
+    if len(left) == 4:
+      raise _Stop
+
+  monkeypatch.setattr(watchdog.time, "sleep", next_pass)
+  caplog.set_level(logging.INFO, logger="echo_jax.watchdog")
+  with pytest.raises(_Stop):
+    watchdog.watch([str(run), str(data)], min_free_bytes=10**9, interval_s=60,
+                   free_bytes=_quota(tmp_path, 2 * 10**6))
+  assert left == [[], [], [], []] and os.listdir(run) == []
+  assert caplog.text.count(f"{run} is gone") == 1 and f"{run} is back" in caplog.text
+  assert "watchdog pass failed" not in caplog.text
