@@ -2,7 +2,8 @@
 
   python monitor.py runs/demo [gs://bucket/runs/other ...] [--port 8080] [--host 127.0.0.1]
 
-Binds 127.0.0.1 unless --host is given; open it from your machine through a tunnel (the command is printed).
+Binds 127.0.0.1 unless --host is given; open it from your machine through an ssh tunnel, or at a public URL with
+cloudflared run on this machine (both commands are printed).
 """
 
 from __future__ import annotations

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import gc
 import http.server
+import ipaddress
 import itertools
 import math
 import operator
 import os
 import posixpath
 import re
+import socket
 import sys
 import threading
 import time
@@ -55,6 +57,15 @@ READ_CHUNK_BYTES = 16 << 20
 # A run counts as stale once no metric arrived for this many typical logging intervals (and at least the minimum).
 STALE_INTERVALS = 5
 MIN_STALE_S = 60.0
+# The rate (steps/s, hence the ETA) is measured over at most this many of the current launch's latest metrics lines.
+RATE_WINDOW_LINES = 50
+# What `status` says of a run: training ("live"), silent for longer than its logging interval explains ("stale"), or
+# not training: at total_steps, stopped on request short of it, stopped by an error.
+RUN_STATES = ("live", "stale", "finished", "stopped", "failed")
+# The events that end a launch: the trainer writes `stopped` when it stops short on request (SIGTERM, Ctrl-C), and one
+# of the others when an error stops it.
+_STOP_EVENTS = {"stopped": "stopped", "error": "failed", "checkpoint_failed": "failed",
+                "checkpoint_restore_failed": "failed"}
 
 _SAMPLE_KINDS = {".wav": "audio/wav", ".png": "image/png", ".txt": "text/plain; charset=utf-8"}
 _SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
@@ -289,6 +300,21 @@ def _not_superseded(steps: np.ndarray) -> np.ndarray:
   return steps < np.append(later_min[1:], np.inf)
 
 
+def _current_launch(steps: np.ndarray, times: np.ndarray, since: float | None) -> np.ndarray:
+  """Indices of the lines of the latest launch among metrics lines (their steps and times, in the order logged): those
+  logged since `since` (the newest `start` event's time, if any), and of them the trailing run in which neither step
+  nor time goes back. A relaunch resumes from its newest checkpoint, so its first line usually has a lower step than
+  the stopped launch's last; measured across the two, the rate would count the downtime as training and the steps
+  logged again twice. Equal steps stay in the run: an eval line has the step of the train line after it."""
+  back = np.flatnonzero((np.diff(steps) < 0) | (np.diff(times) < 0)) + 1
+  first = int(back[-1]) if back.size else 0
+  if since is not None:
+    first = max(first, int(np.searchsorted(times[first:], since)) + first)
+  if first >= steps.size:  # nothing logged since the newest start yet: the latest line stands alone
+    first = steps.size - 1
+  return np.arange(first, steps.size)
+
+
 def downsample_indices(n: int, values: np.ndarray, max_points: int) -> np.ndarray:
   """Indices into `values` (length `n`) of at most `max_points` points that keep each bucket's min and max.
 
@@ -380,6 +406,7 @@ class RunState:
     self.samples: list[dict[str, Any]] = []
     self.process_errors: list[dict[str, Any]] = []
     self.last_start_time: float | None = None  # of the newest `start` event: a launch that got as far as training
+    self.end_state: str | None = None  # "stopped" or "failed" when the newest launch ended short of total_steps
     self._listed_at = -math.inf
     self._series_cache: dict[tuple[str, int], tuple[int, dict[str, Any]]] = {}
 
@@ -401,6 +428,7 @@ class RunState:
             self.skipped.clear()
             self.last_checkpoint = None
             self.last_start_time = None
+            self.end_state = None
             self.events_tail.reset = False
           self._add_events(records)
       now = time.monotonic()
@@ -424,6 +452,9 @@ class RunState:
         self.last_checkpoint = {"step": record.get("step"), "time": record.get("time")}
       elif event == "start" and math.isfinite(_as_float(record.get("time"))):
         self.last_start_time = _as_float(record.get("time"))
+        self.end_state = None
+      elif event in _STOP_EVENTS:
+        self.end_state = _STOP_EVENTS[event]
 
   def _ls(self, path: str) -> list[str]:
     """What `path` holds now: gcsfs (like other fsspec filesystems of object stores) would otherwise answer from the
@@ -595,7 +626,8 @@ class RunState:
         last_time = float(wall[timed[-1]])
         result["last_metric_time"] = last_time
         result["seconds_since_metric"] = max(0.0, now - last_time)
-        recent = timed[-50:]
+        recent = _current_launch(step[timed], wall[timed], self.last_start_time)[-RATE_WINDOW_LINES:]
+        recent = timed[recent]
         intervals = np.diff(wall[recent])
         typical = float(np.median(intervals)) if intervals.size else 0.0
         result["stale"] = now - last_time > max(MIN_STALE_S, STALE_INTERVALS * typical)
@@ -605,7 +637,23 @@ class RunState:
           result["steps_per_sec"] = float(rate)
           if result["total_steps"] is not None and result["step"] is not None:
             result["eta_seconds"] = max(0.0, (result["total_steps"] - result["step"]) / rate)
+      result["state"] = self._state(result)
+      if result["state"] not in ("live", "stale"):
+        # A run that is not training: no rate to go on with, nothing to finish, and no silence to alarm about.
+        result.update(steps_per_sec=None, eta_seconds=None, stale=False)
       return result
+
+  def _state(self, status: dict[str, Any]) -> str:
+    """"failed" (the newest launch stopped on an error), "finished" (at total_steps), "stopped" (on request, short
+    of total_steps), else "stale" or "live". Failed comes first: a run whose last save failed at its last step
+    has no checkpoint of it."""
+    if self.end_state == "failed" or status["failed_processes"]:
+      return "failed"
+    if status["step"] is not None and status["total_steps"] is not None and status["step"] >= status["total_steps"]:
+      return "finished"
+    if self.end_state == "stopped":
+      return "stopped"
+    return "stale" if status["stale"] else "live"
 
   def _before_last_start(self, when: float | None) -> bool:
     return when is not None and self.last_start_time is not None and when < self.last_start_time
@@ -758,7 +806,7 @@ class Dashboard:
     """
     self._wait_loaded(self.runs)
     now = time.time()
-    families: dict[str, list[tuple[str, float]]] = {}
+    families: dict[str, list[tuple[str, float]]] = {}  # name -> (labels, value)
     for run in self.runs:
       status = run.status(now)
       # float() reads "nan", "inf" and "-inf" too: a diverged run's loss is exported as NaN, for an alert to see.
@@ -773,13 +821,17 @@ class Dashboard:
       checkpoint = (status["last_checkpoint"] or {}).get("step", status["listed_checkpoint_step"])
       if isinstance(checkpoint, int | float):
         values["echo_last_checkpoint_step"] = checkpoint
+      labels = f'run="{_prometheus_escape(run.name)}"'
       for name, value in values.items():
-        families.setdefault(name, []).append((run.name, float(value)))
+        families.setdefault(name, []).append((labels, float(value)))
+      # One series per state, 1 for the run's (as a state set): an alert can tell a failed run from a finished one.
+      for state in RUN_STATES:
+        families.setdefault("echo_run_state", []).append(
+            (f'{labels},state="{state}"', float(status["state"] == state)))
     lines = []
     for name in sorted(families):
       lines.append(f"# TYPE {name} gauge")
-      lines.extend(f'{name}{{run="{_prometheus_escape(run)}"}} {_prometheus_value(value)}'
-                   for run, value in families[name])
+      lines.extend(f"{name}{{{labels}}} {_prometheus_value(value)}" for labels, value in families[name])
     return "\n".join(lines) + "\n"
 
 
@@ -805,6 +857,7 @@ class DashboardHandler(http.server.BaseHTTPRequestHandler):
 
   dashboard: Dashboard
   assets: dict[str, tuple[bytes, str]]
+  bind_host: str
   server_version = "echo-monitor"
   sys_version = ""
 
@@ -813,6 +866,8 @@ class DashboardHandler(http.server.BaseHTTPRequestHandler):
     del format, args
 
   def do_GET(self) -> None:  # noqa: N802 - name fixed by the base class
+    if not self._host_allowed():
+      return self._send(403, b"forbidden: the Host header names another server\n", "text/plain; charset=utf-8")
     url = urllib.parse.urlsplit(self.path)
     query = urllib.parse.parse_qs(url.query)
     path = url.path
@@ -839,6 +894,27 @@ class DashboardHandler(http.server.BaseHTTPRequestHandler):
         self._not_found()
     except (BrokenPipeError, ConnectionResetError):
       pass
+
+  def _host_allowed(self) -> bool:
+    """Whether the Host header names this server. DNS rebinding: a page of attacker.example can make its name resolve
+    to 127.0.0.1 and then read this server as its own origin (the browser sends "Host: attacker.example"), so only the
+    names a browser on this machine or at the bind address uses are answered. On a wildcard bind (0.0.0.0, ::) any IP
+    address is accepted too: the page is opened at the machine's address, and an IP address cannot be rebound."""
+    try:
+      hostname = urllib.parse.urlsplit(f"//{self.headers.get('Host', '')}").hostname
+    except ValueError:  # a malformed [IPv6] literal
+      return False
+    if not hostname:
+      return False
+    if hostname in ("localhost", "127.0.0.1", "::1", self.bind_host.strip("[]").lower()):
+      return True
+    if self.bind_host in ("0.0.0.0", "::", ""):
+      try:
+        ipaddress.ip_address(hostname)
+      except ValueError:
+        return False
+      return True
+    return False
 
   def _metrics(self, query: dict[str, list[str]]) -> None:
     run = self.dashboard.run(_first(query, "run"))
@@ -916,18 +992,40 @@ def make_server(run_urls: Sequence[str], host: str = "127.0.0.1", port: int = 80
   """
   dashboard = Dashboard(run_urls)
   handler = type("BoundDashboardHandler", (DashboardHandler,),
-                 {"dashboard": dashboard, "assets": _load_page_assets()})
+                 {"dashboard": dashboard, "assets": _load_page_assets(), "bind_host": host})
   server = DashboardServer(dashboard, (host, port), handler)
   dashboard.start()
   return server
 
 
+def serve_message(host: str, port: int) -> str:
+  """What `serve` prints: the URL, and how to open the page from another machine. An ssh tunnel keeps it private;
+  cloudflared runs here, beside this server (it forwards to this machine's localhost), and publishes the page."""
+  lines = [f"Dashboard: http://{host}:{port}/",
+           f"Private, from your machine: ssh -L {port}:localhost:{port} {socket.gethostname()}, then open "
+           f"http://localhost:{port}/",
+           f"Public (anyone with the URL can open it), run on this machine: cloudflared tunnel --url "
+           f"http://localhost:{port}"]
+  if not _is_loopback(host):
+    lines.append(f"Warning: bound to {host}, not loopback: anyone who can reach this machine on port {port} can open "
+                 "the page.")
+  return "\n".join(lines)
+
+
+def _is_loopback(host: str) -> bool:
+  if host == "localhost":
+    return True
+  try:
+    return ipaddress.ip_address(host.strip("[]")).is_loopback
+  except ValueError:  # a host name: whatever it resolves to, it is not the loopback name
+    return False
+
+
 def serve(run_urls: Sequence[str], host: str = "127.0.0.1", port: int = 8080) -> None:
-  """Serves the dashboard until interrupted, after printing the URL and the tunnel command."""
+  """Serves the dashboard until interrupted, after printing the URL and how to open it from another machine."""
   server = make_server(run_urls, host, port)
   bound_port = server.server_address[1]
-  print(f"Dashboard: http://{host}:{bound_port}/", flush=True)
-  print(f"From your machine: cloudflared tunnel --url http://localhost:{bound_port}", flush=True)
+  print(serve_message(host, bound_port), flush=True)
   try:
     server.serve_forever()
   except KeyboardInterrupt:

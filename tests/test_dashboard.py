@@ -73,10 +73,11 @@ def _get(srv, path: str) -> tuple[int, bytes, dict[str, str]]:
     return error.code, error.read(), dict(error.headers)
 
 
-def _raw_get(srv, raw_path: str) -> int:
+def _raw_get(srv, raw_path: str, host: str = "127.0.0.1") -> int:
   """Sends the request line byte for byte, so no client normalises the path first."""
-  with socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=10) as sock:
-    sock.sendall(f"GET {raw_path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+  address = srv.server_address[0] if srv.server_address[0] != "0.0.0.0" else "127.0.0.1"
+  with socket.create_connection((address, srv.server_address[1]), timeout=10) as sock:
+    sock.sendall(f"GET {raw_path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
     data = b""
     while chunk := sock.recv(65536):
       data += chunk
@@ -89,6 +90,43 @@ def test_default_bind_is_loopback(tmp_path):
     assert srv.server_address[0] == "127.0.0.1"
   finally:
     srv.server_close()
+
+
+def test_a_request_for_another_host_name_is_refused(server):
+  """DNS rebinding: a page of attacker.example whose name resolves to 127.0.0.1 could read the API as its own origin;
+  any Host was answered (found by review)."""
+  port = server.server_address[1]
+  for host in ("attacker.example", f"attacker.example:{port}", "localhost.attacker.example", "127.0.0.1.nip.io", ""):
+    assert _raw_get(server, "/api/runs", host) == 403, host
+  for host in ("localhost", f"localhost:{port}", "127.0.0.1", f"127.0.0.1:{port}", "[::1]", f"[::1]:{port}",
+               "LOCALHOST"):
+    assert _raw_get(server, "/api/runs", host) == 200, host
+
+
+def test_a_request_for_the_bind_address_is_answered(tmp_path):
+  """The address given as --host is the one a browser elsewhere opens; on a wildcard bind, the machine's addresses."""
+  for bind, allowed, refused in (("127.0.0.2", "127.0.0.2", "10.1.2.3"), ("0.0.0.0", "10.1.2.3", "evil.example")):
+    srv = dashboard.make_server([make_run(tmp_path, bind)], host=bind, port=0)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+      assert _raw_get(srv, "/api/runs", f"{allowed}:{srv.server_address[1]}") == 200
+      assert _raw_get(srv, "/api/runs", refused) == 403
+    finally:
+      srv.shutdown()
+      srv.server_close()
+
+
+def test_start_up_message_offers_a_private_tunnel_and_says_cloudflared_is_public(monkeypatch, capsys):
+  """It said "From your machine: cloudflared tunnel --url http://localhost:PORT": cloudflared must run beside the
+  server, and it publishes the page (found by review)."""
+  monkeypatch.setattr(socket, "gethostname", lambda: "worker-0")
+  message = dashboard.serve_message("127.0.0.1", 8123)
+  assert "ssh -L 8123:localhost:8123 worker-0" in message
+  cloudflared = next(line for line in message.splitlines() if "cloudflared" in line)
+  assert "this machine" in cloudflared and "anyone" in cloudflared and "From your machine" not in message
+  assert "Warning" not in message
+  assert "Warning: bound to 0.0.0.0, not loopback" in dashboard.serve_message("0.0.0.0", 8123)
+  assert "Warning" not in dashboard.serve_message("::1", 8123)
 
 
 def test_missing_run_dir_is_a_clear_error(tmp_path):
@@ -314,6 +352,96 @@ def test_a_resumed_run_replaces_the_steps_it_logged_again(tmp_path):
   assert loss["step"].tolist() == [0, 1, 2, 3, 4, 5, 6]
   assert loss["value"].tolist()[4:] == [14.0, 15.0, 16.0]
   assert run.series(["eval_loss"], 2000)["eval_loss"]["step"].tolist() == [3]
+
+
+def _prometheus(run: dashboard.RunState, now: float) -> dict[str, float]:
+  """The run's /metrics samples by name (echo_run_state by its state label)."""
+  board = dashboard.Dashboard([run.url])
+  board.runs[0] = run
+  run.loaded.set()
+  time_now = time.time
+  try:
+    time.time = lambda: now
+    text = board.prometheus_text()
+  finally:
+    time.time = time_now
+  samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+  return {s.labels.get("state", s.name): s.value for s in samples}
+
+
+def _write_jsonl(path, records) -> None:
+  with open(path, "a") as f:
+    f.write("".join(json.dumps(r) + "\n" for r in records))
+
+
+@pytest.mark.parametrize("resume_from", [400, 500])
+def test_rate_and_eta_after_a_resume_count_only_the_current_launch(tmp_path, resume_from):
+  """Launch 1 logs steps 10-500 at 1 step/s and stops; an hour later the relaunch resumes from a checkpoint and logs
+  at 1 step/s to step 600 of 1000. The rate was measured across both launches: 0.0954 steps/s and an ETA of 4195 s,
+  for 1.0 and 400 s (found by review). Resumed from 400 the steps go back; from 500 only the `start` event tells."""
+  run = tmp_path / "run"
+  run.mkdir()
+  t0, t1 = 1.7e9, 1.7e9 + 500 + 3600
+  _write_jsonl(run / "events.jsonl", [{"time": t0, "event": "start", "step": 0}])
+  _write_jsonl(run / "metrics.jsonl", [{"step": s, "time": t0 + s, "total_steps": 1000} for s in range(10, 501, 10)])
+  _write_jsonl(run / "events.jsonl", [{"time": t0 + 500, "event": "stopped", "step": 500},
+                                      {"time": t1, "event": "start", "step": resume_from}])
+  _write_jsonl(run / "metrics.jsonl", [{"step": s, "time": t1 + s - resume_from, "total_steps": 1000}
+                                       for s in range(resume_from + 10, 601, 10)])
+  state = dashboard.RunState(str(run), "run")
+  state.refresh()
+  now = t1 + 600 - resume_from + 1
+  status = state.status(now)
+  assert status["steps_per_sec"] == pytest.approx(1.0) and status["eta_seconds"] == pytest.approx(400.0)
+  assert status["state"] == "live" and not status["stale"]
+  exported = _prometheus(state, now)
+  assert exported["echo_run_steps_per_sec"] == pytest.approx(1.0)
+  assert exported["echo_run_eta_seconds"] == pytest.approx(400.0)
+  if resume_from == 400:  # the steps going back mark the relaunch even when events.jsonl is not (yet) read
+    (run / "events.jsonl").unlink()
+    assert dashboard.RunState(str(run), "run").status(now)["steps_per_sec"] is None  # not read yet: nothing to go on
+    fresh = dashboard.RunState(str(run), "run")
+    fresh.refresh()
+    assert fresh.status(now)["steps_per_sec"] == pytest.approx(1.0)
+
+
+def test_a_run_that_finished_stopped_or_failed_says_so_and_is_not_stale(tmp_path):
+  """A finished run showed STALE with `echo_stale 1`; one stopped by SIGTERM or by an error also showed STALE, with
+  an ETA frozen at its last value (found by review). Each now has its state, no rate, no ETA and is not stale."""
+  now = 1.7e9 + 10_000
+
+  def run_with(name: str, last_step: int, events: list[dict]) -> dashboard.RunState:
+    run = tmp_path / name
+    run.mkdir()
+    _write_jsonl(run / "metrics.jsonl", [{"step": s, "time": 1.7e9 + s, "total_steps": 100}
+                                         for s in range(10, last_step + 1, 10)])
+    _write_jsonl(run / "events.jsonl", [{"time": 1.7e9, "event": "start", "step": 0}, *events])
+    state = dashboard.RunState(str(run), name)
+    state.refresh()
+    return state
+
+  cases = {
+      "finished": run_with("finished", 100, [{"time": 1.7e9 + 101, "event": "checkpoint_saved", "step": 100}]),
+      "stopped": run_with("stopped", 50, [{"time": 1.7e9 + 51, "event": "stopped", "step": 50}]),
+      "failed": run_with("failed", 50, [{"time": 1.7e9 + 51, "event": "error", "step": 50, "message": "boom"}]),
+      "stale": run_with("stale", 50, []),
+  }
+  for expected, state in cases.items():
+    status = state.status(now)
+    assert status["state"] == expected, expected
+    assert status["stale"] == (expected == "stale"), expected
+    assert (status["eta_seconds"] is None) == (expected != "stale"), expected
+    exported = _prometheus(state, now)
+    assert exported["echo_stale"] == float(expected == "stale"), expected
+    assert ("echo_run_eta_seconds" in exported) == (expected == "stale"), expected
+    assert {s: exported[s] for s in dashboard.RUN_STATES} == {s: float(s == expected) for s in dashboard.RUN_STATES}
+  # A relaunch that got as far as training is live again.
+  _write_jsonl(tmp_path / "stopped" / "events.jsonl", [{"time": now - 20, "event": "start", "step": 50}])
+  _write_jsonl(tmp_path / "stopped" / "metrics.jsonl", [{"step": 60, "time": now - 15, "total_steps": 100},
+                                                         {"step": 70, "time": now - 5, "total_steps": 100}])
+  cases["stopped"].refresh()
+  status = cases["stopped"].status(now)
+  assert status["state"] == "live" and status["eta_seconds"] == pytest.approx(30.0)
 
 
 def test_nonfinite_values_are_reported_as_such_not_as_the_last_finite_one(tmp_path):
