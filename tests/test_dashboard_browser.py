@@ -179,3 +179,35 @@ def test_page_shows_the_error_of_every_process_that_stopped(tmp_path):
     assert page.evaluate("window.__xss") is None
 
   _open_page(tmp_path, run_dir, check)
+
+
+def test_page_shows_a_read_error_and_a_finished_run_as_such(tmp_path, monkeypatch):
+  """A run whose metrics.jsonl could not be read stayed "loading…" for ever: the error reached /api/runs but not the
+  page; a finished run showed STALE (found by review). The error is shown as text, its badge before any other."""
+  run_dir = _make_run(tmp_path)
+  t0 = time.time() - 3600  # long silent: STALE, were it not finished
+  (tmp_path / "live" / "metrics.jsonl").write_text("".join(
+      json.dumps({"step": s, "time": t0 + s, "loss": 1.0, "total_steps": 100}) + "\n" for s in range(10, 101, 10)))
+  fail = threading.Event()
+  refresh = dashboard.RunState.refresh
+
+  def failing_refresh(self):
+    if fail.is_set():
+      raise PermissionError(f"403 Forbidden {XSS_TEXT}")
+    refresh(self)
+
+  monkeypatch.setattr(dashboard.RunState, "refresh", failing_refresh)
+
+  def check(page):
+    _wait_for(lambda: page.locator("#run-0 .badge").inner_text() == "finished", 10, "the finished badge")
+    assert "stale" not in page.get_attribute("#run-0", "class")
+    assert page.locator("#run-0 dl").inner_text().split("ETA")[1].split()[0] == "–"
+    fail.set()
+    _wait_for(lambda: page.locator("#run-0 .read-error").count() == 1, 10, "the read error")
+    assert page.locator("#run-0 .badge").inner_text() == "READ ERROR"
+    assert "stale" in page.get_attribute("#run-0", "class")
+    assert page.locator("#run-0 .read-error").inner_text() == (
+        f"Cannot read the run directory: PermissionError: 403 Forbidden {XSS_TEXT}")
+    assert page.evaluate("window.__xss") is None
+
+  _open_page(tmp_path, run_dir, check)

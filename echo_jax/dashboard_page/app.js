@@ -331,19 +331,30 @@
     }
   }
 
+  // The card's badge and its kind: 'alarm' (red), 'ended' (grey) or '' (live). A read error comes first: whatever
+  // else the card shows is what was read before it. A run that is not training (finished, stopped) is never stale.
+  function runBadge(run) {
+    if (run.error) return ['READ ERROR', 'alarm'];
+    if (run.loading) return ['loading…', ''];
+    if (run.state === 'failed' || run.failed_processes > 0) return ['FAILED', 'alarm'];
+    if (run.state === 'finished' || run.state === 'stopped') return [run.state, 'ended'];
+    return run.stale ? ['STALE', 'alarm'] : ['live', ''];
+  }
+
   function renderStatus(now) {
     const strip = $('status');
     strip.replaceChildren();
     for (const run of state.runs) {
-      const failed = run.failed_processes > 0;
-      const card = el('div', `run-card${run.stale || failed ? ' stale' : ''}`);
+      const [badge, kind] = runBadge(run);
+      const card = el('div', `run-card${kind === 'alarm' ? ' stale' : ''}`);
       card.id = `run-${run.index}`;
       card.style.setProperty('--run-color', RUN_COLORS[run.index % RUN_COLORS.length]);
       const title = el('div', 'title');
       title.appendChild(el('span', null, run.name));
-      title.appendChild(el('span', 'badge',
-                           run.loading ? 'loading…' : (failed ? 'FAILED' : (run.stale ? 'STALE' : 'live'))));
+      title.appendChild(el('span', kind === 'ended' ? 'badge ended' : 'badge', badge));
       card.appendChild(title);
+      // A run directory that cannot be read would otherwise stay "loading…" (or show its last lines) with no reason.
+      if (run.error) card.appendChild(el('div', 'alert read-error', `Cannot read the run directory: ${run.error}`));
       renderProcessErrors(card, run);
       const nonfinite = Object.keys(run.nonfinite || {}).sort();
       if (nonfinite.length) {
