@@ -293,10 +293,10 @@ report_process0() {
         echo "launch.sh: or, at a public URL that anyone who has it can open (cloudflared must be installed on that" \
           "worker; --setup does not install it):"
         echo "  $(tpu_command ssh) --worker=$worker" \
-          "--command=$(shell_quote "$monitor & cloudflared tunnel --url http://localhost:8080")"
+          "--command=$(shell_quote "$monitor & cloudflared tunnel --url http://localhost:8080 --http-host-header localhost:8080")"
       else
         echo "launch.sh: dashboard: python monitor.py $(printf '%q' "${WORKDIR:-WORKDIR}"), then open http://127.0.0.1:8080" \
-          "(or, at a public URL that anyone who has it can open: cloudflared tunnel --url http://localhost:8080)"
+          "(or, at a public URL that anyone who has it can open: cloudflared tunnel --url http://localhost:8080 --http-host-header localhost:8080)"
       fi
       PROCESS0_REPORTED=1
       return

@@ -1000,12 +1000,13 @@ def make_server(run_urls: Sequence[str], host: str = "127.0.0.1", port: int = 80
 
 def serve_message(host: str, port: int) -> str:
   """What `serve` prints: the URL, and how to open the page from another machine. An ssh tunnel keeps it private;
-  cloudflared runs here, beside this server (it forwards to this machine's localhost), and publishes the page."""
+  cloudflared runs here, beside this server (it forwards to this machine's localhost), and publishes the page; it
+  passes on the public host name as the Host header unless told which to send, and the Host check refuses that one."""
   lines = [f"Dashboard: http://{host}:{port}/",
            f"Private, from your machine: ssh -L {port}:localhost:{port} {socket.gethostname()}, then open "
            f"http://localhost:{port}/",
            f"Public (anyone with the URL can open it), run on this machine: cloudflared tunnel --url "
-           f"http://localhost:{port}"]
+           f"http://localhost:{port} --http-host-header localhost:{port}"]
   if not _is_loopback(host):
     lines.append(f"Warning: bound to {host}, not loopback: anyone who can reach this machine on port {port} can open "
                  "the page.")

@@ -129,6 +129,24 @@ def test_start_up_message_offers_a_private_tunnel_and_says_cloudflared_is_public
   assert "Warning" not in dashboard.serve_message("::1", 8123)
 
 
+def test_the_printed_cloudflared_command_sends_a_host_the_server_answers(tmp_path):
+  """cloudflared passes on its public host name (abc.trycloudflare.com) as the Host header unless told another, and
+  the Host check refuses that: the printed command must name one the server answers."""
+  srv = dashboard.make_server([make_run(tmp_path, "run")], port=0)
+  port = srv.server_address[1]
+  threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+  try:
+    command = next(line for line in dashboard.serve_message("127.0.0.1", port).splitlines() if "cloudflared" in line)
+    sent = command.split("--http-host-header ", 1)[1].split()[0]
+    assert _raw_get(srv, "/api/runs", sent) == 200
+    assert _raw_get(srv, "/api/runs", "abc.trycloudflare.com") == 403
+  finally:
+    srv.shutdown()
+    srv.server_close()
+  launch = (REPO / "launch.sh").read_text()
+  assert launch.count("cloudflared tunnel --url http://localhost:8080 --http-host-header localhost:8080") == 2
+
+
 def test_missing_run_dir_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="run directory not found"):
     dashboard.make_server([str(tmp_path / "nope")], port=0)
