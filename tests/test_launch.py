@@ -241,7 +241,7 @@ def test_the_dashboard_commands_quote_the_workdir_and_one_keeps_the_page_private
   assert private[-3:] == ["--", "-L", "8080:localhost:8080"]
   remote = shlex.split(public[-1].removeprefix("--command="))
   assert remote == ["cd", "~/echo_jax_code", "&&", "python3", "monitor.py", workdir, "&", "cloudflared", "tunnel",
-                    "--url", "http://localhost:8080"], remote
+                    "--url", "http://localhost:8080", "--http-host-header", "localhost:8080"], remote
   assert "public URL" in result.stdout and "cloudflared must be installed on that worker" in result.stdout
 
 
