@@ -167,12 +167,17 @@ def test_a_stale_shard_adopted_after_the_listing_is_kept(tmp_path, monkeypatch, 
   listed = watchdog.find_candidates(str(tmp_path), keep_checkpoints=1)
   assert [(c.kind, c.path) for c in listed] == [("stale_shard", shard)]
   os.utime(shard)  # adopted
+  _assert_kept_as_used_since_listed(tmp_path, monkeypatch, caplog, listed, "stale_shard", shard)
+
+
+def _assert_kept_as_used_since_listed(tmp_path, monkeypatch, caplog, listed, kind, path):
+  """A pass over the candidates `listed` earlier keeps `path` (a `kind`), written or read since, and says why."""
   monkeypatch.setattr(watchdog, "find_candidates", lambda root, keep_checkpoints, now=None: listed)
   caplog.set_level(logging.INFO, logger="echo_jax.watchdog")
   report = watchdog.free_space_once([str(tmp_path)], min_free_bytes=10**9, keep_checkpoints=1,
                                     free_bytes=_quota(tmp_path, 2 * 10**6))
-  assert os.path.exists(shard) and not report.deletions
-  assert f"kept stale_shard {shard}: in use again since it was listed" in caplog.text
+  assert os.path.exists(path) and not report.deletions
+  assert f"kept {kind} {path}: in use again since it was listed" in caplog.text
 
 
 def test_stops_as_soon_as_enough_is_free(tree):
@@ -397,12 +402,7 @@ def test_an_abandoned_save_written_again_after_the_listing_is_kept(tmp_path, mon
   listed = watchdog.find_candidates(str(tmp_path), keep_checkpoints=1)
   assert [(c.kind, c.path) for c in listed] == [("abandoned_save", save)]
   _file(ckpt / "300.orbax-checkpoint-tmp" / "default" / "d" / "chunk", 10 * KB)  # the relaunch's save
-  monkeypatch.setattr(watchdog, "find_candidates", lambda root, keep_checkpoints, now=None: listed)
-  caplog.set_level(logging.INFO, logger="echo_jax.watchdog")
-  report = watchdog.free_space_once([str(tmp_path)], min_free_bytes=10**9, keep_checkpoints=1,
-                                    free_bytes=_quota(tmp_path, 2 * 10**6))
-  assert os.path.exists(save) and not report.deletions
-  assert f"kept abandoned_save {save}: in use again since it was listed" in caplog.text
+  _assert_kept_as_used_since_listed(tmp_path, monkeypatch, caplog, listed, "abandoned_save", save)
 
 
 class _Stop(Exception):
