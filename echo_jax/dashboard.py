@@ -867,7 +867,9 @@ class DashboardHandler(http.server.BaseHTTPRequestHandler):
 
   def do_GET(self) -> None:  # noqa: N802 - name fixed by the base class
     if not self._host_allowed():
-      return self._send(403, b"forbidden: the Host header names another server\n", "text/plain; charset=utf-8")
+      return self._send(403, b"forbidden: the Host header names another server; open the page at localhost (an ssh -L "
+                        b"tunnel), at the address monitor.py was given with --host, or at this machine's name or IP "
+                        b"address when it listens on all (--host 0.0.0.0)\n", "text/plain; charset=utf-8")
     url = urllib.parse.urlsplit(self.path)
     query = urllib.parse.parse_qs(url.query)
     path = url.path
@@ -899,7 +901,8 @@ class DashboardHandler(http.server.BaseHTTPRequestHandler):
     """Whether the Host header names this server. DNS rebinding: a page of attacker.example can make its name resolve
     to 127.0.0.1 and then read this server as its own origin (the browser sends "Host: attacker.example"), so only the
     names a browser on this machine or at the bind address uses are answered. On a wildcard bind (0.0.0.0, ::) any IP
-    address is accepted too: the page is opened at the machine's address, and an IP address cannot be rebound."""
+    address is accepted too, and this machine's own name: the page is opened at the machine's address or name (a pod
+    worker's), and neither is a name an attacker's page can rebind."""
     try:
       hostname = urllib.parse.urlsplit(f"//{self.headers.get('Host', '')}").hostname
     except ValueError:  # a malformed [IPv6] literal
@@ -909,6 +912,8 @@ class DashboardHandler(http.server.BaseHTTPRequestHandler):
     if hostname in ("localhost", "127.0.0.1", "::1", self.bind_host.strip("[]").lower()):
       return True
     if self.bind_host in ("0.0.0.0", "::", ""):
+      if hostname in (socket.gethostname().lower(), socket.getfqdn().lower()):
+        return True
       try:
         ipaddress.ip_address(hostname)
       except ValueError:

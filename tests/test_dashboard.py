@@ -103,14 +103,20 @@ def test_a_request_for_another_host_name_is_refused(server):
     assert _raw_get(server, "/api/runs", host) == 200, host
 
 
-def test_a_request_for_the_bind_address_is_answered(tmp_path):
-  """The address given as --host is the one a browser elsewhere opens; on a wildcard bind, the machine's addresses."""
+def test_a_request_for_the_bind_address_is_answered(tmp_path, monkeypatch):
+  """The address given as --host is the one a browser elsewhere opens; on a wildcard bind, the machine's addresses
+  and its own name (http://worker-0:8080 was refused)."""
+  monkeypatch.setattr(socket, "gethostname", lambda: "Worker-0")
+  monkeypatch.setattr(socket, "getfqdn", lambda name="": name or "worker-0.internal.example")
   for bind, allowed, refused in (("127.0.0.2", "127.0.0.2", "10.1.2.3"), ("0.0.0.0", "10.1.2.3", "evil.example")):
     srv = dashboard.make_server([make_run(tmp_path, bind)], host=bind, port=0)
     threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
       assert _raw_get(srv, "/api/runs", f"{allowed}:{srv.server_address[1]}") == 200
       assert _raw_get(srv, "/api/runs", refused) == 403
+      own_name = 200 if bind == "0.0.0.0" else 403
+      for name in ("worker-0", "worker-0.internal.example:80"):
+        assert _raw_get(srv, "/api/runs", name) == own_name, (bind, name)
     finally:
       srv.shutdown()
       srv.server_close()
