@@ -743,8 +743,8 @@ class Trainer:
     if consecutive_nonfinite >= train.max_nonfinite:
       saved = (f"the checkpoints in {os.path.join(self.workdir, 'checkpoints')} hold finite weights"
                if self._kept_steps else "no checkpoint was saved yet")
-      message = (f"stopping: {consecutive_nonfinite} consecutive steps had a non-finite loss, gradient norm or "
-                 f"update (last at step {step}); parameters were not updated by them, and {saved}. Check the data "
+      message = (f"stopping: {consecutive_nonfinite} consecutive steps had a non-finite loss or gradient norm "
+                 f"(last at step {step}); parameters were not updated by them, and {saved}. Check the data "
                  "(events.jsonl) or lower train.lr, then restart to resume from the last checkpoint.")
       self.log.event("error", step=step, message=message)
       raise NonFiniteError(step, message)

@@ -32,9 +32,11 @@ def apply_model(model: Echo, params: Any, x_t: jax.Array, t: jax.Array, batch: B
 
 def train_step(state: TrainState, batch: Batch, *, model: Echo, config: ml_collections.ConfigDict,
                base_key: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One AdamW step on a global batch. A non-finite loss, gradient norm or update leaves params and optimizer
-  unchanged (an update can be non-finite from finite gradients, e.g. by an overflow; saved, it would be in every
-  checkpoint after it)."""
+  """One AdamW step on a global batch. A non-finite loss or gradient norm leaves params and optimizer unchanged.
+
+  The update itself is not checked: from finite gradients it is finite whenever b1 and b2 are below 1 and the rate is
+  finite, which `config.check_config` requires (b2=1 made the first update NaN; found by review). Checking it cost a
+  reduction over every parameter per step (+4.7% bytes accessed by the demo's step)."""
   train = config.train
   key = jax.random.fold_in(base_key, state.step)
   t_key, noise_key, dropout_key = jax.random.split(key, 3)
@@ -51,7 +53,7 @@ def train_step(state: TrainState, batch: Batch, *, model: Echo, config: ml_colle
   updates, opt_state = make_optimizer(train).update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
 
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = TrainState(step=state.step + 1, params=keep_if_finite(params, state.params),
                          opt_state=keep_if_finite(opt_state, state.opt_state))
