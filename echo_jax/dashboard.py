@@ -858,6 +858,7 @@ class DashboardHandler(http.server.BaseHTTPRequestHandler):
   dashboard: Dashboard
   assets: dict[str, tuple[bytes, str]]
   bind_host: str
+  host_names: frozenset[str]  # besides loopback ones, the Host names answered (`_host_names`)
   server_version = "echo-monitor"
   sys_version = ""
 
@@ -899,27 +900,17 @@ class DashboardHandler(http.server.BaseHTTPRequestHandler):
 
   def _host_allowed(self) -> bool:
     """Whether the Host header names this server. DNS rebinding: a page of attacker.example can make its name resolve
-    to 127.0.0.1 and then read this server as its own origin (the browser sends "Host: attacker.example"), so only the
-    names a browser on this machine or at the bind address uses are answered. On a wildcard bind (0.0.0.0, ::) any IP
-    address is accepted too, and this machine's own name: the page is opened at the machine's address or name (a pod
-    worker's), and neither is a name an attacker's page can rebind."""
+    to 127.0.0.1 and then read this server as its own origin (the browser sends "Host: attacker.example"), so only
+    loopback names and `host_names` (`_host_names`) are answered, and on a wildcard bind any IP address: an IP address
+    cannot be rebound."""
     try:
       hostname = urllib.parse.urlsplit(f"//{self.headers.get('Host', '')}").hostname
     except ValueError:  # a malformed [IPv6] literal
       return False
     if not hostname:
       return False
-    if hostname in ("localhost", "127.0.0.1", "::1", self.bind_host.strip("[]").lower()):
-      return True
-    if self.bind_host in ("0.0.0.0", "::", ""):
-      if hostname in (socket.gethostname().lower(), socket.getfqdn().lower()):
-        return True
-      try:
-        ipaddress.ip_address(hostname)
-      except ValueError:
-        return False
-      return True
-    return False
+    return (_is_loopback(hostname) or hostname in self.host_names
+            or (_is_wildcard(self.bind_host) and _ip_address(hostname) is not None))
 
   def _metrics(self, query: dict[str, list[str]]) -> None:
     run = self.dashboard.run(_first(query, "run"))
@@ -997,7 +988,8 @@ def make_server(run_urls: Sequence[str], host: str = "127.0.0.1", port: int = 80
   """
   dashboard = Dashboard(run_urls)
   handler = type("BoundDashboardHandler", (DashboardHandler,),
-                 {"dashboard": dashboard, "assets": _load_page_assets(), "bind_host": host})
+                 {"dashboard": dashboard, "assets": _load_page_assets(), "bind_host": host,
+                  "host_names": _host_names(host)})
   server = DashboardServer(dashboard, (host, port), handler)
   dashboard.start()
   return server
@@ -1018,13 +1010,30 @@ def serve_message(host: str, port: int) -> str:
   return "\n".join(lines)
 
 
-def _is_loopback(host: str) -> bool:
-  if host == "localhost":
-    return True
+def _ip_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
   try:
-    return ipaddress.ip_address(host.strip("[]")).is_loopback
-  except ValueError:  # a host name: whatever it resolves to, it is not the loopback name
-    return False
+    return ipaddress.ip_address(host.strip("[]"))
+  except ValueError:  # a host name
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+  address = _ip_address(host)  # a host name, whatever it resolves to, is not the loopback name
+  return host == "localhost" or (address is not None and address.is_loopback)
+
+
+def _is_wildcard(host: str) -> bool:
+  return host in ("0.0.0.0", "::", "")
+
+
+def _host_names(bind_host: str) -> frozenset[str]:
+  """The Host names a server bound to `bind_host` answers besides loopback ones: that address, and on a wildcard bind
+  this machine's own names (the page is opened at a pod worker's name; no attacker's page can rebind it). Asked once:
+  `getfqdn` may wait on DNS."""
+  names = {bind_host.strip("[]").lower()}
+  if _is_wildcard(bind_host):
+    names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+  return frozenset(names)
 
 
 def serve(run_urls: Sequence[str], host: str = "127.0.0.1", port: int = 8080) -> None:
