@@ -467,15 +467,15 @@ def save_params(params: Any, config: ml_collections.ConfigDict, directory: str) 
   write_config_json(config, directory)
 
 
-def _restore_params(directory: epath.Path, abstract_params: Any, nested: bool, damaged_advice: str) -> Any:
+def _restore_params(directory: epath.Path, abstract_params: Any, nested: bool,
+                    damaged_advice: Callable[[], str]) -> Any:
   """Only the parameters (not the optimizer state) of an Orbax pytree, onto the first local device. A ValueError
   naming `directory` when its arrays (names, shapes) are not the config's, found from its metadata before any read
-  (Orbax's own error advised padding or truncating the arrays), or when the read fails: with `damaged_advice` where
+  (Orbax's own error advised padding or truncating the arrays), or when the read fails: with `damaged_advice()` where
   the files are damaged (a bare Orbax error and a traceback before, for a converted directory)."""
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   item = {"params": abstract_params} if nested else abstract_params
   restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), item)
-  checkpointer = ocp.PyTreeCheckpointer()
   where = directory.parent if nested else directory
   try:
     # The handler's metadata, not the checkpointer's: that one also looks for a step's metadata file, which a step's
@@ -483,13 +483,13 @@ def _restore_params(directory: epath.Path, abstract_params: Any, nested: bool, d
     stored = ocp.PyTreeCheckpointHandler().metadata(directory)
     differences = state_differences(stored["params"] if nested else stored, abstract_params) if stored else []
     if not differences:
-      restored = checkpointer.restore(
+      restored = ocp.PyTreeCheckpointer().restore(
           directory, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=nested))
   except Exception as error:
     cause = _root_cause(error)
     message = f"reading the parameters of {where} failed ({describe(cause)})"
     if _is_damage(cause):
-      message += f". If the storage is reachable, the files are damaged: {damaged_advice}"
+      message += f". If the storage is reachable, the files are damaged: {damaged_advice()}"
     raise ValueError(message) from error
   if differences:
     raise ValueError(f"the parameters in {where} are not those of the model config: {'; '.join(differences)}")
@@ -500,16 +500,18 @@ def _restore_step_params(step_dir: epath.Path, abstract_params: Any) -> Any:
   """The parameters of a training checkpoint's step directory, checked against the checksums saved with them (a
   step saved before checksums were stored is not checked). A failed read raises a ValueError naming the step and,
   when its files are damaged, an earlier step to use instead."""
-  earlier = [int(p.name) for p in step_dir.parent.iterdir()
-             if p.name.isdigit() and step_dir.name.isdigit() and int(p.name) < int(step_dir.name)]
-  instead = f"use an earlier step, e.g. {step_dir.parent / str(max(earlier))}" if earlier else "copy it again"
+  def instead() -> str:  # listed only when damage is reported: a listing is a request on gs://
+    earlier = [int(p.name) for p in step_dir.parent.iterdir()
+               if p.name.isdigit() and step_dir.name.isdigit() and int(p.name) < int(step_dir.name)]
+    return f"use an earlier step, e.g. {step_dir.parent / str(max(earlier))}" if earlier else "copy it again"
+
   params = _restore_params(step_dir / "state", abstract_params, nested=True, damaged_advice=instead)
   meta_dir = step_dir / "meta"
   try:
     meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(meta_dir) if meta_dir.is_dir() else {}
   except Exception as error:
     raise ValueError(f"reading the metadata of {step_dir} failed ({describe(_root_cause(error))}). If the storage "
-                     f"is reachable, the files are damaged: {instead}") from error
+                     f"is reachable, the files are damaged: {instead()}") from error
   verify_checksums(meta.get("checksums", {}), {"params": params}, where=f"{step_dir}: ",
                    advice=". This copy of the step is damaged: copy it again from the run, or use an earlier step")
   return params
@@ -538,7 +540,7 @@ def load_params(path: str, config: ml_collections.ConfigDict | None = None) -> t
   if (root / "params").is_dir() and (root / "config.json").exists():
     config = config or _read_config(root / "config.json")
     params = _restore_params(root / "params", abstract_params(config), nested=False,
-                             damaged_advice="copy or convert them again")
+                             damaged_advice=lambda: "copy or convert them again")
     if (root / PARAMS_CHECKSUMS).exists():  # absent from directories written before checksums were stored
       verify_checksums(json.loads((root / PARAMS_CHECKSUMS).read_text()), params, where=f"{path}: ",
                        advice=". This copy of the parameters is damaged: copy or convert them again")

@@ -62,7 +62,7 @@ def expand_home(path: str) -> str:
 def orbax_path(path: str) -> epath.Path:
   """`path` as Orbax (and etils' epath, which it uses) takes it: a URL (gs://...) as it is, a local path made
   absolute (Orbax refuses relative ones), `~` expanded."""
-  return epath.Path(path if "://" in path else os.path.abspath(os.path.expanduser(path)))
+  return epath.Path(path if "://" in path else os.path.abspath(expand_home(path)))
 
 
 def join(base: str, *names: str) -> str:
