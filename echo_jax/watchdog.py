@@ -185,36 +185,31 @@ def _last_used(paths: Sequence[str], when: Callable[[os.stat_result], float] = _
   return max(times, default=None)
 
 
+def _last_modified(paths: Sequence[str]) -> float | None:
+  return _last_used(paths, _modified)
+
+
 def _remove_unless_used(paths: Sequence[str], within: float,
-                        when: Callable[[os.stat_result], float] = _accessed_or_modified) -> None:
-  """Deletes the files `paths` (of one candidate) unless one of them was used in the last `within` seconds, by the
-  time `when` gives (then raises _TouchedSinceListed): in use again since it was listed (a shard a relaunch adopted,
-  a compilation-cache entry a launch loaded)."""
-  last = _last_used(paths, when)
+                        last_used: Callable[[Sequence[str]], float | None] = _last_used) -> None:
+  """Deletes the files `paths` (of one candidate) unless `last_used(paths)` is within the last `within` seconds (then
+  raises _TouchedSinceListed): in use again since it was listed (a shard a relaunch adopted, a compilation-cache entry
+  a launch loaded, a temporary save directory a relaunch writes again)."""
+  last = last_used(paths)
   if last is not None and time.time() - last <= within:
     raise _TouchedSinceListed(paths[0])
   for path in paths:
     _remove(path)
 
 
-def _newest_write(directory: str) -> float | None:
-  """The latest modification time of `directory` and of everything in it (None when it is gone)."""
+def _newest_write(directories: Sequence[str]) -> float | None:
+  """The latest modification time of `directories` and of everything in them (None when they are gone)."""
   times = []
-  for dirpath, dirnames, filenames in os.walk(directory):
-    last = _last_used([dirpath] + [os.path.join(dirpath, n) for n in dirnames + filenames], _modified)
-    if last is not None:
-      times.append(last)
+  for directory in directories:
+    for dirpath, dirnames, filenames in os.walk(directory):
+      last = _last_modified([dirpath] + [os.path.join(dirpath, n) for n in dirnames + filenames])
+      if last is not None:
+        times.append(last)
   return max(times, default=None)
-
-
-def _remove_abandoned_save(path: str) -> None:
-  """Deletes the temporary save directory `path` unless something in it was written in the last
-  `ABANDONED_SAVE_AGE_S` (then raises _TouchedSinceListed): Orbax names it `<step>.orbax-checkpoint-tmp`, so a
-  relaunch that cleaned the old one and saves the same step again writes under the name that was listed."""
-  last = _newest_write(path)
-  if last is not None and time.time() - last <= ABANDONED_SAVE_AGE_S:
-    raise _TouchedSinceListed(path)
-  _remove(path)
 
 
 def _abandoned_save_candidates(directory: str, saves: Sequence[str], now: float) -> list[Candidate]:
@@ -224,11 +219,13 @@ def _abandoned_save_candidates(directory: str, saves: Sequence[str], now: float)
     path = os.path.join(directory, name)
     if os.path.islink(path):  # deleting a link frees nothing
       continue
-    last = _newest_write(path)
+    last = _newest_write([path])
     if last is None or now - last <= ABANDONED_SAVE_AGE_S:
       continue
+    # Checked again at the deletion: Orbax names it `<step>.orbax-checkpoint-tmp`, so a relaunch that cleaned the old
+    # one and saves the same step again writes under the name that was listed.
     candidates.append(Candidate("abandoned_save", path, _tree_size(path), last,
-                                functools.partial(_remove_abandoned_save, path)))
+                                functools.partial(_remove_unless_used, [path], ABANDONED_SAVE_AGE_S, _newest_write)))
   return candidates
 
 
@@ -295,7 +292,7 @@ def find_candidates(root: str, keep_checkpoints: int, now: float | None = None) 
       if kind not in _UNTOUCHED_FOR_S:
         delete = functools.partial(_remove, path)
       elif now - stat.st_mtime > _UNTOUCHED_FOR_S[kind]:
-        delete = functools.partial(_remove_unless_used, [path], _UNTOUCHED_FOR_S[kind], _modified)
+        delete = functools.partial(_remove_unless_used, [path], _UNTOUCHED_FOR_S[kind], _last_modified)
       else:
         continue
       found[kind].append(Candidate(kind, path, stat.st_size, stat.st_mtime, delete))
