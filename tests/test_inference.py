@@ -159,7 +159,7 @@ def test_chunks_are_generated_in_bounded_batches(run_dir, monkeypatch):
   batches = []
 
   def sample(params, cfg, sampler, key, text, *args, **kwargs):
-    batches.append((text.shape[0], int(jax.random.key_data(key).sum())))
+    batches.append((text.shape[0], tuple(np.asarray(jax.random.key_data(key)).tolist())))
     return np.full((text.shape[0], 20, 8), len(batches), np.float32)
 
   monkeypatch.setattr(synthesis.sampling, "sample", sample)
@@ -168,7 +168,9 @@ def test_chunks_are_generated_in_bounded_batches(run_dir, monkeypatch):
   assert [size for size, _ in batches] == [2, 2, 1]
   assert len({key for _, key in batches}) == 3  # a key of its own per batch
   assert latents.shape == (5, 20, 8) and latents[:, 0, 0].tolist() == [1, 1, 2, 2, 3]
-  assert synthesis.MAX_BATCH_CHUNKS == 8
+  batches.clear()  # by default, at most 8 at once
+  synthesizer.generate_latents([f"[S1] chunk {i}." for i in range(9)], None, SamplerConfig(steps=2), 20, seed=7)
+  assert [size for size, _ in batches] == [8, 1]
 
 
 def test_given_speaker_latents_are_cut_to_whole_patches(run_dir, monkeypatch):
