@@ -10,6 +10,7 @@ ECHO_NUM_PROCESSES, ECHO_PROCESS_ID; `launch.sh --local N` sets them).
 """
 
 import signal
+import sys
 import threading
 
 # Set by a SIGTERM that comes during the imports below (seconds on a pod): by default it would end the launch with
@@ -21,6 +22,8 @@ signal.signal(signal.SIGTERM, lambda signum, frame: _STOP.set())
 from absl import app, flags  # noqa: E402 — after the handler: see _STOP
 from ml_collections import config_flags  # noqa: E402
 
+from echo_jax.errors import UserError  # noqa: E402
+from echo_jax.runtime import print_error  # noqa: E402
 from echo_jax.train.entry import train_main  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
@@ -46,8 +49,12 @@ flags.register_validator("init_from", lambda value: value is None or bool(value.
 
 def main(argv):
   del argv
-  train_main(_CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value, coordinator_address=_COORDINATOR.value,
-             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value, force=_FORCE.value, stop=_STOP)
+  try:
+    train_main(_CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value, coordinator_address=_COORDINATOR.value,
+               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value, force=_FORCE.value, stop=_STOP)
+  except UserError as error:  # its message says what to do; a traceback would bury it
+    print_error(error)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

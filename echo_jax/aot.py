@@ -30,6 +30,7 @@ import ml_collections
 from echo_jax import executable_cache, metrics, runtime, sharding
 from echo_jax.config import model_config
 from echo_jax.data.pipeline import batch_streams
+from echo_jax.errors import UserError
 from echo_jax.model import Echo
 from echo_jax.train.state import count_params, example_inputs
 from echo_jax.train.step import StepFunctions, sharded_abstract_state
@@ -70,7 +71,7 @@ TOPOLOGIES = {
 }
 
 
-class MemoryLimitError(RuntimeError):
+class MemoryLimitError(UserError, RuntimeError):
   """The compiled step needs more device memory than the allowed fraction."""
 
 

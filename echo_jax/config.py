@@ -27,6 +27,7 @@ from flax import traverse_util
 
 from echo_jax import codecs, storage
 from echo_jax.data.shards import MIN_REF_FRAMES
+from echo_jax.errors import ConfigError
 from echo_jax.model import EchoConfig
 
 
@@ -193,7 +194,7 @@ BOUNDS = {
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first field outside its `BOUNDS`, a data.max_ref_frames the speaker patches do not
+  """Raises ConfigError naming the first field outside its `BOUNDS`, a data.max_ref_frames the speaker patches do not
   divide, no training shards, a codec that no code speaks, a shard cache that is not local, or a model the model
   refuses (config.model.*): each trained on, or failed only after the compile, before (a negative lr ran the loss up
   to thousands, an unknown codec failed only at the first sample or at inference)."""
@@ -202,25 +203,25 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for part in name.split("."):
       value = value[part]
     if not bound.holds(value):
-      raise ValueError(f"config.{name} must be {bound}, got {value}: give --config.{name} a value {bound}"
+      raise ConfigError(f"config.{name} must be {bound}, got {value}: give --config.{name} a value {bound}"
                        + (f" ({bound.zero})" if bound.zero else ""))
   if config.data.max_ref_frames % MIN_REF_FRAMES:
-    raise ValueError(f"config.data.max_ref_frames={config.data.max_ref_frames} is not a multiple of "
-                     f"{MIN_REF_FRAMES}, the frames of a speaker patch")
+    raise ConfigError(f"config.data.max_ref_frames={config.data.max_ref_frames} is not a multiple of "
+                      f"{MIN_REF_FRAMES}, the frames of a speaker patch")
   if not config.data.train_shards.strip():
-    raise ValueError("config.data.train_shards is empty: give the training shards, e.g. "
-                     "--config.data.train_shards='data/demo/train-*.tar' (a glob, a gs:// glob or "
-                     "hf://datasets/ORG/NAME/...; make the demo's with `make demo-data`)")
+    raise ConfigError("config.data.train_shards is empty: give the training shards, e.g. "
+                      "--config.data.train_shards='data/demo/train-*.tar' (a glob, a gs:// glob or "
+                      "hf://datasets/ORG/NAME/...; make the demo's with `make demo-data`)")
   if config.codec not in codecs.NAMES:
-    raise ValueError(f"config.codec={config.codec!r} is not one of {', '.join(codecs.NAMES)}")
+    raise ConfigError(f"config.codec={config.codec!r} is not one of {', '.join(codecs.NAMES)}")
   if config.data.cache_dir and not storage.is_local(config.data.cache_dir):
     # Joined as a local path, gs://b/c made a directory ./gs:/b/c and filled it.
-    raise ValueError(f"config.data.cache_dir={config.data.cache_dir!r} is not on this machine: the shard cache is a "
-                     "local disk that downloads go to (each host's own); give a local directory")
+    raise ConfigError(f"config.data.cache_dir={config.data.cache_dir!r} is not on this machine: the shard cache is a "
+                      "local disk that downloads go to (each host's own); give a local directory")
   try:
     model_config(config)  # the model's own checks (sizes, heads, remat, dtype)
   except ValueError as error:  # its messages begin with the field
-    raise ValueError(f"config.model.{error}") from error
+    raise ConfigError(f"config.model.{error}") from error
 
 
 def model_config(config: ml_collections.ConfigDict) -> EchoConfig:

@@ -23,6 +23,7 @@ import jax
 from absl import logging
 
 from echo_jax.background import finishes_within
+from echo_jax.errors import UserError
 
 ENV_COORDINATOR = "ECHO_COORDINATOR"
 ENV_NUM_PROCESSES = "ECHO_NUM_PROCESSES"
@@ -75,9 +76,18 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                              process_id=process_id)
 
 
+def print_error(error: BaseException) -> None:
+  """Prints `error` for the user: a `UserError` as its message alone (it says what to do), any other with its
+  traceback."""
+  if isinstance(error, UserError):
+    print(f"error: {error}", file=sys.stderr, flush=True)
+  else:
+    traceback.print_exception(error)
+
+
 @contextlib.contextmanager
 def exit_at_once_on_error() -> Iterator[None]:
-  """In a multi-process run, an exception inside ends this process at once (exit 1) once its traceback is printed.
+  """In a multi-process run, an exception inside ends this process at once (exit 1) once it is printed (`print_error`).
 
   Exiting the normal way would run JAX's distributed shutdown, which waits for every process at a barrier (5 minutes)
   that the others, blocked in a collective with this one (e.g. in Orbax's restore), never reach; both then abort
@@ -88,7 +98,7 @@ def exit_at_once_on_error() -> Iterator[None]:
   except Exception:
     if jax.process_count() == 1:
       raise
-    traceback.print_exc()
+    print_error(sys.exc_info()[1])
     sys.stdout.flush()
     sys.stderr.flush()
     if jax.process_index() == 0:

@@ -18,6 +18,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from echo_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
@@ -47,18 +49,18 @@ def mesh_shape(sizes: dict[str, int], device_count: int) -> tuple[int, ...]:
   shape = [sizes[axis] for axis in MESH_AXES]
   for axis, size in zip(MESH_AXES, shape, strict=True):
     if size != -1 and size < 1:  # 0 divided by zero further on
-      raise ValueError(f"config.mesh.{axis}={size}: a mesh axis is a positive number of devices, or -1 for the "
-                       "devices the other axes leave")
+      raise ConfigError(f"config.mesh.{axis}={size}: a mesh axis is a positive number of devices, or -1 for the "
+                        "devices the other axes leave")
   if shape.count(-1) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, shape, strict=True))}")
+    raise ConfigError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, shape, strict=True))}")
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if device_count % known:
-      raise ValueError(f"{device_count} devices cannot be split into a mesh with fixed axes of product {known}")
+      raise ConfigError(f"{device_count} devices cannot be split into a mesh with fixed axes of product {known}")
     shape[shape.index(-1)] = device_count // known
   if math.prod(shape) != device_count:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, shape, strict=True))} needs {math.prod(shape)} devices, "
-                     f"but {device_count} are available; fix config.mesh")
+    raise ConfigError(f"mesh {dict(zip(MESH_AXES, shape, strict=True))} needs {math.prod(shape)} devices, "
+                      f"but {device_count} are available; fix config.mesh")
   return tuple(shape)
 
 
@@ -79,7 +81,7 @@ def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None
     try:
       device_array = mesh_utils.create_device_mesh(shape, devices)
     except NotImplementedError as error:  # JAX's advice names an argument that no config field sets
-      raise ValueError(
+      raise ConfigError(
           f"config.mesh {dict(zip(MESH_AXES, shape, strict=True))} does not fit the torus of these {len(devices)} "
           "TPU chips: each of data, fsdp and tensor must be a product of some of the slice's axis sizes (JAX: "
           f"{str(error).split('. If you want', 1)[0]}). Change config.mesh, e.g. --config.mesh.data=1 "
@@ -124,13 +126,13 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 
 def check_batch_size(mesh: Mesh, batch_size: int) -> None:
-  """Raises ValueError unless `batch_size` is a positive multiple of the devices the batch is split over (data ×
+  """Raises ConfigError unless `batch_size` is a positive multiple of the devices the batch is split over (data ×
   fsdp): JAX's own error for it names a sharding and tiling factors, not the config field to change."""
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch_size <= 0 or batch_size % data_parallel:
-    raise ValueError(f"batch size {batch_size} is not a positive multiple of the {data_parallel} data-parallel "
-                     f"devices of mesh {dict(mesh.shape)} (data × fsdp): set --config.train.batch_size to a multiple "
-                     f"of {data_parallel}, or give config.mesh fewer data or fsdp devices")
+    raise ConfigError(f"batch size {batch_size} is not a positive multiple of the {data_parallel} data-parallel "
+                      f"devices of mesh {dict(mesh.shape)} (data × fsdp): set --config.train.batch_size to a multiple "
+                      f"of {data_parallel}, or give config.mesh fewer data or fsdp devices")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -31,6 +31,7 @@ from absl import logging
 from etils import epath
 
 from echo_jax.data.cache import describe, is_local
+from echo_jax.errors import UserError
 
 GCS_CLIENT_SWITCH = "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"
 
@@ -175,7 +176,7 @@ def append_bytes(url: str, data: bytes, *, new: bool) -> None:
     fs.pipe_file(target, fs.cat_file(target) + data)
 
 
-class RunDirectoryError(RuntimeError):
+class RunDirectoryError(UserError, RuntimeError):
   """The run directory cannot hold a run: an operation that the run does there fails, or the hosts of a pod do not
   all see the same files there."""
 

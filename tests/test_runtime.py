@@ -75,28 +75,32 @@ def test_a_single_process_run_raises_its_error_as_usual():
 
 
 # One of two hosts joined on localhost: fails inside `exit_at_once_on_error`, process 0 at once and process 1 a second
-# later (hosts that meet one fault rarely fail at the same instant).
+# later (hosts that meet one fault rarely fail at the same instant); process 0 with a refused config, process 1 with
+# any other error.
 FAILING_HOST = textwrap.dedent("""
     import sys, time
     import jax
     from echo_jax import runtime
+    from echo_jax.errors import ConfigError
     jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
     with runtime.exit_at_once_on_error():
       time.sleep(jax.process_index())
-      raise RuntimeError(f"the own error of process {jax.process_index()}")
+      error = RuntimeError if jax.process_index() else ConfigError
+      raise error(f"the own error of process {jax.process_index()}")
 """)
 
 
 def test_hosts_failing_a_moment_apart_each_print_their_own_error():
   """Process 0 hosts JAX's coordination service: were it to leave at once, process 1, failing a second later, would
-  be aborted by its runtime (SIGABRT) before printing its error. With `EXIT_DELAY_PROCESS_0_S` set to 0 it was."""
+  be aborted by its runtime (SIGABRT) before printing its error. With `EXIT_DELAY_PROCESS_0_S` set to 0 it was. A
+  refused config prints its message alone (it says what to do); another error keeps its traceback."""
   address = f"127.0.0.1:{free_port()}"
   hosts = [subprocess.Popen([sys.executable, "-c", FAILING_HOST, address, str(index)], cwd=REPO, env=cpu_env(1),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for index in range(2)]
   outputs = [host.communicate(timeout=120)[0] for host in hosts]
-  for index, (host, output) in enumerate(zip(hosts, outputs, strict=True)):
-    assert host.returncode == 1, output[-3000:]
-    assert f"RuntimeError: the own error of process {index}" in output, output[-3000:]
+  assert [host.returncode for host in hosts] == [1, 1], outputs
+  assert "error: the own error of process 0" in outputs[0] and "Traceback" not in outputs[0], outputs[0][-3000:]
+  assert "Traceback" in outputs[1] and "RuntimeError: the own error of process 1" in outputs[1], outputs[1][-3000:]
 
 
 WATCHDOG = textwrap.dedent("""

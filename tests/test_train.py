@@ -1283,6 +1283,24 @@ def test_an_empty_workdir_or_init_from_is_refused_not_taken_as_not_given(tmp_pat
   assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("flag, message", [
+    ("--config.train.b2=1.0", "error: config.train.b2 must be in [0, 1), got 1.0: give --config.train.b2 a value"),
+    ("--config.train.batch_size=3", "error: batch size 3 is not a positive multiple of the 2 data-parallel devices"),
+    ("--workdir={tmp}/a_file", "error: the run directory {tmp}/a_file is a file: give a directory"),
+])
+def test_a_refused_launch_prints_what_to_do_without_a_traceback(tiny_config, tmp_path, flag, message):
+  """A config the trainer refuses printed some thirty lines of traceback, its message on the last (found by review):
+  now the message alone, exit 1."""
+  (tmp_path / "a_file").write_text("")
+  command = [sys.executable, str(REPO / "train_pretrain.py"), f"--config={REPO / 'configs' / 'tiny.py'}",
+             f"--workdir={tmp_path / 'run'}", f"--config.data.train_shards={tiny_config.data.train_shards}",
+             flag.format(tmp=tmp_path)]
+  process = subprocess.run(command, cwd=tmp_path, env=cpu_env(2), capture_output=True, text=True, timeout=120)
+  assert process.returncode == 1, process.stderr[-3000:]
+  assert message.format(tmp=tmp_path) in process.stderr and "Traceback" not in process.stderr, process.stderr[-3000:]
+  assert not (tmp_path / "run").exists()
+
+
 def test_a_relaunch_with_nothing_left_to_train_says_so_without_compiling(tiny_config, tmp_path, monkeypatch):
   """A relaunch at or past train.steps compiled the step (minutes on a pod), then exited 0 without a word; a
   shortened train.steps (a typo) went unnoticed (found by review)."""

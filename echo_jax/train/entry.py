@@ -11,6 +11,7 @@ import ml_collections
 from absl import logging
 
 from echo_jax import codecs, convert, runtime
+from echo_jax.errors import ConfigError
 from echo_jax.sampling import SamplerConfig
 from echo_jax.train.loop import Hook, Trainer, install_sigint_handler, install_sigterm_handler
 from echo_jax.train.samples import HeldOutExamples, examples_from_shards, make_sample_hook
@@ -28,13 +29,13 @@ def sample_hooks(config: ml_collections.ConfigDict) -> tuple[tuple[int, Hook], .
   if config.samples.every <= 0:
     return ()
   if config.codec == "none" or not config.data.eval_shards:
-    raise ValueError("samples.every > 0 needs a codec (config.codec) and held-out shards (config.data.eval_shards); "
-                     "set --config.samples.every=0 to train without samples")
+    raise ConfigError("samples.every > 0 needs a codec (config.codec) and held-out shards (config.data.eval_shards); "
+                      "set --config.samples.every=0 to train without samples")
   codec = codecs.get_codec(config.codec, config.codec_weights or None)
   if codec.latent_dim != config.model.latent_dim:  # each sample step failed on it, in events.jsonl alone
-    raise ValueError(f"config.codec={config.codec!r} makes {codec.latent_dim}-d latents but the model's are "
-                     f"{config.model.latent_dim}-d (config.model.latent_dim): samples could never be spoken; name the "
-                     "codec the shards were encoded with, or set --config.samples.every=0")
+    raise ConfigError(f"config.codec={config.codec!r} makes {codec.latent_dim}-d latents but the model's are "
+                      f"{config.model.latent_dim}-d (config.model.latent_dim): samples could never be spoken; name the "
+                      "codec the shards were encoded with, or set --config.samples.every=0")
   examples = HeldOutExamples(functools.partial(
       examples_from_shards, config.data.eval_shards, config.samples.count, config.model.latent_dim,
       stall_timeout=config.data.stall_timeout, retries=config.data.download_retries))

@@ -49,12 +49,13 @@ from echo_jax.data.pipeline import (
   position_mismatch,
 )
 from echo_jax.data.shards import hf_revisions, list_shards
+from echo_jax.errors import UserError
 from echo_jax.model import Echo
 from echo_jax.train.state import TrainState, count_params, create_train_state, example_inputs, learning_rate_schedule
 from echo_jax.train.step import StepFunctions, sharded_abstract_state
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
   """Raised when too many consecutive steps had a non-finite loss or gradient norm, the last of them `step`."""
 
   def __init__(self, step: int, message: str):
