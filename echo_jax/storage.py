@@ -381,7 +381,8 @@ class RunDirectoryClaim:
 
   def release(self) -> None:
     """Ends the claim. A local lock file stays (deleting it could let two later trainers lock different files); a
-    lease still this trainer's is deleted, so that a relaunch elsewhere need not wait for it to expire."""
+    lease still this trainer's is deleted (conditioned on its generation: not one another launch took over since the
+    read), so that a relaunch elsewhere need not wait for it to expire."""
     if self._file is not None:
       self._file.close()
       self._file = None
@@ -389,9 +390,15 @@ class RunDirectoryClaim:
       self._renewing.set()
       if self._renewer is not None:  # a renewal under way would make the lease again once it is deleted
         self._renewer.join(timeout=LEASE_RELEASE_WAIT_S)
-      with contextlib.suppress(Exception):
-        if self.lost is None and (_read_lease(self.path)[0] or {}).get("id") == self._lease_id:
-          remove_if_possible(self.path)
+      try:
+        holder, generation = _read_lease(self.path)
+        if self.lost is None and (holder or {}).get("id") == self._lease_id:
+          _delete_lease(self.path, generation)
+      except FileExistsError:  # another launch took the lease over since it was read: its lease now, kept
+        pass
+      except Exception as error:  # noqa: BLE001 — the run is over; a lease left behind expires by itself
+        logging.warning("could not delete the lease %s (%s); a launch elsewhere can take the run directory over "
+                        "once %.0f s have passed since its last renewal", self.path, describe(error), LEASE_EXPIRES_S)
       self._lease_id = None
 
 
@@ -433,6 +440,18 @@ def _replace_lease(path: str, data: bytes, generation: str | None) -> None:
   # `_location` is private: the endpoint gcsfs's own uploads are sent to (gcsfs 2026.7.0, pinned in constraints.txt).
   fs.call("POST", f"{fs._location}/upload/storage/v1/b/{{}}/o", bucket, uploadType="media", name=key,
           ifGenerationMatch=generation, data=data, headers={"Content-Type": "application/json"})
+
+
+def _delete_lease(path: str, generation: str | None) -> None:
+  """Deletes the lease `path` if its object is still of `generation` (see `_replace_lease`); FileExistsError when
+  another write came between (another launch that took it over: its lease is not this trainer's to delete). Without
+  a generation (another fsspec filesystem), deleted without a condition."""
+  if generation is None:
+    remove(path)
+    return
+  fs, target = fsspec.core.url_to_fs(path)
+  bucket, key, _ = fs.split_path(target)
+  fs.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=generation, json_out=False)
 
 
 def _is_gcs(fs: fsspec.AbstractFileSystem) -> bool:

@@ -229,12 +229,16 @@ class _JsonApi(stand_in.Handler):
     return True
 
   def do_DELETE(self) -> None:
-    parts, _ = self._parse()
+    parts, query = self._parse()
     path, metadata = self._object(parts[0], parts[2]) if len(parts) == 3 else ("", None)
     if metadata is None:
       self.reply(404)
       return
     if self._refused("storage.objects.delete", parts[0], parts[2]):
+      return
+    generation_match = query.get("ifGenerationMatch", [None])[0]
+    if generation_match is not None and generation_match != metadata["generation"]:
+      self.reply(412)
       return
     os.remove(path)
     self.reply(204)

@@ -346,8 +346,8 @@ def test_a_second_trainer_on_a_local_run_directory_is_refused_until_the_first_ha
   storage.RunDirectoryClaim(str(workdir), 0).release()
 
 
-def lease(bucket):
-  path = bucket / "run" / storage.LEASE_FILE
+def lease(bucket, run="run"):
+  path = bucket / run / storage.LEASE_FILE
   return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -472,6 +472,31 @@ def test_a_gs_lease_renewal_does_not_overwrite_a_lease_another_launch_took_since
   assert lease(bucket) == taken
   claim.release()
   assert lease(bucket) == taken
+
+
+def test_a_released_gs_lease_that_another_launch_took_over_since_it_was_read_is_kept(bucket, monkeypatch):
+  """The release read the lease, found it its own, and deleted it: a lease another launch wrote between the read and
+  the delete was deleted with it (a third launch could then take the run directory from a live trainer). The
+  delete is conditioned on the generation read: the store refuses it, and the other launch's lease stays."""
+  claim = storage.RunDirectoryClaim("gs://bucket/run", 0)
+  real_read = storage._read_lease
+  taken = {"id": "another launch", "host": "another-host", "pid": 1, "since": "now", "renewed": time.time()}
+
+  def read_then_another_launch_takes_it_over(path):  # the release has read its own lease, and not yet deleted it
+    read = real_read(path)
+    storage.write_bytes(path, json.dumps(taken).encode())
+    return read
+
+  monkeypatch.setattr(storage, "_read_lease", read_then_another_launch_takes_it_over)
+  claim.release()
+  assert lease(bucket) == taken
+  monkeypatch.setattr(storage, "_read_lease", real_read)
+  storage.RunDirectoryClaim("gs://bucket/run", 1).release()  # a process but 0 holds no lease, and deletes none
+  assert lease(bucket) == taken
+  mine = storage.RunDirectoryClaim("gs://bucket/other", 0)
+  assert lease(bucket, "other")["id"] == mine._lease_id
+  mine.release()
+  assert lease(bucket, "other") is None  # a release that nothing came between deletes the lease
 
 
 def test_a_gs_lease_write_whose_answer_was_lost_is_found_to_be_this_trainers(bucket, monkeypatch):
