@@ -58,14 +58,19 @@ def _ends_a_line(path: str) -> bool:
     return f.read(1) == b"\n"
 
 
+# Seconds between the appends of a remote run log's lines (each append costs requests, see `storage`).
+SYNC_SECONDS = 10.0
+
+
 class JsonlWriter:
   """Appends one JSON object per call to a file, thread-safe. A local file gets each line at once (flushed); a file
-  on remote storage (gs://) gets the lines of the last `sync_seconds` in one append, from a thread, and the rest at
-  `close` (an object store has no append: each one costs requests, see `storage`). A failed append is retried at the
-  next sync: training never waits for it."""
+  on remote storage (gs://) gets the lines of the last `sync_seconds` in one append, from a thread, those written
+  before a `flush` then, and the rest at `close` (an object store has no append: each one costs requests, see
+  `storage`). A failed append is retried at the next sync: training never waits for it but at a `flush`."""
 
-  def __init__(self, path: str | None, sync_seconds: float = 10.0):
+  def __init__(self, path: str | None, sync_seconds: float | None = None):
     self._lock = threading.Lock()
+    self._appending = threading.Lock()  # one append at a time, in the order of the lines: the sync thread's, a flush's
     self._path, self._file, self._pending = path, None, []
     self._closed = threading.Event()
     self._wake = threading.Event()  # set to sync before the period is up
@@ -84,7 +89,7 @@ class JsonlWriter:
       self._size, self._new = storage.size(path), False  # the object's size after this writer's last append
     except FileNotFoundError:
       self._size, self._new = 0, True
-    self._syncing = threading.Thread(target=self._sync_every, args=(sync_seconds,), daemon=True,
+    self._syncing = threading.Thread(target=self._sync_every, args=(sync_seconds or SYNC_SECONDS,), daemon=True,
                                      name="jsonl_sync")
     self._syncing.start()
 
@@ -112,22 +117,29 @@ class JsonlWriter:
     local file has every line at once: nothing to do)."""
     self._wake.set()
 
+  def flush(self) -> None:
+    """Appends the lines written so far to a remote file now, and returns once it is done or has failed (logged;
+    kept for the next sync); a local file has every line at once."""
+    if self._file is None and self._path is not None and not self._closed.is_set():
+      self._sync()
+
   def _sync(self) -> None:
-    with self._lock:
-      lines, self._pending = self._pending, []
-    if not lines:
-      return
-    data = "".join(lines).encode("utf-8")
-    try:
-      storage.append_bytes(self._path, data, new=self._new)
-    except Exception as error:  # noqa: BLE001 — storage unreachable: keep the lines for the next sync
-      if not self._landed(len(data)):
-        logging.warning("could not append %d lines to %s (%s); retrying at the next sync", len(lines), self._path,
-                        describe(error))
-        with self._lock:
-          self._pending[:0] = lines
+    with self._appending:
+      with self._lock:
+        lines, self._pending = self._pending, []
+      if not lines:
         return
-    self._new, self._size = False, self._size + len(data)
+      data = "".join(lines).encode("utf-8")
+      try:
+        storage.append_bytes(self._path, data, new=self._new)
+      except Exception as error:  # noqa: BLE001 — storage unreachable: keep the lines for the next sync
+        if not self._landed(len(data)):
+          logging.warning("could not append %d lines to %s (%s); retrying at the next sync", len(lines), self._path,
+                          describe(error))
+          with self._lock:
+            self._pending[:0] = lines
+          return
+      self._new, self._size = False, self._size + len(data)
 
   def _landed(self, count: int) -> bool:
     """Whether an append of `count` bytes that raised was done all the same (its answer lost on the way back):
@@ -157,11 +169,11 @@ class JsonlWriter:
 class RunLog:
   """metrics.jsonl and events.jsonl of a run directory.
 
-  On remote storage a `checkpoint_saved` event has both files synced at once: a relaunch after a crash resumes from
-  that checkpoint and never logs the steps before it again, so their lines must not wait up to `sync_seconds` for a
-  process that may be killed meanwhile."""
+  A relaunch resumes from the newest checkpoint and never logs the steps before it again, so on remote storage their
+  lines must not wait up to `sync_seconds` for a process that may be killed meanwhile: the Trainer `flush`es both
+  files before each save, and a `checkpoint_saved` event has them synced at once."""
 
-  def __init__(self, workdir: str, enabled: bool = True, sync_seconds: float = 10.0):
+  def __init__(self, workdir: str, enabled: bool = True, sync_seconds: float | None = None):
     self.metrics = JsonlWriter(storage.join(workdir, "metrics.jsonl") if enabled else None, sync_seconds)
     self.events = JsonlWriter(storage.join(workdir, "events.jsonl") if enabled else None, sync_seconds)
 
@@ -170,6 +182,11 @@ class RunLog:
     if name == "checkpoint_saved":
       self.metrics.sync_soon()
       self.events.sync_soon()
+
+  def flush(self) -> None:
+    """Appends the lines of both files written so far (remote storage), waiting for it."""
+    self.metrics.flush()
+    self.events.flush()
 
   def close(self) -> None:
     self.metrics.close()

@@ -5,6 +5,7 @@ GCS's compose, never overwritten by a resumed run. GCS is stood in for by a loca
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -522,6 +523,44 @@ def test_a_gs_lease_write_whose_answer_was_lost_is_found_to_be_this_trainers(buc
   assert claim.lost is None
   claim.release()
   assert lease(bucket) is None
+
+
+# A trainer on gs:// killed (SIGKILL) as soon as its save of step 2 is written, its run log synced only every hour.
+KILLED_AFTER_SAVE = textwrap.dedent("""\
+    import json, os, signal, sys
+    import ml_collections
+    from echo_jax import checkpoint, metrics
+    from echo_jax.train.loop import Trainer
+    metrics.SYNC_SECONDS = 3600.0
+    real_save = checkpoint.Checkpointer.save
+
+    def save_then_die(self, step, *args):
+      real_save(self, step, *args)
+      self.wait()
+      if step == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoint.Checkpointer.save = save_then_die
+    Trainer(ml_collections.ConfigDict(json.loads(sys.argv[1])), "gs://bucket/run").run()
+""")
+
+
+def test_a_trainer_killed_right_after_a_save_on_gs_has_logged_every_step_up_to_it(tiny_config, tmp_path):
+  """A relaunch resumes after the newest checkpoint and never logs the steps before it again. On gs:// the run log's
+  lines wait for their periodic append: a trainer killed once its save was written (a preemption's grace running
+  out) lost them for good (the sync asked for at `checkpoint_saved` came too late). They are appended before each
+  save now, the save's own step included."""
+  root = tmp_path / "gcs"
+  (root / "bucket").mkdir(parents=True)
+  tiny_config.train.update(steps=6, ckpt_every=2, eval_every=0, log_every=1)
+  with fake_gcs.serve(str(root)) as gcs:
+    result = subprocess.run([sys.executable, "-c", KILLED_AFTER_SAVE, tiny_config.to_json()], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env=fake_gcs.subprocess_env(gcs.url))
+  assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+  run = root / "bucket" / "run"
+  assert (run / "checkpoints" / "2" / "commit_success.txt").exists()
+  assert sorted(losses_by_step(run)) == [1, 2]
+  assert [e["event"] for e in events(run)] == ["start"]
 
 
 TAKEN_OVER = textwrap.dedent("""\

@@ -490,6 +490,7 @@ class Trainer:
         self._evaluate(steps, state, held_out.result(), start_step)
       consecutive_nonfinite = 0
       pending = None  # (step, device metrics, host timings) of the step whose metrics are not yet logged
+      eval_started = False  # the eval step's background compile and the held-out read
       # When the previous step finished (seen when its metrics were fetched); the first step is timed from here.
       finished = time.time()
       # Seconds spent waiting for data since then: the wait for batch N+1 falls in step N's time, not N+1's.
@@ -506,13 +507,15 @@ class Trainer:
         samples_seen += train.batch_size
         if pending is not None:  # step N+1 is queued: now fetching step N's metrics costs the device nothing
           consecutive_nonfinite, finished = self._log_step(*pending, waited, consecutive_nonfinite, progress)
+          self._stop_if_diverged(pending[0], consecutive_nonfinite)
           waited = 0.0
-          if evaluates and pending[0] == start_step + 1:
+          if evaluates and not eval_started:
             # A restart's first evaluation is eval_every steps away: its eval step compiles and its held-out batches
             # are read beside the training once the first step is logged, so that the first step waits neither for
             # them nor for the GIL they hold.
             steps.compile_eval_in_background()
             held_out.start()
+            eval_started = True
           if evaluates and not self._eval_memory_checked and steps.eval_ready:
             # Checked once its compilation ends, not at the first evaluation (eval_every steps of training away).
             self._check_eval_memory(steps)
@@ -537,11 +540,18 @@ class Trainer:
           # Orbax's save waits for the save before it anyway; waited for here, that one's failure is reported as such
           # (checkpoint_failed) and not raised raw from Orbax's save.
           self._confirm_saves(ckpt, wait=True)
+          # This step's metrics, and every line before them, reach the run log before the checkpoint: a relaunch
+          # resumes after it and never logs these steps again, and on gs:// a process killed once its save was done
+          # (a preemption's grace running out) lost the lines still waiting for their sync.
+          consecutive_nonfinite, finished = self._log_step(*pending, waited, consecutive_nonfinite, progress)
+          pending, waited = None, 0.0
+          self.log.flush()  # a divergence at this step is raised once it is saved: the updates skipped kept it finite
           positions = checkpoint.gather_per_process(pipeline.state())
           ckpt.save(step, state, positions, {"samples_seen": samples_seen, "process_count": jax.process_count(),
                                              "platform": jax.devices()[0].platform, "devices": jax.device_count(),
                                              "peak_flops": peak, "eval_pending": eval_due and stopping_short})
           self._unconfirmed_saves.append(step)
+          self._stop_if_diverged(step, consecutive_nonfinite)
         for every, hook in self.hooks:
           if step % every == 0 and not stopping_short:
             hook(StepInfo(step=step, state=state, trainer=self))
@@ -550,7 +560,8 @@ class Trainer:
                          message="stop requested (SIGTERM or Ctrl-C); saving a checkpoint, then exiting")
           break
       if pending is not None:
-        self._log_step(*pending, waited, consecutive_nonfinite, progress)
+        consecutive_nonfinite, _ = self._log_step(*pending, waited, consecutive_nonfinite, progress)
+        self._stop_if_diverged(pending[0], consecutive_nonfinite)
       if step == train.steps and jax.distributed.is_initialized():
         _ignore_late_sigterm()
     finally:
@@ -741,7 +752,12 @@ class Trainer:
           "step_time": step_time, "data_wait": data_wait / step_time,
           "mfu": timing["flops"] / step_time / timing["peak"], "total_steps": train.steps,
       })
-    if consecutive_nonfinite >= train.max_nonfinite:
+    return consecutive_nonfinite, finished
+
+  def _stop_if_diverged(self, step: int, consecutive_nonfinite: int) -> None:
+    """Raises NonFiniteError once `consecutive_nonfinite` steps in a row, the last of them `step`, had a non-finite
+    loss or gradient norm (train.max_nonfinite)."""
+    if consecutive_nonfinite >= self.config.train.max_nonfinite:
       saved = (f"the checkpoints in {os.path.join(self.workdir, 'checkpoints')} hold finite weights"
                if self._kept_steps else "no checkpoint was saved yet")
       message = (f"stopping: {consecutive_nonfinite} consecutive steps had a non-finite loss or gradient norm "
@@ -749,7 +765,6 @@ class Trainer:
                  "(events.jsonl) or lower train.lr, then restart to resume from the last checkpoint.")
       self.log.event("error", step=step, message=message)
       raise NonFiniteError(step, message)
-    return consecutive_nonfinite, finished
 
   def _check_eval_memory(self, steps: StepFunctions) -> Any:
     """The compiled eval step, checked against device memory (once) as the train step is before the first step; the
