@@ -318,6 +318,32 @@ def test_a_retry_goes_on_from_the_bytes_already_there_through_gcsfs_and_huggingf
   assert not (tmp_path / "shard.tar.partial").exists()
 
 
+@pytest.mark.parametrize("replaced", ["between_blocks", "between_attempts"])
+def test_a_shard_replaced_while_it_downloads_is_downloaded_again_whole(tmp_path, monkeypatch, replaced):
+  """Each request reads whatever version of the object is there then: a shard replaced on GCS between two blocks of
+  a download, or between an attempt cut off and its retry (which goes on from the bytes already there), was the old
+  shard's first block spliced to the new one's rest, of the same size and so taken for complete. The download notices
+  the new generation and starts again from byte 0 (found by review)."""
+  old, new = (np.random.default_rng(seed).bytes(cache_module.FIRST_BLOCK_BYTES + (1 << 20)) for seed in (5, 6))
+  next_block_bytes = cache_module.next_block_bytes
+  blocks = []
+
+  def replace_after_the_first_block(received, seconds, stall_timeout):  # called between two blocks
+    blocks.append(received)
+    if len(blocks) == 1:
+      fsspec.filesystem("gs").pipe(url, new)
+      if replaced == "between_attempts":
+        raise ConnectionError("connection reset by peer")
+    return next_block_bytes(received, seconds, stall_timeout)
+
+  monkeypatch.setattr(cache_module, "next_block_bytes", replace_after_the_first_block)
+  with remote_file(tmp_path, "gs", "shard.tar", old) as (_, url):
+    cache = ShardCache(str(tmp_path / "cache"), retries=3, retry_wait=0.01)
+    path = cache.fetch(url)
+  assert path is not None, cache.failures
+  assert pathlib.Path(path).read_bytes() == new
+
+
 def test_a_download_rate_limited_by_the_hub_waits_for_the_reset_it_names(tmp_path):
   """The Hub answers 429 with the seconds to its window's reset (RateLimit: ...;t=N): the retry waits that long,
   not the cache's own short waits, which (about two minutes over data.download_retries) would give up on shards a

@@ -7,10 +7,11 @@ on a command line or in a log) and any other filesystem take the same path. Loca
 A remote shard is downloaded to `<name>.partial` and renamed to `<name>` when complete, so a half-written file never
 looks finished. A download that fails, or makes no progress for `stall_timeout` seconds, is abandoned and retried
 after a growing, jittered wait (so that the hosts of a pod do not retry a rate-limited Hub in step), from the bytes
-the attempts before it wrote; each failed attempt is logged with its cause. After `retries` failed attempts the
-shard is reported unreadable and the reader goes on without it. A failure to write the cache itself (a full or
-read-only disk) is no fault of the shard: it stops the reader with an error naming the directory. Once read, a shard
-is marked `<name>.consumed` and deleted, so the disk watchdog can also clean up after a crash between the two steps.
+the attempts before it wrote (unless the file was replaced meanwhile: then from its start); each failed attempt is
+logged with its cause. After `retries` failed attempts the shard is reported unreadable and the reader goes on
+without it. A failure to write the cache itself (a full or read-only disk) is no fault of the shard: it stops the
+reader with an error naming the directory. Once read, a shard is marked `<name>.consumed` and deleted, so the disk
+watchdog can also clean up after a crash between the two steps.
 
 fsspec's own caching filesystems ("filecache", "blockcache") keep what they fetched and neither prefetch nor
 time out a stalled read, which is why this module exists.
@@ -48,6 +49,11 @@ FIRST_BLOCK_BYTES = 4 << 20
 BLOCK_TIME_FRACTION = 1 / 8
 PARTIAL_SUFFIX = ".partial"
 CONSUMED_SUFFIX = ".consumed"
+# The fields of fsspec's `info()` that tell one version of a file from another: GCS's generation, an ETag (S3, HTTP),
+# an MD5, a Hub file's blob id, a modification or creation time. The first one present is compared, with the size.
+_VERSION_FIELDS = ("generation", "ETag", "etag", "md5Hash", "blob_id", "mtime", "LastModified", "created")
+# An hf:// URL at a commit (as `shards.list_shards` names them): the Hub's files at a commit never change.
+_HUB_AT_COMMIT = re.compile(r"^hf://(?:(?:datasets|spaces)/)?[^/@]+/[^/@]+@[0-9a-f]{40}/")
 # The wait before a shard's n-th retry is about retry_wait * 2**(n-1) seconds, at most this.
 MAX_RETRY_WAIT_S = 60.0
 
@@ -173,11 +179,22 @@ def _cache_writes() -> Iterator[None]:
     raise CacheWriteError(f"cannot write the shard cache: {describe(error)}") from error
 
 
+def _file_version(info: dict) -> tuple:
+  """The version of a file, from its fsspec `info()`: its size and the first of _VERSION_FIELDS that it has."""
+  field = next((name for name in _VERSION_FIELDS if info.get(name) is not None), None)
+  return info.get("size"), field, None if field is None else str(info[field])
+
+
 class _Download:
   """One shard's download: attempts run in daemon threads, since a stalled network read cannot be interrupted.
 
   An attempt goes on from where the one before it stopped (the bytes in `.partial`): a connection lost or stalled at
-  900 MB of a GB shard costs the last 100 MB again, not the whole shard, with each retry."""
+  900 MB of a GB shard costs the last 100 MB again, not the whole shard, with each retry. Unless the file was replaced
+  meanwhile: each attempt asks the store for the file's version (`_file_version`: GCS's generation, ...) as it starts,
+  and again once it has read the last byte; bytes of another version than the attempt's own are discarded and the
+  file is downloaded again from its start, so that a shard replaced during its download is never the old one's first
+  part spliced to the new one's rest (each request reads whatever version is there then). Not asked for an hf:// URL
+  at a commit, whose files never change."""
 
   def __init__(self, url: str, path: str, stall_timeout: float):
     self.url = url
@@ -190,6 +207,9 @@ class _Download:
     self._lock = threading.Lock()
     self._attempt_id = 0
     self._target = None  # the current attempt's open `.partial`, closed by `abandon`
+    # The version of the file whose bytes `.partial` holds (None: unknown, as for bytes no attempt of this download
+    # wrote, which in the cache's use there are none of: a launch deletes the `.partial` files an earlier one left).
+    self._version: tuple | None = None
 
   def start(self) -> None:
     """Starts a fresh attempt; any earlier attempt has been abandoned (`abandon`) and no longer touches the files."""
@@ -221,7 +241,15 @@ class _Download:
       # No read-ahead cache ("none"): each read is one request for the bytes it asks, so the loop below sizes them.
       # (Given to `fs.open`: `fsspec.open` hands its keywords to the filesystem's constructor instead.)
       fs, path = fsspec.core.url_to_fs(self.url)
+      checks_version = not _HUB_AT_COMMIT.match(self.url)
+      if checks_version:  # gcsfs answers `info` from the listing of the shards (process 0 listed them at launch)
+        fs.invalidate_cache(path)
       with fs.open(path, "rb", cache_type="none") as source:
+        # The version the file had as it was opened (fsspec's buffered files asked it then), or None unchecked.
+        version = _file_version(getattr(source, "details", None) or fs.info(path)) if checks_version else None
+        # The size the filesystem announced (fsspec's buffered files know it): a connection that ends early must
+        # not leave a truncated shard renamed as complete.
+        expected = getattr(source, "size", None)
         # Opening the source can take long; an attempt abandoned meanwhile must not then open the file that its
         # successor writes or that the cache has already cleaned up. Checked and opened under the lock that
         # `abandon` and `start` take.
@@ -230,14 +258,13 @@ class _Download:
             return
           with _cache_writes():
             target = self._target = open(partial, "ab")  # noqa: SIM115 — closed below, or by `abandon`
-        # The size the filesystem announced (fsspec's buffered files know it): a connection that ends early must
-        # not leave a truncated shard renamed as complete.
-        expected = getattr(source, "size", None)
-        offset = target.tell()
-        if offset and isinstance(expected, int) and offset > expected:  # the object changed: start it again
-          with _cache_writes():
-            target.truncate(0)
-            offset = target.seek(0)
+            offset = target.tell()
+            # Bytes of another version of the file (replaced since they were written), or more than it has: the
+            # download starts again from byte 0.
+            if offset and (self._version not in (None, version) or (isinstance(expected, int) and offset > expected)):
+              target.truncate(0)
+              offset = target.seek(0)
+          self._version = version
         if offset:
           source.seek(offset)
         written, block = offset, FIRST_BLOCK_BYTES
@@ -267,6 +294,16 @@ class _Download:
             target.close()
         if isinstance(expected, int) and written != expected:
           raise OSError(f"the download ended after {written} of its {expected} bytes")
+      if checks_version:
+        fs.invalidate_cache(path)
+        now = _file_version(fs.info(path))
+        if now != version:  # replaced during this attempt: its bytes may be of two versions
+          with self._lock:
+            if self._current(attempt_id):
+              with contextlib.suppress(FileNotFoundError):
+                os.remove(partial)
+          raise OSError(f"the file was replaced while it was downloaded ({version[1]} {version[2]} of {version[0]} "
+                        f"bytes, then {now[1]} {now[2]} of {now[0]} bytes); it is downloaded again from its start")
       with self._lock:
         if self._current(attempt_id):
           self._target = None
