@@ -309,7 +309,7 @@ def test_a_retry_goes_on_from_the_bytes_already_there_through_gcsfs_and_huggingf
   `.partial` and reads only the rest."""
   data = np.random.default_rng(1).bytes(3 << 20)
   with remote_file(tmp_path, store, "shard.tar", data) as (_, url):
-    download = cache_module._Download(url, str(tmp_path / "shard.tar"), stall_timeout=120.0)
+    download = cache_module._Download(url, str(tmp_path / "shard.tar"), stall_timeout=120.0, retries=1, retry_wait=0)
     # Zeros in place of the first bytes, to show which bytes the retry read: the rest only.
     (tmp_path / "shard.tar.partial").write_bytes(bytes(1234567))
     download.start()
@@ -755,6 +755,26 @@ def test_a_download_that_stalls_halfway_goes_on_from_there_and_its_late_bytes_ar
   released.set()  # the stalled attempt returns its junk now
   time.sleep(0.3)
   assert pathlib.Path(path).read_bytes() == data and cache_files(tmp_path / "cache") == [os.path.basename(path)]
+
+
+def test_a_shard_fetched_ahead_is_retried_before_the_reader_reaches_it(tmp_path, caplog):
+  """The retries ran in `fetch`: a download fetched ahead whose attempt failed early waited for the reader to reach
+  its shard before its retry, and the reader then waited for the retry (found by review). It is retried in the
+  background, after the same wait, and is complete before the reader asks for it."""
+  local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=2, per_shard=4))
+  urls = []
+  for path in local:
+    StallingFileSystem.FILES[os.path.basename(path)] = pathlib.Path(path).read_bytes()
+    urls.append(f"stalling://{os.path.basename(path)}")
+  StallingFileSystem.CUT_SHORT["train-00001.tar"] = 1
+  cache = ShardCache(str(tmp_path / "cache"), prefetch=1, retries=3, retry_wait=0.05)
+  with caplog.at_level(logging.WARNING):
+    cache.fetch(urls[0], upcoming=urls[1:])
+    wait_for(lambda: os.path.exists(cache.local_path(urls[1])), timeout=10)
+  assert len(StallingFileSystem.OPENS["train-00001.tar"]) == 2
+  assert f"download 1 of 3 of shard {urls[1]} failed (OSError: the download ended after" in caplog.text
+  assert pathlib.Path(cache.fetch(urls[1])).read_bytes() == StallingFileSystem.FILES["train-00001.tar"]
+  cache.close()
 
 
 def test_a_download_that_ends_early_is_retried_not_presented_as_complete(tmp_path):

@@ -8,10 +8,12 @@ A remote shard is downloaded to `<name>.partial` and renamed to `<name>` when co
 looks finished. A download that fails, or makes no progress for `stall_timeout` seconds, is abandoned and retried
 after a growing, jittered wait (so that the hosts of a pod do not retry a rate-limited Hub in step), from the bytes
 the attempts before it wrote (unless the file was replaced meanwhile: then from its start); each failed attempt is
-logged with its cause. After `retries` failed attempts the shard is reported unreadable and the reader goes on
-without it. A failure to write the cache itself (a full or read-only disk) is no fault of the shard: it stops the
-reader with an error naming the directory. Once read, a shard is marked `<name>.consumed` and deleted, so the disk
-watchdog can also clean up after a crash between the two steps.
+logged with its cause. A failed download is retried whether the reader waits for it or not (a shard fetched ahead
+is retried in the background); a stall is noticed by the reader waiting for the shard. After `retries` failed
+attempts the shard is reported unreadable and the reader goes on without it. A failure to write the cache itself (a
+full or read-only disk) is no fault of the shard: it stops the reader with an error naming the directory. Once read,
+a shard is marked `<name>.consumed` and deleted, so the disk watchdog can also clean up after a crash between the two
+steps.
 
 fsspec's own caching filesystems ("filecache", "blockcache") keep what they fetched and neither prefetch nor
 time out a stalled read, which is why this module exists.
@@ -28,6 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from typing import BinaryIO
 
 import fsspec
 from absl import logging
@@ -194,43 +197,101 @@ class _Download:
   and again once it has read the last byte; bytes of another version than the attempt's own are discarded and the
   file is downloaded again from its start, so that a shard replaced during its download is never the old one's first
   part spliced to the new one's rest (each request reads whatever version is there then). Not asked for an hf:// URL
-  at a commit, whose files never change."""
+  at a commit, whose files never change.
 
-  def __init__(self, url: str, path: str, stall_timeout: float):
+  A failed attempt is retried by the download itself, after its wait (`retry_wait_s`) on a timer's thread, whether a
+  reader waits for the shard or not: a shard fetched ahead whose attempt failed early is then most often complete
+  when the reader comes to it, where it used to wait for the reader before its retry, and the reader then for the
+  retry. A stall is noticed by the reader that waits for the shard (`check_stall`). After `retries` attempts, or at
+  once for an error that no retry can pass (`is_permanent`) or a CacheWriteError, the download is given up: `done`
+  is set with its `cause`."""
+
+  def __init__(self, url: str, path: str, stall_timeout: float, retries: int, retry_wait: float):
     self.url = url
     self.path = path
-    self.stall_timeout = stall_timeout  # sizes the requests (`next_block_bytes`); the cache's waiter enforces it
-    self.done = threading.Event()
-    self.error: BaseException | None = None
+    self.stall_timeout = stall_timeout  # sizes the requests (`next_block_bytes`); `check_stall` enforces it
+    self.retries = retries
+    self.retry_wait = retry_wait
+    self.done = threading.Event()  # set once the shard is at `path`, or given up (`cause`)
+    self.error: BaseException | None = None  # the last failed attempt's error (None: it stalled)
+    self.cause: str | None = None  # why the download was given up; None while it is not
     self.attempts = 0
     self.progress_time = time.monotonic()
     self._lock = threading.Lock()
     self._attempt_id = 0
     self._target = None  # the current attempt's open `.partial`, closed by `abandon`
+    self._retry: threading.Timer | None = None  # the wait before the next attempt, while there is one
     # The version of the file whose bytes `.partial` holds (None: unknown, as for bytes no attempt of this download
     # wrote, which in the cache's use there are none of: a launch deletes the `.partial` files an earlier one left).
     self._version: tuple | None = None
 
   def start(self) -> None:
-    """Starts a fresh attempt; any earlier attempt has been abandoned (`abandon`) and no longer touches the files."""
+    """Starts the first attempt."""
     with self._lock:
-      self._attempt_id += 1
-      self.attempts += 1
-      self.error = None
-      self.progress_time = time.monotonic()
-      attempt_id = self._attempt_id
-    threading.Thread(target=self._run, args=(attempt_id,), name="echo-shard-download", daemon=True).start()
+      self._start()
+
+  def _start(self) -> None:
+    """Starts a fresh attempt, under the lock; the attempts before it were abandoned and no longer touch the files."""
+    self._attempt_id += 1
+    self.attempts += 1
+    self.error = None
+    self._retry = None
+    self.progress_time = time.monotonic()
+    threading.Thread(target=self._run, args=(self._attempt_id,), name="echo-shard-download", daemon=True).start()
 
   def abandon(self) -> None:
-    """The current attempt may no longer touch the files: its `.partial` is closed here, under the lock its writes
-    take, so that the file holds whole chunks of it for the next attempt to go on from, and no open handle is left
-    by a thread that may stay blocked in a network read for long."""
+    """Neither the current attempt nor a retry waiting to start may touch the files any more (the cache is closed)."""
     with self._lock:
-      self._attempt_id += 1
-      target, self._target = self._target, None
-    if target is not None:
-      with contextlib.suppress(OSError, ValueError):
-        target.close()
+      target = self._abandon()
+    _close(target)
+
+  def _abandon(self) -> BinaryIO | None:
+    """Under the lock: the current attempt may no longer touch the files, and a retry waiting to start will not. Returns
+    its `.partial`, for the caller to close once out of the lock: the file then holds whole chunks of it for the next
+    attempt to go on from (its writes take the lock), and no open handle is left by a thread that may stay blocked
+    in a network read for long."""
+    self._attempt_id += 1
+    if self._retry is not None:
+      self._retry.cancel()
+      self._retry = None
+    target, self._target = self._target, None
+    return target
+
+  def check_stall(self) -> None:
+    """Fails the current attempt when it has received nothing for `stall_timeout` seconds."""
+    with self._lock:
+      attempt_id = self._attempt_id
+      stalled = (self._retry is None and not self.done.is_set()
+                 and time.monotonic() - self.progress_time >= self.stall_timeout)
+    if stalled:
+      self._failed(attempt_id, None, f"no data for {self.stall_timeout:g} s")
+
+  def _failed(self, attempt_id: int, error: BaseException | None, cause: str) -> None:
+    """Attempt `attempt_id` failed with `error` (None: it stalled), described by `cause`: it is abandoned, and the
+    download retried after its wait or given up."""
+    with self._lock:
+      if not self._current(attempt_id):
+        return
+      target = self._abandon()
+      self.error = error
+      if (isinstance(error, CacheWriteError) or self.attempts >= self.retries
+          or (error is not None and is_permanent(error))):
+        self.cause = cause
+        self.done.set()
+      else:
+        wait = retry_wait_s(self.attempts, self.retry_wait, error)
+        logging.warning("download %d of %d of shard %s failed (%s); retrying in %.1f s", self.attempts, self.retries,
+                        self.url, cause, wait)
+        self._retry = threading.Timer(wait, self._start_retry, args=(self._attempt_id,))
+        self._retry.daemon = True
+        self._retry.start()
+    _close(target)
+
+  def _start_retry(self, attempt_id: int) -> None:
+    """The timer's end: the next attempt starts, unless the download was abandoned meanwhile."""
+    with self._lock:
+      if self._current(attempt_id):
+        self._start()
 
   def _current(self, attempt_id: int) -> bool:
     return attempt_id == self._attempt_id
@@ -309,11 +370,14 @@ class _Download:
           self._target = None
           os.replace(partial, self.path)
           self.done.set()
-    except Exception as error:  # Any other failure (network, permissions, missing file) is retried by the waiter.
-      with self._lock:
-        if self._current(attempt_id):
-          self.error = error
-          self.done.set()
+    except Exception as error:  # Any other failure (network, permissions, missing file) is retried or given up.
+      self._failed(attempt_id, error, describe(error))
+
+
+def _close(target: BinaryIO | None) -> None:
+  if target is not None:
+    with contextlib.suppress(OSError, ValueError):
+      target.close()
 
 
 class ShardCache:
@@ -351,7 +415,7 @@ class ShardCache:
     download = self._downloads.get(url)
     if download is None:
       os.makedirs(self.directory, exist_ok=True)
-      download = _Download(url, self.local_path(url), self.stall_timeout)
+      download = _Download(url, self.local_path(url), self.stall_timeout, self.retries, self.retry_wait)
       self._downloads[url] = download
       if os.path.exists(download.path):  # Fetched by an earlier run that crashed before reading it.
         os.utime(download.path)  # in use again: the disk watchdog deletes cached shards left untouched for a day
@@ -377,33 +441,21 @@ class ShardCache:
     while True:
       self._check_interrupted(url)
       if download.done.wait(timeout=min(1.0, self.stall_timeout / 4)):
-        if download.error is None:
-          return download.path
-        cause = describe(download.error)
-      elif time.monotonic() - download.progress_time < self.stall_timeout:
-        continue
-      else:
-        cause = f"no data for {self.stall_timeout:g} s"
-      download.abandon()
-      if isinstance(download.error, CacheWriteError):
-        self.close()
-        raise CacheWriteError(f"{download.error} (in {self.directory}); free space there or "
-                              "point data.cache_dir at a disk with room for data.shard_prefetch + 1 shards per "
-                              "data stream") from download.error
-      if download.attempts >= self.retries or (download.error is not None and is_permanent(download.error)):
-        logging.warning("giving up on shard %s after %d attempts; last: %s", url, download.attempts, cause)
-        self.failures[url] = cause
-        self._downloads.pop(url, None)
-        with contextlib.suppress(FileNotFoundError):
-          os.remove(download.path + PARTIAL_SUFFIX)
-        return None
-      wait = retry_wait_s(download.attempts, self.retry_wait, download.error)
-      logging.warning("download %d of %d of shard %s failed (%s); retrying in %.1f s", download.attempts,
-                      self.retries, url, cause, wait)
-      if self._interrupted.wait(wait):
-        self._check_interrupted(url)
-      download.done.clear()
-      download.start()
+        break
+      download.check_stall()
+    if download.cause is None:
+      return download.path
+    if isinstance(download.error, CacheWriteError):
+      self.close()
+      raise CacheWriteError(f"{download.error} (in {self.directory}); free space there or "
+                            "point data.cache_dir at a disk with room for data.shard_prefetch + 1 shards per "
+                            "data stream") from download.error
+    logging.warning("giving up on shard %s after %d attempts; last: %s", url, download.attempts, download.cause)
+    self.failures[url] = download.cause
+    self._downloads.pop(url, None)
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(download.path + PARTIAL_SUFFIX)
+    return None
 
   def _sweep(self, keep: Sequence[str]) -> None:
     """Deletes what an earlier launch that was killed (no `close`) left in the directory, except the copies of the
