@@ -576,16 +576,74 @@ def test_processes_on_one_host_read_the_held_out_set_through_caches_of_their_own
     for _ in range(4):  # a whole pass, in turn, as the processes' threads may read
       assert_same([next(readers[0])], [next(readers[1])])
   assert not trainer._skips
-  # Processes that differ only along the tensor axis read the same training streams: caches of their own too.
-  for process in range(2):
-    monkeypatch.setattr(jax, "process_index", lambda process=process: process)
-    with trainer._pipeline("train", urls, 0) as training:
-      next(training)
+  # Processes that differ only along the tensor axis read the same training streams: caches of their own too. They
+  # run at once: the second starts while the first holds its cache (a launch deletes those of its run not held).
+  with contextlib.ExitStack() as running:
+    for process in range(2):
+      monkeypatch.setattr(jax, "process_index", lambda process=process: process)
+      next(running.enter_context(trainer._pipeline("train", urls, 0)))
   # The disk watchdog knows these directories for what they are (it deletes shards left in them for a day).
   streams = sorted(os.path.relpath(d, tmp_path / "cache") for d, _, _ in os.walk(tmp_path / "cache") if "stream_" in d)
   assert len(streams) == 4 and all(watchdog._SHARD_CACHE_STREAM.search(d) for d in streams), streams
   assert [d.split("-")[0] + d.split("-")[-1] for d in streams] == [
       "evalprocess_0/stream_0", "evalprocess_1/stream_0", "trainprocess_0/stream_0", "trainprocess_1/stream_0"]
+
+
+def test_a_launch_deletes_the_caches_of_its_run_that_it_does_not_use_and_none_in_use(tiny_config, tmp_path):
+  """The cache is a directory per run, role, process and stream: a relaunch with fewer processes (or with another
+  host order) or fewer data.streams left the other directories' shards fetched ahead and partial downloads on the
+  disk for good (found by review). A launch deletes those of its run and role that no live process holds; one that a
+  cache of a live process holds (a process of this launch on this host) stays, as do other runs' and roles'."""
+  local = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=2, per_shard=4))
+  for path in local:
+    StallingFileSystem.FILES[os.path.basename(path)] = pathlib.Path(path).read_bytes()
+  urls = [f"stalling://{os.path.basename(path)}" for path in local]
+  tiny_config.data.cache_dir = str(tmp_path / "cache")
+  trainer = Trainer(tiny_config, str(tmp_path / "run"))
+  own = trainer._cache_dir("train")  # .../train-RUN-process_0
+  other_process = own.removesuffix("0") + "1"
+  left = [f"{own}/stream_9", f"{other_process}/stream_0", f"{other_process}/stream_1"]
+  another_run = tmp_path / "cache" / "train-0123456789ab-process_1" / "stream_0"
+  kept = [f"{trainer._cache_dir('eval')}/stream_0", str(another_run)]
+  for directory in left + kept:
+    os.makedirs(directory)
+    for name in ("train-00007.tar", "train-00008.tar.partial"):
+      (pathlib.Path(directory) / name).write_bytes(b"left by an earlier launch")
+  held = ShardCache(own.removesuffix("0") + "2/stream_0")  # a live process's cache
+  held.fetch(urls[0])
+  with trainer._pipeline("train", urls, 0) as training:
+    next(training)
+  assert not [directory for directory in left if os.path.exists(directory)]
+  assert not os.path.exists(other_process)
+  assert all(len(cache_files(directory)) == 2 for directory in kept)
+  assert cache_files(held.directory) == [os.path.basename(held.local_path(urls[0]))]
+  held.close()
+
+
+HOLD_A_CACHE = """
+import sys
+import fsspec
+from echo_jax.data.cache import ShardCache
+fsspec.filesystem("memory").pipe("memory://shards/a.tar", b"shard bytes")
+ShardCache(sys.argv[1]).fetch("memory://shards/a.tar")
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_cache_that_a_live_process_holds_is_not_removed_and_a_killed_one_is(tmp_path):
+  """`remove_unclaimed` tells a cache in use by another process from one whose process died (SIGKILL included):
+  the kernel drops a cache's lock on its directory when its process ends."""
+  directory = str(tmp_path / "cache" / "stream_0")
+  with subprocess.Popen([sys.executable, "-c", HOLD_A_CACHE, directory], cwd=REPO, stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE, text=True) as holder:
+    try:
+      assert holder.stdout.readline() == "holding\n"
+      assert cache_module.remove_unclaimed([directory]) == [] and len(cache_files(directory)) == 1
+    finally:
+      holder.kill()  # as a launch killed by SIGKILL
+  assert cache_module.remove_unclaimed([directory, str(tmp_path / "missing")]) == [directory]
+  assert not os.path.exists(directory)
 
 
 def test_what_a_killed_launch_fetched_ahead_is_deleted_by_the_next_one(tmp_path):

@@ -22,14 +22,16 @@ time out a stalled read, which is why this module exists.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import random
 import re
+import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import BinaryIO
 
 import fsspec
@@ -381,7 +383,8 @@ def _close(target: BinaryIO | None) -> None:
 
 
 class ShardCache:
-  """Fetches remote shards into `directory` ahead of use; `fetch` returns a local path to read.
+  """Fetches remote shards into `directory` ahead of use; `fetch` returns a local path to read. From its first remote
+  shard until `close` it holds a lock on the directory, for `remove_unclaimed` in other processes to leave it alone.
 
   prefetch: how many upcoming shards are downloaded while the current one is read (the disk holds at most
     prefetch + 1 shards of this cache).
@@ -405,6 +408,7 @@ class ShardCache:
     self._downloads: dict[str, _Download] = {}
     self._interrupted = threading.Event()
     self._swept = False
+    self._claim: int | None = None  # the directory, opened and locked while this cache uses it (`_claim_directory`)
 
   def local_path(self, url: str) -> str:
     """Where `url` is cached: its file name behind a hash of the URL, so equal names in two folders differ."""
@@ -433,6 +437,8 @@ class ShardCache:
     if is_local(url):
       return url
     remote_upcoming = [u for u in dict.fromkeys(upcoming) if u != url and not is_local(u)]
+    if self._claim is None:
+      self._claim_directory()
     if not self._swept:
       self._sweep(keep=[url, *remote_upcoming[: self.prefetch]])
     download = self._ensure(url)
@@ -456,6 +462,27 @@ class ShardCache:
     with contextlib.suppress(FileNotFoundError):
       os.remove(download.path + PARTIAL_SUFFIX)
     return None
+
+  def _claim_directory(self) -> None:
+    """Makes the directory and holds a shared lock on it until `close`, so that `remove_unclaimed` in another process
+    (a later launch's) leaves it alone; the kernel drops the lock when the process ends, even at a SIGKILL. A removal
+    under way (it holds the lock while it deletes) is waited for, and the directory made again."""
+    while True:
+      try:
+        os.makedirs(self.directory, exist_ok=True)
+        claim = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+      except FileNotFoundError:  # its parent removed meanwhile, once empty (`remove_unclaimed`'s caller): made again
+        continue
+      try:
+        fcntl.flock(claim, fcntl.LOCK_SH)
+      except OSError:  # a filesystem without locks, where `remove_unclaimed` cannot lock it either: used unlocked
+        self._claim = claim
+        return
+      with contextlib.suppress(FileNotFoundError):
+        if os.path.samestat(os.fstat(claim), os.stat(self.directory)):  # not removed before the lock was had
+          self._claim = claim
+          return
+      os.close(claim)
 
   def _sweep(self, keep: Sequence[str]) -> None:
     """Deletes what an earlier launch that was killed (no `close`) left in the directory, except the copies of the
@@ -497,10 +524,40 @@ class ShardCache:
     self._interrupted.clear()
 
   def close(self) -> None:
-    """Abandons downloads in flight and deletes every shard fetched ahead but not read, so nothing is left."""
+    """Abandons downloads in flight and deletes every shard fetched ahead but not read, so nothing is left; the
+    directory is no longer claimed."""
     for download in self._downloads.values():
       download.abandon()
       for path in (download.path + PARTIAL_SUFFIX, download.path):
         with contextlib.suppress(FileNotFoundError):
           os.remove(path)
     self._downloads.clear()
+    if self._claim is not None:
+      os.close(self._claim)
+      self._claim = None
+
+
+def remove_unclaimed(directories: Iterable[str]) -> list[str]:
+  """Deletes those of the cache `directories` (each a ShardCache's) that no cache of a live process holds, with what
+  is in them, and returns them. For a launch to delete the caches that earlier launches left and it does not use
+  (another process count or index, fewer data streams): their shards fetched ahead and partial downloads stayed on
+  the disk for good. Each is deleted under an exclusive lock, which a cache's claim (`ShardCache._claim_directory`)
+  waits for; one that cannot be locked (held; or a filesystem without locks) is left alone."""
+  removed = []
+  for directory in directories:
+    try:
+      handle = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+      continue
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      if os.path.samestat(os.fstat(handle), os.stat(directory)):  # not removed and made again since it was opened
+        shutil.rmtree(directory)
+        removed.append(directory)
+    except (BlockingIOError, FileNotFoundError):  # held by a live cache, or removed meanwhile
+      pass
+    except OSError as error:  # a filesystem without locks, or a file that may not be deleted
+      logging.warning("left the shard cache %s, which this launch does not use: %s", directory, describe(error))
+    finally:
+      os.close(handle)
+  return removed

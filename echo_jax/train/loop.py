@@ -16,8 +16,10 @@ the data position is part of every checkpoint: a resumed run computes exactly wh
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
+import glob
 import hashlib
 import os
 import signal
@@ -25,7 +27,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import fsspec
@@ -39,7 +41,7 @@ from tqdm import tqdm
 from echo_jax import aot, checkpoint, metrics, runtime, sharding, storage
 from echo_jax.background import InBackground
 from echo_jax.config import check_config, config_changes, model_config, write_config_json
-from echo_jax.data.cache import describe, is_local
+from echo_jax.data.cache import describe, is_local, remove_unclaimed
 from echo_jax.data.pipeline import (
   StreamSet,
   batch_streams,
@@ -181,16 +183,38 @@ class Trainer:
     (DESIGN §5), or with `whole_batch` every row, from one stream. Its reader threads start at once. Remote shards go
     through a cache directory of this run, `role` (train, eval) and process alone: several processes on one host
     may read the same streams (the held-out one; those of processes that differ only along the tensor axis), and
-    caches sharing a directory would adopt and delete each other's files."""
+    caches sharing a directory would adopt and delete each other's files. The caches of this run and `role` that it
+    does not use are deleted (`_remove_unused_caches`)."""
     config, data = self.config, self.config.data
     batch_size = config.train.batch_size
     num_streams, streams = (1, [0]) if whole_batch else (data.streams, self.streams)
-    return StreamSet(
+    pipeline = StreamSet(
         shards=shards, batch_size=batch_size, num_streams=num_streams, streams=streams, state=position,
         cache_dir=self._cache_dir(role), shard_prefetch=data.shard_prefetch,
         stall_timeout=data.stall_timeout, retries=data.download_retries, latent_dim=config.model.latent_dim,
         max_text_len=data.max_text_len, max_frames=data.max_frames, max_ref_frames=data.max_ref_frames,
         pad_latent=self._pad_latent(), seed=seed, prefetch=data.prefetch, on_skip=self._on_skip)
+    if data.cache_dir:
+      self._remove_unused_caches(role, streams)
+    return pipeline
+
+  def _remove_unused_caches(self, role: str, streams: Sequence[int]) -> None:
+    """Deletes the stream caches of this run and `role` on this machine that earlier launches left and this process
+    does not use (`cache.remove_unclaimed`): those of other process indices (a launch with fewer processes, or with
+    another host order) and of data streams it no longer reads, whose shards fetched ahead and partial downloads
+    stayed on the disk for good. A cache in use by a live process (another of this launch on this host) holds its
+    directory and is left alone; one that such a process has yet to claim may be deleted, and is made again."""
+    own = self._cache_dir(role)
+    processes = os.path.join(glob.escape(os.path.dirname(own)), os.path.basename(own).rsplit("_", 1)[0] + "_*")
+    used = {os.path.join(own, f"stream_{g}") for g in streams}
+    removed = remove_unclaimed(path for path in sorted(glob.glob(os.path.join(processes, "stream_*")))
+                               if path not in used)
+    for process in sorted({os.path.dirname(path) for path in removed}):
+      with contextlib.suppress(OSError):  # not empty: a cache of it is in use
+        os.rmdir(process)
+    if removed:
+      logging.info("deleted %d shard caches of this run that earlier launches left and this one does not use: %s",
+                   len(removed), ", ".join(removed))
 
   def _cache_dir(self, role: str) -> str | None:
     """The shard cache of this run, `role` and process (see `_pipeline`); None when data.cache_dir is not set."""
