@@ -33,7 +33,9 @@
 # trainer runs on detached. The waits before re-attaching double (ECHO_REATTACH_WAIT_S, default 10 s, at first); after
 # MAX_REATTACH drops in a row (a session that held ECHO_REATTACH_STEADY_S, default 300 s, ends a row) launch.sh stops
 # following the run, leaves every trainer running, says how to follow and stop them, and exits 69.
-# The workdir must be storage every host shares (gs:// on a pod).
+# The workdir must be storage every host shares (gs:// on a pod). launch.sh reads train_pretrain.py's flagfiles
+# (--flagfile=FILE, a name relative to the current directory) as absl does, for the --workdir: on a pod the workers get
+# each file's flags in its place (they have no copy of a file outside the code); --local's trainers read the files.
 # Exit status: 0 the run finished; 75 every host exited 0 but the run stopped short (a SIGTERM; relaunch to resume);
 # 1 a host failed; 2 refused, or a gcloud call failed; 69 a worker out of reach; 130, 143, 129 Ctrl-C, SIGTERM, SIGHUP.
 
@@ -489,8 +491,86 @@ watch_hosts() {
   echo "launch.sh: all ${#PIDS[@]} hosts finished; logs in $LOGDIR"
 }
 
-# The --workdir values among train_pretrain.py's arguments, each ended by a NUL, in every form absl reads: with one
-# dash or two, the value after `=` or in the next argument; none after `--`, where absl stops.
+# trim TEXT: TEXT without the blanks around it (what Python's str.strip() takes off a flagfile's line).
+trim() {
+  local text=${1#"${1%%[![:space:]]*}"}
+  printf '%s' "${text%"${text##*[![:space:]]}"}"
+}
+
+# home_expanded PATH: PATH with a leading ~ or ~USER expanded, as absl does (os.path.expanduser) to a flagfile's name.
+home_expanded() {
+  local user home
+  case $1 in
+    \~ | \~/*) printf '%s' "$HOME${1#\~}" ;;
+    \~*)
+      user=${1%%/*}
+      user=${user#"~"}
+      home=$(getent passwd "$user" | cut -d: -f6) || true
+      if [[ -n $home ]]; then printf '%s' "$home${1#"~$user"}"; else printf '%s' "$1"; fi ;;
+    *) printf '%s' "$1" ;;
+  esac
+}
+
+# expand_flagfiles ARGS...: sets TRAIN_ARGS to train_pretrain.py's arguments ARGS as absl reads them (FLAGS(argv),
+# read_flags_from_files): each --flagfile=FILE (one dash or two; also `--flagfile FILE`) replaced by FILE's flags,
+# where it stood, so that the flags after it win over the file's and the file's over those before it; none after
+# `--`. A flagfile holds one argument per line, blanks around it stripped; blank lines and lines starting with # or //
+# are left out; a line starting with --flagfile= reads that file there (one already being read there is skipped, with
+# absl's warning). A file's name has ~ expanded, and a relative one is relative to the current directory, here as in
+# absl (nested ones too). Dies when a flagfile cannot be read, or a line would be read otherwise by the trainer that
+# gets the expanded arguments (a pod's: see launch_tpu) than by one that reads the file.
+expand_flagfiles() {
+  TRAIN_ARGS=()
+  local -a reading=()
+  while (($# > 0)); do
+    case $1 in
+      --) TRAIN_ARGS+=("$@"); return ;;
+      --flagfile | -flagfile)
+        (($# > 1)) || die "$1 with no file name"
+        read_flagfile "$(home_expanded "$2")"
+        shift 2 ;;
+      --flagfile=* | -flagfile=*) read_flagfile "$(home_expanded "$(trim "${1#*=}")")"; shift ;;
+      *) TRAIN_ARGS+=("$1"); shift ;;
+    esac
+  done
+}
+
+# read_flagfile FILE: appends FILE's flags to TRAIN_ARGS (see expand_flagfiles, whose `reading` it uses: the files
+# being read, each inside the one before).
+read_flagfile() {
+  local file=$1 line flag name
+  [[ -n $file ]] || return 0  # absl ignores an empty name
+  for name in "${reading[@]}"; do
+    if [[ $name == "$file" ]]; then
+      echo "Warning: Hit circular flagfile dependency. Ignoring flagfile: $file" >&2
+      return 0
+    fi
+  done
+  [[ -f $file && -r $file ]] ||
+    die "cannot read the flagfile $file (named by --flagfile; a relative name is relative to $PWD)"
+  local -a lines
+  mapfile -t lines < "$file"
+  reading+=("$file")
+  for line in "${lines[@]}"; do
+    flag=$(trim "$line")
+    if [[ -z $flag || $line == "#"* || $line == "//"* ]]; then
+      continue
+    elif [[ $line == --flagfile=* || $line == -flagfile=* ]]; then
+      read_flagfile "$(home_expanded "$(trim "${line#*=}")")"
+    elif [[ $flag == --flagfile || $flag == -flagfile || $flag == --flagfile=* || $flag == -flagfile=* ]]; then
+      # absl reads such a line as a flag, or fails on it: passed on in the arguments, it would name a flagfile.
+      die "the flagfile $file has '$flag' on a line that absl does not read as a flagfile (blanks before it, or" \
+        "no =FILE); write --flagfile=FILE at the start of the line"
+    else
+      TRAIN_ARGS+=("$flag")
+    fi
+  done
+  unset 'reading[-1]'
+}
+
+# The --workdir values among train_pretrain.py's arguments (with their flagfiles read: expand_flagfiles), each ended
+# by a NUL, in every form absl reads: with one dash or two, the value after `=` or in the next argument; none after
+# `--`, where absl stops.
 workdirs_of() {
   while (($# > 0)); do
     case $1 in
@@ -746,10 +826,11 @@ main() {
     (($# == 0)) || die "--setup takes no train_pretrain.py arguments"
   else
     (($# > 0)) || die "no train_pretrain.py arguments after --"
+    expand_flagfiles "$@"
     local repeated
-    repeated=$(repeated_workdir_problem "$@")
+    repeated=$(repeated_workdir_problem "${TRAIN_ARGS[@]}")
     [[ -z $repeated ]] || die "$repeated"
-    WORKDIR=$(workdir_of "$@")
+    WORKDIR=$(workdir_of "${TRAIN_ARGS[@]}")
     if [[ $mode == tpu ]]; then
       local problem
       problem=$(pod_workdir_problem "$WORKDIR")
@@ -765,7 +846,9 @@ main() {
   if [[ -n $setup ]]; then
     setup_tpu
   elif [[ $mode == tpu ]]; then
-    launch_tpu "$@"
+    # The flagfiles' flags in their place: the workers have no copy of a flagfile outside the copied code, and there
+    # a relative name would be relative to ~/REMOTE_DIR. They get the flags checked here, read from the files here.
+    launch_tpu "${TRAIN_ARGS[@]}"
   else
     launch_local "$count" "$@"
   fi

@@ -747,6 +747,68 @@ def test_a_pod_launch_takes_the_workdir_in_every_form_absl_reads(fake_pod):
   assert r"monitor.py gs://bucket/run\ two" in result.stdout
 
 
+def write_flagfiles(tmp_path, workdir_line="  --workdir=gs://bucket/run one  "):
+  """A flagfile outside the code directory, with absl's comments and blank lines, that names a second one holding
+  `workdir_line`; returns the first one's path."""
+  storage = tmp_path / "flags" / "storage.flags"
+  storage.parent.mkdir(exist_ok=True)
+  storage.write_text(f"# where the run goes\n{workdir_line}\r\n")
+  run = tmp_path / "flags" / "run.flags"
+  run.write_text(f"# the run\n--config=configs/tiny.py\n\n   \n// storage\n--flagfile={storage}\n")
+  return run
+
+
+def test_a_pod_launch_reads_the_workdir_in_a_flagfile_and_passes_the_workers_its_flags(fake_pod):
+  """absl reads --flagfile=FILE (lines of flags, comments, nested flagfiles): launch.sh refused a launch whose
+  --workdir was in one ("no --workdir among the train_pretrain.py arguments"). A flagfile outside the copied code
+  does not exist on the workers (and a relative name would be relative to their code directory): they get its flags
+  in its place, those after it on the command line still last. `--local`'s trainers read the file themselves."""
+  tmp_path, env = fake_pod
+  run = write_flagfiles(tmp_path)
+  result = launch_tpu_with(tmp_path, env, [f"--flagfile={run}", "--config.train.steps=5"])
+  assert result.returncode == 0, result.stdout + result.stderr
+  for worker in (0, 1):
+    args = (tmp_path / f"worker_{worker}" / "trainer_args").read_text().splitlines()[2:]
+    assert args == TRAIN_ARGS, args
+  assert r"monitor.py gs://bucket/run\ one" in result.stdout
+  fake = tmp_path / "fake_python"
+  write_executable(fake, '#!/usr/bin/env bash\n[[ $1 == -c ]] && exec "$REAL_PYTHON" "$@"; printf "%s\\n" "$@"\n'
+                         'echo "process_index=0 process_count=1"\n')
+  local = subprocess.run(["bash", LAUNCH, "--local", "1", "--logdir", str(tmp_path / "logs"), "--", "-flagfile",
+                          str(run)], env=dict(env, PYTHON=str(fake)), capture_output=True, text=True, timeout=60)
+  assert local.returncode == 0, local.stdout + local.stderr
+  assert (tmp_path / "logs" / "process_0.log").read_text().splitlines()[-3:-1] == ["-flagfile", str(run)]
+  assert r"monitor.py gs://bucket/run\ one" in local.stdout
+
+
+@pytest.mark.parametrize("case", ["relative", "repeated", "missing", "indented"])
+def test_a_launch_checks_the_workdir_a_flagfile_gives(fake_pod, case):
+  """The pod's guards see a flagfile's --workdir as absl does: a relative one is refused, and so is one given again on
+  the command line (absl takes the last, where launch.sh saw only the command line's). A flagfile that cannot be read,
+  or whose --flagfile line absl would not take for one, is refused before any gcloud call."""
+  tmp_path, env = fake_pod
+  workdir_line = {"relative": "--workdir=runs/pod", "repeated": "--workdir=runs/pod",
+                  "indented": " --flagfile=other.flags"}.get(case, "--workdir=gs://bucket/run")
+  run = write_flagfiles(tmp_path, workdir_line)
+  args = [f"--flagfile={run}"]
+  if case == "repeated":
+    args = ["--workdir=gs://bucket/run", *args]
+  if case == "missing":
+    args = ["--flagfile=no/such.flags", *args]
+  problem = {"relative": "--workdir=runs/pod is relative",
+             "repeated": "--workdir is given 2 times (gs://bucket/run, runs/pod): train_pretrain.py would use the last",
+             "missing": f"cannot read the flagfile no/such.flags (named by --flagfile; a relative name is relative to "
+                        f"{os.getcwd()})",
+             "indented": "has '--flagfile=other.flags' on a line that absl does not read as a flagfile"}[case]
+  result = launch_tpu_with(tmp_path, env, args)
+  assert result.returncode == 2 and problem in result.stderr, result.stdout + result.stderr
+  assert not (tmp_path / "calls").exists()
+  if case != "relative":
+    local = subprocess.run(["bash", LAUNCH, "--local", "1", "--logdir", str(tmp_path / "logs"), "--", *args], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert local.returncode == 2 and problem in local.stderr, local.stderr
+
+
 def test_bad_arguments_are_errors(tmp_path):
   result = subprocess.run(["bash", LAUNCH, "--local", "zero", "--", "--x"], capture_output=True, text=True,
                           cwd=tmp_path)
