@@ -17,7 +17,8 @@
 #   That session first checks that the worker runs this launch's copy of the code and no stale trainer (the calls on
 #   all workers need not report a worker they failed on).
 # --local N: N processes on this machine, joined through a coordinator on 127.0.0.1 (logs LOGDIR/process_I.log),
-#   each in a session of its own: Ctrl-C and a closing terminal's SIGHUP reach launch.sh alone, which stops them.
+#   each in a session of its own: Ctrl-C and a closing terminal's SIGHUP reach launch.sh alone, which stops them; a
+#   guard stops them when launch.sh is killed (SIGKILL runs no trap).
 #   Give each process its devices with XLA_FLAGS=--xla_force_host_platform_device_count=K.
 # A launch moves each earlier log aside (LOG.1, the last launch's, to LOG.5), here and on the workers.
 # Either way: prints which host runs process 0 (it writes the run log) and how to open the dashboard, and fails
@@ -764,22 +765,76 @@ launch_tpu() {
   watch_hosts
 }
 
+# process_start PID: when process PID started (clock ticks since boot; what tells it from a later process given the
+# same pid), while it runs; nothing once it has ended (a zombie counts as ended).
+process_start() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 0
+  local -a fields
+  read -r -a fields <<< "${stat##*) }"  # the fields after the command's name, which may hold blanks
+  [[ ${fields[0]} == [ZX] ]] || echo "${fields[19]}"
+}
+
+# guard_trainers GRACE: --local's guard (see launch_local), in a session of its own. Reads "PID LOG" for each trainer
+# from its input, a pipe whose other end launch.sh holds, until the end of it: launch.sh is gone then, however it
+# ended (the kernel closes a killed process's files; a SIGKILL runs no trap). Its trainers ended with it, or were
+# stopped by it, unless it was killed: a trainer still running is then stopped as launch.sh stops one, SIGTERM (it
+# saves and exits) and SIGKILL GRACE seconds later, each step noted in its log.
+guard_trainers() {
+  local grace=$1 pid log waited j
+  local -A logs=() started=()
+  while read -r pid log; do
+    logs[$pid]=$log
+    started[$pid]=$(process_start "$pid")
+  done
+  local -a left=()
+  for pid in "${!logs[@]}"; do
+    [[ -n ${started[$pid]} && $(process_start "$pid") == "${started[$pid]}" ]] || continue
+    echo "launch.sh: launch.sh ended without stopping this trainer (killed?): sending it SIGTERM (killed after" \
+      "$grace s)" >> "${logs[$pid]}"
+    kill -TERM "$pid" 2>/dev/null && left+=("$pid")
+  done
+  for ((waited = 0; ${#left[@]} > 0; waited++)); do
+    for j in "${!left[@]}"; do
+      [[ $(process_start "${left[$j]}") == "${started[${left[$j]}]}" ]] || unset "left[$j]"
+    done
+    ((${#left[@]} > 0 && waited >= grace * 10)) || { sleep 0.1; continue; }
+    for pid in "${left[@]}"; do
+      echo "launch.sh: still running $grace s after SIGTERM; killing it" >> "${logs[$pid]}"
+      kill -KILL "$pid" 2>/dev/null || true
+    done
+    return
+  done
+}
+
 launch_local() {
   local count=$1
   shift
-  local port python i
+  local port python i guard
   python=$(python_of "$HERE/.venv")
   port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   stop_hosts_on_signals
+  # The trainers run in sessions of their own (below), and no trap runs when launch.sh is killed (SIGKILL, the OOM
+  # killer): they would train on with no one to stop them, holding the devices and the workdir against a relaunch.
+  # The guard, in a session of its own too, stops them once launch.sh is gone (guard_trainers). Each trainer tells it
+  # its pid itself, before the trainer's program starts, so that no trainer escapes it, however early launch.sh
+  # dies; and does not keep launch.sh's end of the pipe (nor does the guard), so that it ends with launch.sh.
+  exec {guard}> >(exec setsid bash -c "$(declare -f process_start guard_trainers); guard_trainers $STOP_GRACE_S" \
+    > /dev/null 2>&1)
   for ((i = 0; i < count; i++)); do
     LOGS+=("$LOGDIR/process_$i.log")
     NAMES+=("process $i")
     new_log "${LOGS[-1]}"
     # In a session of its own: Ctrl-C sends SIGINT to the terminal's whole foreground process group, and a trainer
     # in launch.sh's took it for its stop, then launch.sh's SIGTERM for a second one, and exited without saving. Now
-    # only launch.sh hears it, and hands each trainer one SIGTERM (setsid execs the trainer: its pid is $!).
-    ECHO_COORDINATOR="127.0.0.1:$port" ECHO_NUM_PROCESSES=$count ECHO_PROCESS_ID=$i \
-      setsid "$python" -u "$HERE/train_pretrain.py" "$@" >> "${LOGS[-1]}" 2>&1 < /dev/null &
+    # only launch.sh hears it, and hands each trainer one SIGTERM (the subshell execs setsid, which execs the
+    # trainer: its pid is $!).
+    (
+      echo "$BASHPID ${LOGS[-1]}" >&"$guard"
+      exec {guard}>&-
+      ECHO_COORDINATOR="127.0.0.1:$port" ECHO_NUM_PROCESSES=$count ECHO_PROCESS_ID=$i \
+        exec setsid "$python" -u "$HERE/train_pretrain.py" "$@" >> "${LOGS[-1]}" 2>&1 < /dev/null
+    ) &
     PIDS+=($!)
   done
   echo "launch.sh: started $count local processes (coordinator 127.0.0.1:$port); logs in $LOGDIR"

@@ -637,6 +637,40 @@ def test_a_terminated_local_launch_stops_its_processes_before_it_exits(tmp_path)
   assert not any(pid_alive(pid) for pid in pids)
 
 
+def test_a_killed_local_launch_leaves_no_trainer_running(tmp_path):
+  """SIGKILL to `launch.sh --local 2` (the OOM killer, `kill -9`) runs no trap, and its trainers, in sessions of
+  their own, trained on with no one to stop them. Its guard stops them as launch.sh would: SIGTERM, on which the
+  first saves and exits, and SIGKILL for the second, which ignores it, ECHO_STOP_GRACE_S seconds later."""
+  fake = tmp_path / "fake_python"
+  write_executable(fake, textwrap.dedent("""\
+      #!/usr/bin/env bash
+      if [[ $1 == -c ]]; then exec python3 "$@"; fi
+      note() { echo "$1" >> "$FAKE_ROOT/signals_$ECHO_PROCESS_ID"; }
+      if [[ $ECHO_PROCESS_ID == 1 ]]; then trap '' TERM; else trap 'note TERM; sleep 0.5; note saved; exit 0' TERM; fi
+      echo $$ > "$FAKE_ROOT/pid_$ECHO_PROCESS_ID"
+      for ((i = 0; i < 600; i++)); do sleep 0.1; done
+  """))
+  env = dict(os.environ, PYTHON=str(fake), FAKE_ROOT=str(tmp_path), ECHO_STOP_GRACE_S="2")
+  process = subprocess.Popen(["bash", LAUNCH, "--local", "2", "--logdir", str(tmp_path / "logs"), "--", "--x=1"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  wait_for(lambda: all((tmp_path / f"pid_{i}").exists() for i in (0, 1)))
+  pids = [int((tmp_path / f"pid_{i}").read_text()) for i in (0, 1)]
+  try:
+    process.kill()
+    process.wait(timeout=10)
+    start = time.time()
+    wait_for(lambda: not any(pid_alive(pid) for pid in pids), timeout=20)
+    assert 2 <= time.time() - start < 10
+    assert (tmp_path / "signals_0").read_text().split() == ["TERM", "saved"]
+    for i in (0, 1):
+      log = (tmp_path / "logs" / f"process_{i}.log").read_text()
+      assert "launch.sh ended without stopping this trainer (killed?): sending it SIGTERM (killed after 2 s)" in log
+    assert "still running 2 s after SIGTERM; killing it" in (tmp_path / "logs" / "process_1.log").read_text()
+  finally:
+    for pid in filter(pid_alive, pids):
+      os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGHUP, 129)])
 def test_ctrl_c_reaches_only_launch_sh_which_stops_each_local_trainer_once(tmp_path, signum, status):
   """Ctrl-C sends SIGINT to the terminal's whole foreground process group, and the trainers shared launch.sh's: a
