@@ -31,7 +31,8 @@
 # sessions has a time limit (ECHO_GCLOUD_TIMEOUT_S beyond its own work, default 300 s); one that fails stops the
 # launch (exit 2) with what failed and what to check. A session that drops (ssh exit 255; for a re-attach, any failure
 # without the worker's word on its trainer) is re-attached to the worker's log from the first byte not received: its
-# trainer runs on detached. The waits before re-attaching double (ECHO_REATTACH_WAIT_S, default 10 s, at first); after
+# trainer runs on detached. (gcloud runs a command again when ssh exits 255: the worker refuses a session's second
+# run, see claim_session, and launch.sh re-attaches.) The waits before re-attaching double (ECHO_REATTACH_WAIT_S, default 10 s, at first); after
 # MAX_REATTACH drops in a row (a session that held ECHO_REATTACH_STEADY_S, default 300 s, ends a row) launch.sh stops
 # following the run, leaves every trainer running, says how to follow and stop them, and exits 69.
 # The workdir must be storage every host shares (gs:// on a pod). launch.sh reads train_pretrain.py's flagfiles
@@ -73,6 +74,8 @@ readonly SETUP_TIMEOUT_S=${ECHO_SETUP_TIMEOUT_S:-1800}
 readonly TRAINER_EXITED="launch.sh: the trainer exited with status"
 # What a worker's session says instead when the trainer ended and left no exit status.
 readonly TRAINER_GONE="launch.sh: the trainer ended without an exit status"
+# A worker's exit status for a session whose command gcloud ran again there (claim_session): launch.sh re-attaches.
+readonly EXIT_RERUN=79
 readonly IMPORTS_CHECK="import echo_jax.train.entry, echo_jax.dashboard, echo_jax.synthesis, echo_jax.codecs.mel, \
 gcsfs, huggingface_hub.cli.hf"
 # This checkout (on a worker: its copy of the code).
@@ -220,10 +223,32 @@ worker_run() {
 }
 
 # Exits with the trainer's status STATUS, saying so first: ssh's own exit status for a dropped session is 255, so
-# launch.sh looks for this line to tell a trainer that exited 255 from a session to re-attach.
+# launch.sh looks for this line to tell a trainer that exited 255 from a session to re-attach, and takes the
+# trainer's status from it (trainer_status). A 255 leaves as 1: gcloud takes a command's 255 for ssh's and runs the
+# command again (claim_session).
 exit_as_trainer() {
   echo "$TRAINER_EXITED $1"
-  exit "$1"
+  exit $(($1 == 255 ? 1 : $1))
+}
+
+# Runs on a TPU worker first in each session that launch.sh starts there (named by ECHO_SESSION, LAUNCH/SESSION):
+# exits EXIT_RERUN, saying why, when this session's command already ran here. gcloud's tpu-vm ssh runs the command
+# again, within the same call, when ssh exits 255 (up to 10 times, 5 s apart: AttemptRunWithRetries in its
+# command_lib/compute/tpus/tpu_vm/ssh.py), the new run's output after the first's on the same stream. So a dropped
+# session's --worker-run ran again: it stopped its own trainer as a stale one (the run stopped there), moved the log
+# aside and started a trainer alone; and a dropped --worker-attach sent again from the same byte, while launch.sh
+# counted both runs' bytes as the log's position (RECEIVED), re-attaching past bytes it never got. launch.sh
+# re-attaches instead, from the first byte it did not receive.
+claim_session() {
+  [[ -n ${ECHO_SESSION:-} ]] || return 0
+  local sessions=$HOME/echo_jax_logs/sessions
+  # Only the latest launch's sessions can be run again: the marks of earlier launches go.
+  [[ -d $sessions/${ECHO_SESSION%%/*} ]] || rm -rf "$sessions"
+  mkdir -p "$sessions/${ECHO_SESSION%%/*}"
+  mkdir "$sessions/$ECHO_SESSION" 2> /dev/null && return 0
+  echo "launch.sh: $(hostname): gcloud ran this session's command again after its connection dropped; not" \
+    "running it twice (launch.sh re-attaches instead)" >&2
+  exit "$EXIT_RERUN"
 }
 
 # Runs on a TPU worker (launch.sh --setup calls itself there, with the copied code's tree_digest as $2): makes
@@ -382,6 +407,7 @@ reap_hosts() {
         schedule_reattach "$i" "$status"
         continue
       fi
+      status=$(trainer_status "$i" "$status")
     fi
     finished[$i]=1
     running=$((running - 1))
@@ -390,13 +416,22 @@ reap_hosts() {
 }
 
 # session_cut_off WORKER STATUS: whether the session to WORKER ended with STATUS but without the worker's word on its
-# trainer (TRAINER_EXITED or TRAINER_GONE), which a trainer's own 255 comes with: ssh exits 255 when the connection
-# drops (or keepalives go unanswered), and a re-attach also fails with gcloud's own 1 while the TPU's API is out of
-# reach. A first session's other failures are the worker's (a refused copy or workdir).
+# trainer (TRAINER_EXITED or TRAINER_GONE): ssh exits 255 when the connection drops (or keepalives go unanswered),
+# gcloud then runs the command again, which the worker answers with EXIT_RERUN (claim_session), and a re-attach also
+# fails with gcloud's own 1 while the TPU's API is out of reach. A first session's other failures are the worker's (a
+# refused copy or workdir).
 session_cut_off() {
   (($2 != 0)) || return 1
-  (($2 == 255)) || [[ -n ${reattach_count[$1]:-} ]] || return 1
+  (($2 == 255 || $2 == EXIT_RERUN)) || [[ -n ${reattach_count[$1]:-} ]] || return 1
   ! tail -n 3 "${LOGS[$1]}" 2>/dev/null | grep -q -e "^$TRAINER_EXITED [0-9]*\$" -e "^$TRAINER_GONE"
+}
+
+# trainer_status WORKER STATUS: the exit status of WORKER's trainer, which its session's last line gives
+# (exit_as_trainer), else the session's STATUS.
+trainer_status() {
+  local said
+  said=$(tail -n 3 "${LOGS[$1]}" 2>/dev/null | sed -n "s/^$TRAINER_EXITED \([0-9]*\)\$/\1/p" | tail -n 1)
+  echo "${said:-$2}"
 }
 
 # schedule_reattach WORKER STATUS: sets when WORKER's session is started again (see MAX_REATTACH), or gives the
@@ -622,17 +657,21 @@ pod_workdir_problem() {
 # worker_session WORKER REMOTE_ARGS [SECONDS]: starts the ssh session that runs `launch.sh REMOTE_ARGS` on the
 # worker, in the background, its output appended to LOGS[WORKER] here, killed after SECONDS (default: no limit); its
 # pid becomes PIDS[WORKER], and the time it started SESSION_START[WORKER]. Its stdout is the worker's log as the
-# worker's tail sends it (the worker's own messages go to stderr): its bytes are counted into
-# SESSIONS_DIR/received_WORKER, so that a re-attach goes on from the first byte not received. Keepalives: a worker
-# that stops answering ends the session (exit 255) instead of leaving the launch waiting on it forever. The worker
-# gets this launch's ECHO_STOP_GRACE_S (ssh passes no environment).
+# worker's tail sends it (the worker's own messages go to stderr; the bytes are counted, whatever characters they
+# make, as `tail -c` counts them there): its bytes are counted into SESSIONS_DIR/received_WORKER, so that a re-attach
+# goes on from the first byte not received. That holds while the stream is one run of the command, which each
+# session's name (ECHO_SESSION, see claim_session) makes sure of. Keepalives: a worker that stops answering ends the
+# session (exit 255) instead of leaving the launch waiting on it forever. The worker gets this launch's
+# ECHO_STOP_GRACE_S (ssh passes no environment).
 worker_session() {
   local worker=$1 remote_args=$2 seconds=${3:-0}
+  SESSION_COUNT=$((SESSION_COUNT + 1))
+  local session=$LAUNCH_ID/$worker.$SESSION_COUNT
   # shellcheck disable=SC2094  # both append to the log; nothing in the pipeline reads it
   {
     gcloud_tpu "$seconds" ssh "$TPU" --worker="$worker" --ssh-flag=-oServerAliveInterval=15 \
       --ssh-flag=-oServerAliveCountMax=8 \
-      --command="ECHO_STOP_GRACE_S=$STOP_GRACE_S bash ~/$REMOTE_DIR/launch.sh $remote_args" 2>> "${LOGS[$worker]}" |
+      --command="ECHO_STOP_GRACE_S=$STOP_GRACE_S ECHO_SESSION=$session bash ~/$REMOTE_DIR/launch.sh $remote_args" 2>> "${LOGS[$worker]}" |
       tee -a "${LOGS[$worker]}" | wc -c > "$SESSIONS_DIR/received_$worker" || exit "${PIPESTATUS[0]}"
   } &
   PIDS[worker]=$!
@@ -857,9 +896,10 @@ main() {
         local worker=${2:?} copy_id=${3:?}
         shift 3
         [[ ${1:-} == -- ]] && shift
+        claim_session
         worker_run "$worker" "$copy_id" "$@" ;;
-      --worker-attach) worker_attach "${2:?}" "${3:?}" ;;
-      --worker-setup) worker_setup "${2:?}" "${3:?}" ;;
+      --worker-attach) claim_session; worker_attach "${2:?}" "${3:?}" ;;
+      --worker-setup) claim_session; worker_setup "${2:?}" "${3:?}" ;;
       --) shift; break ;;
       -h|--help) usage ;;
       *) die "unknown argument $1 (arguments for train_pretrain.py go after --)" ;;
@@ -895,6 +935,9 @@ main() {
   mkdir -p "$LOGDIR"
   LOGDIR=$(cd "$LOGDIR" && pwd)
   if [[ $mode == tpu ]]; then
+    # Names this launch's sessions on the workers (claim_session): the time, and this shell's pid.
+    LAUNCH_ID=$(date +%Y%m%dT%H%M%S)-$$
+    SESSION_COUNT=0
     SESSIONS_DIR=$(mktemp -d)
     trap 'rm -rf "$SESSIONS_DIR"' EXIT
   fi

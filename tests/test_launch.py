@@ -4,6 +4,7 @@ fast when a host fails, and `--local 2` training the tiny config end to end."""
 import json
 import os
 import pathlib
+import re
 import shlex
 import signal
 import subprocess
@@ -59,34 +60,40 @@ FAKE_GCLOUD = textwrap.dedent("""\
     fi
     workers=$worker
     [[ $worker == all ]] && workers="0 1"
-    status=0
-    for w in $workers; do
+    # attempt W: this call on worker W; returns its status.
+    attempt() {
+      local w=$1
       home="$FAKE_ROOT/worker_$w"
       mkdir -p "$home"
       # FAKE_DROP_WORKER: that worker's first FAKE_DROPS (default 1) trainer sessions (its start, then re-attaches)
       # drop while its command runs on: what the command writes reaches launch.sh for FAKE_DROP_AFTER seconds
-      # (default 1), then nothing more for FAKE_DEAD_S seconds (default 0: ssh's keepalives notice a dead connection
-      # late), then ssh exits 255. Before those, FAKE_UNREACHABLE re-attaches to it fail at once, as they do while the
-      # network is down, with FAKE_UNREACHABLE_STATUS: 255 (default) as ssh's, 1 as gcloud's own failure to reach the
-      # TPU's API. Each drop is counted in FAKE_ROOT/drops.
+      # (default 1; or its first FAKE_DROP_BYTES bytes, which may end inside a line or a character), then nothing more
+      # for FAKE_DEAD_S seconds (default 0: ssh's keepalives notice a dead connection late), then ssh exits 255.
+      # Before those, FAKE_UNREACHABLE re-attaches to it fail at once, as they do while the network is down, with
+      # FAKE_UNREACHABLE_STATUS: 255 (default) as ssh's, 1 as gcloud's own failure to reach the TPU's API. Each drop is
+      # counted in FAKE_ROOT/drops.
       if [[ $w == "${FAKE_DROP_WORKER:-}" && ($command == *--worker-run* || $command == *--worker-attach*) ]]; then
         touch "$FAKE_ROOT/drops" "$FAKE_ROOT/unreachable"
         if [[ $command == *--worker-attach* && $(wc -l < "$FAKE_ROOT/unreachable") -lt ${FAKE_UNREACHABLE:-0} ]]
         then
           echo >> "$FAKE_ROOT/unreachable"
           echo "ERROR: worker $w: Network is unreachable" >&2
-          exit "${FAKE_UNREACHABLE_STATUS:-255}"
+          return "${FAKE_UNREACHABLE_STATUS:-255}"
         fi
         if [[ $(wc -l < "$FAKE_ROOT/drops") -lt ${FAKE_DROPS:-1} ]]; then
           echo >> "$FAKE_ROOT/drops"
           received=$(mktemp "$FAKE_ROOT/session.XXXXXX")
           (cd "$home" && HOME="$home" FAKE_WORKER=$w env -u ECHO_STOP_GRACE_S -u ECHO_FAILED_STOP_GRACE_S \
             setsid bash -c "$command" &) > "$received"
-          tail -f "$received" &
-          sleep "${FAKE_DROP_AFTER:-1}"
-          kill $!
+          if [[ -n ${FAKE_DROP_BYTES:-} ]]; then
+            tail -c +1 -f "$received" | head -c "$FAKE_DROP_BYTES" || true
+          else
+            tail -f "$received" &
+            sleep "${FAKE_DROP_AFTER:-1}"
+            kill $!
+          fi
           sleep "${FAKE_DEAD_S:-0}"
-          exit 255
+          return 255
         fi
       fi
       if [[ $verb == scp ]]; then
@@ -96,8 +103,24 @@ FAKE_GCLOUD = textwrap.dedent("""\
       else
         # As over ssh, the worker's command does not see launch.sh's own settings.
         (cd "$home" && HOME="$home" FAKE_WORKER=$w env -u ECHO_STOP_GRACE_S -u ECHO_FAILED_STOP_GRACE_S \
-          bash -c "$command") || status=$?
+          bash -c "$command") || return $?
       fi
+      return 0
+    }
+    status=0
+    for w in $workers; do
+      # FAKE_SSH_ATTEMPTS: an ssh call to one worker whose ssh exits 255 is made again, up to that many times in all
+      # (default 1), its output after the first's, as gcloud's tpu-vm ssh does (10 attempts, 5 s apart).
+      for ((attempts = 1; ; attempts++)); do
+        worker_status=0
+        attempt "$w" || worker_status=$?
+        [[ $verb == ssh && $worker != all && $worker_status == 255 ]] || break
+        ((attempts < ${FAKE_SSH_ATTEMPTS:-1})) || break
+        echo "Retrying: SSH command error: [/usr/bin/ssh] exited with return code [255]." >&2
+        echo "SSH: Attempting to connect to worker $w..." >&2
+        sleep 0.2
+      done
+      ((worker_status == 0)) || status=$worker_status
     done
     exit $status
 """)
@@ -105,9 +128,9 @@ FAKE_GCLOUD = textwrap.dedent("""\
 # Stands in for python3 on the workers: records its arguments and pid, says which process it is (worker 1 hosts
 # process 0, as the real pod may have it), fails on FAKE_FAIL_WORKER once every other worker's trainer is running
 # (so that the test sees them stopped) and it has written a line every 0.1 s for FAKE_FAIL_AFTER seconds, and
-# otherwise runs FAKE_SECONDS. Like the real trainer, a SIGTERM makes it save (half a second), say at which step of
-# train.steps it stopped, and exit 0; with FAKE_IGNORE_TERM=1 it ignores SIGTERM, as a trainer stuck in a collective
-# never reaches the step where it would stop.
+# otherwise runs FAKE_SECONDS (writing "line I FAKE_TICK" every 0.1 s when FAKE_TICK is set). Like the real trainer, a
+# SIGTERM makes it save (half a second), say at which step of train.steps it stopped, and exit 0; with
+# FAKE_IGNORE_TERM=1 it ignores SIGTERM, as a trainer stuck in a collective never reaches the step where it would stop.
 FAKE_PYTHON = textwrap.dedent("""\
     #!/usr/bin/env bash
     stop() {
@@ -120,6 +143,7 @@ FAKE_PYTHON = textwrap.dedent("""\
     if [[ ${FAKE_IGNORE_TERM:-} == 1 ]]; then trap '' TERM; else trap stop TERM; fi
     printf '%s\\n' "$@" > "$HOME/trainer_args"
     echo $$ > "$HOME/trainer_pid"
+    echo $$ >> "$HOME/trainer_starts"
     echo "process_index=$((1 - FAKE_WORKER)) process_count=2"
     if [[ $FAKE_WORKER == "${FAKE_FAIL_WORKER:-}" ]]; then
       for other in "$FAKE_ROOT"/worker_*; do
@@ -129,7 +153,10 @@ FAKE_PYTHON = textwrap.dedent("""\
       echo "Traceback: boom on worker $FAKE_WORKER"
       exit "${FAKE_FAIL_STATUS:-3}"
     fi
-    for ((i = 0; i < ${FAKE_SECONDS:-0} * 10; i++)); do sleep 0.1; done
+    for ((i = 0; i < ${FAKE_SECONDS:-0} * 10; i++)); do
+      [[ -z ${FAKE_TICK:-} ]] || echo "line $i $FAKE_TICK"
+      sleep 0.1
+    done
     echo "trained"
 """)
 
@@ -385,6 +412,36 @@ def test_a_reattach_goes_on_from_the_first_byte_not_received(fake_pod):
   assert [line for line in remote if line.startswith("tick")] == [f"tick {i}" for i in range(20)]
 
 
+@pytest.mark.parametrize("attempts", [1, 10])
+def test_a_session_cut_inside_a_character_is_reattached_from_the_next_byte(fake_pod, attempts):
+  """Worker 1's session drops inside a line, inside a character of several bytes: the re-attach goes on from the next
+  byte (the bytes are counted, not the characters or lines), and the log here holds the worker's, byte for byte, with
+  only the messages on stderr between. With `attempts` 10, gcloud runs the dropped session's command again, as its
+  tpu-vm ssh does when ssh exits 255, its output after the first run's: that second --worker-run stopped its own
+  trainer as a stale one and started another, and launch.sh counted both runs' bytes as the log's position. The
+  worker now refuses to run a session's command twice, and launch.sh re-attaches itself."""
+  tmp_path, env = fake_pod
+  tick = "é€😀"
+  prefix = b"launch.sh: worker python: python3\nprocess_index=0 process_count=2\n"
+  line = [f"line {i} {tick}\n".encode() for i in range(3)]
+  cut = len(prefix) + len(line[0]) + len(line[1]) + len(b"line 2 ") + 1  # inside the é of line 2
+  env.update(FAKE_DROP_WORKER="1", FAKE_DROP_BYTES=str(cut), FAKE_TICK=tick, FAKE_SECONDS="4",
+             FAKE_SSH_ATTEMPTS=str(attempts), ECHO_REATTACH_WAIT_S="1")
+  result = launch_tpu(tmp_path, env, timeout=60)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "lost the ssh session to worker 1" in result.stderr
+  remote = (tmp_path / "worker_1" / "echo_jax_logs" / "worker_1.log").read_bytes()
+  with pytest.raises(UnicodeDecodeError):
+    remote[:cut].decode()
+  assert remote.startswith(prefix + line[0] + line[1] + line[2])
+  assert [int(p) for p in (tmp_path / "worker_1" / "trainer_starts").read_text().split()] == [
+      int((tmp_path / "worker_1" / "trainer_pid").read_text())]
+  here = (tmp_path / "logs" / "worker_1.log").read_bytes()
+  stderr = rb"Retrying: SSH command error: [^\n]*\n|SSH: Attempting to connect to worker 1\.\.\.\n|" \
+           rb"launch\.sh: [^\n]*: gcloud ran this session's command again [^\n]*\n"
+  assert re.sub(stderr, b"", here) == remote + b"launch.sh: the trainer exited with status 0\n", here
+
+
 def test_short_drops_far_apart_do_not_use_up_the_reattaches(fake_pod):
   """Six drops, each after a session that held longer than ECHO_REATTACH_STEADY_S: the budget of 5 re-attaches is
   for drops in a row, not for the run (a few short drops made launch.sh stop a healthy pod run, found by review)."""
@@ -557,14 +614,18 @@ def test_a_failing_worker_fails_the_launch_fast_with_its_log_tail(fake_pod, bloc
   assert sum(1 for call in recorded_calls(tmp_path) if any("pkill" in a for a in call)) == 2
 
 
-def test_a_trainer_that_exits_255_is_a_failure_not_a_dropped_session(fake_pod):
+@pytest.mark.parametrize("attempts", [1, 10])
+def test_a_trainer_that_exits_255_is_a_failure_not_a_dropped_session(fake_pod, attempts):
   """ssh's own status for a dropped session is 255, which launch.sh answers by re-attaching (5 times); a trainer that
-  exits 255 itself says so on the session's last line and fails the launch at once."""
+  exits 255 itself says so on the session's last line and fails the launch at once. gcloud (`attempts` 10) takes a
+  command's 255 for ssh's and runs the command again: the trainer was started again, 10 times. The session now ends
+  with 1 after saying 255, which launch.sh reports."""
   tmp_path, env = fake_pod
-  env.update(FAKE_FAIL_WORKER="1", FAKE_FAIL_STATUS="255", FAKE_SECONDS="60")
+  env.update(FAKE_FAIL_WORKER="1", FAKE_FAIL_STATUS="255", FAKE_SECONDS="60", FAKE_SSH_ATTEMPTS=str(attempts))
   result = launch_tpu(tmp_path, env, timeout=60)
   assert result.returncode == 1, result.stdout + result.stderr
   assert "worker 1 failed (exit 255)" in result.stderr and "re-attaching" not in result.stderr
+  assert len((tmp_path / "worker_1" / "trainer_starts").read_text().split()) == 1
 
 
 def test_a_host_failing_moments_after_another_is_shown_after_it(tmp_path):
