@@ -525,6 +525,17 @@ def test_a_gs_lease_write_whose_answer_was_lost_is_found_to_be_this_trainers(buc
   assert lease(bucket) is None
 
 
+def train_on_gs(tmp_path, script, config):
+  """Runs `script`, a trainer of `config` into gs://bucket/run, in a process of its own against the GCS stand-in
+  over tmp_path/gcs; returns its result and where the stand-in keeps the run directory."""
+  root = tmp_path / "gcs"
+  (root / "bucket").mkdir(parents=True)
+  with fake_gcs.serve(str(root)) as gcs:
+    result = subprocess.run([sys.executable, "-c", script, config.to_json()], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env=fake_gcs.subprocess_env(gcs.url))
+  return result, root / "bucket" / "run"
+
+
 # A trainer on gs:// killed (SIGKILL) as soon as its save of step 2 is written, its run log synced only every hour.
 KILLED_AFTER_SAVE = textwrap.dedent("""\
     import json, os, signal, sys
@@ -550,14 +561,9 @@ def test_a_trainer_killed_right_after_a_save_on_gs_has_logged_every_step_up_to_i
   lines wait for their periodic append: a trainer killed once its save was written (a preemption's grace running
   out) lost them for good (the sync asked for at `checkpoint_saved` came too late). They are appended before each
   save now, the save's own step included."""
-  root = tmp_path / "gcs"
-  (root / "bucket").mkdir(parents=True)
   tiny_config.train.update(steps=6, ckpt_every=2, eval_every=0, log_every=1)
-  with fake_gcs.serve(str(root)) as gcs:
-    result = subprocess.run([sys.executable, "-c", KILLED_AFTER_SAVE, tiny_config.to_json()], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300, env=fake_gcs.subprocess_env(gcs.url))
+  result, run = train_on_gs(tmp_path, KILLED_AFTER_SAVE, tiny_config)
   assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
-  run = root / "bucket" / "run"
   assert (run / "checkpoints" / "2" / "commit_success.txt").exists()
   assert sorted(losses_by_step(run)) == [1, 2]
   assert [e["event"] for e in events(run)] == ["start"]
@@ -585,17 +591,12 @@ def test_a_trainer_whose_gs_lease_was_taken_over_stops_before_its_next_save(tiny
   """Both would otherwise save into one checkpoints/ directory (a trainer that could not renew its lease for
   LEASE_EXPIRES_S, e.g. cut off from the store, and a relaunch elsewhere that took the run over). It stops at its
   next log step: it went on training and writing into the other's run log until its next save (found by review)."""
-  root = tmp_path / "gcs"
-  (root / "bucket").mkdir(parents=True)
   tiny_config.train.update(steps=12, ckpt_every=4, eval_every=0, log_every=1)
-  with fake_gcs.serve(str(root)) as gcs:
-    result = subprocess.run([sys.executable, "-c", TAKEN_OVER, tiny_config.to_json()], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300, env=fake_gcs.subprocess_env(gcs.url))
+  result, run = train_on_gs(tmp_path, TAKEN_OVER, tiny_config)
   assert result.returncode == 1
   assert ("RunDirectoryInUseError: another trainer took over the run directory gs://bucket/run (pid "
           in result.stderr), result.stderr[-3000:]
   assert "this trainer stopped without saving; the other one goes on" in result.stderr
-  run = root / "bucket" / "run"
   assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["4"]  # not 8
   assert json.loads((run / storage.LEASE_FILE).read_text())["id"] == "another launch"
   # No error in the other's run log, and no step after the one it learnt of the take-over at.
