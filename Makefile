@@ -35,8 +35,8 @@ browser:
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
-# Two workers, each test module whole on one (its module fixtures are made once, and launch.sh's fake pods of one
-# module never stop another's trainers): a serial run kept the 2 CPU cores about 40% busy, waiting on subprocesses,
+# Two workers, each test module whole on one (its module fixtures are made once, and the fake pods of test_launch.py
+# run one at a time: each one's stop matches every fake pod's trainers on the machine): a serial run kept the 2 CPU cores about 36% busy, waiting on subprocesses,
 # timeouts and slow links. The 25 slowest tests are listed at the end.
 test: venv browser
 	$(PY) -m pytest -q -n 2 --dist loadscope --durations=25
