@@ -20,7 +20,6 @@ import os
 import posixpath
 import re
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -30,7 +29,7 @@ import fsspec
 from absl import logging
 from etils import epath
 
-from echo_jax.data.cache import describe, is_local
+from echo_jax.data.cache import describe, is_gcs, is_local
 from echo_jax.errors import UserError
 
 GCS_CLIENT_SWITCH = "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"
@@ -406,7 +405,7 @@ def _read_lease(path: str) -> tuple[dict | None, str | None]:
   """(the lease record at `path`, None when there is none or it is unreadable (taken over then); the generation of
   its object, for `_replace_lease`: "0" where there is none, None where the store gives no generation)."""
   fs, target = _asked_now(path)
-  gcs = _is_gcs(fs)
+  gcs = is_gcs(fs)
   try:
     # The generation before the bytes: a lease written between the two then fails the replacement conditioned on it,
     # instead of being replaced on the word of the bytes before it.
@@ -452,13 +451,6 @@ def _delete_lease(path: str, generation: str | None) -> None:
   fs, target = fsspec.core.url_to_fs(path)
   bucket, key, _ = fs.split_path(target)
   fs.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=generation, json_out=False)
-
-
-def _is_gcs(fs: fsspec.AbstractFileSystem) -> bool:
-  """Whether `fs` is gcsfs's, whose objects have generations that a write can be conditioned on (`_replace_lease`);
-  gcsfs is imported already where it is, and is not imported for another filesystem."""
-  core = sys.modules.get("gcsfs.core")
-  return core is not None and isinstance(fs, core.GCSFileSystem)
 
 
 def _lease_is_live(holder: dict) -> bool:

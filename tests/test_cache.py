@@ -24,6 +24,7 @@ from conftest import REPO, wait_for, write_synthetic_shards
 from fsspec.spec import AbstractFileSystem
 
 from echo_jax import aot, watchdog
+from echo_jax.background import InBackground
 from echo_jax.data import cache as cache_module
 from echo_jax.data import shards as shards_module
 from echo_jax.data.cache import CacheWriteError, ShardCache, is_local
@@ -620,6 +621,18 @@ def test_a_launch_deletes_the_caches_of_its_run_that_it_does_not_use_and_none_in
   held.close()
 
 
+def test_a_cache_dir_spelled_with_a_trailing_slash_keeps_the_caches_in_use(tiny_config, tmp_path):
+  """The caches in use were told from those found by their paths as strings: with data.cache_dir="…/cache//" the
+  process's own were spelled otherwise and deleted as unused (found by review)."""
+  tiny_config.data.cache_dir = f"{tmp_path}/cache//"
+  trainer = Trainer(tiny_config, str(tmp_path / "run"))
+  own = pathlib.Path(trainer._cache_dir("train"), "stream_0")
+  own.mkdir(parents=True)
+  (own / "train-00007.tar").write_bytes(b"fetched ahead by an earlier launch")
+  trainer._remove_unused_caches("train", [0])
+  assert cache_files(own) == ["train-00007.tar"]
+
+
 HOLD_A_CACHE = """
 import sys
 import fsspec
@@ -833,6 +846,70 @@ def test_a_shard_fetched_ahead_is_retried_before_the_reader_reaches_it(tmp_path,
   assert f"download 1 of 3 of shard {urls[1]} failed (OSError: the download ended after" in caplog.text
   assert pathlib.Path(cache.fetch(urls[1])).read_bytes() == StallingFileSystem.FILES["train-00001.tar"]
   cache.close()
+
+
+def test_a_cache_directory_that_cannot_be_made_is_an_error_naming_it_not_a_spin(tmp_path):
+  """data.cache_dir under a link to a disk that is not mounted: the claim of the directory retried its making for
+  ever, at full CPU, and no close could stop it (found by review). A few tries, then the cache's own error."""
+  (tmp_path / "disk").symlink_to(tmp_path / "not-mounted")
+  StallingFileSystem.FILES["a.tar"] = b"shard bytes"
+  cache = ShardCache(str(tmp_path / "disk" / "train-0123456789ab-process_0" / "stream_0"))
+  started = time.monotonic()
+  with pytest.raises(CacheWriteError, match=r"cannot make the shard cache .*/disk/train-0123456789ab-process_0/"
+                                            r"stream_0 \(FileNotFoundError: .* check data.cache_dir"):
+    cache.fetch("stalling://a.tar")
+  assert time.monotonic() - started < 5
+
+
+def test_a_retry_that_cannot_start_gives_the_shard_up_instead_of_waiting_for_ever(tmp_path, monkeypatch):
+  """A failed attempt's retry waits on a timer's thread; when that thread could not start (no thread to be had,
+  e.g. with many attempts stalled in network reads), the download waited for a retry that never came, and its reader
+  with it, for ever (found by review). The shard is given up, naming why."""
+  StallingFileSystem.FILES["a.tar"] = b"shard bytes"
+  StallingFileSystem.UNAVAILABLE.add("a.tar")
+
+  def cannot_start(timer):
+    raise RuntimeError("can't start new thread")
+
+  monkeypatch.setattr(threading.Timer, "start", cannot_start)
+  cache = ShardCache(str(tmp_path / "cache"), stall_timeout=0.4, retries=3, retry_wait=0.05)
+  reader = InBackground("reader", lambda: cache.fetch("stalling://a.tar"), daemon=True)
+  assert reader.result(timeout=10) is None
+  assert cache.failures["stalling://a.tar"].endswith("its retry could not start (RuntimeError: can't start new thread)")
+  cache.close()
+
+
+def test_a_stall_found_as_the_attempt_completes_does_not_fail_it(tmp_path, monkeypatch):
+  """The reader's stall check decided under the download's lock, then failed the attempt after leaving it: an
+  attempt that completed in between was failed all the same: on its last try the complete shard was given up (and
+  left in the cache for good), with tries left it was downloaded again after it had been read (found by review; the
+  interleaving is forced here: the check of the file's version after its last byte is slower than the stall
+  timeout, and the failure of the stall waits until the attempt is done)."""
+  StallingFileSystem.FILES["a.tar"] = data = np.random.default_rng(0).bytes(3 << 20)
+  real_version, real_failed, versions = cache_module._file_version, cache_module._Download._failed, []
+
+  def slow_second_version(info):  # each attempt asks it as it opens the file and after its last byte
+    versions.append(1)
+    if len(versions) % 2 == 0:
+      time.sleep(1.0)
+    return real_version(info)
+
+  def failed_once_done(download, attempt_id, error, cause):
+    if error is None:  # a stall found by the reader
+      download.done.wait(5)
+    real_failed(download, attempt_id, error, cause)
+
+  monkeypatch.setattr(cache_module, "_file_version", slow_second_version)
+  monkeypatch.setattr(cache_module._Download, "_failed", failed_once_done)
+  for retries in (1, 3):
+    StallingFileSystem.OPENS.clear()
+    cache = ShardCache(str(tmp_path / f"cache_{retries}"), stall_timeout=0.5, retries=retries, retry_wait=0.05)
+    path = cache.fetch("stalling://a.tar")
+    assert path is not None and pathlib.Path(path).read_bytes() == data and cache.failures == {}
+    cache.release("stalling://a.tar")
+    time.sleep(0.5)  # a retry, had one been started, would download it again now
+    cache.close()
+    assert len(StallingFileSystem.OPENS["a.tar"]) == 1 and cache_files(cache.directory) == []
 
 
 def test_a_download_that_ends_early_is_retried_not_presented_as_complete(tmp_path):

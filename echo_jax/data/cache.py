@@ -59,6 +59,9 @@ CONSUMED_SUFFIX = ".consumed"
 _VERSION_FIELDS = ("generation", "ETag", "etag", "md5Hash", "blob_id", "mtime", "LastModified", "created")
 # An hf:// URL at a commit (as `shards.list_shards` names them): the Hub's files at a commit never change.
 _HUB_AT_COMMIT = re.compile(r"^hf://(?:(?:datasets|spaces)/)?[^/@]+/[^/@]+@[0-9a-f]{40}/")
+# Tries at making a cache's directory and locking it, each failed by a removal (`remove_unclaimed`) of it or its
+# parent in between; a directory that cannot be made at all fails them all at once.
+CLAIM_TRIES = 10
 # The wait before a shard's n-th retry is about retry_wait * 2**(n-1) seconds, at most this.
 MAX_RETRY_WAIT_S = 60.0
 
@@ -184,6 +187,23 @@ def _cache_writes() -> Iterator[None]:
     raise CacheWriteError(f"cannot write the shard cache: {describe(error)}") from error
 
 
+def is_gcs(fs: fsspec.AbstractFileSystem) -> bool:
+  """Whether `fs` is gcsfs's, whose objects have generations; gcsfs is imported already where it is, and is not
+  imported for another filesystem."""
+  core = sys.modules.get("gcsfs.core")
+  return core is not None and isinstance(fs, core.GCSFileSystem)
+
+
+def _info_now(fs: fsspec.AbstractFileSystem, path: str) -> dict:
+  """fsspec's `info()` of the file `path`, asked of the store now, past the listings the filesystem keeps. gcsfs's
+  `info`, its listing forgotten, asks for the object and lists its directory at once: its own object request alone
+  is asked for instead (one request, not two)."""
+  fs.invalidate_cache(path)
+  if is_gcs(fs):
+    return fsspec.asyn.sync(fs.loop, fs._get_object, path)  # private: gcsfs 2026.7.0, pinned in constraints.txt
+  return fs.info(path)
+
+
 def _file_version(info: dict) -> tuple:
   """The version of a file, from its fsspec `info()`: its size and the first of _VERSION_FIELDS that it has."""
   field = next((name for name in _VERSION_FIELDS if info.get(name) is not None), None)
@@ -272,7 +292,8 @@ class _Download:
     """Attempt `attempt_id` failed with `error` (None: it stalled), described by `cause`: it is abandoned, and the
     download retried after its wait or given up."""
     with self._lock:
-      if not self._current(attempt_id):
+      # A stall found (`check_stall`) just before the attempt ended, complete: nothing failed.
+      if not self._current(attempt_id) or self.done.is_set():
         return
       target = self._abandon()
       self.error = error
@@ -284,9 +305,15 @@ class _Download:
         wait = retry_wait_s(self.attempts, self.retry_wait, error)
         logging.warning("download %d of %d of shard %s failed (%s); retrying in %.1f s", self.attempts, self.retries,
                         self.url, cause, wait)
-        self._retry = threading.Timer(wait, self._start_retry, args=(self._attempt_id,))
-        self._retry.daemon = True
-        self._retry.start()
+        retry = threading.Timer(wait, self._start_retry, args=(self._attempt_id,))
+        retry.daemon = True
+        try:
+          retry.start()
+        except RuntimeError as failure:  # no thread to be had: given up, or the reader would wait for it for ever
+          self.cause = f"{cause}; its retry could not start ({describe(failure)})"
+          self.done.set()
+        else:
+          self._retry = retry
     _close(target)
 
   def _start_retry(self, attempt_id: int) -> None:
@@ -357,9 +384,8 @@ class _Download:
             target.close()
         if isinstance(expected, int) and written != expected:
           raise OSError(f"the download ended after {written} of its {expected} bytes")
-      if checks_version:
-        fs.invalidate_cache(path)
-        now = _file_version(fs.info(path))
+      if version is not None:
+        now = _file_version(_info_now(fs, path))
         if now != version:  # replaced during this attempt: its bytes may be of two versions
           with self._lock:
             if self._current(attempt_id):
@@ -370,7 +396,8 @@ class _Download:
       with self._lock:
         if self._current(attempt_id):
           self._target = None
-          os.replace(partial, self.path)
+          with _cache_writes():  # the directory gone (deleted by hand?) is the cache's failure, not the shard's
+            os.replace(partial, self.path)
           self.done.set()
     except Exception as error:  # Any other failure (network, permissions, missing file) is retried or given up.
       self._failed(attempt_id, error, describe(error))
@@ -467,11 +494,13 @@ class ShardCache:
     """Makes the directory and holds a shared lock on it until `close`, so that `remove_unclaimed` in another process
     (a later launch's) leaves it alone; the kernel drops the lock when the process ends, even at a SIGKILL. A removal
     under way (it holds the lock while it deletes) is waited for, and the directory made again."""
-    while True:
+    missing: OSError | None = None
+    for _ in range(CLAIM_TRIES):
       try:
         os.makedirs(self.directory, exist_ok=True)
         claim = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-      except FileNotFoundError:  # its parent removed meanwhile, once empty (`remove_unclaimed`'s caller): made again
+      except FileNotFoundError as error:  # its parent removed meanwhile, once empty (`remove_unclaimed`'s caller)
+        missing = error
         continue
       try:
         fcntl.flock(claim, fcntl.LOCK_SH)
@@ -483,6 +512,9 @@ class ShardCache:
           self._claim = claim
           return
       os.close(claim)
+    cause = describe(missing) if missing else f"it was removed each of {CLAIM_TRIES} times it was made"
+    raise CacheWriteError(f"cannot make the shard cache {self.directory} ({cause}): check data.cache_dir (a link to "
+                          "a disk that is not mounted?)")
 
   def _sweep(self, keep: Sequence[str]) -> None:
     """Deletes what an earlier launch that was killed (no `close`) left in the directory, except the copies of the

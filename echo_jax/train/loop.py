@@ -204,7 +204,7 @@ class Trainer:
     another host order) and of data streams it no longer reads, whose shards fetched ahead and partial downloads
     stayed on the disk for good. A cache in use by a live process (another of this launch on this host) holds its
     directory and is left alone; one that such a process has yet to claim may be deleted, and is made again."""
-    own = self._cache_dir(role)
+    own = os.path.normpath(self._cache_dir(role))  # spelled as glob spells what it finds (data.cache_dir="a//")
     processes = os.path.join(glob.escape(os.path.dirname(own)), os.path.basename(own).rsplit("_", 1)[0] + "_*")
     used = {os.path.join(own, f"stream_{g}") for g in streams}
     removed = remove_unclaimed(path for path in sorted(glob.glob(os.path.join(processes, "stream_*")))
