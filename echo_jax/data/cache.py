@@ -37,6 +37,8 @@ from typing import BinaryIO
 import fsspec
 from absl import logging
 
+from echo_jax.data import hf_urls
+
 CHUNK_BYTES = 1 << 20
 # The most bytes asked for per request. gcsfs's and huggingface_hub's files read 5 MB ranges by default: some 200
 # requests per GB of shards, per host and stream, and the Hub limits those per account and 5-minute window across
@@ -57,8 +59,6 @@ CONSUMED_SUFFIX = ".consumed"
 # The fields of fsspec's `info()` that tell one version of a file from another: GCS's generation, an ETag (S3, HTTP),
 # an MD5, a Hub file's blob id, a modification or creation time. The first one present is compared, with the size.
 _VERSION_FIELDS = ("generation", "ETag", "etag", "md5Hash", "blob_id", "mtime", "LastModified", "created")
-# An hf:// URL at a commit (as `shards.list_shards` names them): the Hub's files at a commit never change.
-_HUB_AT_COMMIT = re.compile(r"^hf://(?:(?:datasets|spaces)/)?[^/@]+/[^/@]+@[0-9a-f]{40}/")
 # Tries at making a cache's directory and locking it, each failed by a removal (`remove_unclaimed`) of it or its
 # parent in between; a directory that cannot be made at all fails them all at once.
 CLAIM_TRIES = 10
@@ -331,7 +331,7 @@ class _Download:
       # No read-ahead cache ("none"): each read is one request for the bytes it asks, so the loop below sizes them.
       # (Given to `fs.open`: `fsspec.open` hands its keywords to the filesystem's constructor instead.)
       fs, path = fsspec.core.url_to_fs(self.url)
-      checks_version = not _HUB_AT_COMMIT.match(self.url)
+      checks_version = not hf_urls.at_commit(self.url)
       if checks_version:  # gcsfs answers `info` from the listing of the shards (process 0 listed them at launch)
         fs.invalidate_cache(path)
       with fs.open(path, "rb", cache_type="none") as source:

@@ -14,7 +14,6 @@ import functools
 import glob
 import io
 import json
-import re
 import sys
 import tarfile
 import time
@@ -28,6 +27,7 @@ from absl import logging
 
 from echo_jax import storage
 from echo_jax.data.cache import describe, is_local, is_transient, retry_wait_s
+from echo_jax.data.hf_urls import HF_REVISION, HUB_COMMIT
 
 
 @contextlib.contextmanager
@@ -67,11 +67,6 @@ LIST_RETRY_WAIT_S = 1.0
 MIN_REF_FRAMES = 4
 # The block that ends a tar archive.
 _END_BLOCK = bytes(tarfile.BLOCKSIZE)
-# A Hub commit as huggingface_hub writes it: a listing at one is pinned already.
-_HUB_COMMIT = re.compile(r"[0-9a-f]{40}")
-# An hf:// URL's repository (with its type's prefix: datasets/ORG/NAME) and the revision after its "@", a branch, tag
-# or commit, or one of the Hub's refs/pr/N and refs/convert/NAME, which keep their slashes (as in huggingface_hub).
-_HF_REVISION = re.compile(r"^(hf://(?:(?:datasets|spaces)/)?[^/@]+/[^/@]+)@(refs/pr/\d+|refs/convert/\w+|[^/]+)")
 
 
 @dataclasses.dataclass
@@ -174,13 +169,13 @@ def list_shards(spec: str | Sequence[str]) -> list[str]:
 def without_revision(path: str) -> str:
   """`path` without the revision of an hf:// URL (hf://datasets/ORG/NAME@REV/PATH is hf://datasets/ORG/NAME/PATH);
   any other path as it is. What names a shard across launches, which list the same dataset at different commits."""
-  return _HF_REVISION.sub(r"\1", path, count=1)
+  return HF_REVISION.sub(r"\1", path, count=1)
 
 
 def hf_revisions(paths: Sequence[str]) -> list[str]:
   """The repositories with the revision that the hf:// URLs among `paths` name (hf://datasets/ORG/NAME@SHA for a
   `list_shards` listing), sorted."""
-  return sorted({match.group(0) for path in paths if (match := _HF_REVISION.match(path))})
+  return sorted({match.group(0) for path in paths if (match := HF_REVISION.match(path))})
 
 
 def _at_commit(fs: fsspec.AbstractFileSystem, fs_path: str, item: str, spec: str | Sequence[str],
@@ -195,13 +190,13 @@ def _at_commit(fs: fsspec.AbstractFileSystem, fs_path: str, item: str, spec: str
     resolved = fs.resolve_path(fs_path)  # it asks the Hub whether the repository and the revision exist
     key = (resolved.repo_type, resolved.repo_id, resolved.revision)
     if key not in commits:
-      commits[key] = (resolved.revision if _HUB_COMMIT.fullmatch(resolved.revision) else
+      commits[key] = (resolved.revision if HUB_COMMIT.fullmatch(resolved.revision) else
                       HfApi(endpoint=fs.endpoint, token=fs.token).repo_info(
                           resolved.repo_id, repo_type=resolved.repo_type, revision=resolved.revision).sha)
   except (FileNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as error:
     # resolve_path raises a FileNotFoundError that names the path alone, with the Hub's error as its cause.
     cause = error.__cause__ if isinstance(error.__cause__, RepositoryNotFoundError | RevisionNotFoundError) else error
-    named = _HF_REVISION.match(item)
+    named = HF_REVISION.match(item)
     if isinstance(cause, RevisionNotFoundError) and named:
       raise FileNotFoundError(
           f"shard spec item {item!r} (from {spec!r}) names revision {urllib.parse.unquote(named.group(2))!r} of "
