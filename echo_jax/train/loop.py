@@ -204,8 +204,8 @@ class Trainer:
     another host order) and of data streams it no longer reads, whose shards fetched ahead and partial downloads
     stayed on the disk for good. A cache in use by a live process (another of this launch on this host) holds its
     directory and is left alone; one that such a process has yet to claim may be deleted, and is made again."""
-    own = os.path.normpath(self._cache_dir(role))  # spelled as glob spells what it finds (data.cache_dir="a//")
-    processes = os.path.join(glob.escape(os.path.dirname(own)), os.path.basename(own).rsplit("_", 1)[0] + "_*")
+    own = self._cache_dir(role)  # normalised, as glob spells what it finds (data.cache_dir="a//")
+    processes = glob.escape(self._cache_dir(role, process="")) + "*"
     used = {os.path.join(own, f"stream_{g}") for g in streams}
     removed = remove_unclaimed(path for path in sorted(glob.glob(os.path.join(processes, "stream_*")))
                                if path not in used)
@@ -216,13 +216,15 @@ class Trainer:
       logging.info("deleted %d shard caches of this run that earlier launches left and this one does not use: %s",
                    len(removed), ", ".join(removed))
 
-  def _cache_dir(self, role: str) -> str | None:
-    """The shard cache of this run, `role` and process (see `_pipeline`); None when data.cache_dir is not set."""
+  def _cache_dir(self, role: str, process: int | str | None = None) -> str | None:
+    """The shard cache of this run, `role` and process (this one's, or `process`; see `_pipeline`); None when
+    data.cache_dir is not set."""
     if not self.config.data.cache_dir:
       return None
     run = hashlib.sha256(self.workdir.encode("utf-8")).hexdigest()[:12]
-    return os.path.join(os.path.expanduser(self.config.data.cache_dir),
-                        f"{role}-{run}-process_{jax.process_index()}")
+    process = jax.process_index() if process is None else process
+    return os.path.normpath(os.path.join(os.path.expanduser(self.config.data.cache_dir),
+                                         f"{role}-{run}-process_{process}"))
 
   def _pad_latent(self) -> np.ndarray:
     """data.pad_latent, read once: by `_run` before the compile, so that a missing file fails the launch at once."""
