@@ -89,8 +89,8 @@ class JsonlWriter:
       self._size, self._new = storage.size(path), False  # the object's size after this writer's last append
     except FileNotFoundError:
       self._size, self._new = 0, True
-    self._syncing = threading.Thread(target=self._sync_every, args=(sync_seconds or SYNC_SECONDS,), daemon=True,
-                                     name="jsonl_sync")
+    period = SYNC_SECONDS if sync_seconds is None else sync_seconds
+    self._syncing = threading.Thread(target=self._sync_every, args=(period,), daemon=True, name="jsonl_sync")
     self._syncing.start()
 
   def write(self, record: dict[str, Any]) -> None:

@@ -206,6 +206,13 @@ class _JsonApi(stand_in.Handler):
                                                      body[second + len(marker):body.rindex(marker + b"--")]))
     return json.loads(metadata), data
 
+  def _precondition_failed(self, generation_match: str | None, metadata: dict | None) -> bool:
+    """Answers 412 and says so when the request's ifGenerationMatch is not the object's generation ("0": none)."""
+    if generation_match is None or generation_match == (metadata["generation"] if metadata else "0"):
+      return False
+    self.reply(412)
+    return True
+
   def _write(self, bucket: str, name: str, data: bytes, generation_match: str | None, rewrite: bool = False) -> bool:
     """Writes the object and answers with its metadata (for a copy, `rewrite`: in a finished rewrite's answer), or
     answers why not; says whether it wrote."""
@@ -214,8 +221,7 @@ class _JsonApi(stand_in.Handler):
       if (self._refused("storage.objects.create", bucket, name)
           or (metadata and self._refused("storage.objects.delete", bucket, name))):
         return False
-      if generation_match is not None and generation_match != (metadata["generation"] if metadata else "0"):
-        self.reply(412)
+      if self._precondition_failed(generation_match, metadata):
         return False
       os.makedirs(os.path.dirname(path), exist_ok=True)
       partial = os.path.join(self.root, f".upload-{uuid.uuid4().hex}")  # outside every bucket: never listed
@@ -236,9 +242,7 @@ class _JsonApi(stand_in.Handler):
       return
     if self._refused("storage.objects.delete", parts[0], parts[2]):
       return
-    generation_match = query.get("ifGenerationMatch", [None])[0]
-    if generation_match is not None and generation_match != metadata["generation"]:
-      self.reply(412)
+    if self._precondition_failed(query.get("ifGenerationMatch", [None])[0], metadata):
       return
     os.remove(path)
     self.reply(204)
