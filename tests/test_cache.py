@@ -848,6 +848,22 @@ def test_a_shard_fetched_ahead_is_retried_before_the_reader_reaches_it(tmp_path,
   cache.close()
 
 
+def test_a_shard_fetched_ahead_whose_link_stalls_is_retried_before_the_reader_reaches_it(tmp_path):
+  """A stall was noticed only by a reader waiting for its shard: a shard fetched ahead whose link stalled sat there
+  until the reader came to it, which then waited for the whole retry (a data stall of a pod). Each attempt's watch
+  fails it after stall_timeout, whether a reader waits or not, and the retry is complete before the reader asks."""
+  StallingFileSystem.FILES["a.tar"] = b"the shard read now"
+  StallingFileSystem.FILES["b.tar"] = data = np.random.default_rng(0).bytes(1 << 20)
+  StallingFileSystem.STALLS["b.tar"] = 1
+  cache = ShardCache(str(tmp_path / "cache"), prefetch=1, stall_timeout=0.3, retries=3, retry_wait=0.05)
+  cache.fetch("stalling://a.tar", upcoming=["stalling://b.tar"])
+  wait_for(lambda: os.path.exists(cache.local_path("stalling://b.tar")), timeout=10)
+  opens = StallingFileSystem.OPENS["b.tar"]
+  assert len(opens) == 2 and 0.3 <= opens[1] - opens[0] < 3
+  assert pathlib.Path(cache.fetch("stalling://b.tar")).read_bytes() == data
+  cache.close()
+
+
 def test_a_cache_directory_that_cannot_be_made_is_an_error_naming_it_not_a_spin(tmp_path):
   """data.cache_dir under a link to a disk that is not mounted: the claim of the directory retried its making for
   ever, at full CPU, and no close could stop it (found by review). A few tries, then the cache's own error."""

@@ -8,8 +8,8 @@ A remote shard is downloaded to `<name>.partial` and renamed to `<name>` when co
 looks finished. A download that fails, or makes no progress for `stall_timeout` seconds, is abandoned and retried
 after a growing, jittered wait (so that the hosts of a pod do not retry a rate-limited Hub in step), from the bytes
 the attempts before it wrote (unless the file was replaced meanwhile: then from its start); each failed attempt is
-logged with its cause. A failed download is retried whether the reader waits for it or not (a shard fetched ahead
-is retried in the background); a stall is noticed by the reader waiting for the shard. After `retries` failed
+logged with its cause. A failed or stalled download is retried whether the reader waits for it or not (a shard
+fetched ahead is retried in the background). After `retries` failed
 attempts the shard is reported unreadable and the reader goes on without it. A failure to write the cache itself (a
 full or read-only disk) is no fault of the shard: it stops the reader with an error naming the directory. Once read,
 a shard is marked `<name>.consumed` and deleted, so the disk watchdog can also clean up after a crash between the two
@@ -224,14 +224,17 @@ class _Download:
   A failed attempt is retried by the download itself, after its wait (`retry_wait_s`) on a timer's thread, whether a
   reader waits for the shard or not: a shard fetched ahead whose attempt failed early is then most often complete
   when the reader comes to it, where it used to wait for the reader before its retry, and the reader then for the
-  retry. A stall is noticed by the reader that waits for the shard (`check_stall`). After `retries` attempts, or at
+  retry. Likewise a stall: each attempt has a watch on a timer's thread (`_watch_stall`) that fails it once it has
+  received nothing for `stall_timeout` seconds, so that a shard fetched ahead whose link stalled is retried then, not
+  when the reader comes to it and waits for the whole retry (the reader checks too, `check_stall`, in case the
+  watch's thread could not start). After `retries` attempts, or at
   once for an error that no retry can pass (`is_permanent`) or a CacheWriteError, the download is given up: `done`
   is set with its `cause`."""
 
   def __init__(self, url: str, path: str, stall_timeout: float, retries: int, retry_wait: float):
     self.url = url
     self.path = path
-    self.stall_timeout = stall_timeout  # sizes the requests (`next_block_bytes`); `check_stall` enforces it
+    self.stall_timeout = stall_timeout  # sizes the requests (`next_block_bytes`); `_watch_stall` enforces it
     self.retries = retries
     self.retry_wait = retry_wait
     self.done = threading.Event()  # set once the shard is at `path`, or given up (`cause`)
@@ -243,6 +246,7 @@ class _Download:
     self._attempt_id = 0
     self._target = None  # the current attempt's open `.partial`, closed by `abandon`
     self._retry: threading.Timer | None = None  # the wait before the next attempt, while there is one
+    self._watch: threading.Timer | None = None  # the current attempt's stall watch (`_watch_stall`)
     # The version of the file whose bytes `.partial` holds (None: unknown, as for bytes no attempt of this download
     # wrote, which in the cache's use there are none of: a launch deletes the `.partial` files an earlier one left).
     self._version: tuple | None = None
@@ -260,6 +264,30 @@ class _Download:
     self._retry = None
     self.progress_time = time.monotonic()
     threading.Thread(target=self._run, args=(self._attempt_id,), name="echo-shard-download", daemon=True).start()
+    self._start_watch(self.stall_timeout)
+
+  def _start_watch(self, delay: float) -> None:
+    """Under the lock: the current attempt's stall is checked in `delay` seconds (`_watch_stall`)."""
+    watch = threading.Timer(delay, self._watch_stall, args=(self._attempt_id,))
+    watch.daemon = True
+    try:
+      watch.start()
+    except RuntimeError as failure:  # no thread to be had: the reader's `check_stall` still finds the stall
+      logging.warning("the stall watch of shard %s could not start (%s)", self.url, describe(failure))
+      watch = None
+    self._watch = watch
+
+  def _watch_stall(self, attempt_id: int) -> None:
+    """The stall watch of attempt `attempt_id`, due when it would have received nothing for `stall_timeout` seconds:
+    fails it then, or, when bytes came meanwhile, looks again when the last of them is that old."""
+    with self._lock:
+      if not self._current(attempt_id) or self.done.is_set():
+        return
+      left = self.progress_time + self.stall_timeout - time.monotonic()
+      if left > 0:
+        self._start_watch(left)
+        return
+    self._stalled(attempt_id)
 
   def abandon(self) -> None:
     """Neither the current attempt nor a retry waiting to start may touch the files any more (the cache is closed)."""
@@ -273,9 +301,10 @@ class _Download:
     attempt to go on from (its writes take the lock), and no open handle is left by a thread that may stay blocked
     in a network read for long."""
     self._attempt_id += 1
-    if self._retry is not None:
-      self._retry.cancel()
-      self._retry = None
+    for timer in (self._retry, self._watch):
+      if timer is not None:
+        timer.cancel()
+    self._retry = self._watch = None
     target, self._target = self._target, None
     return target
 
@@ -286,7 +315,10 @@ class _Download:
       stalled = (self._retry is None and not self.done.is_set()
                  and time.monotonic() - self.progress_time >= self.stall_timeout)
     if stalled:
-      self._failed(attempt_id, None, f"no data for {self.stall_timeout:g} s")
+      self._stalled(attempt_id)
+
+  def _stalled(self, attempt_id: int) -> None:
+    self._failed(attempt_id, None, f"no data for {self.stall_timeout:g} s")
 
   def _failed(self, attempt_id: int, error: BaseException | None, cause: str) -> None:
     """Attempt `attempt_id` failed with `error` (None: it stalled), described by `cause`: it is abandoned, and the
