@@ -544,8 +544,8 @@ def test_two_processes_read_disjoint_whole_shards_in_an_epoch(tmp_path):
         texts += _texts(next(pipeline))
         if pipeline.state()["epoch"] > 0:
           break
-      # The last batch read is the first of epoch 1.
-      seen.append(texts[:-1])
+      # The position after an epoch's last batch is the next epoch's start.
+      seen.append(texts)
       assert state["process_index"] == index
   assert set(seen[0]).isdisjoint(seen[1])
   # 5 shards over 2 streams: 2 shards each an epoch, the fifth left to another epoch.
@@ -639,6 +639,28 @@ def test_a_resumed_shard_that_cannot_be_read_again_is_reported(tmp_path, cached)
   assert "resumed after 6 of its samples; the rest of it is skipped" in events[0][3]
   if cached:
     fsspec.filesystem("memory").rm(f"/{tmp_path.name}", recursive=True)
+
+
+def test_a_position_at_a_shards_end_resumes_at_the_next_shard_without_reading_it_again(tmp_path, monkeypatch):
+  """A batch that used a shard up left the position at that shard's end: a restart from it downloaded and decoded
+  the whole shard again to find nothing left (a GB from the store per stream), and, were it unreadable by then,
+  reported its rest as skipped (found by review). The position is the next shard's start."""
+  shards = _write_dataset(tmp_path, num_shards=3, per_shard=6)
+  with _pipeline(shards, prefetch=0) as pipeline:
+    _take(pipeline, 2)  # 6 samples: the first shard of the epoch, whole
+    state = json.loads(json.dumps(pipeline.state()))
+    expected = _take(pipeline, 2)
+  assert (state["epoch"], state["shard_cursor"], state["sample_cursor"]) == (0, 1, 0)
+  used_up = pipeline_lib.stream_shards(shards, 0, 0, 0, 1)[0]
+  os.rename(used_up, used_up + ".gone")
+  read, events = [], []
+  real_iter_shard = pipeline_lib.iter_shard
+  monkeypatch.setattr(pipeline_lib, "iter_shard", lambda path, *args, **kwargs: read.append(path) or
+                      real_iter_shard(path, *args, **kwargs))
+  with _pipeline(shards, prefetch=0, state=state, on_skip=lambda *e: events.append(e)) as pipeline:
+    _assert_same_batches(_take(pipeline, 2), expected)
+    assert pipeline.state()["skipped"] == {}
+  assert used_up not in read and events == []
 
 
 def test_state_is_the_consumer_position_not_the_prefetch_position(tmp_path):
@@ -806,15 +828,17 @@ def test_every_stream_reads_as_many_distinct_shards_an_epoch_and_every_shard_in_
 
 def test_streams_of_equal_shards_stay_in_one_epoch_when_shards_do_not_divide_evenly(tmp_path):
   """10 shards of 8 samples over 8 streams: each stream reads one shard an epoch, so after 16 batches (16 samples
-  a stream) every stream has read epoch 0 and is at the end of epoch 1 (uncut, the two streams given two shards
-  were still in epoch 0 while the others reread its shards), and the first 8 batches hold 64 distinct samples."""
+  a stream) every stream has read epochs 0 and 1 and is at the start of epoch 2 (uncut, the two streams given two
+  shards were still in epoch 0 while the others reread its shards), and the first 8 batches hold 64 distinct
+  samples."""
   shards = _write_dataset(tmp_path, num_shards=10, per_shard=8)
   with _stream_set(shards, range(8), num_streams=8, batch_size=8) as streams:
     batches = _take(streams, 16)
-    epochs = {stream["epoch"] for stream in streams.state()["streams"].values()}
+    positions = {(stream["epoch"], stream["shard_cursor"], stream["sample_cursor"])
+                 for stream in streams.state()["streams"].values()}
   first_epoch = [text for batch in batches[:8] for text in _texts(batch)]
   assert len(set(first_epoch)) == 64
-  assert epochs == {1}
+  assert positions == {(2, 0, 0)}
 
 
 def test_stream_layout_errors_say_what_to_set(tmp_path):

@@ -186,13 +186,9 @@ class _Reader:
       self._load_shard(report=False)
     while self._order is None or self.sample_cursor >= len(self._order):
       if self._order is not None:
-        self.shard_cursor += 1
-        self.sample_cursor = 0
-      if self.shard_cursor >= len(self._epoch_shards):
-        self.epoch += 1
-        self.shard_cursor = 0
-        self.epoch_samples = 0
-        self._epoch_shards = self._shards_of_epoch(self.epoch)
+        self._next_shard()
+      else:
+        self._end_epoch_if_done()  # a restored position past its epoch's last shard
       self._check_not_barren()
       self._barren.add(self._epoch_shards[self.shard_cursor])
       self._load_shard(report=True)
@@ -200,6 +196,20 @@ class _Reader:
     draw = float(self._crop_draws[self.sample_cursor])
     self.sample_cursor += 1
     return sample, draw
+
+  def _next_shard(self) -> None:
+    """Moves the position to the start of the next shard, not yet loaded."""
+    self.shard_cursor += 1
+    self.sample_cursor = 0
+    self._order = self._crop_draws = None
+    self._end_epoch_if_done()
+
+  def _end_epoch_if_done(self) -> None:
+    if self.shard_cursor >= len(self._epoch_shards):
+      self.epoch += 1
+      self.shard_cursor = 0
+      self.epoch_samples = 0
+      self._epoch_shards = self._shards_of_epoch(self.epoch)
 
   def _check_not_barren(self) -> None:
     """Raises once the shards read since the last usable sample are all there are, or enough (`_BARREN_SHARDS`)."""
@@ -267,6 +277,11 @@ class _Reader:
       self._barren.clear()
       self.epoch_samples += 1
       self.samples += 1
+    if self._order is not None and self.sample_cursor >= len(self._order):
+      # The batch used the shard up: the position after it is the next shard's start. Left at the shard's end, a
+      # restart from it downloaded and decoded the whole shard again only to find nothing left in it (and, were it
+      # unreadable then, reported its rest as skipped).
+      self._next_shard()
     batch = {
         "latent": latent, "latent_mask": latent_mask, "text": text, "text_mask": text_mask,
         "speaker": speaker, "speaker_mask": speaker_mask,
