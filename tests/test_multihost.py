@@ -68,6 +68,9 @@ WORKER = textwrap.dedent("""
       def state(self):
         return self.pipeline.state()
 
+      def align(self, position):
+        return self.pipeline.align(position)
+
       def close(self):
         self.file.close()
         self.pipeline.close()
@@ -93,6 +96,20 @@ WORKER = textwrap.dedent("""
         hosts = [[d for d in jax.devices() if d.process_index == p] for p in range(jax.process_count())]
         return make_mesh(sizes, [d for i in range(0, len(hosts[0]), run) for host in hosts for d in host[i:i + run]])
       sharding.make_mesh = interleaved
+
+    unreadable = os.environ.get("ECHO_TEST_UNREADABLE_ONCE")
+    if unreadable and jax.process_index() == 1:
+      # Process 1 cannot read that shard the first time (a download given up after its retries); later it can.
+      from echo_jax.data import pipeline as pipeline_module
+      read_shard, failed = pipeline_module.iter_shard, []
+
+      def iter_shard_failing_once(path, on_skip, **kwargs):
+        if os.path.basename(path) == unreadable and not failed:
+          failed.append(path)
+          on_skip("unreadable_shard", "", path, "download failed: the test's")
+          return iter(())
+        return read_shard(path, on_skip, **kwargs)
+      pipeline_module.iter_shard = iter_shard_failing_once
 
     hooks = ((1, after_step),)
     calls_path = os.environ.get("ECHO_TEST_SAMPLE_CALLS")
@@ -130,11 +147,12 @@ WORKER = textwrap.dedent("""
 
 
 def start_hosts(config, workdir, *, processes=2, devices=4, texts="-", delay=0.0, signal_at=-1, port=None,
-                indices=None, gcs_url=None, interleave=0, sample_calls=None):
+                indices=None, gcs_url=None, interleave=0, sample_calls=None, unreadable_once=None):
   """Starts `processes` simulated hosts of `devices` CPU devices each (those of `indices` only, when given, joining
   the coordinator on `port`; reaching gs:// at the GCS stand-in's `gcs_url`, when given; with `interleave`, on a
   mesh whose devices alternate between the hosts that many at a time; with `sample_calls`, with the training samples'
-  hook, each host writing what it did for it to `{sample_calls}.{process}`); returns the Popen objects."""
+  hook, each host writing what it did for it to `{sample_calls}.{process}`; with `unreadable_once`, a shard's file
+  name, process 1 failing to read that shard the first time); returns the Popen objects."""
   port = port or free_port()
   started = []
   for index in range(processes) if indices is None else indices:
@@ -146,6 +164,8 @@ def start_hosts(config, workdir, *, processes=2, devices=4, texts="-", delay=0.0
       env["ECHO_TEST_INTERLEAVE"] = str(interleave)
     if sample_calls:
       env["ECHO_TEST_SAMPLE_CALLS"] = str(sample_calls)
+    if unreadable_once:
+      env["ECHO_TEST_UNREADABLE_ONCE"] = unreadable_once
     started.append(subprocess.Popen(
         [sys.executable, "-c", WORKER, config.to_json(), str(workdir), str(texts), str(delay), str(signal_at)],
         cwd=REPO, env=env,
@@ -380,6 +400,27 @@ def test_malformed_shards_on_one_host_do_not_hang_the_other(setup):
   assert max(losses_by_step(root / "mixed")) == 50
   skipped = [e for e in read_jsonl(root / "mixed" / "events.jsonl") if e["event"] == "skipped_sample"]
   assert any(e["process"] == 1 for e in skipped)
+
+
+def test_hosts_holding_the_same_rows_are_realigned_after_a_shard_only_one_could_read(tmp_path):
+  """A mesh.tensor across hosts puts the same rows on both, each reading the streams itself: a shard that one could
+  not download and the other could put their streams at different places, and from then on the same rows held
+  different samples on each host, for the rest of the run, unnoticed (found by review). At the next log step the
+  streams move on to the furthest position, and the rows agree from the step after it."""
+  shards = list_shards(write_synthetic_shards(tmp_path / "shards", num_shards=NUM_SHARDS, per_shard=PER_SHARD))
+  config = make_config(str(tmp_path / "shards" / "train-*.tar"), tmp_path / "cache")
+  config.mesh.update(data=1, fsdp=1, tensor=-1)  # 1 device per host: the tensor axis spans the 2 hosts
+  config.train.update(steps=12, ckpt_every=12)
+  victim = stream_shards(shards, config.seed, epoch=0, stream=0, streams=2)[1]  # read in steps 2-3 (4 rows a step)
+  outputs = run_hosts(config, tmp_path / "run", devices=1, texts=tmp_path / "texts",
+                      unreadable_once=os.path.basename(victim))
+  assert final_steps(outputs) == [12, 12]
+  texts = [read_jsonl(f"{tmp_path / 'texts'}.{process}") for process in range(2)]
+  differ = [step for step, (a, b) in enumerate(zip(*texts, strict=True), start=1) if a != b]
+  assert differ and min(differ) >= 2 and max(differ) <= LOG_EVERY, differ
+  realigned = [e for e in read_jsonl(tmp_path / "run" / "events.jsonl") if e["event"] == "data_realigned"]
+  assert [(e["step"], e["process"], e["stream"]) for e in realigned] == [(LOG_EVERY, 0, 0)]
+  assert realigned[0]["read_to"] < realigned[0]["moved_to"]
 
 
 def test_a_listing_that_fails_on_process_0_fails_every_host_with_its_error(setup):

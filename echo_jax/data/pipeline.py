@@ -568,14 +568,22 @@ def fresh_position(shards: Sequence[str], seed: int, num_streams: int, after: di
                       for g in range(num_streams)}}
 
 
+def read_position(state: dict[str, Any]) -> tuple[int, int, int]:
+  """How far a stream's state has read: (epoch, shard in the epoch's list, sample in the shard's order)."""
+  return state["epoch"], state["shard_cursor"], state["sample_cursor"]
+
+
 def merge_stream_states(positions: Sequence[Any]) -> dict[str, Any] | None:
-  """One StreamSet state holding every stream of `positions` (each process's state); None when any is not a
-  StreamSet state (a checkpoint from before streams existed)."""
+  """One StreamSet state holding every stream of `positions` (each process's state), of a stream that several
+  processes read the furthest of their states (`StreamSet.align`); None when any is not a StreamSet state (a
+  checkpoint from before streams existed)."""
   merged: dict[str, Any] = {}
   for position in positions:
     if not isinstance(position, dict) or position.get("version") != STREAM_SET_VERSION or "streams" not in position:
       return None
-    merged.update(position["streams"])
+    for stream, state in position["streams"].items():
+      if stream not in merged or read_position(state) > read_position(merged[stream]):
+        merged[stream] = state
   return {"version": STREAM_SET_VERSION, "streams": merged}
 
 
@@ -632,6 +640,23 @@ class StreamSet:
     """This process's streams' positions right after the last batch returned (JSON-serialisable)."""
     return {"version": STREAM_SET_VERSION,
             "streams": {str(g): p.state() for g, p in zip(self.streams, self._pipelines, strict=True)}}
+
+  def align(self, position: dict[str, Any]) -> list[int]:
+    """Moves each stream to its state in `position` (a `merge_stream_states` of every process's `state()`) where it
+    read to elsewhere; returns the streams moved.
+
+    Processes whose devices differ along the mesh's tensor axis only hold the same rows, and each reads their
+    streams itself: a shard that one of them could not download (its retries used up) and another could puts them
+    at different places in the stream, and from then on the same rows would hold different samples on each. Moved on
+    to the furthest of their positions, none reads again a shard another gave up on, and the rows agree from the
+    next batch."""
+    moved = []
+    for g, pipeline in zip(self.streams, self._pipelines, strict=True):
+      target = position["streams"][str(g)]
+      if read_position(pipeline.state()) != read_position(target):
+        pipeline.restore(target)
+        moved.append(g)
+    return moved
 
   def close(self) -> None:
     for pipeline in self._pipelines:

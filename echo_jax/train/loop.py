@@ -15,6 +15,7 @@ the data position is part of every checkpoint: a resumed run computes exactly wh
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -49,6 +50,7 @@ from echo_jax.data.pipeline import (
   fresh_position,
   merge_stream_states,
   position_mismatch,
+  read_position,
 )
 from echo_jax.data.shards import hf_revisions, list_shards
 from echo_jax.errors import UserError
@@ -123,6 +125,13 @@ class Trainer:
     # here, before the compile, since a data.streams that does not fit them would fail the launch only after it.
     self.batch_rows = runtime.process_batch_rows(sharding.batch_sharding(self.mesh, 1), config.train.batch_size)
     self.streams = batch_streams(config.train.batch_size, config.data.streams, self.batch_rows)
+    # The streams that several processes read (their devices differ along the tensor axis only): compared at each
+    # log step (`_align_shared_streams`).
+    readers = collections.Counter(
+        stream for process in range(jax.process_count())
+        for stream in batch_streams(config.train.batch_size, config.data.streams, runtime.process_batch_rows(
+            sharding.batch_sharding(self.mesh, 1), config.train.batch_size, process)))
+    self.shared_streams = sorted(stream for stream, count in readers.items() if count > 1)
     self.log = metrics.RunLog(workdir, enabled=self.is_main)  # after the checks: a refused config leaves no file
     self.stop_requested = stop_requested or threading.Event()
     self._skips: list[dict[str, Any]] = []
@@ -155,6 +164,21 @@ class Trainer:
       if records["dropped"]:
         self.log.event("skipped_sample", step=step, process=process, count=records["dropped"],
                        reason="more skips than logged individually")
+
+  def _align_shared_streams(self, pipeline: StreamSet, step: int) -> None:
+    """Moves the streams that several processes read to the furthest of their positions, where they differ (a
+    shard that one of them could not download; see `StreamSet.align`); a small collective, same step everywhere."""
+    positions = checkpoint.gather_per_process(pipeline.state())
+    furthest = merge_stream_states(positions)
+    for process, position in enumerate(positions):
+      for stream, state in position["streams"].items():
+        if read_position(state) != read_position(furthest["streams"][stream]):
+          self.log.event("data_realigned", step=step, process=process, stream=int(stream),
+                         read_to=list(read_position(state)), moved_to=list(read_position(furthest["streams"][stream])),
+                         message="processes holding the same rows had read this stream to different places (a "
+                                 "shard one of them could not download: see skipped_sample); moved on to the "
+                                 "furthest (epoch, shard, sample), so that the rows agree from the next step")
+    pipeline.align(furthest)
 
   # Setup ------------------------------------------------------------------------------------------------------
 
@@ -561,6 +585,8 @@ class Trainer:
           self._check_claim()
         if logs:
           self._flush_skips(step)
+          if self.shared_streams:
+            self._align_shared_streams(pipeline, step)
           self._confirm_saves(ckpt)
         if saves:
           # Orbax's save waits for the save before it anyway; waited for here, that one's failure is reported as such
