@@ -5,6 +5,7 @@ import contextlib
 import errno
 import functools
 import io
+import json
 import logging
 import os
 import pathlib
@@ -28,7 +29,7 @@ from echo_jax.background import InBackground
 from echo_jax.data import cache as cache_module
 from echo_jax.data import shards as shards_module
 from echo_jax.data.cache import CacheWriteError, ShardCache, is_local
-from echo_jax.data.pipeline import Pipeline, StreamSet
+from echo_jax.data.pipeline import Pipeline, StreamSet, stream_shards
 from echo_jax.data.shards import list_shards
 from echo_jax.train.loop import Trainer
 from echo_jax.train.samples import examples_from_shards
@@ -788,6 +789,32 @@ def test_a_relisting_at_a_newer_hub_commit_keeps_the_data_position_and_an_added_
     grown = list_shards("hf://datasets/org/shards/*.tar")
   with pytest.raises(ValueError, match=r"the shard list changed since the position was taken \(3 shards then, 4 now"):
     make_pipeline(grown, state=state)
+
+
+def test_a_shard_replaced_on_the_hub_after_a_position_inside_it_is_read_on_at_the_commit_it_was_begun_at(tmp_path):
+  """A relaunch lists the dataset at its newest commit and goes on from its data position. A shard replaced under its
+  name since (a fix pushed during the run) held other samples in another order, and the position's count of them
+  was taken in that: samples of it were read twice and others never, silently (found by review). The rest of the
+  shard that a position is inside is read at the commit its first part was, as the uninterrupted run read it."""
+  root = str(tmp_path / "hub")
+  hub_dataset(tmp_path, num_shards=2, per_shard=6)
+  replacement = list_shards(write_synthetic_shards(tmp_path / "fixed", num_shards=2, per_shard=6, seed=7))
+  cache = ShardCache(str(tmp_path / "cache"))
+  with fake_hub.registered(root):
+    urls = list_shards("hf://datasets/org/shards/*.tar")
+    with make_pipeline(urls, cache=cache) as pipeline:
+      take(pipeline, 1)  # 3 of the first shard's 6 samples
+      state = json.loads(json.dumps(pipeline.state()))
+      after = take(pipeline, 3)  # its other 3, then the next shard's 6
+    inside = stream_shards(urls, 0, 0, 0, 1)[0]
+    assert (state["shard_cursor"], state["sample_cursor"]) == (0, 3)
+    name = os.path.basename(inside)
+    fake_hub.commit(root, "org/shards", {name: pathlib.Path(replacement[0]).read_bytes()})
+    relisted = list_shards("hf://datasets/org/shards/*.tar")
+    with make_pipeline(relisted, cache=cache, state=state) as resumed:
+      assert_same(take(resumed, 2), after[:2])
+      assert resumed.state()["shard"] in relisted  # the next shard, read at the new commit
+  cache.close()
 
 
 @pytest.mark.parametrize("name, cause, attempts", [

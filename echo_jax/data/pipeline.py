@@ -117,6 +117,9 @@ class _Reader:
     self.epoch_samples = state.get("epoch_samples", 0)
     self.samples = state.get("samples", 0)
     self.skipped: dict[str, int] = dict(state.get("skipped", {}))
+    # The URL that the shard the position is inside was read from (hf:// at the commit then listed), kept in the
+    # position (`state`).
+    self._shard_url: str | None = state.get("shard")
     self._epoch_shards = self._shards_of_epoch(self.epoch)
     if self.shard_cursor >= len(self._epoch_shards):
       # A position inside a shard that the epoch's list no longer holds: taken before the lists were cut to a
@@ -152,6 +155,12 @@ class _Reader:
   def _load_shard(self, report: bool) -> None:
     p = self._p
     shard = self._epoch_shards[self.shard_cursor]
+    if not report and self._shard_url and without_revision(self._shard_url) == without_revision(shard):
+      # The rest of a shard that the position is inside is read where its first part was: at the commit that
+      # launch listed (a relaunch lists an hf:// dataset at its newest). A shard replaced since under its name held
+      # other samples, in another order, and the position's count of them read from it twice and others never.
+      shard = self._shard_url
+    self._shard_url = shard
     # The shard before is let go first: it stayed in memory while this one was read, and streams of equal shards
     # cross into their next shards together, so every stream of a host held two decoded shards at once.
     self._order = self._crop_draws = None
@@ -236,6 +245,7 @@ class _Reader:
         "epoch": self.epoch,
         "shard_cursor": self.shard_cursor,
         "sample_cursor": self.sample_cursor,
+        "shard": self._shard_url if self.sample_cursor else None,
         "epoch_samples": self.epoch_samples,
         "samples": self.samples,
         "skipped": dict(sorted(self.skipped.items())),
