@@ -568,9 +568,9 @@ def test_a_position_inside_a_shard_cut_from_the_epoch_goes_on_with_the_next_epoc
   assert first[0] in {sample.text for sample in _read(epoch_1[0])[0]}
 
 
-def test_a_host_without_shards_is_an_error(tmp_path):
+def test_a_stream_without_shards_is_an_error(tmp_path):
   shards = _write_dataset(tmp_path, num_shards=1, per_shard=2)
-  with pytest.raises(ValueError, match="process 1 would have none"):
+  with pytest.raises(ValueError, match="1 shards cannot give each of data.streams=2 streams a shard"):
     _pipeline(shards, process_index=1, process_count=2)
 
 

@@ -114,7 +114,6 @@ class _Reader:
     self.epoch = state.get("epoch", 0)
     self.shard_cursor = state.get("shard_cursor", 0)
     self.sample_cursor = state.get("sample_cursor", 0)
-    self.epoch_samples = state.get("epoch_samples", 0)
     self.samples = state.get("samples", 0)
     self.skipped: dict[str, int] = dict(state.get("skipped", {}))
     # The URL that the shard the position is inside was read from (hf:// at the commit then listed), kept in the
@@ -217,7 +216,6 @@ class _Reader:
     if self.shard_cursor >= len(self._epoch_shards):
       self.epoch += 1
       self.shard_cursor = 0
-      self.epoch_samples = 0
       self._epoch_shards = self._shards_of_epoch(self.epoch)
 
   def _check_not_barren(self) -> None:
@@ -246,7 +244,6 @@ class _Reader:
         "shard_cursor": self.shard_cursor,
         "sample_cursor": self.sample_cursor,
         "shard": self._shard_url if self.sample_cursor else None,
-        "epoch_samples": self.epoch_samples,
         "samples": self.samples,
         "skipped": dict(sorted(self.skipped.items())),
     }
@@ -285,7 +282,6 @@ class _Reader:
       text_mask[row, : 1 + tokens.size] = True
       row += 1
       self._barren.clear()
-      self.epoch_samples += 1
       self.samples += 1
     if self._order is not None and self.sample_cursor >= len(self._order):
       # The batch used the shard up: the position after it is the next shard's start. Left at the shard's end, a
@@ -308,7 +304,7 @@ class _Failure:
 
 
 class Pipeline:
-  """An endless iterator of fixed-shape numpy batches for one host, with an exactly restorable position.
+  """An endless iterator of fixed-shape numpy batches of one data stream, with an exactly restorable position.
 
   Batches hold `latent` [B, max_frames, D] float32 (padded with `pad_latent`), `latent_mask` [B, max_frames],
   `text` [B, max_text_len] int32 (BOS byte 0, then UTF-8 bytes, truncated, zero-padded), `text_mask`,
@@ -370,10 +366,7 @@ class Pipeline:
       raise ValueError("the shard list is empty")
     if not 0 <= self.process_index < self.process_count:
       raise ValueError(f"process_index {self.process_index} is outside [0, process_count={self.process_count})")
-    if len(self.shards) < self.process_count:
-      raise ValueError(
-          f"{len(self.shards)} shards cannot give each of {self.process_count} processes at least one shard; "
-          f"process {self.process_index} would have none")
+    check_shard_count(len(self.shards), self.process_count)
     for name in ("batch_size", "latent_dim", "max_frames", "max_ref_frames"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -516,14 +509,19 @@ class Pipeline:
 def check_shards(shards: Sequence[str], streams: int, cache_dir: str | None) -> None:
   """Raises a ValueError saying what to set unless `shards` can feed `streams` streams through `cache_dir` (None: no
   shard cache). The trainer asks it right after listing the shards, before the compile (minutes on a pod)."""
-  if len(shards) < streams:
-    raise ValueError(f"{len(shards)} shards cannot give each of data.streams={streams} streams a shard; "
-                     "set data.streams to at most the number of shards")
+  check_shard_count(len(shards), streams)
   remote = [shard for shard in shards if not is_local(shard)]
   if remote and not cache_dir:
     # Read straight from the network, a stalled shard would block its reader (and the step) with no timeout.
     raise ValueError(f"remote shards ({remote[0]}, ...) need a shard cache, which times out and retries stalled "
                      "downloads: set data.cache_dir to a local directory")
+
+
+def check_shard_count(shards: int, streams: int) -> None:
+  """Raises a ValueError saying what to set unless `shards` shards can give each of `streams` streams one."""
+  if shards < streams:
+    raise ValueError(f"{shards} shards cannot give each of data.streams={streams} streams a shard; "
+                     "set data.streams to at most the number of shards")
 
 
 def _streams_advice(batch_size: int, multiple: int) -> str:
