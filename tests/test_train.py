@@ -435,6 +435,7 @@ def test_malformed_data_is_skipped_counted_and_training_goes_on(tmp_path):
   keys = {e["key"] for e in skipped}
   assert {"noref", "nojson", "shape", "dtype", "nan", "empty", "utf", "long", "trunc"} <= keys, keys
   assert any("a.b" in e["key"] or e["reason"] == "bad_key" for e in skipped)
+  assert {(e["data"], e["shard"]) for e in skipped} == {("train", str(tmp_path / "shards" / "train-bad.tar"))}
   assert max(losses_by_step(tmp_path / "run")) == 12
 
 
@@ -989,6 +990,8 @@ def test_held_out_data_that_cannot_be_read_turns_evaluation_off_and_training_goe
   message = skipped[0]["message"]
   assert message.startswith("process 0 could not read the held-out batches (RuntimeError: "), message
   assert "stream 0 read 1 shards in a row without one usable sample" in message, message
+  bad = [(e["data"], e["reason"], e["shard"]) for e in events(tmp_path / "run") if e["event"] == "skipped_sample"]
+  assert bad == [("eval", "bad_tar", tiny_config.data.eval_shards)], bad
 
 
 def test_config_changes_name_each_changed_field_against_the_runs_config_json(tiny_config, tmp_path):

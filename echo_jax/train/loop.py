@@ -146,8 +146,10 @@ class Trainer:
 
   # Run directory ---------------------------------------------------------------------------------------------
 
-  def _on_skip(self, reason: str, key: str, shard: str, detail: str) -> None:
-    record = {"reason": reason, "key": key, "shard": os.path.basename(shard)}
+  def _on_skip(self, role: str, reason: str, key: str, shard: str, detail: str) -> None:
+    # The role and the whole URL: the held-out data's skips were told from the training data's by nothing, and the
+    # file name alone does not tell en/000.tar from de/000.tar.
+    record = {"data": role, "reason": reason, "key": key, "shard": shard}
     if detail:
       record["detail"] = detail
     with self._skip_lock:
@@ -217,7 +219,8 @@ class Trainer:
         cache_dir=self._cache_dir(role), shard_prefetch=data.shard_prefetch,
         stall_timeout=data.stall_timeout, retries=data.download_retries, latent_dim=config.model.latent_dim,
         max_text_len=data.max_text_len, max_frames=data.max_frames, max_ref_frames=data.max_ref_frames,
-        pad_latent=self._pad_latent(), seed=seed, prefetch=data.prefetch, on_skip=self._on_skip)
+        pad_latent=self._pad_latent(), seed=seed, prefetch=data.prefetch,
+        on_skip=functools.partial(self._on_skip, role))
     if data.cache_dir:
       self._remove_unused_caches(role, streams)
     return pipeline
