@@ -34,7 +34,9 @@
 # trainer runs on detached. (gcloud runs a command again when ssh exits 255: the worker refuses a session's second
 # run, see claim_session, and launch.sh re-attaches.) The waits before re-attaching double (ECHO_REATTACH_WAIT_S, default 10 s, at first); after
 # MAX_REATTACH drops in a row (a session that held ECHO_REATTACH_STEADY_S, default 300 s, ends a row) launch.sh stops
-# following the run, leaves every trainer running, says how to follow and stop them, and exits 69.
+# following the run, leaves every trainer running, says how to follow and stop them, and exits 69. A re-attach follows
+# and reports this launch's trainer only (see worker_attach): when the session that was to start it dropped first, the
+# worker fails the launch, saying so (launch again), instead of passing an earlier launch's exit status for its own.
 # The workdir must be storage every host shares (gs:// on a pod). launch.sh reads train_pretrain.py's flagfiles
 # (--flagfile=FILE, a name relative to the current directory) as absl does, for the --workdir: on a pod the workers get
 # each file's flags in its place (they have no copy of a file outside the code); --local's trainers read the files.
@@ -74,6 +76,8 @@ readonly SETUP_TIMEOUT_S=${ECHO_SETUP_TIMEOUT_S:-1800}
 readonly TRAINER_EXITED="launch.sh: the trainer exited with status"
 # What a worker's session says instead when the trainer ended and left no exit status.
 readonly TRAINER_GONE="launch.sh: the trainer ended without an exit status"
+# What a re-attach says when the worker runs no trainer of its launch: the session that was to start it ended first.
+readonly TRAINER_NOT_STARTED="launch.sh: this launch's trainer was not started on this worker"
 # A worker's exit status for a session whose command gcloud ran again there (claim_session): launch.sh re-attaches.
 readonly EXIT_RERUN=79
 readonly IMPORTS_CHECK="import echo_jax.train.entry, echo_jax.dashboard, echo_jax.synthesis, echo_jax.codecs.mel, \
@@ -170,18 +174,46 @@ new_log() {
   : > "$1"
 }
 
-# On a TPU worker: sets log and status (the trainer's exit status, written when it ends) of worker $1.
-# The caller declares them local.
+# On a TPU worker: sets, for worker $1, log (its trainer's), status (the trainer's exit status and launch, written
+# when it ends: launch_status), mark (the launch whose trainer the log and status are, written just before it starts)
+# and start_lock (held while a session starts a trainer: see worker_run). The caller declares them local.
 worker_files() {
   log="$HOME/echo_jax_logs/worker_$1.log"
   status="$HOME/echo_jax_logs/worker_$1.status"
+  mark="$HOME/echo_jax_logs/worker_$1.launch"
+  start_lock="$HOME/echo_jax_logs/worker_$1.starting"
+}
+
+# The launch that this session on a worker belongs to: ECHO_SESSION's first part (see claim_session); empty in a
+# session that launch.sh did not name.
+session_launch() {
+  local session=${ECHO_SESSION:-}
+  echo "${session%%/*}"
+}
+
+# launch_status STATUS_FILE LAUNCH: the exit status in STATUS_FILE, when the trainer of LAUNCH wrote it (any launch's
+# when LAUNCH is empty); fails when there is none: no file yet, or another launch's (a previous launch's status must
+# not pass for this one's).
+launch_status() {
+  local code owner
+  { read -r code owner < "$1"; } 2> /dev/null || return 1
+  [[ -z $2 || $owner == "$2" ]] || return 1
+  echo "$code"
 }
 
 # Runs on a TPU worker (launch.sh calls itself there, with the copied code's tree_digest as $2): the trainer detached,
 # its log followed until it exits.
 worker_run() {
-  local worker=$1 copy_id=$2
+  local worker=$1 copy_id=$2 launch
   shift 2
+  launch=$(session_launch)
+  local log status mark start_lock lock
+  worker_files "$worker"
+  mkdir -p "$(dirname "$log")"
+  # Held until this launch's trainer has started or this session has ended: a re-attach that comes meanwhile (this
+  # session dropped while stopping a stale trainer) waits for it, then finds by MARK whether the trainer started.
+  exec {lock}>> "$start_lock"
+  flock "$lock"
   # A trainer of an earlier launch that the stop on all workers did not reach (see check_copy) would hold the TPU or
   # write the workdir beside the new one, also when this launch then fails the check of its code. Stopped before this
   # launch's status file is cleared: the shell that waited for it writes its exit status there just after it ends.
@@ -198,9 +230,6 @@ worker_run() {
   local problem
   problem=$(pod_workdir_problem "$(workdir_of "$@")" "$HERE")
   [[ -z $problem ]] || { echo "launch.sh: $(hostname): $problem" >&2; exit 2; }
-  local log status
-  worker_files "$worker"
-  mkdir -p "$(dirname "$log")"
   rm -f "$status"
   # Created here, not by the detached shell's redirection: tail gives up at once on a file that does not exist yet,
   # and the worker would then report a failure while its trainer runs on.
@@ -208,18 +237,21 @@ worker_run() {
   local python
   python=$(worker_python) || exit 1
   echo "launch.sh: worker python: $python" >> "$log"  # for the dashboard command (report_process0)
+  echo "$launch" > "$mark"
+  exec {lock}>&-  # the trainer would hold it too
   cd "$HERE"
   # The full script path is in the trainer's command line, so that the stale-trainer pattern finds it; it reaches
   # the shell that waits for the trainer through the environment, so that the pattern never matches that shell
   # (killed, it would write no exit status and a trainer that stopped cleanly would count as failed).
   # shellcheck disable=SC2016  # the single-quoted script expands in the inner shell
   ECHO_TRAINER="$HERE/train_pretrain.py" ECHO_PYTHON="$python" nohup setsid \
-    bash -c '"$ECHO_PYTHON" -u "$ECHO_TRAINER" "$@"; echo $? > "'"$status"'"' _ "$@" >> "$log" 2>&1 < /dev/null &
-  local pid=$!
+    bash -c '"$ECHO_PYTHON" -u "$ECHO_TRAINER" "$@"; echo "$? '"$launch"'" > "'"$status"'"' _ "$@" >> "$log" 2>&1 \
+    < /dev/null &
+  local pid=$! code
   tail -n +1 -f --pid="$pid" "$log" || true
   wait "$pid" || true  # the status below is the trainer's, written when the detached shell ends
-  [[ -f $status ]] || { echo "$TRAINER_GONE (worker $worker)" >&2; exit 1; }
-  exit_as_trainer "$(cat "$status")"
+  code=$(launch_status "$status" "$launch") || { echo "$TRAINER_GONE (worker $worker)" >&2; exit 1; }
+  exit_as_trainer "$code"
 }
 
 # Exits with the trainer's status STATUS, saying so first: ssh's own exit status for a dropped session is 255, so
@@ -279,20 +311,43 @@ worker_setup() {
 
 # Runs on a TPU worker when launch.sh lost its ssh session to `worker_run` there: follows the log from byte OFFSET
 # on (the first one launch.sh did not receive: what was written while it was away is neither lost nor sent twice)
-# until the detached trainer exits, then exits with its status.
+# until the detached trainer exits, then exits with its status. Only this launch's trainer counts: the session may have
+# dropped before `worker_run` started it (while it stopped a stale trainer, which this waits for), or before that
+# session ran at all, and the log and status there were then an earlier launch's. Ends saying TRAINER_NOT_STARTED
+# when this launch's trainer was not started here, and TRAINER_GONE when it ended without an exit status.
 worker_attach() {
-  local worker=$1 offset=$2
-  local log status
+  local worker=$1 offset=$2 launch
+  launch=$(session_launch)
+  local log status mark start_lock started=""
   worker_files "$worker"
+  if [[ -n $launch ]]; then
+    local lock
+    exec {lock}>> "$start_lock"
+    if ! flock -n "$lock"; then
+      echo "launch.sh: $(hostname): waiting for the session that starts this launch's trainer on worker $worker" \
+        "(it may be stopping a stale trainer there, for up to ${STOP_GRACE_S} s)" >&2
+      flock "$lock"
+    fi
+    exec {lock}>&-
+    started=$(cat "$mark" 2> /dev/null || true)
+    if [[ $started != "$launch" ]]; then
+      echo "$TRAINER_NOT_STARTED (worker $worker): the session that was to start it ended before it did (dropped," \
+        "or failed)${started:+; the trainer last started there belongs to launch $started}; launch again" >&2
+      exit 1
+    fi
+  fi
   tail -c +$((offset + 1)) -f "$log" &
   local tailer=$!
-  while [[ ! -f $status ]] && pgrep -f "$(trainer_pattern "${HERE#/}")" > /dev/null; do
+  # Until the status comes, or no trainer runs here, or another launch's does (its session reset the log and status).
+  while ! launch_status "$status" "$launch" > /dev/null && pgrep -f "$(trainer_pattern "${HERE#/}")" > /dev/null &&
+      [[ -z $launch || $(cat "$mark" 2> /dev/null) == "$launch" ]]; do
     sleep 1
   done
   sleep 1  # the status is written just after the trainer exits
   kill "$tailer" 2>/dev/null || true
-  [[ -f $status ]] || { echo "$TRAINER_GONE (worker $worker)" >&2; exit 1; }
-  exit_as_trainer "$(cat "$status")"
+  local code
+  code=$(launch_status "$status" "$launch") || { echo "$TRAINER_GONE (worker $worker)" >&2; exit 1; }
+  exit_as_trainer "$code"
 }
 
 # shell_quote TEXT: TEXT as one word for a shell, in single quotes (its own single quotes written '\'').
@@ -423,7 +478,8 @@ reap_hosts() {
 session_cut_off() {
   (($2 != 0)) || return 1
   (($2 == 255 || $2 == EXIT_RERUN)) || [[ -n ${reattach_count[$1]:-} ]] || return 1
-  ! tail -n 3 "${LOGS[$1]}" 2>/dev/null | grep -q -e "^$TRAINER_EXITED [0-9]*\$" -e "^$TRAINER_GONE"
+  ! tail -n 3 "${LOGS[$1]}" 2>/dev/null | grep -q -e "^$TRAINER_EXITED [0-9]*\$" -e "^$TRAINER_GONE" \
+    -e "^$TRAINER_NOT_STARTED"
 }
 
 # trainer_status WORKER STATUS: the exit status of WORKER's trainer, which its session's last line gives

@@ -71,7 +71,7 @@ FAKE_GCLOUD = textwrap.dedent("""\
       # for FAKE_DEAD_S seconds (default 0: ssh's keepalives notice a dead connection late), then ssh exits 255.
       # Before those, FAKE_UNREACHABLE re-attaches to it fail at once, as they do while the network is down, with
       # FAKE_UNREACHABLE_STATUS: 255 (default) as ssh's, 1 as gcloud's own failure to reach the TPU's API. Each drop is
-      # counted in FAKE_ROOT/drops.
+      # counted in FAKE_ROOT/drops. With FAKE_DROP_BEFORE_RUN, those sessions drop before their command runs there.
       if [[ $w == "${FAKE_DROP_WORKER:-}" && ($command == *--worker-run* || $command == *--worker-attach*) ]]; then
         touch "$FAKE_ROOT/drops" "$FAKE_ROOT/unreachable"
         if [[ $command == *--worker-attach* && $(wc -l < "$FAKE_ROOT/unreachable") -lt ${FAKE_UNREACHABLE:-0} ]]
@@ -82,6 +82,7 @@ FAKE_GCLOUD = textwrap.dedent("""\
         fi
         if [[ $(wc -l < "$FAKE_ROOT/drops") -lt ${FAKE_DROPS:-1} ]]; then
           echo >> "$FAKE_ROOT/drops"
+          [[ -z ${FAKE_DROP_BEFORE_RUN:-} ]] || { echo "Connection reset by worker $w" >&2; return 255; }
           received=$(mktemp "$FAKE_ROOT/session.XXXXXX")
           (cd "$home" && HOME="$home" FAKE_WORKER=$w env -u ECHO_STOP_GRACE_S -u ECHO_FAILED_STOP_GRACE_S \
             setsid bash -c "$command" &) > "$received"
@@ -440,6 +441,59 @@ def test_a_session_cut_inside_a_character_is_reattached_from_the_next_byte(fake_
   stderr = rb"Retrying: SSH command error: [^\n]*\n|SSH: Attempting to connect to worker 1\.\.\.\n|" \
            rb"launch\.sh: [^\n]*: gcloud ran this session's command again [^\n]*\n"
   assert re.sub(stderr, b"", here) == remote + b"launch.sh: the trainer exited with status 0\n", here
+
+
+def failed_before_on_worker_1(tmp_path, env):
+  """A launch whose trainer on worker 1 fails (exit 3, "boom"): it leaves that status and log on the worker."""
+  failed = launch_tpu(tmp_path, dict(env, FAKE_FAIL_WORKER="1", FAKE_SECONDS="60"))
+  assert failed.returncode == 1 and "worker 1 failed (exit 3)" in failed.stderr, failed.stdout + failed.stderr
+
+
+def test_a_reattach_before_the_worker_started_this_launchs_trainer_waits_for_it(fake_pod):
+  """Worker 1's first session drops while that worker stops a stale trainer (which ignores SIGTERM), before it has
+  reset the previous launch's exit status and log; the re-attach came meanwhile. It reported the previous launch's
+  status (3, with its traceback) as this launch's, and the launch failed. It now waits for this launch's trainer to
+  start there, and follows it to its end."""
+  tmp_path, env = fake_pod
+  failed_before_on_worker_1(tmp_path, env)
+  stale = subprocess.Popen(["bash", "-c", "trap '' TERM; while :; do sleep 0.1; done",
+                            f"{tmp_path}/worker_1/echo_jax_code/train_pretrain.py"], start_new_session=True)
+  try:
+    env.update(FAKE_DROP_WORKER="1", FAKE_SKIP_STOP="1", FAKE_SECONDS="3", ECHO_STOP_GRACE_S="6",
+               ECHO_REATTACH_WAIT_S="1")
+    result = launch_tpu(tmp_path, env, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "lost the ssh session to worker 1 (exit 255)" in result.stderr
+    assert "exit 3" not in result.stderr and "boom" not in result.stderr
+    log = (tmp_path / "logs" / "worker_1.log").read_text()
+    assert "waiting for the session that starts this launch's trainer on worker 1" in log, log
+    assert "boom" not in log and "trained" in log and log.endswith("the trainer exited with status 0\n"), log
+    assert stale.wait(timeout=10) == -signal.SIGKILL
+  finally:
+    if stale.poll() is None:
+      stale.kill()
+      stale.wait()
+
+
+def test_a_reattach_after_a_session_that_dropped_before_starting_the_trainer_fails_the_worker(fake_pod):
+  """Worker 1's first session drops before its command runs there: this launch's trainer never started on it, and
+  the previous launch's exit status (3) and log were still there. The re-attach reported that status as this launch's
+  (with the previous launch's traceback). It now ends at once, saying that this launch's trainer was not started there
+  and to launch again: worker 1 fails the launch, which stops the others."""
+  tmp_path, env = fake_pod
+  failed_before_on_worker_1(tmp_path, env)
+  env.update(FAKE_DROP_WORKER="1", FAKE_DROP_BEFORE_RUN="1", FAKE_SECONDS="60", ECHO_REATTACH_WAIT_S="1")
+  start = time.time()
+  result = launch_tpu(tmp_path, env, timeout=60)
+  assert result.returncode == 1 and time.time() - start < 30, result.stdout + result.stderr
+  assert "worker 1 failed (exit 1)" in result.stderr, result.stderr
+  assert ("launch.sh: this launch's trainer was not started on this worker (worker 1): the session that was to start "
+          "it ended before it did") in result.stderr and "; launch again" in result.stderr
+  assert "exit 3" not in result.stderr and "boom" not in result.stderr
+  assert len((tmp_path / "worker_1" / "trainer_starts").read_text().split()) == 1  # the previous launch's
+  attaches = [call for call in recorded_calls(tmp_path) if any("--worker-attach 1" in arg for arg in call)]
+  assert len(attaches) == 1
+  wait_for(lambda: not pid_alive(int((tmp_path / "worker_0" / "trainer_pid").read_text())), timeout=15)
 
 
 def test_short_drops_far_apart_do_not_use_up_the_reattaches(fake_pod):
