@@ -390,19 +390,14 @@ report_process0() {
 # stop_pids GRACE PID...: sends SIGTERM to the pids (children of this shell), waits up to GRACE seconds for them to
 # exit, then kills the rest.
 stop_pids() {
-  local grace=$1 pid waited=0
+  local grace=$1
   shift
   (($# > 0)) || return 0
-  kill "$@" 2>/dev/null || true
-  while ((waited < grace * 10)); do
-    local alive=0
-    for pid in "$@"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-    ((alive)) || return 0
-    sleep 0.1
-    waited=$((waited + 1))
-  done
+  local -a left
+  mapfile -t left < <(term_and_wait "$grace" "$@")
+  ((${#left[@]} == 0)) && return 0
   echo "launch.sh: still running ${grace} s after SIGTERM; killing them" >&2
-  kill -KILL "$@" 2>/dev/null || true
+  kill -KILL "${left[@]}" 2>/dev/null || true
   wait "$@" 2>/dev/null || true  # gone, not merely signalled, when launch.sh exits
 }
 
@@ -870,35 +865,50 @@ process_start() {
   [[ ${fields[0]} == [ZX] ]] || echo "${fields[19]}"
 }
 
+# term_and_wait GRACE PID...: sends SIGTERM to each PID, waits up to GRACE seconds for them to end, then prints those
+# still running, one a line (the caller kills them). A pid counts as running while it has the start it had when this
+# was called (process_start): not once it is a zombie, nor when another process was given it.
+term_and_wait() {
+  local grace=$1 pid waited
+  shift
+  local -A started=()
+  for pid in "$@"; do
+    started[$pid]=$(process_start "$pid")
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for ((waited = 0; ; waited++)); do
+    for pid in "${!started[@]}"; do
+      [[ -n ${started[$pid]} && $(process_start "$pid") == "${started[$pid]}" ]] || unset "started[$pid]"
+    done
+    ((${#started[@]} > 0 && waited < grace * 10)) || break
+    sleep 0.1
+  done
+  for pid in "${!started[@]}"; do echo "$pid"; done
+}
+
 # guard_trainers GRACE: --local's guard (see launch_local), in a session of its own. Reads "PID LOG" for each trainer
 # from its input, a pipe whose other end launch.sh holds, until the end of it: launch.sh is gone then, however it
 # ended (the kernel closes a killed process's files; a SIGKILL runs no trap). Its trainers ended with it, or were
 # stopped by it, unless it was killed: a trainer still running is then stopped as launch.sh stops one, SIGTERM (it
 # saves and exits) and SIGKILL GRACE seconds later, each step noted in its log.
 guard_trainers() {
-  local grace=$1 pid log waited j
+  local grace=$1 pid log
   local -A logs=() started=()
   while read -r pid log; do
     logs[$pid]=$log
     started[$pid]=$(process_start "$pid")
   done
-  local -a left=()
+  local -a running=()
   for pid in "${!logs[@]}"; do
     [[ -n ${started[$pid]} && $(process_start "$pid") == "${started[$pid]}" ]] || continue
     echo "launch.sh: launch.sh ended without stopping this trainer (killed?): sending it SIGTERM (killed after" \
       "$grace s)" >> "${logs[$pid]}"
-    kill -TERM "$pid" 2>/dev/null && left+=("$pid")
+    running+=("$pid")
   done
-  for ((waited = 0; ${#left[@]} > 0; waited++)); do
-    for j in "${!left[@]}"; do
-      [[ $(process_start "${left[$j]}") == "${started[${left[$j]}]}" ]] || unset "left[$j]"
-    done
-    ((${#left[@]} > 0 && waited >= grace * 10)) || { sleep 0.1; continue; }
-    for pid in "${left[@]}"; do
-      echo "launch.sh: still running $grace s after SIGTERM; killing it" >> "${logs[$pid]}"
-      kill -KILL "$pid" 2>/dev/null || true
-    done
-    return
+  ((${#running[@]} > 0)) || return 0
+  for pid in $(term_and_wait "$grace" "${running[@]}"); do
+    echo "launch.sh: still running $grace s after SIGTERM; killing it" >> "${logs[$pid]}"
+    kill -KILL "$pid" 2>/dev/null || true
   done
 }
 
@@ -914,8 +924,8 @@ launch_local() {
   # The guard, in a session of its own too, stops them once launch.sh is gone (guard_trainers). Each trainer tells it
   # its pid itself, before the trainer's program starts, so that no trainer escapes it, however early launch.sh
   # dies; and does not keep launch.sh's end of the pipe (nor does the guard), so that it ends with launch.sh.
-  exec {guard}> >(exec setsid bash -c "$(declare -f process_start guard_trainers); guard_trainers $STOP_GRACE_S" \
-    > /dev/null 2>&1)
+  exec {guard}> >(exec setsid bash -c \
+    "$(declare -f process_start term_and_wait guard_trainers); guard_trainers $STOP_GRACE_S" > /dev/null 2>&1)
   for ((i = 0; i < count; i++)); do
     LOGS+=("$LOGDIR/process_$i.log")
     NAMES+=("process $i")
