@@ -278,7 +278,10 @@ def sample_blockwise(params: Any, cfg: EchoConfig, sampler: SamplerConfig, key: 
   configs), optionally continuing the given latents `continuation` [B, Tc, D]. Returns [B, Tc + Σ blocks, D].
 
   As upstream Echo does, the prefix buffer holds the whole output (zeros where not yet generated); the latent
-  encoder is causal and the decoder sees only the patches before the block start, so the zeros are never seen.
+  encoder is causal and the decoder sees only the patches that begin before the block start (4p < start_pos, as
+  upstream). So the zeros are not seen when every block starts on a patch boundary (a multiple of 4 frames); a start
+  inside a patch shows the decoder that patch with its not yet generated frames as zeros, as upstream does too.
+  Its text and speaker encoders run again for each block (with the block's prefix).
   """
   if not cfg.blockwise:
     raise ValueError("blockwise sampling needs a blockwise config (model.blockwise=True)")
