@@ -450,7 +450,15 @@ def import_pickle(path: str, template: TrainState) -> tuple[TrainState, int]:
 
 
 def _read_config(path: epath.Path) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(json.loads(path.read_text(encoding="utf-8")))
+  try:
+    values = json.loads(path.read_text(encoding="utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:  # the decoder's message alone did not name the file
+    raise ValueError(f"the checkpoint's config {path} is not readable JSON ({error}): it is damaged; copy it again "
+                     "from the run directory the checkpoint came from") from error
+  if not isinstance(values, dict):
+    raise ValueError(f"the checkpoint's config {path} holds a JSON {type(values).__name__}, not a config: it is "
+                     "damaged; copy it again from the run directory the checkpoint came from")
+  return ml_collections.ConfigDict(values)
 
 
 PARAMS_CHECKSUMS = "checksums.json"

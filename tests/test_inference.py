@@ -201,7 +201,7 @@ def test_each_chunk_fits_the_models_text_length_in_bytes(run_dir, monkeypatch):
 @pytest.mark.parametrize("case", ["empty text", "unreadable reference", "silent reference", "latent_dim mismatch",
                                   "missing checkpoint", "damaged checkpoint", "damaged converted parameters",
                                   "cut-short pickle", "parameters of another config", "output is a directory",
-                                  "nan scale", "infinite duration", "zero duration"])
+                                  "nan scale", "infinite duration", "zero duration", "malformed config.json"])
 def test_bad_input_gives_clear_error_and_no_file(case, run_dir, reference_wav, tmp_path, cli, capsys):
   output = str(tmp_path / "out.wav")
   args = {"checkpoint": run_dir, "text": "Hello there.", "speaker_ref": reference_wav}
@@ -260,6 +260,11 @@ def test_bad_input_gives_clear_error_and_no_file(case, run_dir, reference_wav, t
     extra, expected = ["--duration=inf"], "duration must be a positive number of seconds, got inf"
   elif case == "zero duration":  # it was taken for no --duration: the default
     extra, expected = ["--duration=0"], "duration must be a positive number of seconds, got 0.0"
+  elif case == "malformed config.json":  # the JSON decoder's message alone named no file (found by review)
+    args["checkpoint"] = str(tmp_path / "run")
+    shutil.copytree(run_dir, args["checkpoint"])
+    (tmp_path / "run" / "config.json").write_text('{"model": {"dim": 64,')
+    expected = f"the checkpoint's config {tmp_path / 'run' / 'config.json'} is not readable JSON (Expecting"
   else:
     args["checkpoint"], expected = str(tmp_path / "nowhere"), "checkpoint not found"
   code = cli(*(f"--{k}={v}" for k, v in args.items()), f"--output={output}", "--steps=2", "--duration=0.4", *extra,
