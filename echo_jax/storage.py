@@ -20,6 +20,7 @@ import os
 import posixpath
 import re
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -96,21 +97,33 @@ def write_bytes(path: str, data: bytes) -> None:
 
 def check_writable(path: str) -> None:
   """Raises OSError saying why when `write_bytes` could not write the local file `path` (a directory there, or a
-  directory that cannot be made or written in), so that a long job fails before its work, not after. A remote path
-  is not checked: an object store answers at the write."""
+  directory that cannot be made or written in), so that a long job fails before its work, not after. Nothing is
+  left behind: a job that fails later (a checkpoint not found) must not leave the directories of its output, which
+  `write_bytes` makes at the write. A remote path is not checked: an object store answers at the write."""
   if not is_local(path):
     return
   if os.path.isdir(path):
     raise IsADirectoryError(errno.EISDIR, "is a directory: give a file name in it", path)
-  probe = _partial_of(path)
-  with open(probe, "wb"):
-    pass
-  os.remove(probe)
+  directory = os.path.dirname(os.path.abspath(path))
+  existing = directory
+  while not os.path.lexists(existing):
+    existing = os.path.dirname(existing)
+  if existing == directory:
+    probe = _partial_name(path)
+    with open(probe, "wb"):
+      pass
+    os.remove(probe)
+  else:  # a directory made and removed again where the write would make the first of its directories
+    os.rmdir(tempfile.mkdtemp(prefix=".check_writable-", dir=existing))
 
 
 def _partial_of(path: str) -> str:
   """Where `whole_file` writes the local file `path` before renaming it (its directories made)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  return _partial_name(path)
+
+
+def _partial_name(path: str) -> str:
   return f"{path}.partial"
 
 

@@ -278,6 +278,15 @@ def test_bad_input_gives_clear_error_and_no_file(case, run_dir, reference_wav, t
   assert os.listdir(tmp_path) == [name for name in os.listdir(tmp_path) if not name.startswith("out.wav")]
 
 
+def test_a_failed_run_leaves_no_directories_of_its_output(tmp_path, cli, capsys):
+  """The check that --output can be written made its directories, before the checkpoint was looked for: a failed run
+  left them, though nothing is written on an error (found by review)."""
+  output = tmp_path / "new" / "deeper" / "out.wav"
+  assert cli(f"--checkpoint={tmp_path / 'nowhere'}", "--text=Hello.", f"--output={output}") == 1
+  assert "checkpoint not found" in capsys.readouterr().err
+  assert not (tmp_path / "new").exists()
+
+
 def test_a_checkpoint_of_fish_latents_is_refused_with_the_reason():
   """Upstream's echo_base_fish (config.codec = "fish_pca") trains and exports here; no codec here can speak it."""
   with pytest.raises(ValueError, match=r"the fish_pca codec .* is not implemented here: .* not spoken"):
