@@ -40,7 +40,7 @@ flags.DEFINE_integer("force_speaker_layers", None, "force the speaker in the fir
 flags.DEFINE_float("force_speaker_min_t", None, "stop forcing the speaker once t < this")
 flags.DEFINE_float("duration", None, "seconds of latent frames generated per chunk (speech is cropped at its end); "
                    "default 15 s, or less when the model trained on shorter windows")
-flags.DEFINE_integer("seed", 42, "noise seed")
+flags.DEFINE_integer("seed", 42, "noise seed", lower_bound=0, upper_bound=synthesis.SEED_LIMIT - 1)
 flags.DEFINE_string("codec", None, "mel or dacvae (default: the codec named in the checkpoint's config)")
 flags.DEFINE_string("codec_weights", None, "converted codec weights (dacvae)")
 

@@ -39,6 +39,9 @@ MAX_REFERENCE_SECONDS = 300.0
 MAX_BATCH_CHUNKS = 8
 # A reference whose peak is below -80 dBFS holds no voice to clone (digital silence or a broken recording).
 SILENT_PEAK = 1e-4
+# Seeds are [0, 2**32): JAX (x64 off) keeps a seed's low 32 bits, so seed 2**32 gave seed 0's audio and -1 that of
+# 2**32 - 1, and a seed of 2**64 or more failed after the checkpoint's load (found by review).
+SEED_LIMIT = 2**32
 PRESETS_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "presets",
                             "sampler_presets.json")
 
@@ -75,6 +78,13 @@ def load_preset(name: str, path: str = PRESETS_PATH) -> SamplerConfig:
   if name not in presets:
     raise SynthesisError(f"unknown preset {name!r}; {path} has {sorted(presets)}")
   return presets[name]
+
+
+def check_seed(seed: int) -> None:
+  """Raises SynthesisError unless `seed` is an integer in [0, SEED_LIMIT)."""
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < SEED_LIMIT:
+    raise SynthesisError(f"seed must be an integer from 0 to {SEED_LIMIT - 1} (the noise key holds 32 bits: other "
+                         f"seeds would repeat one of these), got {seed!r}")
 
 
 def split_and_normalize(text: str, max_text_len: int = text_lib.MAX_TEXT_LEN) -> list[str]:
@@ -166,6 +176,7 @@ class Synthesizer:
                        max_batch: int = MAX_BATCH_CHUNKS) -> np.ndarray:
     """Latents [len(chunks), frames, D] for normalised chunks with one speaker (or none), generated in batches of at
     most `max_batch` chunks: batch b with the key `fold_in(key(seed), b)`."""
+    check_seed(seed)
     max_len = self.config.data.max_text_len
     for chunk in chunks:
       if not text_lib.text_bytes_fit(chunk, max_len):

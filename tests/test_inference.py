@@ -173,6 +173,24 @@ def test_chunks_are_generated_in_bounded_batches(run_dir, monkeypatch):
   assert [size for size, _ in batches] == [8, 1]
 
 
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**64, True, 1.5])
+def test_a_seed_outside_32_bits_is_refused(seed, run_dir, monkeypatch):
+  """JAX keeps a seed's low 32 bits: 2**32 gave seed 0's audio, -1 that of 2**32 - 1, and 2**64 an OverflowError
+  traceback after the checkpoint's load (found by review). Refused on the command line and in the library."""
+  synthesizer = synthesis.Synthesizer.from_checkpoint(run_dir, FrameCodec())
+  monkeypatch.setattr(synthesis.sampling, "sample", lambda *args, **kwargs: pytest.fail("sampled"))
+  with pytest.raises(synthesis.SynthesisError, match=rf"seed must be an integer from 0 to 4294967295 .*got {seed!r}"):
+    synthesizer.synthesize("Hello there.", seed=seed, duration=0.8)
+  with pytest.raises(synthesis.SynthesisError, match="seed must be an integer from 0 to 4294967295"):
+    synthesizer.generate_latents(["[S1] Hello there."], None, SamplerConfig(steps=2), 20, seed=seed)
+  if isinstance(seed, int) and not isinstance(seed, bool):
+    try:
+      with pytest.raises(flags.IllegalFlagValueError, match=r"is not an integer in the range \[0, 4294967295\]"):
+        flags.FLAGS(["inference.py", f"--seed={seed}"])
+    finally:
+      flags.FLAGS.unparse_flags()
+
+
 def test_given_speaker_latents_are_cut_to_whole_patches(run_dir, monkeypatch):
   synthesizer = synthesis.Synthesizer.from_checkpoint(run_dir, FrameCodec())
   patch, dim = synthesizer.cfg.speaker_patch, synthesizer.cfg.latent_dim
