@@ -98,8 +98,9 @@ def run() -> synthesis.SynthesisResult:
   synthesizer = synthesis.Synthesizer.from_checkpoint(FLAGS.checkpoint, codec, FLAGS.codec_weights)
   codec = synthesizer.codec
   speaker = synthesizer.reference_latents(FLAGS.speaker_ref) if FLAGS.speaker_ref else None
-  duration = synthesizer.default_duration() if FLAGS.duration is None else FLAGS.duration  # 0 is refused
-  frames = synthesizer.frames_for(duration)
+  config = synthesizer.config
+  duration = synthesis.default_duration(config, codec) if FLAGS.duration is None else FLAGS.duration  # 0 is refused
+  frames = synthesis.window_frames(config, codec, duration)  # synthesize warns of one past the training window
   print(f"sampler: {sampler}")
   print(f"latent frames per chunk: {frames} ({duration:.1f} s at {codec.frame_rate:g} frames/s)")
   result = synthesizer.synthesize(text, speaker, sampler, duration, FLAGS.seed, progress=True)

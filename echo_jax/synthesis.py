@@ -99,6 +99,20 @@ def split_and_normalize(text: str, max_text_len: int = text_lib.MAX_TEXT_LEN) ->
                          f"{error}") from error
 
 
+def default_duration(config: ml_collections.ConfigDict, codec: Codec, longest: float = 15.0) -> float:
+  """`longest` seconds, or the training window when shorter: a model never trained to stop later won't."""
+  return min(longest, config.data.max_frames / codec.frame_rate)
+
+
+def window_frames(config: ml_collections.ConfigDict, codec: Codec, duration: float) -> int:
+  """Latent frames for `duration` seconds, refused with SynthesisError when they cannot be generated. It does not
+  warn of a window longer than the training window: `Synthesizer.frames_for` does, once per generation, and a
+  caller that checks the duration early (inference.py) would have had it printed twice (found by review)."""
+  if not 0 < duration < math.inf:  # NaN fails this too
+    raise SynthesisError(f"duration must be a positive number of seconds, got {duration}")
+  return max(1, int(round(duration * codec.frame_rate)))
+
+
 class Synthesizer:
   """A model (config + params) and a codec, ready to turn text into audio."""
 
@@ -153,15 +167,9 @@ class Synthesizer:
                            f"least {patch}")
     return latents[: latents.shape[0] // patch * patch]
 
-  def default_duration(self, longest: float = 15.0) -> float:
-    """`longest` seconds, or the training window when shorter: a model never trained to stop later won't."""
-    return min(longest, self.config.data.max_frames / self.codec.frame_rate)
-
   def frames_for(self, duration: float) -> int:
-    """Latent frames for `duration` seconds; warns beyond the length the model trained on."""
-    if not 0 < duration < math.inf:  # NaN fails this too
-      raise SynthesisError(f"duration must be a positive number of seconds, got {duration}")
-    frames = max(1, int(round(duration * self.codec.frame_rate)))
+    """Latent frames for `duration` seconds (`window_frames`); warns beyond the length the model trained on."""
+    frames = window_frames(self.config, self.codec, duration)
     if frames > self.config.data.max_frames:
       log.warning("%d frames (%.1f s) is longer than the %d frames the model trained on; quality may suffer",
                   frames, duration, self.config.data.max_frames)
@@ -213,15 +221,16 @@ class Synthesizer:
     return latents
 
   def synthesize(self, text: str, speaker: np.ndarray | None = None, sampler: SamplerConfig | None = None,
-                 duration: float = 15.0, seed: int = 42, progress: bool = False) -> SynthesisResult:
+                 duration: float | None = None, seed: int = 42, progress: bool = False) -> SynthesisResult:
     """Speech for `text` (split, normalised, generated in batches, cropped at each end of speech, concatenated).
 
     speaker: reference latents [Ts, D] (`reference_latents`), or None for no reference.
+    duration: seconds generated per chunk; None for `default_duration`.
     """
     start = time.time()
     sampler = sampler or SamplerConfig()
     chunks = split_and_normalize(text, self.config.data.max_text_len)
-    frames = self.frames_for(duration)
+    frames = self.frames_for(default_duration(self.config, self.codec) if duration is None else duration)
     if speaker is not None:
       speaker = np.asarray(speaker, np.float32)
       if speaker.ndim != 2 or speaker.shape[1] != self.cfg.latent_dim:

@@ -153,6 +153,26 @@ def test_speech_that_runs_to_the_end_of_the_window_is_warned_of(run_dir, monkeyp
   assert len(cut) == 1 and cut[0].startswith("chunk 1 (") and "longer duration (inference.py --duration)" in cut[0]
 
 
+def test_synthesize_generates_the_default_duration_by_default(run_dir, monkeypatch):
+  """synthesize() generated 15 s by default, whatever window the model trained on (found by review)."""
+  synthesizer = synthesis.Synthesizer.from_checkpoint(run_dir, FrameCodec())
+  seen = []
+  monkeypatch.setattr(synthesis.Synthesizer, "generate_latents",
+                      lambda self, chunks, speaker, sampler, frames, *args, **kw: seen.append(frames)
+                      or np.ones((len(chunks), frames, 8)))
+  synthesizer.synthesize("Hello there.")
+  assert seen == [synthesizer.config.data.max_frames]  # the tiny model's 32 frames (1.28 s), not 15 s
+
+
+def test_a_duration_past_the_training_window_is_warned_of_once(run_dir, tmp_path, cli, caplog):
+  """inference.py printed the warning twice: it checked the duration, and synthesize checked it again (found by
+  review)."""
+  assert cli(f"--checkpoint={run_dir}", "--text=Hello there.", f"--output={tmp_path / 'out.wav'}", "--steps=1",
+             "--duration=1.6") == 0
+  warnings = [r.getMessage() for r in caplog.records if "the model trained on" in r.getMessage()]
+  assert warnings == ["40 frames (1.6 s) is longer than the 32 frames the model trained on; quality may suffer"]
+
+
 def test_chunks_are_generated_in_bounded_batches(run_dir, monkeypatch):
   """Every chunk of a text was one batch, whose memory grows with it (a chapter ran out of memory; found by review)."""
   synthesizer = synthesis.Synthesizer.from_checkpoint(run_dir, FrameCodec())
