@@ -16,7 +16,7 @@ import time
 
 from absl import app, flags, logging
 
-from echo_jax import codecs, sampling, storage, synthesis
+from echo_jax import sampling, storage, synthesis
 from echo_jax.codecs import audio as audio_lib
 
 FLAGS = flags.FLAGS
@@ -41,7 +41,8 @@ flags.DEFINE_float("force_speaker_min_t", None, "stop forcing the speaker once t
 flags.DEFINE_float("duration", None, "seconds of latent frames generated per chunk (speech is cropped at its end); "
                    "default 15 s, or less when the model trained on shorter windows")
 flags.DEFINE_integer("seed", 42, "noise seed", lower_bound=0, upper_bound=synthesis.SEED_LIMIT - 1)
-flags.DEFINE_string("codec", None, "mel or dacvae (default: the codec named in the checkpoint's config)")
+flags.DEFINE_string("codec", None, "mel or dacvae, for a checkpoint whose config names no codec (default: the codec "
+                    "named in the checkpoint's config; another one is refused)")
 flags.DEFINE_string("codec_weights", None, "converted codec weights (dacvae)")
 
 # Flag name -> SamplerConfig field, for flags that override the preset only when given.
@@ -94,8 +95,7 @@ def run() -> synthesis.SynthesisResult:
     storage.check_writable(FLAGS.output)  # before the generation, not after it
   except OSError as error:
     raise synthesis.SynthesisError(f"cannot write --output {FLAGS.output}: {error}") from error
-  codec = codecs.get_codec(FLAGS.codec, FLAGS.codec_weights) if FLAGS.codec else None
-  synthesizer = synthesis.Synthesizer.from_checkpoint(FLAGS.checkpoint, codec, FLAGS.codec_weights)
+  synthesizer = synthesis.Synthesizer.from_checkpoint(FLAGS.checkpoint, FLAGS.codec, FLAGS.codec_weights)
   codec = synthesizer.codec
   speaker = synthesizer.reference_latents(FLAGS.speaker_ref) if FLAGS.speaker_ref else None
   config = synthesizer.config

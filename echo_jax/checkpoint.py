@@ -525,44 +525,69 @@ def _restore_step_params(step_dir: epath.Path, abstract_params: Any) -> Any:
   return params
 
 
+def _locate(path: str) -> tuple[str, epath.Path, epath.Path]:
+  """(form, root, config file) of the checkpoint `path`, form one of "pickle", "params", "run" and "step". Raises
+  FileNotFoundError when nothing is at `path`, and a ValueError that says what was expected when it is none of these."""
+  root = storage.orbax_path(path)  # read where it is, local or gs://: Orbax and epath read both the same way
+  if not root.exists():
+    raise FileNotFoundError(f"checkpoint not found: {path}")
+  if root.is_file():
+    return "pickle", root, root.parent / "config.json"
+  if (root / "params").is_dir() and (root / "config.json").exists():
+    return "params", root, root / "config.json"
+  if (root / "checkpoints").is_dir():
+    return "run", root, root / "config.json"
+  if (root / "state").is_dir():
+    return "step", root, root.parent.parent / "config.json"
+  raise ValueError(f"{path} is not a checkpoint: expected a run directory, an Orbax step directory "
+                   "(checkpoints/<step>), a converted parameters directory, or a .pkl file")
+
+
+def _config_of(form: str, config_file: epath.Path, path: str) -> ml_collections.ConfigDict:
+  if form == "pickle" and not config_file.exists():
+    raise ValueError(f"{path} is a pickle checkpoint without a config.json beside it; pass the config")
+  return _read_config(config_file)
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+  """The config of the checkpoint `path` (anything `load_params` reads), without its parameters: what depends on the
+  config alone (the codec, the length of a generation) is checked before the parameters' load, minutes for a large
+  model on gs://. Raises as `load_params` does."""
+  path = path.rstrip("/")
+  form, _, config_file = _locate(path)
+  return _config_of(form, config_file, path)
+
+
 def load_params(path: str, config: ml_collections.ConfigDict | None = None) -> tuple[ml_collections.ConfigDict, Any]:
   """(config, params) from a run directory (its newest complete checkpoint), an Orbax step directory, a
   parameters-only directory (`save_params`), or a plain pickle file (config from `config` or a config.json beside
   it), local or on gs://. Raises FileNotFoundError when nothing is at `path`, and a ValueError that says what was
-  expected when it is none of these."""
+  expected when it is none of these. `config` (e.g. from `load_config`) is used instead of the checkpoint's own."""
   def abstract_params(cfg: ml_collections.ConfigDict) -> Any:
     model = Echo(model_config(cfg))
     return jax.eval_shape(lambda: create_train_state(model, jax.random.key(0), cfg)).params
 
   path = path.rstrip("/")
-  root = storage.orbax_path(path)  # read where it is, local or gs://: Orbax and epath read both the same way
-  if not root.exists():
-    raise FileNotFoundError(f"checkpoint not found: {path}")
-  if root.is_file():
-    if config is None and not (root.parent / "config.json").exists():
-      raise ValueError(f"{path} is a pickle checkpoint without a config.json beside it; pass the config")
-    config = config or _read_config(root.parent / "config.json")
+  form, root, config_file = _locate(path)
+  if form == "run":
+    manager = ocp.CheckpointManager(root / "checkpoints", options=ocp.CheckpointManagerOptions(create=False))
+    steps = manager.all_steps()
+    manager.close()
+    if not steps:
+      raise ValueError(f"run directory {path} has no complete checkpoint yet")
+  if config is None:
+    config = _config_of(form, config_file, path)
+  if form == "pickle":
     template = jax.eval_shape(lambda: create_train_state(Echo(model_config(config)), jax.random.key(0), config))
     state, _ = import_pickle(path, template)
     return config, state.params
-  if (root / "params").is_dir() and (root / "config.json").exists():
-    config = config or _read_config(root / "config.json")
+  if form == "params":
     params = _restore_params(root / "params", abstract_params(config), nested=False,
                              damaged_advice=lambda: "copy or convert them again")
     if (root / PARAMS_CHECKSUMS).exists():  # absent from directories written before checksums were stored
       verify_checksums(json.loads((root / PARAMS_CHECKSUMS).read_text()), params, where=f"{path}: ",
                        advice=". This copy of the parameters is damaged: copy or convert them again")
     return config, params
-  if (root / "checkpoints").is_dir():
-    manager = ocp.CheckpointManager(root / "checkpoints", options=ocp.CheckpointManagerOptions(create=False))
-    steps = manager.all_steps()
-    manager.close()
-    if not steps:
-      raise ValueError(f"run directory {path} has no complete checkpoint yet")
-    config = config or _read_config(root / "config.json")
+  if form == "run":
     return config, _restore_step_params(root / "checkpoints" / str(max(steps)), abstract_params(config))
-  if (root / "state").is_dir():
-    config = config or _read_config(root.parent.parent / "config.json")
-    return config, _restore_step_params(root, abstract_params(config))
-  raise ValueError(f"{path} is not a checkpoint: expected a run directory, an Orbax step directory "
-                   "(checkpoints/<step>), a converted parameters directory, or a .pkl file")
+  return config, _restore_step_params(root, abstract_params(config))

@@ -316,6 +316,29 @@ def test_bad_input_gives_clear_error_and_no_file(case, run_dir, reference_wav, t
   assert os.listdir(tmp_path) == [name for name in os.listdir(tmp_path) if not name.startswith("out.wav")]
 
 
+def test_a_codec_other_than_the_checkpoints_is_refused(run_dir, tmp_path, cli, capsys, monkeypatch):
+  """mel and dacvae both make 128-d latents at 25 frames/s: a DACVAE model's latents decoded with --codec mel passed
+  every check, and the run wrote noise and succeeded (found by review). A config that names no codec takes one."""
+  config, params = load_params(run_dir)
+  config.codec = "dacvae"
+  save_params(params, config, str(tmp_path / "dacvae_model"))
+  output = tmp_path / "out.wav"
+  assert cli(f"--checkpoint={tmp_path / 'dacvae_model'}", "--text=Hello.", "--codec=mel", f"--output={output}",
+             "--steps=1", "--duration=0.4") == 1
+  assert ("error: the checkpoint was trained on dacvae latents (its config.codec='dacvae'); the mel codec cannot "
+          "speak them: leave out --codec, or give --codec dacvae") in capsys.readouterr().err
+  assert not output.exists()
+  # Refused before the parameters are read, as in the library.
+  monkeypatch.setattr(synthesis.checkpoint, "load_params", lambda *args: pytest.fail("parameters read"))
+  with pytest.raises(synthesis.SynthesisError, match="trained on dacvae latents"):
+    synthesis.Synthesizer.from_checkpoint(str(tmp_path / "dacvae_model"), "mel")
+  monkeypatch.undo()
+  assert cli(f"--checkpoint={tmp_path / 'dacvae_model'}", "--text=Hello.", "--codec=dacvae", "--codec_weights=w",
+             f"--output={output}", "--steps=1", "--duration=0.4") == 0  # the test codec stands for dacvae
+  assert cli(f"--checkpoint={run_dir}", "--text=Hello.", "--codec=mel", f"--output={output}", "--steps=1",
+             "--duration=0.4") == 0  # the tiny config's codec is "none"
+
+
 def test_a_failed_run_leaves_no_directories_of_its_output(tmp_path, cli, capsys):
   """The check that --output can be written made its directories, before the checkpoint was looked for: a failed run
   left them, though nothing is written on an error (found by review)."""
