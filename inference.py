@@ -3,9 +3,11 @@
     python inference.py --checkpoint runs/demo --text "Hello there." --speaker_ref ref.wav --output out.wav \
         [--preset balanced] [--cfg_scale 3.0 | --cfg_text 3 --cfg_speaker 8] [--cfg_mode independent|joint|alternating]
         [--steps 32] [--duration 15] [--seed 42] [--force_speaker 1.5] [--codec mel|dacvae --codec_weights F]
+        [--batch_chunks 8]
 
 Settings apply in this order: SamplerConfig defaults, then --preset, then every flag given on the command line.
---cfg_scale alone selects joint guidance. On any error nothing is written to --output.
+--cfg_scale alone selects joint guidance. On any error nothing is written to --output; what depends on the
+checkpoint's config alone (--codec, --duration) is checked before its parameters are loaded.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import os
 import sys
 import time
 
+import jax
 from absl import app, flags, logging
 
-from echo_jax import sampling, storage, synthesis
+from echo_jax import checkpoint, sampling, storage, synthesis
 from echo_jax.codecs import audio as audio_lib
 
 FLAGS = flags.FLAGS
@@ -39,7 +42,10 @@ flags.DEFINE_float("force_speaker", None, "speaker K/V scale ('force speaker', e
 flags.DEFINE_integer("force_speaker_layers", None, "force the speaker in the first N decoder layers (default all)")
 flags.DEFINE_float("force_speaker_min_t", None, "stop forcing the speaker once t < this")
 flags.DEFINE_float("duration", None, "seconds of latent frames generated per chunk (speech is cropped at its end); "
-                   "default 15 s, or less when the model trained on shorter windows")
+                   "default 15 s, or less when the model trained on shorter windows; at most "
+                   f"{synthesis.MAX_TRAINING_WINDOWS} training windows (config.data.max_frames)")
+flags.DEFINE_integer("batch_chunks", synthesis.MAX_BATCH_CHUNKS,
+                     "chunks generated at once: fewer need less device memory", lower_bound=1)
 flags.DEFINE_integer("seed", 42, "noise seed", lower_bound=0, upper_bound=synthesis.SEED_LIMIT - 1)
 flags.DEFINE_string("codec", None, "mel or dacvae, for a checkpoint whose config names no codec (default: the codec "
                     "named in the checkpoint's config; another one is refused)")
@@ -95,15 +101,25 @@ def run() -> synthesis.SynthesisResult:
     storage.check_writable(FLAGS.output)  # before the generation, not after it
   except OSError as error:
     raise synthesis.SynthesisError(f"cannot write --output {FLAGS.output}: {error}") from error
-  synthesizer = synthesis.Synthesizer.from_checkpoint(FLAGS.checkpoint, FLAGS.codec, FLAGS.codec_weights)
-  codec = synthesizer.codec
-  speaker = synthesizer.reference_latents(FLAGS.speaker_ref) if FLAGS.speaker_ref else None
-  config = synthesizer.config
+  # The config and the codec first: what depends on them alone is refused before the parameters' load (minutes for a
+  # large model on gs://). The codec is built for its frame rate, which the length of the window depends on.
+  config = checkpoint.load_config(FLAGS.checkpoint)
+  codec = synthesis.codec_for(config, FLAGS.codec, FLAGS.codec_weights)
   duration = synthesis.default_duration(config, codec) if FLAGS.duration is None else FLAGS.duration  # 0 is refused
   frames = synthesis.window_frames(config, codec, duration)  # synthesize warns of one past the training window
+  synthesizer = synthesis.Synthesizer.from_checkpoint(FLAGS.checkpoint, codec, config=config)
+  speaker = synthesizer.reference_latents(FLAGS.speaker_ref) if FLAGS.speaker_ref else None
   print(f"sampler: {sampler}")
   print(f"latent frames per chunk: {frames} ({duration:.1f} s at {codec.frame_rate:g} frames/s)")
-  result = synthesizer.synthesize(text, speaker, sampler, duration, FLAGS.seed, progress=True)
+  try:
+    result = synthesizer.synthesize(text, speaker, sampler, duration, FLAGS.seed, progress=True,
+                                    max_batch=FLAGS.batch_chunks)
+  except jax.errors.JaxRuntimeError as error:
+    if "RESOURCE_EXHAUSTED" not in str(error):
+      raise
+    raise synthesis.SynthesisError(
+        f"the generation ran out of memory on the device ({str(error).splitlines()[0]}); try a shorter --duration "
+        f"(now {duration:g} s) or fewer chunks per batch (--batch_chunks, now {FLAGS.batch_chunks})") from error
   for index, chunk in enumerate(result.chunks):
     print(f"chunk {index}: {chunk!r} -> {result.latents[index].shape[0] / codec.frame_rate:.2f} s")
   audio_lib.write_wav(FLAGS.output, result.audio, result.sample_rate)

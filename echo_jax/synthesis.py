@@ -37,6 +37,12 @@ MAX_REFERENCE_SECONDS = 300.0
 # layer's context K/V (0.4 GB for echo_1p3b with a 5-minute reference, three times that under independent guidance),
 # so a whole chapter in one batch ran out of memory (found by review).
 MAX_BATCH_CHUNKS = 8
+# The longest window generated, in training windows (config.data.max_frames). Past the training window the model was
+# never taught to end speech, and a generation's memory grows with its frames: --duration 100000 warned, loaded
+# everything, then died out of memory with a traceback (found by review). Four windows (102 s for the base config's
+# 25.6 s) are four times the longest speech a 300-character chunk holds, room to try a longer window, while a typo
+# or a whole text's length meant for one chunk is refused before anything is loaded.
+MAX_TRAINING_WINDOWS = 4
 # A reference whose peak is below -80 dBFS holds no voice to clone (digital silence or a broken recording).
 SILENT_PEAK = 1e-4
 # Seeds are [0, 2**32): JAX (x64 off) keeps a seed's low 32 bits, so seed 2**32 gave seed 0's audio and -1 that of
@@ -117,12 +123,21 @@ def default_duration(config: ml_collections.ConfigDict, codec: Codec, longest: f
 
 
 def window_frames(config: ml_collections.ConfigDict, codec: Codec, duration: float) -> int:
-  """Latent frames for `duration` seconds, refused with SynthesisError when they cannot be generated. It does not
-  warn of a window longer than the training window: `Synthesizer.frames_for` does, once per generation, and a
-  caller that checks the duration early (inference.py) would have had it printed twice (found by review)."""
+  """Latent frames for `duration` seconds, refused with SynthesisError when not positive or longer than
+  MAX_TRAINING_WINDOWS training windows. It does not warn of a window longer than the training window:
+  `Synthesizer.frames_for` does, once per generation, and a caller that checks the duration early (inference.py)
+  would have had it printed twice (found by review)."""
   if not 0 < duration < math.inf:  # NaN fails this too
     raise SynthesisError(f"duration must be a positive number of seconds, got {duration}")
-  return max(1, int(round(duration * codec.frame_rate)))
+  frames = max(1, int(round(duration * codec.frame_rate)))
+  window = config.data.max_frames
+  if frames > MAX_TRAINING_WINDOWS * window:
+    raise SynthesisError(
+        f"duration {duration:g} s ({frames} latent frames) is more than {MAX_TRAINING_WINDOWS} times the "
+        f"{window / codec.frame_rate:g} s ({window} frames, config.data.max_frames) the model trained on: give at "
+        f"most {MAX_TRAINING_WINDOWS * window / codec.frame_rate:g} s (inference.py --duration); a longer text is "
+        "split into chunks, each generated in a window of its own")
+  return frames
 
 
 class Synthesizer:
@@ -238,8 +253,10 @@ class Synthesizer:
     return latents
 
   def synthesize(self, text: str, speaker: np.ndarray | None = None, sampler: SamplerConfig | None = None,
-                 duration: float | None = None, seed: int = 42, progress: bool = False) -> SynthesisResult:
-    """Speech for `text` (split, normalised, generated in batches, cropped at each end of speech, concatenated).
+                 duration: float | None = None, seed: int = 42, progress: bool = False,
+                 max_batch: int = MAX_BATCH_CHUNKS) -> SynthesisResult:
+    """Speech for `text` (split, normalised, generated in batches of at most `max_batch` chunks, cropped at each end
+    of speech, concatenated).
 
     speaker: reference latents [Ts, D] (`reference_latents`), or None for no reference.
     duration: seconds generated per chunk; None for `default_duration`.
@@ -253,7 +270,7 @@ class Synthesizer:
       if speaker.ndim != 2 or speaker.shape[1] != self.cfg.latent_dim:
         raise SynthesisError(f"speaker latents must be [Ts, {self.cfg.latent_dim}], got {speaker.shape}")
       speaker = self._whole_patches(speaker, "the speaker latents")
-    latents = self.generate_latents(chunks, speaker, sampler, frames, seed, progress)
+    latents = self.generate_latents(chunks, speaker, sampler, frames, seed, progress, max_batch)
     cropped, pieces = [], []
     for index, chunk_latents in enumerate(latents):
       end = sampling.end_of_speech(chunk_latents, self.pad_latent)

@@ -173,6 +173,46 @@ def test_a_duration_past_the_training_window_is_warned_of_once(run_dir, tmp_path
   assert warnings == ["40 frames (1.6 s) is longer than the 32 frames the model trained on; quality may suffer"]
 
 
+def test_a_duration_of_more_than_four_training_windows_is_refused_before_the_load(run_dir, tmp_path, cli, capsys,
+                                                                                  monkeypatch):
+  """--duration 100000 warned, loaded everything, then died out of memory with a traceback (found by review)."""
+  synthesizer = synthesis.Synthesizer.from_checkpoint(run_dir, FrameCodec())
+  assert synthesizer.frames_for(4 * 32 / 25) == 128  # four of the tiny model's 32-frame windows are allowed
+  with pytest.raises(synthesis.SynthesisError, match=r"duration 5.2 s \(130 latent frames\) is more than 4 times"):
+    synthesizer.synthesize("Hello there.", duration=5.2)
+  monkeypatch.setattr(synthesis.checkpoint, "load_params", lambda *args: pytest.fail("parameters read"))
+  output = tmp_path / "out.wav"
+  assert cli(f"--checkpoint={run_dir}", "--text=Hello.", f"--output={output}", "--duration=100000") == 1
+  assert ("error: duration 100000 s (2500000 latent frames) is more than 4 times the 1.28 s (32 frames, "
+          "config.data.max_frames) the model trained on: give at most 5.12 s (inference.py --duration)"
+          ) in capsys.readouterr().err
+  assert not output.exists()
+
+
+def test_running_out_of_device_memory_is_an_error_with_advice(run_dir, tmp_path, cli, capsys, monkeypatch):
+  """It ended in a JaxRuntimeError traceback (found by review); fewer chunks at once need less memory."""
+  batches = []
+
+  def sample(params, cfg, sampler, key, text, *args, **kwargs):
+    batches.append(text.shape[0])
+    if text.shape[0] > 1:
+      raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 300013787860232 bytes.\nmore")
+    return np.ones((1, 20, 8), np.float32)
+
+  monkeypatch.setattr(synthesis.sampling, "sample", sample)
+  output = tmp_path / "out.wav"
+  args = (f"--checkpoint={run_dir}", "--text=Hello there. This sentence is long enough to need a second chunk.",
+          f"--output={output}", "--duration=0.8")
+  assert cli(*args) == 1
+  err = capsys.readouterr().err
+  assert ("error: the generation ran out of memory on the device (RESOURCE_EXHAUSTED: Out of memory allocating "
+          "300013787860232 bytes.); try a shorter --duration (now 0.8 s) or fewer chunks per batch (--batch_chunks, "
+          "now 8)") in err
+  assert "Traceback" not in err and not output.exists()
+  batches.clear()
+  assert cli(*args, "--batch_chunks=1") == 0 and len(batches) >= 2 and set(batches) == {1}
+
+
 def test_chunks_are_generated_in_bounded_batches(run_dir, monkeypatch):
   """Every chunk of a text was one batch, whose memory grows with it (a chapter ran out of memory; found by review)."""
   synthesizer = synthesis.Synthesizer.from_checkpoint(run_dir, FrameCodec())
