@@ -1,7 +1,8 @@
 """Text (+ a reference voice) to speech with a trained Echo checkpoint: the library behind `inference.py`.
 
     text ─► chunks (≤ 300 chars, ≤ max_text_len bytes normalised, sentence > clause > word) ─► bytes
-    reference audio ─► mono, codec rate, peak-limited, ≤ 5 min ─► codec.encode ─► speaker latents
+    reference audio ─► mono, codec rate, peak-limited, ≤ 5 min ─► codec.encode ─► speaker latents, the middle
+        config.data.max_ref_frames of them
     chunks in batches of ≤ 8 ─► sampling.sample ─► per chunk: crop at the end of speech ─► codec.decode ─► concatenate
 
 Every bad input (empty text, unreadable or silent reference, a codec other than the one the checkpoint was trained
@@ -180,7 +181,7 @@ class Synthesizer:
     return load_pad_latent(path, self.cfg.latent_dim)
 
   def reference_latents(self, path: str) -> np.ndarray:
-    """Speaker latents [Ts, D] (Ts a multiple of the patch size) of an audio file, capped at 5 minutes."""
+    """Speaker latents [Ts, D] of an audio file (read up to 5 minutes of it), as `speaker_latents` gives them."""
     try:
       audio = audio_lib.load_audio(path, self.codec.sample_rate, MAX_REFERENCE_SECONDS)
     except (OSError, ValueError) as error:
@@ -188,16 +189,28 @@ class Synthesizer:
     if float(np.max(np.abs(audio))) < SILENT_PEAK:
       raise SynthesisError(f"the speaker reference {path} is silent (peak below {SILENT_PEAK}); give a recording "
                            "of the voice to clone")
-    return self._whole_patches(np.asarray(self.codec.encode(audio), np.float32), f"the speaker reference {path}")
+    return self.speaker_latents(self.codec.encode(audio), f"the speaker reference {path}")
 
-  def _whole_patches(self, latents: np.ndarray, source: str) -> np.ndarray:
-    """Speaker latents [Ts, D] cut to whole patches (the speaker encoder reads patches); `source` names them in the
-    error when they are shorter than one patch."""
-    patch = self.cfg.speaker_patch
-    if latents.shape[0] < patch:
-      raise SynthesisError(f"too short: {source}: {latents.shape[0]} latent frames, the speaker encoder needs at "
-                           f"least {patch}")
-    return latents[: latents.shape[0] // patch * patch]
+  def speaker_latents(self, latents: np.ndarray, source: str = "the speaker latents", warn: bool = True) -> np.ndarray:
+    """Speaker latents [Ts, D] as training showed them to the model: whole patches (the speaker encoder reads
+    patches) and at most config.data.max_ref_frames, the middle of longer ones, cut with a warning unless `warn` is
+    False. `source` names them in the error and the warning."""
+    latents = np.asarray(latents, np.float32)
+    if latents.ndim != 2 or latents.shape[1] != self.cfg.latent_dim:
+      raise SynthesisError(f"{source} must be [Ts, {self.cfg.latent_dim}] latents, got shape {latents.shape}")
+    patch, given = self.cfg.speaker_patch, latents.shape[0]
+    if given < patch:
+      raise SynthesisError(f"too short: {source}: {given} latent frames, the speaker encoder needs at least {patch}")
+    longest = self.config.data.max_ref_frames
+    frames = min(given, longest) // patch * patch
+    if given > longest and warn:  # a reference up to 5 minutes long was used whole, never seen in training
+      rate = self.codec.frame_rate
+      log.warning("%s: cut from %.1f s to the middle %.1f s, the longest reference the model trained on "
+                  "(config.data.max_ref_frames=%d frames)", source, given / rate, frames / rate, longest)
+    # The middle: training crops each reference at a uniformly drawn start (data/pipeline.py), which is the middle on
+    # average, and a recording's edges are where its silence, breaths and cut-off words are.
+    start = (given - frames) // 2
+    return latents[start:start + frames]
 
   def frames_for(self, duration: float) -> int:
     """Latent frames for `duration` seconds (`window_frames`); warns beyond the length the model trained on."""
@@ -258,7 +271,8 @@ class Synthesizer:
     """Speech for `text` (split, normalised, generated in batches of at most `max_batch` chunks, cropped at each end
     of speech, concatenated).
 
-    speaker: reference latents [Ts, D] (`reference_latents`), or None for no reference.
+    speaker: reference latents [Ts, D] (`reference_latents`; cut as `speaker_latents` cuts them), or None for no
+    reference.
     duration: seconds generated per chunk; None for `default_duration`.
     """
     start = time.time()
@@ -266,10 +280,7 @@ class Synthesizer:
     chunks = split_and_normalize(text, self.config.data.max_text_len)
     frames = self.frames_for(default_duration(self.config, self.codec) if duration is None else duration)
     if speaker is not None:
-      speaker = np.asarray(speaker, np.float32)
-      if speaker.ndim != 2 or speaker.shape[1] != self.cfg.latent_dim:
-        raise SynthesisError(f"speaker latents must be [Ts, {self.cfg.latent_dim}], got {speaker.shape}")
-      speaker = self._whole_patches(speaker, "the speaker latents")
+      speaker = self.speaker_latents(speaker)
     latents = self.generate_latents(chunks, speaker, sampler, frames, seed, progress, max_batch)
     cropped, pieces = [], []
     for index, chunk_latents in enumerate(latents):

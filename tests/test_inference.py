@@ -233,6 +233,32 @@ def test_chunks_are_generated_in_bounded_batches(run_dir, monkeypatch):
   assert [size for size, _ in batches] == [8, 1]
 
 
+def test_a_reference_longer_than_the_training_references_is_cut_to_its_middle(run_dir, reference_wav, tmp_path, cli,
+                                                                               monkeypatch, caplog):
+  """Training crops references to config.data.max_ref_frames; inference used up to 5 minutes of one, unwarned (found
+  by review). A file and given latents are cut alike, with one warning."""
+  synthesizer = synthesis.Synthesizer.from_checkpoint(run_dir, FrameCodec())
+  longest = synthesizer.config.data.max_ref_frames  # 16 frames (0.64 s) for the tiny model
+  audio, _ = soundfile.read(reference_wav, dtype="float32")
+  whole = FrameCodec().encode(audio)  # 50 frames (2 s)
+  np.testing.assert_allclose(synthesizer.reference_latents(reference_wav), whole[17:17 + longest], atol=1e-4)
+  seen = []
+  monkeypatch.setattr(synthesis.Synthesizer, "generate_latents",
+                      lambda self, chunks, speaker, *args, **kw: seen.append(speaker) or np.ones((1, 20, 8)))
+  synthesizer.synthesize("Hello there.", speaker=np.arange(40 * 8, dtype=np.float32).reshape(40, 8), duration=0.8)
+  np.testing.assert_array_equal(seen[0], np.arange(12 * 8, 28 * 8).reshape(16, 8))
+  assert [r.getMessage() for r in caplog.records if "cut from" in r.getMessage()] == [
+      f"the speaker reference {reference_wav}: cut from 2.0 s to the middle 0.6 s, the longest reference the model "
+      "trained on (config.data.max_ref_frames=16 frames)",
+      "the speaker latents: cut from 1.6 s to the middle 0.6 s, the longest reference the model trained on "
+      "(config.data.max_ref_frames=16 frames)"]
+  monkeypatch.undo()
+  caplog.clear()
+  assert cli(f"--checkpoint={run_dir}", "--text=Hello.", f"--speaker_ref={reference_wav}", "--steps=1",
+             "--duration=0.4", f"--output={tmp_path / 'out.wav'}") == 0
+  assert len([r for r in caplog.records if "cut from" in r.getMessage()]) == 1
+
+
 @pytest.mark.parametrize("seed", [-1, 2**32, 2**64, True, 1.5])
 def test_a_seed_outside_32_bits_is_refused(seed, run_dir, monkeypatch):
   """JAX keeps a seed's low 32 bits: 2**32 gave seed 0's audio, -1 that of 2**32 - 1, and 2**64 an OverflowError

@@ -166,7 +166,9 @@ def make_sample_hook(codec: Codec, examples: Sequence[SampleExample] | HeldOutEx
       seconds = duration or trainer.config.data.max_frames / codec.frame_rate
       relative = f"samples/step_{info.step}"
       for index, example in enumerate(listed):
-        result = synthesizer.synthesize(example.text, example.speaker, sampler, seconds, seed + index)
+        # Held-out references are whole recordings: cut to the training length quietly, not with a warning each time.
+        speaker = None if example.speaker is None else synthesizer.speaker_latents(example.speaker, warn=False)
+        result = synthesizer.synthesize(example.text, speaker, sampler, seconds, seed + index)
         write_sample(storage.join(trainer.workdir, relative), index, " ".join(result.chunks), result.audio,
                      result.sample_rate)
       trainer.log.event("samples_written", step=info.step, directory=relative, count=len(listed))
