@@ -3,7 +3,8 @@
     text ─► chunks (≤ 300 chars, ≤ max_text_len bytes normalised, sentence > clause > word) ─► bytes
     reference audio ─► mono, codec rate, peak-limited, ≤ 5 min ─► codec.encode ─► speaker latents, the middle
         config.data.max_ref_frames of them
-    chunks in batches of ≤ 8 ─► sampling.sample ─► per chunk: crop at the end of speech ─► codec.decode ─► concatenate
+    chunks in batches of ≤ 8 ─► sampling.sample ─► per chunk: codec.decode of the window ─► audio cut at the end of
+        speech ─► concatenate
 
 Every bad input (empty text, unreadable or silent reference, a codec other than the one the checkpoint was trained
 with, or whose latent size differs from the checkpoint's) raises `SynthesisError` before anything is written.
@@ -292,6 +293,10 @@ class Synthesizer:
         log.warning("chunk %d (%r) did not end in silence within %.1f s: its speech may be cut off; give it a "
                     "longer duration (inference.py --duration)", index, chunks[index], frames / self.codec.frame_rate)
       cropped.append(chunk_latents[:end])
-      pieces.append(np.asarray(self.codec.decode(chunk_latents[:end]), np.float32))
+      # The whole window is decoded, then its audio cut at the end of speech (DESIGN §8, as upstream): a decoder's
+      # convolutions see past a frame, so the last words decoded alone came out otherwise than within the window; and
+      # one window length compiles the decoder once, where each cropped length compiled it again (seconds each).
+      audio = np.asarray(self.codec.decode(chunk_latents), np.float32)
+      pieces.append(audio[: round(end * self.codec.sample_rate / self.codec.frame_rate)])
     return SynthesisResult(audio=np.concatenate(pieces), sample_rate=self.codec.sample_rate, chunks=chunks,
                            latents=cropped, generation_seconds=time.time() - start)
