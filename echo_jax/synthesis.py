@@ -229,20 +229,26 @@ class Synthesizer:
                        frames: int, seed: int, progress: bool = False,
                        max_batch: int = MAX_BATCH_CHUNKS) -> np.ndarray:
     """Latents [len(chunks), frames, D] for normalised chunks with one speaker (or none), generated in batches of at
-    most `max_batch` chunks: batch b with the key `fold_in(key(seed), b)`."""
+    most `max_batch` chunks: batch b with the key `fold_in(key(seed), b)`. When there are several, the last is filled
+    up to `max_batch` with its last chunk again (its rows dropped): a batch of another size compiled the sampler a
+    second time (a model's whole sampling loop), and a row's noise does not depend on the batch's size."""
     check_seed(seed)
     max_len = self.config.data.max_text_len
     for chunk in chunks:
       if not text_lib.text_bytes_fit(chunk, max_len):
         log.warning("chunk of %d bytes is cut to the model's %d text tokens: %r", len(chunk.encode()), max_len, chunk)
-    starts = range(0, len(chunks), max_batch)
-    self._progress = tqdm(total=sampler.steps * len(starts), desc="sampling", disable=not progress,
+    batches = [list(chunks[start:start + max_batch]) for start in range(0, len(chunks), max_batch)]
+    last = len(batches[-1])
+    if len(batches) > 1:
+      batches[-1] += batches[-1][-1:] * (max_batch - last)
+    self._progress = tqdm(total=sampler.steps * len(batches), desc="sampling", disable=not progress,
                           dynamic_ncols=True)
     try:
-      return np.concatenate([
-          self._generate_batch(chunks[start:start + max_batch], speaker, sampler, frames,
-                               jax.random.fold_in(jax.random.key(seed), index), progress)
-          for index, start in enumerate(starts)])
+      latents = np.concatenate([
+          self._generate_batch(batch, speaker, sampler, frames, jax.random.fold_in(jax.random.key(seed), index),
+                               progress)
+          for index, batch in enumerate(batches)])
+      return latents[: len(chunks)]
     finally:
       self._progress.close()
       self._progress = None

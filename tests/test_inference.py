@@ -242,12 +242,16 @@ def test_chunks_are_generated_in_bounded_batches(run_dir, monkeypatch):
   monkeypatch.setattr(synthesis.sampling, "sample", sample)
   chunks = [f"[S1] chunk {i}." for i in range(5)]
   latents = synthesizer.generate_latents(chunks, None, SamplerConfig(steps=2), 20, seed=7, max_batch=2)
-  assert [size for size, _ in batches] == [2, 2, 1]
+  # The last batch is filled up to the others' size: a batch of another size compiled the sampler again.
+  assert [size for size, _ in batches] == [2, 2, 2]
   assert len({key for _, key in batches}) == 3  # a key of its own per batch
   assert latents.shape == (5, 20, 8) and latents[:, 0, 0].tolist() == [1, 1, 2, 2, 3]
   batches.clear()  # by default, at most 8 at once
   synthesizer.generate_latents([f"[S1] chunk {i}." for i in range(9)], None, SamplerConfig(steps=2), 20, seed=7)
-  assert [size for size, _ in batches] == [8, 1]
+  assert [size for size, _ in batches] == [8, 8]
+  batches.clear()  # a single batch is as long as the text
+  synthesizer.generate_latents(chunks[:3], None, SamplerConfig(steps=2), 20, seed=7)
+  assert [size for size, _ in batches] == [3]
 
 
 def test_a_reference_longer_than_the_training_references_is_cut_to_its_middle(run_dir, reference_wav, tmp_path, cli,
