@@ -31,7 +31,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import BinaryIO
 
 import fsspec
@@ -266,24 +266,36 @@ class _Download:
     threading.Thread(target=self._run, args=(self._attempt_id,), name="echo-shard-download", daemon=True).start()
     self._start_watch(self.stall_timeout)
 
+  def _timer(self, delay: float, function: Callable[[int], None]) -> threading.Timer:
+    """Under the lock: calls `function(attempt id now)` in `delay` seconds on a daemon thread; raises RuntimeError
+    when no thread can start."""
+    timer = threading.Timer(delay, function, args=(self._attempt_id,))
+    timer.daemon = True
+    timer.start()
+    return timer
+
   def _start_watch(self, delay: float) -> None:
     """Under the lock: the current attempt's stall is checked in `delay` seconds (`_watch_stall`)."""
-    watch = threading.Timer(delay, self._watch_stall, args=(self._attempt_id,))
-    watch.daemon = True
     try:
-      watch.start()
+      self._watch = self._timer(delay, self._watch_stall)
     except RuntimeError as failure:  # no thread to be had: the reader's `check_stall` still finds the stall
       logging.warning("the stall watch of shard %s could not start (%s)", self.url, describe(failure))
-      watch = None
-    self._watch = watch
+      self._watch = None
+
+  def _stall_left(self, attempt_id: int) -> float | None:
+    """Under the lock: the seconds until attempt `attempt_id` has received nothing for `stall_timeout` (at most 0: it
+    has), or None when it does not run (abandoned, waiting to be retried, or done)."""
+    if not self._current(attempt_id) or self._retry is not None or self.done.is_set():
+      return None
+    return self.progress_time + self.stall_timeout - time.monotonic()
 
   def _watch_stall(self, attempt_id: int) -> None:
     """The stall watch of attempt `attempt_id`, due when it would have received nothing for `stall_timeout` seconds:
     fails it then, or, when bytes came meanwhile, looks again when the last of them is that old."""
     with self._lock:
-      if not self._current(attempt_id) or self.done.is_set():
+      left = self._stall_left(attempt_id)
+      if left is None:
         return
-      left = self.progress_time + self.stall_timeout - time.monotonic()
       if left > 0:
         self._start_watch(left)
         return
@@ -312,9 +324,8 @@ class _Download:
     """Fails the current attempt when it has received nothing for `stall_timeout` seconds."""
     with self._lock:
       attempt_id = self._attempt_id
-      stalled = (self._retry is None and not self.done.is_set()
-                 and time.monotonic() - self.progress_time >= self.stall_timeout)
-    if stalled:
+      left = self._stall_left(attempt_id)
+    if left is not None and left <= 0:
       self._stalled(attempt_id)
 
   def _stalled(self, attempt_id: int) -> None:
@@ -337,15 +348,11 @@ class _Download:
         wait = retry_wait_s(self.attempts, self.retry_wait, error)
         logging.warning("download %d of %d of shard %s failed (%s); retrying in %.1f s", self.attempts, self.retries,
                         self.url, cause, wait)
-        retry = threading.Timer(wait, self._start_retry, args=(self._attempt_id,))
-        retry.daemon = True
         try:
-          retry.start()
+          self._retry = self._timer(wait, self._start_retry)
         except RuntimeError as failure:  # no thread to be had: given up, or the reader would wait for it for ever
           self.cause = f"{cause}; its retry could not start ({describe(failure)})"
           self.done.set()
-        else:
-          self._retry = retry
     _close(target)
 
   def _start_retry(self, attempt_id: int) -> None:
