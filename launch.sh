@@ -247,20 +247,22 @@ worker_run() {
   ECHO_TRAINER="$HERE/train_pretrain.py" ECHO_PYTHON="$python" nohup setsid \
     bash -c '"$ECHO_PYTHON" -u "$ECHO_TRAINER" "$@"; echo "$? '"$launch"'" > "'"$status"'"' _ "$@" >> "$log" 2>&1 \
     < /dev/null &
-  local pid=$! code
+  local pid=$!
   tail -n +1 -f --pid="$pid" "$log" || true
   wait "$pid" || true  # the status below is the trainer's, written when the detached shell ends
-  code=$(launch_status "$status" "$launch") || { echo "$TRAINER_GONE (worker $worker)" >&2; exit 1; }
-  exit_as_trainer "$code"
+  exit_as_trainer "$status" "$launch" "$worker"
 }
 
-# Exits with the trainer's status STATUS, saying so first: ssh's own exit status for a dropped session is 255, so
-# launch.sh looks for this line to tell a trainer that exited 255 from a session to re-attach, and takes the
-# trainer's status from it (trainer_status). A 255 leaves as 1: gcloud takes a command's 255 for ssh's and runs the
-# command again (claim_session).
+# exit_as_trainer STATUS_FILE LAUNCH WORKER: exits with the status that LAUNCH's trainer wrote to STATUS_FILE
+# (launch_status), saying so first: ssh's own exit status for a dropped session is 255, so launch.sh looks for this
+# line to tell a trainer that exited 255 from a session to re-attach, and takes the trainer's status from it
+# (trainer_status). A 255 leaves as 1: gcloud takes a command's 255 for ssh's and runs the command again
+# (claim_session). Without such a status, says TRAINER_GONE and exits 1.
 exit_as_trainer() {
-  echo "$TRAINER_EXITED $1"
-  exit $(($1 == 255 ? 1 : $1))
+  local code
+  code=$(launch_status "$1" "$2") || { echo "$TRAINER_GONE (worker $3)" >&2; exit 1; }
+  echo "$TRAINER_EXITED $code"
+  exit $((code == 255 ? 1 : code))
 }
 
 # Runs on a TPU worker first in each session that launch.sh starts there (named by ECHO_SESSION, LAUNCH/SESSION):
@@ -345,9 +347,7 @@ worker_attach() {
   done
   sleep 1  # the status is written just after the trainer exits
   kill "$tailer" 2>/dev/null || true
-  local code
-  code=$(launch_status "$status" "$launch") || { echo "$TRAINER_GONE (worker $worker)" >&2; exit 1; }
-  exit_as_trainer "$code"
+  exit_as_trainer "$status" "$launch" "$worker"
 }
 
 # shell_quote TEXT: TEXT as one word for a shell, in single quotes (its own single quotes written '\'').
