@@ -107,16 +107,23 @@ def split_and_normalize(text: str, max_text_len: int = text_lib.MAX_TEXT_LEN) ->
                          f"{error}") from error
 
 
-def codec_for(config: ml_collections.ConfigDict, name: str | None = None, weights: str | None = None) -> Codec:
-  """The codec that speaks the latents of a model trained with `config`: the one it names (`config.codec`), or
-  `name`, which may differ from it only where the config names no codec ("none", as test configs do)."""
+def check_codec(config: ml_collections.ConfigDict, name: str | None) -> None:
+  """Raises SynthesisError unless the codec named `name` speaks the latents of a model trained with `config`: the
+  one the config names (`config.codec`), or any where it names none ("none", as test configs do)."""
   trained = config.get("codec", "dacvae")
-  if name and trained != "none" and name != trained:
+  if trained != "none" and name != trained:
     # mel and dacvae both make 128-d latents at 25 frames/s: decoded by the other codec, a model's latents passed
     # every check and were written as noise (found by review).
     raise SynthesisError(f"the checkpoint was trained on {trained} latents (its config.codec={trained!r}); the {name} "
                          f"codec cannot speak them: leave out --codec, or give --codec {trained}")
-  return codecs.get_codec(name or trained, weights)
+
+
+def codec_for(config: ml_collections.ConfigDict, name: str | None = None, weights: str | None = None) -> Codec:
+  """The codec that speaks the latents of a model trained with `config`: the one it names, or `name`
+  (`check_codec`, asked before the codec's weights are read)."""
+  name = name or config.get("codec", "dacvae")
+  check_codec(config, name)
+  return codecs.get_codec(name, weights)
 
 
 def default_duration(config: ml_collections.ConfigDict, codec: Codec, longest: float = 15.0) -> float:
@@ -146,6 +153,7 @@ class Synthesizer:
   """A model (config + params) and a codec, ready to turn text into audio."""
 
   def __init__(self, config: ml_collections.ConfigDict, params: Any, codec: Codec):
+    check_codec(config, codec.name)  # also for a codec built elsewhere (`codec_for` asks it before the build)
     if config.model.latent_dim != codec.latent_dim:
       raise SynthesisError(f"the checkpoint's model has latent_dim={config.model.latent_dim} but the codec "
                            f"{type(codec).__name__} has latent_dim={codec.latent_dim}: they were not trained together")

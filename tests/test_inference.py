@@ -43,8 +43,9 @@ class FrameCodec:
   sample_rate = 1600
   frame_rate = 25.0
 
-  def __init__(self, latent_dim=8):
+  def __init__(self, latent_dim=8, name="none"):
     self.latent_dim = latent_dim
+    self.name = name  # the codec it stands for
 
   def encode(self, audio):
     audio = np.asarray(audio, np.float32)
@@ -85,7 +86,7 @@ def reference_wav(tmp_path):
 def cli(monkeypatch):
   """Runs inference.main with argv and the test codec; returns its exit code."""
   def call(*argv, codec=None):
-    monkeypatch.setattr(codecs, "get_codec", lambda name, weights=None: codec or FrameCodec())
+    monkeypatch.setattr(codecs, "get_codec", lambda name, weights=None: codec or FrameCodec(name=name))
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["inference.py", *argv])
     try:
@@ -420,6 +421,8 @@ def test_a_codec_other_than_the_checkpoints_is_refused(run_dir, tmp_path, cli, c
   with pytest.raises(synthesis.SynthesisError, match="trained on dacvae latents"):
     synthesis.Synthesizer.from_checkpoint(str(tmp_path / "dacvae_model"), "mel")
   monkeypatch.undo()
+  with pytest.raises(synthesis.SynthesisError, match="trained on dacvae latents"):  # a codec built elsewhere
+    synthesis.Synthesizer(config, params, FrameCodec(name="mel"))
   assert cli(f"--checkpoint={tmp_path / 'dacvae_model'}", "--text=Hello.", "--codec=dacvae", "--codec_weights=w",
              f"--output={output}", "--steps=1", "--duration=0.4") == 0  # the test codec stands for dacvae
   assert cli(f"--checkpoint={run_dir}", "--text=Hello.", "--codec=mel", f"--output={output}", "--steps=1",
@@ -541,7 +544,7 @@ def test_held_out_examples_that_cannot_be_read_are_a_sample_error_and_training_g
   config.codec = "mel"  # stands for any codec: get_codec gives the test's
   config.samples.update(every=2, count=2, steps=2)
   config.train.update(steps=4, eval_every=0, ckpt_every=4)
-  monkeypatch.setattr(codecs, "get_codec", lambda name, weights=None: FrameCodec())
+  monkeypatch.setattr(codecs, "get_codec", lambda name, weights=None: FrameCodec(name=name))
 
   def write_held_out(info):
     if info.step == 2:

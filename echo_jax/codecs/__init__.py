@@ -16,9 +16,10 @@ class Codec(Protocol):
 
   `encode` takes mono float32 audio [N] at `sample_rate` and returns float32 latents [T, latent_dim];
   `decode` is the inverse. `pad_latent` [latent_dim] is the encoding of silence: the model emits it after
-  speech ends and the data pipeline pads targets with it.
+  speech ends and the data pipeline pads targets with it. `name` is the one a config gives it (`config.codec`).
   """
 
+  name: str
   sample_rate: int
   frame_rate: float
   latent_dim: int

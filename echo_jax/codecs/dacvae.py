@@ -415,6 +415,8 @@ class DacvaeCodec:
   returns T * hop samples. Both run jitted (one compilation per input length).
   """
 
+  name = "dacvae"
+
   def __init__(self, weights_path: str | os.PathLike, message: Sequence[int] | None = None):
     config, params = load_dacvae(weights_path)
     self._init(config, params, message)

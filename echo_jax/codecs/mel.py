@@ -47,6 +47,7 @@ def num_frames(num_samples: int) -> int:
 class MelCodec:
   """Log-mel codec at 24 kHz, 25 frames/s, 128 dims; follows the `Codec` protocol."""
 
+  name: str = "mel"
   sample_rate: int = SAMPLE_RATE
   frame_rate: float = SAMPLE_RATE / HOP_LENGTH
   latent_dim: int = N_MELS
