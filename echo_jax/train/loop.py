@@ -123,14 +123,14 @@ class Trainer:
     sharding.check_batch_size(self.mesh, config.train.batch_size)
     # The rows of every global batch that this process's devices hold, and the data streams that fill them: checked
     # here, before the compile, since a data.streams that does not fit them would fail the launch only after it.
-    self.batch_rows = runtime.process_batch_rows(sharding.batch_sharding(self.mesh, 1), config.train.batch_size)
-    self.streams = batch_streams(config.train.batch_size, config.data.streams, self.batch_rows)
+    rows, batch = sharding.batch_sharding(self.mesh, 1), config.train.batch_size
+    self.batch_rows = runtime.process_batch_rows(rows, batch)
+    self.streams = batch_streams(batch, config.data.streams, self.batch_rows)  # first: its error names these rows
     # The streams that several processes read (their devices differ along the tensor axis only): compared at each
     # log step (`_align_shared_streams`).
     readers = collections.Counter(
         stream for process in range(jax.process_count())
-        for stream in batch_streams(config.train.batch_size, config.data.streams, runtime.process_batch_rows(
-            sharding.batch_sharding(self.mesh, 1), config.train.batch_size, process)))
+        for stream in batch_streams(batch, config.data.streams, runtime.process_batch_rows(rows, batch, process)))
     self.shared_streams = sorted(stream for stream, count in readers.items() if count > 1)
     self.log = metrics.RunLog(workdir, enabled=self.is_main)  # after the checks: a refused config leaves no file
     self.stop_requested = stop_requested or threading.Event()
@@ -174,9 +174,10 @@ class Trainer:
     furthest = merge_stream_states(positions)
     for process, position in enumerate(positions):
       for stream, state in position["streams"].items():
-        if read_position(state) != read_position(furthest["streams"][stream]):
+        read_to, moved_to = read_position(state), read_position(furthest["streams"][stream])
+        if read_to != moved_to:
           self.log.event("data_realigned", step=step, process=process, stream=int(stream),
-                         read_to=list(read_position(state)), moved_to=list(read_position(furthest["streams"][stream])),
+                         read_to=list(read_to), moved_to=list(moved_to),
                          message="processes holding the same rows had read this stream to different places (a "
                                  "shard one of them could not download: see skipped_sample); moved on to the "
                                  "furthest (epoch, shard, sample), so that the rows agree from the next step")
