@@ -107,7 +107,7 @@ def run() -> synthesis.SynthesisResult:
   codec = synthesis.codec_for(config, FLAGS.codec, FLAGS.codec_weights)
   duration = synthesis.default_duration(config, codec) if FLAGS.duration is None else FLAGS.duration  # 0 is refused
   frames = synthesis.window_frames(config, codec, duration)  # synthesize warns of one past the training window
-  synthesizer = synthesis.Synthesizer.from_checkpoint(FLAGS.checkpoint, codec, config=config)
+  synthesizer = synthesis.Synthesizer(config, checkpoint.load_params(FLAGS.checkpoint, config)[1], codec)
   speaker = synthesizer.reference_latents(FLAGS.speaker_ref) if FLAGS.speaker_ref else None
   print(f"sampler: {sampler}")
   print(f"latent frames per chunk: {frames} ({duration:.1f} s at {codec.frame_rate:g} frames/s)")

@@ -165,17 +165,15 @@ class Synthesizer:
     self._progress: tqdm | None = None
 
   @classmethod
-  def from_checkpoint(cls, path: str, codec: Codec | str | None = None, codec_weights: str | None = None,
-                      config: ml_collections.ConfigDict | None = None) -> Synthesizer:
+  def from_checkpoint(cls, path: str, codec: Codec | str | None = None,
+                      codec_weights: str | None = None) -> Synthesizer:
     """From a run directory, an Orbax step directory, a parameters directory or a pickle, local or on gs://
     (`checkpoint.load_params`, which raises FileNotFoundError when nothing is at `path`).
 
-    codec: a codec, or the name of one (`codec_for`), or None for the one the checkpoint's config names. config:
-    the checkpoint's config when read already (`checkpoint.load_config`). The codec is built before the parameters
-    are read, so that a codec that cannot be used is refused before their load.
+    codec: a codec, or the name of one (`codec_for`), or None for the one the checkpoint's config names. The codec is
+    built before the parameters are read, so that a codec that cannot be used is refused before their load.
     """
-    if config is None:
-      config = checkpoint.load_config(path)
+    config = checkpoint.load_config(path)
     if codec is None or isinstance(codec, str):
       codec = codec_for(config, codec, codec_weights)
     _, params = checkpoint.load_params(path, config)
