@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,7 +32,7 @@ from echo_jax.codecs import audio as audio_lib
 from echo_jax.data.cache import ShardCache, describe
 from echo_jax.data.shards import iter_shard, list_shards
 from echo_jax.sampling import SamplerConfig
-from echo_jax.synthesis import Synthesizer
+from echo_jax.synthesis import Synthesizer, default_duration
 from echo_jax.train.loop import Hook, StepInfo
 
 SPECTROGRAM_HEIGHT = 256
@@ -163,7 +164,7 @@ def make_sample_hook(codec: Codec, examples: Sequence[SampleExample] | HeldOutEx
     try:
       listed = examples.result(EXAMPLES_WAIT) if isinstance(examples, HeldOutExamples) else examples
       synthesizer = Synthesizer(trainer.config, params, codec)
-      seconds = duration or trainer.config.data.max_frames / codec.frame_rate
+      seconds = duration or default_duration(trainer.config, codec, longest=math.inf)  # the training window
       relative = f"samples/step_{info.step}"
       for index, example in enumerate(listed):
         # Held-out references are whole recordings: cut to the training length quietly, not with a warning each time.
