@@ -255,6 +255,18 @@ def test_chunks_are_generated_in_bounded_batches(run_dir, monkeypatch):
   assert [size for size, _ in batches] == [3]
 
 
+def test_a_chunk_in_a_filled_up_last_batch_is_what_it_is_alone(run_dir):
+  """The last batch is filled up to the others' size with its last chunk again: the chunks in it must come out as
+  generated in a batch of their own (a row's noise and computation do not depend on the batch size)."""
+  synthesizer = synthesis.Synthesizer.from_checkpoint(run_dir, FrameCodec())
+  chunks, sampler = [f"[S1] chunk {i}." for i in range(3)], SamplerConfig(steps=2)
+  filled = synthesizer.generate_latents(chunks, None, sampler, 20, seed=7, max_batch=2)
+  alone = synthesizer._generate_batch(chunks[2:], None, sampler, 20, jax.random.fold_in(jax.random.key(7), 1),
+                                      progress=False)
+  assert filled.shape == (3, 20, 8)
+  np.testing.assert_allclose(filled[2], alone[0], atol=1e-4)
+
+
 def test_a_reference_longer_than_the_training_references_is_cut_to_its_middle(run_dir, reference_wav, tmp_path, cli,
                                                                                monkeypatch, caplog):
   """Training crops references to config.data.max_ref_frames; inference used up to 5 minutes of one, unwarned (found
